@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code (built by `make proto` from ../../proto/*.proto)."""
