@@ -1,0 +1,530 @@
+"""A deterministic, seeded simulation of one Raft group under faults.
+
+Everything that happens is an event on one heap ordered by (time, sequence):
+node ticks, message deliveries, the end of a simulated disk write, client
+requests and their timeouts, and faults (partitions, crashes, restarts,
+leadership transfers). All randomness comes from the scenario's seed, so a
+run is replayed exactly by running the same seed again.
+
+A run has two phases: a fault phase, with clients writing and reading, and a
+calm phase (network healed, every node restarted) in which a leader must be
+elected and a new entry committed and applied everywhere within a bounded
+number of ticks (liveness). Safety invariants are checked after every event
+(invariants.py); at the end the clients' history is checked for
+linearizability.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardnode.raft import Message, MessageType, ProposalDropped, StateRole
+from shardnode.testing.linearizability import HistoryRecorder, OpKind, check_history
+
+from .invariants import SafetyChecker, SafetyViolation
+from .network import NetworkFaults, SimNetwork
+from .node import LOST, NodeParams, PendingWrite, SimNode, encode_command
+
+TICK_INTERVAL = 10          # time units between two ticks of a node
+LIVENESS_TICKS = 300        # after healing, a leader and a commit must come within this
+TRACE_LINES = 400           # how much of the trace a failure report shows
+
+
+@dataclass(slots=True)
+class Scenario:
+    seed: int
+    node_count: int
+    params: NodeParams
+    faults: NetworkFaults
+    fault_ticks: int
+    fault_events: int
+    fault_weights: tuple[int, ...]
+    clients: int
+    keys: int
+    client_timeout_ticks: int
+
+    @classmethod
+    def from_seed(cls, seed: int) -> "Scenario":
+        rng = random.Random(seed)
+        params = NodeParams(
+            election_tick=10,
+            heartbeat_tick=rng.choice([1, 2, 3]),
+            max_size_per_msg=rng.choice([32, 256, 4096]),
+            max_inflight_msgs=rng.choice([1, 2, 4, 16]),
+            compact_threshold=rng.choice([0, 5, 12, 40]),
+            max_persist_delay=rng.choice([0, 0, 3, 12]),
+        )
+        faults = NetworkFaults(
+            drop_rate=rng.choice([0.0, 0.02, 0.1, 0.25]),
+            duplicate_rate=rng.choice([0.0, 0.05, 0.2]),
+            min_delay=1,
+            max_delay=rng.choice([2, 6, 15, 40]),
+        )
+        return cls(
+            seed=seed,
+            node_count=rng.choice([3, 5, 5]),
+            params=params,
+            faults=faults,
+            fault_ticks=rng.randint(60, 200),
+            fault_events=rng.randint(2, 30),
+            # Some scenarios are crash storms, some are network chaos.
+            fault_weights=tuple(rng.choice([0, 1, 3]) + (1 if i == 6 else 0) for i in range(len(_FAULTS))),
+            clients=rng.randint(2, 5),
+            keys=rng.randint(1, 3),
+            client_timeout_ticks=rng.randint(15, 40),
+        )
+
+    def describe(self) -> str:
+        p, f = self.params, self.faults
+        return (
+            f"seed={self.seed} nodes={self.node_count} heartbeat={p.heartbeat_tick} "
+            f"msg_size={p.max_size_per_msg} inflight={p.max_inflight_msgs} compact={p.compact_threshold} "
+            f"persist_delay<={p.max_persist_delay} drop={f.drop_rate} dup={f.duplicate_rate} "
+            f"delay<={f.max_delay} fault_ticks={self.fault_ticks} faults={self.fault_events} "
+            f"weights={dict(zip(_FAULTS, self.fault_weights))} "
+            f"clients={self.clients} keys={self.keys}"
+        )
+
+
+@dataclass
+class SimResult:
+    scenario: Scenario
+    violation: str | None
+    trace: list[str]
+    committed: int
+    operations: int
+    elections: int
+    end_time: int
+
+    @property
+    def ok(self) -> bool:
+        return self.violation is None
+
+    def report(self) -> str:
+        lines = [
+            f"SIMULATION FAILED: {self.violation}",
+            f"  scenario: {self.scenario.describe()}",
+            f"  replay:   .venv/bin/python -m tests.sim.run --seed {self.scenario.seed} --trace",
+            "  trace (last events):",
+        ]
+        lines += ["    " + line for line in self.trace[-TRACE_LINES:]]
+        return "\n".join(lines)
+
+
+@dataclass(slots=True)
+class _ClientOp:
+    client: int
+    kind: OpKind
+    key: bytes
+    node: int
+
+
+class Simulation:
+    def __init__(self, scenario: Scenario, trace: bool = False) -> None:
+        self.scenario = scenario
+        self.rng = random.Random(scenario.seed ^ 0x5EED)
+        voters = tuple(range(1, scenario.node_count + 1))
+        self.nodes = {i: SimNode(i, voters, scenario.params, scenario.seed) for i in voters}
+        self.network = SimNetwork(self.rng, NetworkFaults(**_fields(scenario.faults)))
+        self.checker = SafetyChecker(self.nodes)
+        self.now = 0
+        self._heap: list[tuple[int, int, str, Any]] = []
+        self._seq = itertools.count()
+        self._clock = itertools.count(1)
+        self.history = HistoryRecorder(clock=lambda: next(self._clock))
+        self.client_ops: dict[int, _ClientOp] = {}
+        self.client_busy: dict[int, int | None] = {c: None for c in range(1, scenario.clients + 1)}
+        self.leader_hint: dict[int, int] = {}
+        self.clients_active = True
+        self.tracing = trace
+        self.trace: deque[str] | list[str] = [] if trace else deque(maxlen=0)
+        self._read_ids = itertools.count(1)
+        self._values = itertools.count(1)
+
+    # --- Scheduling ------------------------------------------------------------------------
+
+    def _at(self, time: int, kind: str, payload: Any = None) -> None:
+        heapq.heappush(self._heap, (time, next(self._seq), kind, payload))
+
+    def _log(self, text: str) -> None:
+        if self.tracing:
+            self.trace.append(f"t={self.now:<6} {text}")
+
+    # --- Running -------------------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        violation = None
+        try:
+            self._run()
+        except SafetyViolation as exc:
+            violation = str(exc)
+        if violation is None:
+            result = check_history(self.history.operations(), timeout=60)
+            if not result.ok:
+                violation = f"linearizability: {result.verdict.name} on key {result.key!r}\n{result.explanation}"
+        elections = len(self.checker.leaders_by_term)
+        return SimResult(
+            self.scenario,
+            violation,
+            list(self.trace),
+            len(self.checker.committed),
+            len(self.client_ops),
+            elections,
+            self.now,
+        )
+
+    def _run(self) -> None:
+        scenario = self.scenario
+        for node in self.nodes.values():
+            node.start()
+            self._log(f"n{node.id} start")
+            # Stagger ticks so that nodes are not in lock step.
+            self._at(self.rng.randrange(TICK_INTERVAL), "tick", node.id)
+        for client in self.client_busy:
+            self._at(self.rng.randrange(TICK_INTERVAL * 3), "client", client)
+        fault_end = scenario.fault_ticks * TICK_INTERVAL
+        for _ in range(scenario.fault_events):
+            self._at(self.rng.randrange(fault_end), "fault", None)
+        self._at(fault_end, "heal", None)
+        deadline = fault_end + LIVENESS_TICKS * TICK_INTERVAL
+        while self._heap:
+            time, _, kind, payload = heapq.heappop(self._heap)
+            if time > deadline:
+                raise SafetyViolation(f"liveness: no leader committed a new entry within {LIVENESS_TICKS} ticks of healing")
+            self.now = time
+            if self._handle(kind, payload):
+                return
+
+    def _handle(self, kind: str, payload: Any) -> bool:
+        if kind == "deliver":
+            self._deliver(payload)
+        elif kind == "tick":
+            node = self.nodes[payload]
+            if node.alive:
+                node.rawnode.tick()
+                self._after_input(node)
+            self._at(self.now + TICK_INTERVAL, "tick", payload)
+        elif kind == "persisted":
+            node_id, ready = payload
+            self._complete_ready(self.nodes[node_id], ready)
+        elif kind == "snap_status":
+            sender_id, target, failed = payload
+            sender = self.nodes[sender_id]
+            if sender.alive:
+                sender.rawnode.report_snapshot(target, failed)
+                self._after_input(sender)
+        elif kind == "client":
+            self._client_request(payload)
+        elif kind == "timeout":
+            self._client_timeout(payload)
+        elif kind == "fault":
+            self._inject_fault()
+        elif kind == "restart":
+            self._restart(self.nodes[payload])
+        elif kind == "heal":
+            self._heal()
+        elif kind == "liveness":
+            return self._check_liveness(payload)
+        return False
+
+    # --- Nodes -----------------------------------------------------------------------------------
+
+    def _deliver(self, message: Message) -> None:
+        node = self.nodes[message.to]
+        if not node.alive:
+            return
+        if self.tracing:
+            self._log(f"n{message.from_}->n{message.to} {_fmt_message(message)}")
+        before = node.rawnode.raft.role
+        node.rawnode.step(message)
+        self._note_role(node, before)
+        self._after_input(node)
+
+    def _note_role(self, node: SimNode, before: StateRole) -> None:
+        raft = node.rawnode.raft
+        if self.tracing and raft.role is not before:
+            self._log(f"n{node.id} {before.name} -> {raft.role.name} term={raft.term} last={raft.log.last_index()}")
+
+    def _after_input(self, node: SimNode) -> None:
+        self.checker.after_step(node)
+        self._drive(node)
+
+    def _drive(self, node: SimNode) -> None:
+        if not node.alive or node.in_flight_ready is not None or not node.rawnode.has_ready():
+            return
+        ready = node.rawnode.ready()
+        node.in_flight_ready = ready
+        delay = self.rng.randint(0, node.params.max_persist_delay) if ready.must_sync else 0
+        if delay:
+            self._at(self.now + delay, "persisted", (node.id, ready))
+        else:
+            self._complete_ready(node, ready)
+
+    def _complete_ready(self, node: SimNode, ready) -> None:
+        if node.in_flight_ready is not ready:
+            return  # the node crashed while "writing"
+        node.persist(ready)
+        self.checker.on_persist(node, ready.entries)
+        if ready.snapshot is not None:
+            self._log(f"n{node.id} install snapshot at {ready.snapshot.metadata.index}")
+            for handle in node.install_snapshot(ready.snapshot):
+                self._finish_unknown(handle)
+        for message in ready.messages:
+            self.checker.on_message_sent(message)
+            delays = self.network.deliveries(message)
+            for delay in delays:
+                self._at(self.now + delay, "deliver", message)
+            if message.type is MessageType.SNAP:
+                # The transport reports how a snapshot stream ended.
+                failed = not delays
+                self._at(self.now + (max(delays) if delays else 1), "snap_status", (node.id, message.to, failed))
+        for entry in ready.committed_entries:
+            self.checker.on_apply(node, entry, node.applied_index + 1)
+            answered = node.apply(entry)
+            if answered is not None:
+                handle, output = answered
+                if output is LOST:
+                    self._finish_failed(handle)
+                else:
+                    self._finish_ok(handle, output)
+        for read_state in ready.read_states:
+            handle = node.pending_reads.pop(read_state.request_context, None)
+            if handle is not None:
+                node.ready_reads.append((read_state.index, handle))
+        self._serve_reads(node)
+        node.rawnode.advance(ready)
+        node.in_flight_ready = None
+        node.maybe_compact()
+        self.checker.after_step(node)
+        self._drive(node)
+
+    def _serve_reads(self, node: SimNode) -> None:
+        if not node.ready_reads:
+            return
+        waiting = []
+        for index, handle in node.ready_reads:
+            if index <= node.applied_index:
+                op = self.client_ops[handle]
+                self._finish_ok(handle, node.kv.get(op.key))
+            else:
+                waiting.append((index, handle))
+        node.ready_reads = waiting
+
+    def _crash(self, node: SimNode) -> None:
+        self._log(f"n{node.id} CRASH")
+        for handle in node.crash():
+            self._finish_unknown(handle)
+
+    def _restart(self, node: SimNode) -> None:
+        if node.alive:
+            return
+        node.start()
+        self.checker.on_restart(node)
+        hs = node.disk.hard_state
+        self._log(f"n{node.id} RESTART term={hs.term} vote={hs.vote} commit={hs.commit} last={node.disk.last_index()}")
+        self._after_input(node)
+
+    # --- Clients -----------------------------------------------------------------------------------
+
+    def _client_request(self, client: int) -> None:
+        if not self.clients_active or self.client_busy[client] is not None:
+            return
+        rng = self.rng
+        roll = rng.random()
+        kind = OpKind.GET if roll < 0.4 else OpKind.PUT if roll < 0.85 else OpKind.DELETE
+        key = b"k%d" % rng.randrange(self.scenario.keys)
+        target = self.leader_hint.get(client) or rng.randint(1, len(self.nodes))
+        node = self.nodes[target]
+        value = b"v%d" % next(self._values) if kind is OpKind.PUT else None
+        handle = self.history.invoke(client, kind, key, value)
+        self.client_ops[handle] = _ClientOp(client, kind, key, target)
+        self.client_busy[client] = handle
+        self._log(f"client {client} -> n{target} {kind.value} {key!r} {value!r} (#{handle})")
+        if not node.alive:
+            self._finish_failed(handle)  # connection refused: definitely not applied
+            self.leader_hint.pop(client, None)
+            return
+        try:
+            if kind is OpKind.GET:
+                context = b"read-%d" % next(self._read_ids)
+                node.rawnode.read_index(context)
+                node.pending_reads[context] = handle
+            else:
+                proposal = node.rawnode.propose(encode_command(client, handle, kind.value, key, value))
+                node.pending_writes[proposal.index] = PendingWrite(handle, proposal)
+        except ProposalDropped as exc:
+            self._finish_failed(handle)
+            if exc.leader:
+                self.leader_hint[client] = exc.leader
+            else:
+                self.leader_hint.pop(client, None)
+            return
+        self._at(self.now + self.scenario.client_timeout_ticks * TICK_INTERVAL, "timeout", handle)
+        self._after_input(node)
+
+    def _client_timeout(self, handle: int) -> None:
+        op = self.client_ops[handle]
+        if self.client_busy.get(op.client) != handle:
+            return
+        self.nodes[op.node].forget(handle)
+        self.leader_hint.pop(op.client, None)
+        self._finish_unknown(handle)
+
+    def _finish(self, handle: int) -> _ClientOp | None:
+        op = self.client_ops[handle]
+        if self.client_busy.get(op.client) != handle:
+            return None  # already answered or given up
+        self.client_busy[op.client] = None
+        self._at(self.now + self.rng.randint(1, TICK_INTERVAL), "client", op.client)
+        return op
+
+    def _finish_ok(self, handle: int, output: bytes | None) -> None:
+        if self._finish(handle) is not None:
+            self._log(f"client #{handle} ok {output!r}")
+            self.history.ok(handle, output)
+
+    def _finish_failed(self, handle: int) -> None:
+        if self._finish(handle) is not None:
+            self._log(f"client #{handle} failed (not applied)")
+            self.history.failed(handle)
+
+    def _finish_unknown(self, handle: int) -> None:
+        op = self._finish(handle)
+        if op is not None:
+            self._log(f"client #{handle} outcome unknown")
+            self.history.unknown(handle)
+            self.leader_hint.pop(op.client, None)
+
+    # --- Faults ----------------------------------------------------------------------------------
+
+    def _leader(self) -> SimNode | None:
+        leaders = [
+            n for n in self.nodes.values() if n.alive and n.rawnode.raft.role is StateRole.LEADER
+        ]
+        return max(leaders, key=lambda n: n.rawnode.raft.term) if leaders else None
+
+    def _inject_fault(self) -> None:
+        rng = self.rng
+        ids = list(self.nodes)
+        choice = rng.choices(_FAULTS, weights=self.scenario.fault_weights)[0]
+        if choice == "partition":
+            rng.shuffle(ids)
+            cut = rng.randint(1, len(ids) - 1)
+            self.network.partition(set(ids[:cut]), set(ids[cut:]))
+            self._log(f"FAULT partition {sorted(ids[:cut])} | {sorted(ids[cut:])}")
+        elif choice == "isolate_leader":
+            leader = self._leader()
+            if leader is not None:
+                self.network.partition({leader.id}, set(ids) - {leader.id})
+                self._log(f"FAULT isolate leader n{leader.id}")
+        elif choice == "bridge":
+            # The bridge node sees both halves; the halves do not see each other.
+            rng.shuffle(ids)
+            bridge, rest = ids[0], ids[1:]
+            half = max(1, len(rest) // 2)
+            left, right = set(rest[:half]), set(rest[half:])
+            self.network.heal()
+            for a in left:
+                for b in right:
+                    self.network.cut.add((a, b))
+                    self.network.cut.add((b, a))
+            self._log(f"FAULT bridge n{bridge} between {sorted(left)} and {sorted(right)}")
+        elif choice == "one_way":
+            sender, receiver = rng.sample(ids, 2)
+            self.network.cut_one_way(sender, receiver)
+            self._log(f"FAULT one-way cut n{sender} -> n{receiver}")
+        elif choice == "heal_net":
+            self.network.heal()
+            self._log("FAULT heal network")
+        elif choice in ("crash", "crash_leader"):
+            node = self._leader() if choice == "crash_leader" else self.nodes[rng.choice(ids)]
+            if node is not None and node.alive:
+                self._crash(node)
+                # Half the time the process is back at once (a supervisor
+                # restarting it), so messages sent before the crash still arrive.
+                if rng.random() < 0.5:
+                    downtime = rng.randint(1, 3 * TICK_INTERVAL)
+                else:
+                    downtime = rng.randint(1, 40) * TICK_INTERVAL
+                self._at(self.now + downtime, "restart", node.id)
+        elif choice == "transfer":
+            leader = self._leader()
+            if leader is not None:
+                target = rng.choice([i for i in ids if i != leader.id])
+                self._log(f"FAULT transfer leadership n{leader.id} -> n{target}")
+                leader.rawnode.transfer_leader(target)
+                self._after_input(leader)
+
+    def _heal(self) -> None:
+        self._log("HEAL: network healed, every node restarted, clients stop")
+        self.network.heal()
+        self.network.faults = NetworkFaults(min_delay=1, max_delay=3)
+        self.clients_active = False
+        for node in self.nodes.values():
+            if not node.alive:
+                self._restart(node)
+        self._at(self.now + TICK_INTERVAL, "liveness", None)
+
+    def _check_liveness(self, probe: tuple[int, int, int] | None) -> bool:
+        """Once a leader exists, propose an entry; done when every node applied it."""
+        if probe is None:
+            leader = self._leader()
+            if leader is not None:
+                try:
+                    proposal = leader.rawnode.propose(b"")
+                    self._after_input(leader)
+                    probe = (leader.id, proposal.index, proposal.term)
+                    self._log(f"LIVENESS probe proposed at n{leader.id} index {proposal.index}")
+                except ProposalDropped:
+                    probe = None
+        else:
+            leader_id, index, term = probe
+            if all(n.applied_index >= index for n in self.nodes.values()):
+                if self.checker.committed[index - 1].term == term:
+                    self._log("LIVENESS ok: probe applied on every node")
+                    return True
+                probe = None  # the probe was lost to an election: try again
+            else:
+                raft = self.nodes[leader_id].rawnode.raft
+                if raft.role is not StateRole.LEADER or raft.term != term:
+                    probe = None  # proposed to a leader that was already deposed
+        self._at(self.now + TICK_INTERVAL, "liveness", probe)
+        return False
+
+
+_FAULTS = ("partition", "isolate_leader", "bridge", "one_way", "heal_net", "crash", "crash_leader", "transfer")
+
+
+def _fields(faults: NetworkFaults) -> dict[str, Any]:
+    return {name: getattr(faults, name) for name in NetworkFaults.__slots__}
+
+
+def _fmt_message(m: Message) -> str:
+    t = m.type
+    text = f"{t.name} term={m.term}"
+    if t in (MessageType.APP, MessageType.SNAP):
+        if m.snapshot is not None:
+            text += f" snapshot@{m.snapshot.metadata.index}/{m.snapshot.metadata.term}"
+        else:
+            ents = f" ents={m.entries[0].index}..{m.entries[-1].index}" if m.entries else ""
+            text += f" prev={m.index}/{m.log_term}{ents} commit={m.commit}"
+    elif t is MessageType.APP_RESP:
+        text += f" index={m.index}" + (f" REJECT hint={m.reject_hint}/{m.log_term}" if m.reject else "")
+    elif t in (MessageType.VOTE, MessageType.PRE_VOTE):
+        text += f" last={m.index}/{m.log_term}"
+    elif t in (MessageType.VOTE_RESP, MessageType.PRE_VOTE_RESP):
+        text += " REJECT" if m.reject else " granted"
+    elif t in (MessageType.HEARTBEAT,):
+        text += f" commit={m.commit}"
+    elif t in (MessageType.READ_INDEX_RESP,):
+        text += f" index={m.index}"
+    return text
+
+
+def run_seed(seed: int, trace: bool = False) -> SimResult:
+    return Simulation(Scenario.from_seed(seed), trace=trace).run()

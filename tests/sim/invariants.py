@@ -1,0 +1,157 @@
+"""Safety invariants of Raft, checked incrementally after every simulated step.
+
+- Election safety: at most one leader per term, ever.
+- Vote safety: a node grants at most one vote per term.
+- Log matching: an (index, term) pair names one entry, with one predecessor
+  term, in every log that holds it (so equal pairs imply equal prefixes).
+- Durable commit: when an entry is first committed, a majority holds it on
+  stable storage (nothing is acknowledged before an fsync on a majority).
+- Committed entries are never lost or changed: every node's committed prefix
+  agrees with the cluster's, and every new leader holds all of it (leader
+  completeness).
+- State machine safety: every node applies the same entry at each index, in
+  order, and only committed entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shardnode.raft import CompactedError, Entry, Message, MessageType, StateRole, UnavailableError
+
+from .node import SimNode
+
+
+class SafetyViolation(AssertionError):
+    pass
+
+
+@dataclass
+class SafetyChecker:
+    nodes: dict[int, SimNode]
+    leaders_by_term: dict[int, int] = field(default_factory=dict)
+    votes_granted: dict[tuple[int, int], int] = field(default_factory=dict)
+    # (index, term) -> (data, type, term of the previous entry)
+    entries_seen: dict[tuple[int, int], tuple[bytes, int, int]] = field(default_factory=dict)
+    committed: list[Entry] = field(default_factory=list)     # committed[i-1] is entry i
+    commit_seen: dict[int, int] = field(default_factory=dict)
+    checks: int = 0
+
+    @property
+    def quorum(self) -> int:
+        return len(self.nodes) // 2 + 1
+
+    def _fail(self, what: str) -> None:
+        raise SafetyViolation(what)
+
+    # --- Hooks the cluster calls -------------------------------------------------------
+
+    def on_persist(self, node: SimNode, entries: list[Entry]) -> None:
+        disk = node.disk
+        for entry in entries:
+            try:
+                prev_term = disk.term(entry.index - 1)
+            except (CompactedError, UnavailableError):
+                continue
+            key = (entry.index, entry.term)
+            known = self.entries_seen.get(key)
+            mine = (entry.data, int(entry.type), prev_term)
+            if known is None:
+                self.entries_seen[key] = mine
+            elif known != mine:
+                self._fail(
+                    f"log matching: node {node.id} holds entry {key} with data/prev-term {mine[0]!r}/{prev_term}, "
+                    f"another log holds {known[0]!r}/{known[2]}"
+                )
+
+    def on_message_sent(self, message: Message) -> None:
+        if message.type is MessageType.VOTE_RESP and not message.reject:
+            key = (message.from_, message.term)
+            previous = self.votes_granted.setdefault(key, message.to)
+            if previous != message.to:
+                self._fail(
+                    f"vote safety: node {message.from_} granted its term-{message.term} vote "
+                    f"to {previous} and to {message.to}"
+                )
+
+    def after_step(self, node: SimNode) -> None:
+        """Check what may have changed in `node` (role, commit index)."""
+        self.checks += 1
+        raft = node.rawnode.raft
+        if raft.role is StateRole.LEADER:
+            leader = self.leaders_by_term.get(raft.term)
+            if leader is None:
+                self.leaders_by_term[raft.term] = node.id
+                self._check_leader_completeness(node)
+            elif leader != node.id:
+                self._fail(f"election safety: nodes {leader} and {node.id} both leaders in term {raft.term}")
+        committed = raft.log.committed
+        if committed > self.commit_seen.get(node.id, 0):
+            self._check_commit(node, committed)
+            self.commit_seen[node.id] = committed
+
+    def on_restart(self, node: SimNode) -> None:
+        self.commit_seen[node.id] = 0
+
+    def on_apply(self, node: SimNode, entry: Entry, expected_index: int) -> None:
+        if entry.index != expected_index:
+            self._fail(f"state machine safety: node {node.id} applied {entry.index}, expected {expected_index}")
+        if entry.index > len(self.committed):
+            self._fail(f"state machine safety: node {node.id} applied uncommitted entry {entry.index}")
+        agreed = self.committed[entry.index - 1]
+        if (agreed.term, agreed.data, agreed.type) != (entry.term, entry.data, entry.type):
+            self._fail(
+                f"state machine safety: node {node.id} applied {entry.index}/{entry.term} {entry.data!r}, "
+                f"committed is {agreed.index}/{agreed.term} {agreed.data!r}"
+            )
+
+    # --- Checks -----------------------------------------------------------------------------
+
+    def _check_commit(self, node: SimNode, committed: int) -> None:
+        raft_log = node.rawnode.raft.log
+        start = self.commit_seen.get(node.id, 0) + 1
+        first = raft_log.first_index()
+        for index in range(max(start, first), committed + 1):
+            entry = raft_log.slice(index, index + 1)[0]
+            if index <= len(self.committed):
+                agreed = self.committed[index - 1]
+                if (agreed.term, agreed.data) != (entry.term, entry.data):
+                    self._fail(
+                        f"committed entry changed: node {node.id} commits {index}/{entry.term} {entry.data!r}, "
+                        f"cluster committed {index}/{agreed.term} {agreed.data!r}"
+                    )
+                continue
+            if index != len(self.committed) + 1:
+                self._fail(f"node {node.id} committed {index} but the cluster only knows up to {len(self.committed)}")
+            holders = [n.id for n in self.nodes.values() if _durably_holds(n, entry)]
+            if len(holders) < self.quorum:
+                self._fail(
+                    f"durable commit: node {node.id} committed {index}/{entry.term} while only "
+                    f"{holders} had it on disk (quorum {self.quorum})"
+                )
+            self.committed.append(entry)
+
+    def _check_leader_completeness(self, node: SimNode) -> None:
+        raft_log = node.rawnode.raft.log
+        first = raft_log.first_index()
+        if len(self.committed) > raft_log.last_index():
+            self._fail(
+                f"leader completeness: node {node.id} leads term {node.rawnode.raft.term} with last index "
+                f"{raft_log.last_index()}, but {len(self.committed)} entries are committed"
+            )
+        for index in range(max(first, 1), len(self.committed) + 1):
+            if raft_log.term(index) != self.committed[index - 1].term:
+                self._fail(
+                    f"leader completeness: node {node.id} leads term {node.rawnode.raft.term} without "
+                    f"committed entry {index}/{self.committed[index - 1].term}"
+                )
+
+
+def _durably_holds(node: SimNode, entry: Entry) -> bool:
+    disk = node.disk
+    if disk.snapshot().metadata.index >= entry.index:
+        return True  # compacted: only committed, applied entries are
+    try:
+        return disk.term(entry.index) == entry.term
+    except (CompactedError, UnavailableError):
+        return False

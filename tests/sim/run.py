@@ -1,0 +1,46 @@
+"""Run or replay simulation seeds from the command line.
+
+    python -m tests.sim.run --seed 1234 --trace     # replay one seed with its full trace
+    python -m tests.sim.run --seeds 0:500           # a range, summary per failure
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .cluster import Scenario, run_seed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.sim.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, help="run this one seed")
+    parser.add_argument("--seeds", default="0:100", help="range START:STOP of seeds (default 0:100)")
+    parser.add_argument("--trace", action="store_true", help="print the whole trace of each run")
+    args = parser.parse_args(argv)
+    if args.seed is not None:
+        seeds = range(args.seed, args.seed + 1)
+    else:
+        start, stop = (int(part) for part in args.seeds.split(":"))
+        seeds = range(start, stop)
+    failures = 0
+    began = time.perf_counter()
+    for seed in seeds:
+        result = run_seed(seed, trace=args.trace)
+        if args.trace:
+            print("\n".join(result.trace))
+        if result.ok:
+            if len(seeds) == 1:
+                print(f"seed {seed} ok: {Scenario.from_seed(seed).describe()}")
+                print(f"  committed={result.committed} ops={result.operations} leaders={result.elections}")
+        else:
+            failures += 1
+            print(run_seed(seed, trace=True).report() if not args.trace else result.report())
+    elapsed = time.perf_counter() - began
+    print(f"{len(seeds)} seeds, {failures} failed, {elapsed:.1f}s", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
