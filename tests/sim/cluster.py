@@ -70,7 +70,7 @@ class Scenario:
             node_count=rng.choice([3, 5, 5]),
             params=params,
             faults=faults,
-            fault_ticks=rng.randint(60, 200),
+            fault_ticks=rng.randint(80, 300),
             fault_events=rng.randint(2, 30),
             # Some scenarios are crash storms, some are network chaos.
             fault_weights=tuple(rng.choice([0, 1, 3]) + (1 if i == 6 else 0) for i in range(len(_FAULTS))),
