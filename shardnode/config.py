@@ -1,0 +1,280 @@
+"""The cluster's configuration: one `cluster.toml`, the same on every host,
+read once with tomllib into typed, validated objects.
+
+A bad file raises ConfigError with one line that names the field, e.g.
+`etc/cluster.toml: host[2].router_port: must be an integer in 1..65535`.
+
+Placement is computed, not configured: group g's replicas live on hosts
+g, g+1, ..., g+replicas-1 (modulo the host count), which spreads replicas and
+hence leaders evenly. Within every group, the replica on the i-th [[host]]
+has Raft node id i+1, so a node id names the same host in all groups.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+@dataclass(slots=True, frozen=True)
+class HostConfig:
+    name: str
+    address: str
+    router_port: int
+    worker_port_base: int
+    metrics_port: int
+    supervisor_port: int
+    node_id: int                   # position in the [[host]] list + 1
+
+    def worker_port(self, group: int) -> int:
+        return self.worker_port_base + group
+
+    def worker_address(self, group: int) -> str:
+        return f"{self.address}:{self.worker_port(group)}"
+
+    @property
+    def router_address(self) -> str:
+        return f"{self.address}:{self.router_port}"
+
+
+@dataclass(slots=True, frozen=True)
+class TimingConfig:
+    tick_ms: int = 100
+    election_ticks: int = 10       # election timeout is random in [election_ticks, 2 * election_ticks)
+    heartbeat_ticks: int = 1
+
+    @property
+    def tick_seconds(self) -> float:
+        return self.tick_ms / 1000.0
+
+
+@dataclass(slots=True, frozen=True)
+class Replica:
+    """One member of one group."""
+
+    group: int
+    node_id: int
+    host: HostConfig
+
+    @property
+    def address(self) -> str:
+        return self.host.worker_address(self.group)
+
+
+@dataclass(slots=True, frozen=True)
+class ClusterConfig:
+    name: str
+    replicas: int
+    groups: int
+    virtual_nodes: int
+    data_dir: Path
+    snapshot_threshold: int
+    max_key_bytes: int
+    max_value_bytes: int
+    timing: TimingConfig
+    hosts: tuple[HostConfig, ...]
+    source: Path | None = None
+
+    # --- Lookups -------------------------------------------------------------
+
+    def host(self, name: str) -> HostConfig:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        known = ", ".join(h.name for h in self.hosts)
+        raise ConfigError(f"unknown host {name!r} (the configuration has: {known})")
+
+    def host_by_node_id(self, node_id: int) -> HostConfig:
+        if not 1 <= node_id <= len(self.hosts):
+            raise ConfigError(f"unknown node id {node_id}")
+        return self.hosts[node_id - 1]
+
+    def group_replicas(self, group: int) -> tuple[Replica, ...]:
+        if not 0 <= group < self.groups:
+            raise ConfigError(f"unknown group {group} (groups are 0..{self.groups - 1})")
+        count = len(self.hosts)
+        return tuple(
+            Replica(group, self.hosts[(group + i) % count].node_id, self.hosts[(group + i) % count])
+            for i in range(self.replicas)
+        )
+
+    def replica(self, group: int, host_name: str) -> Replica:
+        for replica in self.group_replicas(group):
+            if replica.host.name == host_name:
+                return replica
+        raise ConfigError(f"host {host_name!r} holds no replica of group {group}")
+
+    def groups_on_host(self, host_name: str) -> tuple[int, ...]:
+        return tuple(
+            g for g in range(self.groups) if any(r.host.name == host_name for r in self.group_replicas(g))
+        )
+
+    def worker_data_dir(self, host_name: str, group: int) -> Path:
+        return self.data_dir / host_name / f"group-{group}"
+
+    # --- Loading ---------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClusterConfig":
+        path = Path(path)
+        try:
+            with path.open("rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        return cls.from_dict(raw, source=path)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: Path | None = None) -> "ClusterConfig":
+        where = f"{source}: " if source else ""
+        fields = _Fields(where)
+        cluster = fields.table(raw, "cluster")
+        timing_raw = fields.table(raw, "timing", required=False)
+        name = fields.string(cluster, "cluster.name", pattern=_NAME)
+        replicas = fields.integer(cluster, "cluster.replicas", default=5, low=1, high=15)
+        groups = fields.integer(cluster, "cluster.groups", default=4, low=1, high=4096)
+        virtual_nodes = fields.integer(cluster, "cluster.virtual_nodes", default=64, low=1, high=4096)
+        data_dir_raw = fields.string(cluster, "cluster.data_dir", default="data")
+        snapshot_threshold = fields.integer(cluster, "cluster.snapshot_threshold", default=10_000, low=1, high=1 << 40)
+        max_key_bytes = fields.integer(cluster, "cluster.max_key_bytes", default=4096, low=1, high=1 << 20)
+        max_value_bytes = fields.integer(cluster, "cluster.max_value_bytes", default=1 << 20, low=0, high=64 << 20)
+        fields.no_extra(cluster, "cluster", {
+            "name", "replicas", "groups", "virtual_nodes", "data_dir", "snapshot_threshold",
+            "max_key_bytes", "max_value_bytes",
+        })
+        timing = TimingConfig(
+            tick_ms=fields.integer(timing_raw, "timing.tick_ms", default=100, low=1, high=60_000),
+            election_ticks=fields.integer(timing_raw, "timing.election_ticks", default=10, low=2, high=10_000),
+            heartbeat_ticks=fields.integer(timing_raw, "timing.heartbeat_ticks", default=1, low=1, high=10_000),
+        )
+        fields.no_extra(timing_raw, "timing", {"tick_ms", "election_ticks", "heartbeat_ticks"})
+        if timing.heartbeat_ticks >= timing.election_ticks:
+            raise ConfigError(f"{where}timing.heartbeat_ticks: must be less than timing.election_ticks")
+
+        hosts_raw = raw.get("host")
+        if not isinstance(hosts_raw, list) or not hosts_raw:
+            raise ConfigError(f"{where}host: at least one [[host]] table is required")
+        hosts = []
+        for i, host_raw in enumerate(hosts_raw):
+            label = f"host[{i}]"
+            if not isinstance(host_raw, dict):
+                raise ConfigError(f"{where}{label}: must be a table")
+            address = fields.string(host_raw, f"{label}.address")
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                if not re.match(r"^[A-Za-z0-9.-]+$", address):
+                    raise ConfigError(f"{where}{label}.address: {address!r} is not an IP address or host name") from None
+            hosts.append(
+                HostConfig(
+                    name=fields.string(host_raw, f"{label}.name", pattern=_NAME),
+                    address=address,
+                    router_port=fields.port(host_raw, f"{label}.router_port"),
+                    worker_port_base=fields.port(host_raw, f"{label}.worker_port_base"),
+                    metrics_port=fields.port(host_raw, f"{label}.metrics_port"),
+                    supervisor_port=fields.port(host_raw, f"{label}.supervisor_port", default=9001),
+                    node_id=i + 1,
+                )
+            )
+            fields.no_extra(host_raw, label, {
+                "name", "address", "router_port", "worker_port_base", "metrics_port", "supervisor_port",
+            })
+        names = [h.name for h in hosts]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}host: host names must be unique")
+        if replicas > len(hosts):
+            raise ConfigError(f"{where}cluster.replicas: {replicas} replicas need at least as many hosts (have {len(hosts)})")
+        for host in hosts:
+            if host.worker_port_base + groups - 1 > 65535:
+                raise ConfigError(f"{where}host {host.name!r}.worker_port_base: base + groups exceeds 65535")
+            worker_ports = set(range(host.worker_port_base, host.worker_port_base + groups))
+            for other_name, port in (("router_port", host.router_port), ("metrics_port", host.metrics_port),
+                                     ("supervisor_port", host.supervisor_port)):
+                if port in worker_ports:
+                    raise ConfigError(f"{where}host {host.name!r}.{other_name}: {port} collides with its worker ports")
+        endpoints = [(h.address, p) for h in hosts for p in (h.router_port, h.metrics_port, h.supervisor_port)]
+        endpoints += [(h.address, h.worker_port_base + g) for h in hosts for g in range(groups)]
+        if len(set(endpoints)) != len(endpoints):
+            raise ConfigError(f"{where}host: two services share one address:port")
+        data_dir = Path(data_dir_raw)
+        if not data_dir.is_absolute() and source is not None:
+            # Relative to the project root (the config's parent's parent for etc/cluster.toml).
+            base = source.resolve().parent
+            data_dir = (base.parent if base.name == "etc" else base) / data_dir
+        return cls(
+            name=name,
+            replicas=replicas,
+            groups=groups,
+            virtual_nodes=virtual_nodes,
+            data_dir=data_dir,
+            snapshot_threshold=snapshot_threshold,
+            max_key_bytes=max_key_bytes,
+            max_value_bytes=max_value_bytes,
+            timing=timing,
+            hosts=tuple(hosts),
+            source=source,
+        )
+
+
+class _Fields:
+    """Typed access to raw TOML values, with errors that name the field."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def _fail(self, field: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.where}{field}: {message}")
+
+    def table(self, raw: dict[str, Any], key: str, required: bool = True) -> dict[str, Any]:
+        value = raw.get(key)
+        if value is None:
+            if required:
+                raise self._fail(key, f"the [{key}] table is required")
+            return {}
+        if not isinstance(value, dict):
+            raise self._fail(key, "must be a table")
+        return value
+
+    def string(self, raw: dict[str, Any], field: str, default: str | None = None,
+               pattern: re.Pattern[str] | None = None) -> str:
+        key = field.rsplit(".", 1)[-1]
+        value = raw.get(key, default)
+        if value is None:
+            raise self._fail(field, "is required")
+        if not isinstance(value, str) or not value:
+            raise self._fail(field, "must be a non-empty string")
+        if pattern is not None and not pattern.match(value):
+            raise self._fail(field, f"{value!r} may only hold letters, digits, '_', '.', '-' (at most 63)")
+        return value
+
+    def integer(self, raw: dict[str, Any], field: str, default: int | None = None,
+                low: int = 0, high: int = 1 << 62) -> int:
+        key = field.rsplit(".", 1)[-1]
+        value = raw.get(key, default)
+        if value is None:
+            raise self._fail(field, "is required")
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise self._fail(field, f"must be an integer in {low}..{high} (got {value!r})")
+        return value
+
+    def port(self, raw: dict[str, Any], field: str, default: int | None = None) -> int:
+        return self.integer(raw, field, default=default, low=1, high=65535)
+
+    def no_extra(self, raw: dict[str, Any], table: str, known: set[str]) -> None:
+        extra = sorted(set(raw) - known)
+        if extra:
+            raise self._fail(f"{table}.{extra[0]}", f"unknown setting (known: {', '.join(sorted(known))})")
