@@ -1,0 +1,313 @@
+"""Raft messages on the wire: msgpack frames between the members of one group.
+
+A frame is one batch of messages from one node to another. Everything is a
+positional msgpack array (no field names on the wire), version first:
+
+    frame    = [version, cluster: str, group, from_node, to_node, [message, ...]]
+    message  = [type, to, from_, term, log_term, index, entries, commit,
+                snapshot, reject: bool, reject_hint, context: bin]
+    entries  = [term, index, type, data: bin, term, index, type, data, ...]
+    snapshot = nil | [index, term, voters, learners, voters_outgoing, data: bin]
+
+Entries are one flat array, four items per entry: it saves an array header
+per entry, and lets the decoder check each column (all terms, all indexes,
+...) with a few C-level passes instead of a Python loop per field.
+
+Messages are encoded one by one (`encode_message`) and joined behind a
+pre-encoded header (`frame_prefix` + `join_frame`): the transport encodes a
+message once, when it is queued, knows its exact size for batching, and builds
+a frame with a single `bytes.join`.
+
+`decode_frame` is the trust boundary: whatever bytes arrive, it returns a
+fully validated `Frame` or raises `FrameError`, nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgpack
+
+from ..raft.messages import (
+    LOCAL_MESSAGES,
+    ConfState,
+    Entry,
+    EntryType,
+    Message,
+    MessageType,
+    Snapshot,
+    SnapshotMetadata,
+)
+
+__all__ = [
+    "FRAME_VERSION",
+    "Frame",
+    "FrameError",
+    "JOIN_OVERHEAD",
+    "decode_frame",
+    "encode_frame",
+    "encode_message",
+    "frame_prefix",
+    "join_frame",
+]
+
+FRAME_VERSION = 1
+
+# Every integer on the wire (ids, terms, indexes, hints) is in [0, 2**63):
+# what a signed 64-bit field elsewhere (RocksDB keys, protobuf) can hold.
+_INT_LIMIT = 1 << 63
+
+# Message types that may travel: local ones (HUP, BEAT, PROPOSE, ...) are only
+# ever stepped inside a node, and a peer that sends one is broken or hostile.
+_WIRE_TYPES: dict[int, MessageType] = {int(t): t for t in MessageType if t not in LOCAL_MESSAGES}
+_ENTRY_TYPES: dict[int, EntryType] = {int(t): t for t in EntryType}
+_ENTRY_TYPE_VALUES = frozenset(_ENTRY_TYPES)
+_INT_TYPE = frozenset({int})
+_BYTES_TYPE = frozenset({bytes})
+
+_MESSAGE_FIELDS = 12
+_SNAPSHOT_FIELDS = 6
+_FRAME_FIELDS = 6
+
+_packb = msgpack.packb
+
+
+class FrameError(ValueError):
+    """Bytes that are not a valid frame: not msgpack, a wrong shape or type,
+    an unknown or local message type, a message not between the frame's two
+    nodes, or too many bytes."""
+
+
+@dataclass(slots=True, frozen=True)
+class Frame:
+    """A batch of Raft messages from `from_node` to `to_node` of one group."""
+
+    cluster: str
+    group: int
+    from_node: int
+    to_node: int
+    messages: tuple[Message, ...]
+
+
+# --------------------------------------------------------------------- encode
+
+
+def encode_message(message: Message) -> bytes:
+    """The msgpack encoding of one message, ready for `join_frame`.
+
+    The input is trusted (the Raft core made it): it is not validated here,
+    the receiver's `decode_frame` is where validation happens.
+    """
+    entries = message.entries
+    if entries:
+        flat: list[object] = []
+        extend = flat.extend
+        for entry in entries:
+            extend((entry.term, entry.index, entry.type, entry.data))
+    else:
+        flat = []
+    snapshot = message.snapshot
+    if snapshot is None:
+        encoded_snapshot = None
+    else:
+        metadata = snapshot.metadata
+        conf_state = metadata.conf_state
+        encoded_snapshot = (
+            metadata.index,
+            metadata.term,
+            conf_state.voters,
+            conf_state.learners,
+            conf_state.voters_outgoing,
+            snapshot.data,
+        )
+    return _packb(
+        (
+            message.type,
+            message.to,
+            message.from_,
+            message.term,
+            message.log_term,
+            message.index,
+            flat,
+            message.commit,
+            encoded_snapshot,
+            message.reject,
+            message.reject_hint,
+            message.context,
+        )
+    )
+
+
+def frame_prefix(cluster: str, group: int, from_node: int, to_node: int) -> bytes:
+    """The constant start of every frame between two nodes (computed once per peer)."""
+    return b"\x96" + _packb(FRAME_VERSION) + _packb(cluster) + _packb(group) + _packb(from_node) + _packb(to_node)
+
+
+# The most bytes `join_frame` adds to the prefix and the messages (an array32 header).
+JOIN_OVERHEAD = 5
+
+
+def join_frame(prefix: bytes, encoded_messages: Sequence[bytes]) -> bytes:
+    """A frame from a `frame_prefix` and messages from `encode_message`."""
+    count = len(encoded_messages)
+    if count < 16:
+        header = bytes((0x90 | count,))
+    elif count < 1 << 16:
+        header = b"\xdc" + count.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + count.to_bytes(4, "big")
+    return b"".join((prefix, header, *encoded_messages))
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """Encode a whole frame (see `frame_prefix` / `join_frame` for the incremental way)."""
+    return join_frame(
+        frame_prefix(frame.cluster, frame.group, frame.from_node, frame.to_node),
+        [encode_message(message) for message in frame.messages],
+    )
+
+
+# --------------------------------------------------------------------- decode
+
+
+def decode_frame(data: bytes, *, max_bytes: int = 64 << 20) -> Frame:
+    """Decode and validate a frame; raise `FrameError` for anything malformed.
+
+    Checked: size, msgpack syntax, the exact shape and type of every field,
+    integers in [0, 2**63), booleans and bytes where expected, known message
+    and entry types, no local message type, a snapshot on SNAP messages and
+    only there, and every message's `to` and `from_` equal to the frame's
+    nodes. One exception: a TRANSFER_LEADER forwarded by a follower carries
+    the transferee in `from_` (that is how the core names it), so its `from_`
+    may be any node.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise FrameError(f"a frame is bytes, not {type(data).__name__}")
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > max_bytes:
+        raise FrameError(f"frame of {size} bytes exceeds the limit of {max_bytes}")
+    try:
+        # No maps and no extension types exist in the format: refusing them
+        # here also avoids unhashable-key and timestamp surprises.
+        decoded = msgpack.unpackb(data, raw=False, use_list=True, max_map_len=0, max_ext_len=0)
+    except Exception as exc:  # msgpack raises ValueError subclasses; be total at the boundary
+        raise FrameError(f"not msgpack: {exc}") from None
+
+    if type(decoded) is not list or len(decoded) != _FRAME_FIELDS:
+        raise FrameError(f"a frame is an array of {_FRAME_FIELDS} fields")
+    version, cluster, group, from_node, to_node, raw_messages = decoded
+    if type(version) is not int or version != FRAME_VERSION:
+        raise FrameError(f"unsupported frame version {version!r} (this node speaks {FRAME_VERSION})")
+    if type(cluster) is not str:
+        raise FrameError("cluster name is not a string")
+    if not _are_u63((group, from_node, to_node)):
+        raise FrameError("group, from_node and to_node must be integers in [0, 2**63)")
+    if type(raw_messages) is not list:
+        raise FrameError("messages is not an array")
+    messages = tuple([_decode_message(fields, from_node, to_node) for fields in raw_messages])
+    return Frame(cluster, group, from_node, to_node, messages)
+
+
+def _are_u63(values: Sequence[object]) -> bool:
+    # `type(v) is int` and not isinstance: bool is an int subclass and never valid here.
+    for value in values:
+        if type(value) is not int or not 0 <= value < _INT_LIMIT:  # type: ignore[operator]
+            return False
+    return True
+
+
+def _is_u63_column(column: list[object]) -> bool:
+    """All items are ints in [0, 2**63); `column` is not empty. Runs at C speed."""
+    return (
+        set(map(type, column)) <= _INT_TYPE
+        and min(column) >= 0  # type: ignore[type-var,operator]
+        and max(column) < _INT_LIMIT  # type: ignore[type-var,operator]
+    )
+
+
+def _decode_message(fields: object, from_node: int, to_node: int) -> Message:
+    if type(fields) is not list or len(fields) != _MESSAGE_FIELDS:
+        raise FrameError(f"a message is an array of {_MESSAGE_FIELDS} fields")
+    (
+        raw_type,
+        to,
+        from_,
+        term,
+        log_term,
+        index,
+        flat_entries,
+        commit,
+        raw_snapshot,
+        reject,
+        reject_hint,
+        context,
+    ) = fields
+    if not _are_u63((raw_type, to, from_, term, log_term, index, commit, reject_hint)):
+        raise FrameError("message integer fields must be integers in [0, 2**63)")
+    message_type = _WIRE_TYPES.get(raw_type)
+    if message_type is None:
+        kind = "local" if raw_type in MessageType._value2member_map_ else "unknown"
+        raise FrameError(f"{kind} message type {raw_type} cannot travel between nodes")
+    if to != to_node:
+        raise FrameError(f"a message to {to} in a frame to {to_node}")
+    if from_ != from_node and message_type is not MessageType.TRANSFER_LEADER:
+        raise FrameError(f"a message from {from_} in a frame from {from_node}")
+    if type(reject) is not bool:
+        raise FrameError("reject is not a boolean")
+    if type(context) is not bytes:
+        raise FrameError("context is not bytes")
+    entries = _decode_entries(flat_entries)
+    if message_type is MessageType.SNAP:
+        snapshot: Snapshot | None = _decode_snapshot(raw_snapshot)
+    elif raw_snapshot is not None:
+        raise FrameError(f"a {message_type.name} message carries a snapshot")
+    else:
+        snapshot = None
+    return Message(
+        message_type, to, from_, term, log_term, index, entries, commit, snapshot, reject, reject_hint, context
+    )
+
+
+def _decode_entries(flat: object) -> tuple[Entry, ...]:
+    if type(flat) is not list:
+        raise FrameError("entries is not an array")
+    if not flat:
+        return ()
+    if len(flat) % 4:
+        raise FrameError("entries array length is not a multiple of 4")
+    terms = flat[0::4]
+    indexes = flat[1::4]
+    types = flat[2::4]
+    datas = flat[3::4]
+    if not (_is_u63_column(terms) and _is_u63_column(indexes) and set(map(type, types)) <= _INT_TYPE):
+        raise FrameError("entry term, index and type must be integers in [0, 2**63)")
+    if not set(types) <= _ENTRY_TYPE_VALUES:
+        raise FrameError(f"unknown entry type in {sorted(set(types) - _ENTRY_TYPE_VALUES)}")
+    if not set(map(type, datas)) <= _BYTES_TYPE:
+        raise FrameError("entry data is not bytes")
+    return tuple(map(Entry, terms, indexes, datas, map(_ENTRY_TYPES.__getitem__, types)))
+
+
+def _decode_ids(raw: object, name: str) -> tuple[int, ...]:
+    if type(raw) is not list:
+        raise FrameError(f"snapshot {name} is not an array")
+    if raw and not _is_u63_column(raw):
+        raise FrameError(f"snapshot {name} must be integers in [0, 2**63)")
+    return tuple(raw)  # type: ignore[arg-type]
+
+
+def _decode_snapshot(raw: object) -> Snapshot:
+    if type(raw) is not list or len(raw) != _SNAPSHOT_FIELDS:
+        raise FrameError(f"a SNAP message needs a snapshot array of {_SNAPSHOT_FIELDS} fields")
+    index, term, voters, learners, voters_outgoing, data = raw
+    if not _are_u63((index, term)):
+        raise FrameError("snapshot index and term must be integers in [0, 2**63)")
+    if type(data) is not bytes:
+        raise FrameError("snapshot data is not bytes")
+    conf_state = ConfState(
+        _decode_ids(voters, "voters"),
+        _decode_ids(learners, "learners"),
+        _decode_ids(voters_outgoing, "voters_outgoing"),
+    )
+    return Snapshot(SnapshotMetadata(index, term, conf_state), data)

@@ -1,0 +1,385 @@
+"""The wire codec: round trips, strict validation, fuzzing, speed."""
+
+import time
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shardnode.raft.messages import (
+    LOCAL_MESSAGES,
+    ConfState,
+    Entry,
+    EntryType,
+    Message,
+    MessageType,
+    Snapshot,
+    SnapshotMetadata,
+)
+from shardnode.transport import (
+    FRAME_VERSION,
+    Frame,
+    FrameError,
+    decode_frame,
+    encode_frame,
+    encode_message,
+    frame_prefix,
+    join_frame,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+WIRE_TYPES = [t for t in MessageType if t not in LOCAL_MESSAGES]
+MAX = (1 << 63) - 1
+
+SNAPSHOT = Snapshot(
+    SnapshotMetadata(
+        index=120, term=7, conf_state=ConfState(voters=(1, 2, 3), learners=(4,), voters_outgoing=(1, 2, 5))
+    ),
+    data=b"\x00descriptor\xff",
+)
+ENTRIES = (
+    Entry(7, 11, b"put k v"),
+    Entry(7, 12, b"", EntryType.NORMAL),
+    Entry(7, 13, b"\x00" * 9 + b"ctx", EntryType.CONF_CHANGE),
+)
+
+
+def _frame(*messages: Message, from_node: int = 1, to_node: int = 2) -> Frame:
+    return Frame("cluster-a", 7, from_node, to_node, tuple(messages))
+
+
+def _full_message(mtype: MessageType) -> Message:
+    """Every field set to a non-default value (the snapshot only where it belongs)."""
+    return Message(
+        mtype,
+        to=2,
+        from_=1,
+        term=9,
+        log_term=8,
+        index=MAX,
+        entries=ENTRIES,
+        commit=10,
+        snapshot=SNAPSHOT if mtype is MessageType.SNAP else None,
+        reject=True,
+        reject_hint=5,
+        context=b"read-ctx-\x01",
+    )
+
+
+@pytest.mark.parametrize("mtype", WIRE_TYPES, ids=lambda t: t.name)
+def test_every_wire_message_type_round_trips(mtype: MessageType) -> None:
+    messages = [_full_message(mtype)]
+    if mtype is not MessageType.SNAP:
+        messages.append(Message(mtype, to=2, from_=1))  # all defaults
+    for message in messages:
+        frame = _frame(message)
+        decoded = decode_frame(encode_frame(frame))
+        assert decoded == frame
+        assert type(decoded.messages[0].type) is MessageType
+        assert all(type(e.type) is EntryType for e in decoded.messages[0].entries)
+
+
+def test_frame_of_many_messages_and_empty_frame_round_trip() -> None:
+    messages = tuple(_full_message(t) for t in WIRE_TYPES) * 3
+    frame = _frame(*messages)
+    assert decode_frame(encode_frame(frame)) == frame
+    empty = _frame()
+    assert decode_frame(encode_frame(empty)) == empty
+
+
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 65535, 65536])
+def test_incremental_encoding_equals_whole_frame_encoding(count: int) -> None:
+    message = Message(MessageType.HEARTBEAT, to=2, from_=1, term=3, commit=count)
+    frame = _frame(*([message] * count))
+    prefix = frame_prefix("cluster-a", 7, 1, 2)
+    encoded = join_frame(prefix, [encode_message(message)] * count)
+    assert encoded == encode_frame(frame)
+    assert encoded == msgpack.packb(msgpack.unpackb(encoded))  # canonical msgpack, array headers included
+    assert decode_frame(encoded) == frame
+
+
+def test_encoding_is_compact() -> None:
+    heartbeat = Message(MessageType.HEARTBEAT, to=2, from_=1, term=3, commit=1000)
+    assert len(encode_message(heartbeat)) <= 16
+    entry_overhead = len(encode_message(Message(MessageType.APP, to=2, from_=1, entries=(Entry(3, 1000, b"x" * 100),))))
+    assert entry_overhead - len(encode_message(Message(MessageType.APP, to=2, from_=1))) <= 100 + 8
+
+
+def test_transfer_leader_may_carry_the_transferee_as_sender() -> None:
+    # A follower forwards TRANSFER_LEADER with from_ = the transferee (the core's convention).
+    frame = _frame(Message(MessageType.TRANSFER_LEADER, to=2, from_=3, term=4))
+    assert decode_frame(encode_frame(frame)) == frame
+
+
+def _raw(fields: list) -> bytes:
+    return msgpack.packb(fields)
+
+
+def _message_fields(**overrides) -> list:
+    fields = {
+        "type": int(MessageType.APP),
+        "to": 2,
+        "from_": 1,
+        "term": 1,
+        "log_term": 1,
+        "index": 1,
+        "entries": [1, 2, 0, b"data"],
+        "commit": 1,
+        "snapshot": None,
+        "reject": False,
+        "reject_hint": 0,
+        "context": b"",
+    }
+    fields.update(overrides)
+    return list(fields.values())
+
+
+def _frame_fields(messages: list | None = None, **overrides) -> list:
+    fields = {"version": FRAME_VERSION, "cluster": "c", "group": 7, "from": 1, "to": 2}
+    fields.update(overrides)
+    return [*fields.values(), [_message_fields()] if messages is None else messages]
+
+
+GOOD_SNAPSHOT = [5, 2, [1, 2, 3], [], [], b"img"]
+
+REJECTED = {
+    "not msgpack": b"\xc1",
+    "truncated": encode_frame(_frame(_full_message(MessageType.APP)))[:-3],
+    "trailing data": encode_frame(_frame()) + b"\x00",
+    "a map": msgpack.packb({"version": 1}),
+    "an ext type": msgpack.packb(msgpack.ExtType(5, b"xx")),
+    "a timestamp": msgpack.packb(msgpack.Timestamp(1, 0)),
+    "deep nesting": b"\x91" * 5000 + b"\x00",
+    "invalid utf-8 cluster": b"\x96\x01\xa2\xff\xfe\x07\x01\x02\x90",
+    "not an array": _raw(1),
+    "short frame": _raw(_frame_fields()[:5]),
+    "long frame": _raw([*_frame_fields(), 0]),
+    "wrong version": _raw(_frame_fields(version=2)),
+    "bool version": _raw(_frame_fields(version=True)),
+    "cluster as bytes": _raw(_frame_fields(cluster=b"c")),
+    "negative group": _raw(_frame_fields(group=-1)),
+    "group too large": _raw(_frame_fields(group=1 << 63)),
+    "float node": _raw(_frame_fields(**{"from": 1.0})),
+    "messages not array": _raw(_frame_fields(messages=b"")),
+    "message not array": _raw(_frame_fields(messages=[5])),
+    "short message": _raw(_frame_fields(messages=[_message_fields()[:11]])),
+    "local type": _raw(_frame_fields(messages=[_message_fields(type=int(MessageType.PROPOSE))])),
+    "unknown type": _raw(_frame_fields(messages=[_message_fields(type=99)])),
+    "bool type": _raw(_frame_fields(messages=[_message_fields(type=True)])),
+    "to not the frame's": _raw(_frame_fields(messages=[_message_fields(to=3)])),
+    "from not the frame's": _raw(_frame_fields(messages=[_message_fields(from_=3)])),
+    "negative term": _raw(_frame_fields(messages=[_message_fields(term=-1)])),
+    "huge index": _raw(_frame_fields(messages=[_message_fields(index=1 << 63)])),
+    "None commit": _raw(_frame_fields(messages=[_message_fields(commit=None)])),
+    "bool hint": _raw(_frame_fields(messages=[_message_fields(reject_hint=False)])),
+    "int reject": _raw(_frame_fields(messages=[_message_fields(reject=1)])),
+    "str context": _raw(_frame_fields(messages=[_message_fields(context="ctx")])),
+    "entries not array": _raw(_frame_fields(messages=[_message_fields(entries=b"")])),
+    "entries not by 4": _raw(_frame_fields(messages=[_message_fields(entries=[1, 2, 0])])),
+    "entry term negative": _raw(_frame_fields(messages=[_message_fields(entries=[-1, 2, 0, b""])])),
+    "entry index bool": _raw(_frame_fields(messages=[_message_fields(entries=[1, True, 0, b""])])),
+    "entry type unknown": _raw(_frame_fields(messages=[_message_fields(entries=[1, 2, 2, b""])])),
+    "entry type bool": _raw(_frame_fields(messages=[_message_fields(entries=[1, 2, False, b""])])),
+    "entry data str": _raw(_frame_fields(messages=[_message_fields(entries=[1, 2, 0, "d"])])),
+    "entry data nil": _raw(_frame_fields(messages=[_message_fields(entries=[1, 2, 0, b"", 1, 3, 0, None])])),
+    "snapshot on APP": _raw(_frame_fields(messages=[_message_fields(snapshot=GOOD_SNAPSHOT)])),
+    "SNAP without snapshot": _raw(_frame_fields(messages=[_message_fields(type=int(MessageType.SNAP))])),
+    "snapshot short": _raw(
+        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=GOOD_SNAPSHOT[:5])])
+    ),
+    "snapshot voters not ints": _raw(
+        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[5, 2, ["1"], [], [], b""])])
+    ),
+    "snapshot learners not array": _raw(
+        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[5, 2, [1], 4, [], b""])])
+    ),
+    "snapshot data str": _raw(
+        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[5, 2, [1], [], [], "x"])])
+    ),
+}
+
+
+def test_the_rejection_table_is_built_on_a_valid_frame() -> None:
+    good = decode_frame(_raw(_frame_fields()))
+    assert good.messages[0].entries == (Entry(1, 2, b"data"),)
+    snap_fields = _message_fields(type=int(MessageType.SNAP), snapshot=GOOD_SNAPSHOT)
+    snap = decode_frame(_raw(_frame_fields(messages=[snap_fields])))
+    assert snap.messages[0].snapshot == Snapshot(SnapshotMetadata(5, 2, ConfState((1, 2, 3))), b"img")
+
+
+@pytest.mark.parametrize("data", list(REJECTED.values()), ids=list(REJECTED))
+def test_malformed_frames_are_rejected(data: bytes) -> None:
+    with pytest.raises(FrameError):
+        decode_frame(data)
+
+
+def test_size_limit_and_input_type() -> None:
+    data = encode_frame(_frame(Message(MessageType.APP, to=2, from_=1, entries=(Entry(1, 1, b"x" * 1000),))))
+    assert decode_frame(data, max_bytes=len(data)).messages
+    with pytest.raises(FrameError, match="exceeds"):
+        decode_frame(data, max_bytes=len(data) - 1)
+    assert decode_frame(memoryview(data)) == decode_frame(bytearray(data))
+    with pytest.raises(FrameError):
+        decode_frame("not bytes")  # type: ignore[arg-type]
+    with pytest.raises(FrameError):
+        decode_frame(None)  # type: ignore[arg-type]
+
+
+def test_frame_error_is_a_value_error() -> None:
+    assert issubclass(FrameError, ValueError)
+
+
+# ------------------------------------------------------------------ property tests
+
+_u63 = st.integers(min_value=0, max_value=MAX)
+_small = st.integers(min_value=0, max_value=1000)
+_ids = st.lists(st.integers(min_value=1, max_value=MAX), max_size=5).map(tuple)
+_entries = st.lists(
+    st.builds(Entry, term=_u63, index=_u63, data=st.binary(max_size=40), type=st.sampled_from(EntryType)),
+    max_size=6,
+).map(tuple)
+_snapshots = st.builds(
+    Snapshot,
+    metadata=st.builds(
+        SnapshotMetadata, index=_u63, term=_u63, conf_state=st.builds(ConfState, _ids, _ids, _ids)
+    ),
+    data=st.binary(max_size=40),
+)
+
+
+@st.composite
+def _messages(draw, from_node: int = 1, to_node: int = 2) -> Message:
+    mtype = draw(st.sampled_from(WIRE_TYPES))
+    return Message(
+        mtype,
+        to=to_node,
+        from_=draw(_u63) if mtype is MessageType.TRANSFER_LEADER else from_node,
+        term=draw(_u63),
+        log_term=draw(_small | _u63),
+        index=draw(_u63),
+        entries=draw(_entries),
+        commit=draw(_u63),
+        snapshot=draw(_snapshots) if mtype is MessageType.SNAP else None,
+        reject=draw(st.booleans()),
+        reject_hint=draw(_small),
+        context=draw(st.binary(max_size=20)),
+    )
+
+
+@st.composite
+def _frames(draw) -> Frame:
+    from_node = draw(st.integers(min_value=1, max_value=MAX))
+    to_node = draw(st.integers(min_value=1, max_value=MAX))
+    return Frame(
+        draw(st.text(max_size=20)),
+        draw(_u63),
+        from_node,
+        to_node,
+        tuple(draw(st.lists(_messages(from_node, to_node), max_size=5))),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(_frames())
+def test_any_valid_frame_round_trips(frame: Frame) -> None:
+    assert decode_frame(encode_frame(frame)) == frame
+
+
+def _decode_or_frame_error(data: bytes) -> None:
+    try:
+        frame = decode_frame(data)
+    except FrameError:
+        return
+    # Whatever is accepted is a well-formed frame that encodes back to the same value.
+    assert decode_frame(encode_frame(frame)) == frame
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_raise_only_frame_error(data: bytes) -> None:
+    _decode_or_frame_error(data)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_frames(), st.data())
+def test_mutated_frames_raise_only_frame_error(frame: Frame, data: st.DataObject) -> None:
+    encoded = bytearray(encode_frame(frame))
+    for _ in range(data.draw(st.integers(min_value=1, max_value=4))):
+        action = data.draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]))
+        position = data.draw(st.integers(min_value=0, max_value=max(len(encoded) - 1, 0)))
+        if action == "flip" and encoded:
+            encoded[position] ^= 1 << data.draw(st.integers(0, 7))
+        elif action == "set" and encoded:
+            encoded[position] = data.draw(st.integers(0, 255))
+        elif action == "insert":
+            encoded[position:position] = data.draw(st.binary(min_size=1, max_size=9))
+        elif action == "delete" and encoded:
+            del encoded[position : position + data.draw(st.integers(1, 9))]
+        elif action == "truncate":
+            del encoded[position:]
+    _decode_or_frame_error(bytes(encoded))
+
+
+_any_value = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
+    | st.floats()
+    | st.text(max_size=5)
+    | st.binary(max_size=5),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=3), children, max_size=2),
+    max_leaves=10,
+)
+
+
+def _replace_a_leaf(tree, path: list[int], value):
+    if not path or not isinstance(tree, list) or not tree:
+        return value
+    index = path[0] % len(tree)
+    copy = list(tree)
+    copy[index] = _replace_a_leaf(copy[index], path[1:], value)
+    return copy
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_frames(), st.lists(st.integers(min_value=0, max_value=100), max_size=6), _any_value)
+def test_structurally_mutated_frames_raise_only_frame_error(frame: Frame, path: list[int], value) -> None:
+    # Byte flips rarely get past msgpack; replacing one node of the decoded tree
+    # with any msgpack value reaches every field check.
+    tree = msgpack.unpackb(encode_frame(frame))
+    _decode_or_frame_error(msgpack.packb(_replace_a_leaf(tree, path, value)))
+
+
+# ------------------------------------------------------------------ speed
+
+
+def _measure(frame: Frame, rounds: int) -> tuple[float, float, int]:
+    encoded = encode_frame(frame)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        encode_frame(frame)
+    encode_seconds = (time.perf_counter() - start) / rounds
+    start = time.perf_counter()
+    for _ in range(rounds):
+        decode_frame(encoded)
+    decode_seconds = (time.perf_counter() - start) / rounds
+    return encode_seconds, decode_seconds, len(encoded)
+
+
+def test_codec_speed(capsys: pytest.CaptureFixture[str]) -> None:
+    heartbeat = Message(MessageType.HEARTBEAT, to=2, from_=1, term=12, commit=4096)
+    entries = tuple(Entry(12, 1000 + i, b"v" * 100) for i in range(64))
+    append = Message(MessageType.APP, to=2, from_=1, term=12, log_term=12, index=999, entries=entries, commit=990)
+    small = _measure(_frame(heartbeat), 2000)
+    big = _measure(_frame(*[append] * 64), 10)
+    with capsys.disabled():
+        print(
+            f"\ncodec: 1 heartbeat: {small[2]} B, encode {small[0] * 1e6:.1f} us, decode {small[1] * 1e6:.1f} us; "
+            f"64 APP x 64 entries x 100 B: {big[2]} B, encode {big[0] * 1e3:.2f} ms, decode {big[1] * 1e3:.2f} ms"
+        )
+    # Generous bounds (shared CI machines): a heartbeat must stay cheap, and a
+    # 400 KB frame must not take longer than a tick.
+    assert small[0] + small[1] < 200e-6
+    assert big[0] + big[1] < 100e-3
