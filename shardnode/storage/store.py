@@ -1,0 +1,794 @@
+"""ReplicaStore: the durable state of one Raft group member (a worker).
+
+It is at once
+- the Raft core's `Storage` (hard state, log, snapshot descriptor), fed by
+  `persist()` with one synced WriteBatch per Ready (group commit);
+- the replicated state machine: the user's keys and the client sessions
+  that make writes exactly-once, advanced by `apply()`;
+- log compaction, and both ends of snapshot transfer.
+
+Invariants kept here (and where):
+- The stored log is exactly the entries (snapshot_index, last_index], no
+  gaps; snapshot_index/term name the entry just before it (0/0 at the start).
+  persist(), compact() and the install keep it; open() checks it.
+- snapshot_index <= applied_index <= last_index, and applied entries are
+  committed: compaction stops at applied_index, persist() refuses to
+  truncate below it, an install moves all three together.
+- The applied index is written in the same batch as the changes of the
+  entries it covers (apply()), so after a crash the state machine is exactly
+  "applied up to applied_index" and re-applies the rest once.
+- Everything a replica's state machine computes depends only on the log:
+  the only clock is the command timestamps (made monotonic, see apply()).
+
+Threading: the worker may run persist() in a thread (the fsync) while its
+event loop keeps stepping the core, which reads through the Storage methods,
+and serving get(). The in-memory log view is therefore swapped under a short
+lock once a batch is durable; writers (persist, compact, staging, install)
+are serialized by another; the state machine (apply, get, snapshot capture,
+install) by a third. Lock order: _write_lock → _staging_lock → _sm_lock →
+_view_lock. The Ready contract already orders persist() before apply();
+outside an install they write disjoint keys, and an install holds the
+state-machine lock so that no reader sees a half-replaced state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from rocksdict import WriteBatch
+
+from shardnode.raft import (
+    CompactedError,
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    Snapshot,
+    SnapshotMetadata,
+    SnapshotOutOfDate,
+    SnapshotTemporarilyUnavailable,
+    UnavailableError,
+)
+from shardnode.raft.messages import EMPTY_HARD_STATE
+from shardnode.raft.storage import limit_size
+
+from .commands import Command, CommandError, CommandOp, decode_command
+from .engine import (
+    FORMAT_VERSION,
+    LOG_END,
+    META_APPLY_STATE,
+    META_CONF_STATE,
+    META_FORMAT,
+    META_HARD_STATE,
+    META_INSTALLING,
+    META_SNAPSHOT_POINT,
+    META_STAGING,
+    ApplyState,
+    CorruptionError,
+    Engine,
+    SessionRecord,
+    SnapshotNotStaged,
+    StorageClosed,
+    StorageError,
+    decode_apply_state,
+    decode_conf_state,
+    decode_entry,
+    decode_hard_state,
+    decode_metadata,
+    decode_session,
+    encode_apply_state,
+    encode_conf_state,
+    encode_entry,
+    encode_hard_state,
+    encode_metadata,
+    encode_session,
+    log_index,
+    log_key,
+    new_batch,
+    open_engine,
+    session_client,
+    session_key,
+)
+from .snapshot import (
+    CapturedSnapshot,
+    SnapshotReader,
+    SnapshotStaging,
+    StagingState,
+    decode_staging_state,
+    encode_staging_state,
+    move_staged_into_place,
+)
+
+log = logging.getLogger("shardnode.storage")
+
+#: Captured snapshots kept for streaming; older ones are dropped (their
+#: readers, if any, finish first).
+MAX_REGISTERED_SNAPSHOTS = 2
+#: Sessions examined per apply batch by the expiry sweep.
+SESSION_SWEEP_PER_BATCH = 16
+
+
+@dataclass(slots=True, frozen=True)
+class ApplyResult:
+    """The outcome of applying one command.
+
+    duplicate: the command was not applied now. With stale=False it is a
+    retry of the session's last command, and existed/old_value are that
+    command's original outcome; with stale=True it is older than the
+    session's last command, its outcome is no longer known (existed=False,
+    old_value=None), and the client must not take these as its answer.
+    """
+
+    index: int
+    client_id: int
+    sequence: int
+    existed: bool
+    old_value: bytes | None
+    duplicate: bool = False
+    stale: bool = False
+
+
+class ReplicaStore:
+    """See the module docstring. Create with ReplicaStore.open()."""
+
+    # --- Opening and closing -------------------------------------------------------------
+
+    def __init__(self, engine: Engine, *, session_ttl_ms: int, entry_cache_entries: int) -> None:
+        if session_ttl_ms <= 0:
+            raise ValueError("session_ttl_ms must be positive")
+        if entry_cache_entries < 0:
+            raise ValueError("entry_cache_entries must not be negative")
+        self._engine = engine
+        self._session_ttl_ms = session_ttl_ms
+        self._cache_capacity = entry_cache_entries
+        self._closed = False
+        self._write_lock = threading.RLock()
+        self._staging_lock = threading.RLock()
+        self._sm_lock = threading.RLock()
+        self._view_lock = threading.Lock()
+        # Log view (guarded by _view_lock).
+        self._hard_state: HardState = EMPTY_HARD_STATE
+        self._snapshot_index = 0
+        self._snapshot_term = 0
+        self._last_index = 0
+        # The newest entries: a contiguous run ending at _last_index (or empty,
+        # then _cache_first == _last_index + 1).
+        self._cache: list[Entry] = []
+        self._cache_first = 1
+        # State machine (guarded by _sm_lock).
+        self._apply_state = ApplyState()
+        self._conf_state = ConfState()
+        self._captures: OrderedDict[tuple[int, int], CapturedSnapshot] = OrderedDict()
+        self._staging: SnapshotStaging | None = None
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        initial_voters: tuple[int, ...],
+        session_ttl_ms: int = 3_600_000,
+        entry_cache_entries: int = 8192,
+    ) -> ReplicaStore:
+        """Open the store at `path`, creating it (with `initial_voters` as its
+        membership) if it does not exist; an existing store keeps its own
+        membership. Completes an install interrupted by a crash."""
+        engine = open_engine(os.fspath(path))
+        try:
+            store = cls(engine, session_ttl_ms=session_ttl_ms, entry_cache_entries=entry_cache_entries)
+            store._load(tuple(initial_voters))
+        except BaseException:
+            engine.close()
+            raise
+        return store
+
+    def _load(self, initial_voters: tuple[int, ...]) -> None:
+        meta = self._engine.meta.view
+        version = meta.get(META_FORMAT)
+        if version is None:
+            self._initialize(initial_voters)
+            version = meta.get(META_FORMAT)
+        if version != bytes((FORMAT_VERSION,)):
+            raise CorruptionError(f"unsupported storage format {version!r}")
+        raw = meta.get(META_HARD_STATE)
+        self._hard_state = decode_hard_state(raw) if raw is not None else EMPTY_HARD_STATE
+        point = decode_metadata(meta[META_SNAPSHOT_POINT], "snapshot point")
+        self._snapshot_index, self._snapshot_term = point.index, point.term
+        self._apply_state = decode_apply_state(meta[META_APPLY_STATE])
+        self._conf_state = decode_conf_state(meta[META_CONF_STATE])
+        raw = meta.get(META_STAGING)
+        if raw is not None:
+            self._staging = self._make_staging(decode_staging_state(raw))
+        self._load_log()
+        raw = meta.get(META_INSTALLING)
+        if raw is not None:
+            metadata = decode_metadata(raw, "install marker")
+            log.warning(
+                "storage.install_resumed",
+                extra={"path": self._engine.path, "index": metadata.index, "term": metadata.term},
+            )
+            with self._write_lock, self._staging_lock, self._sm_lock:
+                self._install_and_persist(metadata, None, [], write_marker=False)
+        if not self._snapshot_index <= self._apply_state.applied_index <= self._last_index:
+            raise CorruptionError(
+                f"applied index {self._apply_state.applied_index} outside the log "
+                f"[{self._snapshot_index}, {self._last_index}]"
+            )
+
+    def _initialize(self, initial_voters: tuple[int, ...]) -> None:
+        batch = new_batch()
+        meta = self._engine.meta.handle
+        batch.put(META_CONF_STATE, encode_conf_state(ConfState(voters=initial_voters)), meta)
+        batch.put(META_SNAPSHOT_POINT, encode_metadata(SnapshotMetadata(0, 0, ConfState(voters=initial_voters))), meta)
+        batch.put(META_APPLY_STATE, encode_apply_state(ApplyState()), meta)
+        batch.put(META_FORMAT, bytes((FORMAT_VERSION,)), meta)  # last: its presence means "initialized"
+        self._engine.write(batch, sync=True)
+
+    def _load_log(self) -> None:
+        """Find the last index, check the log starts right after the snapshot
+        point, and warm the entry cache with the newest entries."""
+        engine = self._engine
+        iterator = engine.iterator(engine.log)
+        iterator.seek_to_last()
+        if not iterator.valid():
+            self._last_index = self._snapshot_index
+        else:
+            self._last_index = log_index(iterator.key())
+            iterator.seek_to_first()
+            first = log_index(iterator.key())
+            if first != self._snapshot_index + 1:
+                raise CorruptionError(f"log starts at {first}, expected {self._snapshot_index + 1}")
+        del iterator
+        self._cache = []
+        self._cache_first = self._last_index + 1
+        if self._cache_capacity and self._last_index > self._snapshot_index:
+            lo = max(self._snapshot_index + 1, self._last_index - self._cache_capacity + 1)
+            self._cache, _ = self._read_log(lo, self._last_index + 1, None)
+            if len(self._cache) != self._last_index + 1 - lo:
+                raise CorruptionError(f"log has a gap in [{lo}, {self._last_index}]")
+            self._cache_first = lo
+
+    def close(self) -> None:
+        """Release the database (idempotent). Open snapshot readers fail after."""
+        with self._write_lock, self._staging_lock, self._sm_lock:
+            if self._closed:
+                return
+            self._closed = True
+            for capture in self._captures.values():
+                capture.release()
+            self._captures.clear()
+            self._staging = None
+            self._engine.close()
+
+    def __enter__(self) -> ReplicaStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageClosed("replica store is closed")
+
+    # --- The Storage protocol ------------------------------------------------------------
+
+    def initial_state(self) -> tuple[HardState, ConfState]:
+        with self._view_lock:
+            hard_state = self._hard_state
+        return hard_state, self._conf_state
+
+    def first_index(self) -> int:
+        return self._snapshot_index + 1
+
+    def last_index(self) -> int:
+        return self._last_index
+
+    def term(self, index: int) -> int:
+        with self._view_lock:
+            if index == self._snapshot_index:
+                return self._snapshot_term
+            if index < self._snapshot_index:
+                raise CompactedError(f"term of {index}: compacted up to {self._snapshot_index}")
+            if index > self._last_index:
+                raise UnavailableError(f"term of {index}: last index is {self._last_index}")
+            if index >= self._cache_first:
+                return self._cache[index - self._cache_first].term
+        self._check_open()
+        value = self._engine.log.view.get(log_key(index))
+        if value is None:
+            # Only a compaction running concurrently can have removed it.
+            raise CompactedError(f"term of {index}: compacted up to {self._snapshot_index}")
+        return decode_entry(index, value).term
+
+    def entries(self, lo: int, hi: int, max_size: int | None = None) -> list[Entry]:
+        with self._view_lock:
+            if lo <= self._snapshot_index:
+                raise CompactedError(f"entries from {lo}: compacted up to {self._snapshot_index}")
+            if hi > self._last_index + 1:
+                raise UnavailableError(f"entries up to {hi - 1}: last index is {self._last_index}")
+            if lo >= hi:
+                return []
+            cache_first = self._cache_first
+            if lo >= cache_first:
+                return limit_size(self._cache[lo - cache_first : hi - cache_first], max_size)
+            cached = self._cache[: hi - cache_first] if hi > cache_first else []
+        self._check_open()
+        stored_hi = min(hi, cache_first)
+        stored, limited = self._read_log(lo, stored_hi, max_size)
+        if limited:
+            return stored
+        if len(stored) < stored_hi - lo:
+            # Only a compaction running concurrently deletes stored entries
+            # (the core never reads a suffix that persist() is replacing).
+            raise CompactedError(f"entries from {lo}: compacted up to {self._snapshot_index}")
+        return limit_size(stored + cached, max_size) if cached else stored
+
+    def _read_log(self, lo: int, hi: int, max_size: int | None) -> tuple[list[Entry], bool]:
+        """Stored entries [lo, hi), stopping at the first hole, or before the
+        entry that would take the total over max_size (never before the first
+        one). Returns (entries, whether the size limit stopped the read)."""
+        engine = self._engine
+        iterator = engine.iterator(engine.log, upper_bound=log_key(hi))
+        iterator.seek(log_key(lo))
+        result: list[Entry] = []
+        total = 0
+        expected = lo
+        while iterator.valid():
+            index = log_index(iterator.key())
+            if index != expected:
+                break
+            entry = decode_entry(index, iterator.value())
+            if max_size is not None:
+                total += entry.size()
+                if result and total > max_size:
+                    return result, True
+            result.append(entry)
+            expected += 1
+            iterator.next()
+        return result, False
+
+    def snapshot(self) -> Snapshot:
+        """The state at the applied index, as a descriptor for the core; the
+        state itself is captured now and registered for open_snapshot_reader()."""
+        with self._sm_lock:
+            self._check_open()
+            applied = self._apply_state.applied_index
+            if applied == 0:
+                raise SnapshotTemporarilyUnavailable("nothing applied yet")
+            metadata = SnapshotMetadata(index=applied, term=self.term(applied), conf_state=self._conf_state)
+            key = (metadata.index, metadata.term)
+            capture = self._captures.get(key)
+            if capture is None or capture.metadata != metadata:
+                if capture is not None:
+                    capture.unregister()
+                engine = self._engine
+                capture = CapturedSnapshot(
+                    metadata,
+                    kv=engine.iterator(engine.kv),
+                    sessions=engine.iterator(engine.sessions),
+                    clock_ms=self._apply_state.clock_ms,
+                )
+                self._captures[key] = capture
+                log.debug("storage.snapshot_captured", extra={"index": metadata.index, "term": metadata.term})
+            self._captures.move_to_end(key)
+            while len(self._captures) > MAX_REGISTERED_SNAPSHOTS:
+                _, oldest = self._captures.popitem(last=False)
+                oldest.unregister()
+            return Snapshot(metadata, b"")
+
+    def open_snapshot_reader(self, index: int, term: int) -> SnapshotReader:
+        """A reader of the capture registered under (index, term); KeyError if
+        there is none (never taken, or dropped for newer ones)."""
+        with self._sm_lock:
+            self._check_open()
+            return SnapshotReader(self._captures[(index, term)])
+
+    # --- Persisting a Ready --------------------------------------------------------------
+
+    def persist(self, hard_state: HardState | None, entries: list[Entry], snapshot: Snapshot | None = None) -> None:
+        """Make a Ready durable with one synced WriteBatch: the snapshot (if
+        any) first, then the entries (replacing any conflicting suffix), then
+        the hard state. Raises SnapshotNotStaged if the snapshot's state was
+        not staged and finished; UnavailableError if the entries leave a gap."""
+        with self._write_lock:
+            self._check_open()
+            if snapshot is None:
+                self._persist_log(hard_state, entries, install=None)
+            else:
+                with self._staging_lock, self._sm_lock:
+                    self._install_and_persist(snapshot.metadata, hard_state, entries, write_marker=True)
+
+    def _persist_log(
+        self,
+        hard_state: HardState | None,
+        entries: list[Entry],
+        install: tuple[SnapshotMetadata, int] | None,
+    ) -> None:
+        """Build and write the Ready's batch, then publish the new view.
+        `install` = (metadata, staged clock) adds the end of an install to
+        the front of the batch (the state was moved into place already)."""
+        engine = self._engine
+        log_cf, meta = engine.log, engine.meta
+        batch = new_batch()
+        snapshot_index, snapshot_term, last = self._snapshot_index, self._snapshot_term, self._last_index
+        applied = self._apply_state.applied_index
+        new_apply_state: ApplyState | None = None
+        if install is not None:
+            metadata, clock_ms = install
+            snapshot_index, snapshot_term, last = metadata.index, metadata.term, metadata.index
+            applied = metadata.index
+            new_apply_state = ApplyState(metadata.index, clock_ms, b"")
+            batch.delete_range(log_key(0), LOG_END, log_cf.handle)
+            batch.put(META_SNAPSHOT_POINT, encode_metadata(metadata), meta.handle)
+            batch.put(META_CONF_STATE, encode_conf_state(metadata.conf_state), meta.handle)
+            batch.put(META_APPLY_STATE, encode_apply_state(new_apply_state), meta.handle)
+            engine.delete_all(batch, engine.staging)
+            batch.delete(META_STAGING, meta.handle)
+            batch.delete(META_INSTALLING, meta.handle)
+            # The core counts everything up to the snapshot as committed; a
+            # stored commit below it would fail its start-up check.
+            base = hard_state if hard_state is not None else self._hard_state
+            if base.commit < metadata.index:
+                hard_state = replace(base, commit=metadata.index)
+        if entries:
+            entries = self._new_entries(entries, snapshot_index, last)
+        if entries:
+            first_new = entries[0].index
+            if first_new <= applied:
+                raise StorageError(f"refusing to truncate the log at {first_new}: entries up to {applied} are applied")
+            if first_new <= last:
+                batch.delete_range(log_key(first_new), LOG_END, log_cf.handle)
+            for entry in entries:
+                batch.put(log_key(entry.index), encode_entry(entry), log_cf.handle)
+            last = entries[-1].index
+        if hard_state is not None:
+            batch.put(META_HARD_STATE, encode_hard_state(hard_state), meta.handle)
+        if not len(batch):
+            return
+        engine.write(batch, sync=True)
+        with self._view_lock:
+            if hard_state is not None:
+                self._hard_state = hard_state
+            if install is not None:
+                self._snapshot_index, self._snapshot_term = snapshot_index, snapshot_term
+                self._cache, self._cache_first = [], snapshot_index + 1
+            if entries:
+                self._cache_append(entries)
+            self._last_index = last
+        if install is not None:
+            assert new_apply_state is not None
+            self._apply_state = new_apply_state
+            self._conf_state = install[0].conf_state
+            self._staging = None
+
+    @staticmethod
+    def _new_entries(entries: list[Entry], snapshot_index: int, last: int) -> list[Entry]:
+        """Check and trim entries to append: consecutive, no gap after `last`,
+        without the part already compacted (as MemoryStorage.append)."""
+        first = entries[0].index
+        for offset, entry in enumerate(entries):
+            if entry.index != first + offset:
+                raise ValueError(f"entries to persist are not consecutive at {entry.index}")
+        if entries[-1].index <= snapshot_index:
+            return []
+        if first <= snapshot_index:
+            entries = entries[snapshot_index + 1 - first :]
+        if entries[0].index > last + 1:
+            raise UnavailableError(f"append at {entries[0].index} leaves a gap after last index {last}")
+        return entries
+
+    def _cache_append(self, entries: list[Entry]) -> None:
+        """Caller holds _view_lock. Keeps the cache a contiguous run ending at
+        the new last index, at most about _cache_capacity long."""
+        capacity = self._cache_capacity
+        if not capacity:
+            self._cache_first = entries[-1].index + 1
+            return
+        first_new = entries[0].index
+        if self._cache and first_new >= self._cache_first:
+            del self._cache[first_new - self._cache_first :]
+            self._cache.extend(entries)
+        else:
+            self._cache = list(entries[-capacity:])
+            self._cache_first = self._cache[0].index
+            return
+        # Trim in steps of a quarter so that trimming stays amortized O(1).
+        if len(self._cache) > capacity + capacity // 4:
+            drop = len(self._cache) - capacity
+            del self._cache[:drop]
+            self._cache_first += drop
+
+    # --- Compaction ----------------------------------------------------------------------
+
+    def compact(self, threshold: int) -> int | None:
+        """If more than `threshold` applied entries are in the log, make the
+        applied index the new snapshot point and delete the entries up to it
+        (one synced batch, which also makes earlier unsynced apply batches
+        durable: the WAL is sequential). Returns the new point, else None."""
+        with self._write_lock:
+            self._check_open()
+            with self._sm_lock:
+                applied = self._apply_state.applied_index
+                conf_state = self._conf_state
+            if applied - self._snapshot_index <= threshold or applied <= self._snapshot_index:
+                return None
+            term = self.term(applied)
+            metadata = SnapshotMetadata(applied, term, conf_state)
+            batch = new_batch()
+            batch.put(META_SNAPSHOT_POINT, encode_metadata(metadata), self._engine.meta.handle)
+            batch.delete_range(log_key(0), log_key(applied + 1), self._engine.log.handle)
+            self._engine.write(batch, sync=True)
+            with self._view_lock:
+                self._snapshot_index, self._snapshot_term = applied, term
+                if self._cache_first <= applied:
+                    del self._cache[: applied + 1 - self._cache_first]
+                    self._cache_first = applied + 1
+            log.info("storage.compacted", extra={"index": applied, "term": term})
+            return applied
+
+    # --- The state machine ---------------------------------------------------------------
+
+    @property
+    def applied_index(self) -> int:
+        return self._apply_state.applied_index
+
+    @property
+    def conf_state(self) -> ConfState:
+        return self._conf_state
+
+    def set_conf_state(self, conf_state: ConfState) -> None:
+        """Record the membership (synced). Prefer apply(..., conf_state=...),
+        which records it atomically with the conf change entry's applied
+        index; a crash between apply() and this call would otherwise restart
+        the node past the change with the old membership."""
+        with self._sm_lock:
+            self._check_open()
+            batch = new_batch()
+            batch.put(META_CONF_STATE, encode_conf_state(conf_state), self._engine.meta.handle)
+            self._engine.write(batch, sync=True)
+            self._conf_state = conf_state
+
+    def get(self, key: bytes) -> bytes | None:
+        with self._sm_lock:
+            self._check_open()
+            return self._engine.kv.view.get(key)
+
+    def apply(self, entries: Sequence[Entry], conf_state: ConfState | None = None) -> list[ApplyResult | None]:
+        """Apply committed entries, in order, as ONE WriteBatch holding the kv
+        changes, the session changes and the new applied index (unsynced: the
+        log is the source of truth, and since the applied index travels with
+        the changes, a restart re-applies exactly what was lost).
+
+        Returns one item per entry: an ApplyResult for a command, None for
+        anything else (an entry at or below the applied index, a no-op, a
+        conf change, undecodable data — which is logged and skipped the same
+        way on every replica). `conf_state`, if given, is the membership
+        after this batch's conf change entries (what RawNode.apply_conf_change
+        returned) and is recorded in the same batch.
+
+        Session expiry uses the state machine clock: the largest command
+        timestamp applied so far. A leader's clock can run behind its
+        predecessor's; a monotonic clock keeps "expired" a property of the
+        log position, so the background sweep (which runs at batch
+        boundaries that differ between replicas) can never make replicas
+        disagree about whether a session exists.
+        """
+        with self._sm_lock:
+            self._check_open()
+            state = self._apply_state
+            applied = state.applied_index
+            clock_ms = state.clock_ms
+            pending = _ApplyBatch(self._engine)
+            results: list[ApplyResult | None] = []
+            for entry in entries:
+                if entry.index <= applied:
+                    results.append(None)
+                    continue
+                if entry.index != applied + 1:
+                    raise StorageError(f"apply: entry {entry.index} does not follow applied index {applied}")
+                if entry.index > self._last_index:
+                    raise StorageError(f"apply: entry {entry.index} is not persisted (last index {self._last_index})")
+                applied = entry.index
+                if entry.type != EntryType.NORMAL or not entry.data:
+                    results.append(None)
+                    continue
+                try:
+                    command = decode_command(entry.data)
+                except CommandError as exc:
+                    log.warning("storage.undecodable_command", extra={"index": entry.index, "error": str(exc)})
+                    results.append(None)
+                    continue
+                if command.timestamp_ms > clock_ms:
+                    clock_ms = command.timestamp_ms
+                results.append(self._apply_command(entry.index, command, clock_ms, pending))
+            if applied == state.applied_index and conf_state is None:
+                return results
+            cursor = self._sweep_sessions(state.sweep_cursor, clock_ms, pending)
+            new_state = ApplyState(applied, clock_ms, cursor)
+            batch = pending.batch
+            meta = self._engine.meta.handle
+            batch.put(META_APPLY_STATE, encode_apply_state(new_state), meta)
+            if conf_state is not None:
+                batch.put(META_CONF_STATE, encode_conf_state(conf_state), meta)
+            self._engine.write(batch, sync=False)
+            self._apply_state = new_state
+            if conf_state is not None:
+                self._conf_state = conf_state
+            return results
+
+    def _apply_command(self, index: int, command: Command, clock_ms: int, pending: _ApplyBatch) -> ApplyResult:
+        client_id, sequence = command.client_id, command.sequence
+        if client_id:
+            session = pending.session(client_id)
+            if session is not None and session.last_active_ms < clock_ms - self._session_ttl_ms:
+                pending.delete_session(client_id)
+                session = None
+            if session is not None:
+                if sequence == session.last_sequence:
+                    pending.put_session(client_id, replace(session, last_active_ms=clock_ms))
+                    return ApplyResult(index, client_id, sequence, session.existed, session.old_value, duplicate=True)
+                if sequence < session.last_sequence:
+                    return ApplyResult(index, client_id, sequence, False, None, duplicate=True, stale=True)
+        key = command.key
+        old_value = pending.get(key)
+        if command.op is CommandOp.PUT:
+            pending.put(key, command.value)
+        elif old_value is not None:
+            pending.put(key, None)
+        existed = old_value is not None
+        if client_id:
+            pending.put_session(client_id, SessionRecord(sequence, existed, old_value, clock_ms))
+        return ApplyResult(index, client_id, sequence, existed, old_value)
+
+    def _sweep_sessions(self, cursor: bytes, clock_ms: int, pending: _ApplyBatch) -> bytes:
+        """Delete expired sessions among the next few after `cursor` (in key
+        order, wrapping around); returns the new cursor. Bounded work per
+        batch, whatever the number of sessions."""
+        engine = self._engine
+        iterator = engine.iterator(engine.sessions)
+        if cursor:
+            iterator.seek(cursor)
+            if iterator.valid() and iterator.key() == cursor:
+                iterator.next()
+        else:
+            iterator.seek_to_first()
+        expired_before = clock_ms - self._session_ttl_ms
+        for _ in range(SESSION_SWEEP_PER_BATCH):
+            if not iterator.valid():
+                return b""
+            key = iterator.key()
+            client_id = session_client(key)
+            record = pending.session(client_id, stored=iterator.value())
+            if record is not None and record.last_active_ms < expired_before:
+                pending.delete_session(client_id)
+            cursor = key
+            iterator.next()
+        return cursor
+
+    def sessions(self) -> dict[int, SessionRecord]:
+        """Every stored session (diagnostics and tests; includes expired ones
+        the sweep has not reached)."""
+        with self._sm_lock:
+            self._check_open()
+            return {session_client(k): decode_session(v) for k, v in self._engine.sessions.view.items()}
+
+    # --- Receiving a snapshot --------------------------------------------------------------
+
+    def begin_snapshot(self, metadata: SnapshotMetadata) -> SnapshotStaging:
+        """Start (or resume) staging the state of an incoming snapshot.
+
+        Staging of the same (index, term) already on disk is resumed: its
+        position() says where the sender should continue. Any other staging
+        is discarded."""
+        with self._staging_lock:
+            self._check_open()
+            current = self._staging
+            if current is not None and (current.metadata.index, current.metadata.term) == (
+                metadata.index,
+                metadata.term,
+            ):
+                return current
+            state = StagingState(metadata)
+            batch = new_batch()
+            self._engine.delete_all(batch, self._engine.staging)
+            batch.put(META_STAGING, encode_staging_state(state), self._engine.meta.handle)
+            self._engine.write(batch, sync=False)
+            self._staging = self._make_staging(state)
+            log.info("storage.snapshot_staging", extra={"index": metadata.index, "term": metadata.term})
+            return self._staging
+
+    def _make_staging(self, state: StagingState) -> SnapshotStaging:
+        return SnapshotStaging(self._engine, state, self._staging_lock, self._is_current_staging)
+
+    def _is_current_staging(self, staging: SnapshotStaging) -> bool:
+        return not self._closed and self._staging is staging
+
+    def _install_and_persist(
+        self,
+        metadata: SnapshotMetadata,
+        hard_state: HardState | None,
+        entries: list[Entry],
+        *,
+        write_marker: bool,
+    ) -> None:
+        """Install a staged snapshot, crash-safely. Caller holds _write_lock,
+        _staging_lock and _sm_lock.
+
+        1. a synced marker "installing (metadata)";
+        2. kv and sessions replaced by the staged records (unsynced batches);
+        3. one synced batch: log reset to the snapshot point, membership,
+           applied index, staging and marker dropped — plus the Ready's own
+           entries and hard state.
+        A crash before 3 leaves the marker, and open() redoes 2 and 3 (the
+        staging is still there: only 3 removes it)."""
+        if metadata.index < self._snapshot_index:
+            raise SnapshotOutOfDate(f"snapshot at {metadata.index} is older than {self._snapshot_index}")
+        staging = self._staging
+        if (
+            staging is None
+            or (staging.metadata.index, staging.metadata.term) != (metadata.index, metadata.term)
+            or not staging.complete
+        ):
+            raise SnapshotNotStaged(f"no completed staging for snapshot ({metadata.index}, {metadata.term})")
+        if write_marker:
+            batch = new_batch()
+            batch.put(META_INSTALLING, encode_metadata(metadata), self._engine.meta.handle)
+            self._engine.write(batch, sync=True)
+        clock_ms = move_staged_into_place(self._engine)
+        self._persist_log(hard_state, entries, install=(metadata, clock_ms))
+        log.info("storage.snapshot_installed", extra={"index": metadata.index, "term": metadata.term})
+
+
+class _ApplyBatch:
+    """The WriteBatch of one apply() call, with overlays so that a command
+    reads the writes of earlier commands of the same batch (reads go to the
+    overlay first, then to the database)."""
+
+    __slots__ = ("batch", "_kv_get", "_kv_handle", "_sessions_get", "_sessions_handle", "_kv", "_sessions")
+
+    def __init__(self, engine: Engine) -> None:
+        self.batch: WriteBatch = new_batch()
+        kv, sessions = engine.kv, engine.sessions
+        self._kv_get = kv.view.get
+        self._kv_handle = kv.handle
+        self._sessions_get = sessions.view.get
+        self._sessions_handle = sessions.handle
+        self._kv: dict[bytes, bytes | None] = {}
+        self._sessions: dict[int, SessionRecord | None] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self._kv:
+            return self._kv[key]
+        return self._kv_get(key)
+
+    def put(self, key: bytes, value: bytes | None) -> None:
+        """value None deletes."""
+        self._kv[key] = value
+        if value is None:
+            self.batch.delete(key, self._kv_handle)
+        else:
+            self.batch.put(key, value, self._kv_handle)
+
+    def session(self, client_id: int, stored: bytes | None = None) -> SessionRecord | None:
+        """The session as of this point of the batch. `stored` is its value in
+        the database when the caller already has it."""
+        if client_id in self._sessions:
+            return self._sessions[client_id]
+        if stored is None:
+            stored = self._sessions_get(session_key(client_id))
+            if stored is None:
+                return None
+        return decode_session(stored)
+
+    def put_session(self, client_id: int, record: SessionRecord) -> None:
+        self._sessions[client_id] = record
+        self.batch.put(session_key(client_id), encode_session(record), self._sessions_handle)
+
+    def delete_session(self, client_id: int) -> None:
+        self._sessions[client_id] = None
+        self.batch.delete(session_key(client_id), self._sessions_handle)
