@@ -23,6 +23,7 @@ class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         fields = dict(self.identity)
+        # The call site's fields win (a record about a peer names it itself).
         fields.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
         pairs = " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
         line = f"{stamp} {record.levelname} {record.getMessage()}" + (f" {pairs}" if pairs else "")

@@ -53,11 +53,11 @@ class Ready:
     committed_entries: list[Entry]         # to apply, in order
     messages: list[Message]                # to send after persisting
     read_states: list[ReadState] = field(default_factory=list)
-
-    @property
-    def must_sync(self) -> bool:
-        """Whether step 2 needs an fsync (anything durable changed)."""
-        return bool(self.entries) or self.hard_state is not None or self.snapshot is not None
+    # Whether step 2 must be fsynced: entries, a snapshot, or a new term or
+    # vote. A hard state that only moves the commit index may be written
+    # without a sync: a lost commit index is learned again from the leader
+    # (as in etcd's MustSync).
+    must_sync: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -179,14 +179,21 @@ class RawNode:
         raft = self.raft
         soft_state = raft.soft_state()
         hard_state = raft.hard_state()
+        previous = self._prev_hard_state
+        entries = raft.log.unstable_entries()
+        snapshot = raft.log.unstable.snapshot
         ready = Ready(
             soft_state=soft_state if soft_state != self._prev_soft_state else None,
-            hard_state=hard_state if hard_state != self._prev_hard_state else None,
-            entries=raft.log.unstable_entries(),
-            snapshot=raft.log.unstable.snapshot,
+            hard_state=hard_state if hard_state != previous else None,
+            entries=entries,
+            snapshot=snapshot,
             committed_entries=raft.log.next_committed_entries(),
             messages=raft.msgs,
             read_states=raft.read_states,
+            must_sync=bool(entries)
+            or snapshot is not None
+            or hard_state.term != previous.term
+            or hard_state.vote != previous.vote,
         )
         raft.msgs = []
         raft.read_states = []

@@ -390,15 +390,26 @@ class ReplicaStore:
 
     # --- Persisting a Ready --------------------------------------------------------------
 
-    def persist(self, hard_state: HardState | None, entries: list[Entry], snapshot: Snapshot | None = None) -> None:
-        """Make a Ready durable with one synced WriteBatch: the snapshot (if
-        any) first, then the entries (replacing any conflicting suffix), then
-        the hard state. Raises SnapshotNotStaged if the snapshot's state was
-        not staged and finished; UnavailableError if the entries leave a gap."""
+    def persist(
+        self,
+        hard_state: HardState | None,
+        entries: list[Entry],
+        snapshot: Snapshot | None = None,
+        *,
+        sync: bool = True,
+    ) -> None:
+        """Make a Ready durable with one WriteBatch: the snapshot (if any)
+        first, then the entries (replacing any conflicting suffix), then the
+        hard state. Synced unless `sync` is False, which the driver passes
+        only for a Ready that merely moves the commit index (Ready.must_sync).
+        Raises SnapshotNotStaged if the snapshot's state was not staged and
+        finished; UnavailableError if the entries leave a gap."""
+        if not sync and (entries or snapshot is not None):
+            raise StorageError("entries and snapshots are always written with sync=True")
         with self._write_lock:
             self._check_open()
             if snapshot is None:
-                self._persist_log(hard_state, entries, install=None)
+                self._persist_log(hard_state, entries, install=None, sync=sync)
             else:
                 with self._staging_lock, self._sm_lock:
                     self._install_and_persist(snapshot.metadata, hard_state, entries, write_marker=True)
@@ -408,6 +419,7 @@ class ReplicaStore:
         hard_state: HardState | None,
         entries: list[Entry],
         install: tuple[SnapshotMetadata, int] | None,
+        sync: bool = True,
     ) -> None:
         """Build and write the Ready's batch, then publish the new view.
         `install` = (metadata, staged clock) adds the end of an install to
@@ -450,7 +462,7 @@ class ReplicaStore:
             batch.put(META_HARD_STATE, encode_hard_state(hard_state), meta.handle)
         if not len(batch):
             return
-        engine.write(batch, sync=True)
+        engine.write(batch, sync=sync)
         with self._view_lock:
             if hard_state is not None:
                 self._hard_state = hard_state

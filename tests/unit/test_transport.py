@@ -420,7 +420,7 @@ def test_a_peer_that_stops_answering_pings_is_reported() -> None:
             a = members[1]
             started = time.monotonic()
             await until(lambda: a.unreachable == [2], what="link timeout")
-            assert 0.25 < time.monotonic() - started < 3
+            assert time.monotonic() - started > 0.25, "not reported before the link timeout"
             await until(lambda: len(accepted) >= 2, what="a new stream after the timeout")
             assert a.transport.stats.reconnects[2] >= 1
 

@@ -1,0 +1,442 @@
+"""The driver of one Raft group member: it turns the pure core into a durable,
+networked replica.
+
+One asyncio task owns the core. It follows the Ready contract
+(shardnode/raft/rawnode.py): persist (one synced RocksDB batch per Ready —
+group commit for every proposal and message that arrived meanwhile), send,
+apply (one atomic batch with the applied index and the session table),
+advance. Ticks come from a timer task; peer messages from the transport.
+
+Requests wait on futures keyed by log index (writes) or read context
+(ReadIndex reads). A write whose index is taken by another leader's entry is
+answered as definitely-not-applied; a write still pending when this node
+loses leadership is answered Unavailable with an unknown outcome, which the
+router resolves by retrying with the same session (applied at most once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..config import ClusterConfig, Replica
+from ..errors import DeadlineExceeded, NotLeader, Unavailable
+from ..raft import (
+    NONE,
+    ConfChange,
+    Config,
+    EntryType,
+    Message,
+    MessageType,
+    ProposalDropped,
+    RaftError,
+    RawNode,
+    Ready,
+    StateRole,
+)
+from ..storage import ApplyResult, Command, ReplicaStore, encode_command
+from ..transport import RaftTransport, SnapshotHeader
+
+log = logging.getLogger("shardnode.replica")
+
+
+@dataclass(slots=True)
+class _PendingWrite:
+    term: int
+    future: asyncio.Future
+
+
+@dataclass
+class ReplicaStats:
+    proposals: int = 0
+    proposal_batches: int = 0
+    readies: int = 0
+    persist_seconds: float = 0.0
+    applied_entries: int = 0
+    elections_won: int = 0
+    leader_changes: int = 0
+    snapshots_sent: int = 0
+    snapshots_send_failed: int = 0
+    snapshots_received: int = 0
+    snapshots_taken: int = 0
+    messages_rejected: int = 0
+    fsync_latencies: list[float] = field(default_factory=list)
+
+
+class ReplicaDriver:
+    def __init__(
+        self,
+        cluster: ClusterConfig,
+        replica: Replica,
+        store: ReplicaStore,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.replica = replica
+        self.group = replica.group
+        self.node_id = replica.node_id
+        self.store = store
+        self.stats = ReplicaStats()
+        self.addresses = {r.node_id: r.address for r in cluster.group_replicas(self.group)}
+        timing = cluster.timing
+        config = Config(
+            id=self.node_id,
+            election_tick=timing.election_ticks,
+            heartbeat_tick=timing.heartbeat_ticks,
+            applied=store.applied_index,
+            max_size_per_msg=1 << 20,
+            max_inflight_msgs=256,
+        )
+        self.node = RawNode(config, store, rng)
+        self.transport = RaftTransport(
+            cluster=cluster.name,
+            group=self.group,
+            node_id=self.node_id,
+            peers={nid: addr for nid, addr in self.addresses.items() if nid != self.node_id},
+            deliver=self._on_messages,
+            on_unreachable=self._on_unreachable,
+            on_snapshot=self._on_snapshot_stream,
+        )
+        self._wake = asyncio.Event()
+        self._persist_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"persist-g{self.group}")
+        self._tasks: list[asyncio.Task] = []
+        self._snapshot_tasks: set[asyncio.Task] = set()
+        self._pending_writes: dict[int, _PendingWrite] = {}
+        self._pending_reads: dict[bytes, asyncio.Future] = {}
+        self._ready_reads: list[tuple[int, asyncio.Future]] = []
+        # Read contexts are unique across restarts: a random incarnation prefix.
+        self._read_prefix = self.node_id.to_bytes(8, "big") + os.urandom(8)
+        self._read_ids = itertools.count(1)
+        self._role = StateRole.FOLLOWER
+        self._leader = NONE
+        self._stopping = False
+        self._log_extra = {"group": self.group, "node": self.node_id}
+
+    # --- Lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.transport.start()
+        self._tasks.append(asyncio.create_task(self._tick_loop(), name=f"tick-g{self.group}"))
+        self._tasks.append(asyncio.create_task(self._ready_loop(), name=f"ready-g{self.group}"))
+        self._wake.set()
+        log.info(
+            "replica.started",
+            extra={**self._log_extra, "term": self.node.raft.term, "applied": self.store.applied_index,
+                   "last_index": self.store.last_index()},
+        )
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in [*self._tasks, *self._snapshot_tasks]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._snapshot_tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._fail_all(Unavailable("replica is shutting down"))
+        await self.transport.close()
+        self._persist_thread.shutdown(wait=True)
+
+    async def transfer_leadership(self, timeout: float) -> bool:
+        """If leader, hand leadership to the most up-to-date follower and wait
+        (up to timeout) until someone else leads. Used by a clean shutdown."""
+        status = self.node.status()
+        if status.role is not StateRole.LEADER:
+            return True
+        followers = [(p.match, nid) for nid, p in status.progress.items() if nid != self.node_id and p.recent_active]
+        if not followers:
+            return False
+        _, target = max(followers)
+        log.info("replica.transfer_leadership", extra={**self._log_extra, "term": status.term, "peer": target})
+        self.node.transfer_leader(target)
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(self.cluster.timing.tick_seconds / 2)
+            if self.node.raft.role is not StateRole.LEADER and self.node.raft.lead not in (NONE, self.node_id):
+                return True
+        return False
+
+    def transfer_to(self, target: int) -> None:
+        self.node.transfer_leader(target)
+        self._wake.set()
+
+    # --- Client-facing operations ----------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.node.raft.role is StateRole.LEADER
+
+    def leader_hint(self) -> tuple[int, str]:
+        lead = self.node.raft.lead
+        return lead, self.addresses.get(lead, "")
+
+    def _not_leader(self, leader: int | None = None) -> Unavailable:
+        lead = self.node.raft.lead if leader is None else leader
+        if lead in (NONE, self.node_id):
+            # No leader known: an election is running, or this side of a
+            # partition has no quorum. Nothing was proposed.
+            return Unavailable("no leader: an election is in progress or the group has no quorum")
+        return NotLeader("not the leader", lead, self.addresses.get(lead, ""))
+
+    async def write(self, commands: Sequence[Command], timeout: float) -> list[ApplyResult]:
+        """Propose commands as one batch; return their results once applied here."""
+        if not self.is_leader:
+            raise self._not_leader()
+        loop = asyncio.get_running_loop()
+        try:
+            proposal = self.node.propose_batch([encode_command(c) for c in commands])
+        except ProposalDropped as exc:
+            if exc.leader == self.node_id:
+                raise Unavailable(str(exc)) from None   # e.g. too much uncommitted: back off
+            raise self._not_leader(exc.leader) from None
+        self.stats.proposals += len(commands)
+        self.stats.proposal_batches += 1
+        futures = []
+        for offset in range(proposal.count):
+            future = loop.create_future()
+            self._pending_writes[proposal.index + offset] = _PendingWrite(proposal.term, future)
+            futures.append(future)
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*futures), timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("the write did not commit before its deadline; its outcome is unknown") from None
+        finally:
+            # On a deadline, stop tracking what is still pending (the entries
+            # may yet commit; the client learns the outcome by retrying).
+            for offset, future in enumerate(futures):
+                pending = self._pending_writes.get(proposal.index + offset)
+                if pending is not None and pending.future is future:
+                    del self._pending_writes[proposal.index + offset]
+
+    async def read_barrier(self, timeout: float) -> None:
+        """Return once this replica's state includes every write acknowledged
+        before the call (ReadIndex: confirmed by a quorum, then applied here)."""
+        if not self.is_leader:
+            raise self._not_leader()
+        context = self._read_prefix + next(self._read_ids).to_bytes(8, "big")
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self.node.read_index(context)
+        except ProposalDropped as exc:
+            raise self._not_leader(exc.leader) from None
+        self._pending_reads[context] = future
+        self._wake.set()
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("could not confirm leadership before the deadline") from None
+        finally:
+            self._pending_reads.pop(context, None)
+
+    def read_local(self, key: bytes) -> bytes | None:
+        return self.store.get(key)
+
+    # --- Inputs ----------------------------------------------------------------------------
+
+    def _on_messages(self, messages: list[Message]) -> None:
+        node = self.node
+        for message in messages:
+            try:
+                node.step(message)
+            except RaftError as exc:
+                self.stats.messages_rejected += 1
+                log.warning("replica.bad_message", extra={**self._log_extra, "peer": message.from_, "error": str(exc)})
+        self._wake.set()
+
+    def _on_unreachable(self, peer: int) -> None:
+        self.node.report_unreachable(peer)
+        self._wake.set()
+
+    async def _tick_loop(self) -> None:
+        interval = self.cluster.timing.tick_seconds
+        next_tick = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+            next_tick += interval
+            if next_tick < time.monotonic():
+                next_tick = time.monotonic() + interval  # we were stalled: do not burst ticks
+            self.node.tick()
+            self._wake.set()
+
+    async def _ready_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # Let proposals and messages that are already runnable join this Ready.
+            await asyncio.sleep(0)
+            while self.node.has_ready():
+                await self._handle_ready(self.node.ready())
+
+    # --- One Ready -------------------------------------------------------------------------
+
+    async def _handle_ready(self, ready: Ready) -> None:
+        node = self.node
+        self.stats.readies += 1
+        if ready.soft_state is not None:
+            self._on_soft_state(ready.soft_state.role, ready.soft_state.lead)
+        # 1. Persist (fsync) before anything that may promise it. The write
+        # runs on the persist thread so that, meanwhile, this loop keeps
+        # taking requests and messages: they form the next Ready, and share
+        # its single fsync (group commit). Only the store is touched there;
+        # the core stays on this thread.
+        if ready.must_sync:
+            began = time.perf_counter()
+            await asyncio.get_running_loop().run_in_executor(
+                self._persist_thread, self.store.persist, ready.hard_state, ready.entries, ready.snapshot
+            )
+            elapsed = time.perf_counter() - began
+            self.stats.persist_seconds += elapsed
+            if len(self.stats.fsync_latencies) < 100_000:
+                self.stats.fsync_latencies.append(elapsed)
+        elif ready.hard_state is not None:
+            self.store.persist(ready.hard_state, [], None, sync=False)
+        if ready.snapshot is not None:
+            self.stats.snapshots_received += 1
+            index = ready.snapshot.metadata.index
+            for pending_index in [i for i in self._pending_writes if i <= index]:
+                self._resolve(self._pending_writes.pop(pending_index).future,
+                              Unavailable("replaced by a snapshot; outcome unknown"))
+            log.info("replica.snapshot_installed", extra={**self._log_extra, "index": index})
+        # 2. Send.
+        regular = []
+        for message in ready.messages:
+            if message.type is MessageType.SNAP:
+                self._start_snapshot_send(message)
+            else:
+                regular.append(message)
+        if regular:
+            self.transport.send(regular)
+        # 3. Apply.
+        if ready.committed_entries:
+            self._apply(ready.committed_entries)
+        for read_state in ready.read_states:
+            future = self._pending_reads.pop(read_state.request_context, None)
+            if future is not None:
+                self._ready_reads.append((read_state.index, future))
+        if self._ready_reads:
+            applied = self.store.applied_index
+            waiting = []
+            for index, future in self._ready_reads:
+                if index <= applied:
+                    self._resolve(future, None)
+                else:
+                    waiting.append((index, future))
+            self._ready_reads = waiting
+        # 4. Advance, then compact if the log grew past the threshold.
+        node.advance(ready)
+        if ready.committed_entries:
+            if self.store.compact(self.cluster.snapshot_threshold) is not None:
+                self.stats.snapshots_taken += 1
+
+    def _apply(self, entries) -> None:
+        results: list[ApplyResult | None] = []
+        # Conf changes are applied to the core (and their membership recorded)
+        # before the entry itself, so a crash in between re-applies it: the
+        # single-member changes are idempotent.
+        start = 0
+        for position, entry in enumerate(entries):
+            if entry.type is EntryType.CONF_CHANGE:
+                results.extend(self.store.apply(entries[start:position]))
+                conf_state = self.node.apply_conf_change(ConfChange.decode(entry.data))
+                self.store.set_conf_state(conf_state)
+                results.extend(self.store.apply([entry]))
+                start = position + 1
+                log.info("replica.membership_changed", extra={**self._log_extra, "voters": list(conf_state.voters)})
+        results.extend(self.store.apply(entries[start:]))
+        self.stats.applied_entries += len(entries)
+        for entry, result in zip(entries, results):
+            pending = self._pending_writes.pop(entry.index, None)
+            if pending is None:
+                continue
+            if pending.term != entry.term or result is None:
+                # Another leader's entry took this index: ours was never committed.
+                self._resolve(pending.future, Unavailable("lost to a leader change; not applied"))
+            else:
+                self._resolve(pending.future, result)
+
+    def _on_soft_state(self, role: StateRole, lead: int) -> None:
+        was_leader = self._role is StateRole.LEADER
+        if lead != self._leader:
+            self.stats.leader_changes += 1
+            log.info("replica.leader_changed",
+                     extra={**self._log_extra, "term": self.node.raft.term, "leader": lead, "role": role.name})
+        if role is StateRole.LEADER and not was_leader:
+            self.stats.elections_won += 1
+        self._role, self._leader = role, lead
+        if was_leader and role is not StateRole.LEADER:
+            # Entries we proposed may still commit under the new leader:
+            # their outcome is unknown, and retries are deduplicated.
+            self._fail_all(Unavailable("leadership lost; outcome unknown, retry with the same session"))
+
+    def _fail_all(self, error: Exception) -> None:
+        for pending in self._pending_writes.values():
+            self._resolve(pending.future, error)
+        self._pending_writes.clear()
+        for future in self._pending_reads.values():
+            self._resolve(future, error)
+        self._pending_reads.clear()
+        for _, future in self._ready_reads:
+            self._resolve(future, error)
+        self._ready_reads.clear()
+
+    @staticmethod
+    def _resolve(future: asyncio.Future, outcome: object) -> None:
+        if future.done():
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    # --- Snapshots over the wire -----------------------------------------------------------------
+
+    def _start_snapshot_send(self, message: Message) -> None:
+        task = asyncio.create_task(self._send_snapshot(message), name=f"snapshot-to-{message.to}")
+        self._snapshot_tasks.add(task)
+        task.add_done_callback(self._snapshot_tasks.discard)
+
+    async def _send_snapshot(self, message: Message) -> None:
+        metadata = message.snapshot.metadata
+        ok = False
+        began = time.perf_counter()
+        try:
+            reader = self.store.open_snapshot_reader(metadata.index, metadata.term)
+        except KeyError:
+            log.warning("replica.snapshot_expired", extra={**self._log_extra, "peer": message.to, "index": metadata.index})
+        else:
+            try:
+                ok = await self.transport.send_snapshot(message.to, message, (chunk.data for chunk in reader.chunks()))
+            finally:
+                reader.close()
+        if ok:
+            self.stats.snapshots_sent += 1
+        else:
+            self.stats.snapshots_send_failed += 1
+        log.info(
+            "replica.snapshot_sent",
+            extra={**self._log_extra, "peer": message.to, "index": metadata.index, "ok": ok,
+                   "seconds": round(time.perf_counter() - began, 3)},
+        )
+        if not self._stopping:
+            self.node.report_snapshot(message.to, failed=not ok)
+            self._wake.set()
+
+    async def _on_snapshot_stream(self, header: SnapshotHeader, chunks) -> None:
+        snapshot = header.message.snapshot
+        if snapshot is None:
+            raise ValueError("snapshot stream without snapshot metadata")
+        staging = self.store.begin_snapshot(snapshot.metadata)
+        async for chunk in chunks:
+            staging.write(chunk)
+        staging.finish()
+        log.info("replica.snapshot_received", extra={**self._log_extra, "peer": header.from_node,
+                                                     "index": snapshot.metadata.index})
+        # Now the core may accept it; persisting its Ready installs the staged state.
+        self._on_messages([header.message])

@@ -1,0 +1,62 @@
+"""One worker process: a replica driver, its gRPC server (router-facing
+service + Raft peer transport), and a clean shutdown on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+
+from ..config import ClusterConfig
+from ..proto import worker_pb2_grpc
+from ..storage import ReplicaStore
+from ..transport import SERVER_OPTIONS
+from .driver import ReplicaDriver
+from .service import WorkerService
+
+log = logging.getLogger("shardnode.worker")
+
+SHUTDOWN_TRANSFER_SECONDS = 3.0
+
+
+async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
+    replica = cluster.replica(group, host_name)
+    data_dir = cluster.worker_data_dir(host_name, group)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    voters = tuple(r.node_id for r in cluster.group_replicas(group))
+    store = ReplicaStore.open(data_dir, initial_voters=voters)
+    extra = {"group": group, "node": replica.node_id}
+    # The transport's options raise gRPC's message limits to fit its frames
+    # (and snapshot chunks); a port held by another process must fail to bind.
+    server = grpc.aio.server(options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
+    driver = ReplicaDriver(cluster, replica, store)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(driver), server)
+    driver.transport.register(server)
+    address = replica.address
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as exc:
+        log.error("worker.bind_failed", extra={**extra, "address": address, "error": str(exc)})
+        store.close()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    await driver.start()
+    log.info("worker.serving", extra={**extra, "address": address, "data_dir": str(data_dir)})
+    try:
+        await stop.wait()
+        log.info("worker.stopping", extra=extra)
+        # Clean shutdown: hand leadership over so the group does not wait out
+        # an election timeout, finish in-flight requests, flush, exit 0.
+        await driver.transfer_leadership(SHUTDOWN_TRANSFER_SECONDS)
+        await server.stop(grace=1.0)
+    finally:
+        await driver.stop()
+        store.close()
+    log.info("worker.stopped", extra=extra)
+    return 0

@@ -1,0 +1,168 @@
+"""The gRPC service a worker offers the routers (proto/worker.proto): batched
+operations for its group, status, and leadership transfer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from ..errors import DeadlineExceeded, NotLeader, Unavailable
+from ..proto import worker_pb2 as pb
+from ..proto import worker_pb2_grpc as pb_grpc
+from ..raft import StateRole
+from ..storage import Command, CommandOp
+from .driver import ReplicaDriver
+
+log = logging.getLogger("shardnode.replica.service")
+
+# Used when the caller set no deadline: a request must never hang.
+DEFAULT_TIMEOUT = 10.0
+Op = pb.Operation
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    def __init__(self, driver: ReplicaDriver) -> None:
+        self.driver = driver
+        self.cluster = driver.cluster
+
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return DEFAULT_TIMEOUT if remaining is None else max(0.0, remaining - 0.005)
+
+    def _validate(self, request: pb.ExecuteRequest) -> str:
+        """An explanation of the first invalid operation, or "" if all are valid."""
+        limits = self.cluster
+        for position, op in enumerate(request.operations):
+            if not 1 <= len(op.key) <= limits.max_key_bytes:
+                return f"operation {position}: key must be 1..{limits.max_key_bytes} bytes (got {len(op.key)})"
+            if op.kind == Op.PUT and len(op.value) > limits.max_value_bytes:
+                return f"operation {position}: value must be at most {limits.max_value_bytes} bytes (got {len(op.value)})"
+            if op.kind != Op.PUT and op.value:
+                return f"operation {position}: only PUT carries a value"
+            if op.kind not in (Op.GET, Op.PUT, Op.DELETE):
+                return f"operation {position}: unknown kind {op.kind}"
+        return ""
+
+    async def Execute(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext) -> pb.ExecuteResponse:
+        driver = self.driver
+        if request.cluster != self.cluster.name or request.group != driver.group:
+            return pb.ExecuteResponse(
+                status=pb.ExecuteResponse.WRONG_GROUP,
+                message=f"this worker serves cluster {self.cluster.name!r} group {driver.group}, "
+                f"not cluster {request.cluster!r} group {request.group}",
+            )
+        problem = self._validate(request)
+        if problem:
+            return pb.ExecuteResponse(status=pb.ExecuteResponse.INVALID_ARGUMENT, message=problem)
+        timeout = self._timeout(context)
+        results: list[pb.OperationResult | None] = [None] * len(request.operations)
+        writes = [(i, op) for i, op in enumerate(request.operations) if op.kind != Op.GET]
+        reads = [(i, op) for i, op in enumerate(request.operations) if op.kind == Op.GET]
+        try:
+            if request.allow_stale:
+                for i, op in reads:
+                    results[i] = _read_result(driver.read_local(op.key))
+                reads = []
+            jobs = []
+            if writes:
+                jobs.append(self._write(writes, results, timeout))
+            if reads:
+                jobs.append(self._read(reads, results, timeout))
+            await asyncio.gather(*jobs)
+        except NotLeader as exc:
+            return pb.ExecuteResponse(
+                status=pb.ExecuteResponse.NOT_LEADER, message=str(exc),
+                leader_id=exc.leader_id, leader_address=exc.leader_address,
+            )
+        except Unavailable as exc:
+            lead, address = driver.leader_hint()
+            return pb.ExecuteResponse(status=pb.ExecuteResponse.UNAVAILABLE, message=str(exc),
+                                      leader_id=lead, leader_address=address)
+        except DeadlineExceeded as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        return pb.ExecuteResponse(status=pb.ExecuteResponse.OK, results=results)
+
+    async def _write(self, writes, results, timeout: float) -> None:
+        now_ms = int(time.time() * 1000)
+        commands = [
+            Command(
+                op=CommandOp.PUT if op.kind == Op.PUT else CommandOp.DELETE,
+                key=op.key,
+                value=op.value if op.kind == Op.PUT else None,
+                client_id=op.client_id,
+                sequence=op.sequence,
+                timestamp_ms=now_ms,
+            )
+            for _, op in writes
+        ]
+        applied = await self.driver.write(commands, timeout)
+        for (i, _), result in zip(writes, applied):
+            if getattr(result, "stale", False):
+                results[i] = pb.OperationResult(
+                    duplicate=True, error="stale sequence number: a newer request of this session was already applied"
+                )
+            else:
+                results[i] = pb.OperationResult(
+                    existed=result.existed, value=result.old_value or b"", duplicate=result.duplicate
+                )
+
+    async def _read(self, reads, results, timeout: float) -> None:
+        await self.driver.read_barrier(timeout)
+        for i, op in reads:
+            results[i] = _read_result(self.driver.read_local(op.key))
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        driver = self.driver
+        status = driver.node.status()
+        stats = driver.stats
+        return pb.StatusResponse(
+            cluster=self.cluster.name,
+            group=driver.group,
+            node_id=driver.node_id,
+            host=driver.replica.host.name,
+            term=status.term,
+            role=status.role.name.lower(),
+            leader_id=status.lead,
+            commit_index=status.commit,
+            applied_index=driver.store.applied_index,
+            first_index=driver.store.first_index(),
+            last_index=status.last_index,
+            peers=[
+                pb.PeerProgress(node_id=nid, match=p.match, next=p.next_index, state=p.state.name.lower(),
+                                recent_active=p.recent_active)
+                for nid, p in sorted(status.progress.items())
+            ],
+            snapshots_sent=stats.snapshots_sent,
+            snapshots_received=stats.snapshots_received,
+            snapshots_taken=stats.snapshots_taken,
+        )
+
+    async def TransferLeader(self, request: pb.TransferLeaderRequest, context) -> pb.TransferLeaderResponse:
+        driver = self.driver
+        if driver.node.raft.role is not StateRole.LEADER:
+            lead, _ = driver.leader_hint()
+            return pb.TransferLeaderResponse(ok=False, leader_id=lead, message="not the leader")
+        if request.target_node_id:
+            driver.transfer_to(request.target_node_id)
+            ok = await _wait_leader_change(driver, self._timeout(context))
+        else:
+            ok = await driver.transfer_leadership(self._timeout(context))
+        lead, _ = driver.leader_hint()
+        return pb.TransferLeaderResponse(ok=ok, leader_id=lead, message="" if ok else "transfer did not complete")
+
+
+async def _wait_leader_change(driver: ReplicaDriver, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        raft = driver.node.raft
+        if raft.role is not StateRole.LEADER and raft.lead not in (0, driver.node_id):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def _read_result(value: bytes | None) -> pb.OperationResult:
+    return pb.OperationResult(existed=value is not None, value=value or b"")

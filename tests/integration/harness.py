@@ -1,0 +1,197 @@
+"""Real worker processes on loopback for integration tests.
+
+Each simulated host gets its own address (127.0.0.1, 127.0.0.2, …; Linux
+answers on all of 127.0.0.0/8) and free ports; every process is started in
+its own session and killed by PID when the test ends, pass or fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from shardnode.proto import worker_pb2 as pb
+from shardnode.proto import worker_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+Op = pb.Operation
+
+
+def free_port(address: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class WorkerGroup:
+    """One Raft group of `size` worker processes (group 0 of a 1-group cluster)."""
+
+    tmp: Path
+    size: int = 3
+    snapshot_threshold: int = 10_000
+    tick_ms: int = 50
+    name: str = "itest"
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    addresses: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        hosts = []
+        for i in range(1, self.size + 1):
+            address = f"127.0.0.{i}"
+            worker_port = free_port(address)
+            self.addresses[f"h{i}"] = f"{address}:{worker_port}"
+            hosts.append(
+                f'[[host]]\nname = "h{i}"\naddress = "{address}"\nrouter_port = {free_port(address)}\n'
+                f"worker_port_base = {worker_port}\nmetrics_port = {free_port(address)}\n"
+                f"supervisor_port = {free_port(address)}\n"
+            )
+        self.config_path = self.tmp / "cluster.toml"
+        self.config_path.write_text(
+            f'[cluster]\nname = "{self.name}"\nreplicas = {self.size}\ngroups = 1\n'
+            f'data_dir = "{self.tmp / "data"}"\nsnapshot_threshold = {self.snapshot_threshold}\n\n'
+            f"[timing]\ntick_ms = {self.tick_ms}\nelection_ticks = 10\nheartbeat_ticks = 1\n\n" + "\n".join(hosts)
+        )
+        self.channels: dict[str, grpc.aio.Channel] = {}
+
+    @property
+    def hosts(self) -> list[str]:
+        return list(self.addresses)
+
+    # --- Processes ---------------------------------------------------------------
+
+    def start(self, host: str) -> None:
+        log = open(self.tmp / f"{host}.log", "ab")
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        self.processes[host] = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--config", str(self.config_path), "--host", host, "--group", "0"],
+            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        )
+        log.close()
+
+    def start_all(self) -> None:
+        for host in self.hosts:
+            self.start(host)
+
+    def kill(self, host: str, sig: int = signal.SIGKILL) -> int | None:
+        process = self.processes.pop(host, None)
+        if process is None:
+            return None
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            return process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            return process.wait(timeout=5)
+
+    def stop_all(self) -> None:
+        for host in list(self.processes):
+            self.kill(host, signal.SIGKILL)
+
+    def log_tail(self, lines: int = 40) -> str:
+        out = []
+        for host in self.hosts:
+            path = self.tmp / f"{host}.log"
+            if path.exists():
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                out.append(f"--- {host} ---\n" + "\n".join(text))
+        return "\n".join(out)
+
+    # --- RPCs (async) ----------------------------------------------------------------
+
+    def stub(self, host: str) -> pb_grpc.WorkerStub:
+        channel = self.channels.get(host)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(self.addresses[host])
+            self.channels[host] = channel
+        return pb_grpc.WorkerStub(channel)
+
+    async def close_channels(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+        self.channels.clear()
+
+    async def status(self, host: str, timeout: float = 1.0) -> pb.StatusResponse | None:
+        try:
+            return await self.stub(host).Status(pb.StatusRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return None
+
+    async def wait_leader(self, timeout: float = 15.0, exclude: set[str] = frozenset()) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for host in self.hosts:
+                if host in exclude or host not in self.processes:
+                    continue
+                status = await self.status(host, timeout=0.5)
+                if status is not None and status.role == "leader":
+                    return host
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no leader within {timeout}s\n{self.log_tail()}")
+
+    def host_of(self, address: str) -> str | None:
+        for host, addr in self.addresses.items():
+            if addr == address:
+                return host
+        return None
+
+    async def execute(self, operations: list[pb.Operation], *, timeout: float = 5.0, host: str | None = None,
+                      allow_stale: bool = False) -> pb.ExecuteResponse:
+        """Send to `host` (default: find the leader), following NOT_LEADER hints,
+        retrying UNAVAILABLE until the deadline."""
+        deadline = time.monotonic() + timeout
+        target = host or self.hosts[0]
+        last: object = None
+        while time.monotonic() < deadline:
+            if target not in self.processes and host is None:
+                target = next((h for h in self.hosts if h in self.processes), target)
+            try:
+                response = await self.stub(target).Execute(
+                    pb.ExecuteRequest(cluster=self.name, group=0, operations=operations, allow_stale=allow_stale),
+                    timeout=max(0.05, deadline - time.monotonic()),
+                )
+            except grpc.aio.AioRpcError as exc:
+                last = exc
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                await asyncio.sleep(0.05)
+                if host is None:
+                    target = self.hosts[(self.hosts.index(target) + 1) % len(self.hosts)]
+                continue
+            if response.status == pb.ExecuteResponse.OK or host is not None:
+                return response
+            last = response
+            if response.status == pb.ExecuteResponse.NOT_LEADER and response.leader_address:
+                target = self.host_of(response.leader_address) or target
+            elif response.status in (pb.ExecuteResponse.NOT_LEADER, pb.ExecuteResponse.UNAVAILABLE):
+                await asyncio.sleep(0.05)
+                if response.status == pb.ExecuteResponse.NOT_LEADER:
+                    target = self.hosts[(self.hosts.index(target) + 1) % len(self.hosts)]
+            else:
+                return response
+        raise TimeoutError(f"no answer within {timeout}s: {last}")
+
+
+def put(key: bytes, value: bytes, client_id: int = 0, sequence: int = 0) -> pb.Operation:
+    return Op(kind=Op.PUT, key=key, value=value, client_id=client_id, sequence=sequence)
+
+
+def get(key: bytes) -> pb.Operation:
+    return Op(kind=Op.GET, key=key)
+
+
+def delete(key: bytes, client_id: int = 0, sequence: int = 0) -> pb.Operation:
+    return Op(kind=Op.DELETE, key=key, client_id=client_id, sequence=sequence)

@@ -1,0 +1,1 @@
+"""The worker process: one member of one Raft group (`python -m worker`)."""

@@ -1,0 +1,39 @@
+"""python -m worker --config etc/cluster.toml --host NAME --group G"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from shardnode import logs
+from shardnode.config import ClusterConfig, ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description="Run one member of one Raft group.")
+    parser.add_argument("--config", default="etc/cluster.toml", help="cluster configuration (default etc/cluster.toml)")
+    parser.add_argument("--host", required=True, help="this host's name in the configuration")
+    parser.add_argument("--group", required=True, type=int, help="the group this worker serves")
+    parser.add_argument("--log-level", default="INFO", help="shardnode log level (default INFO)")
+    args = parser.parse_args(argv)
+    try:
+        cluster = ClusterConfig.load(args.config)
+        replica = cluster.replica(args.group, args.host)
+    except ConfigError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(args.log_level, host=args.host, group=args.group, node=replica.node_id)
+    from shardnode.replica.server import serve  # after logging is set up
+
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a pinned dependency
+        runner = asyncio.run
+    return runner(serve(cluster, args.host, args.group))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
