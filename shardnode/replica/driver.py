@@ -66,6 +66,8 @@ class ReplicaStats:
     snapshots_send_failed: int = 0
     snapshots_received: int = 0
     snapshots_taken: int = 0
+    snapshot_send_seconds: float = 0.0       # total time spent streaming snapshots out
+    snapshot_receive_seconds: float = 0.0    # total time spent receiving and staging them
     messages_rejected: int = 0
     fsync_latencies: list[float] = field(default_factory=list)
 
@@ -419,6 +421,7 @@ class ReplicaDriver:
             self.stats.snapshots_sent += 1
         else:
             self.stats.snapshots_send_failed += 1
+        self.stats.snapshot_send_seconds += time.perf_counter() - began
         log.info(
             "replica.snapshot_sent",
             extra={**self._log_extra, "peer": message.to, "index": metadata.index, "ok": ok,
@@ -432,10 +435,12 @@ class ReplicaDriver:
         snapshot = header.message.snapshot
         if snapshot is None:
             raise ValueError("snapshot stream without snapshot metadata")
+        began = time.perf_counter()
         staging = self.store.begin_snapshot(snapshot.metadata)
         async for chunk in chunks:
             staging.write(chunk)
         staging.finish()
+        self.stats.snapshot_receive_seconds += time.perf_counter() - began
         log.info("replica.snapshot_received", extra={**self._log_extra, "peer": header.from_node,
                                                      "index": snapshot.metadata.index})
         # Now the core may accept it; persisting its Ready installs the staged state.

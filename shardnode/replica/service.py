@@ -71,7 +71,10 @@ class WorkerService(pb_grpc.WorkerServicer):
                 jobs.append(self._write(writes, results, timeout))
             if reads:
                 jobs.append(self._read(reads, results, timeout))
-            await asyncio.gather(*jobs)
+            outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         except NotLeader as exc:
             return pb.ExecuteResponse(
                 status=pb.ExecuteResponse.NOT_LEADER, message=str(exc),
@@ -138,6 +141,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             snapshots_sent=stats.snapshots_sent,
             snapshots_received=stats.snapshots_received,
             snapshots_taken=stats.snapshots_taken,
+            snapshot_send_seconds=stats.snapshot_send_seconds,
+            snapshot_receive_seconds=stats.snapshot_receive_seconds,
         )
 
     async def TransferLeader(self, request: pb.TransferLeaderRequest, context) -> pb.TransferLeaderResponse:
