@@ -1,0 +1,1 @@
+"""The router process: one per host, the clients' entry point (`python -m router`)."""

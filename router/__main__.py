@@ -1,0 +1,33 @@
+"""python -m router --config etc/cluster.toml --host NAME"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from shardnode import logs
+from shardnode.config import ClusterConfig, ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m router", description="Run a host's router.")
+    parser.add_argument("--config", default="etc/cluster.toml", help="cluster configuration (default etc/cluster.toml)")
+    parser.add_argument("--host", required=True, help="this host's name in the configuration")
+    parser.add_argument("--log-level", default="INFO", help="shardnode log level (default INFO)")
+    args = parser.parse_args(argv)
+    try:
+        cluster = ClusterConfig.load(args.config)
+        cluster.host(args.host)
+    except ConfigError as exc:
+        print(f"router: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(args.log_level, host=args.host)
+    from shardnode.routing.server import serve  # after logging is set up
+
+    import uvloop
+
+    return uvloop.run(serve(cluster, args.host))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

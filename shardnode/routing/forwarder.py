@@ -1,0 +1,232 @@
+"""Forwarding one group's operations to its leader, wherever it runs.
+
+Operations that wait at the same time travel together in one Execute call
+(up to MAX_BATCH, with at most MAX_IN_FLIGHT calls per group at once), so the
+worker proposes them as one batch. The forwarder caches the group's leader,
+follows NOT_LEADER hints, and on UNAVAILABLE or a broken connection tries the
+other replicas with a short backoff, until each operation's own deadline.
+
+Outcomes:
+- a result: the operation was applied (or read) exactly once;
+- InvalidArgument: nothing was done;
+- Unavailable / DeadlineExceeded when time runs out: for a write the outcome
+  is unknown; the caller retries with the same session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from ..config import ClusterConfig
+from ..errors import DeadlineExceeded, InvalidArgument, ShardnodeError, Unavailable
+from ..proto import worker_pb2 as wpb
+from ..proto import worker_pb2_grpc as wpb_grpc
+
+log = logging.getLogger("shardnode.router")
+
+MAX_BATCH = 512
+MAX_IN_FLIGHT = 4
+BACKOFF_MIN = 0.02
+BACKOFF_MAX = 0.5
+Status = wpb.ExecuteResponse
+
+
+class ChannelPool:
+    """One gRPC channel per worker address, shared by every group forwarder."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> wpb_grpc.WorkerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                address,
+                options=[
+                    ("grpc.max_receive_message_length", 64 << 20),
+                    ("grpc.max_send_message_length", 64 << 20),
+                    ("grpc.initial_reconnect_backoff_ms", 50),
+                    ("grpc.max_reconnect_backoff_ms", 1000),
+                ],
+            )
+            self._channels[address] = channel
+        return wpb_grpc.WorkerStub(channel)
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+
+
+@dataclass(slots=True)
+class _Waiting:
+    operation: wpb.Operation
+    future: asyncio.Future
+    deadline: float           # time.monotonic()
+
+
+@dataclass
+class ForwarderStats:
+    calls: int = 0
+    operations: int = 0
+    redirects: int = 0
+    retries: int = 0
+    errors: dict[str, int] | None = None
+
+
+class GroupForwarder:
+    def __init__(self, cluster: ClusterConfig, group: int, channels: ChannelPool, local_host: str | None = None) -> None:
+        self.cluster = cluster
+        self.group = group
+        self.channels = channels
+        self.replicas = {r.node_id: r.address for r in cluster.group_replicas(group)}
+        self.by_address = {address: node_id for node_id, address in self.replicas.items()}
+        self.local = next((r.node_id for r in cluster.group_replicas(group) if r.host.name == local_host), None)
+        self.leader: int | None = None
+        self._order = list(self.replicas)
+        self._rng = random.Random()
+        self._queues: dict[bool, list[_Waiting]] = {False: [], True: []}
+        self._in_flight = 0
+        self._backoff = 0.0
+        self._last_error: dict[bool, ShardnodeError] = {}
+        self.stats = ForwarderStats(errors={})
+
+    # --- Submitting -----------------------------------------------------------------
+
+    async def submit(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False) -> wpb.OperationResult:
+        future = asyncio.get_running_loop().create_future()
+        self._queues[allow_stale].append(_Waiting(operation, future, deadline))
+        self._pump(allow_stale)
+        return await future
+
+    def _pump(self, allow_stale: bool) -> None:
+        queue = self._queues[allow_stale]
+        while queue and self._in_flight < MAX_IN_FLIGHT:
+            batch, queue[:] = queue[:MAX_BATCH], queue[MAX_BATCH:]
+            self._in_flight += 1
+            asyncio.ensure_future(self._send(batch, allow_stale))
+
+    # --- One call ------------------------------------------------------------------------
+
+    def _target(self, allow_stale: bool) -> int:
+        if allow_stale and self.local is not None:
+            return self.local
+        if self.leader is not None:
+            return self.leader
+        # No leader known: walk the replicas.
+        node_id = self._order[0]
+        self._order.append(self._order.pop(0))
+        return node_id
+
+    async def _send(self, batch: list[_Waiting], allow_stale: bool) -> None:
+        retry: list[_Waiting] = []
+        try:
+            batch = self._expire(batch, allow_stale)
+            if not batch:
+                return
+            target = self._target(allow_stale)
+            deadline = max(w.deadline for w in batch)
+            timeout = max(0.001, deadline - time.monotonic())
+            request = wpb.ExecuteRequest(
+                cluster=self.cluster.name,
+                group=self.group,
+                operations=[w.operation for w in batch],
+                allow_stale=allow_stale,
+            )
+            self.stats.calls += 1
+            self.stats.operations += len(batch)
+            try:
+                response = await self.channels.stub(self.replicas[target]).Execute(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                self._count(code.name)
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self._last_error[allow_stale] = DeadlineExceeded(
+                        f"group {self.group}: no answer before the deadline; a write's outcome is unknown"
+                    )
+                else:
+                    self._last_error[allow_stale] = Unavailable(
+                        f"group {self.group}: replica {self.replicas[target]} unreachable ({code.name})"
+                    )
+                if self.leader == target:
+                    self.leader = None
+                retry = batch
+                return
+            self._handle(response, batch, target, allow_stale, retry)
+        except Exception as exc:  # a bug must fail the requests, not hang them
+            log.exception("router.forward_failed", extra={"group": self.group})
+            for waiting in batch:
+                _resolve(waiting.future, Unavailable(f"group {self.group}: internal error: {exc}"))
+        finally:
+            self._in_flight -= 1
+            if retry:
+                self.stats.retries += 1
+                self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))
+                await asyncio.sleep(self._backoff * (0.5 + self._rng.random()))
+                self._queues[allow_stale][:0] = retry
+            self._pump(allow_stale)
+
+    def _handle(self, response: wpb.ExecuteResponse, batch: list[_Waiting], target: int, allow_stale: bool,
+                retry: list[_Waiting]) -> None:
+        status = response.status
+        if status == Status.OK:
+            self._backoff = 0.0
+            if not allow_stale:
+                self.leader = target
+            for waiting, result in zip(batch, response.results):
+                _resolve(waiting.future, result)
+            return
+        self._count(Status.Status.Name(status))
+        if status == Status.NOT_LEADER:
+            self.stats.redirects += 1
+            hinted = self.by_address.get(response.leader_address)
+            self.leader = hinted
+            self._last_error[allow_stale] = Unavailable(f"group {self.group}: no leader reachable ({response.message})")
+            if hinted is not None and hinted != target:
+                # A fresh hint: retry at once, no backoff.
+                self._queues[allow_stale][:0] = batch
+                return
+            retry.extend(batch)
+        elif status == Status.UNAVAILABLE:
+            self.leader = None
+            self._last_error[allow_stale] = Unavailable(f"group {self.group}: {response.message}")
+            retry.extend(batch)
+        elif status == Status.INVALID_ARGUMENT:
+            for waiting in batch:
+                _resolve(waiting.future, InvalidArgument(response.message))
+        else:  # WRONG_GROUP: this router's configuration disagrees with the worker's
+            for waiting in batch:
+                _resolve(waiting.future, Unavailable(f"group {self.group}: configuration mismatch: {response.message}"))
+
+    def _expire(self, batch: list[_Waiting], allow_stale: bool) -> list[_Waiting]:
+        now = time.monotonic()
+        alive = []
+        for waiting in batch:
+            if waiting.future.done():
+                continue  # the caller gave up
+            if waiting.deadline <= now:
+                error = self._last_error.get(allow_stale) or DeadlineExceeded(
+                    f"group {self.group}: deadline passed before the request could be sent"
+                )
+                _resolve(waiting.future, error)
+            else:
+                alive.append(waiting)
+        return alive
+
+    def _count(self, reason: str) -> None:
+        assert self.stats.errors is not None
+        self.stats.errors[reason] = self.stats.errors.get(reason, 0) + 1
+
+
+def _resolve(future: asyncio.Future, outcome: object) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

@@ -1,0 +1,215 @@
+"""The router's client-facing gRPC service (proto/kv.proto)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+
+import grpc
+
+from ..config import ClusterConfig
+from ..errors import DeadlineExceeded, InvalidArgument, Unavailable
+from ..proto import kv_pb2 as pb
+from ..proto import kv_pb2_grpc as pb_grpc
+from ..proto import worker_pb2 as wpb
+from ..ring import ShardMap
+from .forwarder import ChannelPool, GroupForwarder
+
+log = logging.getLogger("shardnode.router")
+
+DEFAULT_TIMEOUT = 10.0
+STATUS_TIMEOUT = 1.0
+WOp = wpb.Operation
+_KIND = {pb.BatchOperation.GET: WOp.GET, pb.BatchOperation.PUT: WOp.PUT, pb.BatchOperation.DELETE: WOp.DELETE}
+
+
+class RouterSessions:
+    """Sessions for writes that arrive without one (client_id 0), so that the
+    router's own retries are applied at most once. A session carries at most
+    one write at a time; the pool grows to the number of concurrent writes."""
+
+    def __init__(self) -> None:
+        self._idle: list[list[int]] = []        # [client_id, last sequence]
+
+    def acquire(self) -> list[int]:
+        session = self._idle.pop() if self._idle else [secrets.randbits(63) | 1, 0]
+        session[1] += 1
+        return session
+
+    def release(self, session: list[int]) -> None:
+        self._idle.append(session)
+
+
+class KVService(pb_grpc.KVServicer):
+    def __init__(self, cluster: ClusterConfig, host_name: str, channels: ChannelPool) -> None:
+        self.cluster = cluster
+        self.host_name = host_name
+        self.channels = channels
+        self.shard_map = ShardMap.build(cluster.groups, cluster.virtual_nodes)
+        self.forwarders = [GroupForwarder(cluster, g, channels, host_name) for g in range(cluster.groups)]
+        self.sessions = RouterSessions()
+
+    # --- Helpers ------------------------------------------------------------------------
+
+    @staticmethod
+    def _deadline(context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        timeout = DEFAULT_TIMEOUT if remaining is None else max(0.0, remaining - 0.01)
+        return time.monotonic() + timeout
+
+    def _check_key(self, key: bytes) -> None:
+        if not 1 <= len(key) <= self.cluster.max_key_bytes:
+            raise InvalidArgument(f"key must be 1 to {self.cluster.max_key_bytes} bytes (got {len(key)})")
+
+    def _check_value(self, value: bytes) -> None:
+        if len(value) > self.cluster.max_value_bytes:
+            raise InvalidArgument(f"value must be at most {self.cluster.max_value_bytes} bytes (got {len(value)})")
+
+    async def _execute(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False) -> wpb.OperationResult:
+        """Validate, route and forward one operation; raises the error tree."""
+        self._check_key(operation.key)
+        if operation.kind == WOp.PUT:
+            self._check_value(operation.value)
+        forwarder = self.forwarders[self.shard_map.group_for(operation.key)]
+        if operation.kind == WOp.GET:
+            return await forwarder.submit(operation, deadline, allow_stale)
+        session = None
+        if operation.client_id == 0:
+            session = self.sessions.acquire()
+            operation.client_id, operation.sequence = session
+        elif operation.sequence == 0:
+            raise InvalidArgument("a session needs a sequence number starting at 1")
+        try:
+            result = await forwarder.submit(operation, deadline)
+        finally:
+            if session is not None:
+                # Known outcome or not, the next write on this session takes
+                # the next sequence: a late copy of this one is then refused.
+                self.sessions.release(session)
+        if result.error:
+            raise _StaleSession(result.error)
+        return result
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        code = _code(exc)
+        await context.abort(code, str(exc))
+
+    # --- KV --------------------------------------------------------------------------------
+
+    async def Put(self, request: pb.PutRequest, context) -> pb.PutResponse:
+        operation = WOp(kind=WOp.PUT, key=request.key, value=request.value,
+                        client_id=request.session.client_id, sequence=request.session.sequence)
+        try:
+            result = await self._execute(operation, self._deadline(context))
+        except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession) as exc:
+            await self._abort(context, exc)
+        return pb.PutResponse(existed=result.existed, old_value=result.value)
+
+    async def Get(self, request: pb.GetRequest, context) -> pb.GetResponse:
+        operation = WOp(kind=WOp.GET, key=request.key)
+        try:
+            result = await self._execute(operation, self._deadline(context), request.allow_stale)
+        except (InvalidArgument, Unavailable, DeadlineExceeded) as exc:
+            await self._abort(context, exc)
+        return pb.GetResponse(found=result.existed, value=result.value)
+
+    async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
+        operation = WOp(kind=WOp.DELETE, key=request.key,
+                        client_id=request.session.client_id, sequence=request.session.sequence)
+        try:
+            result = await self._execute(operation, self._deadline(context))
+        except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession) as exc:
+            await self._abort(context, exc)
+        return pb.DeleteResponse(existed=result.existed, old_value=result.value)
+
+    async def Batch(self, request: pb.BatchRequest, context) -> pb.BatchResponse:
+        deadline = self._deadline(context)
+
+        async def one(op: pb.BatchOperation) -> pb.BatchResult:
+            kind = _KIND.get(op.kind)
+            if kind is None:
+                return pb.BatchResult(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"unknown kind {op.kind}")
+            if kind != WOp.PUT and op.value:
+                return pb.BatchResult(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="only PUT carries a value")
+            operation = WOp(kind=kind, key=op.key, value=op.value,
+                            client_id=op.session.client_id, sequence=op.session.sequence)
+            try:
+                result = await self._execute(operation, deadline, request.allow_stale)
+            except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession) as exc:
+                return pb.BatchResult(code=_code(exc).value[0], message=str(exc))
+            return pb.BatchResult(code=0, existed=result.existed, value=result.value)
+
+        results = await asyncio.gather(*(one(op) for op in request.operations))
+        return pb.BatchResponse(results=results)
+
+    # --- Cluster information -----------------------------------------------------------------
+
+    async def ShardMap(self, request: pb.ShardMapRequest, context) -> pb.ShardMapResponse:
+        return pb.ShardMapResponse(
+            cluster=self.cluster.name,
+            epoch=self.shard_map.epoch,
+            groups=self.shard_map.groups,
+            virtual_nodes=self.shard_map.virtual_nodes,
+            routers=[h.router_address for h in self.cluster.hosts],
+        )
+
+    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+        groups = await asyncio.gather(*(self._group_status(g) for g in range(self.cluster.groups)))
+        return pb.StatusResponse(
+            cluster=self.cluster.name,
+            router_host=self.host_name,
+            shard_map_epoch=self.shard_map.epoch,
+            groups=groups,
+        )
+
+    async def _group_status(self, group: int) -> pb.GroupStatus:
+        replicas = self.cluster.group_replicas(group)
+
+        async def ask(address: str) -> wpb.StatusResponse | None:
+            try:
+                return await self.channels.stub(address).Status(wpb.StatusRequest(), timeout=STATUS_TIMEOUT)
+            except grpc.aio.AioRpcError:
+                return None
+
+        answers = await asyncio.gather(*(ask(r.address) for r in replicas))
+        leaders = [a for a in answers if a is not None and a.role == "leader"]
+        leader = max(leaders, key=lambda a: a.term) if leaders else None
+        match = {p.node_id: p.match for p in leader.peers} if leader is not None else {}
+        reachable = sum(1 for a in answers if a is not None)
+        statuses = []
+        for replica, answer in zip(replicas, answers):
+            status = pb.ReplicaStatus(host=replica.host.name, node_id=replica.node_id, address=replica.address,
+                                      reachable=answer is not None)
+            if answer is not None:
+                status.role = answer.role
+                status.term = answer.term
+                status.commit_index = answer.commit_index
+                status.applied_index = answer.applied_index
+                status.last_index = answer.last_index
+                if leader is not None:
+                    acked = match.get(replica.node_id, answer.last_index)
+                    status.lag = max(0, leader.last_index - acked)
+            statuses.append(status)
+        return pb.GroupStatus(
+            group=group,
+            leader_id=leader.node_id if leader is not None else 0,
+            has_quorum=leader is not None and reachable >= len(replicas) // 2 + 1,
+            replicas=statuses,
+        )
+
+
+class _StaleSession(Exception):
+    """The worker refused a write whose session sequence was already passed."""
+
+
+def _code(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, InvalidArgument):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(exc, _StaleSession):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.UNAVAILABLE
