@@ -28,11 +28,12 @@ $(PROTO_OUT)/.generated: $(PROTO_SRC)
 		$(patsubst proto/%,$(PROTO_OUT)/%,$(PROTO_SRC))
 	touch $@
 
-# The cluster (router, workers, supervisord config) is built in the issues after the
-# Raft core; until then this says so rather than start anything that looks like one.
+# The default local cluster in the foreground: one supervisord per host of etc/cluster.toml
+# (each on its own address:9001), all run by etc/supervisord.conf. Both files are generated
+# here (absolute paths: machine-specific, not committed). exec, so Ctrl-C reaches supervisord.
 run: setup
-	@echo "shardnode: the local cluster is not built yet (Raft core only); see README.md" >&2
-	@exit 2
+	$(PY) scripts/gen_supervisor_conf.py --config etc/cluster.toml --out etc
+	exec $(VENV)/bin/supervisord -c etc/supervisord.conf
 
 test: setup
 	$(PY) -m pytest -n 2 --dist loadgroup
