@@ -6,7 +6,7 @@
 
 The main CLI calls `register(subparsers)`; each subcommand stores its handler
 as `args.func`, which takes the parsed namespace (with the global
-`args.config`) and returns the exit code: 0 ok, 1 error (one line on stderr).
+`args.config`) and returns the exit code: 0 ok, 2 error (one line on stderr).
 """
 
 from __future__ import annotations
@@ -111,12 +111,13 @@ def _describe(target: Target, server: str) -> str:
 
 
 def _guarded(run: Callable[[], str | None]) -> int:
-    """Run a command: its message on stdout and 0, or one error line on stderr and 1."""
+    """Run a command: its message on stdout and 0, or one error line on stderr
+    and 2 (the exit code of every shardnode command's errors)."""
     try:
         message = run()
     except (ConfigError, ShardnodeError) as exc:
         print(f"shardnode: {exc}", file=sys.stderr)
-        return 1
+        return 2
     if message:
         print(message)
     return 0

@@ -363,7 +363,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
         ["--config", config, "supervisor-conf", "--host", "nobody"],
     ]
     for argv in cases:
-        assert _cli(argv) == 1, argv
+        assert _cli(argv) == 2, argv
         captured = capsys.readouterr()
         assert captured.out == ""
         lines = captured.err.strip().splitlines()

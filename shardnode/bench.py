@@ -1,0 +1,377 @@
+"""YCSB-style load generator behind `shardnode bench`.
+
+Workloads (Cooper et al., "Benchmarking Cloud Serving Systems with YCSB"):
+
+| workload | operations |
+|---|---|
+| `load` | inserts keys 0 .. keys-1 once each (stops when all are in, or at the duration) |
+| `a`    | 50% read, 50% update |
+| `b`    | 95% read, 5% update |
+| `c`    | 100% read |
+
+Run `load` first so that the reads of a/b/c find their keys (reads of absent
+keys still count as operations; they are reported as `read_misses`).
+
+Keys are `KEY_PREFIX + "%012d" % n`, chosen uniformly or by YCSB's scrambled
+Zipfian distribution (theta 0.99: a few hot keys, spread over the key space
+by a hash, hence over the shards). Each of `clients` threads runs operations
+back to back (closed loop) through one shared `Client` (thread-safe; gRPC
+multiplexes the calls on one connection per router), or one Client per
+thread with `client_per_thread`.
+
+Honesty rules: only successful operations count as operations and in the
+latency percentiles; failures are counted separately per operation and per
+error class; the throughput is successful operations divided by the wall
+time from the start until every thread stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .client import Client
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "WORKLOADS",
+    "BenchConfig",
+    "BenchResult",
+    "OperationStats",
+    "ScrambledZipfian",
+    "render_summary",
+    "run_bench",
+]
+
+#: Operation mix of each workload: (operation, share).
+WORKLOADS: dict[str, tuple[tuple[str, float], ...]] = {
+    "load": (("insert", 1.0),),
+    "a": (("read", 0.5), ("update", 0.5)),
+    "b": (("read", 0.95), ("update", 0.05)),
+    "c": (("read", 1.0),),
+}
+DISTRIBUTIONS = ("zipfian", "uniform")
+PERCENTILES = (50.0, 95.0, 99.0, 99.9)
+ZIPFIAN_THETA = 0.99          # YCSB's default skew
+
+
+@dataclass(slots=True, frozen=True)
+class BenchConfig:
+    workload: str = "a"
+    clients: int = 16
+    keys: int = 10_000
+    value_size: int = 100
+    duration: float = 10.0
+    distribution: str = "zipfian"
+    key_prefix: str = "ycsb/"
+    seed: int | None = None
+    client_per_thread: bool = False
+
+    def __post_init__(self) -> None:
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"workload must be one of {', '.join(WORKLOADS)} (got {self.workload!r})")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}")
+        if self.clients < 1 or self.keys < 1 or self.value_size < 0:
+            raise ValueError("clients and keys must be at least 1, value size at least 0")
+        if not (self.duration > 0 and math.isfinite(self.duration)):
+            raise ValueError("duration must be a positive number of seconds")
+
+    def key(self, index: int) -> bytes:
+        return f"{self.key_prefix}{index:012d}".encode()
+
+
+class ScrambledZipfian:
+    """Zipfian item numbers in [0, items), hot items scattered by a hash
+    (YCSB's ScrambledZipfianGenerator; Gray et al., SIGMOD 1994)."""
+
+    def __init__(self, items: int, rng: random.Random, theta: float = ZIPFIAN_THETA,
+                 zetan: float | None = None) -> None:
+        self.items = items
+        self.rng = rng
+        self.theta = theta
+        self.zetan = zeta(items, theta) if zetan is None else zetan
+        zeta2 = 1.0 + 0.5 ** theta
+        self.alpha = 1.0 / (1.0 - theta)
+        self.eta = (1.0 - (2.0 / items) ** (1.0 - theta)) / (1.0 - zeta2 / self.zetan) if items > 2 else 0.0
+        self.half_pow_theta = 0.5 ** theta
+
+    def rank(self) -> int:
+        """The next item's popularity rank (0 is the most popular)."""
+        u = self.rng.random()
+        uz = u * self.zetan
+        if uz < 1.0 or self.items == 1:
+            return 0
+        if uz < 1.0 + self.half_pow_theta or self.items == 2:
+            return 1
+        return min(self.items - 1, int(self.items * (self.eta * u - self.eta + 1.0) ** self.alpha))
+
+    def next(self) -> int:
+        return _fnv1a64(self.rank()) % self.items
+
+
+def zeta(items: int, theta: float) -> float:
+    """sum(1 / i**theta for i in 1..items): exact up to a million terms, the
+    integral of the tail beyond (relative error far below 1e-6)."""
+    exact = min(items, 1_000_000)
+    total = math.fsum(i ** -theta for i in range(1, exact + 1))
+    if items > exact:
+        total += ((items + 0.5) ** (1 - theta) - (exact + 0.5) ** (1 - theta)) / (1 - theta)
+    return total
+
+
+def _fnv1a64(number: int) -> int:
+    value = 0xCBF29CE484222325
+    for byte in number.to_bytes(8, "little"):
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return value
+
+
+@dataclass(slots=True)
+class OperationStats:
+    """Successful operations' latencies (seconds) and failures of one kind of operation."""
+
+    name: str
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def ops(self) -> int:
+        return len(self.latencies)
+
+    def merge(self, other: "OperationStats") -> None:
+        self.latencies.extend(other.latencies)
+        self.errors += other.errors
+
+    def percentile(self, p: float) -> float:
+        """Nearest-rank percentile of the sorted latencies (call `finish` first)."""
+        if not self.latencies:
+            return math.nan
+        rank = max(1, math.ceil(p / 100.0 * len(self.latencies)))
+        return self.latencies[rank - 1]
+
+
+@dataclass(slots=True)
+class BenchResult:
+    config: BenchConfig
+    elapsed: float
+    operations: dict[str, OperationStats]
+    errors_by_type: Counter[str]
+    read_misses: int
+    interrupted: bool = False
+
+    @property
+    def ops(self) -> int:
+        return sum(s.ops for s in self.operations.values())
+
+    @property
+    def errors(self) -> int:
+        return sum(s.errors for s in self.operations.values())
+
+    def throughput(self, ops: int) -> float:
+        return ops / self.elapsed if self.elapsed > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Machine-readable summary; latencies in milliseconds."""
+        def latency(stats: OperationStats) -> dict[str, float | None]:
+            if not stats.latencies:
+                return {"mean": None, "max": None, **{_pname(p): None for p in PERCENTILES}}
+            return {
+                "mean": round(1000 * math.fsum(stats.latencies) / stats.ops, 3),
+                **{_pname(p): round(1000 * stats.percentile(p), 3) for p in PERCENTILES},
+                "max": round(1000 * stats.latencies[-1], 3),
+            }
+
+        return {
+            "workload": self.config.workload,
+            "distribution": self.config.distribution,
+            "clients": self.config.clients,
+            "client_per_thread": self.config.client_per_thread,
+            "keys": self.config.keys,
+            "value_size": self.config.value_size,
+            "duration_s": round(self.elapsed, 3),
+            "interrupted": self.interrupted,
+            "total": {"ops": self.ops, "errors": self.errors, "ops_per_s": round(self.throughput(self.ops), 1)},
+            "operations": {
+                name: {"ops": s.ops, "errors": s.errors, "ops_per_s": round(self.throughput(s.ops), 1),
+                       "latency_ms": latency(s)}
+                for name, s in self.operations.items()
+            },
+            "read_misses": self.read_misses,
+            "errors_by_type": dict(self.errors_by_type),
+        }
+
+
+def _pname(p: float) -> str:
+    return f"p{p:g}"
+
+
+class _Worker:
+    """One closed-loop client thread; it owns its stats until it is joined."""
+
+    def __init__(self, number: int, config: BenchConfig, client: Client, stop: threading.Event,
+                 inserts: itertools.count, zetan: float | None, seed: int) -> None:
+        self.config = config
+        self.client = client
+        self.stop = stop
+        self.inserts = inserts
+        self.rng = random.Random(seed * 1_000_003 + number)
+        self.value = self.rng.randbytes(config.value_size)
+        self.stats = {name: OperationStats(name) for name, _ in WORKLOADS[config.workload]}
+        self.errors_by_type: Counter[str] = Counter()
+        self.read_misses = 0
+        self.done = 0                        # operations attempted, for the progress display
+        self.zipf = (ScrambledZipfian(config.keys, self.rng, zetan=zetan)
+                     if config.distribution == "zipfian" else None)
+        mix = WORKLOADS[config.workload]
+        self.names = [name for name, _ in mix]
+        self.cumulative = list(itertools.accumulate(share for _, share in mix))
+        self.thread = threading.Thread(target=self.run, name=f"bench-{number}", daemon=True)
+
+    def _key_index(self) -> int:
+        return self.zipf.next() if self.zipf is not None else self.rng.randrange(self.config.keys)
+
+    def _choose(self) -> str:
+        if len(self.names) == 1:
+            return self.names[0]
+        u = self.rng.random()
+        for name, edge in zip(self.names, self.cumulative):
+            if u < edge:
+                return name
+        return self.names[-1]
+
+    def run(self) -> None:
+        config, client, stats = self.config, self.client, self.stats
+        while not self.stop.is_set():
+            op = self._choose()
+            if op == "insert":
+                index = next(self.inserts)
+                if index >= config.keys:
+                    return
+            else:
+                index = self._key_index()
+            key = config.key(index)
+            start = time.perf_counter()
+            try:
+                if op == "read":
+                    if client.get(key) is None:
+                        self.read_misses += 1
+                else:
+                    client.put(key, self.value)
+            except Exception as exc:        # counted, never fatal: the bench reports errors
+                stats[op].errors += 1
+                self.errors_by_type[type(exc).__name__] += 1
+            else:
+                stats[op].latencies.append(time.perf_counter() - start)
+            self.done += 1
+
+
+def run_bench(make_client: Callable[[], Client], config: BenchConfig, *,
+              progress: bool = False, console: Console | None = None) -> BenchResult:
+    """Run one workload for `config.duration` seconds (a `load` ends sooner
+    when every key is in). Ctrl-C stops it early; the result says so."""
+    seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "big")
+    zetan = zeta(config.keys, ZIPFIAN_THETA) if config.distribution == "zipfian" else None
+    stop = threading.Event()
+    inserts = itertools.count()
+    clients = [make_client() for _ in range(config.clients if config.client_per_thread else 1)]
+    workers = [_Worker(n, config, clients[n % len(clients)], stop, inserts, zetan, seed)
+               for n in range(config.clients)]
+    interrupted = False
+    display = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[ops]} ops  {task.fields[rate]} ops/s  {task.fields[errors]} errors"),
+        console=console, transient=True, disable=not progress,
+    )
+    start = time.monotonic()
+    try:
+        with display:
+            task = display.add_task(f"workload {config.workload}", total=config.duration,
+                                    ops=0, rate="0", errors=0)
+            for worker in workers:
+                worker.thread.start()
+            try:
+                while True:
+                    elapsed = time.monotonic() - start
+                    if elapsed >= config.duration or not any(w.thread.is_alive() for w in workers):
+                        break
+                    time.sleep(min(0.1, config.duration - elapsed))
+                    done = sum(w.done for w in workers)
+                    errors = sum(s.errors for w in workers for s in w.stats.values())
+                    display.update(task, completed=min(elapsed, config.duration), ops=done - errors,
+                                   rate=f"{(done - errors) / max(elapsed, 1e-9):,.0f}", errors=errors)
+            except KeyboardInterrupt:
+                interrupted = True
+            stop.set()
+            # Each thread finishes the operation it is in (bounded by the client's deadline).
+            for worker in workers:
+                worker.thread.join()
+    finally:
+        stop.set()
+        elapsed = time.monotonic() - start
+        for client in clients:
+            client.close()
+
+    operations = {name: OperationStats(name) for name, _ in WORKLOADS[config.workload]}
+    errors_by_type: Counter[str] = Counter()
+    read_misses = 0
+    for worker in workers:
+        for name, stats in worker.stats.items():
+            operations[name].merge(stats)
+        errors_by_type.update(worker.errors_by_type)
+        read_misses += worker.read_misses
+    for stats in operations.values():
+        stats.latencies.sort()
+    return BenchResult(config, elapsed, operations, errors_by_type, read_misses, interrupted)
+
+
+def render_summary(result: BenchResult) -> Table:
+    """The summary table: per operation, throughput and latency percentiles."""
+    config = result.config
+    keys = "in order" if config.workload == "load" else config.distribution
+    title = (f"workload {config.workload}: {config.clients} clients, {config.keys:,} keys ({keys}), "
+             f"{config.value_size} B values, {result.elapsed:.1f} s"
+             + (" (interrupted)" if result.interrupted else "") + "; latencies in ms")
+    table = Table(title=title)
+    table.add_column("operation", no_wrap=True)
+    for column in ("ops", "errors", "ops/s", *(_pname(p) for p in PERCENTILES), "max"):
+        table.add_column(column, justify="right", no_wrap=True)
+
+    def row(name: str, stats: OperationStats, style: str | None = None) -> None:
+        cells = [f"{stats.ops:,}", f"{stats.errors:,}", f"{result.throughput(stats.ops):,.0f}"]
+        cells += [_ms(stats.percentile(p)) for p in PERCENTILES]
+        cells.append(_ms(stats.latencies[-1] if stats.latencies else math.nan))
+        table.add_row(name, *cells, style=style)
+
+    for name, stats in result.operations.items():
+        row(name, stats)
+    if len(result.operations) > 1:
+        total = OperationStats("total")
+        for stats in result.operations.values():
+            total.merge(stats)
+        total.latencies.sort()
+        row("total", total, style="bold")
+    notes = []
+    if result.read_misses:
+        notes.append(f"{result.read_misses:,} reads found no value (run the load workload first)")
+    if result.errors_by_type:
+        notes.append("errors: " + ", ".join(f"{name} {count:,}" for name, count in result.errors_by_type.most_common()))
+    if notes:
+        table.caption = "; ".join(notes)
+    return table
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{1000 * seconds:.2f}"

@@ -1,0 +1,371 @@
+"""`shardnode`: the command line.
+
+    shardnode [--config etc/cluster.toml] [--timeout 10] COMMAND ...
+
+    put KEY VALUE      set KEY; prints the previous value (nothing if it was new)
+    get KEY            prints the value; prints nothing and exits 1 if KEY is absent
+    delete KEY         remove KEY; prints the previous value (nothing if it was absent)
+    status             one row per replica (--json for machine output)
+    bench              YCSB-style benchmark (shardnode bench --help)
+    die/start/...      process control, from shardnode.cli_admin when installed
+
+Exit status: 0 success, 1 `get` found no value, 2 error (one line on stderr,
+"shardnode: ...", never a traceback for a user error), 130 interrupted.
+
+Keys and values on the command line are taken as the bytes the shell passed
+(os.fsencode), so non-UTF-8 arguments round-trip. Values are printed as raw
+bytes followed by a newline.
+
+Admin commands: `shardnode.cli_admin.register(subparsers)` adds sub-parsers;
+each sets `func` (`set_defaults(func=...)`) to a callable taking the parsed
+arguments (which carry `config` and `timeout`) and returning an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .. import __version__
+from ..client import Client
+from ..config import ConfigError
+from ..errors import ShardnodeError
+from ..proto import kv_pb2
+
+PROG = "shardnode"
+DEFAULT_CONFIG = "etc/cluster.toml"
+DEFAULT_TIMEOUT = 10.0
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+#: A replica this many entries behind its leader is shown as lagging.
+LAGGING_ENTRIES = 100
+
+_EPILOG = """\
+exit status: 0 success; 1 `get` found no value (nothing is printed);
+2 error (one line on stderr); 130 interrupted.
+"""
+
+
+class _UsageError(Exception):
+    """A command-line mistake found after parsing (one line, exit 2)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (the console script exits with it)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:               # --help, --version, usage errors (argparse printed them)
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_usage(sys.stderr)
+        return _error("a command is required (see shardnode --help)")
+    try:
+        status = func(args)
+        return EXIT_OK if status is None else int(status)
+    except (ShardnodeError, ConfigError, _UsageError) as exc:
+        return _error(str(exc))
+    except KeyboardInterrupt:
+        return _error("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # The reader went away (`shardnode status | head`): not an error worth a line.
+        try:
+            sys.stdout = open(os.devnull, "w")       # noqa: SIM115 - silence the flush at exit
+        except OSError:
+            pass
+        return EXIT_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (exposed for documentation and tests)."""
+    # The global options are accepted before and after the command; after it
+    # they must not reset what was given before, hence SUPPRESS defaults there.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
+                        help=f"cluster configuration (default: {DEFAULT_CONFIG})")
+    common.add_argument("--timeout", type=_positive_float, default=argparse.SUPPRESS, metavar="SECONDS",
+                        help=f"deadline of each request (default: {DEFAULT_TIMEOUT:g})")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Command line of a shardnode cluster.", epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                        help=f"cluster configuration (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"deadline of each request, in seconds (default: {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    put = commands.add_parser("put", parents=[common], help="set a key; prints its previous value",
+                              description="Set KEY to VALUE. Prints the previous value, or nothing if KEY was new.")
+    put.add_argument("key", metavar="KEY")
+    put.add_argument("value", metavar="VALUE")
+    put.set_defaults(func=_cmd_put)
+
+    get = commands.add_parser("get", parents=[common], help="print a key's value",
+                              description="Print the value of KEY (linearizable). If KEY is absent, "
+                                          "print nothing and exit with status 1.")
+    get.add_argument("key", metavar="KEY")
+    get.add_argument("--stale", action="store_true",
+                     help="allow a possibly stale read from any replica (faster, not linearizable)")
+    get.set_defaults(func=_cmd_get)
+
+    delete = commands.add_parser("delete", parents=[common], help="remove a key; prints its previous value",
+                                 description="Remove KEY. Prints the previous value, or nothing if KEY was absent.")
+    delete.add_argument("key", metavar="KEY")
+    delete.set_defaults(func=_cmd_delete)
+
+    status = commands.add_parser("status", parents=[common], help="groups, replicas, leaders, lag",
+                                 description="One row per replica: group, host, node, role, term, commit and "
+                                             "applied index, lag and health. The leader is bold; a group "
+                                             "without quorum is red.")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.set_defaults(func=_cmd_status)
+
+    from .. import bench as bench_module
+    bench = commands.add_parser(
+        "bench", parents=[common], help="YCSB-style benchmark",
+        description="YCSB-style closed-loop benchmark. Workloads: load (insert every key once), "
+                    "a (50%% read / 50%% update), b (95/5), c (read only). Run `load` first. "
+                    "Only successful operations count; errors are reported separately.")
+    bench.add_argument("--workload", choices=list(bench_module.WORKLOADS), default="a")
+    bench.add_argument("--clients", type=_positive_int, default=16, metavar="N",
+                       help="concurrent client threads (default: 16)")
+    bench.add_argument("--keys", type=_positive_int, default=10_000, metavar="N",
+                       help="size of the key space (default: 10000)")
+    bench.add_argument("--value-size", type=_non_negative_int, default=100, metavar="BYTES",
+                       help="value size (default: 100)")
+    bench.add_argument("--duration", type=_positive_float, default=10.0, metavar="SECONDS",
+                       help="how long to run (default: 10; load stops early once every key is in)")
+    bench.add_argument("--distribution", choices=list(bench_module.DISTRIBUTIONS), default="zipfian",
+                       help="key choice (default: zipfian, scrambled, theta 0.99)")
+    bench.add_argument("--key-prefix", default="ycsb/", help="prefix of the keys (default: ycsb/)")
+    bench.add_argument("--seed", type=int, default=None, help="seed of the key and operation choice")
+    bench.add_argument("--client-per-thread", action="store_true",
+                       help="one Client per thread instead of one shared Client")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stdout "
+                                                                   "is not a terminal)")
+    bench.add_argument("--json", action="store_true", help="print the summary as JSON")
+    bench.set_defaults(func=_cmd_bench)
+
+    _register_admin(commands)
+    return parser
+
+
+def _register_admin(commands: Any) -> None:
+    try:
+        from .. import cli_admin
+    except ImportError as exc:
+        if exc.name != "shardnode.cli_admin":
+            # cli_admin exists but cannot be imported: say so, keep the data commands working.
+            print(f"{PROG}: admin commands unavailable: {exc}", file=sys.stderr)
+        return
+    cli_admin.register(commands)
+
+
+# --- Commands ----------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client.from_config(args.config, timeout=args.timeout)
+
+
+def _cmd_put(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        old = client.put(os.fsencode(args.key), os.fsencode(args.value))
+    if old is not None:
+        _write_value(old)
+    return EXIT_OK
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        value = client.get(os.fsencode(args.key), allow_stale=args.stale)
+    if value is None:
+        return EXIT_NOT_FOUND
+    _write_value(value)
+    return EXIT_OK
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        old = client.delete(os.fsencode(args.key))
+    if old is not None:
+        _write_value(old)
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.status()
+    if args.json:
+        print(json.dumps(status_dict(status), indent=2))
+    else:
+        print_table(status_table(status))
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .. import bench as bench_module
+
+    try:
+        config = bench_module.BenchConfig(
+            workload=args.workload, clients=args.clients, keys=args.keys, value_size=args.value_size,
+            duration=args.duration, distribution=args.distribution, key_prefix=args.key_prefix,
+            seed=args.seed, client_per_thread=args.client_per_thread)
+    except ValueError as exc:
+        raise _UsageError(f"bench: {exc}") from None
+    Client.from_config(args.config).close()      # a bad configuration is one error line, not N
+    console = Console(file=sys.stdout)
+    progress = not args.no_progress and sys.stdout.isatty()
+    result = bench_module.run_bench(lambda: _client(args), config, progress=progress, console=console)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_table(bench_module.render_summary(result))
+    if result.ops == 0 and result.errors:
+        kinds = ", ".join(f"{name} {count}" for name, count in result.errors_by_type.most_common())
+        return _error(f"bench: no operation succeeded ({kinds})")
+    return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
+
+
+# --- Status rendering ---------------------------------------------------------------------------
+
+
+def replica_health(replica: kv_pb2.ReplicaStatus) -> str:
+    if not replica.reachable:
+        return "down"
+    if replica.lag > LAGGING_ENTRIES:
+        return "lagging"
+    return "ok"
+
+
+def status_dict(status: kv_pb2.StatusResponse) -> dict[str, Any]:
+    """The status as plain JSON-able data (stable field names, integers as numbers)."""
+    return {
+        "cluster": status.cluster,
+        "router_host": status.router_host,
+        "shard_map_epoch": status.shard_map_epoch,
+        "groups": [
+            {
+                "group": group.group,
+                "leader_id": group.leader_id,
+                "has_quorum": group.has_quorum,
+                "replicas": [
+                    {
+                        "host": r.host,
+                        "node_id": r.node_id,
+                        "address": r.address,
+                        "reachable": r.reachable,
+                        "role": r.role,
+                        "leader": group.leader_id != 0 and r.node_id == group.leader_id,
+                        "term": r.term,
+                        "commit_index": r.commit_index,
+                        "applied_index": r.applied_index,
+                        "last_index": r.last_index,
+                        "lag": r.lag,
+                        "health": replica_health(r),
+                    }
+                    for r in group.replicas
+                ],
+            }
+            for group in status.groups
+        ],
+    }
+
+
+def status_table(status: kv_pb2.StatusResponse) -> Any:
+    """A rich Table: one row per replica; the leader bold, a group without quorum red."""
+    from rich.table import Table
+
+    with_quorum = sum(1 for g in status.groups if g.has_quorum)
+    table = Table(title=f"{status.cluster} (router {status.router_host}, shard map epoch {status.shard_map_epoch})",
+                  caption=f"{len(status.groups)} groups, {with_quorum} with quorum")
+    for column, justify in (("group", "right"), ("host", "left"), ("node", "right"), ("role", "left"),
+                            ("term", "right"), ("commit", "right"), ("applied", "right"), ("lag", "right"),
+                            ("health", "left")):
+        table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for group in status.groups:
+        group_label = str(group.group) + ("" if group.has_quorum else " (no quorum)")
+        for i, r in enumerate(group.replicas):
+            leader = group.leader_id != 0 and r.node_id == group.leader_id
+            style = " ".join(s for s in ("bold" if leader else "", "" if group.has_quorum else "red") if s)
+            if r.reachable:
+                cells = [r.role or "?", str(r.term), str(r.commit_index), str(r.applied_index), str(r.lag)]
+            else:
+                cells = ["-", "-", "-", "-", "-"]
+            table.add_row(group_label if i == 0 else "", r.host, str(r.node_id), *cells, replica_health(r),
+                          style=style or None, end_section=i == len(group.replicas) - 1)
+    return table
+
+
+# --- Helpers ----------------------------------------------------------------------------------------
+
+
+def print_table(table: Any) -> None:
+    """Print a rich table on stdout; piped or redirected, never cut to 80 columns."""
+    from rich.console import Console
+
+    console = Console(file=sys.stdout)
+    if not console.is_terminal:
+        natural = console.measure(table, options=console.options.update_width(1000)).maximum
+        console = Console(file=sys.stdout, width=max(console.width, natural))
+    console.print(table)
+
+
+def _write_value(value: bytes) -> None:
+    """Print a value as the bytes it is, then a newline."""
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        print(value.decode("utf-8", errors="backslashreplace"))
+        return
+    buffer.write(value + b"\n")
+    buffer.flush()
+
+
+def _error(message: str, status: int = EXIT_ERROR) -> int:
+    # One line, always: server messages could carry newlines.
+    print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
+    return status
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number (got {text})")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {text})")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 (got {text})")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None

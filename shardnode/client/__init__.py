@@ -1,0 +1,22 @@
+"""The Python client of a shardnode cluster.
+
+    from shardnode.client import Client
+    with Client.from_config("etc/cluster.toml") as kv:
+        kv.put(b"k", b"v")
+
+The error classes are re-exported so that callers need one import.
+"""
+
+from ..errors import DeadlineExceeded, InvalidArgument, NotLeader, ShardnodeError, Unavailable
+from .client import DEFAULT_TIMEOUT, Client, StaleSession
+
+__all__ = [
+    "Client",
+    "DEFAULT_TIMEOUT",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "NotLeader",
+    "ShardnodeError",
+    "StaleSession",
+    "Unavailable",
+]
