@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from .config import Config
-from .errors import CompactedError, ConfigError, ProposalDropped, SnapshotTemporarilyUnavailable, UnavailableError
+from .errors import CompactedError, ConfigError, ProposalDropped, SnapshotTemporarilyUnavailable
 from .log import RaftLog
 from .messages import (
     NONE,

@@ -11,21 +11,19 @@ from __future__ import annotations
 import argparse
 import configparser
 import importlib.util
-import os
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from shardnode import cli_admin
 from shardnode.config import ClusterConfig
+from .supervised import SupervisedCluster, start_supervised
 from shardnode.supervisor import (
     NotSupported,
     ProcessControl,
@@ -171,103 +169,11 @@ def test_unreachable_supervisord(tmp_path: Path) -> None:
 # --- A live cluster under supervisord ----------------------------------------------------
 
 
-@dataclass
-class SupervisedCluster:
-    tmp: Path
-    cluster: ClusterConfig
-    top: subprocess.Popen
-    control: ProcessControl
-    pids: set[int] = field(default_factory=set)
-
-    def record_pids(self) -> dict[str, dict[str, int]]:
-        """Remember every process of the cluster (for the finalizer and the
-        shutdown check); return host → program → pid."""
-        seen = {}
-        for host in self.cluster.hosts:
-            pidfile = self.tmp / "data" / host.name / "supervisord.pid"
-            if pidfile.exists() and pidfile.read_text().strip().isdigit():
-                self.pids.add(int(pidfile.read_text()))
-            try:
-                processes = self.control.processes(host.name)
-            except SupervisorUnavailable:
-                continue
-            seen[host.name] = {name: info.pid for name, info in processes.items()}
-            self.pids.update(pid for pid in seen[host.name].values() if pid)
-        return seen
-
-    def alive(self, pid: int) -> bool:
-        """Whether `pid` is still one of this test's processes (not a zombie,
-        not a reused PID)."""
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        return str(self.tmp).encode() in cmdline
-
-    def wait_states(self, host: str, expected: dict[str, str], timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        states: dict[str, str] | str = {}
-        while time.monotonic() < deadline:
-            try:
-                states = self.control.status(host)
-            except SupervisorUnavailable as exc:
-                states = str(exc)
-            if isinstance(states, dict) and all(states.get(k) == v for k, v in expected.items()):
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"{host}: {states} never became {expected}\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 20) -> str:
-        out = []
-        for path in sorted((self.tmp / "data").rglob("*.log")):
-            text = path.read_text(errors="replace").splitlines()[-lines:]
-            out.append(f"--- {path.relative_to(self.tmp)} ---\n" + "\n".join(text))
-        return "\n".join(out)
-
-    def shutdown(self) -> None:
-        """The finalizer: stop the top supervisord, then SIGKILL anything left."""
-        if self.top.poll() is None:
-            _signal_group(self.top.pid, signal.SIGTERM)
-            try:
-                self.top.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                _signal_group(self.top.pid, signal.SIGKILL)
-                self.top.wait(timeout=10)
-        for pid in self.pids:
-            if self.alive(pid):
-                _signal_group(pid, signal.SIGKILL)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    # supervisord puts each program in its own process group (pgid == pid).
-    for kill in (os.killpg, os.kill):
-        try:
-            kill(pid, sig)
-            return
-        except (ProcessLookupError, PermissionError):
-            continue
-
-
 @pytest.fixture
 def supervised(tmp_path: Path) -> Iterator[SupervisedCluster]:
-    config_path = _write_small_cluster(tmp_path)
-    cluster = ClusterConfig.load(config_path)
     # The router is left out: these tests are about supervision of the workers.
-    top_conf = local_cluster_config(cluster, python=sys.executable, config_path=config_path, project_root=ROOT,
-                                    out_dir=tmp_path / "etc", include_router=False)
-    command = [sys.executable, "-m", "supervisor.supervisord", "-c", str(top_conf)]
-    log = open(tmp_path / "top.out", "wb")
-    top = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    env = SupervisedCluster(tmp_path, cluster, top, ProcessControl(cluster, include_router=False, rpc_timeout=5.0))
-    try:
-        for host in cluster.hosts:
-            env.wait_states(host.name, {"worker-g0": "RUNNING"})
-        env.record_pids()
+    with start_supervised(tmp_path, _write_small_cluster(tmp_path), include_router=False) as env:
         yield env
-    finally:
-        env.record_pids()
-        env.shutdown()
 
 
 def _log_count(env: SupervisedCluster, host: str, event: str) -> int:

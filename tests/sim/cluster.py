@@ -20,7 +20,7 @@ import heapq
 import itertools
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from shardnode.raft import Message, MessageType, ProposalDropped, StateRole
