@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,10 @@ import grpc
 from shardnode.proto import worker_pb2 as pb
 from shardnode.proto import worker_pb2_grpc as pb_grpc
 
+from .ports import free_port, free_port_range
+
 ROOT = Path(__file__).resolve().parents[2]
 Op = pb.Operation
-
-
-def free_port(address: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -220,10 +215,7 @@ class LocalCluster:
             address = f"127.0.0.{i}"
             router_port = free_port(address)
             # worker ports: a free base with `groups` free ports after it
-            while True:
-                base = free_port(address)
-                if base + self.groups < 65535 and all(_port_free(address, base + g) for g in range(self.groups)):
-                    break
+            base = free_port_range(address, self.groups)
             self.router_addresses[f"h{i}"] = f"{address}:{router_port}"
             blocks.append(
                 f'[[host]]\nname = "h{i}"\naddress = "{address}"\nrouter_port = {router_port}\n'
@@ -312,12 +304,3 @@ class LocalCluster:
                     pass
                 time.sleep(0.1)
         raise AssertionError(f"cluster not ready within {timeout}s\n{self.log_tail()}")
-
-
-def _port_free(address: str, port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind((address, port))
-        except OSError:
-            return False
-        return True

@@ -13,7 +13,6 @@ import configparser
 import importlib.util
 import shlex
 import signal
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import pytest
 
 from shardnode import cli_admin
 from shardnode.config import ClusterConfig
+from .ports import free_port
 from .supervised import SupervisedCluster, start_supervised
 from shardnode.supervisor import (
     NotSupported,
@@ -48,20 +48,14 @@ def _parse(text: str) -> configparser.RawConfigParser:
     return parser
 
 
-def _free_port(address: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
-
-
 def _write_small_cluster(tmp: Path, hosts: int = 3) -> Path:
     blocks = []
     for i in range(1, hosts + 1):
         address = f"127.0.0.{i}"
         blocks.append(
-            f'[[host]]\nname = "h{i}"\naddress = "{address}"\nrouter_port = {_free_port(address)}\n'
-            f"worker_port_base = {_free_port(address)}\nmetrics_port = {_free_port(address)}\n"
-            f"supervisor_port = {_free_port(address)}\n"
+            f'[[host]]\nname = "h{i}"\naddress = "{address}"\nrouter_port = {free_port(address)}\n'
+            f"worker_port_base = {free_port(address)}\nmetrics_port = {free_port(address)}\n"
+            f"supervisor_port = {free_port(address)}\n"
         )
     path = tmp / "cluster.toml"
     path.write_text(

@@ -1,0 +1,191 @@
+"""The whole system under supervisord: routers, workers, the client library
+and the kv739 functions, with hosts killed and restarted through
+kv739_die/kv739_start (supervisord's XML-RPC on each host)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shardnode import kv739
+from shardnode.client import Client
+from shardnode.errors import DeadlineExceeded, InvalidArgument, ShardnodeError, Unavailable
+from shardnode.ring import ShardMap
+from shardnode.testing.linearizability import HistoryRecorder, OpKind, check_history
+
+from .ports import free_port, free_port_range
+from .supervised import SupervisedCluster, start_supervised
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _write_cluster(tmp: Path, hosts: int = 5, groups: int = 2, replicas: int = 3) -> Path:
+    blocks = []
+    for i in range(1, hosts + 1):
+        address = f"127.0.0.{i}"
+        blocks.append(
+            f'[[host]]\nname = "h{i}"\naddress = "{address}"\nrouter_port = {free_port(address)}\n'
+            f"worker_port_base = {free_port_range(address, groups)}\nmetrics_port = {free_port(address)}\n"
+            f"supervisor_port = {free_port(address)}\n"
+        )
+    path = tmp / "cluster.toml"
+    path.write_text(
+        f'[cluster]\nname = "full-itest"\nreplicas = {replicas}\ngroups = {groups}\ndata_dir = "{tmp / "data"}"\n\n'
+        "[timing]\ntick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 1\n\n" + "\n".join(blocks)
+    )
+    return path
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[SupervisedCluster]:
+    """5 hosts, 2 groups of 3 replicas (group 0 on h1-h3, group 1 on h2-h4),
+    a router on every host. kv739 is shut down afterwards whatever happened."""
+    with start_supervised(tmp_path, _write_cluster(tmp_path)) as env:
+        _wait_ready(env)
+        try:
+            yield env
+        finally:
+            kv739.kv739_shutdown()
+
+
+def _wait_ready(env: SupervisedCluster, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with Client.from_config(env.tmp / "cluster.toml", timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                if all(group.has_quorum for group in client.status().groups):
+                    return
+            except ShardnodeError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError(f"cluster not ready within {timeout}s\n{env.log_tail()}")
+
+
+def _key_in_group(env: SupervisedCluster, group: int, prefix: str = "key") -> str:
+    ring = ShardMap.build(env.cluster.groups, env.cluster.virtual_nodes)
+    return next(k for k in (f"{prefix}-{i}" for i in range(10_000)) if ring.group_for(k.encode()) == group)
+
+
+def test_kv739_conventions_and_keys_spread_over_every_group(cluster: SupervisedCluster) -> None:
+    config = str(cluster.tmp / "cluster.toml")
+    assert kv739.kv739_get("k") == (-1, "")                         # before init
+    assert kv739.kv739_init(config) == 0
+    assert kv739.kv739_get("missing") == (1, "")
+    assert kv739.kv739_put("k", "v1") == (1, "")                    # new key
+    assert kv739.kv739_put("k", "v2") == (0, "v1")                  # overwrite: old value
+    assert kv739.kv739_get("k") == (0, "v2")
+    ring = ShardMap.build(cluster.cluster.groups, cluster.cluster.virtual_nodes)
+    keys = [f"spread-{i}" for i in range(40)]
+    for key in keys:
+        assert kv739.kv739_put(key, key.upper()) == (1, "")
+    assert {ring.group_for(k.encode()) for k in keys} == set(range(cluster.cluster.groups))
+    assert all(kv739.kv739_get(k) == (0, k.upper()) for k in keys)
+    assert kv739.kv739_shutdown() == 0
+    assert kv739.kv739_shutdown() == -1                             # double shutdown
+    # The other init form: one router address per line.
+    addresses = cluster.tmp / "routers.txt"
+    addresses.write_text("\n".join(h.router_address for h in cluster.cluster.hosts) + "\n")
+    assert kv739.kv739_init(str(addresses)) == 0
+    assert kv739.kv739_get("k") == (0, "v2")
+    assert kv739.kv739_shutdown() == 0
+
+
+def _run_clients(config: Path, recorder: HistoryRecorder, keys: list[str], stop: threading.Event,
+                 acked_times: list[float], writers: int = 6, readers: int = 2) -> list[threading.Thread]:
+    def writer(client_id: int) -> None:
+        rng = random.Random(client_id)
+        with Client.from_config(config, timeout=5.0) as client:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                key, value = rng.choice(keys), f"w{client_id}-{n}"
+                handle = recorder.invoke(client_id, OpKind.PUT, key.encode(), value.encode())
+                try:
+                    old = client.put(key, value)
+                except InvalidArgument:
+                    recorder.failed(handle)
+                    raise
+                except (Unavailable, DeadlineExceeded, ShardnodeError):
+                    recorder.unknown(handle)
+                    continue
+                recorder.ok(handle, old)
+                acked_times.append(time.monotonic())
+
+    def reader(client_id: int) -> None:
+        rng = random.Random(client_id)
+        with Client.from_config(config, timeout=5.0) as client:
+            while not stop.is_set():
+                key = rng.choice(keys)
+                handle = recorder.invoke(client_id, OpKind.GET, key.encode())
+                try:
+                    value = client.get(key)
+                except ShardnodeError:
+                    recorder.failed(handle)     # a read without an answer had no effect
+                    continue
+                recorder.ok(handle, value)
+
+    threads = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(1, writers + 1)]
+    threads += [threading.Thread(target=reader, args=(100 + i,), daemon=True) for i in range(readers)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_sigkill_of_a_host_while_clients_write_loses_nothing(cluster: SupervisedCluster) -> None:
+    config = cluster.tmp / "cluster.toml"
+    assert kv739.kv739_init(str(config)) == 0
+    keys = [_key_in_group(cluster, g, f"hot{g}") for g in range(cluster.cluster.groups)]
+    keys += [_key_in_group(cluster, g, f"warm{g}") for g in range(cluster.cluster.groups)]
+    recorder = HistoryRecorder()
+    acked_times: list[float] = []
+    stop = threading.Event()
+    threads = _run_clients(config, recorder, keys, stop, acked_times)
+    try:
+        time.sleep(2.0)
+        # h2 holds replicas of both groups (and a router): kill the whole host.
+        victim = cluster.cluster.host("h2")
+        killed_at = time.monotonic()
+        assert kv739.kv739_die(victim.router_address, 0) == 0
+        time.sleep(5.0)
+        assert kv739.kv739_start(victim.router_address, 0) == 0
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=20)
+    before = [t for t in acked_times if t < killed_at]
+    after = sorted(t for t in acked_times if t >= killed_at)
+    assert before and after, "writes were acknowledged before and after the kill"
+    resumed = after[0] - killed_at
+    assert resumed < 5.0, f"service resumed {resumed:.1f}s after the kill"
+    result = check_history(recorder.operations(), timeout=120)
+    assert result.ok, result.explanation
+
+
+def test_a_group_that_lost_its_majority_fails_fast_then_recovers(cluster: SupervisedCluster) -> None:
+    config = cluster.tmp / "cluster.toml"
+    assert kv739.kv739_init(str(config)) == 0
+    key0, key1 = _key_in_group(cluster, 0), _key_in_group(cluster, 1)
+    assert kv739.kv739_put(key0, "before")[0] in (0, 1)
+    # Group 0 lives on h1, h2, h3: take down h1 and h3 (group 1 keeps h2 and h4).
+    for name in ("h1", "h3"):
+        assert kv739.kv739_die(cluster.cluster.host(name).router_address, 0) == 0
+    began = time.monotonic()
+    assert kv739.kv739_put(key0, "during") == (-1, "")
+    elapsed = time.monotonic() - began
+    assert elapsed < kv739.DEFAULT_TIMEOUT + 2.0, f"a failed put took {elapsed:.1f}s: it must not hang"
+    assert kv739.kv739_put(key1, "other group")[0] in (0, 1), "the other group still serves"
+    for name in ("h1", "h3"):
+        assert kv739.kv739_start(cluster.cluster.host(name).router_address, 0) == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        code, old = kv739.kv739_put(key0, "after")
+        if code != -1:
+            break
+    assert code == 0 and old in ("before", "during"), (code, old)
+    assert kv739.kv739_get(key0) == (0, "after")
