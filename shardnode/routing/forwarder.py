@@ -34,6 +34,7 @@ MAX_BATCH = 512
 MAX_IN_FLIGHT = 4
 BACKOFF_MIN = 0.02
 BACKOFF_MAX = 0.5
+MAX_IMMEDIATE_REDIRECTS = 3
 Status = wpb.ExecuteResponse
 
 
@@ -68,6 +69,7 @@ class _Waiting:
     operation: wpb.Operation
     future: asyncio.Future
     deadline: float           # time.monotonic()
+    redirects: int = 0        # NOT_LEADER hints followed without a pause
 
 
 @dataclass
@@ -187,10 +189,16 @@ class GroupForwarder:
             hinted = self.by_address.get(response.leader_address)
             self.leader = hinted
             self._last_error[allow_stale] = Unavailable(f"group {self.group}: no leader reachable ({response.message})")
-            if hinted is not None and hinted != target:
-                # A fresh hint: retry at once, no backoff.
+            fresh = [w for w in batch if w.redirects < MAX_IMMEDIATE_REDIRECTS]
+            if hinted is not None and hinted != target and len(fresh) == len(batch):
+                # A fresh hint: retry at once, no backoff (but replicas that
+                # keep pointing at each other during an election get one).
+                for waiting in batch:
+                    waiting.redirects += 1
                 self._queues[allow_stale][:0] = batch
                 return
+            for waiting in batch:
+                waiting.redirects = 0
             retry.extend(batch)
         elif status == Status.UNAVAILABLE:
             self.leader = None
