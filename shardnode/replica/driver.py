@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..config import ClusterConfig, Replica
 from ..errors import DeadlineExceeded, NotLeader, Unavailable
@@ -43,6 +43,7 @@ from ..raft import (
 )
 from ..storage import ApplyResult, Command, ReplicaStore, encode_command
 from ..transport import RaftTransport, SnapshotHeader
+from .metrics import WorkerMetrics
 
 log = logging.getLogger("shardnode.replica")
 
@@ -69,7 +70,6 @@ class ReplicaStats:
     snapshot_send_seconds: float = 0.0       # total time spent streaming snapshots out
     snapshot_receive_seconds: float = 0.0    # total time spent receiving and staging them
     messages_rejected: int = 0
-    fsync_latencies: list[float] = field(default_factory=list)
 
 
 class ReplicaDriver:
@@ -106,6 +106,8 @@ class ReplicaDriver:
             on_unreachable=self._on_unreachable,
             on_snapshot=self._on_snapshot_stream,
         )
+        self.metrics = WorkerMetrics(self.group, self.node_id)
+        self.metrics.bind(self)
         self._wake = asyncio.Event()
         self._persist_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"persist-g{self.group}")
         self._tasks: list[asyncio.Task] = []
@@ -199,6 +201,8 @@ class ReplicaDriver:
             raise self._not_leader(exc.leader) from None
         self.stats.proposals += len(commands)
         self.stats.proposal_batches += 1
+        self.metrics.proposals.inc(len(commands))
+        self.metrics.proposal_batch.observe(len(commands))
         futures = []
         for offset in range(proposal.count):
             future = loop.create_future()
@@ -295,8 +299,7 @@ class ReplicaDriver:
             )
             elapsed = time.perf_counter() - began
             self.stats.persist_seconds += elapsed
-            if len(self.stats.fsync_latencies) < 100_000:
-                self.stats.fsync_latencies.append(elapsed)
+            self.metrics.fsync_latency.observe(elapsed)
         elif ready.hard_state is not None:
             self.store.persist(ready.hard_state, [], None, sync=False)
         if ready.snapshot is not None:

@@ -8,6 +8,8 @@ import logging
 import signal
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as _health_aio
 
 from ..config import ClusterConfig
 from ..proto import worker_pb2_grpc
@@ -17,6 +19,7 @@ from .driver import ReplicaDriver
 from .service import WorkerService
 
 log = logging.getLogger("shardnode.worker")
+HealthServicer = _health_aio.HealthServicer
 
 SHUTDOWN_TRANSFER_SECONDS = 3.0
 
@@ -33,6 +36,8 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
     server = grpc.aio.server(options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
     driver = ReplicaDriver(cluster, replica, store)
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(driver), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     driver.transport.register(server)
     address = replica.address
     try:
@@ -47,10 +52,13 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
         loop.add_signal_handler(signum, stop.set)
     await server.start()
     await driver.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set("shardnode.worker.Worker", health_pb2.HealthCheckResponse.SERVING)
     log.info("worker.serving", extra={**extra, "address": address, "data_dir": str(data_dir)})
     try:
         await stop.wait()
         log.info("worker.stopping", extra=extra)
+        await health.enter_graceful_shutdown()
         # Clean shutdown: hand leadership over so the group does not wait out
         # an election timeout, finish in-flight requests, flush, exit 0.
         await driver.transfer_leadership(SHUTDOWN_TRANSFER_SECONDS)

@@ -21,6 +21,7 @@ log = logging.getLogger("shardnode.replica.service")
 # Used when the caller set no deadline: a request must never hang.
 DEFAULT_TIMEOUT = 10.0
 Op = pb.Operation
+_OP_NAMES = {Op.GET: "get", Op.PUT: "put", Op.DELETE: "delete"}
 
 
 class WorkerService(pb_grpc.WorkerServicer):
@@ -47,6 +48,25 @@ class WorkerService(pb_grpc.WorkerServicer):
         return ""
 
     async def Execute(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext) -> pb.ExecuteResponse:
+        began = time.perf_counter()
+        try:
+            response = await self._execute(request, context)
+        except BaseException:
+            self.driver.metrics.count_error("DEADLINE_EXCEEDED")
+            raise
+        metrics = self.driver.metrics
+        if response.status == pb.ExecuteResponse.OK:
+            elapsed = time.perf_counter() - began
+            for op in request.operations:
+                metrics.observe_request(_OP_NAMES.get(op.kind, "unknown"), elapsed)
+        else:
+            metrics.count_error(pb.ExecuteResponse.Status.Name(response.status))
+        return response
+
+    async def Metrics(self, request: pb.MetricsRequest, context: grpc.aio.ServicerContext) -> pb.MetricsResponse:
+        return pb.MetricsResponse(text=self.driver.metrics.exposition())
+
+    async def _execute(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext) -> pb.ExecuteResponse:
         driver = self.driver
         if request.cluster != self.cluster.name or request.group != driver.group:
             return pb.ExecuteResponse(

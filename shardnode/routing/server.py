@@ -11,10 +11,15 @@ import grpc
 
 from ..config import ClusterConfig
 from ..proto import kv_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as _health_aio
+
 from .forwarder import ChannelPool
+from .metrics import RouterMetrics
 from .service import KVService
 
 log = logging.getLogger("shardnode.router")
+HealthServicer = _health_aio.HealthServicer
 
 
 async def serve(cluster: ClusterConfig, host_name: str) -> int:
@@ -27,7 +32,10 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
             ("grpc.so_reuseport", 0),
         ]
     )
-    kv_pb2_grpc.add_KVServicer_to_server(KVService(cluster, host_name, channels), server)
+    metrics = RouterMetrics(cluster, host_name)
+    kv_pb2_grpc.add_KVServicer_to_server(KVService(cluster, host_name, channels, metrics), server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = host.router_address
     try:
         server.add_insecure_port(address)
@@ -38,13 +46,23 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    try:
+        metrics.serve()
+    except OSError as exc:
+        log.error("router.metrics_bind_failed",
+                  extra={"address": f"{host.address}:{host.metrics_port}", "error": str(exc)})
+        return 1
     await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set("shardnode.kv.KV", health_pb2.HealthCheckResponse.SERVING)
     log.info("router.serving", extra={"address": address, "groups": cluster.groups})
     try:
         await stop.wait()
         log.info("router.stopping")
+        await health.enter_graceful_shutdown()
         await server.stop(grace=2.0)
     finally:
+        metrics.close()
         await channels.close()
     log.info("router.stopped")
     return 0

@@ -16,12 +16,14 @@ from ..proto import kv_pb2_grpc as pb_grpc
 from ..proto import worker_pb2 as wpb
 from ..ring import ShardMap
 from .forwarder import ChannelPool, GroupForwarder
+from .metrics import RouterMetrics
 
 log = logging.getLogger("shardnode.router")
 
 DEFAULT_TIMEOUT = 10.0
 STATUS_TIMEOUT = 1.0
 WOp = wpb.Operation
+_OP_NAMES = {WOp.GET: "get", WOp.PUT: "put", WOp.DELETE: "delete"}
 _KIND = {pb.BatchOperation.GET: WOp.GET, pb.BatchOperation.PUT: WOp.PUT, pb.BatchOperation.DELETE: WOp.DELETE}
 
 
@@ -43,13 +45,17 @@ class RouterSessions:
 
 
 class KVService(pb_grpc.KVServicer):
-    def __init__(self, cluster: ClusterConfig, host_name: str, channels: ChannelPool) -> None:
+    def __init__(self, cluster: ClusterConfig, host_name: str, channels: ChannelPool,
+                 metrics: RouterMetrics | None = None) -> None:
         self.cluster = cluster
         self.host_name = host_name
         self.channels = channels
         self.shard_map = ShardMap.build(cluster.groups, cluster.virtual_nodes)
         self.forwarders = [GroupForwarder(cluster, g, channels, host_name) for g in range(cluster.groups)]
         self.sessions = RouterSessions()
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch(self.forwarders)
 
     # --- Helpers ------------------------------------------------------------------------
 
@@ -69,6 +75,20 @@ class KVService(pb_grpc.KVServicer):
 
     async def _execute(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False) -> wpb.OperationResult:
         """Validate, route and forward one operation; raises the error tree."""
+        if self.metrics is None:
+            return await self._route(operation, deadline, allow_stale)
+        began = time.perf_counter()
+        code = "OK"
+        try:
+            return await self._route(operation, deadline, allow_stale)
+        except Exception as exc:
+            code = _code(exc).name
+            raise
+        finally:
+            group = self.shard_map.group_for(operation.key) if operation.key else 0
+            self.metrics.observe(group, _OP_NAMES.get(operation.kind, "unknown"), code, time.perf_counter() - began)
+
+    async def _route(self, operation: wpb.Operation, deadline: float, allow_stale: bool) -> wpb.OperationResult:
         self._check_key(operation.key)
         if operation.kind == WOp.PUT:
             self._check_value(operation.value)

@@ -1,0 +1,135 @@
+"""A host's metrics endpoint, served by its router on `address:metrics_port`.
+
+The page covers the router itself and every worker of the host: at each
+scrape the router asks each local worker for its exposition (Worker.Metrics,
+short timeout, in parallel), merges the families, and adds
+`raft_node_health{group, node}` for every worker the configuration places on
+this host — 1 if it answered, 0 if not. A dead worker's other series are
+simply absent (never stale values from a dead process); a restarted worker's
+counters start again from zero, which Prometheus reads as a counter reset.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..config import ClusterConfig
+from ..proto import worker_pb2 as wpb
+from ..proto import worker_pb2_grpc as wpb_grpc
+from ..replica.metrics import LATENCY_BUCKETS
+
+if TYPE_CHECKING:
+    from .forwarder import GroupForwarder
+
+log = logging.getLogger("shardnode.router.metrics")
+
+SCRAPE_TIMEOUT = 1.0
+
+
+class RouterMetrics:
+    def __init__(self, cluster: ClusterConfig, host_name: str) -> None:
+        self.cluster = cluster
+        self.host = cluster.host(host_name)
+        self.node = str(self.host.node_id)
+        # The router's own series live in `own`; the served registry holds one
+        # collector that merges them with the workers' (a family such as
+        # raft_request_latency_seconds has samples from both and must appear once).
+        self.own = CollectorRegistry(auto_describe=False)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.request_latency = Histogram(
+            "raft_request_latency_seconds", "Time to answer a request, per operation.",
+            ["group", "node", "op", "component"], registry=self.own, buckets=LATENCY_BUCKETS,
+        )
+        self.requests = Counter(
+            "raft_router_requests", "Requests answered by the router, by operation and gRPC code.",
+            ["group", "node", "op", "code"], registry=self.own,
+        )
+        self._forwarders: list[GroupForwarder] = []
+        self._server = None
+
+    def observe(self, group: int, op: str, code: str, seconds: float) -> None:
+        labels = {"group": str(group), "node": self.node}
+        self.requests.labels(**labels, op=op, code=code).inc()
+        if code == "OK":
+            self.request_latency.labels(**labels, op=op, component="router").observe(seconds)
+
+    def watch(self, forwarders: list["GroupForwarder"]) -> None:
+        self._forwarders = forwarders
+        self.own.register(_RouterCollector(self))
+        self.registry.register(_HostCollector(self.cluster, self.host.name, self.own))
+
+    def serve(self) -> None:
+        """Serve /metrics on the host's metrics port (a daemon thread)."""
+        self._server, _ = start_http_server(self.host.metrics_port, addr=self.host.address, registry=self.registry)
+        log.info("router.metrics_serving", extra={"address": f"{self.host.address}:{self.host.metrics_port}"})
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _RouterCollector:
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.metrics.node
+        retries = CounterMetricFamily("raft_router_retries", "Forwarded calls retried after an error.",
+                                      labels=["group", "node", "component"])
+        redirects = CounterMetricFamily("raft_router_redirects", "NOT_LEADER answers followed.",
+                                        labels=["group", "node", "component"])
+        for forwarder in self.metrics._forwarders:
+            labels = [str(forwarder.group), node, "router"]
+            retries.add_metric(labels, forwarder.stats.retries)
+            redirects.add_metric(labels, forwarder.stats.redirects)
+        yield retries
+        yield redirects
+
+
+class _HostCollector:
+    """The router's own families merged with its host's workers', plus health."""
+
+    def __init__(self, cluster: ClusterConfig, host_name: str, own: CollectorRegistry) -> None:
+        self.own = own
+        self.cluster = cluster
+        self.host = cluster.host(host_name)
+        self.groups = cluster.groups_on_host(host_name)
+        self._channels = {g: grpc.insecure_channel(self.host.worker_address(g)) for g in self.groups}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.groups)), thread_name_prefix="scrape")
+
+    def _scrape(self, group: int) -> str | None:
+        try:
+            stub = wpb_grpc.WorkerStub(self._channels[group])
+            return stub.Metrics(wpb.MetricsRequest(), timeout=SCRAPE_TIMEOUT).text.decode()
+        except grpc.RpcError:
+            return None
+
+    def collect(self) -> Iterator[Metric]:
+        texts = list(self._pool.map(self._scrape, self.groups))
+        health = GaugeMetricFamily("raft_node_health", "1 if the worker answers, 0 if it is down.",
+                                   labels=["group", "node"])
+        merged: dict[str, Metric] = {}
+        for family in self.own.collect():
+            merged[family.name] = Metric(family.name, family.documentation, family.type)
+            merged[family.name].samples.extend(family.samples)
+        for group, text in zip(self.groups, texts):
+            health.add_metric([str(group), str(self.host.node_id)], 0 if text is None else 1)
+            if text is None:
+                continue
+            for family in text_string_to_metric_families(text):
+                target = merged.get(family.name)
+                if target is None:
+                    target = merged[family.name] = Metric(family.name, family.documentation, family.type)
+                target.samples.extend(family.samples)
+        yield health
+        yield from merged.values()
