@@ -61,6 +61,7 @@ class ReplicaStats:
     readies: int = 0
     persist_seconds: float = 0.0
     applied_entries: int = 0
+    elections_started: int = 0
     elections_won: int = 0
     leader_changes: int = 0
     snapshots_sent: int = 0
@@ -372,6 +373,10 @@ class ReplicaDriver:
             self.stats.leader_changes += 1
             log.info("replica.leader_changed",
                      extra={**self._log_extra, "term": self.node.raft.term, "leader": lead, "role": role.name})
+        campaigning = (StateRole.PRE_CANDIDATE, StateRole.CANDIDATE)
+        if role in campaigning and self._role not in campaigning:
+            self.stats.elections_started += 1
+            log.info("replica.campaign", extra={**self._log_extra, "term": self.node.raft.term, "role": role.name})
         if role is StateRole.LEADER and not was_leader:
             self.stats.elections_won += 1
         self._role, self._leader = role, lead

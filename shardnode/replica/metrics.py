@@ -102,6 +102,7 @@ class _ReplicaCollector:
                 lag.add_metric([*self.labels.values(), str(peer)], max(0, status.last_index - progress.match))
         yield lag
         for name, doc, value in (
+            ("raft_elections_started", "Campaigns this replica started (pre-vote included).", stats.elections_started),
             ("raft_elections_won", "Elections this replica won.", stats.elections_won),
             ("raft_leader_changes", "Changes of the known leader.", stats.leader_changes),
             ("raft_snapshots_sent", "Snapshots streamed to followers.", stats.snapshots_sent),

@@ -34,6 +34,7 @@ REQUIRED = {
     "raft_proposals": {"group", "node"},
     "raft_proposal_batch_size": {"group", "node"},
     "raft_fsync_latency_seconds": {"group", "node"},
+    "raft_elections_started": {"group", "node"},
     "raft_elections_won": {"group", "node"},
     "raft_leader_changes": {"group", "node"},
     "raft_snapshots_sent": {"group", "node"},
