@@ -84,6 +84,9 @@ class Raft:
         self.lead = NONE
         self.role = StateRole.FOLLOWER
         self.msgs: list[Message] = []
+        # Whether some message in `msgs` was produced outside leadership
+        # (see Ready.send_before_persist).
+        self.msgs_need_persist = False
         self.read_states: list[ReadState] = []
         self.tracker = ProgressTracker(config.max_inflight_msgs)
         self.read_only = ReadOnly()
@@ -137,6 +140,10 @@ class Raft:
     # --- Sending ----------------------------------------------------------------
 
     def _send(self, message: Message) -> None:
+        if self.role is not StateRole.LEADER:
+            # A vote, a vote request or an acknowledgement: it promises
+            # something that must be on disk before it leaves.
+            self.msgs_need_persist = True
         self.msgs.append(message)
 
     def _send_append(self, to: int) -> None:

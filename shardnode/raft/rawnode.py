@@ -7,7 +7,9 @@ The Ready contract, which every driver (the worker, the simulator) follows:
 2. Persist rd.snapshot (if any), rd.entries and rd.hard_state (if any), in
    that order, durably (one synced write batch in the worker).
 3. Send rd.messages. (Only now: they may promise what step 2 made durable,
-   such as a vote or an acknowledged append.)
+   such as a vote or an acknowledged append. Exception: when
+   rd.send_before_persist is set — all of them are a leader's appends and
+   heartbeats — they may be sent before step 2, in parallel with the write.)
 4. Apply rd.committed_entries to the state machine, in order; serve
    rd.read_states once the applied index reaches their index.
 5. node.advance(rd).
@@ -58,6 +60,13 @@ class Ready:
     # without a sync: a lost commit index is learned again from the leader
     # (as in etcd's MustSync).
     must_sync: bool = False
+    # Whether `messages` may be sent before step 2 instead of after it. True
+    # only when every message was produced by this node as leader: a leader's
+    # appends and heartbeats promise nothing about its own disk, and it counts
+    # itself toward a commit only once advance() reports its entries
+    # persisted (Raft thesis 10.2.1: the leader writes to its disk in
+    # parallel with replicating). Votes and acknowledgements always wait.
+    send_before_persist: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -194,8 +203,13 @@ class RawNode:
             or snapshot is not None
             or hard_state.term != previous.term
             or hard_state.vote != previous.vote,
+            send_before_persist=raft.role is StateRole.LEADER
+            and not raft.msgs_need_persist
+            and snapshot is None
+            and (hard_state.term, hard_state.vote) == (previous.term, previous.vote),
         )
         raft.msgs = []
+        raft.msgs_need_persist = False
         raft.read_states = []
         self._prev_soft_state = soft_state
         self._prev_hard_state = hard_state

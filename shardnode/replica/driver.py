@@ -288,6 +288,10 @@ class ReplicaDriver:
         self.stats.readies += 1
         if ready.soft_state is not None:
             self._on_soft_state(ready.soft_state.role, ready.soft_state.lead)
+        if ready.send_before_persist:
+            # A leader's appends go out while its own write runs (it counts
+            # itself toward commits only after advance()).
+            self._send(ready.messages)
         # 1. Persist (fsync) before anything that may promise it. The write
         # runs on the persist thread so that, meanwhile, this loop keeps
         # taking requests and messages: they form the next Ready, and share
@@ -310,15 +314,9 @@ class ReplicaDriver:
                 self._resolve(self._pending_writes.pop(pending_index).future,
                               Unavailable("replaced by a snapshot; outcome unknown"))
             log.info("replica.snapshot_installed", extra={**self._log_extra, "index": index})
-        # 2. Send.
-        regular = []
-        for message in ready.messages:
-            if message.type is MessageType.SNAP:
-                self._start_snapshot_send(message)
-            else:
-                regular.append(message)
-        if regular:
-            self.transport.send(regular)
+        # 2. Send (unless already sent above).
+        if not ready.send_before_persist:
+            self._send(ready.messages)
         # 3. Apply.
         if ready.committed_entries:
             self._apply(ready.committed_entries)
@@ -340,6 +338,16 @@ class ReplicaDriver:
         if ready.committed_entries:
             if self.store.compact(self.cluster.snapshot_threshold) is not None:
                 self.stats.snapshots_taken += 1
+
+    def _send(self, messages: list[Message]) -> None:
+        regular = []
+        for message in messages:
+            if message.type is MessageType.SNAP:
+                self._start_snapshot_send(message)
+            else:
+                regular.append(message)
+        if regular:
+            self.transport.send(regular)
 
     def _apply(self, entries) -> None:
         results: list[ApplyResult | None] = []

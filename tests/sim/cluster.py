@@ -259,6 +259,11 @@ class Simulation:
             return
         ready = node.rawnode.ready()
         node.in_flight_ready = ready
+        # A leader's appends may leave before its own write (in parallel with
+        # it); do that most of the time, so both orders are exercised.
+        node.sent_early = ready.send_before_persist and self.rng.random() < 0.7
+        if node.sent_early:
+            self._send_messages(node, ready.messages)
         delay = self.rng.randint(0, node.params.max_persist_delay) if ready.must_sync else 0
         if delay:
             self._at(self.now + delay, "persisted", (node.id, ready))
@@ -274,15 +279,8 @@ class Simulation:
             self._log(f"n{node.id} install snapshot at {ready.snapshot.metadata.index}")
             for handle in node.install_snapshot(ready.snapshot):
                 self._finish_unknown(handle)
-        for message in ready.messages:
-            self.checker.on_message_sent(message)
-            delays = self.network.deliveries(message)
-            for delay in delays:
-                self._at(self.now + delay, "deliver", message)
-            if message.type is MessageType.SNAP:
-                # The transport reports how a snapshot stream ended.
-                failed = not delays
-                self._at(self.now + (max(delays) if delays else 1), "snap_status", (node.id, message.to, failed))
+        if not node.sent_early:
+            self._send_messages(node, ready.messages)
         for entry in ready.committed_entries:
             self.checker.on_apply(node, entry, node.applied_index + 1)
             answered = node.apply(entry)
@@ -302,6 +300,17 @@ class Simulation:
         node.maybe_compact()
         self.checker.after_step(node)
         self._drive(node)
+
+    def _send_messages(self, node: SimNode, messages) -> None:
+        for message in messages:
+            self.checker.on_message_sent(message)
+            delays = self.network.deliveries(message)
+            for delay in delays:
+                self._at(self.now + delay, "deliver", message)
+            if message.type is MessageType.SNAP:
+                # The transport reports how a snapshot stream ended.
+                failed = not delays
+                self._at(self.now + (max(delays) if delays else 1), "snap_status", (node.id, message.to, failed))
 
     def _serve_reads(self, node: SimNode) -> None:
         if not node.ready_reads:

@@ -67,6 +67,7 @@ class SimNode:
     applied_index: int = field(default=0, init=False)
     # The Ready being "written to disk", and when that write completes.
     in_flight_ready: Ready | None = field(default=None, init=False)
+    sent_early: bool = field(default=False, init=False)      # its messages left before the write
     # Client requests this node accepted and has not answered.
     pending_writes: dict[int, PendingWrite] = field(default_factory=dict, init=False)
     pending_reads: dict[bytes, int] = field(default_factory=dict, init=False)

@@ -60,3 +60,19 @@ def test_reads_served_without_confirming_leadership_are_caught(monkeypatch: pyte
     monkeypatch.setattr(Raft, "_leader_read_index", read_without_heartbeat_round)
     seed, violation = _first_violation()
     assert "linearizability" in violation, violation
+
+
+def test_leader_counting_its_unpersisted_entries_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    original_append = Raft._append_entries
+
+    def append_and_count_self(self: Raft, entries) -> bool:
+        # Broken: the leader counts new entries toward the quorum before its
+        # own write finished (its appends may leave in parallel with it).
+        appended = original_append(self, entries)
+        if appended and self.id in self.tracker.progress:
+            self.tracker.progress[self.id].maybe_update(self.log.last_index())
+        return appended
+
+    monkeypatch.setattr(Raft, "_append_entries", append_and_count_self)
+    seed, violation = _first_violation()
+    assert "durable commit" in violation, violation
