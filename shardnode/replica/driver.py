@@ -43,6 +43,7 @@ from ..raft import (
 )
 from ..storage import ApplyResult, Command, ReplicaStore, encode_command
 from ..transport import RaftTransport, SnapshotHeader
+from ..futures import settle
 from .metrics import WorkerMetrics
 
 log = logging.getLogger("shardnode.replica")
@@ -406,12 +407,7 @@ class ReplicaDriver:
 
     @staticmethod
     def _resolve(future: asyncio.Future, outcome: object) -> None:
-        if future.done():
-            return
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
+        settle(future, outcome)
 
     # --- Snapshots over the wire -----------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import grpc
 
 from ..config import ClusterConfig
 from ..errors import DeadlineExceeded, InvalidArgument, ShardnodeError, Unavailable
+from ..futures import settle as _resolve
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
 
@@ -230,11 +231,3 @@ class GroupForwarder:
         assert self.stats.errors is not None
         self.stats.errors[reason] = self.stats.errors.get(reason, 0) + 1
 
-
-def _resolve(future: asyncio.Future, outcome: object) -> None:
-    if future.done():
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)

@@ -27,6 +27,20 @@ ROOT = Path(__file__).resolve().parents[2]
 Op = pb.Operation
 
 
+def signal_and_wait(process: subprocess.Popen, sig: int) -> int:
+    """Signal a process's whole group (it was started in its own session) and
+    reap it; escalate to SIGKILL if it does not exit within 15 s."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        return process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait(timeout=5)
+
+
 @dataclass
 class WorkerGroup:
     """One Raft group of `size` worker processes (group 0 of a 1-group cluster)."""
@@ -82,15 +96,7 @@ class WorkerGroup:
         process = self.processes.pop(host, None)
         if process is None:
             return None
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            return process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            return process.wait(timeout=5)
+        return signal_and_wait(process, sig)
 
     def stop_all(self) -> None:
         for host in list(self.processes):
@@ -260,15 +266,7 @@ class LocalCluster:
         process = self.processes.pop(key, None)
         if process is None:
             return None
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            return process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            return process.wait(timeout=5)
+        return signal_and_wait(process, sig)
 
     def kill_host(self, host: str, sig: int = signal.SIGKILL) -> None:
         for key in [k for k in self.processes if k[0] == host]:
