@@ -57,11 +57,6 @@ class _PendingWrite:
 
 @dataclass
 class ReplicaStats:
-    proposals: int = 0
-    proposal_batches: int = 0
-    readies: int = 0
-    persist_seconds: float = 0.0
-    applied_entries: int = 0
     elections_started: int = 0
     elections_won: int = 0
     leader_changes: int = 0
@@ -148,16 +143,19 @@ class ReplicaDriver:
         await self.transport.close()
         self._persist_thread.shutdown(wait=True)
 
-    async def transfer_leadership(self, timeout: float) -> bool:
-        """If leader, hand leadership to the most up-to-date follower and wait
-        (up to timeout) until someone else leads. Used by a clean shutdown."""
+    async def transfer_leadership(self, timeout: float, target: int = NONE) -> bool:
+        """If leader, hand leadership to `target` (default: the most
+        up-to-date active follower) and wait, up to timeout, until someone
+        else leads. Used by a clean shutdown and by the TransferLeader RPC."""
         status = self.node.status()
         if status.role is not StateRole.LEADER:
             return True
-        followers = [(p.match, nid) for nid, p in status.progress.items() if nid != self.node_id and p.recent_active]
-        if not followers:
-            return False
-        _, target = max(followers)
+        if target == NONE:
+            followers = [(p.match, nid) for nid, p in status.progress.items()
+                         if nid != self.node_id and p.recent_active]
+            if not followers:
+                return False
+            _, target = max(followers)
         log.info("replica.transfer_leadership", extra={**self._log_extra, "term": status.term, "peer": target})
         self.node.transfer_leader(target)
         self._wake.set()
@@ -167,10 +165,6 @@ class ReplicaDriver:
             if self.node.raft.role is not StateRole.LEADER and self.node.raft.lead not in (NONE, self.node_id):
                 return True
         return False
-
-    def transfer_to(self, target: int) -> None:
-        self.node.transfer_leader(target)
-        self._wake.set()
 
     # --- Client-facing operations ----------------------------------------------------------
 
@@ -201,8 +195,6 @@ class ReplicaDriver:
             if exc.leader == self.node_id:
                 raise Unavailable(str(exc)) from None   # e.g. too much uncommitted: back off
             raise self._not_leader(exc.leader) from None
-        self.stats.proposals += len(commands)
-        self.stats.proposal_batches += 1
         self.metrics.proposals.inc(len(commands))
         self.metrics.proposal_batch.observe(len(commands))
         futures = []
@@ -286,7 +278,6 @@ class ReplicaDriver:
 
     async def _handle_ready(self, ready: Ready) -> None:
         node = self.node
-        self.stats.readies += 1
         if ready.soft_state is not None:
             self._on_soft_state(ready.soft_state.role, ready.soft_state.lead)
         if ready.send_before_persist:
@@ -304,7 +295,6 @@ class ReplicaDriver:
                 self._persist_thread, self.store.persist, ready.hard_state, ready.entries, ready.snapshot
             )
             elapsed = time.perf_counter() - began
-            self.stats.persist_seconds += elapsed
             self.metrics.fsync_latency.observe(elapsed)
         elif ready.hard_state is not None:
             self.store.persist(ready.hard_state, [], None, sync=False)
@@ -312,7 +302,7 @@ class ReplicaDriver:
             self.stats.snapshots_received += 1
             index = ready.snapshot.metadata.index
             for pending_index in [i for i in self._pending_writes if i <= index]:
-                self._resolve(self._pending_writes.pop(pending_index).future,
+                settle(self._pending_writes.pop(pending_index).future,
                               Unavailable("replaced by a snapshot; outcome unknown"))
             log.info("replica.snapshot_installed", extra={**self._log_extra, "index": index})
         # 2. Send (unless already sent above).
@@ -330,7 +320,7 @@ class ReplicaDriver:
             waiting = []
             for index, future in self._ready_reads:
                 if index <= applied:
-                    self._resolve(future, None)
+                    settle(future, None)
                 else:
                     waiting.append((index, future))
             self._ready_reads = waiting
@@ -365,16 +355,15 @@ class ReplicaDriver:
                 start = position + 1
                 log.info("replica.membership_changed", extra={**self._log_extra, "voters": list(conf_state.voters)})
         results.extend(self.store.apply(entries[start:]))
-        self.stats.applied_entries += len(entries)
         for entry, result in zip(entries, results):
             pending = self._pending_writes.pop(entry.index, None)
             if pending is None:
                 continue
             if pending.term != entry.term or result is None:
                 # Another leader's entry took this index: ours was never committed.
-                self._resolve(pending.future, Unavailable("lost to a leader change; not applied"))
+                settle(pending.future, Unavailable("lost to a leader change; not applied"))
             else:
-                self._resolve(pending.future, result)
+                settle(pending.future, result)
 
     def _on_soft_state(self, role: StateRole, lead: int) -> None:
         was_leader = self._role is StateRole.LEADER
@@ -396,18 +385,14 @@ class ReplicaDriver:
 
     def _fail_all(self, error: Exception) -> None:
         for pending in self._pending_writes.values():
-            self._resolve(pending.future, error)
+            settle(pending.future, error)
         self._pending_writes.clear()
         for future in self._pending_reads.values():
-            self._resolve(future, error)
+            settle(future, error)
         self._pending_reads.clear()
         for _, future in self._ready_reads:
-            self._resolve(future, error)
+            settle(future, error)
         self._ready_reads.clear()
-
-    @staticmethod
-    def _resolve(future: asyncio.Future, outcome: object) -> None:
-        settle(future, outcome)
 
     # --- Snapshots over the wire -----------------------------------------------------------------
 

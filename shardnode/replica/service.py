@@ -170,23 +170,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         if driver.node.raft.role is not StateRole.LEADER:
             lead, _ = driver.leader_hint()
             return pb.TransferLeaderResponse(ok=False, leader_id=lead, message="not the leader")
-        if request.target_node_id:
-            driver.transfer_to(request.target_node_id)
-            ok = await _wait_leader_change(driver, self._timeout(context))
-        else:
-            ok = await driver.transfer_leadership(self._timeout(context))
+        ok = await driver.transfer_leadership(self._timeout(context), target=request.target_node_id)
         lead, _ = driver.leader_hint()
         return pb.TransferLeaderResponse(ok=ok, leader_id=lead, message="" if ok else "transfer did not complete")
-
-
-async def _wait_leader_change(driver: ReplicaDriver, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        raft = driver.node.raft
-        if raft.role is not StateRole.LEADER and raft.lead not in (0, driver.node_id):
-            return True
-        await asyncio.sleep(0.02)
-    return False
 
 
 def _read_result(value: bytes | None) -> pb.OperationResult:

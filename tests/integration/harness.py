@@ -18,10 +18,11 @@ from pathlib import Path
 
 import grpc
 
+from shardnode.config import ClusterConfig
 from shardnode.proto import worker_pb2 as pb
 from shardnode.proto import worker_pb2_grpc as pb_grpc
 
-from .ports import free_port, free_port_range
+from .ports import write_cluster_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 Op = pb.Operation
@@ -55,22 +56,10 @@ class WorkerGroup:
 
     def __post_init__(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
-        hosts = []
-        for i in range(1, self.size + 1):
-            address = f"127.0.0.{i}"
-            worker_port = free_port(address)
-            self.addresses[f"h{i}"] = f"{address}:{worker_port}"
-            hosts.append(
-                f'[[host]]\nname = "h{i}"\naddress = "{address}"\nrouter_port = {free_port(address)}\n'
-                f"worker_port_base = {worker_port}\nmetrics_port = {free_port(address)}\n"
-                f"supervisor_port = {free_port(address)}\n"
-            )
-        self.config_path = self.tmp / "cluster.toml"
-        self.config_path.write_text(
-            f'[cluster]\nname = "{self.name}"\nreplicas = {self.size}\ngroups = 1\n'
-            f'data_dir = "{self.tmp / "data"}"\nsnapshot_threshold = {self.snapshot_threshold}\n\n'
-            f"[timing]\ntick_ms = {self.tick_ms}\nelection_ticks = 10\nheartbeat_ticks = 1\n\n" + "\n".join(hosts)
-        )
+        self.config_path = write_cluster_toml(self.tmp, name=self.name, hosts=self.size, tick_ms=self.tick_ms,
+                                              snapshot_threshold=self.snapshot_threshold)
+        for host in ClusterConfig.load(self.config_path).hosts:
+            self.addresses[host.name] = host.worker_address(0)
         self.channels: dict[str, grpc.aio.Channel] = {}
 
     @property
@@ -215,28 +204,11 @@ class LocalCluster:
 
     def __post_init__(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
-        blocks = []
-        self.router_addresses: dict[str, str] = {}
-        for i in range(1, self.hosts + 1):
-            address = f"127.0.0.{i}"
-            router_port = free_port(address)
-            # worker ports: a free base with `groups` free ports after it
-            base = free_port_range(address, self.groups)
-            self.router_addresses[f"h{i}"] = f"{address}:{router_port}"
-            blocks.append(
-                f'[[host]]\nname = "h{i}"\naddress = "{address}"\nrouter_port = {router_port}\n'
-                f"worker_port_base = {base}\nmetrics_port = {free_port(address)}\n"
-                f"supervisor_port = {free_port(address)}\n"
-            )
-        self.config_path = self.tmp / "cluster.toml"
-        self.config_path.write_text(
-            f'[cluster]\nname = "{self.name}"\nreplicas = {self.replicas}\ngroups = {self.groups}\n'
-            f'data_dir = "{self.tmp / "data"}"\nsnapshot_threshold = {self.snapshot_threshold}\n\n'
-            f"[timing]\ntick_ms = {self.tick_ms}\nelection_ticks = 10\nheartbeat_ticks = 1\n\n" + "\n".join(blocks)
-        )
-        from shardnode.config import ClusterConfig
-
+        self.config_path = write_cluster_toml(self.tmp, name=self.name, hosts=self.hosts, groups=self.groups,
+                                              replicas=self.replicas, tick_ms=self.tick_ms,
+                                              snapshot_threshold=self.snapshot_threshold)
         self.config = ClusterConfig.load(self.config_path)
+        self.router_addresses = {h.name: h.router_address for h in self.config.hosts}
 
     def host_names(self) -> list[str]:
         return [h.name for h in self.config.hosts]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 _handed_out: set[tuple[str, int]] = set()
 
@@ -37,3 +38,32 @@ def free_port_range(address: str, count: int) -> int:
         ) and all(_bindable(address, p) for p in ports):
             _handed_out.update((address, p) for p in ports)
             return base
+
+
+def write_cluster_toml(
+    tmp: Path,
+    *,
+    name: str = "itest",
+    hosts: int = 3,
+    groups: int = 1,
+    replicas: int | None = None,
+    tick_ms: int = 50,
+    snapshot_threshold: int = 10_000,
+) -> Path:
+    """A cluster.toml for a test cluster: hosts h1… on 127.0.0.1…, every
+    port free (worker ports: `groups` consecutive ones), data under tmp."""
+    blocks = []
+    for i in range(1, hosts + 1):
+        address = f"127.0.0.{i}"
+        blocks.append(
+            f'[[host]]\nname = "h{i}"\naddress = "{address}"\nrouter_port = {free_port(address)}\n'
+            f"worker_port_base = {free_port_range(address, groups)}\nmetrics_port = {free_port(address)}\n"
+            f"supervisor_port = {free_port(address)}\n"
+        )
+    path = tmp / "cluster.toml"
+    path.write_text(
+        f'[cluster]\nname = "{name}"\nreplicas = {replicas or hosts}\ngroups = {groups}\n'
+        f'data_dir = "{tmp / "data"}"\nsnapshot_threshold = {snapshot_threshold}\n\n'
+        f"[timing]\ntick_ms = {tick_ms}\nelection_ticks = 10\nheartbeat_ticks = 1\n\n" + "\n".join(blocks)
+    )
+    return path

@@ -18,27 +18,14 @@ from shardnode.errors import DeadlineExceeded, InvalidArgument, ShardnodeError, 
 from shardnode.ring import ShardMap
 from shardnode.testing.linearizability import HistoryRecorder, OpKind, check_history
 
-from .ports import free_port, free_port_range
+from .ports import write_cluster_toml
 from .supervised import SupervisedCluster, start_supervised
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _write_cluster(tmp: Path, hosts: int = 5, groups: int = 2, replicas: int = 3) -> Path:
-    blocks = []
-    for i in range(1, hosts + 1):
-        address = f"127.0.0.{i}"
-        blocks.append(
-            f'[[host]]\nname = "h{i}"\naddress = "{address}"\nrouter_port = {free_port(address)}\n'
-            f"worker_port_base = {free_port_range(address, groups)}\nmetrics_port = {free_port(address)}\n"
-            f"supervisor_port = {free_port(address)}\n"
-        )
-    path = tmp / "cluster.toml"
-    path.write_text(
-        f'[cluster]\nname = "full-itest"\nreplicas = {replicas}\ngroups = {groups}\ndata_dir = "{tmp / "data"}"\n\n'
-        "[timing]\ntick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 1\n\n" + "\n".join(blocks)
-    )
-    return path
+def _write_cluster(tmp: Path) -> Path:
+    return write_cluster_toml(tmp, name="full-itest", hosts=5, groups=2, replicas=3)
 
 
 @pytest.fixture

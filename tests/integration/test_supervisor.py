@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import configparser
-import importlib.util
 import shlex
 import signal
 import sys
@@ -22,7 +21,7 @@ import pytest
 
 from shardnode import cli_admin
 from shardnode.config import ClusterConfig
-from .ports import free_port
+from .ports import write_cluster_toml
 from .supervised import SupervisedCluster, start_supervised
 from shardnode.supervisor import (
     NotSupported,
@@ -36,10 +35,7 @@ from shardnode.supervisor import (
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = ROOT / "etc" / "cluster.toml"
 
-pytestmark = [
-    pytest.mark.timeout(240),
-    pytest.mark.skipif(importlib.util.find_spec("supervisor") is None, reason="supervisor is not installed"),
-]
+pytestmark = pytest.mark.timeout(240)
 
 
 def _parse(text: str) -> configparser.RawConfigParser:
@@ -49,20 +45,7 @@ def _parse(text: str) -> configparser.RawConfigParser:
 
 
 def _write_small_cluster(tmp: Path, hosts: int = 3) -> Path:
-    blocks = []
-    for i in range(1, hosts + 1):
-        address = f"127.0.0.{i}"
-        blocks.append(
-            f'[[host]]\nname = "h{i}"\naddress = "{address}"\nrouter_port = {free_port(address)}\n'
-            f"worker_port_base = {free_port(address)}\nmetrics_port = {free_port(address)}\n"
-            f"supervisor_port = {free_port(address)}\n"
-        )
-    path = tmp / "cluster.toml"
-    path.write_text(
-        f'[cluster]\nname = "sup-itest"\nreplicas = {hosts}\ngroups = 1\ndata_dir = "{tmp / "data"}"\n\n'
-        "[timing]\ntick_ms = 50\nelection_ticks = 10\nheartbeat_ticks = 1\n\n" + "\n".join(blocks)
-    )
-    return path
+    return write_cluster_toml(tmp, name="sup-itest", hosts=hosts)
 
 
 # --- Generation --------------------------------------------------------------------
