@@ -55,8 +55,9 @@ class RouterMetrics:
         self._forwarders: list[GroupForwarder] = []
         self._server = None
 
-    def observe(self, group: int, op: str, code: str, seconds: float) -> None:
-        labels = {"group": str(group), "node": self.node}
+    def observe(self, group: int | None, op: str, code: str, seconds: float) -> None:
+        """One answered request; `group` is None for one refused before routing."""
+        labels = {"group": "" if group is None else str(group), "node": self.node}
         self.requests.labels(**labels, op=op, code=code).inc()
         if code == "OK":
             self.request_latency.labels(**labels, op=op, component="router").observe(seconds)

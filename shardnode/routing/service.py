@@ -75,24 +75,25 @@ class KVService(pb_grpc.KVServicer):
 
     async def _execute(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False) -> wpb.OperationResult:
         """Validate, route and forward one operation; raises the error tree."""
-        if self.metrics is None:
-            return await self._route(operation, deadline, allow_stale)
         began = time.perf_counter()
+        group: int | None = None      # unknown for a request refused before routing
         code = "OK"
         try:
-            return await self._route(operation, deadline, allow_stale)
+            self._check_key(operation.key)
+            if operation.kind == WOp.PUT:
+                self._check_value(operation.value)
+            group = self.shard_map.group_for(operation.key)
+            return await self._forward(self.forwarders[group], operation, deadline, allow_stale)
         except Exception as exc:
             code = _code(exc).name
             raise
         finally:
-            group = self.shard_map.group_for(operation.key) if operation.key else 0
-            self.metrics.observe(group, _OP_NAMES.get(operation.kind, "unknown"), code, time.perf_counter() - began)
+            if self.metrics is not None:
+                self.metrics.observe(group, _OP_NAMES.get(operation.kind, "unknown"), code,
+                                     time.perf_counter() - began)
 
-    async def _route(self, operation: wpb.Operation, deadline: float, allow_stale: bool) -> wpb.OperationResult:
-        self._check_key(operation.key)
-        if operation.kind == WOp.PUT:
-            self._check_value(operation.value)
-        forwarder = self.forwarders[self.shard_map.group_for(operation.key)]
+    async def _forward(self, forwarder: GroupForwarder, operation: wpb.Operation, deadline: float,
+                       allow_stale: bool) -> wpb.OperationResult:
         if operation.kind == WOp.GET:
             return await forwarder.submit(operation, deadline, allow_stale)
         session = None
