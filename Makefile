@@ -36,6 +36,7 @@ run: setup
 	exec $(VENV)/bin/supervisord -c etc/supervisord.conf
 
 test: setup
+	sh scripts/install-test-deps.sh
 	$(PY) -m pytest -n 2 --dist loadgroup
 
 # Longer simulation soak: SIM_SEEDS=20000 make sim-soak
