@@ -59,6 +59,21 @@ class TimingConfig:
 
 
 @dataclass(slots=True, frozen=True)
+class StorageConfig:
+    """How each worker's RocksDB keeps its write-ahead log (docs/worker.md,
+    "Disk use"). The defaults are the original design's: obsolete WAL files
+    are archived for an hour or up to 512 MB per database, for point-in-time
+    recovery by an operator; nothing in shardnode reads the archive."""
+
+    wal_ttl_seconds: int = 3600    # 0 with wal_size_limit_mb = 0: delete obsolete WAL files at once
+    wal_size_limit_mb: int = 512
+
+    @property
+    def archives_wal(self) -> bool:
+        return self.wal_ttl_seconds > 0 or self.wal_size_limit_mb > 0
+
+
+@dataclass(slots=True, frozen=True)
 class Replica:
     """One member of one group."""
 
@@ -84,6 +99,7 @@ class ClusterConfig:
     timing: TimingConfig
     hosts: tuple[HostConfig, ...]
     source: Path | None = None
+    storage: StorageConfig = StorageConfig()
 
     # --- Lookups -------------------------------------------------------------
 
@@ -162,6 +178,13 @@ class ClusterConfig:
             heartbeat_ticks=fields.integer(timing_raw, "timing.heartbeat_ticks", default=1, low=1, high=10_000),
         )
         fields.no_extra(timing_raw, "timing", {"tick_ms", "election_ticks", "heartbeat_ticks"})
+        storage_raw = fields.table(raw, "storage", required=False)
+        storage = StorageConfig(
+            wal_ttl_seconds=fields.integer(storage_raw, "storage.wal_ttl_seconds", default=3600, low=0, high=1 << 40),
+            wal_size_limit_mb=fields.integer(storage_raw, "storage.wal_size_limit_mb", default=512, low=0,
+                                             high=1 << 30),
+        )
+        fields.no_extra(storage_raw, "storage", {"wal_ttl_seconds", "wal_size_limit_mb"})
         if timing.heartbeat_ticks >= timing.election_ticks:
             raise ConfigError(f"{where}timing.heartbeat_ticks: must be less than timing.election_ticks")
 
@@ -227,6 +250,7 @@ class ClusterConfig:
             timing=timing,
             hosts=tuple(hosts),
             source=source,
+            storage=storage,
         )
 
 

@@ -41,9 +41,10 @@ from ..raft import (
     Ready,
     StateRole,
 )
-from ..storage import ApplyResult, Command, ReplicaStore, encode_command
-from ..transport import RaftTransport, SnapshotHeader
+from ..failstop import FailStop, describe
 from ..futures import settle
+from ..storage import ApplyResult, Command, ReplicaStore, StorageFault, StoreBusy, encode_command
+from ..transport import RaftTransport, SnapshotHeader
 from .metrics import WorkerMetrics
 
 log = logging.getLogger("shardnode.replica")
@@ -76,6 +77,7 @@ class ReplicaDriver:
         replica: Replica,
         store: ReplicaStore,
         rng: random.Random | None = None,
+        fail_stop: FailStop | None = None,
     ) -> None:
         self.cluster = cluster
         self.replica = replica
@@ -119,6 +121,10 @@ class ReplicaDriver:
         self._leader = NONE
         self._stopping = False
         self._log_extra = {"group": self.group, "node": self.node_id}
+        # Tripped by any fault of the essential work (persist, apply, the
+        # ready and tick loops, a broken invariant): from then on this
+        # replica acknowledges nothing, and its process exits.
+        self.fail_stop = fail_stop if fail_stop is not None else FailStop(log, self._log_extra)
 
     # --- Lifecycle ---------------------------------------------------------------------
 
@@ -126,6 +132,8 @@ class ReplicaDriver:
         await self.transport.start()
         self._tasks.append(asyncio.create_task(self._tick_loop(), name=f"tick-g{self.group}"))
         self._tasks.append(asyncio.create_task(self._ready_loop(), name=f"ready-g{self.group}"))
+        self.fail_stop.watch(self._tasks[0], "the tick loop")
+        self.fail_stop.watch(self._tasks[1], "the ready loop")
         self._wake.set()
         log.info(
             "replica.started",
@@ -135,6 +143,7 @@ class ReplicaDriver:
 
     async def stop(self) -> None:
         self._stopping = True
+        self.fail_stop.stopping = True
         for task in [*self._tasks, *self._snapshot_tasks]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._snapshot_tasks, return_exceptions=True)
@@ -170,7 +179,17 @@ class ReplicaDriver:
 
     @property
     def is_leader(self) -> bool:
-        return self.node.raft.role is StateRole.LEADER
+        return self.node.raft.role is StateRole.LEADER and not self.fail_stop.failed
+
+    def _check_serving(self) -> None:
+        if self.fail_stop.failed:
+            raise Unavailable(f"replica stopped after a fault: {self.fail_stop.reason}")
+
+    def _fault(self, exc: BaseException, what: str) -> None:
+        """Trip fail-stop for a fault in essential work, and fail every
+        waiting request (their outcome is unknown: nothing more is acked)."""
+        self.fail_stop.trip(f"{what}: {describe(exc)}")
+        self._fail_all(Unavailable("replica stopped after a fault; outcome unknown, retry"))
 
     def leader_hint(self) -> tuple[int, str]:
         lead = self.node.raft.lead
@@ -186,6 +205,7 @@ class ReplicaDriver:
 
     async def write(self, commands: Sequence[Command], timeout: float) -> list[ApplyResult]:
         """Propose commands as one batch; return their results once applied here."""
+        self._check_serving()
         if not self.is_leader:
             raise self._not_leader()
         loop = asyncio.get_running_loop()
@@ -218,6 +238,7 @@ class ReplicaDriver:
     async def read_barrier(self, timeout: float) -> None:
         """Return once this replica's state includes every write acknowledged
         before the call (ReadIndex: confirmed by a quorum, then applied here)."""
+        self._check_serving()
         if not self.is_leader:
             raise self._not_leader()
         context = self._read_prefix + next(self._read_ids).to_bytes(8, "big")
@@ -236,11 +257,20 @@ class ReplicaDriver:
             self._pending_reads.pop(context, None)
 
     def read_local(self, key: bytes) -> bytes | None:
-        return self.store.get(key)
+        self._check_serving()
+        try:
+            return self.store.get(key)
+        except StoreBusy as exc:
+            raise Unavailable(str(exc)) from None
+        except StorageFault as exc:
+            self._fault(exc, "read")
+            raise Unavailable(f"replica stopped after a fault: {self.fail_stop.reason}") from None
 
     # --- Inputs ----------------------------------------------------------------------------
 
     def _on_messages(self, messages: list[Message]) -> None:
+        if self.fail_stop.failed:
+            return
         node = self.node
         for message in messages:
             try:
@@ -248,6 +278,11 @@ class ReplicaDriver:
             except RaftError as exc:
                 self.stats.messages_rejected += 1
                 log.warning("replica.bad_message", extra={**self._log_extra, "peer": message.from_, "error": str(exc)})
+            except Exception as exc:
+                # Storage read errors and broken invariants of the core: this
+                # replica can no longer be trusted to answer correctly.
+                self._fault(exc, f"stepping a {message.type.name} from {message.from_}")
+                raise
         self._wake.set()
 
     def _on_unreachable(self, peer: int) -> None:
@@ -257,22 +292,36 @@ class ReplicaDriver:
     async def _tick_loop(self) -> None:
         interval = self.cluster.timing.tick_seconds
         next_tick = time.monotonic() + interval
-        while True:
-            await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
-            next_tick += interval
-            if next_tick < time.monotonic():
-                next_tick = time.monotonic() + interval  # we were stalled: do not burst ticks
-            self.node.tick()
-            self._wake.set()
+        try:
+            while True:
+                await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+                next_tick += interval
+                if next_tick < time.monotonic():
+                    next_tick = time.monotonic() + interval  # we were stalled: do not burst ticks
+                self.node.tick()
+                self._wake.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._fault(exc, "ticking the core")
+            raise
 
     async def _ready_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            # Let proposals and messages that are already runnable join this Ready.
-            await asyncio.sleep(0)
-            while self.node.has_ready():
-                await self._handle_ready(self.node.ready())
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                # Let proposals and messages that are already runnable join this Ready.
+                await asyncio.sleep(0)
+                while self.node.has_ready():
+                    await self._handle_ready(self.node.ready())
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            # Tripped here, synchronously, so that no request is answered
+            # between the fault and the process's exit.
+            self._fault(exc, "persisting or applying a Ready")
+            raise
 
     # --- One Ready -------------------------------------------------------------------------
 
@@ -324,10 +373,15 @@ class ReplicaDriver:
                 else:
                     waiting.append((index, future))
             self._ready_reads = waiting
-        # 4. Advance, then compact if the log grew past the threshold.
+        # 4. Advance, then compact if the log grew past the threshold (a
+        # synced write: on the persist thread, so the loop keeps ticking).
         node.advance(ready)
-        if ready.committed_entries:
-            if self.store.compact(self.cluster.snapshot_threshold) is not None:
+        store = self.store
+        if ready.committed_entries and store.applied_index - store.first_index() >= self.cluster.snapshot_threshold:
+            compacted = await asyncio.get_running_loop().run_in_executor(
+                self._persist_thread, self.store.compact, self.cluster.snapshot_threshold
+            )
+            if compacted is not None:
                 self.stats.snapshots_taken += 1
 
     def _send(self, messages: list[Message]) -> None:
@@ -342,16 +396,15 @@ class ReplicaDriver:
 
     def _apply(self, entries) -> None:
         results: list[ApplyResult | None] = []
-        # Conf changes are applied to the core (and their membership recorded)
-        # before the entry itself, so a crash in between re-applies it: the
-        # single-member changes are idempotent.
+        # A conf change's membership is recorded in the same (unsynced) batch
+        # as its applied index: after a crash the store is exactly "applied
+        # up to N" with N's membership, and the log re-applies the rest.
         start = 0
         for position, entry in enumerate(entries):
             if entry.type is EntryType.CONF_CHANGE:
                 results.extend(self.store.apply(entries[start:position]))
                 conf_state = self.node.apply_conf_change(ConfChange.decode(entry.data))
-                self.store.set_conf_state(conf_state)
-                results.extend(self.store.apply([entry]))
+                results.extend(self.store.apply([entry], conf_state=conf_state))
                 start = position + 1
                 log.info("replica.membership_changed", extra={**self._log_extra, "voters": list(conf_state.voters)})
         results.extend(self.store.apply(entries[start:]))
@@ -429,16 +482,36 @@ class ReplicaDriver:
             self._wake.set()
 
     async def _on_snapshot_stream(self, header: SnapshotHeader, chunks) -> None:
+        """Stage an incoming snapshot, then hand it to the core.
+
+        Store calls run in a thread: they take the staging lock, which the
+        persist thread holds for a whole install, and finish() fsyncs; the
+        loop must keep ticking meanwhile."""
         snapshot = header.message.snapshot
         if snapshot is None:
             raise ValueError("snapshot stream without snapshot metadata")
+        self._check_serving()
+        if header.message.term < self.node.raft.term:
+            # A deposed leader's stream must not replace a newer staging.
+            raise ValueError(f"stale snapshot stream: term {header.message.term} < {self.node.raft.term}")
+        metadata = snapshot.metadata
         began = time.perf_counter()
-        staging = self.store.begin_snapshot(snapshot.metadata)
-        async for chunk in chunks:
-            staging.write(chunk)
-        staging.finish()
-        self.stats.snapshot_receive_seconds += time.perf_counter() - began
-        log.info("replica.snapshot_received", extra={**self._log_extra, "peer": header.from_node,
-                                                     "index": snapshot.metadata.index})
-        # Now the core may accept it; persisting its Ready installs the staged state.
+        try:
+            staging = await asyncio.to_thread(self.store.begin_snapshot, metadata)
+            async for chunk in chunks:
+                await asyncio.to_thread(staging.write, chunk)
+            await asyncio.to_thread(staging.finish)
+            self.stats.snapshot_receive_seconds += time.perf_counter() - began
+            log.info("replica.snapshot_received", extra={**self._log_extra, "peer": header.from_node,
+                                                         "index": metadata.index})
+            # Pin the staging, then let the core decide; persisting its Ready
+            # installs the staged state. A stream that starts meanwhile cannot
+            # discard it (SnapshotBusy) and is retried by its sender.
+            await asyncio.to_thread(self.store.hand_over_staging, metadata)
+        except StorageFault as exc:
+            self._fault(exc, "staging a snapshot")
+            raise
         self._on_messages([header.message])
+        taken = self.node.raft.log.unstable.snapshot
+        if taken is None or (taken.metadata.index, taken.metadata.term) != (metadata.index, metadata.term):
+            await asyncio.to_thread(self.store.release_staging, metadata)

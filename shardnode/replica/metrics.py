@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..raft import StateRole
+from ..storage import wal_archive_bytes
 
 if TYPE_CHECKING:
     from .driver import ReplicaDriver
@@ -101,6 +102,9 @@ class _ReplicaCollector:
             if peer != driver.node_id:
                 lag.add_metric([*self.labels.values(), str(peer)], max(0, status.last_index - progress.match))
         yield lag
+        yield self._gauge("raft_wal_archive_bytes",
+                          "Bytes of obsolete write-ahead log kept in archive/ ([storage] wal_ttl_seconds, "
+                          "wal_size_limit_mb).", wal_archive_bytes(store.path))
         for name, doc, value in (
             ("raft_elections_started", "Campaigns this replica started (pre-vote included).", stats.elections_started),
             ("raft_elections_won", "Elections this replica won.", stats.elections_won),

@@ -12,8 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
 
 from ..config import ClusterConfig
+from ..failstop import EXIT_FAIL_STOP, FailStop, describe, run_until_stop_or_fault
 from ..proto import worker_pb2_grpc
-from ..storage import ReplicaStore
+from ..storage import ReplicaStore, StorageError
 from ..transport import SERVER_OPTIONS
 from .driver import ReplicaDriver
 from .service import WorkerService
@@ -27,14 +28,21 @@ SHUTDOWN_TRANSFER_SECONDS = 3.0
 async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
     replica = cluster.replica(group, host_name)
     data_dir = cluster.worker_data_dir(host_name, group)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    voters = tuple(r.node_id for r in cluster.group_replicas(group))
-    store = ReplicaStore.open(data_dir, initial_voters=voters)
     extra = {"group": group, "node": replica.node_id}
+    fail_stop = FailStop(log, extra)
+    voters = tuple(r.node_id for r in cluster.group_replicas(group))
+    try:
+        # Creates data_dir/HOST/group-G durably (parent directories fsynced).
+        store = ReplicaStore.open(data_dir, initial_voters=voters, storage=cluster.storage)
+    except (StorageError, OSError) as exc:
+        # The disk is full or failing, or the data is not ours: say why, in
+        # one line, and let supervisord retry with its backoff.
+        fail_stop.trip(f"cannot open the replica's storage at {data_dir}: {describe(exc)}")
+        return EXIT_FAIL_STOP
     # The transport's options raise gRPC's message limits to fit its frames
     # (and snapshot chunks); a port held by another process must fail to bind.
     server = grpc.aio.server(options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
-    driver = ReplicaDriver(cluster, replica, store)
+    driver = ReplicaDriver(cluster, replica, store, fail_stop=fail_stop)
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(driver), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -51,12 +59,14 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await server.start()
+    # The gRPC server is essential too: a worker nobody can reach must not linger.
+    fail_stop.watch(asyncio.create_task(server.wait_for_termination(), name="grpc-server"), "the gRPC server")
     await driver.start()
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set("shardnode.worker.Worker", health_pb2.HealthCheckResponse.SERVING)
     log.info("worker.serving", extra={**extra, "address": address, "data_dir": str(data_dir)})
+    await run_until_stop_or_fault(stop, fail_stop, health, ("", "shardnode.worker.Worker"))
     try:
-        await stop.wait()
         log.info("worker.stopping", extra=extra)
         await health.enter_graceful_shutdown()
         # Clean shutdown: hand leadership over so the group does not wait out

@@ -69,7 +69,8 @@ class RouterMetrics:
 
     def serve(self) -> None:
         """Serve /metrics on the host's metrics port (a daemon thread)."""
-        self._server, _ = start_http_server(self.host.metrics_port, addr=self.host.address, registry=self.registry)
+        self._server, self.thread = start_http_server(self.host.metrics_port, addr=self.host.address,
+                                                      registry=self.registry)
         log.info("router.metrics_serving", extra={"address": f"{self.host.address}:{self.host.metrics_port}"})
 
     def close(self) -> None:

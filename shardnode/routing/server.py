@@ -10,6 +10,7 @@ import signal
 import grpc
 
 from ..config import ClusterConfig
+from ..failstop import FailStop, run_until_stop_or_fault
 from ..proto import kv_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
@@ -53,11 +54,17 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
                   extra={"address": f"{host.address}:{host.metrics_port}", "error": str(exc)})
         return 1
     await server.start()
+    # Essential: the gRPC server and the metrics endpoint. If either ends
+    # without being asked to, the router says why and exits (fail-stop).
+    fail_stop = FailStop(log)
+    fail_stop.watch(asyncio.create_task(server.wait_for_termination(), name="grpc-server"), "the gRPC server")
+    fail_stop.watch(asyncio.create_task(asyncio.to_thread(metrics.thread.join), name="metrics-server"),
+                    "the metrics endpoint")
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set("shardnode.kv.KV", health_pb2.HealthCheckResponse.SERVING)
     log.info("router.serving", extra={"address": address, "groups": cluster.groups})
+    await run_until_stop_or_fault(stop, fail_stop, health, ("", "shardnode.kv.KV"))
     try:
-        await stop.wait()
         log.info("router.stopping")
         await health.enter_graceful_shutdown()
         await server.stop(grace=2.0)

@@ -11,14 +11,18 @@ from .engine import (
     CorruptionError,
     Engine,
     SessionRecord,
+    SnapshotBusy,
     SnapshotDataError,
     SnapshotNotStaged,
     StorageClosed,
     StorageError,
+    StorageFault,
+    make_dirs_durable,
     open_engine,
+    wal_archive_bytes,
 )
 from .snapshot import SnapshotChunk, SnapshotReader, SnapshotStaging
-from .store import ApplyResult, ReplicaStore
+from .store import ApplyResult, ReplicaStore, StoreBusy
 
 __all__ = [
     "COMMAND_FORMAT_VERSION",
@@ -31,13 +35,18 @@ __all__ = [
     "ReplicaStore",
     "SessionRecord",
     "SnapshotChunk",
+    "SnapshotBusy",
     "SnapshotDataError",
     "SnapshotNotStaged",
     "SnapshotReader",
     "SnapshotStaging",
     "StorageClosed",
     "StorageError",
+    "StorageFault",
+    "StoreBusy",
     "decode_command",
     "encode_command",
+    "make_dirs_durable",
     "open_engine",
+    "wal_archive_bytes",
 ]

@@ -29,6 +29,7 @@ of the batches written, never a mix.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ from rocksdict import (
     WriteOptions,
 )
 
+from shardnode.config import StorageConfig
 from shardnode.errors import ShardnodeError
 from shardnode.raft import ConfState, Entry, EntryType, HardState, SnapshotMetadata
 
@@ -64,8 +66,21 @@ class CorruptionError(StorageError):
     """Something on disk is not in the format this code wrote."""
 
 
+class StorageFault(StorageError):
+    """The disk or RocksDB failed (ENOSPC, EIO on fsync, a background error).
+
+    RocksDB's background errors are sticky: the database refuses writes from
+    then on, so nothing can be retried in place. A worker that sees this
+    stops at once (fail-stop) and is restarted by its supervisor; it recovers
+    from what was made durable."""
+
+
 class SnapshotNotStaged(StorageError):
     """persist() was given a snapshot without a completed staging for it."""
+
+
+class SnapshotBusy(StorageError):
+    """Another snapshot is staged and awaits its install: try again later."""
 
 
 class SnapshotDataError(StorageError, ValueError):
@@ -81,8 +96,6 @@ META_CF = "meta"
 STAGING_CF = "staging"
 COLUMN_FAMILIES = (LOG_CF, KV_CF, SESSIONS_CF, META_CF, STAGING_CF)
 
-WAL_TTL_SECONDS = 3600
-WAL_SIZE_LIMIT_MB = 512
 # A host runs many workers, each with its own RocksDB: keep memtables small.
 WRITE_BUFFER_BYTES = 16 << 20
 # With several column families one WAL file cannot be dropped while any family
@@ -91,12 +104,14 @@ WRITE_BUFFER_BYTES = 16 << 20
 MAX_TOTAL_WAL_BYTES = 64 << 20
 
 
-def _db_options() -> Options:
+def _db_options(storage: StorageConfig) -> Options:
     options = Options(raw_mode=True)
     options.create_if_missing(True)
     options.create_missing_column_families(True)
-    options.set_wal_ttl_seconds(WAL_TTL_SECONDS)
-    options.set_wal_size_limit_mb(WAL_SIZE_LIMIT_MB)
+    # Obsolete WAL files go to archive/ while either limit allows (both 0:
+    # deleted at once). See StorageConfig and docs/worker.md, "Disk use".
+    options.set_wal_ttl_seconds(storage.wal_ttl_seconds)
+    options.set_wal_size_limit_mb(storage.wal_size_limit_mb)
     options.set_wal_recovery_mode(DBRecoveryMode.point_in_time())
     options.set_max_total_wal_size(MAX_TOTAL_WAL_BYTES)
     options.set_max_background_jobs(2)
@@ -185,7 +200,10 @@ class Engine:
     def write(self, batch: WriteBatch, *, sync: bool) -> None:
         if self._db is None:
             raise StorageClosed(f"database at {self.path} is closed")
-        self._db.write(batch, self._sync if sync else self._no_sync)
+        try:
+            self._db.write(batch, self._sync if sync else self._no_sync)
+        except Exception as exc:  # rocksdict raises a bare Exception ("IO error: ...")
+            raise StorageFault(f"RocksDB write failed at {self.path}: {exc}") from exc
 
     def iterator(self, column: Column, upper_bound: bytes | None = None) -> Cursor:
         """A new iterator over `column`: a consistent point-in-time view
@@ -246,10 +264,64 @@ def new_batch() -> WriteBatch:
     return WriteBatch(raw_mode=True)
 
 
-def open_engine(path: str) -> Engine:
+def open_engine(path: str, storage: StorageConfig = StorageConfig()) -> Engine:
     """Open (creating if needed) the worker database at `path`."""
-    db = Rdict(path, _db_options(), column_families={name: _cf_options(name) for name in COLUMN_FAMILIES})
+    try:
+        make_dirs_durable(path)
+        db = Rdict(path, _db_options(storage),
+                   column_families={name: _cf_options(name) for name in COLUMN_FAMILIES})
+    except Exception as exc:
+        raise StorageFault(f"cannot open RocksDB at {path}: {exc}") from exc
     return Engine(path, db)
+
+
+#: Ancestors of a database directory fsynced at every open: data_dir/HOST/group-G
+#: needs HOST and data_dir to hold their entries too.
+DURABLE_ANCESTORS = 2
+
+
+def make_dirs_durable(path: str | os.PathLike[str], ancestors: int = DURABLE_ANCESTORS) -> None:
+    """Create `path` (and missing parents) so that it survives a power loss.
+
+    A new directory's entry lives in its parent, and only an fsync of the
+    parent makes it durable: without it a power loss soon after the first
+    start can take the whole database with it, and the replica would come
+    back with term 0 and no vote (and could vote twice in one term). The
+    directory and its ancestors are fsynced at every open, not only when
+    created here, because an earlier process may have created them and died
+    before syncing."""
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    directory = path
+    for _ in range(ancestors + 1):
+        _fsync_directory(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def wal_archive_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of archived (obsolete) WAL files of the database at `path`."""
+    total = 0
+    try:
+        with os.scandir(os.path.join(path, "archive")) as entries:
+            for entry in entries:
+                try:
+                    total += entry.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    pass  # purged meanwhile
+    except FileNotFoundError:
+        return 0
+    return total
 
 
 # --- Keys --------------------------------------------------------------------------------

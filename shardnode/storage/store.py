@@ -42,6 +42,7 @@ from dataclasses import dataclass, replace
 
 from rocksdict import WriteBatch
 
+from shardnode.config import StorageConfig
 from shardnode.raft import (
     CompactedError,
     ConfState,
@@ -72,9 +73,11 @@ from .engine import (
     CorruptionError,
     Engine,
     SessionRecord,
+    SnapshotBusy,
     SnapshotNotStaged,
     StorageClosed,
     StorageError,
+    StorageFault,
     decode_apply_state,
     decode_conf_state,
     decode_entry,
@@ -133,6 +136,10 @@ class ApplyResult:
     stale: bool = False
 
 
+class StoreBusy(StorageError):
+    """The state machine is being replaced by a snapshot install; retry."""
+
+
 class ReplicaStore:
     """See the module docstring. Create with ReplicaStore.open()."""
 
@@ -165,6 +172,9 @@ class ReplicaStore:
         self._conf_state = ConfState()
         self._captures: OrderedDict[tuple[int, int], CapturedSnapshot] = OrderedDict()
         self._staging: SnapshotStaging | None = None
+        # A completed staging handed to the core (hand_over_staging): it must
+        # stay until persist() installs it, whatever streams arrive meanwhile.
+        self._handed_over: tuple[int, int] | None = None
 
     @classmethod
     def open(
@@ -174,11 +184,12 @@ class ReplicaStore:
         initial_voters: tuple[int, ...],
         session_ttl_ms: int = 3_600_000,
         entry_cache_entries: int = 8192,
+        storage: StorageConfig = StorageConfig(),
     ) -> ReplicaStore:
         """Open the store at `path`, creating it (with `initial_voters` as its
         membership) if it does not exist; an existing store keeps its own
         membership. Completes an install interrupted by a crash."""
-        engine = open_engine(os.fspath(path))
+        engine = open_engine(os.fspath(path), storage)
         try:
             store = cls(engine, session_ttl_ms=session_ttl_ms, entry_cache_entries=entry_cache_entries)
             store._load(tuple(initial_voters))
@@ -264,6 +275,11 @@ class ReplicaStore:
             self._captures.clear()
             self._staging = None
             self._engine.close()
+
+    @property
+    def path(self) -> str:
+        """The database directory."""
+        return self._engine.path
 
     def __enter__(self) -> ReplicaStore:
         return self
@@ -566,9 +582,20 @@ class ReplicaStore:
             self._conf_state = conf_state
 
     def get(self, key: bytes) -> bytes | None:
-        with self._sm_lock:
+        """The key's value as of the applied index. Raises StoreBusy instead
+        of waiting while a snapshot install holds the state machine (seconds,
+        on the persist thread): the caller, often an event loop that must
+        keep ticking, retries later or elsewhere."""
+        if not self._sm_lock.acquire(blocking=False):
+            raise StoreBusy("a snapshot is being installed; retry")
+        try:
             self._check_open()
-            return self._engine.kv.view.get(key)
+            try:
+                return self._engine.kv.view.get(key)
+            except Exception as exc:  # rocksdict raises a bare Exception on I/O errors
+                raise StorageFault(f"RocksDB read failed at {self._engine.path}: {exc}") from exc
+        finally:
+            self._sm_lock.release()
 
     def apply(self, entries: Sequence[Entry], conf_state: ConfState | None = None) -> list[ApplyResult | None]:
         """Apply committed entries, in order, as ONE WriteBatch holding the kv
@@ -696,15 +723,19 @@ class ReplicaStore:
 
         Staging of the same (index, term) already on disk is resumed: its
         position() says where the sender should continue. Any other staging
-        is discarded."""
+        is discarded, unless it was handed over to the core and awaits its
+        install: then SnapshotBusy (the sender retries later)."""
         with self._staging_lock:
             self._check_open()
             current = self._staging
-            if current is not None and (current.metadata.index, current.metadata.term) == (
-                metadata.index,
-                metadata.term,
-            ):
+            wanted = (metadata.index, metadata.term)
+            if current is not None and (current.metadata.index, current.metadata.term) == wanted:
                 return current
+            if self._handed_over is not None:
+                raise SnapshotBusy(
+                    f"snapshot {self._handed_over} is staged and awaits its install; "
+                    f"cannot stage {wanted} now"
+                )
             state = StagingState(metadata)
             batch = new_batch()
             self._engine.delete_all(batch, self._engine.staging)
@@ -713,6 +744,25 @@ class ReplicaStore:
             self._staging = self._make_staging(state)
             log.info("storage.snapshot_staging", extra={"index": metadata.index, "term": metadata.term})
             return self._staging
+
+    def hand_over_staging(self, metadata: SnapshotMetadata) -> None:
+        """Mark the completed staging of `metadata` as given to the core: from
+        now until persist() installs it (or release_staging()), no other
+        stream may discard it. Call just before stepping the SNAP message."""
+        with self._staging_lock:
+            self._check_open()
+            staging = self._staging
+            key = (metadata.index, metadata.term)
+            if staging is None or (staging.metadata.index, staging.metadata.term) != key or not staging.complete:
+                raise SnapshotNotStaged(f"no completed staging for snapshot {key}")
+            self._handed_over = key
+
+    def release_staging(self, metadata: SnapshotMetadata) -> None:
+        """The core did not take the snapshot handed over: let later streams
+        replace its staging."""
+        with self._staging_lock:
+            if self._handed_over == (metadata.index, metadata.term):
+                self._handed_over = None
 
     def _make_staging(self, state: StagingState) -> SnapshotStaging:
         return SnapshotStaging(self._engine, state, self._staging_lock, self._is_current_staging)
@@ -753,6 +803,7 @@ class ReplicaStore:
             self._engine.write(batch, sync=True)
         clock_ms = move_staged_into_place(self._engine)
         self._persist_log(hard_state, entries, install=(metadata, clock_ms))
+        self._handed_over = None
         log.info("storage.snapshot_installed", extra={"index": metadata.index, "term": metadata.term})
 
 

@@ -69,3 +69,17 @@ def test_unreadable_files(tmp_path: Path) -> None:
     bad.write_text("[cluster\nname=")
     with pytest.raises(ConfigError, match="not valid TOML"):
         ClusterConfig.load(bad)
+
+
+def test_storage_settings_default_to_the_original_wal_archive_and_can_be_set() -> None:
+    cluster = ClusterConfig.from_dict(_raw())
+    assert (cluster.storage.wal_ttl_seconds, cluster.storage.wal_size_limit_mb) == (3600, 512)
+    raw = _raw()
+    raw["storage"] = {"wal_ttl_seconds": 0, "wal_size_limit_mb": 0}
+    assert not ClusterConfig.from_dict(raw).storage.archives_wal
+    for bad, field in (({"wal_ttl_seconds": -1}, "storage.wal_ttl_seconds"),
+                       ({"wal_size_limit_mb": "big"}, "storage.wal_size_limit_mb"),
+                       ({"wal_dir": "/x"}, "storage.wal_dir")):
+        raw["storage"] = bad
+        with pytest.raises(ConfigError, match=field):
+            ClusterConfig.from_dict(raw)

@@ -415,3 +415,33 @@ def test_compaction_respects_the_threshold_and_keeps_the_boundary_term(open_stor
     assert (store.first_index(), store.last_index(), store.term(12), store.applied_index) == (13, 20, 4, 12)
     store.persist(None, [Entry(9, 21)])
     assert store.entries(20, 22)[-1] == Entry(9, 21)
+
+
+@pytest.mark.parametrize("archives", [True, False])
+def test_obsolete_wal_files_are_archived_only_when_the_storage_settings_say_so(tmp_path: Path, archives: bool) -> None:
+    from shardnode.config import StorageConfig
+    from shardnode.storage import wal_archive_bytes
+    from shardnode.storage.engine import COLUMN_FAMILIES
+
+    storage = StorageConfig() if archives else StorageConfig(wal_ttl_seconds=0, wal_size_limit_mb=0)
+    store = ReplicaStore.open(tmp_path / "db", initial_voters=(1,), storage=storage)
+    try:
+        for round_ in range(3):
+            store.persist(HardState(1, 1, 0), [Entry(1, round_ * 100 + i + 1, b"x" * 1000) for i in range(100)])
+            for name in COLUMN_FAMILIES:  # every family flushed: the WAL file becomes obsolete
+                store._engine.column(name).view.flush(wait=True)
+        archived = wal_archive_bytes(store.path)
+        assert (archived > 100_000) if archives else (archived == 0)
+    finally:
+        store.close()
+
+
+def test_storage_errors_surface_as_storage_faults(tmp_path: Path) -> None:
+    """rocksdict raises a bare Exception; the worker must recognise a failing
+    disk to stop (fail-stop), so the engine names it."""
+    from shardnode.storage import StorageFault
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    with pytest.raises(StorageFault):
+        ReplicaStore.open(blocker / "db", initial_voters=(1,))

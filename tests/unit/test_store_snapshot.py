@@ -15,6 +15,7 @@ from shardnode.storage import (
     Command,
     CommandOp,
     ReplicaStore,
+    SnapshotBusy,
     SnapshotDataError,
     SnapshotNotStaged,
     SnapshotStaging,
@@ -335,3 +336,73 @@ def test_a_ready_with_a_snapshot_and_entries_installs_first_then_appends(open_st
 def test_a_store_with_nothing_applied_has_no_snapshot_yet(open_store: OpenStore) -> None:
     with pytest.raises(SnapshotTemporarilyUnavailable):
         open_store("empty").snapshot()
+
+
+def test_a_staging_handed_to_the_core_survives_a_second_stream_until_installed(open_store: OpenStore) -> None:
+    """The race of a second stream (a stale or a new leader's) that starts
+    after the first snapshot was staged and stepped into the core, but before
+    the persist thread installs it: the install must still find its staging."""
+    source, target = open_store("source"), open_store("target")
+    _fill(source, keys=30, clients=1)
+    snapshot = _transfer(source, target)
+    target.hand_over_staging(snapshot.metadata)
+    other = SnapshotMetadata(snapshot.metadata.index + 7, snapshot.metadata.term + 1, snapshot.metadata.conf_state)
+    with pytest.raises(SnapshotBusy):
+        target.begin_snapshot(other)
+    assert target.begin_snapshot(snapshot.metadata).complete  # the same snapshot: still there
+    target.persist(HardState(1, 1, snapshot.metadata.index), [], snapshot)
+    assert target.applied_index == snapshot.metadata.index
+    # Installed: the next stream may stage again.
+    assert target.begin_snapshot(other).position() is None
+
+
+def test_a_staging_the_core_refused_can_be_replaced(open_store: OpenStore) -> None:
+    source, target = open_store("source"), open_store("target")
+    _fill(source, keys=30, clients=1)
+    snapshot = _transfer(source, target)
+    target.hand_over_staging(snapshot.metadata)
+    target.release_staging(snapshot.metadata)
+    other = SnapshotMetadata(snapshot.metadata.index + 7, snapshot.metadata.term, snapshot.metadata.conf_state)
+    assert target.begin_snapshot(other).position() is None
+
+
+def test_only_a_completed_staging_can_be_handed_over(open_store: OpenStore) -> None:
+    target, staging, _ = _half_staged(open_store)
+    with pytest.raises(SnapshotNotStaged):
+        target.hand_over_staging(staging.metadata)
+
+
+def test_reads_do_not_wait_behind_an_install(open_store: OpenStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An install holds the state machine for as long as it copies the state
+    (seconds for a large one, on the persist thread). A read from the event
+    loop must not block meanwhile: it is told to retry."""
+    import threading
+    import time
+
+    from shardnode.storage import StoreBusy
+    from shardnode.storage import store as store_module
+
+    source, target = open_store("source"), open_store("target")
+    _fill(source, keys=30, clients=1)
+    snapshot = _transfer(source, target)
+    installing, release = threading.Event(), threading.Event()
+    real_move = store_module.move_staged_into_place
+
+    def slow_move(engine):  # type: ignore[no-untyped-def]
+        installing.set()
+        release.wait(10)
+        return real_move(engine)
+
+    monkeypatch.setattr(store_module, "move_staged_into_place", slow_move)
+    install = threading.Thread(target=target.persist, args=(HardState(1, 1, snapshot.metadata.index), [], snapshot))
+    install.start()
+    try:
+        assert installing.wait(10)
+        began = time.monotonic()
+        with pytest.raises(StoreBusy):
+            target.get(b"key-00001")
+        assert time.monotonic() - began < 0.5
+    finally:
+        release.set()
+        install.join(10)
+    assert target.get(b"key-00001") is not None
