@@ -51,6 +51,8 @@ class WorkerGroup:
     snapshot_threshold: int = 10_000
     tick_ms: int = 50
     name: str = "itest"
+    # The module run as a worker: a test may run a deliberately broken variant.
+    worker_module: str = "worker"
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
 
@@ -72,7 +74,8 @@ class WorkerGroup:
         log = open(self.tmp / f"{host}.log", "ab")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.processes[host] = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--config", str(self.config_path), "--host", host, "--group", "0"],
+            [sys.executable, "-m", self.worker_module, "--config", str(self.config_path), "--host", host,
+             "--group", "0"],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
         )
         log.close()
