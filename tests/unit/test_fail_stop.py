@@ -18,9 +18,10 @@ from shardnode.replica.driver import ReplicaDriver
 from shardnode.storage import Command, CommandOp, ReplicaStore, StorageFault
 
 
-def _single_replica_cluster(tmp_path: Path) -> ClusterConfig:
+def _single_replica_cluster(tmp_path: Path, snapshot_threshold: int = 10_000) -> ClusterConfig:
     return ClusterConfig.from_dict({
-        "cluster": {"name": "failstop", "replicas": 1, "groups": 1, "data_dir": str(tmp_path)},
+        "cluster": {"name": "failstop", "replicas": 1, "groups": 1, "data_dir": str(tmp_path),
+                    "snapshot_threshold": snapshot_threshold},
         "timing": {"tick_ms": 10, "election_ticks": 3, "heartbeat_ticks": 1},
         "host": [{"name": "h1", "address": "127.0.0.1", "router_port": 1, "worker_port_base": 2, "metrics_port": 3,
                   "supervisor_port": 4}],
@@ -115,3 +116,39 @@ def test_describe_is_one_line() -> None:
     except StorageFault as exc:
         text = describe(exc)
     assert "\n" not in text and text.startswith("StorageFault: IO error: fsync failed (at ")
+
+
+def test_compaction_fsyncs_off_the_event_loop(tmp_path: Path) -> None:
+    """compact() is a synced write: on the loop it would stop ticks and
+    heartbeats for as long as the disk takes."""
+    import threading
+
+    async def scenario() -> list[str]:
+        cluster = _single_replica_cluster(tmp_path, snapshot_threshold=5)
+        replica = cluster.replica(0, "h1")
+        store = ReplicaStore.open(cluster.worker_data_dir("h1", 0), initial_voters=(replica.node_id,))
+        driver = ReplicaDriver(cluster, replica, store)
+        threads: list[str] = []
+        real_compact = store.compact
+
+        def recording_compact(threshold: int):  # type: ignore[no-untyped-def]
+            threads.append(threading.current_thread().name)
+            return real_compact(threshold)
+
+        store.compact = recording_compact  # type: ignore[method-assign]
+        await driver.start()
+        try:
+            for _ in range(200):
+                if driver.is_leader:
+                    break
+                await asyncio.sleep(0.01)
+            for sequence in range(1, 21):
+                await driver.write([_put(b"k%d" % sequence, sequence)], timeout=5)
+            assert store.first_index() > 5, "the log was compacted"
+        finally:
+            await driver.stop()
+            store.close()
+        return threads
+
+    threads = asyncio.run(scenario())
+    assert threads and threading.main_thread().name not in threads
