@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +129,24 @@ def test_model_failed_fsync_discards_dirty_pages_but_readers_still_see_them() ->
 
     assert _read_file(model, "/f") == b"A" * PAGE_SIZE * 2
     assert model.stats()["faults_injected"] == 1
+
+
+def test_model_directory_fsync_fault_only_when_asked_and_entries_stay_volatile() -> None:
+    model = LazyModel()
+    model.mkdir("/dir", 0o755)
+    _sync_dir(model, "/")
+    _write_file(model, "/dir/kept", b"x", sync=True)
+    model.fail_fsync(errno.EIO, path_contains="dir")
+    _sync_dir(model, "/dir")  # files only: the directory fsync is not failed
+    model.fail_fsync(errno.EIO, path_contains="dir", directories=True)
+    _write_file(model, "/dir/lost", b"y", sync=False)
+    with pytest.raises(OSError) as failure:
+        _sync_dir(model, "/dir")
+    assert failure.value.errno == errno.EIO
+
+    model.power_loss()
+
+    assert _names(model, "/dir") == {"kept"}
 
 
 def test_model_handles_die_with_the_power() -> None:
@@ -450,8 +469,9 @@ def test_rocksdb_unsynced_puts_are_lost_and_the_db_recovers(lazyfs: LazyFS) -> N
 
 
 def _mounted(mountpoint: str) -> bool:
+    escaped = mountpoint.replace(" ", "\\040")
     with open("/proc/self/mounts", encoding="utf-8") as mounts:
-        return any(line.split()[1] == mountpoint for line in mounts)
+        return any(line.split()[1] == escaped for line in mounts)
 
 
 @needs_fuse
@@ -477,6 +497,29 @@ def test_a_killed_daemon_leaves_no_mount(tmp_path: Path) -> None:
         assert filesystem.pid is not None
         os.kill(filesystem.pid, signal.SIGKILL)
     assert not _mounted(filesystem.mountpoint)
+
+
+@needs_fuse
+def test_a_killed_test_run_leaves_no_mount(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "host with space"
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from shardnode.testing.lazyfs import LazyFS; "
+            "LazyFS(sys.argv[1]).start(); print('mounted', flush=True); time.sleep(600)",
+            str(mountpoint),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert owner.stdout is not None and owner.stdout.readline().strip() == "mounted"
+    assert _mounted(str(mountpoint))
+    _kill(owner)  # no stop(): the daemon notices its parent is gone
+    deadline = time.monotonic() + 5
+    while _mounted(str(mountpoint)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _mounted(str(mountpoint))
 
 
 @needs_fuse

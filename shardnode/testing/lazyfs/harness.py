@@ -55,8 +55,10 @@ def lazyfs_unavailable() -> str | None:
 def _mounted(mountpoint: str) -> bool:
     """Whether ``mountpoint`` appears in /proc/mounts (does not touch the mount itself,
     which would hang or fail if the daemon is stuck or dead)."""
-    with open("/proc/self/mounts", encoding="utf-8") as mounts:
-        return any(line.split()[1] == mountpoint for line in mounts if line.strip())
+    # /proc/mounts escapes space, tab, newline and backslash as octal.
+    escaped = "".join(f"\\{ord(char):03o}" if char in " \t\n\\" else char for char in mountpoint)
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as mounts:
+        return any(line.split()[1] == escaped for line in mounts if line.strip())
 
 
 class LazyFS:
@@ -99,7 +101,15 @@ class LazyFS:
         os.makedirs(self.mountpoint, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "shardnode.testing.lazyfs", self.mountpoint, "--control", self.control_socket],
+                [
+                    sys.executable,
+                    "-m",
+                    "shardnode.testing.lazyfs",
+                    self.mountpoint,
+                    "--control",
+                    self.control_socket,
+                    "--exit-with-parent",
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
