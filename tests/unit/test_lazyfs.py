@@ -333,6 +333,29 @@ def test_sparse_writes_append_and_exclusive_create(lazyfs: LazyFS) -> None:
 
 
 @needs_fuse
+def test_fallocate_modes_and_unsupported_ones(lazyfs: LazyFS) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    keep_size, punch_hole, insert_range = 0x01, 0x02, 0x20
+    descriptor = os.open(Path(lazyfs.mountpoint, "f"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, b"x" * 100)
+        assert libc.fallocate(descriptor, keep_size, 0, 1 << 20) == 0
+        assert os.fstat(descriptor).st_size == 100
+        assert libc.fallocate(descriptor, punch_hole | keep_size, 10, 20) == 0
+        assert os.pread(descriptor, 100, 0) == b"x" * 10 + bytes(20) + b"x" * 70
+        assert libc.fallocate(descriptor, 0, 0, 4096) == 0
+        assert os.fstat(descriptor).st_size == 4096
+        assert libc.fallocate(descriptor, insert_range, 0, 4096) == -1
+        assert ctypes.get_errno() == errno.EOPNOTSUPP
+        lazyfs.fail_writes(errno.ENOSPC)
+        assert libc.fallocate(descriptor, keep_size, 0, 1 << 20) == -1
+        assert ctypes.get_errno() == errno.ENOSPC
+    finally:
+        os.close(descriptor)
+
+
+@needs_fuse
 def test_failed_fsync_loses_the_data_even_after_a_later_successful_fsync(lazyfs: LazyFS) -> None:
     root = Path(lazyfs.mountpoint)
     _write(root / "wal", b"", sync=True)
