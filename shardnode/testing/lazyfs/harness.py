@@ -153,14 +153,18 @@ class LazyFS:
     def stop(self) -> None:
         """Unmount and end the daemon. Safe to call twice; never leaves a mount behind
         (a busy mount is detached lazily and goes once its last file is closed)."""
+        # A clean unmount ends the daemon by itself; after a lazy one (busy: files still
+        # open) it would serve those files until they close, so it is signalled at once.
+        exit_wait = 2.0
         if _mounted(self.mountpoint):
             unmount = subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True)
             if unmount.returncode != 0 and _mounted(self.mountpoint):
                 subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], capture_output=True)
+                exit_wait = 0.0
         process, self._process = self._process, None
         if process is not None:
             try:
-                process.wait(timeout=2)  # an unmount ends the daemon by itself
+                process.wait(timeout=exit_wait)
             except subprocess.TimeoutExpired:
                 self._signal(process, signal.SIGTERM)
                 try:
