@@ -294,6 +294,27 @@ def test_rename_over_a_file_and_noreplace(lazyfs: LazyFS) -> None:
 
 
 @needs_fuse
+def test_links_symlinks_and_metadata(lazyfs: LazyFS) -> None:
+    root = Path(lazyfs.mountpoint)
+    _write(root / "a", b"shared", sync=True)
+    _fsync_path(root)
+    os.link(root / "a", root / "hard")
+    os.symlink("a", root / "soft")
+    assert os.stat(root / "a").st_nlink == 2
+    assert (root / "hard").read_bytes() == (root / "soft").read_bytes() == b"shared"
+    assert os.readlink(root / "soft") == "a"
+    os.chmod(root / "a", 0o600)
+    os.utime(root / "a", ns=(1_000_000_000, 2_000_000_000))
+    attributes = os.stat(root / "hard")
+    assert (stat.S_IMODE(attributes.st_mode), attributes.st_mtime_ns) == (0o600, 2_000_000_000)
+    assert os.statvfs(root).f_bavail * os.statvfs(root).f_frsize > 1 << 40
+
+    lazyfs.power_loss()  # the new names were never made durable
+
+    assert os.listdir(root) == ["a"] and os.stat(root / "a").st_nlink == 1
+
+
+@needs_fuse
 def test_unlinked_open_file_keeps_working(lazyfs: LazyFS) -> None:
     root = Path(lazyfs.mountpoint)
     descriptor = os.open(root / "doomed", os.O_RDWR | os.O_CREAT, 0o644)
