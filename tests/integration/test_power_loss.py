@@ -355,3 +355,23 @@ def test_a_worker_that_skips_an_fsync_loses_acknowledged_writes_and_is_caught(
     outcome = _under_load(lazy, everyone_after_a_while, f"broken variant {variant}")
     assert outcome.acknowledged > 0
     assert outcome.lost, f"the {variant} variant lost nothing: the power-loss test would not catch it"
+
+
+def test_a_new_store_deep_below_a_durable_directory_survives_power_loss(tmp_path: Path) -> None:
+    """Every directory a first start creates (data_dir, HOST, group-G) must be
+    fsynced into its parent, or the whole replica (term, vote, log) vanishes."""
+    from shardnode.raft import Entry, HardState
+    from shardnode.storage import ReplicaStore
+
+    with mounted_lazyfs(tmp_path / "disk") as disk:
+        path = Path(disk.mountpoint) / "data" / "host1" / "group-0"
+        store = ReplicaStore.open(path, initial_voters=(1, 2, 3))
+        store.persist(HardState(term=5, vote=2, commit=0), [Entry(5, 1, b"x")])
+        store.close()
+        dropped = disk.power_loss()
+        store = ReplicaStore.open(path, initial_voters=(1, 2, 3))
+        try:
+            assert store.initial_state()[0] == HardState(term=5, vote=2, commit=0), dropped
+            assert store.last_index() == 1
+        finally:
+            store.close()
