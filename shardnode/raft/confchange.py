@@ -101,6 +101,20 @@ def apply(conf: ConfState, change: ConfChange) -> ConfState:
     )
 
 
+def already_applied(conf: ConfState, change: ConfChange) -> bool:
+    """Whether the effect of `change` is already in `conf`: the id is at or
+    past the stage the change moves it to (a replay over a newer
+    configuration), as opposed to a change that never made sense."""
+    node_id = change.node_id
+    if node_id in conf.removed:
+        return True
+    if change.type is ConfChangeType.ADD_LEARNER_NODE:
+        return node_id in conf.ids()
+    if change.type is ConfChangeType.ADD_NODE:
+        return node_id in conf.voters
+    return False
+
+
 def apply_committed(conf: ConfState, change: ConfChange) -> tuple[ConfState, str | None]:
     """Apply a committed change: (new configuration, None), or (the same
     configuration, why it was ignored). Never raises: a committed entry must

@@ -831,7 +831,11 @@ class Raft:
         the same on every replica (confchange.apply_committed)."""
         conf, refusal = confchange.apply_committed(self.tracker.conf_state(), change)
         if refusal is not None:
-            log.warning(
+            # A replay over a newer configuration (after a snapshot, or on a
+            # node that joined) is routine; anything else is worth a warning.
+            level = logging.DEBUG if confchange.already_applied(conf, change) else logging.WARNING
+            log.log(
+                level,
                 "raft.conf_change_ignored",
                 extra={"node": self.id, "term": self.term, "change": change.describe(), "reason": refusal},
             )

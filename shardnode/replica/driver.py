@@ -30,7 +30,6 @@ from ..config import ClusterConfig, Replica
 from ..errors import DeadlineExceeded, NotLeader, Unavailable
 from ..raft import (
     NONE,
-    ConfChange,
     Config,
     EntryType,
     Message,
@@ -349,7 +348,7 @@ class ReplicaDriver:
         for position, entry in enumerate(entries):
             if entry.type is EntryType.CONF_CHANGE:
                 results.extend(self.store.apply(entries[start:position]))
-                conf_state = self.node.apply_conf_change(ConfChange.decode(entry.data))
+                conf_state = self.node.apply_conf_change_entry(entry)
                 self.store.set_conf_state(conf_state)
                 results.extend(self.store.apply([entry]))
                 start = position + 1

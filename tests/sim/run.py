@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 
 from .cluster import Scenario, run_seed
 
@@ -25,20 +26,28 @@ def main(argv: list[str] | None = None) -> int:
         start, stop = (int(part) for part in args.seeds.split(":"))
         seeds = range(start, stop)
     failures = 0
+    conf_changes: Counter = Counter()
+    refusals: Counter = Counter()
     began = time.perf_counter()
     for seed in seeds:
         result = run_seed(seed, trace=args.trace)
+        conf_changes += result.conf_changes
+        refusals += result.refusals
         if args.trace:
             print("\n".join(result.trace))
         if result.ok:
             if len(seeds) == 1:
                 print(f"seed {seed} ok: {Scenario.from_seed(seed).describe()}")
                 print(f"  committed={result.committed} ops={result.operations} leaders={result.elections}")
+                print(f"  configuration changes={dict(result.conf_changes)} refusals={dict(result.refusals)}")
         else:
             failures += 1
             print(run_seed(seed, trace=True).report() if not args.trace else result.report())
     elapsed = time.perf_counter() - began
     print(f"{len(seeds)} seeds, {failures} failed, {elapsed:.1f}s", file=sys.stderr)
+    changes = ", ".join(f"{kind} {count}" for kind, count in sorted(conf_changes.items())) or "none"
+    refused = ", ".join(f"{kind} {count}" for kind, count in sorted(refusals.items())) or "none"
+    print(f"committed configuration changes: {changes}; proposals refused: {refused}", file=sys.stderr)
     return 1 if failures else 0
 
 
