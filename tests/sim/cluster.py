@@ -28,8 +28,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+import traceback
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shardnode.raft import (
@@ -70,9 +71,17 @@ class Scenario:
     membership_events: int = 0      # random configuration changes during the fault phase
     max_new_nodes: int = 0          # nodes that may join (each with a new id)
     eager_change_rate: float = 0.0  # chance a new leader tries a change at once
+    fault_after_change: float = 0.0  # chance a proposed change is followed by a leader fault
+    profile: str = "default"
 
     @classmethod
-    def from_seed(cls, seed: int) -> "Scenario":
+    def from_seed(cls, seed: int, profile: str = "default") -> "Scenario":
+        """The scenario of a seed. Profiles (for the broken-variant tests):
+        "default" (what CI runs), "static" (no membership change: exactly
+        the scenarios from before membership changes were simulated),
+        "membership" (many changes, each often followed by a leader fault)."""
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})")
         rng = random.Random(seed)
         params = NodeParams(
             election_tick=10,
@@ -88,7 +97,7 @@ class Scenario:
             min_delay=1,
             max_delay=rng.choice([2, 6, 15, 40]),
         )
-        return cls(
+        scenario = cls(
             seed=seed,
             node_count=rng.choice([3, 5, 5]),
             params=params,
@@ -105,7 +114,19 @@ class Scenario:
             membership_events=rng.choice([0, rng.randint(2, 8), rng.randint(4, 16), rng.randint(4, 16)]),
             max_new_nodes=rng.randint(1, 4),
             eager_change_rate=rng.choice([0.0, 0.3, 0.8]),
+            fault_after_change=rng.choice([0.0, 0.2, 0.5]),
+            profile=profile,
         )
+        if profile == "static":
+            scenario = replace(scenario, membership_events=0)
+        elif profile == "membership":
+            scenario = replace(
+                scenario,
+                membership_events=rng.randint(8, 20),
+                eager_change_rate=0.8,
+                fault_after_change=0.5,
+            )
+        return scenario
 
     def describe(self) -> str:
         p, f = self.params, self.faults
@@ -116,7 +137,8 @@ class Scenario:
             f"delay<={f.max_delay} fault_ticks={self.fault_ticks} faults={self.fault_events} "
             f"weights={dict(zip(_FAULTS, self.fault_weights))} "
             f"clients={self.clients} keys={self.keys} membership={self.membership_events} "
-            f"new_nodes<={self.max_new_nodes} eager={self.eager_change_rate}"
+            f"new_nodes<={self.max_new_nodes} eager={self.eager_change_rate} "
+            f"fault_after_change={self.fault_after_change}"
         )
 
 
@@ -141,7 +163,8 @@ class SimResult:
         lines = [
             f"SIMULATION FAILED: {self.violation}",
             f"  scenario: {self.scenario.describe()}",
-            f"  replay:   .venv/bin/python -m tests.sim.run --seed {self.scenario.seed} --trace",
+            f"  replay:   .venv/bin/python -m tests.sim.run --seed {self.scenario.seed} --trace"
+            + (f" --profile {self.scenario.profile}" if self.scenario.profile != "default" else ""),
             "  trace (last events):",
         ]
         lines += ["    " + line for line in self.trace[-TRACE_LINES:]]
@@ -212,6 +235,11 @@ class Simulation:
             self._run()
         except SafetyViolation as exc:
             violation = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a crash of any node is a failure of the seed
+            # A replica must never crash (not on a committed entry, not on a
+            # message): report it with the seed and the trace like a violation.
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            violation = f"crash: {type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
         if violation is None:
             result = check_history(self.history.operations(), timeout=60)
             if not result.ok:
@@ -222,6 +250,8 @@ class Simulation:
         for _, conf in self.checker.configurations[1:]:
             conf_changes[_change_kind(previous, conf)] += 1
             previous = conf
+        if self.checker.noop_conf_changes:
+            conf_changes["no-op"] = self.checker.noop_conf_changes
         return SimResult(
             self.scenario,
             violation,
@@ -283,7 +313,8 @@ class Simulation:
         elif kind == "timeout":
             self._client_timeout(payload)
         elif kind == "fault":
-            self._inject_fault()
+            if self.clients_active:  # no fault once the network is healed
+                self._inject_fault(payload)
         elif kind == "membership":
             self._membership_event(payload)
         elif kind == "operator":
@@ -497,10 +528,11 @@ class Simulation:
         ]
         return max(leaders, key=lambda n: n.rawnode.raft.term) if leaders else None
 
-    def _inject_fault(self) -> None:
+    def _inject_fault(self, choice: str | None = None) -> None:
         rng = self.rng
         ids = list(self.nodes)
-        choice = rng.choices(_FAULTS, weights=self.scenario.fault_weights)[0]
+        if choice is None:
+            choice = rng.choices(_FAULTS, weights=self.scenario.fault_weights)[0]
         if choice == "partition":
             rng.shuffle(ids)
             cut = rng.randint(1, len(ids) - 1)
@@ -610,10 +642,13 @@ class Simulation:
             return None
         node_id = self.next_node_id
         change = ConfChange.add_learner(node_id, f"host{node_id}", f"10.0.0.{node_id}:50100")
+        try:
+            bootstrap = confchange.apply(leader.rawnode.conf_state(), change)
+        except InvalidConfChange:
+            return None
         if not self._propose_change(leader, change, f"add learner n{node_id}"):
             return None
         self.next_node_id += 1
-        bootstrap = confchange.apply(leader.rawnode.conf_state(), change)
         node = SimNode(node_id, bootstrap, self.scenario.params, self.scenario.seed)
         self.nodes[node_id] = node
         node.start()
@@ -629,6 +664,11 @@ class Simulation:
             self._log(f"MEMBERSHIP n{leader.id} refuses to {what}: {exc}")
             return False
         self._log(f"MEMBERSHIP n{leader.id} proposes to {what}")
+        if self.rng.random() < self.scenario.fault_after_change:
+            # A fault while the change is in flight: the next leader may
+            # inherit it uncommitted.
+            fault = self.rng.choice(("crash_leader", "isolate_leader", "partition"))
+            self._at(self.now + self.rng.randint(1, 3 * TICK_INTERVAL), "fault", fault)
         self._after_input(leader)
         return True
 
@@ -761,5 +801,8 @@ def _fmt_message(m: Message) -> str:
     return text
 
 
-def run_seed(seed: int, trace: bool = False) -> SimResult:
-    return Simulation(Scenario.from_seed(seed), trace=trace).run()
+PROFILES = ("default", "static", "membership")
+
+
+def run_seed(seed: int, trace: bool = False, profile: str = "default") -> SimResult:
+    return Simulation(Scenario.from_seed(seed, profile), trace=trace).run()
