@@ -33,3 +33,12 @@ class SnapshotOutOfDate(RaftError):
 
 class SnapshotTemporarilyUnavailable(RaftError):
     """Storage cannot produce a snapshot right now; the leader will retry."""
+
+
+class InvalidConfChange(RaftError, ValueError):
+    """A configuration change that can never be valid against the current
+    configuration (unknown node, a node added twice, an id that was removed,
+    the last voter removed, a non-learner promoted, ...). Raised when it is
+    proposed, so it never enters the log. A change that is only refused for
+    now (another change pending, a learner still catching up, a leader that
+    has not yet applied an entry of its term) raises ProposalDropped instead."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import msgpack
+
 # Node ids are positive; 0 means "nobody" (no vote, no known leader).
 NONE = 0
 
@@ -79,17 +81,52 @@ class Entry:
 
 
 @dataclass(slots=True, frozen=True)
-class ConfState:
-    """The membership of a group, as stored with a snapshot.
+class Member:
+    """How to reach one member: what a configuration change carries so that
+    every replica (and, through snapshots, every later one) can address it."""
 
-    `voters_outgoing` is non-empty only inside a joint configuration (the
-    membership protocol of a later issue); the core's quorum math already
-    handles it.
+    node_id: int
+    host: str = ""
+    address: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class ConfState:
+    """The membership of a group, as stored with a snapshot and as of the
+    applied index.
+
+    - `voters`, `learners`: the current members. A learner receives the log
+      but neither votes nor counts toward a quorum.
+    - `removed`: every id ever removed from the group. Ids are never reused
+      (a rejoining host's replicas get new ids), so a removed id stays out
+      for good: the core refuses to add it again and drops its messages.
+    - `members`: addresses of the members that joined through a
+      configuration change (the initial members come from the cluster file).
+    - `voters_outgoing`: non-empty only inside a joint configuration. This
+      core never enters one (single-server changes only); if a snapshot
+      carries one, decisions need a majority of both halves, which is safe
+      (see confchange.py).
+
+    A node's ConfState only moves forward along each id's life cycle
+    (absent -> learner -> voter -> removed), which is what makes replaying
+    configuration changes over a newer ConfState a no-op (confchange.py).
     """
 
     voters: tuple[int, ...] = ()
     learners: tuple[int, ...] = ()
     voters_outgoing: tuple[int, ...] = ()
+    removed: tuple[int, ...] = ()
+    members: tuple[Member, ...] = ()
+
+    def ids(self) -> frozenset[int]:
+        """Every current member: voters (both halves) and learners."""
+        return frozenset(self.voters) | frozenset(self.learners) | frozenset(self.voters_outgoing)
+
+    def member(self, node_id: int) -> Member | None:
+        for member in self.members:
+            if member.node_id == node_id:
+                return member
+        return None
 
 
 @dataclass(slots=True, frozen=True)
@@ -146,32 +183,75 @@ class Message:
 
 
 class ConfChangeType(enum.IntEnum):
-    ADD_NODE = 0
-    REMOVE_NODE = 1
-    ADD_LEARNER_NODE = 2
+    ADD_NODE = 0            # promote a learner to voter (new members join as learners)
+    REMOVE_NODE = 1         # remove a voter or a learner, for good
+    ADD_LEARNER_NODE = 2    # add a new member as a learner
+
+
+# First byte of the current ConfChange encoding. The first encoding began with
+# the change type (0..2), so the two never collide and old entries still decode.
+_CONF_CHANGE_V2 = 0x81
 
 
 @dataclass(slots=True, frozen=True)
 class ConfChange:
-    """A single-member change, carried in an EntryType.CONF_CHANGE entry.
+    """A single-server change, carried in an EntryType.CONF_CHANGE entry.
 
-    The driver applies it with RawNode.apply_conf_change when the entry is
-    committed. Only one may be pending at a time (see Raft.pending_conf_index),
-    which is what makes single-member changes safe.
+    `host` and `address` say how to reach an added member (every replica
+    records them in its ConfState). Build one with `add_learner`, `promote`
+    or `remove`; propose it with RawNode.propose_conf_change, and apply it
+    with RawNode.apply_conf_change when its entry is committed (see
+    docs/raft.md, Membership).
     """
 
     type: ConfChangeType
     node_id: int
     context: bytes = b""
+    host: str = ""
+    address: str = ""
+
+    @classmethod
+    def add_learner(cls, node_id: int, host: str = "", address: str = "") -> "ConfChange":
+        return cls(ConfChangeType.ADD_LEARNER_NODE, node_id, host=host, address=address)
+
+    @classmethod
+    def promote(cls, node_id: int) -> "ConfChange":
+        return cls(ConfChangeType.ADD_NODE, node_id)
+
+    @classmethod
+    def remove(cls, node_id: int) -> "ConfChange":
+        return cls(ConfChangeType.REMOVE_NODE, node_id)
 
     def encode(self) -> bytes:
-        return bytes([int(self.type)]) + self.node_id.to_bytes(8, "big") + self.context
+        body = msgpack.packb((int(self.type), self.node_id, self.host, self.address, self.context), use_bin_type=True)
+        return bytes([_CONF_CHANGE_V2]) + body
 
     @classmethod
     def decode(cls, data: bytes) -> "ConfChange":
+        """Decode either encoding; ValueError for anything else."""
+        if not data:
+            raise ValueError("empty conf change entry")
+        if data[0] == _CONF_CHANGE_V2:
+            try:
+                fields = msgpack.unpackb(data[1:], use_list=False, raw=False)
+            except Exception as exc:
+                raise ValueError(f"conf change entry undecodable ({exc})") from None
+            if type(fields) is not tuple or len(fields) != 5:
+                raise ValueError("conf change entry: expected (type, node_id, host, address, context)")
+            change_type, node_id, host, address, context = fields
+            if type(change_type) is not int or type(node_id) is not int or node_id < 0:
+                raise ValueError("conf change entry: type and node id must be integers")
+            if type(host) is not str or type(address) is not str or type(context) is not bytes:
+                raise ValueError("conf change entry: host and address must be strings, context bytes")
+            return cls(ConfChangeType(change_type), node_id, context, host, address)
+        # The first encoding: type byte, 8-byte big-endian node id, context.
         if len(data) < 9:
             raise ValueError(f"conf change entry too short ({len(data)} bytes)")
         return cls(ConfChangeType(data[0]), int.from_bytes(data[1:9], "big"), bytes(data[9:]))
+
+    def describe(self) -> str:
+        where = f" ({self.host} {self.address})" if self.host or self.address else ""
+        return f"{self.type.name} {self.node_id}{where}"
 
 
 class StateRole(enum.IntEnum):

@@ -15,6 +15,11 @@ Safety-relevant choices, each checked by the simulation in tests/sim:
 - Pre-vote and check-quorum: a partitioned node does not raise terms, a node
   that hears from its leader ignores campaigns, a leader that loses its
   quorum steps down.
+- Membership (rules in confchange.py): one change in flight at a time, none
+  before the leader has applied an entry of its own term, validated when
+  proposed; a configuration takes effect when its entry is applied; a leader
+  that applies its own removal steps down; a removed id can neither campaign
+  nor be heard (its messages are dropped).
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from . import confchange
 from .config import Config
-from .errors import CompactedError, ConfigError, ProposalDropped, SnapshotTemporarilyUnavailable
+from .errors import CompactedError, InvalidConfChange, ProposalDropped, SnapshotTemporarilyUnavailable
 from .log import RaftLog
 from .messages import (
+    LOCAL_MESSAGES,
     NONE,
     ConfChange,
     ConfChangeType,
@@ -93,9 +100,13 @@ class Raft:
         # READ_INDEX requests that arrived before this leader committed an
         # entry of its own term: its commit index may still be stale.
         self.pending_read_index_messages: list[Message] = []
-        # Index of the last conf change proposed; another may be proposed only
-        # once this one is applied.
+        # Index of the last conf change this leader proposed; another may be
+        # proposed only once this one is applied (one change in flight).
         self.pending_conf_index = 0
+        # Index of this leader's first entry of its term (its empty entry).
+        # No conf change until it is applied: by then every change inherited
+        # from earlier terms is committed and applied (Ongaro's 2015 fix).
+        self.term_start_index = 0
         self.uncommitted_size = 0
         self.lead_transferee = NONE
         self.election_elapsed = 0
@@ -192,6 +203,14 @@ class Raft:
             return False
         if snapshot.is_empty():
             raise AssertionError("entries were compacted but there is no snapshot")
+        # Send the configuration we have applied, not the one stored with the
+        # snapshot: a member added after the snapshot was taken must find
+        # itself in it, or it would refuse it and never join (as etcd's
+        # server merges its current ConfState into the snapshot it sends).
+        # Entries after the snapshot replay over it as no-ops (confchange.py).
+        conf_state = self.tracker.conf_state()
+        if conf_state != snapshot.metadata.conf_state:
+            snapshot = replace(snapshot, metadata=replace(snapshot.metadata, conf_state=conf_state))
         progress.become_snapshot(snapshot.metadata.index)
         log.debug(
             "raft.send_snapshot", extra={"node": self.id, "peer": to, "term": self.term, "index": snapshot.metadata.index}
@@ -255,6 +274,7 @@ class Raft:
                 progress.match = self.log.persisted_last_index()
             self.tracker.progress[node_id] = progress
         self.pending_conf_index = 0
+        self.term_start_index = 0
         self.uncommitted_size = 0
         self.read_only = ReadOnly()
         self.pending_read_index_messages = []
@@ -297,8 +317,9 @@ class Raft:
         own = self.tracker.progress[self.id]
         own.become_replicate()
         own.recent_active = True
-        # Conservatively, a conf change may be pending somewhere in the log we inherit.
-        self.pending_conf_index = self.log.last_index()
+        # A conf change may be pending somewhere in the log we inherit: none
+        # may be proposed until our own first entry is applied.
+        self.term_start_index = self.log.last_index() + 1
         # An empty entry of our term: committing it commits everything before
         # it, and lets ReadIndex trust our commit index.
         if not self._append_entries([Entry(0, 0)]):
@@ -396,6 +417,11 @@ class Raft:
     def step(self, m: Message) -> None:
         """Process one message. Raises ProposalDropped for a PROPOSE (or a local
         READ_INDEX) this node cannot take."""
+        if m.from_ in self.tracker.removed and m.type not in LOCAL_MESSAGES:
+            # A removed member never disrupts the group again: whatever it
+            # sends (a campaign at a higher term, a stale leader's appends) is
+            # dropped before its term can touch ours.
+            return
         if m.term == 0:
             pass  # local message, or a forwarded READ_INDEX
         elif m.term > self.term:
@@ -501,14 +527,62 @@ class Raft:
         conf_change_at = None
         for offset, entry in enumerate(entries):
             if entry.type is EntryType.CONF_CHANGE:
-                if self.pending_conf_index > self.log.applied or conf_change_at is not None:
-                    raise ProposalDropped("another membership change is still in progress", leader=self.id)
+                if conf_change_at is not None:
+                    raise ProposalDropped("one membership change per proposal", leader=self.id)
+                self._check_conf_change_proposal(entry)
                 conf_change_at = self.log.last_index() + 1 + offset
         if not self._append_entries(entries):
             raise ProposalDropped("too many uncommitted bytes; retry later", leader=self.id)
         if conf_change_at is not None:
             self.pending_conf_index = conf_change_at
         self._bcast_append()
+
+    def _check_conf_change_proposal(self, entry: Entry) -> None:
+        """Refuse a change now rather than commit one that cannot apply:
+        ProposalDropped when it may be retried later, InvalidConfChange when
+        it can never apply to the current configuration."""
+        try:
+            change = ConfChange.decode(entry.data)
+        except ValueError as exc:
+            raise InvalidConfChange(f"undecodable configuration change: {exc}") from None
+        if self._conf_change_pending():
+            raise ProposalDropped(
+                f"another membership change (index {self.pending_conf_index}) is still in progress", leader=self.id
+            )
+        if not self._applied_entry_of_current_term():
+            raise ProposalDropped(
+                "no membership change before this leader has committed and applied an entry of its term",
+                leader=self.id,
+            )
+        # Nothing is in flight, so the applied configuration is the one this
+        # change will apply to.
+        confchange.check(self.tracker.conf_state(), change)
+        if change.type is ConfChangeType.ADD_NODE and not self._learner_caught_up(change.node_id):
+            progress = self.tracker.progress[change.node_id]
+            raise ProposalDropped(
+                f"learner {change.node_id} has not caught up (match {progress.match}, commit {self.log.committed})",
+                leader=self.id,
+            )
+
+    def _conf_change_pending(self) -> bool:
+        """Whether a change this leader proposed is not yet applied here."""
+        return self.pending_conf_index > self.log.applied
+
+    def _applied_entry_of_current_term(self) -> bool:
+        return self.term_start_index > 0 and self.log.applied >= self.term_start_index
+
+    def _learner_caught_up(self, node_id: int) -> bool:
+        progress = self.tracker.progress.get(node_id)
+        return progress is not None and confchange.learner_caught_up(progress, self.log.committed)
+
+    def caught_up_learners(self) -> tuple[int, ...]:
+        """Learners a leader would promote now (empty unless leader)."""
+        if self.role is not StateRole.LEADER:
+            return ()
+        return tuple(sorted(node_id for node_id in self.tracker.learners if self._learner_caught_up(node_id)))
+
+    def is_removed(self) -> bool:
+        return self.id in self.tracker.removed
 
     def _append_entries(self, entries: Sequence[Entry]) -> bool:
         last_index = self.log.last_index()
@@ -738,7 +812,7 @@ class Raft:
         if meta.index <= self.log.committed:
             return False
         conf = meta.conf_state
-        if self.id not in conf.voters and self.id not in conf.learners and self.id not in conf.voters_outgoing:
+        if self.id not in conf.ids() or self.id in conf.removed:
             # A snapshot of a membership we are not in: not ours to install.
             return False
         if self.log.match_term(meta.index, meta.term):
@@ -752,43 +826,53 @@ class Raft:
     # --- Membership -----------------------------------------------------------------------------
 
     def apply_conf_change(self, change: ConfChange) -> ConfState:
-        """Apply a committed single-member change to the tracker."""
-        voters = set(self.tracker.voters.incoming)
-        learners = set(self.tracker.learners)
-        if self.tracker.voters.outgoing:
-            raise ConfigError("joint configurations are left by the membership protocol, not here")
-        if change.type is ConfChangeType.ADD_NODE:
-            voters.add(change.node_id)
-            learners.discard(change.node_id)
-        elif change.type is ConfChangeType.ADD_LEARNER_NODE:
-            voters.discard(change.node_id)
-            learners.add(change.node_id)
-        elif change.type is ConfChangeType.REMOVE_NODE:
-            voters.discard(change.node_id)
-            learners.discard(change.node_id)
-        if not voters:
-            raise ConfigError("a membership change may not remove every voter")
-        tracker = self.tracker
-        old_progress = tracker.progress
-        conf = ConfState(voters=tuple(sorted(voters)), learners=tuple(sorted(learners)))
-        tracker.apply_conf_state(conf, self.log.last_index() + 1)
-        # Keep what we know about members that stay.
-        for node_id, progress in old_progress.items():
-            if node_id in tracker.progress:
-                progress.is_learner = node_id in learners
-                tracker.progress[node_id] = progress
-        for node_id, progress in tracker.progress.items():
-            if node_id not in old_progress:
-                # A new member: probe from our last index; it will be walked back.
-                progress.next_index = max(self.log.last_index(), 1)
-                progress.recent_active = True
+        """Apply a committed change (the driver calls this when its entry is
+        applied). Never raises: an invalid committed change is a logged no-op,
+        the same on every replica (confchange.apply_committed)."""
+        conf, refusal = confchange.apply_committed(self.tracker.conf_state(), change)
+        if refusal is not None:
+            # A replay over a newer configuration (after a snapshot, or on a
+            # node that joined) is routine; anything else is worth a warning.
+            level = logging.DEBUG if confchange.already_applied(conf, change) else logging.WARNING
+            log.log(
+                level,
+                "raft.conf_change_ignored",
+                extra={"node": self.id, "term": self.term, "change": change.describe(), "reason": refusal},
+            )
+            return conf
+        confchange.switch_tracker(self.tracker, conf, max(self.log.last_index(), 1))
+        log.info("raft.conf_change_applied", extra={"node": self.id, "term": self.term, "change": change.describe()})
+        if self.id not in self.tracker.progress:
+            self._on_removed()
         if self.role is StateRole.LEADER:
-            if self.lead_transferee != NONE and self.lead_transferee not in voters:
+            if self.lead_transferee != NONE and not self.tracker.is_voter(self.lead_transferee):
                 self.lead_transferee = NONE
             if self._maybe_commit():
+                self._release_pending_read_index_messages()
                 self._bcast_append()
             else:
-                for node_id in tracker.progress:
+                for node_id in self.tracker.progress:
                     if node_id != self.id:
                         self._maybe_send_append(node_id, send_if_empty=False)
         return conf
+
+    def _on_removed(self) -> None:
+        """This node applied its own removal. A leader steps down (etcd's
+        StepDownOnRemoval), first telling the most up-to-date remaining voter
+        to campaign at once so the group does not wait out an election
+        timeout (the driver should have transferred leadership before
+        proposing the removal; this is the fallback). A removed node is no
+        longer promotable: it never campaigns again."""
+        log.info("raft.removed", extra={"node": self.id, "term": self.term})
+        if self.role is StateRole.LEADER:
+            last = self.log.last_index()
+            ready = [
+                (progress.match, node_id)
+                for node_id, progress in self.tracker.progress.items()
+                if self.tracker.is_voter(node_id) and progress.match == last and progress.recent_active
+            ]
+            if ready:
+                self._send(Message(MT.TIMEOUT_NOW, to=max(ready)[1], from_=self.id, term=self.term))
+            self.become_follower(self.term, NONE)
+        elif self.role is not StateRole.FOLLOWER:
+            self.become_follower(self.term, NONE)

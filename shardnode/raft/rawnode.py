@@ -20,10 +20,12 @@ ticking; it may not call ready() again.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from . import confchange
 from .config import Config
 from .errors import RaftError
 from .messages import (
@@ -44,6 +46,8 @@ from .messages import (
 from .raft import Raft
 from .storage import Storage
 from .tracker import ProgressState
+
+log = logging.getLogger("shardnode.raft")
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,6 +90,9 @@ class PeerStatus:
     next_index: int
     state: ProgressState
     recent_active: bool
+    is_learner: bool = False
+    # A learner the leader would promote now (confchange.learner_caught_up).
+    caught_up: bool = False
 
 
 @dataclass(slots=True, frozen=True)
@@ -100,6 +107,8 @@ class Status:
     last_index: int
     first_index: int
     progress: dict[int, PeerStatus]        # filled on the leader only
+    conf_state: ConfState = ConfState()    # the applied configuration
+    removed: bool = False                  # this node applied its own removal
 
 
 class RawNode:
@@ -141,6 +150,12 @@ class RawNode:
         return self._propose(entries)
 
     def propose_conf_change(self, change: ConfChange) -> Proposal:
+        """Propose one single-server change (ConfChange.add_learner / promote
+        / remove). Raises InvalidConfChange if it can never apply to the
+        current configuration (nothing enters the log), ProposalDropped if it
+        cannot be taken now: not the leader, another change still in flight,
+        no entry of this leader's term applied yet, a learner to promote that
+        has not caught up. Apply it with apply_conf_change once committed."""
         return self._propose((Entry(0, 0, change.encode(), EntryType.CONF_CHANGE),))
 
     def _propose(self, entries: tuple[Entry, ...]) -> Proposal:
@@ -158,7 +173,37 @@ class RawNode:
         self.raft.step(Message(MessageType.TRANSFER_LEADER, from_=transferee))
 
     def apply_conf_change(self, change: ConfChange) -> ConfState:
+        """Apply a committed change; returns the configuration now in force
+        (to record with the applied index). Never raises for a change that is
+        invalid against the configuration: that is a logged no-op."""
         return self.raft.apply_conf_change(change)
+
+    def apply_conf_change_entry(self, entry: Entry) -> ConfState:
+        """Decode and apply a committed CONF_CHANGE entry. Undecodable data is
+        a no-op like an invalid change: a committed entry never crashes a
+        replica."""
+        try:
+            change = ConfChange.decode(entry.data)
+        except ValueError as exc:
+            log.warning("raft.conf_change_undecodable", extra={"node": self.raft.id, "index": entry.index, "error": str(exc)})
+            return self.raft.tracker.conf_state()
+        return self.raft.apply_conf_change(change)
+
+    def conf_state(self) -> ConfState:
+        """The configuration this node has applied."""
+        return self.raft.tracker.conf_state()
+
+    def caught_up_learners(self) -> tuple[int, ...]:
+        """On the leader: learners close enough to its commit index to be
+        promoted now (the driver proposes ConfChange.promote for them).
+        Empty on any other node."""
+        return self.raft.caught_up_learners()
+
+    @property
+    def removed(self) -> bool:
+        """Whether this node applied its own removal (it will never campaign
+        again; its driver may stop it and delete its data)."""
+        return self.raft.is_removed()
 
     def report_unreachable(self, node_id: int) -> None:
         self.raft.step(Message(MessageType.UNREACHABLE, from_=node_id))
@@ -238,8 +283,12 @@ class RawNode:
         raft = self.raft
         progress: dict[int, PeerStatus] = {}
         if raft.role is StateRole.LEADER:
+            commit = raft.log.committed
             progress = {
-                node_id: PeerStatus(pr.match, pr.next_index, pr.state, pr.recent_active)
+                node_id: PeerStatus(
+                    pr.match, pr.next_index, pr.state, pr.recent_active, pr.is_learner,
+                    confchange.learner_caught_up(pr, commit),
+                )
                 for node_id, pr in raft.tracker.progress.items()
             }
         return Status(
@@ -253,4 +302,6 @@ class RawNode:
             last_index=raft.log.last_index(),
             first_index=raft.log.first_index(),
             progress=progress,
+            conf_state=raft.tracker.conf_state(),
+            removed=raft.is_removed(),
         )

@@ -30,7 +30,6 @@ from ..config import ClusterConfig, Replica
 from ..errors import DeadlineExceeded, NotLeader, Unavailable
 from ..raft import (
     NONE,
-    ConfChange,
     Config,
     EntryType,
     Message,
@@ -403,7 +402,7 @@ class ReplicaDriver:
         for position, entry in enumerate(entries):
             if entry.type is EntryType.CONF_CHANGE:
                 results.extend(self.store.apply(entries[start:position]))
-                conf_state = self.node.apply_conf_change(ConfChange.decode(entry.data))
+                conf_state = self.node.apply_conf_change_entry(entry)
                 results.extend(self.store.apply([entry], conf_state=conf_state))
                 start = position + 1
                 log.info("replica.membership_changed", extra={**self._log_extra, "voters": list(conf_state.voters)})

@@ -48,7 +48,7 @@ from rocksdict import (
 
 from shardnode.config import StorageConfig
 from shardnode.errors import ShardnodeError
-from shardnode.raft import ConfState, Entry, EntryType, HardState, SnapshotMetadata
+from shardnode.raft import ConfState, Entry, EntryType, HardState, Member, SnapshotMetadata
 
 # --- Errors ----------------------------------------------------------------------------
 
@@ -422,18 +422,51 @@ def decode_hard_state(data: bytes) -> HardState:
     return HardState(*fields)
 
 
-def conf_state_fields(conf_state: ConfState) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    return (tuple(conf_state.voters), tuple(conf_state.learners), tuple(conf_state.voters_outgoing))
+def conf_state_fields(conf_state: ConfState) -> tuple:
+    """The msgpack shape: (voters, learners, voters_outgoing, removed,
+    members as (node_id, host, address) triples). The first format had only
+    the first three; conf_state_from_fields reads both."""
+    return (
+        tuple(conf_state.voters),
+        tuple(conf_state.learners),
+        tuple(conf_state.voters_outgoing),
+        tuple(conf_state.removed),
+        tuple((m.node_id, m.host, m.address) for m in conf_state.members),
+    )
 
 
 def conf_state_from_fields(fields: object) -> ConfState:
-    """ConfState from its msgpack shape; ValueError if it is not one."""
-    if type(fields) is not tuple or len(fields) != 3:
-        raise ValueError("conf state: expected (voters, learners, voters_outgoing)")
-    for ids in fields:
+    """ConfState from its msgpack shape (either format); ValueError if it is not one."""
+    if type(fields) is not tuple or len(fields) not in (3, 5):
+        raise ValueError("conf state: expected (voters, learners, voters_outgoing[, removed, members])")
+    for ids in fields[:4]:
         if type(ids) is not tuple or not all(type(i) is int and 0 < i <= U64_MAX for i in ids):
             raise ValueError("conf state: node ids must be positive integers")
-    return ConfState(voters=fields[0], learners=fields[1], voters_outgoing=fields[2])
+    members: tuple[Member, ...] = ()
+    if len(fields) == 5:
+        raw_members = fields[4]
+        if type(raw_members) is not tuple:
+            raise ValueError("conf state: members must be an array")
+        parsed = []
+        for member in raw_members:
+            if (
+                type(member) is not tuple
+                or len(member) != 3
+                or type(member[0]) is not int
+                or not 0 < member[0] <= U64_MAX
+                or type(member[1]) is not str
+                or type(member[2]) is not str
+            ):
+                raise ValueError("conf state: a member must be (node_id, host, address)")
+            parsed.append(Member(*member))
+        members = tuple(parsed)
+    return ConfState(
+        voters=fields[0],
+        learners=fields[1],
+        voters_outgoing=fields[2],
+        removed=fields[3] if len(fields) == 5 else (),
+        members=members,
+    )
 
 
 def encode_conf_state(conf_state: ConfState) -> bytes:

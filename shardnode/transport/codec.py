@@ -7,7 +7,12 @@ positional msgpack array (no field names on the wire), version first:
     message  = [type, to, from_, term, log_term, index, entries, commit,
                 snapshot, reject: bool, reject_hint, context: bin]
     entries  = [term, index, type, data: bin, term, index, type, data, ...]
-    snapshot = nil | [index, term, voters, learners, voters_outgoing, data: bin]
+    snapshot = nil | [index, term, voters, learners, voters_outgoing, data: bin,
+                      removed, members]
+    members  = [node_id, host: str, address: str, node_id, host, address, ...]
+
+The first version of a snapshot array stopped at `data` (6 fields); it still
+decodes, with no removed ids and no member addresses.
 
 Entries are one flat array, four items per entry: it saves an array header
 per entry, and lets the decoder check each column (all terms, all indexes,
@@ -34,6 +39,7 @@ from ..raft.messages import (
     ConfState,
     Entry,
     EntryType,
+    Member,
     Message,
     MessageType,
     Snapshot,
@@ -67,7 +73,8 @@ _INT_TYPE = frozenset({int})
 _BYTES_TYPE = frozenset({bytes})
 
 _MESSAGE_FIELDS = 12
-_SNAPSHOT_FIELDS = 6
+_SNAPSHOT_FIELDS = 8
+_SNAPSHOT_FIELDS_V1 = 6
 _FRAME_FIELDS = 6
 
 _packb = msgpack.packb
@@ -120,6 +127,8 @@ def encode_message(message: Message) -> bytes:
             conf_state.learners,
             conf_state.voters_outgoing,
             snapshot.data,
+            conf_state.removed,
+            [field for m in conf_state.members for field in (m.node_id, m.host, m.address)],
         )
     return _packb(
         (
@@ -297,17 +306,36 @@ def _decode_ids(raw: object, name: str) -> tuple[int, ...]:
     return tuple(raw)  # type: ignore[arg-type]
 
 
+def _decode_members(raw: object) -> tuple[Member, ...]:
+    if type(raw) is not list or len(raw) % 3:
+        raise FrameError("snapshot members must be an array of (node_id, host, address) triples")
+    members = []
+    for offset in range(0, len(raw), 3):
+        node_id, host, address = raw[offset : offset + 3]
+        if not _are_u63((node_id,)) or type(host) is not str or type(address) is not str:
+            raise FrameError("a snapshot member is (node_id: int, host: str, address: str)")
+        members.append(Member(node_id, host, address))
+    return tuple(members)
+
+
 def _decode_snapshot(raw: object) -> Snapshot:
-    if type(raw) is not list or len(raw) != _SNAPSHOT_FIELDS:
+    if type(raw) is not list or len(raw) not in (_SNAPSHOT_FIELDS, _SNAPSHOT_FIELDS_V1):
         raise FrameError(f"a SNAP message needs a snapshot array of {_SNAPSHOT_FIELDS} fields")
-    index, term, voters, learners, voters_outgoing, data = raw
+    index, term, voters, learners, voters_outgoing, data = raw[:_SNAPSHOT_FIELDS_V1]
     if not _are_u63((index, term)):
         raise FrameError("snapshot index and term must be integers in [0, 2**63)")
     if type(data) is not bytes:
         raise FrameError("snapshot data is not bytes")
+    removed: tuple[int, ...] = ()
+    members: tuple[Member, ...] = ()
+    if len(raw) == _SNAPSHOT_FIELDS:
+        removed = _decode_ids(raw[6], "removed")
+        members = _decode_members(raw[7])
     conf_state = ConfState(
         _decode_ids(voters, "voters"),
         _decode_ids(learners, "learners"),
         _decode_ids(voters_outgoing, "voters_outgoing"),
+        removed,
+        members,
     )
     return Snapshot(SnapshotMetadata(index, term, conf_state), data)

@@ -12,6 +12,15 @@ elected and a new entry committed and applied everywhere within a bounded
 number of ticks (liveness). Safety invariants are checked after every event
 (invariants.py); at the end the clients' history is checked for
 linearizability.
+
+Most scenarios also change the group's membership during the fault phase,
+as an operator and the worker would: add a learner (a new node, with a new
+id, started from the configuration that adds it), promote a learner once
+the leader reports it caught up, remove a follower, remove the leader
+(directly, or after handing leadership over), replace a replica (add,
+promote, remove the old one), propose two changes back to back, and try a
+change the moment a new leader is elected. Refusals are expected: the core
+must refuse what is unsafe, and the invariants catch what it lets through.
 """
 
 from __future__ import annotations
@@ -19,20 +28,32 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections import deque
-from dataclasses import dataclass
+import traceback
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from shardnode.raft import Message, MessageType, ProposalDropped, StateRole
+from shardnode.raft import (
+    ConfChange,
+    ConfState,
+    EntryType,
+    InvalidConfChange,
+    Message,
+    MessageType,
+    ProposalDropped,
+    StateRole,
+    confchange,
+)
 from shardnode.testing.linearizability import HistoryRecorder, OpKind, check_history
 
-from .invariants import SafetyChecker, SafetyViolation
+from .invariants import Membership, SafetyChecker, SafetyViolation
 from .network import NetworkFaults, SimNetwork
 from .node import LOST, NodeParams, PendingWrite, SimNode, encode_command
 
 TICK_INTERVAL = 10          # time units between two ticks of a node
 LIVENESS_TICKS = 300        # after healing, a leader and a commit must come within this
 TRACE_LINES = 400           # how much of the trace a failure report shows
+OPERATOR_TICKS = 4          # how often the operator promotes caught-up learners and follows its plans
 
 
 @dataclass(slots=True)
@@ -47,9 +68,20 @@ class Scenario:
     clients: int
     keys: int
     client_timeout_ticks: int
+    membership_events: int = 0      # random configuration changes during the fault phase
+    max_new_nodes: int = 0          # nodes that may join (each with a new id)
+    eager_change_rate: float = 0.0  # chance a new leader tries a change at once
+    fault_after_change: float = 0.0  # chance a proposed change is followed by a leader fault
+    profile: str = "default"
 
     @classmethod
-    def from_seed(cls, seed: int) -> "Scenario":
+    def from_seed(cls, seed: int, profile: str = "default") -> "Scenario":
+        """The scenario of a seed. Profiles (for the broken-variant tests):
+        "default" (what CI runs), "static" (no membership change: exactly
+        the scenarios from before membership changes were simulated),
+        "membership" (many changes, each often followed by a leader fault)."""
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})")
         rng = random.Random(seed)
         params = NodeParams(
             election_tick=10,
@@ -65,7 +97,7 @@ class Scenario:
             min_delay=1,
             max_delay=rng.choice([2, 6, 15, 40]),
         )
-        return cls(
+        scenario = cls(
             seed=seed,
             node_count=rng.choice([3, 5, 5]),
             params=params,
@@ -77,7 +109,24 @@ class Scenario:
             clients=rng.randint(2, 5),
             keys=rng.randint(1, 3),
             client_timeout_ticks=rng.randint(15, 40),
+            # Drawn last, so the fields above are what they were before
+            # membership changes were simulated.
+            membership_events=rng.choice([0, rng.randint(2, 8), rng.randint(4, 16), rng.randint(4, 16)]),
+            max_new_nodes=rng.randint(1, 4),
+            eager_change_rate=rng.choice([0.0, 0.3, 0.8]),
+            fault_after_change=rng.choice([0.0, 0.2, 0.5]),
+            profile=profile,
         )
+        if profile == "static":
+            scenario = replace(scenario, membership_events=0)
+        elif profile == "membership":
+            scenario = replace(
+                scenario,
+                membership_events=rng.randint(8, 20),
+                eager_change_rate=0.8,
+                fault_after_change=0.5,
+            )
+        return scenario
 
     def describe(self) -> str:
         p, f = self.params, self.faults
@@ -87,7 +136,9 @@ class Scenario:
             f"persist_delay<={p.max_persist_delay} drop={f.drop_rate} dup={f.duplicate_rate} "
             f"delay<={f.max_delay} fault_ticks={self.fault_ticks} faults={self.fault_events} "
             f"weights={dict(zip(_FAULTS, self.fault_weights))} "
-            f"clients={self.clients} keys={self.keys}"
+            f"clients={self.clients} keys={self.keys} membership={self.membership_events} "
+            f"new_nodes<={self.max_new_nodes} eager={self.eager_change_rate} "
+            f"fault_after_change={self.fault_after_change}"
         )
 
 
@@ -100,6 +151,9 @@ class SimResult:
     operations: int
     elections: int
     end_time: int
+    # Committed configuration changes by kind, and proposals the core refused.
+    conf_changes: Counter = field(default_factory=Counter)
+    refusals: Counter = field(default_factory=Counter)
 
     @property
     def ok(self) -> bool:
@@ -109,7 +163,8 @@ class SimResult:
         lines = [
             f"SIMULATION FAILED: {self.violation}",
             f"  scenario: {self.scenario.describe()}",
-            f"  replay:   .venv/bin/python -m tests.sim.run --seed {self.scenario.seed} --trace",
+            f"  replay:   .venv/bin/python -m tests.sim.run --seed {self.scenario.seed} --trace"
+            + (f" --profile {self.scenario.profile}" if self.scenario.profile != "default" else ""),
             "  trace (last events):",
         ]
         lines += ["    " + line for line in self.trace[-TRACE_LINES:]]
@@ -124,14 +179,31 @@ class _ClientOp:
     node: int
 
 
+@dataclass(slots=True)
+class _Plan:
+    """A multi-step change the operator follows: replace `old` by `new`
+    (promote `new` once caught up, then remove `old`), or remove `old` after
+    its leadership was handed over (new == 0)."""
+
+    old: int
+    new: int = 0
+    stage: str = "promote"
+
+
 class Simulation:
     def __init__(self, scenario: Scenario, trace: bool = False) -> None:
         self.scenario = scenario
         self.rng = random.Random(scenario.seed ^ 0x5EED)
         voters = tuple(range(1, scenario.node_count + 1))
-        self.nodes = {i: SimNode(i, voters, scenario.params, scenario.seed) for i in voters}
+        initial = ConfState(voters=voters)
+        self.nodes = {i: SimNode(i, initial, scenario.params, scenario.seed) for i in voters}
         self.network = SimNetwork(self.rng, NetworkFaults(**_fields(scenario.faults)))
-        self.checker = SafetyChecker(self.nodes)
+        self.checker = SafetyChecker(self.nodes, Membership.of(initial))
+        self.next_node_id = scenario.node_count + 1
+        self.plans: list[_Plan] = []
+        self.membership_active = scenario.membership_events > 0
+        self.eager_terms: set[int] = set()
+        self.refusals: Counter = Counter()
         self.now = 0
         self._heap: list[tuple[int, int, str, Any]] = []
         self._seq = itertools.count()
@@ -163,11 +235,23 @@ class Simulation:
             self._run()
         except SafetyViolation as exc:
             violation = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a crash of any node is a failure of the seed
+            # A replica must never crash (not on a committed entry, not on a
+            # message): report it with the seed and the trace like a violation.
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            violation = f"crash: {type(exc).__name__}: {exc} (at {where.filename}:{where.lineno})"
         if violation is None:
             result = check_history(self.history.operations(), timeout=60)
             if not result.ok:
                 violation = f"linearizability: {result.verdict.name} on key {result.key!r}\n{result.explanation}"
         elections = len(self.checker.leaders_by_term)
+        conf_changes: Counter = Counter()
+        previous = self.checker.configurations[0][1]
+        for _, conf in self.checker.configurations[1:]:
+            conf_changes[_change_kind(previous, conf)] += 1
+            previous = conf
+        if self.checker.noop_conf_changes:
+            conf_changes["no-op"] = self.checker.noop_conf_changes
         return SimResult(
             self.scenario,
             violation,
@@ -176,6 +260,8 @@ class Simulation:
             len(self.client_ops),
             elections,
             self.now,
+            conf_changes,
+            self.refusals,
         )
 
     def _run(self) -> None:
@@ -190,6 +276,10 @@ class Simulation:
         fault_end = scenario.fault_ticks * TICK_INTERVAL
         for _ in range(scenario.fault_events):
             self._at(self.rng.randrange(fault_end), "fault", None)
+        for _ in range(scenario.membership_events):
+            self._at(self.rng.randrange(fault_end), "membership", None)
+        if self.membership_active:
+            self._at(OPERATOR_TICKS * TICK_INTERVAL, "operator", None)
         self._at(fault_end, "heal", None)
         deadline = fault_end + LIVENESS_TICKS * TICK_INTERVAL
         while self._heap:
@@ -223,7 +313,12 @@ class Simulation:
         elif kind == "timeout":
             self._client_timeout(payload)
         elif kind == "fault":
-            self._inject_fault()
+            if self.clients_active:  # no fault once the network is healed
+                self._inject_fault(payload)
+        elif kind == "membership":
+            self._membership_event(payload)
+        elif kind == "operator":
+            self._operator()
         elif kind == "restart":
             self._restart(self.nodes[payload])
         elif kind == "heal":
@@ -235,8 +330,8 @@ class Simulation:
     # --- Nodes -----------------------------------------------------------------------------------
 
     def _deliver(self, message: Message) -> None:
-        node = self.nodes[message.to]
-        if not node.alive:
+        node = self.nodes.get(message.to)
+        if node is None or not node.alive:
             return
         if self.tracing:
             self._log(f"n{message.from_}->n{message.to} {_fmt_message(message)}")
@@ -252,6 +347,13 @@ class Simulation:
 
     def _after_input(self, node: SimNode) -> None:
         self.checker.after_step(node)
+        raft = node.rawnode.raft
+        if self.membership_active and raft.role is StateRole.LEADER and raft.term not in self.eager_terms:
+            # A new leader: sometimes try a change at once, before it has
+            # committed an entry of its term (the core must refuse it).
+            self.eager_terms.add(raft.term)
+            if self.rng.random() < self.scenario.eager_change_rate:
+                self._at(self.now, "membership", "eager")
         self._drive(node)
 
     def _drive(self, node: SimNode) -> None:
@@ -284,6 +386,13 @@ class Simulation:
         for entry in ready.committed_entries:
             self.checker.on_apply(node, entry, node.applied_index + 1)
             answered = node.apply(entry)
+            if entry.type is EntryType.CONF_CHANGE and self.tracing:
+                conf = node.rawnode.conf_state()
+                self._log(
+                    f"n{node.id} applied conf change at {entry.index}: voters={list(conf.voters)} "
+                    f"learners={list(conf.learners)} removed={list(conf.removed)}"
+                    + (" (this node is removed)" if node.rawnode.removed else "")
+                )
             if answered is not None:
                 handle, output = answered
                 if output is LOST:
@@ -413,14 +522,17 @@ class Simulation:
 
     def _leader(self) -> SimNode | None:
         leaders = [
-            n for n in self.nodes.values() if n.alive and n.rawnode.raft.role is StateRole.LEADER
+            n
+            for n in self.nodes.values()
+            if n.alive and n.rawnode.raft.role is StateRole.LEADER and not n.rawnode.removed
         ]
         return max(leaders, key=lambda n: n.rawnode.raft.term) if leaders else None
 
-    def _inject_fault(self) -> None:
+    def _inject_fault(self, choice: str | None = None) -> None:
         rng = self.rng
         ids = list(self.nodes)
-        choice = rng.choices(_FAULTS, weights=self.scenario.fault_weights)[0]
+        if choice is None:
+            choice = rng.choices(_FAULTS, weights=self.scenario.fault_weights)[0]
         if choice == "partition":
             rng.shuffle(ids)
             cut = rng.randint(1, len(ids) - 1)
@@ -469,11 +581,151 @@ class Simulation:
                 leader.rawnode.transfer_leader(target)
                 self._after_input(leader)
 
+    # --- Membership ------------------------------------------------------------------------------
+
+    def _membership_event(self, reason: str | None) -> None:
+        if not self.membership_active:
+            return
+        leader = self._leader()
+        if leader is None:
+            return
+        kinds = ("add_learner", "promote", "remove_follower", "remove_leader", "replace", "double")
+        kind = self.rng.choices(kinds, weights=(3, 2, 2, 1, 2, 1))[0]
+        if reason == "eager":
+            kind = self.rng.choice(("add_learner", "promote", "remove_follower"))
+            self._log(f"MEMBERSHIP new leader n{leader.id} tries a change at once")
+        if kind == "double":
+            # Two changes back to back: the second must be refused while the
+            # first is in flight.
+            for second in self.rng.sample(("add_learner", "promote", "remove_follower"), 2):
+                self._simple_change(leader, second)
+        elif kind == "remove_leader":
+            if len(leader.rawnode.conf_state().voters) <= 2:
+                return
+            if self.rng.random() < 0.5:
+                self._propose_change(leader, ConfChange.remove(leader.id), "remove the leader itself")
+            else:
+                target = self._best_follower(leader)
+                if target is not None:
+                    self._log(f"MEMBERSHIP hand leadership n{leader.id} -> n{target} before removing n{leader.id}")
+                    leader.rawnode.transfer_leader(target)
+                    self._after_input(leader)
+                    self.plans.append(_Plan(old=leader.id, stage="remove"))
+        elif kind == "replace":
+            voters = leader.rawnode.conf_state().voters
+            old = self.rng.choice(voters)
+            new = self._add_learner(leader)
+            if new is not None:
+                self._log(f"MEMBERSHIP plan: replace n{old} by n{new}")
+                self.plans.append(_Plan(old=old, new=new))
+        else:
+            self._simple_change(leader, kind)
+
+    def _simple_change(self, leader: SimNode, kind: str) -> None:
+        conf = leader.rawnode.conf_state()
+        if kind == "add_learner":
+            self._add_learner(leader)
+        elif kind == "promote":
+            if conf.learners:
+                node_id = self.rng.choice(conf.learners)
+                self._propose_change(leader, ConfChange.promote(node_id), f"promote n{node_id}")
+        elif kind == "remove_follower":
+            followers = [v for v in conf.voters if v != leader.id]
+            if len(conf.voters) > 2 and followers:
+                node_id = self.rng.choice(followers)
+                self._propose_change(leader, ConfChange.remove(node_id), f"remove follower n{node_id}")
+
+    def _add_learner(self, leader: SimNode) -> int | None:
+        """Propose a new node as a learner; if the leader takes it, start the
+        node from the configuration that adds it (a new id, never reused)."""
+        if self.next_node_id > self.scenario.node_count + self.scenario.max_new_nodes:
+            return None
+        node_id = self.next_node_id
+        change = ConfChange.add_learner(node_id, f"host{node_id}", f"10.0.0.{node_id}:50100")
+        try:
+            bootstrap = confchange.apply(leader.rawnode.conf_state(), change)
+        except InvalidConfChange:
+            return None
+        if not self._propose_change(leader, change, f"add learner n{node_id}"):
+            return None
+        self.next_node_id += 1
+        node = SimNode(node_id, bootstrap, self.scenario.params, self.scenario.seed)
+        self.nodes[node_id] = node
+        node.start()
+        self._log(f"n{node_id} start (joining as a learner)")
+        self._at(self.now + self.rng.randrange(1, TICK_INTERVAL), "tick", node_id)
+        return node_id
+
+    def _propose_change(self, leader: SimNode, change: ConfChange, what: str) -> bool:
+        try:
+            leader.rawnode.propose_conf_change(change)
+        except (ProposalDropped, InvalidConfChange) as exc:
+            self.refusals[type(exc).__name__] += 1
+            self._log(f"MEMBERSHIP n{leader.id} refuses to {what}: {exc}")
+            return False
+        self._log(f"MEMBERSHIP n{leader.id} proposes to {what}")
+        if self.rng.random() < self.scenario.fault_after_change:
+            # A fault while the change is in flight: the next leader may
+            # inherit it uncommitted.
+            fault = self.rng.choice(("crash_leader", "isolate_leader", "partition"))
+            self._at(self.now + self.rng.randint(1, 3 * TICK_INTERVAL), "fault", fault)
+        self._after_input(leader)
+        return True
+
+    def _best_follower(self, leader: SimNode) -> int | None:
+        status = leader.rawnode.status()
+        voters = [
+            (p.match, node_id)
+            for node_id, p in status.progress.items()
+            if node_id != leader.id and not p.is_learner and p.recent_active
+        ]
+        return max(voters)[1] if voters else None
+
+    def _operator(self) -> None:
+        """What the driver above the core does on its own: promote learners
+        the leader reports caught up, and follow the plans."""
+        if not self.membership_active:
+            return
+        self._at(self.now + OPERATOR_TICKS * TICK_INTERVAL, "operator", None)
+        leader = self._leader()
+        if leader is None:
+            return
+        conf = leader.rawnode.conf_state()
+        for plan in list(self.plans):
+            if plan.stage == "promote":
+                if plan.new in conf.removed:
+                    self.plans.remove(plan)
+                elif plan.new in conf.voters:
+                    plan.stage = "remove"
+                elif plan.new in leader.rawnode.caught_up_learners():
+                    if self._propose_change(leader, ConfChange.promote(plan.new), f"promote n{plan.new} (replacing n{plan.old})"):
+                        plan.stage = "remove"
+                    return
+            if plan.stage == "remove":
+                if plan.old not in conf.voters and plan.old not in conf.learners:
+                    self.plans.remove(plan)
+                    continue
+                if plan.old == leader.id:
+                    # Hand leadership over first; the next leader removes it.
+                    target = self._best_follower(leader)
+                    if target is not None:
+                        leader.rawnode.transfer_leader(target)
+                        self._after_input(leader)
+                    return
+                if len(conf.voters) > 2 or plan.old in conf.learners:
+                    if self._propose_change(leader, ConfChange.remove(plan.old), f"remove n{plan.old} (plan)"):
+                        self.plans.remove(plan)
+                return
+        ready = leader.rawnode.caught_up_learners()
+        if ready:
+            self._propose_change(leader, ConfChange.promote(ready[0]), f"promote caught-up learner n{ready[0]}")
+
     def _heal(self) -> None:
         self._log("HEAL: network healed, every node restarted, clients stop")
         self.network.heal()
         self.network.faults = NetworkFaults(min_delay=1, max_delay=3)
         self.clients_active = False
+        self.membership_active = False
         for node in self.nodes.values():
             if not node.alive:
                 self._restart(node)
@@ -493,7 +745,10 @@ class Simulation:
                     probe = None
         else:
             leader_id, index, term = probe
-            if all(n.applied_index >= index for n in self.nodes.values()):
+            # Every member of the final configuration (voters and learners)
+            # must apply it; removed nodes and nodes that never joined need not.
+            members = [self.nodes[i] for i in self.checker.membership.members() if i in self.nodes]
+            if all(n.applied_index >= index for n in members):
                 if self.checker.committed[index - 1].term == term:
                     self._log("LIVENESS ok: probe applied on every node")
                     return True
@@ -507,6 +762,17 @@ class Simulation:
 
 
 _FAULTS = ("partition", "isolate_leader", "bridge", "one_way", "heal_net", "crash", "crash_leader", "transfer")
+
+
+def _change_kind(before: Membership, after: Membership) -> str:
+    if after.removed - before.removed:
+        gone = next(iter(after.removed - before.removed))
+        return "remove_voter" if gone in before.voters else "remove_learner"
+    if after.learners - before.learners:
+        return "add_learner"
+    if after.voters - before.voters:
+        return "promote"
+    return "no-op"
 
 
 def _fields(faults: NetworkFaults) -> dict[str, Any]:
@@ -535,5 +801,8 @@ def _fmt_message(m: Message) -> str:
     return text
 
 
-def run_seed(seed: int, trace: bool = False) -> SimResult:
-    return Simulation(Scenario.from_seed(seed), trace=trace).run()
+PROFILES = ("default", "static", "membership")
+
+
+def run_seed(seed: int, trace: bool = False, profile: str = "default") -> SimResult:
+    return Simulation(Scenario.from_seed(seed, profile), trace=trace).run()

@@ -4,8 +4,14 @@
 - Vote safety: a node grants at most one vote per term.
 - Log matching: an (index, term) pair names one entry, with one predecessor
   term, in every log that holds it (so equal pairs imply equal prefixes).
-- Durable commit: when an entry is first committed, a majority holds it on
-  stable storage (nothing is acknowledged before an fsync on a majority).
+- Durable commit: when an entry is first committed, a majority of the voters
+  of the configuration in force holds it on stable storage (nothing is
+  acknowledged before an fsync on a majority). The configuration in force is
+  computed here, independently of the core, from the committed log: a
+  configuration takes effect when its entry is applied, and a leader
+  proposes a change only once the previous one is applied, so a leader
+  commits under the latest committed configuration before the entry or the
+  one before it, and the entry must be on a majority of one of the two.
 - Committed entries are never lost or changed: every node's committed prefix
   agrees with the cluster's, and every new leader holds all of it (leader
   completeness).
@@ -16,8 +22,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from shardnode.raft import CompactedError, Entry, Message, MessageType, StateRole, UnavailableError
+from shardnode.raft import (
+    CompactedError,
+    ConfChange,
+    ConfChangeType,
+    ConfState,
+    Entry,
+    EntryType,
+    Message,
+    MessageType,
+    StateRole,
+    UnavailableError,
+)
 
 from .node import SimNode
 
@@ -26,20 +44,75 @@ class SafetyViolation(AssertionError):
     pass
 
 
+@dataclass(frozen=True)
+class Membership:
+    """A configuration as the checker computes it from the committed log."""
+
+    voters: frozenset[int]
+    learners: frozenset[int] = frozenset()
+    removed: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, conf: ConfState) -> "Membership":
+        return cls(frozenset(conf.voters), frozenset(conf.learners), frozenset(conf.removed))
+
+    def members(self) -> frozenset[int]:
+        return self.voters | self.learners
+
+    def quorum(self) -> int:
+        return len(self.voters) // 2 + 1
+
+    def after(self, entry: Entry) -> "Membership":
+        """The rules of the protocol, restated: a learner joins if the id is
+        new, a learner becomes a voter, a member leaves for good (never the
+        last voter); anything else is a no-op."""
+        try:
+            change = ConfChange.decode(entry.data)
+        except ValueError:
+            return self
+        node = change.node_id
+        if node in self.removed:
+            return self
+        if change.type is ConfChangeType.ADD_LEARNER_NODE and node not in self.members() and node > 0:
+            return Membership(self.voters, self.learners | {node}, self.removed)
+        if change.type is ConfChangeType.ADD_NODE and node in self.learners:
+            return Membership(self.voters | {node}, self.learners - {node}, self.removed)
+        if change.type is ConfChangeType.REMOVE_NODE and node in self.members() and self.voters != {node}:
+            return Membership(self.voters - {node}, self.learners - {node}, self.removed | {node})
+        return self
+
+
 @dataclass
 class SafetyChecker:
     nodes: dict[int, SimNode]
+    initial: Membership
+    # Tests of broken variants switch the early warning off to show that the
+    # same bug then loses committed data (caught by the checks that follow).
+    check_durable_commit: ClassVar[bool] = True
     leaders_by_term: dict[int, int] = field(default_factory=dict)
     votes_granted: dict[tuple[int, int], int] = field(default_factory=dict)
     # (index, term) -> (data, type, term of the previous entry)
     entries_seen: dict[tuple[int, int], tuple[bytes, int, int]] = field(default_factory=dict)
     committed: list[Entry] = field(default_factory=list)     # committed[i-1] is entry i
     commit_seen: dict[int, int] = field(default_factory=dict)
+    # (index of the conf change entry, configuration after it), in log
+    # order; the first is the initial configuration at index 0.
+    configurations: list[tuple[int, Membership]] = field(default_factory=list)
+    noop_conf_changes: int = 0
     checks: int = 0
 
+    def __post_init__(self) -> None:
+        self.configurations.append((0, self.initial))
+
     @property
-    def quorum(self) -> int:
-        return len(self.nodes) // 2 + 1
+    def membership(self) -> Membership:
+        """The latest committed configuration."""
+        return self.configurations[-1][1]
+
+    def _configurations_in_force(self, index: int) -> list[Membership]:
+        """Configurations a correct leader may commit `index` under."""
+        before = [conf for at, conf in self.configurations if at < index]
+        return before[-2:]
 
     def _fail(self, what: str) -> None:
         raise SafetyViolation(what)
@@ -123,13 +196,22 @@ class SafetyChecker:
                 continue
             if index != len(self.committed) + 1:
                 self._fail(f"node {node.id} committed {index} but the cluster only knows up to {len(self.committed)}")
-            holders = [n.id for n in self.nodes.values() if _durably_holds(n, entry)]
-            if len(holders) < self.quorum:
+            holders = {n.id for n in self.nodes.values() if _durably_holds(n, entry)}
+            in_force = self._configurations_in_force(index)
+            if self.check_durable_commit and not any(len(holders & conf.voters) >= conf.quorum() for conf in in_force):
                 self._fail(
                     f"durable commit: node {node.id} committed {index}/{entry.term} while only "
-                    f"{holders} had it on disk (quorum {self.quorum})"
+                    f"{sorted(holders)} had it on disk; voters in force: "
+                    + " or ".join(str(sorted(conf.voters)) for conf in in_force)
                 )
             self.committed.append(entry)
+            if entry.type is EntryType.CONF_CHANGE:
+                after = self.membership.after(entry)
+                if after != self.membership:
+                    self.configurations.append((index, after))
+                else:
+                    # Refused at apply time on every replica: no configuration change.
+                    self.noop_conf_changes += 1
 
     def _check_leader_completeness(self, node: SimNode) -> None:
         raft_log = node.rawnode.raft.log

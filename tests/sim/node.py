@@ -6,6 +6,11 @@ persist; a crash throws away everything else (the core, the unstable log, a
 Ready whose persistence had not finished, the state machine), and a restart
 rebuilds from the disk alone, replaying committed entries after the last
 snapshot.
+
+Configuration changes are applied to the core when their entry is applied
+(RawNode.apply_conf_change_entry), as the worker does. A node that joins the
+group starts from the configuration that adds it (its `initial_conf`), with
+an empty log: older changes replay over it as no-ops.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from shardnode.raft import (
     Config,
     ConfState,
     Entry,
+    EntryType,
     MemoryStorage,
     Proposal,
     RawNode,
@@ -57,7 +63,7 @@ class PendingWrite:
 @dataclass
 class SimNode:
     id: int
-    voters: tuple[int, ...]
+    initial_conf: ConfState
     params: NodeParams
     seed: int
     disk: MemoryStorage = field(init=False)
@@ -75,7 +81,7 @@ class SimNode:
     restarts: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self.disk = MemoryStorage(ConfState(voters=self.voters))
+        self.disk = MemoryStorage(self.initial_conf)
 
     # --- Lifecycle ---------------------------------------------------------------
 
@@ -156,6 +162,9 @@ class SimNode:
         write this node accepted; output is the previous value."""
         self.applied_index = entry.index
         pending = self.pending_writes.pop(entry.index, None)
+        if entry.type is EntryType.CONF_CHANGE:
+            self.rawnode.apply_conf_change_entry(entry)
+            return None if pending is None else (pending.handle, _LOST)
         if not entry.data:
             return None if pending is None else (pending.handle, _LOST)
         _, handle, kind, key, value = decode_command(entry.data)

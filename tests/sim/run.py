@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 
-from .cluster import Scenario, run_seed
+from .cluster import PROFILES, Scenario, run_seed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="run this one seed")
     parser.add_argument("--seeds", default="0:100", help="range START:STOP of seeds (default 0:100)")
     parser.add_argument("--trace", action="store_true", help="print the whole trace of each run")
+    parser.add_argument("--profile", default="default", choices=PROFILES,
+                        help="scenario profile (default: what CI runs)")
     args = parser.parse_args(argv)
     if args.seed is not None:
         seeds = range(args.seed, args.seed + 1)
@@ -25,20 +28,28 @@ def main(argv: list[str] | None = None) -> int:
         start, stop = (int(part) for part in args.seeds.split(":"))
         seeds = range(start, stop)
     failures = 0
+    conf_changes: Counter = Counter()
+    refusals: Counter = Counter()
     began = time.perf_counter()
     for seed in seeds:
-        result = run_seed(seed, trace=args.trace)
+        result = run_seed(seed, trace=args.trace, profile=args.profile)
+        conf_changes += result.conf_changes
+        refusals += result.refusals
         if args.trace:
             print("\n".join(result.trace))
         if result.ok:
             if len(seeds) == 1:
-                print(f"seed {seed} ok: {Scenario.from_seed(seed).describe()}")
+                print(f"seed {seed} ok: {Scenario.from_seed(seed, args.profile).describe()}")
                 print(f"  committed={result.committed} ops={result.operations} leaders={result.elections}")
+                print(f"  configuration changes={dict(result.conf_changes)} refusals={dict(result.refusals)}")
         else:
             failures += 1
-            print(run_seed(seed, trace=True).report() if not args.trace else result.report())
+            print(run_seed(seed, trace=True, profile=args.profile).report() if not args.trace else result.report())
     elapsed = time.perf_counter() - began
     print(f"{len(seeds)} seeds, {failures} failed, {elapsed:.1f}s", file=sys.stderr)
+    changes = ", ".join(f"{kind} {count}" for kind, count in sorted(conf_changes.items())) or "none"
+    refused = ", ".join(f"{kind} {count}" for kind, count in sorted(refusals.items())) or "none"
+    print(f"committed configuration changes: {changes}; proposals refused: {refused}", file=sys.stderr)
     return 1 if failures else 0
 
 

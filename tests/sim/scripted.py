@@ -9,19 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from shardnode.raft import Message, StateRole
+from shardnode.raft import ConfState, Message, StateRole
 
 from .cluster import _fmt_message
-from .invariants import SafetyChecker
+from .invariants import Membership, SafetyChecker
 from .node import NodeParams, SimNode, encode_command
 
 
 class ScriptedCluster:
     def __init__(self, size: int, params: NodeParams | None = None) -> None:
         voters = tuple(range(1, size + 1))
+        initial = ConfState(voters=voters)
         self.params = params or NodeParams(election_tick=10, heartbeat_tick=1, max_inflight_msgs=256)
-        self.nodes = {i: SimNode(i, voters, self.params, seed=i) for i in voters}
-        self.checker = SafetyChecker(self.nodes)
+        self.nodes = {i: SimNode(i, initial, self.params, seed=i) for i in voters}
+        self.checker = SafetyChecker(self.nodes, Membership.of(initial))
         self.queue: list[Message] = []
         self.cut: set[tuple[int, int]] = set()
         self.transcript: list[str] = []

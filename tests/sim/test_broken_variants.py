@@ -3,7 +3,9 @@
 Each test flips one switch that breaks a safety rule and asserts that the
 seeded simulation reports a violation of the expected kind within a bounded
 number of seeds. If the simulator were blind to that class of bug, the test
-would fail.
+would fail. The membership variants (two changes in flight, a change before
+the leader applied an entry of its term, promotion of a learner that has not
+caught up) are at the end.
 
 Committing an earlier term's entry by counting (Raft's Figure 8) needs a
 precise three-leader sequence that random faults reach too rarely to be a
@@ -15,18 +17,22 @@ from __future__ import annotations
 
 import pytest
 
-from shardnode.raft import HardState, NONE
+from shardnode.raft import NONE, ConfChange, ConfChangeType, HardState, StateRole
 from shardnode.raft.log import RaftLog
 from shardnode.raft.raft import Raft
 
 from .cluster import run_seed
+from .invariants import SafetyChecker
 
 MAX_SEEDS = 3000
 
 
-def _first_violation(max_seeds: int = MAX_SEEDS) -> tuple[int, str]:
+def _first_violation(max_seeds: int = MAX_SEEDS, profile: str = "static") -> tuple[int, str]:
+    """The first seed that fails. Variants of the protocol's basics run the
+    scenarios without membership changes ("static", as they were before
+    those existed); membership variants run the "membership" profile."""
     for seed in range(max_seeds):
-        result = run_seed(seed)
+        result = run_seed(seed, profile=profile)
         if not result.ok:
             return seed, result.violation or ""
     pytest.fail(f"no violation found in {max_seeds} seeds: the simulator missed a deliberately broken Raft")
@@ -76,3 +82,83 @@ def test_leader_counting_its_unpersisted_entries_is_caught(monkeypatch: pytest.M
     monkeypatch.setattr(Raft, "_append_entries", append_and_count_self)
     seed, violation = _first_violation()
     assert "durable commit" in violation, violation
+
+
+# --- Membership ------------------------------------------------------------------------
+#
+# The simulation changes the membership of most scenarios (see cluster.py).
+# Each test below removes one of the core's membership rules; the invariants,
+# measured against the configuration in force, must notice.
+
+
+def test_two_membership_changes_in_flight_are_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Broken: a leader takes a second change while its first is unapplied.
+    # Two changes committed together move the group two servers at once, and
+    # a node still on the old configuration can commit with a majority that
+    # does not intersect the new one.
+    monkeypatch.setattr(Raft, "_conf_change_pending", lambda self: False)
+    seed, violation = _first_violation(profile="membership")
+    assert "durable commit" in violation or any(kind in violation for kind in _LOSS), violation
+
+
+def test_membership_change_before_the_leader_applied_an_entry_of_its_term_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Broken: a new leader proposes a change at once, while a change it
+    # inherited from the previous term may still be uncommitted (the bug in
+    # single-server changes that Ongaro's 2015 fix closes).
+    monkeypatch.setattr(Raft, "_applied_entry_of_current_term", lambda self: True)
+    seed, violation = _first_violation(profile="membership")
+    assert "durable commit" in violation or any(kind in violation for kind in _LOSS), violation
+
+
+def _promote_learners_before_they_caught_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken: the leader promotes a learner without measuring its catch-up
+    (every learner is reported ready, so the simulation's operator promotes
+    it as soon as it joined) and trusts the promotion instead of the
+    learner's acknowledgements: the new voter counts toward commits as if it
+    held the leader's log. In this core a too-early promotion would otherwise
+    cost availability only (a promoted voter counts only what it
+    acknowledged); this is the shortcut that turns it into data loss."""
+    monkeypatch.setattr(Raft, "_learner_caught_up", lambda self, node_id: node_id in self.tracker.learners)
+    original_apply = Raft.apply_conf_change
+
+    def apply_and_trust(self: Raft, change: ConfChange):
+        conf = original_apply(self, change)
+        if change.type is ConfChangeType.ADD_NODE and self.role is StateRole.LEADER:
+            self.__dict__.setdefault("trusted_promotions", set()).add(change.node_id)
+        return conf
+
+    def commit_counting_trusted(self: Raft) -> bool:
+        trusted = self.__dict__.get("trusted_promotions", set())
+        progress = self.tracker.progress
+        last = self.log.last_index()
+
+        def acked(node_id: int) -> int:
+            if node_id not in progress:
+                return 0
+            return max(progress[node_id].match, last) if node_id in trusted else progress[node_id].match
+
+        return self.log.maybe_commit(self.tracker.voters.committed_index(acked), self.term)
+
+    monkeypatch.setattr(Raft, "apply_conf_change", apply_and_trust)
+    monkeypatch.setattr(Raft, "_maybe_commit", commit_counting_trusted)
+
+
+def test_promoting_a_learner_that_has_not_caught_up_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    _promote_learners_before_they_caught_up(monkeypatch)
+    seed, violation = _first_violation(profile="membership")
+    assert "durable commit" in violation, violation
+
+
+def test_promoting_a_learner_that_has_not_caught_up_loses_committed_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With the early warning (durable commit) off, the same bug runs on until
+    # a leader is elected without entries that were committed.
+    _promote_learners_before_they_caught_up(monkeypatch)
+    monkeypatch.setattr(SafetyChecker, "check_durable_commit", False)
+    seed, violation = _first_violation(profile="membership")
+    assert any(kind in violation for kind in _LOSS), violation
+
+
+# What lost committed data looks like to the checker.
+_LOSS = ("leader completeness", "committed entry changed", "state machine safety", "linearizability")

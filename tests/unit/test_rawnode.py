@@ -90,20 +90,29 @@ def test_only_one_membership_change_at_a_time() -> None:
     node.campaign()
     _persist(node, storage)
     _persist(node, storage)
-    node.propose_conf_change(ConfChange(ConfChangeType.ADD_NODE, 2))
+    node.propose_conf_change(ConfChange.add_learner(2, "host2", "127.0.0.2:1"))
     with pytest.raises(ProposalDropped, match="membership"):
-        node.propose_conf_change(ConfChange(ConfChangeType.ADD_NODE, 3))
+        node.propose_conf_change(ConfChange.add_learner(3))
     ready = _persist(node, storage)
     while node.has_ready():
         ready = _persist(node, storage)
     change = [e for e in ready.committed_entries if e.type is EntryType.CONF_CHANGE]
     conf = node.apply_conf_change(ConfChange.decode(change[0].data)) if change else None
-    assert conf is not None and conf.voters == (1, 2)
-    node.propose_conf_change(ConfChange(ConfChangeType.ADD_NODE, 3))   # allowed now
+    assert conf is not None and conf.voters == (1,) and conf.learners == (2,)
+    assert conf.member(2) is not None and conf.member(2).address == "127.0.0.2:1"
+    node.propose_conf_change(ConfChange.add_learner(3))   # allowed now
 
 
 def test_conf_change_encoding_round_trips_and_rejects_garbage() -> None:
     change = ConfChange(ConfChangeType.REMOVE_NODE, 7, b"ctx")
     assert ConfChange.decode(change.encode()) == change
+    added = ConfChange.add_learner(9, "host9", "10.0.0.9:50100")
+    assert ConfChange.decode(added.encode()) == added
+    # The first encoding (type byte, 8-byte id, context) still decodes.
+    legacy = bytes([2]) + (9).to_bytes(8, "big") + b"ctx"
+    assert ConfChange.decode(legacy) == ConfChange(ConfChangeType.ADD_LEARNER_NODE, 9, b"ctx")
+    for garbage in (b"", b"\x81", b"\x81\x93\x00\x01\x02", b"\x07" + bytes(8)):
+        with pytest.raises(ValueError):
+            ConfChange.decode(garbage)
     with pytest.raises(ValueError):
         ConfChange.decode(b"\x00")

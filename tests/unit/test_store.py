@@ -10,6 +10,7 @@ import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from shardnode.raft import (
@@ -20,7 +21,9 @@ from shardnode.raft import (
     Entry,
     EntryType,
     HardState,
+    Member,
     MemoryStorage,
+    SnapshotMetadata,
     UnavailableError,
 )
 from shardnode.storage import (
@@ -33,6 +36,13 @@ from shardnode.storage import (
     encode_command,
 )
 from shardnode.storage import store as store_module
+from shardnode.storage.engine import (
+    CorruptionError,
+    decode_conf_state,
+    decode_metadata,
+    encode_conf_state,
+    encode_metadata,
+)
 
 VOTERS = (1, 2, 3)
 OpenStore = Callable[..., ReplicaStore]
@@ -326,6 +336,19 @@ def test_conf_state_is_recorded_with_the_apply_batch_or_by_set_conf_state(open_s
     store.set_conf_state(ConfState(voters=(1, 2)))
     store.close()
     assert open_store().initial_state()[1] == ConfState(voters=(1, 2))
+
+
+def test_conf_state_encoding_keeps_removed_ids_and_addresses_and_reads_the_first_format() -> None:
+    conf = ConfState(voters=(1, 2), learners=(5,), removed=(3, 4), members=(Member(5, "host5", "127.0.0.5:50100"),))
+    assert decode_conf_state(encode_conf_state(conf)) == conf
+    metadata = SnapshotMetadata(10, 2, conf)
+    assert decode_metadata(encode_metadata(metadata)) == metadata
+    # What the first format wrote: (voters, learners, voters_outgoing) only.
+    first_format = msgpack.packb(((1, 2, 3), (4,), ()), use_bin_type=True)
+    assert decode_conf_state(first_format) == ConfState(voters=(1, 2, 3), learners=(4,))
+    for bad in (((1,), (), (), ()), ((1,), (), (), (), ((5, "h"),)), ((1,), (), (), (0,), ())):
+        with pytest.raises(CorruptionError):
+            decode_conf_state(msgpack.packb(bad, use_bin_type=True))
 
 
 # --- Sessions ---------------------------------------------------------------------------

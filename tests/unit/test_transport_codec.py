@@ -12,6 +12,7 @@ from shardnode.raft.messages import (
     ConfState,
     Entry,
     EntryType,
+    Member,
     Message,
     MessageType,
     Snapshot,
@@ -35,7 +36,15 @@ MAX = (1 << 63) - 1
 
 SNAPSHOT = Snapshot(
     SnapshotMetadata(
-        index=120, term=7, conf_state=ConfState(voters=(1, 2, 3), learners=(4,), voters_outgoing=(1, 2, 5))
+        index=120,
+        term=7,
+        conf_state=ConfState(
+            voters=(1, 2, 3),
+            learners=(4,),
+            voters_outgoing=(1, 2, 5),
+            removed=(6, 7),
+            members=(Member(4, "host4", "127.0.0.4:50100"),),
+        ),
     ),
     data=b"\x00descriptor\xff",
 )
@@ -195,6 +204,20 @@ REJECTED = {
     "snapshot learners not array": _raw(
         _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[5, 2, [1], 4, [], b""])])
     ),
+    "snapshot of 7 fields": _raw(
+        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[*GOOD_SNAPSHOT, []])])
+    ),
+    "snapshot removed not ints": _raw(
+        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[*GOOD_SNAPSHOT, [-1], []])])
+    ),
+    "snapshot members not triples": _raw(
+        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[*GOOD_SNAPSHOT, [], [4, "h"]])])
+    ),
+    "snapshot member address bytes": _raw(
+        _frame_fields(
+            messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[*GOOD_SNAPSHOT, [], [4, "h", b"a"]])]
+        )
+    ),
     "snapshot data str": _raw(
         _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[5, 2, [1], [], [], "x"])])
     ),
@@ -206,7 +229,14 @@ def test_the_rejection_table_is_built_on_a_valid_frame() -> None:
     assert good.messages[0].entries == (Entry(1, 2, b"data"),)
     snap_fields = _message_fields(type=int(MessageType.SNAP), snapshot=GOOD_SNAPSHOT)
     snap = decode_frame(_raw(_frame_fields(messages=[snap_fields])))
+    # GOOD_SNAPSHOT is the first (6-field) version: it still decodes.
     assert snap.messages[0].snapshot == Snapshot(SnapshotMetadata(5, 2, ConfState((1, 2, 3))), b"img")
+    current = [*GOOD_SNAPSHOT, [9], [4, "host4", "127.0.0.4:1"]]
+    snap_fields = _message_fields(type=int(MessageType.SNAP), snapshot=current)
+    snap = decode_frame(_raw(_frame_fields(messages=[snap_fields])))
+    assert snap.messages[0].snapshot.metadata.conf_state == ConfState(
+        (1, 2, 3), removed=(9,), members=(Member(4, "host4", "127.0.0.4:1"),)
+    )
 
 
 @pytest.mark.parametrize("data", list(REJECTED.values()), ids=list(REJECTED))
@@ -243,7 +273,18 @@ _entries = st.lists(
 _snapshots = st.builds(
     Snapshot,
     metadata=st.builds(
-        SnapshotMetadata, index=_u63, term=_u63, conf_state=st.builds(ConfState, _ids, _ids, _ids)
+        SnapshotMetadata,
+        index=_u63,
+        term=_u63,
+        conf_state=st.builds(
+            ConfState,
+            _ids,
+            _ids,
+            _ids,
+            _ids,
+            st.lists(st.builds(Member, st.integers(min_value=1, max_value=MAX), st.text(max_size=8), st.text(max_size=12)),
+                     max_size=3).map(tuple),
+        ),
     ),
     data=st.binary(max_size=40),
 )

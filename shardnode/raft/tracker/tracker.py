@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ..messages import ConfState
+from ..messages import ConfState, Member
 from ..quorum import JointConfig, VoteResult
 from .progress import Progress
 
 
 class ProgressTracker:
-    __slots__ = ("voters", "learners", "progress", "votes", "max_inflight")
+    __slots__ = ("voters", "learners", "removed", "members", "progress", "votes", "max_inflight")
 
     def __init__(self, max_inflight: int) -> None:
         self.voters = JointConfig()
         self.learners: frozenset[int] = frozenset()
+        # Ids removed for good, and the addresses of members (see ConfState).
+        self.removed: frozenset[int] = frozenset()
+        self.members: tuple[Member, ...] = ()
         self.progress: dict[int, Progress] = {}
         self.votes: dict[int, bool] = {}
         self.max_inflight = max_inflight
@@ -24,12 +27,16 @@ class ProgressTracker:
             voters=tuple(sorted(self.voters.incoming)),
             learners=tuple(sorted(self.learners)),
             voters_outgoing=tuple(sorted(self.voters.outgoing)),
+            removed=tuple(sorted(self.removed)),
+            members=self.members,
         )
 
     def apply_conf_state(self, conf_state: ConfState, next_index: int) -> None:
         """Replace the membership (on start or snapshot restore), fresh progress for all."""
         self.voters = JointConfig(conf_state.voters, conf_state.voters_outgoing)
         self.learners = frozenset(conf_state.learners)
+        self.removed = frozenset(conf_state.removed)
+        self.members = tuple(conf_state.members)
         self.progress = {}
         for node_id in self.voters.ids() | self.learners:
             self.progress[node_id] = Progress(next_index, self.max_inflight, node_id in self.learners)
