@@ -19,11 +19,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cluster = ClusterConfig.load(args.config)
-        replica = cluster.replica(args.group, args.host)
+        cluster.host(args.host)
+        if not 0 <= args.group < cluster.groups:
+            raise ConfigError(f"unknown group {args.group} (groups are 0..{cluster.groups - 1})")
     except ConfigError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2
-    logs.configure(args.log_level, host=args.host, group=args.group, node=replica.node_id)
+    # The node id is known once the worker has found its place in the group
+    # (shardnode/replica/identity.py); records that concern a replica carry it.
+    logs.configure(args.log_level, host=args.host, group=args.group)
     from shardnode.replica.server import serve  # after logging is set up
 
     try:

@@ -30,8 +30,11 @@ from ..config import ClusterConfig, Replica
 from ..errors import DeadlineExceeded, NotLeader, Unavailable
 from ..raft import (
     NONE,
+    ConfChange,
+    ConfState,
     Config,
     EntryType,
+    InvalidConfChange,
     Message,
     MessageType,
     ProposalDropped,
@@ -82,9 +85,12 @@ class ReplicaDriver:
         self.replica = replica
         self.group = replica.group
         self.node_id = replica.node_id
+        self._log_extra = {"group": self.group, "node": self.node_id}
         self.store = store
         self.stats = ReplicaStats()
-        self.addresses = {r.node_id: r.address for r in cluster.group_replicas(self.group)}
+        # Every member's worker address, as the applied configuration says
+        # (updated as membership changes apply; see _on_conf_state).
+        self.addresses = self._member_addresses(store.conf_state)
         timing = cluster.timing
         config = Config(
             id=self.node_id,
@@ -119,7 +125,10 @@ class ReplicaDriver:
         self._role = StateRole.FOLLOWER
         self._leader = NONE
         self._stopping = False
-        self._log_extra = {"group": self.group, "node": self.node_id}
+        self._pending_conf: dict[int, _PendingWrite] = {}
+        # Set once this replica applied its own removal: it serves nothing
+        # more, and its process retires its data and exits.
+        self.removed = asyncio.Event()
         # Tripped by any fault of the essential work (persist, apply, the
         # ready and tick loops, a broken invariant): from then on this
         # replica acknowledges nothing, and its process exits.
@@ -183,6 +192,8 @@ class ReplicaDriver:
     def _check_serving(self) -> None:
         if self.fail_stop.failed:
             raise Unavailable(f"replica stopped after a fault: {self.fail_stop.reason}")
+        if self.removed.is_set():
+            raise Unavailable(f"node {self.node_id} was removed from group {self.group}")
 
     def _fault(self, exc: BaseException, what: str) -> None:
         """Trip fail-stop for a fault in essential work, and fail every
@@ -264,6 +275,75 @@ class ReplicaDriver:
         except StorageFault as exc:
             self._fault(exc, "read")
             raise Unavailable(f"replica stopped after a fault: {self.fail_stop.reason}") from None
+
+    # --- Membership ------------------------------------------------------------------------
+
+    def _member_addresses(self, conf: ConfState) -> dict[int, str]:
+        """node id → worker address for every member of `conf`; also fills
+        `member_hosts` (node id → host name). A member that joined by a
+        configuration change carries both; the group's initial members
+        (which joined by none) have their place in cluster.toml."""
+        initial = {r.node_id: r for r in self.cluster.group_replicas(self.group)}
+        addresses, hosts = {}, {}
+        for node_id in sorted(conf.ids()):
+            member = conf.member(node_id)
+            if member is not None and member.address:
+                addresses[node_id], hosts[node_id] = member.address, member.host
+            elif node_id in initial:
+                addresses[node_id], hosts[node_id] = initial[node_id].address, initial[node_id].host.name
+            else:
+                log.warning("replica.member_without_address", extra={**self._log_extra, "peer": node_id})
+        self.member_hosts = hosts
+        return addresses
+
+    def _on_conf_state(self, conf: ConfState) -> None:
+        """The applied configuration changed: follow it in the transport."""
+        self.addresses = self._member_addresses(conf)
+        self.transport.update_peers({nid: a for nid, a in self.addresses.items() if nid != self.node_id})
+        if self.node.removed and not self.removed.is_set():
+            log.info("replica.removed", extra={**self._log_extra, "term": self.node.raft.term})
+            self.removed.set()
+            self._fail_all(Unavailable(f"node {self.node_id} was removed from group {self.group}"))
+
+    async def change_membership(self, change: ConfChange, timeout: float) -> ConfState:
+        """Propose one single-server change as leader; return the configuration
+        once the change is applied here. InvalidConfChange: it can never apply
+        (nothing entered the log); Unavailable/NotLeader: not now or not here."""
+        self._check_serving()
+        if not self.is_leader:
+            raise self._not_leader()
+        try:
+            proposal = self.node.propose_conf_change(change)
+        except ProposalDropped as exc:
+            if exc.leader == self.node_id:
+                raise Unavailable(str(exc)) from None
+            raise self._not_leader(exc.leader) from None
+        future = asyncio.get_running_loop().create_future()
+        self._pending_conf[proposal.index] = _PendingWrite(proposal.term, future)
+        self._wake.set()
+        log.info("replica.membership_proposed", extra={**self._log_extra, "change": change.describe(),
+                                                       "index": proposal.index})
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded("the membership change did not apply before the deadline; "
+                                   "it may still apply") from None
+        finally:
+            pending = self._pending_conf.get(proposal.index)
+            if pending is not None and pending.future is future:
+                del self._pending_conf[proposal.index]
+
+    def _promote_caught_up_learners(self) -> None:
+        """A leader promotes a learner as soon as it has caught up (one change
+        at a time: the core refuses a second one while the first is in flight)."""
+        for learner in self.node.caught_up_learners():
+            try:
+                self.node.propose_conf_change(ConfChange.promote(learner))
+            except (ProposalDropped, InvalidConfChange):
+                return
+            log.info("replica.promoting", extra={**self._log_extra, "peer": learner})
+            self._wake.set()
+            return
 
     # --- Inputs ----------------------------------------------------------------------------
 
@@ -353,6 +433,7 @@ class ReplicaDriver:
                 settle(self._pending_writes.pop(pending_index).future,
                               Unavailable("replaced by a snapshot; outcome unknown"))
             log.info("replica.snapshot_installed", extra={**self._log_extra, "index": index})
+            self._on_conf_state(self.store.conf_state)
         # 2. Send (unless already sent above).
         if not ready.send_before_persist:
             self._send(ready.messages)
@@ -375,6 +456,8 @@ class ReplicaDriver:
         # 4. Advance, then compact if the log grew past the threshold (a
         # synced write: on the persist thread, so the loop keeps ticking).
         node.advance(ready)
+        if self._role is StateRole.LEADER:
+            self._promote_caught_up_learners()
         store = self.store
         if ready.committed_entries and store.applied_index - store.first_index() >= self.cluster.snapshot_threshold:
             compacted = await asyncio.get_running_loop().run_in_executor(
@@ -405,9 +488,20 @@ class ReplicaDriver:
                 conf_state = self.node.apply_conf_change_entry(entry)
                 results.extend(self.store.apply([entry], conf_state=conf_state))
                 start = position + 1
-                log.info("replica.membership_changed", extra={**self._log_extra, "voters": list(conf_state.voters)})
+                self._on_conf_state(conf_state)
+                pending = self._pending_conf.pop(entry.index, None)
+                if pending is not None:
+                    if pending.term == entry.term:
+                        settle(pending.future, conf_state)
+                    else:
+                        settle(pending.future, Unavailable("lost to a leader change; not applied"))
+                log.info("replica.membership_changed", extra={**self._log_extra, "voters": list(conf_state.voters),
+                                                              "learners": list(conf_state.learners)})
         results.extend(self.store.apply(entries[start:]))
         for entry, result in zip(entries, results):
+            conf_pending = self._pending_conf.pop(entry.index, None)
+            if conf_pending is not None:  # another leader's entry took the index of our change
+                settle(conf_pending.future, Unavailable("lost to a leader change; not applied"))
             pending = self._pending_writes.pop(entry.index, None)
             if pending is None:
                 continue
@@ -436,9 +530,10 @@ class ReplicaDriver:
             self._fail_all(Unavailable("leadership lost; outcome unknown, retry with the same session"))
 
     def _fail_all(self, error: Exception) -> None:
-        for pending in self._pending_writes.values():
+        for pending in [*self._pending_writes.values(), *self._pending_conf.values()]:
             settle(pending.future, error)
         self._pending_writes.clear()
+        self._pending_conf.clear()
         for future in self._pending_reads.values():
             settle(future, error)
         self._pending_reads.clear()

@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
 
-from ..config import ClusterConfig
+from ..config import ClusterConfig, Replica
 from ..failstop import EXIT_FAIL_STOP, FailStop, describe, run_until_stop_or_fault
 from ..proto import worker_pb2_grpc
-from ..storage import ReplicaStore, StorageError
+from ..storage import StorageError
+from ..storage.retirement import retire
 from ..transport import SERVER_OPTIONS
 from .driver import ReplicaDriver
+from .identity import Start, resolve
 from .service import WorkerService
 
 log = logging.getLogger("shardnode.worker")
@@ -26,23 +29,36 @@ SHUTDOWN_TRANSFER_SECONDS = 3.0
 
 
 async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
-    replica = cluster.replica(group, host_name)
+    began = time.monotonic()
+    host = cluster.host(host_name)
     data_dir = cluster.worker_data_dir(host_name, group)
-    extra = {"group": group, "node": replica.node_id}
+    extra: dict[str, object] = {"group": group}
     fail_stop = FailStop(log, extra)
-    voters = tuple(r.node_id for r in cluster.group_replicas(group))
     try:
-        # Creates data_dir/HOST/group-G durably (parent directories fsynced).
-        store = ReplicaStore.open(data_dir, initial_voters=voters, storage=cluster.storage)
+        # Creates data_dir/HOST/group-G durably (parent directories fsynced)
+        # when this is the group's first start or a new member joining.
+        identity = await resolve(cluster, host_name, group)
     except (StorageError, OSError) as exc:
         # The disk is full or failing, or the data is not ours: say why, in
         # one line, and let supervisord retry with its backoff.
         fail_stop.trip(f"cannot open the replica's storage at {data_dir}: {describe(exc)}")
         return EXIT_FAIL_STOP
+    if identity.start is Start.NO_REPLICA:
+        log.info("worker.no_replica", extra={**extra, "reason": identity.reason})
+        await _exit_deliberately(began)
+        return 0
+    store = identity.store
+    assert store is not None
+    replica = Replica(group, identity.node_id, host)
+    extra["node"] = replica.node_id
+    log.info("worker.identity", extra={**extra, "start": identity.start.value})
+    stop = asyncio.Event()
     # The transport's options raise gRPC's message limits to fit its frames
     # (and snapshot chunks); a port held by another process must fail to bind.
     server = grpc.aio.server(options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
     driver = ReplicaDriver(cluster, replica, store, fail_stop=fail_stop)
+    # A replica that applies its own removal stops like on SIGTERM, then retires.
+    removal = asyncio.create_task(_set_when(driver.removed, stop), name="removal")
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(driver), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -54,7 +70,6 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
         log.error("worker.bind_failed", extra={**extra, "address": address, "error": str(exc)})
         store.close()
         return 1
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -74,7 +89,30 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
         await driver.transfer_leadership(SHUTDOWN_TRANSFER_SECONDS)
         await server.stop(grace=1.0)
     finally:
+        removal.cancel()
         await driver.stop()
         store.close()
+    if driver.removed.is_set():
+        # Removed from the group (committed): the data goes, a tombstone
+        # stays so that this place never bootstraps the old id again.
+        retire(data_dir, replica.node_id, "removed from the group")
+        log.info("worker.retired", extra={**extra, "data_dir": str(data_dir)})
+        await _exit_deliberately(began)
+        return 0
     log.info("worker.stopped", extra=extra)
     return 0
+
+
+async def _set_when(event: asyncio.Event, then: asyncio.Event) -> None:
+    await event.wait()
+    then.set()
+
+
+#: supervisord counts an exit within `startsecs` (1 s) as a failed start and
+#: retries it; a worker that exits on purpose (no replica here, retired) stays
+#: up at least this long so that its exit 0 reads as deliberate.
+DELIBERATE_EXIT_AFTER = 1.5
+
+
+async def _exit_deliberately(began: float) -> None:
+    await asyncio.sleep(max(0.0, began + DELIBERATE_EXIT_AFTER - time.monotonic()))

@@ -12,9 +12,10 @@ import grpc
 from ..errors import DeadlineExceeded, NotLeader, Unavailable
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
-from ..raft import StateRole
+from ..raft import ConfChange, ConfState, InvalidConfChange, StateRole
 from ..storage import Command, CommandOp
 from .driver import ReplicaDriver
+from .identity import observe_group
 
 log = logging.getLogger("shardnode.replica.service")
 
@@ -141,13 +142,17 @@ class WorkerService(pb_grpc.WorkerServicer):
         driver = self.driver
         status = driver.node.status()
         stats = driver.stats
+        conf = driver.node.conf_state()
+        role = status.role.name.lower()
+        if driver.node_id in conf.learners:
+            role = "learner"
         return pb.StatusResponse(
             cluster=self.cluster.name,
             group=driver.group,
             node_id=driver.node_id,
             host=driver.replica.host.name,
             term=status.term,
-            role=status.role.name.lower(),
+            role=role,
             leader_id=status.lead,
             commit_index=status.commit,
             applied_index=driver.store.applied_index,
@@ -155,7 +160,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             last_index=status.last_index,
             peers=[
                 pb.PeerProgress(node_id=nid, match=p.match, next=p.next_index, state=p.state.name.lower(),
-                                recent_active=p.recent_active)
+                                recent_active=p.recent_active, is_learner=p.is_learner, caught_up=p.caught_up)
                 for nid, p in sorted(status.progress.items())
             ],
             snapshots_sent=stats.snapshots_sent,
@@ -163,6 +168,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             snapshots_taken=stats.snapshots_taken,
             snapshot_send_seconds=stats.snapshot_send_seconds,
             snapshot_receive_seconds=stats.snapshot_receive_seconds,
+            members=_members(conf, driver),
+            removed=list(conf.removed),
         )
 
     async def TransferLeader(self, request: pb.TransferLeaderRequest, context) -> pb.TransferLeaderResponse:
@@ -173,6 +180,56 @@ class WorkerService(pb_grpc.WorkerServicer):
         ok = await driver.transfer_leadership(self._timeout(context), target=request.target_node_id)
         lead, _ = driver.leader_hint()
         return pb.TransferLeaderResponse(ok=ok, leader_id=lead, message="" if ok else "transfer did not complete")
+
+
+    async def ChangeMembership(self, request: pb.ChangeMembershipRequest, context) -> pb.ChangeMembershipResponse:
+        Status = pb.ChangeMembershipResponse
+        Kind = pb.ChangeMembershipRequest
+        driver = self.driver
+        if request.kind == Kind.ADD_LEARNER:
+            if not request.host or not request.address:
+                return Status(status=Status.REFUSED, message="ADD_LEARNER needs the new member's host and address")
+            change = ConfChange.add_learner(request.node_id, request.host, request.address)
+        elif request.kind == Kind.PROMOTE:
+            change = ConfChange.promote(request.node_id)
+        elif request.kind == Kind.REMOVE:
+            change = ConfChange.remove(request.node_id)
+        else:
+            return Status(status=Status.REFUSED, message=f"unknown change kind {request.kind}")
+        try:
+            conf = await driver.change_membership(change, self._timeout(context))
+        except InvalidConfChange as exc:
+            return Status(status=Status.REFUSED, message=str(exc))
+        except NotLeader as exc:
+            return Status(status=Status.NOT_LEADER, message=str(exc), leader_id=exc.leader_id,
+                          leader_address=exc.leader_address)
+        except (Unavailable, DeadlineExceeded) as exc:
+            lead, address = driver.leader_hint()
+            return Status(status=Status.RETRY, message=str(exc), leader_id=lead, leader_address=address)
+        return Status(status=Status.OK, members=_members(conf, driver), removed=list(conf.removed))
+
+    async def Retire(self, request: pb.RetireRequest, context) -> pb.RetireResponse:
+        driver = self.driver
+        if request.node_id != driver.node_id:
+            return pb.RetireResponse(ok=False, message=f"this is node {driver.node_id}, not {request.node_id}")
+        if not driver.removed.is_set():
+            # The removal may be committed without this replica having heard
+            # of it: the group's leader is the authority.
+            view = await observe_group(self.cluster, driver.group, exclude=driver.replica.address,
+                                       timeout=min(2.0, self._timeout(context)))
+            if view is None or driver.node_id not in view.conf.removed:
+                return pb.RetireResponse(ok=False, message=f"node {driver.node_id} is still a member of group "
+                                                           f"{driver.group}; remove it first")
+            driver.removed.set()
+        return pb.RetireResponse(ok=True, message=f"node {driver.node_id} retires: its data is deleted")
+
+
+def _members(conf: ConfState, driver: ReplicaDriver) -> list[pb.Member]:
+    return [
+        pb.Member(node_id=node_id, host=driver.member_hosts.get(node_id, ""),
+                  address=driver.addresses.get(node_id, ""), learner=node_id in conf.learners)
+        for node_id in sorted(conf.ids())
+    ]
 
 
 def _read_result(value: bytes | None) -> pb.OperationResult:

@@ -22,7 +22,7 @@ from .engine import (
     wal_archive_bytes,
 )
 from .snapshot import SnapshotChunk, SnapshotReader, SnapshotStaging
-from .store import ApplyResult, ReplicaStore, StoreBusy
+from .store import ApplyResult, ReplicaStore, StoreBusy, StoreNotInitialized
 
 __all__ = [
     "COMMAND_FORMAT_VERSION",
@@ -44,6 +44,7 @@ __all__ = [
     "StorageError",
     "StorageFault",
     "StoreBusy",
+    "StoreNotInitialized",
     "decode_command",
     "encode_command",
     "make_dirs_durable",

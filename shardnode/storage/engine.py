@@ -304,17 +304,17 @@ def make_dirs_durable(path: str | os.PathLike[str], ancestors: int = DURABLE_ANC
             os.mkdir(directory)
         except FileExistsError:
             pass
-        _fsync_directory(os.path.dirname(directory))
+        fsync_directory(os.path.dirname(directory))
     directory = path
     for _ in range(ancestors + 1):
-        _fsync_directory(directory)
+        fsync_directory(directory)
         parent = os.path.dirname(directory)
         if parent == directory:
             break
         directory = parent
 
 
-def _fsync_directory(path: str) -> None:
+def fsync_directory(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -370,6 +370,7 @@ META_CONF_STATE = b"conf_state"          # membership as of applied_index
 META_SNAPSHOT_POINT = b"snapshot_point"  # (index, term, conf): the log starts after it
 META_INSTALLING = b"installing"          # snapshot metadata of an install in progress
 META_STAGING = b"staging"                # the incoming snapshot being staged
+META_SELF = b"self"                      # this replica's node id (8 bytes); absent in stores of the first format
 
 FORMAT_VERSION = 1
 

@@ -67,6 +67,7 @@ from .engine import (
     META_FORMAT,
     META_HARD_STATE,
     META_INSTALLING,
+    META_SELF,
     META_SNAPSHOT_POINT,
     META_STAGING,
     ApplyState,
@@ -136,6 +137,11 @@ class ApplyResult:
     stale: bool = False
 
 
+class StoreNotInitialized(StorageError):
+    """There is no initialized store here (perhaps a first start that crashed
+    before it finished), and nothing to initialize one with."""
+
+
 class StoreBusy(StorageError):
     """The state machine is being replaced by a snapshot install; retry."""
 
@@ -175,37 +181,51 @@ class ReplicaStore:
         # A completed staging handed to the core (hand_over_staging): it must
         # stay until persist() installs it, whatever streams arrive meanwhile.
         self._handed_over: tuple[int, int] | None = None
+        self._node_id: int | None = None
 
     @classmethod
     def open(
         cls,
         path: str | os.PathLike[str],
         *,
-        initial_voters: tuple[int, ...],
+        initial_voters: tuple[int, ...] = (),
+        initial_conf: ConfState | None = None,
+        node_id: int | None = None,
         session_ttl_ms: int = 3_600_000,
         entry_cache_entries: int = 8192,
         storage: StorageConfig = StorageConfig(),
     ) -> ReplicaStore:
-        """Open the store at `path`, creating it (with `initial_voters` as its
-        membership) if it does not exist; an existing store keeps its own
-        membership. Completes an install interrupted by a crash."""
+        """Open the store at `path`, creating it if it does not exist: with
+        `initial_conf` as its membership (a replica joining a running group:
+        the configuration that added it), or else `initial_voters` (the
+        group's first members); `node_id` is recorded as the replica's own id.
+        An existing store keeps its own membership and id. Completes an
+        install interrupted by a crash."""
+        conf = initial_conf if initial_conf is not None else ConfState(voters=tuple(initial_voters))
         engine = open_engine(os.fspath(path), storage)
         try:
             store = cls(engine, session_ttl_ms=session_ttl_ms, entry_cache_entries=entry_cache_entries)
-            store._load(tuple(initial_voters))
+            store._load(conf, node_id)
         except BaseException:
             engine.close()
             raise
         return store
 
-    def _load(self, initial_voters: tuple[int, ...]) -> None:
+    @staticmethod
+    def exists(path: str | os.PathLike[str]) -> bool:
+        """Whether a database was ever created at `path` (without opening it)."""
+        return os.path.exists(os.path.join(os.fspath(path), "CURRENT"))
+
+    def _load(self, initial_conf: ConfState, node_id: int | None) -> None:
         meta = self._engine.meta.view
         version = meta.get(META_FORMAT)
         if version is None:
-            self._initialize(initial_voters)
+            self._initialize(initial_conf, node_id)
             version = meta.get(META_FORMAT)
         if version != bytes((FORMAT_VERSION,)):
             raise CorruptionError(f"unsupported storage format {version!r}")
+        raw = meta.get(META_SELF)
+        self._node_id = int.from_bytes(raw, "big") if raw is not None else None
         raw = meta.get(META_HARD_STATE)
         self._hard_state = decode_hard_state(raw) if raw is not None else EMPTY_HARD_STATE
         point = decode_metadata(meta[META_SNAPSHOT_POINT], "snapshot point")
@@ -231,12 +251,16 @@ class ReplicaStore:
                 f"[{self._snapshot_index}, {self._last_index}]"
             )
 
-    def _initialize(self, initial_voters: tuple[int, ...]) -> None:
+    def _initialize(self, conf: ConfState, node_id: int | None) -> None:
+        if not conf.voters and not conf.learners:
+            raise StoreNotInitialized(f"no store at {self._engine.path}, and no initial members to create one with")
         batch = new_batch()
         meta = self._engine.meta.handle
-        batch.put(META_CONF_STATE, encode_conf_state(ConfState(voters=initial_voters)), meta)
-        batch.put(META_SNAPSHOT_POINT, encode_metadata(SnapshotMetadata(0, 0, ConfState(voters=initial_voters))), meta)
+        batch.put(META_CONF_STATE, encode_conf_state(conf), meta)
+        batch.put(META_SNAPSHOT_POINT, encode_metadata(SnapshotMetadata(0, 0, conf)), meta)
         batch.put(META_APPLY_STATE, encode_apply_state(ApplyState()), meta)
+        if node_id is not None:
+            batch.put(META_SELF, node_id.to_bytes(8, "big"), meta)
         batch.put(META_FORMAT, bytes((FORMAT_VERSION,)), meta)  # last: its presence means "initialized"
         self._engine.write(batch, sync=True)
 
@@ -275,6 +299,12 @@ class ReplicaStore:
             self._captures.clear()
             self._staging = None
             self._engine.close()
+
+    @property
+    def node_id(self) -> int | None:
+        """This replica's own node id, as recorded when the store was created
+        (None for a store of the first format: its id is its host's)."""
+        return self._node_id
 
     @property
     def path(self) -> str:

@@ -30,7 +30,7 @@ def _break(variant: str) -> None:
 
         engine.Engine.write = unsynced_write  # type: ignore[method-assign]
     elif variant == "no-directory-fsync":
-        engine._fsync_directory = lambda path: None
+        engine.fsync_directory = lambda path: None
     else:
         raise SystemExit(f"broken_worker: unknown SHARDNODE_BROKEN variant {variant!r}")
 

@@ -478,8 +478,8 @@ def test_every_directory_created_for_a_store_is_fsynced_into_its_parent(
     from shardnode.storage import engine
 
     synced: list[str] = []
-    real = engine._fsync_directory
-    monkeypatch.setattr(engine, "_fsync_directory", lambda path: (synced.append(path), real(path)))
+    real = engine.fsync_directory
+    monkeypatch.setattr(engine, "fsync_directory", lambda path: (synced.append(path), real(path)))
     store = ReplicaStore.open(tmp_path / "data" / "host1" / "group-0", initial_voters=(1,))
     store.close()
     for created in ("data", "data/host1", "data/host1/group-0"):
