@@ -4,10 +4,13 @@ read once with tomllib into typed, validated objects.
 A bad file raises ConfigError with one line that names the field, e.g.
 `etc/cluster.toml: host[2].router_port: must be an integer in 1..65535`.
 
-Placement is computed, not configured: group g's replicas live on hosts
-g, g+1, ..., g+replicas-1 (modulo the host count), which spreads replicas and
-hence leaders evenly. Within every group, the replica on the i-th [[host]]
-has Raft node id i+1, so a node id names the same host in all groups.
+The initial placement is computed, not configured: group g's replicas live
+on hosts g, g+1, ..., g+replicas-1 (modulo the number of hosts that are not
+`standby`), which spreads replicas and hence leaders evenly. Within every
+group, an initial replica on the i-th [[host]] has Raft node id i+1. This is
+the shape of the cluster's first start only: afterwards each group's live
+membership is what its Raft configuration says (docs/membership.md), and
+members added later get ids above the number of hosts, never reused.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class HostConfig:
     metrics_port: int
     supervisor_port: int
     node_id: int                   # position in the [[host]] list + 1
+    standby: bool = False          # holds no replica at first; joins groups with `shardnode start --new`
 
     def worker_port(self, group: int) -> int:
         return self.worker_port_base + group
@@ -118,11 +122,10 @@ class ClusterConfig:
     def group_replicas(self, group: int) -> tuple[Replica, ...]:
         if not 0 <= group < self.groups:
             raise ConfigError(f"unknown group {group} (groups are 0..{self.groups - 1})")
-        count = len(self.hosts)
-        return tuple(
-            Replica(group, self.hosts[(group + i) % count].node_id, self.hosts[(group + i) % count])
-            for i in range(self.replicas)
-        )
+        active = [h for h in self.hosts if not h.standby]
+        count = len(active)
+        return tuple(Replica(group, active[(group + i) % count].node_id, active[(group + i) % count])
+                     for i in range(self.replicas))
 
     def replica(self, group: int, host_name: str) -> Replica:
         for replica in self.group_replicas(group):
@@ -211,16 +214,19 @@ class ClusterConfig:
                     metrics_port=fields.port(host_raw, f"{label}.metrics_port"),
                     supervisor_port=fields.port(host_raw, f"{label}.supervisor_port", default=9001),
                     node_id=i + 1,
+                    standby=fields.boolean(host_raw, f"{label}.standby", default=False),
                 )
             )
             fields.no_extra(host_raw, label, {
-                "name", "address", "router_port", "worker_port_base", "metrics_port", "supervisor_port",
+                "name", "address", "router_port", "worker_port_base", "metrics_port", "supervisor_port", "standby",
             })
         names = [h.name for h in hosts]
         if len(set(names)) != len(names):
             raise ConfigError(f"{where}host: host names must be unique")
-        if replicas > len(hosts):
-            raise ConfigError(f"{where}cluster.replicas: {replicas} replicas need at least as many hosts (have {len(hosts)})")
+        active = [h for h in hosts if not h.standby]
+        if replicas > len(active):
+            raise ConfigError(f"{where}cluster.replicas: {replicas} replicas need at least as many hosts that are not "
+                              f"standby (have {len(active)})")
         for host in hosts:
             if host.worker_port_base + groups - 1 > 65535:
                 raise ConfigError(f"{where}host {host.name!r}.worker_port_base: base + groups exceeds 65535")
@@ -293,6 +299,12 @@ class _Fields:
             raise self._fail(field, "is required")
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise self._fail(field, f"must be an integer in {low}..{high} (got {value!r})")
+        return value
+
+    def boolean(self, raw: dict[str, Any], field: str, default: bool) -> bool:
+        value = raw.get(field.rsplit(".", 1)[-1], default)
+        if not isinstance(value, bool):
+            raise self._fail(field, f"must be true or false (got {value!r})")
         return value
 
     def port(self, raw: dict[str, Any], field: str, default: int | None = None) -> int:

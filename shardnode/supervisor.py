@@ -31,7 +31,7 @@ import sys
 import time
 import xmlrpc.client
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import ClusterConfig, HostConfig
@@ -108,9 +108,16 @@ def host_config(
     project_root: Path,
     include_router: bool = True,
 ) -> str:
-    """The supervisord.conf text for one host: its router and one worker per
-    group replica it holds, under a supervisord that answers XML-RPC on
+    """The supervisord.conf text for one host: its router and one worker
+    program per group, under a supervisord that answers XML-RPC on
     ``host.address:host.supervisor_port``.
+
+    Every group has a program on every host, because membership changes
+    while the cluster runs (a host joins groups with `start --new`, leaves
+    them with `leave`): a worker finds out at start whether this host holds a
+    replica of its group, and exits 0 at once if not. Workers restart only
+    after an unexpected exit (a fault, a crash), never after exit 0 (stopped
+    on purpose, no replica here, or retired after its removal).
 
     Paths are absolute (relative ones are taken from `project_root`), so the
     file works from any directory. `include_router=False` leaves the router
@@ -123,7 +130,7 @@ def host_config(
     data_dir = _data_dir(cluster, project_root)
     host_dir = data_dir / host.name
     log_dir = host_dir / "logs"
-    groups = cluster.groups_on_host(host.name)
+    groups = range(cluster.groups)
     server = f"{host.address}:{host.supervisor_port}"
 
     programs = [worker_program(g) for g in groups]
@@ -163,6 +170,7 @@ def host_config(
             priority=200,
             project_root=project_root,
             log_dir=log_dir,
+            autorestart="true",
         )
     for group in groups:
         lines += _program(
@@ -171,6 +179,7 @@ def host_config(
             priority=100,
             project_root=project_root,
             log_dir=log_dir,
+            autorestart="unexpected",
         )
     return "\n".join(lines)
 
@@ -262,7 +271,8 @@ def local_cluster_config(
     return top
 
 
-def _program(name: str, command: str, *, priority: int, project_root: Path, log_dir: Path) -> list[str]:
+def _program(name: str, command: str, *, priority: int, project_root: Path, log_dir: Path,
+             autorestart: str) -> list[str]:
     return [
         f"[program:{name}]",
         f"command={_value(command)}",
@@ -270,7 +280,8 @@ def _program(name: str, command: str, *, priority: int, project_root: Path, log_
         f'environment=PYTHONPATH="{_value(project_root)}",PYTHONUNBUFFERED="1"',
         f"priority={priority}",
         "autostart=true",
-        "autorestart=true",
+        f"autorestart={autorestart}",
+        "exitcodes=0",
         "startsecs=1",
         f"startretries={START_RETRIES}",
         "stopsignal=TERM",
@@ -355,7 +366,8 @@ _ALREADY_STARTED = 60
 _NOT_RUNNING = 70
 
 _RUNNING_STATES = frozenset({"STARTING", "RUNNING", "BACKOFF"})
-_DOWN_STATES = frozenset({"STOPPED", "FATAL"})
+# EXITED: a worker that ended on purpose (exit 0: no replica here, retired) stays down.
+_DOWN_STATES = frozenset({"STOPPED", "FATAL", "EXITED"})
 
 
 class ProcessControl:
@@ -395,10 +407,10 @@ class ProcessControl:
             if host.address != address:
                 continue
             if port == host.router_port:
-                workers = tuple(worker_program(g) for g in self.cluster.groups_on_host(host.name))
+                workers = tuple(worker_program(g) for g in range(self.cluster.groups))
                 router = (ROUTER_PROGRAM,) if self.include_router else ()
                 return Target(host, router + workers, whole_host=True)
-            for group in self.cluster.groups_on_host(host.name):
+            for group in range(self.cluster.groups):
                 if port == host.worker_port(group):
                     return Target(host, (worker_program(group),))
         known = ", ".join(h.router_address for h in self.cluster.hosts)
@@ -426,15 +438,15 @@ class ProcessControl:
             self._settle_stopped(rpc, target.programs, kill=not clean)
         return target
 
-    def start(self, server: str, new: bool = False) -> Target:
-        """Start `server` again from its data (a whole host: router and workers)."""
-        if new:
-            raise NotSupported(
-                "start --new (join with empty state) is not supported yet: a replica that "
-                "forgets its vote could vote twice in one term; it needs the membership "
-                "protocol (leave, then join as a new member)"
-            )
+    def start(self, server: str, groups: Iterable[int] | None = None) -> Target:
+        """Start `server` again from its data: a whole host's router and the
+        workers of `groups` (default: the groups of its initial placement;
+        shardnode.membership passes the groups it holds now), or one worker."""
         target = self.resolve(server)
+        if target.whole_host:
+            wanted = self.cluster.groups_on_host(target.host.name) if groups is None else tuple(groups)
+            target = replace(target, programs=tuple(
+                p for p in target.programs if p == ROUTER_PROGRAM or p in {worker_program(g) for g in wanted}))
         with self._session(target.host) as rpc:
             # A program still stopping cannot be started: let it finish first.
             self._wait(rpc, target.programs, lambda info: info.state != "STOPPING", self.stop_timeout,
@@ -449,7 +461,8 @@ class ProcessControl:
                         f"{info.name} on {target.host.name} failed to start ({info.description}); "
                         f"see {info.logfile}"
                     )
-                return info.state == "RUNNING"
+                # EXITED with 0: a worker that found no replica of its group here.
+                return info.state == "RUNNING" or (info.state == "EXITED" and info.exitstatus == 0)
 
             self._wait(rpc, target.programs, started, self.start_timeout, "reach RUNNING")
         return target

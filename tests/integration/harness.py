@@ -48,6 +48,7 @@ class WorkerGroup:
 
     tmp: Path
     size: int = 3
+    replicas: int | None = None      # default: every host holds a replica
     snapshot_threshold: int = 10_000
     tick_ms: int = 50
     name: str = "itest"
@@ -59,7 +60,7 @@ class WorkerGroup:
     def __post_init__(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.config_path = write_cluster_toml(self.tmp, name=self.name, hosts=self.size, tick_ms=self.tick_ms,
-                                              snapshot_threshold=self.snapshot_threshold)
+                                              replicas=self.replicas, snapshot_threshold=self.snapshot_threshold)
         for host in ClusterConfig.load(self.config_path).hosts:
             self.addresses[host.name] = host.worker_address(0)
         self.channels: dict[str, grpc.aio.Channel] = {}

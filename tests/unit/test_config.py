@@ -83,3 +83,18 @@ def test_storage_settings_default_to_the_original_wal_archive_and_can_be_set() -
         raw["storage"] = bad
         with pytest.raises(ConfigError, match=field):
             ClusterConfig.from_dict(raw)
+
+
+def test_standby_hosts_hold_no_initial_replica() -> None:
+    raw = _raw(hosts=4, replicas=3, groups=3)
+    raw["host"][3]["standby"] = True
+    cluster = ClusterConfig.from_dict(raw)
+    assert all(r.host.name != "h4" for g in range(3) for r in cluster.group_replicas(g))
+    assert cluster.groups_on_host("h4") == ()
+    assert cluster.host("h4").standby and cluster.host("h4").node_id == 4
+    raw["host"][2]["standby"] = True
+    with pytest.raises(ConfigError, match="cluster.replicas"):
+        ClusterConfig.from_dict(raw)
+    raw["host"][2]["standby"] = "yes"
+    with pytest.raises(ConfigError, match=r"host\[2\].standby"):
+        ClusterConfig.from_dict(raw)
