@@ -24,7 +24,6 @@ from shardnode.config import ClusterConfig
 from .ports import write_cluster_toml
 from .supervised import SupervisedCluster, start_supervised
 from shardnode.supervisor import (
-    NotSupported,
     ProcessControl,
     SupervisorUnavailable,
     UnknownServer,
@@ -75,8 +74,10 @@ def test_default_cluster_host_configs() -> None:
                 str(python), "-m", "worker", "--config", str(DEFAULT_CONFIG), "--host", host.name,
                 "--group", str(group),
             ]
-            for key, value in {"autostart": "true", "autorestart": "true", "startsecs": "1", "stopsignal": "TERM",
-                               "stopwaitsecs": "10", "stopasgroup": "true", "killasgroup": "true"}.items():
+            # Restarted after a fault or a crash, never after exit 0 (stopped, no replica here, retired).
+            for key, value in {"autostart": "true", "autorestart": "unexpected", "exitcodes": "0", "startsecs": "1",
+                               "stopsignal": "TERM", "stopwaitsecs": "10", "stopasgroup": "true",
+                               "killasgroup": "true"}.items():
                 assert section[key] == value, key
             assert int(section["startretries"]) >= 100
             assert section["directory"] == str(ROOT)
@@ -129,8 +130,6 @@ def test_resolve(tmp_path: Path) -> None:
         assert "\n" not in str(info.value)
     with pytest.raises(ValueError):  # UnknownServer is a ValueError too
         control.resolve("nowhere:1")
-    with pytest.raises(NotSupported, match="vote"):
-        control.start(h2.worker_address(0), new=True)
 
 
 def test_unreachable_supervisord(tmp_path: Path) -> None:
@@ -181,10 +180,10 @@ def test_stop_and_start_under_supervisord(supervised: SupervisedCluster) -> None
     # The other hosts were not touched.
     assert control.status("h1") == {"worker-g0": "RUNNING"}
 
-    control.start(worker, new=False)
+    control.start(worker)
     after = control.processes("h2")["worker-g0"]
     assert after.state == "RUNNING" and after.pid not in (0, before.pid)
-    control.start(worker, new=False)  # already running: fine
+    control.start(worker)  # already running: fine
     env.record_pids()
 
     # Clean: SIGTERM through supervisord, leadership handed over, exit 0.
@@ -195,7 +194,7 @@ def test_stop_and_start_under_supervisord(supervised: SupervisedCluster) -> None
     time.sleep(1.5)
     assert control.status("h2")["worker-g0"] == "STOPPED"
     control.stop(worker, clean=True)  # already stopped: fine
-    control.start(worker, new=False)
+    control.start(worker)
     assert control.status("h2")["worker-g0"] == "RUNNING"
 
     # A router address means the whole host.
@@ -204,7 +203,7 @@ def test_stop_and_start_under_supervisord(supervised: SupervisedCluster) -> None
     assert target.whole_host and target.programs == ("worker-g0",)
     time.sleep(1.5)
     assert control.status("h3") == {"worker-g0": "STOPPED"}
-    control.start(h3.router_address, new=False)
+    control.start(h3.router_address)
     assert control.status("h3") == {"worker-g0": "RUNNING"}
 
     # SIGTERM to the top supervisord stops every process of the cluster.
