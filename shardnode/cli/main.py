@@ -323,9 +323,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print_table(bench_module.render_summary(result))
+    kinds = ", ".join(f"{name} {count}" for name, count in result.errors_by_type.most_common())
     if result.ops == 0 and result.errors:
-        kinds = ", ".join(f"{name} {count}" for name, count in result.errors_by_type.most_common())
         return _error(f"bench: no operation succeeded ({kinds})")
+    if not result.complete:
+        if result.interrupted:
+            why = "interrupted"
+        elif args.duration is not None and result.elapsed >= args.duration:
+            why = f"--duration {args.duration:g} s ran out"
+        else:
+            why = f"keys that failed {bench_module.LOAD_ATTEMPTS} times were left out ({kinds})"
+        missing = config.keys - result.loaded
+        _error(f"bench: loaded only {result.loaded:,} of {config.keys:,} keys ({missing:,} missing: {why}); "
+               "reads of the missing keys will find no value")
+        return EXIT_INTERRUPTED if result.interrupted else EXIT_ERROR
     return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
 
 

@@ -251,6 +251,34 @@ def test_bench_json(config: str, router: FakeRouter, capsys: pytest.CaptureFixtu
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["p99.9"] <= latency["max"]
 
 
+def test_bench_load_inserts_every_key_despite_failures_and_no_default_duration(
+        config: str, router: FakeRouter, capsys: pytest.CaptureFixture[str]) -> None:
+    from shardnode.bench import BenchConfig
+
+    assert BenchConfig(workload="load").time_limit is None           # not cut short by a default
+    assert BenchConfig(workload="a").time_limit == 10.0
+    router.faults.extend(["invalid"] * 7)                             # failed inserts are retried
+    code, out, err = run(capsys, "--config", config, "bench", "--workload", "load", "--keys", "300",
+                         "--clients", "3", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["loaded"] == 300 and result["complete"] is True
+    assert result["operations"]["insert"]["errors"] == 7
+    assert len([k for k in router.store.data if k.startswith(b"ycsb/")]) == 300
+
+
+def test_bench_load_cut_short_says_how_many_keys_it_loaded(
+        config: str, router: FakeRouter, capsys: pytest.CaptureFixture[str]) -> None:
+    router.default_fault = "slow"
+    code, out, err = run(capsys, "--config", config, "bench", "--workload", "load", "--keys", "100000",
+                         "--clients", "2", "--duration", "0.3")
+    assert code == 2
+    assert_one_line_error(err)
+    loaded = len([k for k in router.store.data if k.startswith(b"ycsb/")])
+    assert f"loaded only {loaded:,} of 100,000 keys" in err and "--duration 0.3 s ran out" in err
+    assert f"loaded {loaded:,} of 100,000 keys" in out                # the summary says it too
+
+
 def test_bench_counts_errors_separately(config: str, router: FakeRouter,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     router.faults.extend(["invalid"] * 5)
