@@ -44,6 +44,7 @@ from ..client import Client
 from ..config import DEFAULT_CONFIG, ConfigError, default_config_path
 from ..errors import ShardnodeError
 from ..proto import kv_pb2
+from .ready import NotReady, wait_ready
 
 PROG = "shardnode"
 DEFAULT_TIMEOUT = 10.0
@@ -261,46 +262,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         print_table(status_table(status))
     return EXIT_OK if all(g.has_quorum for g in status.groups) else EXIT_NOT_READY
-
-
-class NotReady(ShardnodeError):
-    """The cluster did not have every group led with a quorum in time."""
-
-
-def wait_ready(client: Client, seconds: float, poll: float = 0.25) -> kv_pb2.StatusResponse:
-    """Poll the cluster's status until every group has a leader and a quorum;
-    the status then, or NotReady (its message says what was missing) after
-    `seconds`. Routers that refuse or fail meanwhile are part of starting up."""
-    deadline = time.monotonic() + seconds
-    last = "no router answered"
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            status = client.status(timeout=max(0.05, min(client.timeout, remaining)))
-        except ShardnodeError as exc:
-            last = str(exc)
-        else:
-            if status.groups and all(g.has_quorum for g in status.groups):
-                return status
-            last = not_ready_reason(status)
-        if time.monotonic() + poll >= deadline:
-            raise NotReady(f"not ready after {seconds:g} s: {last}")
-        time.sleep(poll)
-
-
-def not_ready_reason(status: kv_pb2.StatusResponse) -> str:
-    """What keeps a cluster from being ready, in one phrase."""
-    missing = []
-    for group in status.groups:
-        if group.has_quorum:
-            continue
-        up = sum(1 for r in group.replicas if r.reachable)
-        majority = len(group.replicas) // 2 + 1
-        if up < majority:
-            missing.append(f"group {group.group} has no quorum ({up} of {len(group.replicas)} replicas up)")
-        else:
-            missing.append(f"group {group.group} has no leader yet ({up} of {len(group.replicas)} replicas up)")
-    return "; ".join(missing) or "no group reported"
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
