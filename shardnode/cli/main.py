@@ -61,8 +61,8 @@ exit status: 0 success; 1 `get` found no value (nothing is printed), or
 `status` found a group without quorum; 2 error (one line on stderr);
 130 interrupted.
 
---config: without it, ${{SHARDNODE_CONFIG}}, else {DEFAULT_CONFIG} in the current
-directory, else the one of the shardnode checkout.
+--config: without it, $SHARDNODE_CONFIG if set, else {DEFAULT_CONFIG} in the
+current directory, else the one of the shardnode checkout.
 """
 
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     # they must not reset what was given before, hence SUPPRESS defaults there.
     common = _Parser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
-                        help=f"cluster configuration (default: {DEFAULT_CONFIG}, see below)")
+                        help=f"cluster configuration (default: {DEFAULT_CONFIG}; see `shardnode --help`)")
     common.add_argument("--timeout", type=_positive_float, default=argparse.SUPPRESS, metavar="SECONDS",
                         help=f"deadline of each request (default: {DEFAULT_TIMEOUT:g})")
 
