@@ -83,7 +83,7 @@ class ConfState:
     """The membership of a group, as stored with a snapshot.
 
     `voters_outgoing` is non-empty only inside a joint configuration (the
-    membership protocol of a later issue); the core's quorum math already
+    membership changes, not built yet); the core's quorum math already
     handles it.
     """
 

@@ -6,7 +6,7 @@ depths, snapshot counts) is read at scrape time, so it is never stale. The
 host's router scrapes every local worker through the Worker.Metrics RPC and
 serves them all on the host's metrics port (shardnode/routing/metrics.py).
 
-Every series carries `group` and `node`; names follow DESIGN.md. No
+Every series carries `group` and `node`; names are listed in docs/observability.md. No
 `*_created` series (turned off by importing shardnode.metrics).
 """
 
