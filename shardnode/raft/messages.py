@@ -82,7 +82,7 @@ class Entry:
 class ConfState:
     """The membership of a group, as stored with a snapshot.
 
-    `voters_outgoing` is non-empty only inside a joint configuration (the
+    `voters_outgoing` is non-empty only inside a joint configuration (used by
     membership changes, not built yet); the core's quorum math already
     handles it.
     """
