@@ -49,6 +49,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .client import Client
+from .errors import RoutersUnreachable
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -187,6 +188,7 @@ class BenchResult:
     read_misses: int
     interrupted: bool = False
     loaded: int = 0             # `load`: distinct keys inserted
+    stopped_by: str | None = None   # the error that ended the run early (no router listening)
 
     @property
     def complete(self) -> bool:
@@ -233,6 +235,7 @@ class BenchResult:
             "read_misses": self.read_misses,
             "errors_by_type": dict(self.errors_by_type),
             **({"loaded": self.loaded, "complete": self.complete} if self.config.workload == "load" else {}),
+            **({"stopped_by": self.stopped_by} if self.stopped_by else {}),
         }
 
 
@@ -254,6 +257,7 @@ class _Worker:
         self.stats = {name: OperationStats(name) for name, _ in WORKLOADS[config.workload]}
         self.errors_by_type: Counter[str] = Counter()
         self.read_misses = 0
+        self.stopped_by: str | None = None
         self.done = 0                        # operations attempted, for the progress display
         self.zipf = (ScrambledZipfian(config.keys, self.rng, zetan=zetan)
                      if config.distribution == "zipfian" else None)
@@ -295,6 +299,10 @@ class _Worker:
             except Exception as exc:        # counted, never fatal: the bench reports errors
                 stats[op].errors += 1
                 self.errors_by_type[type(exc).__name__] += 1
+                if isinstance(exc, RoutersUnreachable):
+                    # Nothing listens on any router: every further operation would fail at once.
+                    self.stopped_by = str(exc)
+                    self.stop.set()
                 if op == "insert":
                     self.inserts.failed(index)
             else:
@@ -389,6 +397,7 @@ def run_bench(make_client: Callable[[], Client], config: BenchConfig, *,
     operations = {name: OperationStats(name) for name, _ in WORKLOADS[config.workload]}
     errors_by_type: Counter[str] = Counter()
     read_misses = 0
+    stopped_by = next((w.stopped_by for w in workers if w.stopped_by), None)
     for worker in workers:
         for name, stats in worker.stats.items():
             operations[name].merge(stats)
@@ -396,7 +405,8 @@ def run_bench(make_client: Callable[[], Client], config: BenchConfig, *,
         read_misses += worker.read_misses
     for stats in operations.values():
         stats.latencies.sort()
-    return BenchResult(config, elapsed, operations, errors_by_type, read_misses, interrupted, inserts.loaded)
+    return BenchResult(config, elapsed, operations, errors_by_type, read_misses, interrupted, inserts.loaded,
+                       stopped_by)
 
 
 def render_summary(result: BenchResult) -> Table:

@@ -285,6 +285,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     else:
         print_table(bench_module.render_summary(result))
     kinds = ", ".join(f"{name} {count}" for name, count in result.errors_by_type.most_common())
+    if result.stopped_by:
+        return _error(f"bench: stopped after {result.ops:,} operations: {result.stopped_by}")
     if result.ops == 0 and result.errors:
         return _error(f"bench: no operation succeeded ({kinds})")
     if not result.complete:
