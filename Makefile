@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make run   set-up, then the default local cluster in the foreground
 #   make test  set-up, then the whole test suite
+# `make help` lists every target (the "## " comments below).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,32 +9,59 @@ STAMP  := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/*.proto)
 PROTO_OUT := shardnode/proto
 
-.PHONY: setup proto run test sim-soak bench clean
+READY_TIMEOUT ?= 120
+DATA_DIR := data
+
+.PHONY: help setup proto run reset test sim-soak bench clean
+
+# `make help` prints these lines:
+## help: this list
+## setup: create .venv with the pinned dependencies and generate the protobuf code
+## run: start the default local cluster in the foreground (Ctrl-C stops it)
+## reset: delete the local cluster's data and logs (data/); the cluster must be stopped
+## test: run every test (unit, simulation, integration; a few minutes)
+## sim-soak: a longer simulation soak: SIM_SEEDS=20000 by default
+## bench: the Raft core benchmark (proposals per second, in process)
+## clean: remove .venv and the generated protobuf code (not the data: see reset)
+help:
+	@echo "make TARGET, where TARGET is one of:"
+	@sed -nE 's/^## ([a-z-]+): (.*)/  \1\t\2/p' $(MAKEFILE_LIST) | expand -t 14
+	@echo "Variables: READY_TIMEOUT=$(READY_TIMEOUT) (make run), SIM_SEEDS (make sim-soak), PYTHON=$(PYTHON)"
 
 setup: $(STAMP) proto
 
 $(STAMP): setup.cfg pyproject.toml
-	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "shardnode needs Python 3.11")'
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "shardnode needs Python 3.11")'
+	@echo "setup: creating $(VENV) and installing the pinned dependencies (first run only, about a minute)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
 
 # Generated code is not committed: it is rebuilt from proto/ whenever a .proto changes.
 proto: $(STAMP) $(PROTO_OUT)/.generated
 
+# The virtual path makes generated modules import each other as shardnode.proto.X.
 $(PROTO_OUT)/.generated: $(PROTO_SRC)
-	# The virtual path makes generated modules import each other as shardnode.proto.X.
-	$(PY) -m grpc_tools.protoc --proto_path=$(PROTO_OUT)=proto --python_out=. --grpc_python_out=. \
+	@$(PY) -m grpc_tools.protoc --proto_path=$(PROTO_OUT)=proto --python_out=. --grpc_python_out=. \
 		$(patsubst proto/%,$(PROTO_OUT)/%,$(PROTO_SRC))
-	touch $@
+	@touch $@
 
 # The default local cluster in the foreground: one supervisord per host of etc/cluster.toml
-# (each on its own address:9001), all run by etc/supervisord.conf. Both files are generated
-# here (absolute paths: machine-specific, not committed). exec, so Ctrl-C reaches supervisord.
+# (each on its own address:9001), all run by `supervisord -c etc/supervisord.conf`. Both files
+# are generated first (absolute paths: machine-specific, not committed). scripts/run_cluster.py
+# runs supervisord and prints one line when every group has a leader (or, after READY_TIMEOUT
+# seconds, what is missing). exec, so that Ctrl-C reaches both.
 run: setup
-	$(PY) scripts/gen_supervisor_conf.py --config etc/cluster.toml --out etc
-	exec $(VENV)/bin/supervisord -c etc/supervisord.conf
+	@exec $(PY) scripts/run_cluster.py --config etc/cluster.toml --out etc --ready-timeout $(READY_TIMEOUT)
+
+# Data and logs of every host of the default cluster; refused while it runs.
+reset:
+	@if [ -f $(DATA_DIR)/supervisord.pid ] && kill -0 "$$(cat $(DATA_DIR)/supervisord.pid)" 2>/dev/null; then \
+		echo "make reset: the cluster is running (supervisord pid $$(cat $(DATA_DIR)/supervisord.pid)): stop it first (Ctrl-C)" >&2; \
+		exit 1; \
+	fi
+	rm -rf $(DATA_DIR)
 
 test: setup
 	sh scripts/install-test-deps.sh

@@ -4,13 +4,19 @@ Workloads (Cooper et al., "Benchmarking Cloud Serving Systems with YCSB"):
 
 | workload | operations |
 |---|---|
-| `load` | inserts keys 0 .. keys-1 once each (stops when all are in, or at the duration) |
+| `load` | inserts keys 0 .. keys-1 once each, until every key is in (a failed insert is retried) |
 | `a`    | 50% read, 50% update |
 | `b`    | 95% read, 5% update |
 | `c`    | 100% read |
 
 Run `load` first so that the reads of a/b/c find their keys (reads of absent
 keys still count as operations; they are reported as `read_misses`).
+
+`load` is not cut short by a default duration: it runs until every key is
+in. A failed insert is retried (up to `LOAD_ATTEMPTS` times per key); a key
+that never went in, a duration given explicitly, or Ctrl-C leave the load
+incomplete, and the result says so (`loaded` < `keys`; the CLI then exits
+non-zero with a line saying how many keys were loaded).
 
 Keys are `KEY_PREFIX + "%012d" % n`, chosen uniformly or by YCSB's scrambled
 Zipfian distribution (theta 0.99: a few hot keys, spread over the key space
@@ -43,6 +49,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .client import Client
+from .errors import RoutersUnreachable
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -64,6 +71,8 @@ WORKLOADS: dict[str, tuple[tuple[str, float], ...]] = {
 }
 DISTRIBUTIONS = ("zipfian", "uniform")
 PERCENTILES = (50.0, 95.0, 99.0, 99.9)
+DEFAULT_DURATION = 10.0       # a, b and c; `load` runs until every key is in
+LOAD_ATTEMPTS = 5             # tries per key before `load` gives it up
 ZIPFIAN_THETA = 0.99          # YCSB's default skew
 
 
@@ -73,7 +82,7 @@ class BenchConfig:
     clients: int = 16
     keys: int = 10_000
     value_size: int = 100
-    duration: float = 10.0
+    duration: float | None = None       # None: DEFAULT_DURATION, or no limit for `load`
     distribution: str = "zipfian"
     key_prefix: str = "ycsb/"
     seed: int | None = None
@@ -86,8 +95,15 @@ class BenchConfig:
             raise ValueError(f"distribution must be one of {', '.join(DISTRIBUTIONS)}")
         if self.clients < 1 or self.keys < 1 or self.value_size < 0:
             raise ValueError("clients and keys must be at least 1, value size at least 0")
-        if not (self.duration > 0 and math.isfinite(self.duration)):
+        if self.duration is not None and not (self.duration > 0 and math.isfinite(self.duration)):
             raise ValueError("duration must be a positive number of seconds")
+
+    @property
+    def time_limit(self) -> float | None:
+        """How long the run may last (None: until `load` has every key in)."""
+        if self.duration is not None:
+            return self.duration
+        return None if self.workload == "load" else DEFAULT_DURATION
 
     def key(self, index: int) -> bytes:
         return f"{self.key_prefix}{index:012d}".encode()
@@ -171,6 +187,13 @@ class BenchResult:
     errors_by_type: Counter[str]
     read_misses: int
     interrupted: bool = False
+    loaded: int = 0             # `load`: distinct keys inserted
+    stopped_by: str | None = None   # the error that ended the run early (no router listening)
+
+    @property
+    def complete(self) -> bool:
+        """False for a `load` that left keys out."""
+        return self.config.workload != "load" or self.loaded >= self.config.keys
 
     @property
     def ops(self) -> int:
@@ -211,6 +234,8 @@ class BenchResult:
             },
             "read_misses": self.read_misses,
             "errors_by_type": dict(self.errors_by_type),
+            **({"loaded": self.loaded, "complete": self.complete} if self.config.workload == "load" else {}),
+            **({"stopped_by": self.stopped_by} if self.stopped_by else {}),
         }
 
 
@@ -222,7 +247,7 @@ class _Worker:
     """One closed-loop client thread; it owns its stats until it is joined."""
 
     def __init__(self, number: int, config: BenchConfig, client: Client, stop: threading.Event,
-                 inserts: itertools.count, zetan: float | None, seed: int) -> None:
+                 inserts: "_Inserts", zetan: float | None, seed: int) -> None:
         self.config = config
         self.client = client
         self.stop = stop
@@ -232,6 +257,7 @@ class _Worker:
         self.stats = {name: OperationStats(name) for name, _ in WORKLOADS[config.workload]}
         self.errors_by_type: Counter[str] = Counter()
         self.read_misses = 0
+        self.stopped_by: str | None = None
         self.done = 0                        # operations attempted, for the progress display
         self.zipf = (ScrambledZipfian(config.keys, self.rng, zetan=zetan)
                      if config.distribution == "zipfian" else None)
@@ -257,8 +283,8 @@ class _Worker:
         while not self.stop.is_set():
             op = self._choose()
             if op == "insert":
-                index = next(self.inserts)
-                if index >= config.keys:
+                index = self.inserts.next()
+                if index is None:
                     return
             else:
                 index = self._key_index()
@@ -273,19 +299,60 @@ class _Worker:
             except Exception as exc:        # counted, never fatal: the bench reports errors
                 stats[op].errors += 1
                 self.errors_by_type[type(exc).__name__] += 1
+                if isinstance(exc, RoutersUnreachable):
+                    # Nothing listens on any router: every further operation would fail at once.
+                    self.stopped_by = str(exc)
+                    self.stop.set()
+                if op == "insert":
+                    self.inserts.failed(index)
             else:
                 stats[op].latencies.append(time.perf_counter() - start)
+                if op == "insert":
+                    self.inserts.done(index)
             self.done += 1
+
+
+class _Inserts:
+    """The keys `load` still has to insert: each once, failed ones again
+    (up to LOAD_ATTEMPTS tries), shared by every thread."""
+
+    def __init__(self, keys: int) -> None:
+        self.keys = keys
+        self._next = 0
+        self._retry: list[int] = []
+        self._attempts: Counter[int] = Counter()
+        self._lock = threading.Lock()
+        self.loaded = 0
+
+    def next(self) -> int | None:
+        with self._lock:
+            if self._retry:
+                return self._retry.pop()
+            if self._next >= self.keys:
+                return None
+            self._next += 1
+            return self._next - 1
+
+    def failed(self, index: int) -> None:
+        with self._lock:
+            self._attempts[index] += 1
+            if self._attempts[index] < LOAD_ATTEMPTS:
+                self._retry.append(index)
+
+    def done(self, index: int) -> None:
+        with self._lock:
+            self.loaded += 1
 
 
 def run_bench(make_client: Callable[[], Client], config: BenchConfig, *,
               progress: bool = False, console: Console | None = None) -> BenchResult:
-    """Run one workload for `config.duration` seconds (a `load` ends sooner
-    when every key is in). Ctrl-C stops it early; the result says so."""
+    """Run one workload for its time limit (`load`: until every key is in,
+    unless a duration was given). Ctrl-C stops it early; the result says so."""
     seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "big")
     zetan = zeta(config.keys, ZIPFIAN_THETA) if config.distribution == "zipfian" else None
     stop = threading.Event()
-    inserts = itertools.count()
+    inserts = _Inserts(config.keys)
+    limit = config.time_limit
     clients = [make_client() for _ in range(config.clients if config.client_per_thread else 1)]
     workers = [_Worker(n, config, clients[n % len(clients)], stop, inserts, zetan, seed)
                for n in range(config.clients)]
@@ -298,19 +365,22 @@ def run_bench(make_client: Callable[[], Client], config: BenchConfig, *,
     start = time.monotonic()
     try:
         with display:
-            task = display.add_task(f"workload {config.workload}", total=config.duration,
+            # The bar: keys inserted for `load`, time elapsed otherwise.
+            task = display.add_task(f"workload {config.workload}",
+                                    total=config.keys if config.workload == "load" else limit,
                                     ops=0, rate="0", errors=0)
             for worker in workers:
                 worker.thread.start()
             try:
                 while True:
                     elapsed = time.monotonic() - start
-                    if elapsed >= config.duration or not any(w.thread.is_alive() for w in workers):
+                    if (limit is not None and elapsed >= limit) or not any(w.thread.is_alive() for w in workers):
                         break
-                    time.sleep(min(0.1, config.duration - elapsed))
+                    time.sleep(0.1 if limit is None else min(0.1, limit - elapsed))
                     done = sum(w.done for w in workers)
                     errors = sum(s.errors for w in workers for s in w.stats.values())
-                    display.update(task, completed=min(elapsed, config.duration), ops=done - errors,
+                    completed = inserts.loaded if config.workload == "load" else min(elapsed, limit or elapsed)
+                    display.update(task, completed=completed, ops=done - errors,
                                    rate=f"{(done - errors) / max(elapsed, 1e-9):,.0f}", errors=errors)
             except KeyboardInterrupt:
                 interrupted = True
@@ -327,6 +397,7 @@ def run_bench(make_client: Callable[[], Client], config: BenchConfig, *,
     operations = {name: OperationStats(name) for name, _ in WORKLOADS[config.workload]}
     errors_by_type: Counter[str] = Counter()
     read_misses = 0
+    stopped_by = next((w.stopped_by for w in workers if w.stopped_by), None)
     for worker in workers:
         for name, stats in worker.stats.items():
             operations[name].merge(stats)
@@ -334,7 +405,8 @@ def run_bench(make_client: Callable[[], Client], config: BenchConfig, *,
         read_misses += worker.read_misses
     for stats in operations.values():
         stats.latencies.sort()
-    return BenchResult(config, elapsed, operations, errors_by_type, read_misses, interrupted)
+    return BenchResult(config, elapsed, operations, errors_by_type, read_misses, interrupted, inserts.loaded,
+                       stopped_by)
 
 
 def render_summary(result: BenchResult) -> Table:
@@ -364,6 +436,8 @@ def render_summary(result: BenchResult) -> Table:
         total.latencies.sort()
         row("total", total, style="bold")
     notes = []
+    if config.workload == "load":
+        notes.append(f"loaded {result.loaded:,} of {config.keys:,} keys")
     if result.read_misses:
         notes.append(f"{result.read_misses:,} reads found no value (run the load workload first)")
     if result.errors_by_type:

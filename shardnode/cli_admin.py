@@ -13,24 +13,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .config import ClusterConfig, ConfigError
+from .config import ClusterConfig, ConfigError, default_config_path
 from .errors import ShardnodeError
 from .supervisor import ProcessControl, Target, host_config
 
-DEFAULT_CONFIG = "etc/cluster.toml"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `die`, `start` and `supervisor-conf` to the main parser's subparsers."""
+def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Add `die`, `start` and `supervisor-conf` to the main parser's subparsers;
+    `parents` carry the options every command accepts (--config, --timeout)."""
+    parents = list(parents)
     server_help = ("ADDRESS:PORT as in the configuration: a router address means the whole host "
                    "(router and all its workers), a worker address that worker alone")
 
     die = subparsers.add_parser(
-        "die", help="stop a host or a worker (it stays down until `start`)",
+        "die", parents=parents, help="stop a host or a worker (it stays down until `start`)",
         description="Stop a host or a worker through its host's supervisord; it stays down until `start`.",
     )
     die.add_argument("server", metavar="SERVER", help=server_help)
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     die.set_defaults(func=_die)
 
     start = subparsers.add_parser(
-        "start", help="start a stopped host or worker again",
+        "start", parents=parents, help="start a stopped host or worker again",
         description="Start a host or a worker again through its host's supervisord; it recovers from its data.",
     )
     start.add_argument("server", metavar="SERVER", help=server_help)
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.set_defaults(func=_start)
 
     conf = subparsers.add_parser(
-        "supervisor-conf", help="write the supervisord configuration of one host",
+        "supervisor-conf", parents=parents, help="write the supervisord configuration of one host",
         description="Write the supervisord configuration of one real host: its router and one "
                     "worker per group replica it holds, XML-RPC on the host's address:supervisor_port.",
     )
@@ -97,7 +98,7 @@ def _supervisor_conf(args: argparse.Namespace) -> int:
 
 
 def _config_path(args: argparse.Namespace) -> str:
-    return getattr(args, "config", None) or DEFAULT_CONFIG
+    return getattr(args, "config", None) or str(default_config_path())
 
 
 def _control(args: argparse.Namespace) -> ProcessControl:

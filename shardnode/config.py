@@ -16,6 +16,7 @@ members added later get ids above the number of hosts, never reused.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -25,8 +26,33 @@ from typing import Any
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
+#: The configuration the command line uses when --config is not given.
+DEFAULT_CONFIG = "etc/cluster.toml"
+#: An environment variable that names it instead.
+CONFIG_ENV = "SHARDNODE_CONFIG"
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
 class ConfigError(ValueError):
     """The configuration file is missing, unreadable or invalid."""
+
+
+def default_config_path() -> Path:
+    """The configuration to use when none is named: $SHARDNODE_CONFIG if set,
+    else etc/cluster.toml in the current directory, else the one of the
+    shardnode checkout this code runs from (so that `shardnode status` works
+    from any directory next to a `make run` cluster). ConfigError (one line,
+    naming where it looked) if there is none."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        return Path(named)
+    candidates = [Path(DEFAULT_CONFIG), _CHECKOUT / DEFAULT_CONFIG]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(c) for c in dict.fromkeys(c.absolute() for c in candidates))
+    raise ConfigError(f"no cluster configuration found (looked for {looked}); "
+                      f"pass --config PATH or set {CONFIG_ENV}")
 
 
 @dataclass(slots=True, frozen=True)

@@ -8,7 +8,7 @@
     kv739_get("nope")          # (1, "")
     kv739_shutdown()           # 0
 
-Conventions (DESIGN.md), decided where it is silent:
+Conventions (the table is in docs/client.md), decided where the original was silent:
 
 - These functions never raise. A failure returns -1 (or `(-1, "")`) and logs
   one WARNING line with the reason on the logger "shardnode.kv739".
@@ -24,7 +24,7 @@ Conventions (DESIGN.md), decided where it is silent:
   value, is returned as `str` when the key was passed as `str` (decoded as
   UTF-8 with errors="surrogateescape", so nothing is lost) and as `bytes`
   when the key was `bytes`. The placeholder of "absent"/"failure" is always
-  `""`, exactly as the table in DESIGN.md shows.
+  `""`, exactly as the table in docs/client.md shows.
 - Reads are linearizable; each call has a deadline of `DEFAULT_TIMEOUT`
   seconds (a put's outcome is unknown when it fails that way).
 - `kv739_die` / `kv739_start` act on processes through

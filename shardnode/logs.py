@@ -33,8 +33,13 @@ class KeyValueFormatter(logging.Formatter):
 
 
 def _quote(value: object) -> str:
+    """A value as one token: quoted (with \\, \" and \n escaped) if it holds
+    a space, a quote, a newline, an = or nothing at all."""
     text = str(value)
-    return f'"{text}"' if (" " in text or not text) else text
+    if text and not any(c in text for c in ' "\n=\\'):
+        return text
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
 
 
 def configure(level: str = "INFO", **identity: object) -> None:

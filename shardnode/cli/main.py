@@ -3,14 +3,21 @@
     shardnode [--config etc/cluster.toml] [--timeout 10] COMMAND ...
 
     put KEY VALUE      set KEY; prints the previous value (nothing if it was new)
+    put KEY --value-file FILE   the value from FILE (`-`: standard input), for large values
     get KEY            prints the value; prints nothing and exits 1 if KEY is absent
     delete KEY         remove KEY; prints the previous value (nothing if it was absent)
-    status             one row per replica (--json for machine output)
+    status             one row per replica (--json for machine output); exits 1 if a
+                       group has no quorum; --wait SECONDS waits until every group has one
     bench              YCSB-style benchmark (shardnode bench --help)
     die/start/...      process control, from shardnode.cli_admin when installed
 
-Exit status: 0 success, 1 `get` found no value, 2 error (one line on stderr,
-"shardnode: ...", never a traceback for a user error), 130 interrupted.
+Exit status: 0 success, 1 `get` found no value or `status` found a group
+without quorum, 2 error (one line on stderr, "shardnode: ...", never a
+traceback for a user error; usage errors too), 130 interrupted.
+
+Without --config: $SHARDNODE_CONFIG, else etc/cluster.toml in the current
+directory, else the one of the checkout shardnode runs from
+(shardnode.config.default_config_path).
 
 Keys and values on the command line are taken as the bytes the shell passed
 (os.fsencode), so non-UTF-8 arguments round-trip. Values are printed as raw
@@ -28,29 +35,43 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import __version__
 from ..client import Client
-from ..config import ConfigError
+from ..config import DEFAULT_CONFIG, ConfigError, default_config_path
 from ..errors import ShardnodeError
 from ..proto import kv_pb2
+from .ready import NotReady, wait_ready
 
 PROG = "shardnode"
-DEFAULT_CONFIG = "etc/cluster.toml"
 DEFAULT_TIMEOUT = 10.0
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
+EXIT_NOT_READY = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 #: A replica this many entries behind its leader is shown as lagging.
 LAGGING_ENTRIES = 100
 
-_EPILOG = """\
-exit status: 0 success; 1 `get` found no value (nothing is printed);
-2 error (one line on stderr); 130 interrupted.
+_EPILOG = f"""\
+exit status: 0 success; 1 `get` found no value (nothing is printed), or
+`status` found a group without quorum; 2 error (one line on stderr);
+130 interrupted.
+
+--config: without it, $SHARDNODE_CONFIG if set, else {DEFAULT_CONFIG} in the
+current directory, else the one of the shardnode checkout.
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line ("shardnode: ...", exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see `{self.prog} --help`)"
+        self.exit(EXIT_ERROR, f"{PROG}: {' '.join(message.split())}{hint}\n")
 
 
 class _UsageError(Exception):
@@ -66,9 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     func = getattr(args, "func", None)
     if func is None:
-        parser.print_usage(sys.stderr)
-        return _error("a command is required (see shardnode --help)")
+        return _error("a command is required (see `shardnode --help`)")
     try:
+        if args.config is None:
+            args.config = str(default_config_path())
         status = func(args)
         return EXIT_OK if status is None else int(status)
     except (ShardnodeError, ConfigError, _UsageError) as exc:
@@ -88,26 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command line (exposed for documentation and tests)."""
     # The global options are accepted before and after the command; after it
     # they must not reset what was given before, hence SUPPRESS defaults there.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", default=argparse.SUPPRESS, metavar="PATH",
-                        help=f"cluster configuration (default: {DEFAULT_CONFIG})")
+                        help=f"cluster configuration (default: {DEFAULT_CONFIG}; see `shardnode --help`)")
     common.add_argument("--timeout", type=_positive_float, default=argparse.SUPPRESS, metavar="SECONDS",
                         help=f"deadline of each request (default: {DEFAULT_TIMEOUT:g})")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description="Command line of a shardnode cluster.", epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                        help=f"cluster configuration (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=None, metavar="PATH",
+                        help=f"cluster configuration (default: {DEFAULT_CONFIG}, see below)")
     parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"deadline of each request, in seconds (default: {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     put = commands.add_parser("put", parents=[common], help="set a key; prints its previous value",
-                              description="Set KEY to VALUE. Prints the previous value, or nothing if KEY was new.")
+                              description="Set KEY to VALUE, or to the bytes of --value-file. Prints the "
+                                          "previous value, or nothing if KEY was new.")
     put.add_argument("key", metavar="KEY")
-    put.add_argument("value", metavar="VALUE")
+    put.add_argument("value", metavar="VALUE", nargs="?",
+                     help="the value (a command-line argument is limited to 128 KiB: use --value-file beyond)")
+    put.add_argument("--value-file", metavar="FILE",
+                     help="read the value from FILE, or from standard input if FILE is -")
     put.set_defaults(func=_cmd_put)
 
     get = commands.add_parser("get", parents=[common], help="print a key's value",
@@ -128,13 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
                                              "applied index, lag and health. The leader is bold; a group "
                                              "without quorum is red.")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--wait", type=_non_negative_float, default=None, metavar="SECONDS",
+                        help="wait up to SECONDS until every group has a leader and a quorum (then print "
+                             "the status and exit 0; else one line and exit 1)")
     status.set_defaults(func=_cmd_status)
 
     from .. import bench as bench_module
     bench = commands.add_parser(
         "bench", parents=[common], help="YCSB-style benchmark",
         description="YCSB-style closed-loop benchmark. Workloads: load (insert every key once), "
-                    "a (50%% read / 50%% update), b (95/5), c (read only). Run `load` first. "
+                    "a (50% read / 50% update), b (95/5), c (read only). Run `load` first. "
                     "Only successful operations count; errors are reported separately.")
     bench.add_argument("--workload", choices=list(bench_module.WORKLOADS), default="a")
     bench.add_argument("--clients", type=_positive_int, default=16, metavar="N",
@@ -143,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="size of the key space (default: 10000)")
     bench.add_argument("--value-size", type=_non_negative_int, default=100, metavar="BYTES",
                        help="value size (default: 100)")
-    bench.add_argument("--duration", type=_positive_float, default=10.0, metavar="SECONDS",
-                       help="how long to run (default: 10; load stops early once every key is in)")
+    bench.add_argument("--duration", type=_positive_float, default=None, metavar="SECONDS",
+                       help="how long to run (default: 10 for a, b, c; load runs until every key is in, "
+                            "unless a duration is given)")
     bench.add_argument("--distribution", choices=list(bench_module.DISTRIBUTIONS), default="zipfian",
                        help="key choice (default: zipfian, scrambled, theta 0.99)")
     bench.add_argument("--key-prefix", default="ycsb/", help="prefix of the keys (default: ycsb/)")
@@ -156,11 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the summary as JSON")
     bench.set_defaults(func=_cmd_bench)
 
-    _register_admin(commands)
+    _register_admin(commands, common)
     return parser
 
 
-def _register_admin(commands: Any) -> None:
+def _register_admin(commands: Any, common: argparse.ArgumentParser) -> None:
     try:
         from .. import cli_admin
     except ImportError as exc:
@@ -168,7 +198,7 @@ def _register_admin(commands: Any) -> None:
             # cli_admin exists but cannot be imported: say so, keep the data commands working.
             print(f"{PROG}: admin commands unavailable: {exc}", file=sys.stderr)
         return
-    cli_admin.register(commands)
+    cli_admin.register(commands, parents=[common])
 
 
 # --- Commands ----------------------------------------------------------------------------------
@@ -179,8 +209,9 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 def _cmd_put(args: argparse.Namespace) -> int:
+    value = _value_argument(args)
     with _client(args) as client:
-        old = client.put(os.fsencode(args.key), os.fsencode(args.value))
+        old = client.put(os.fsencode(args.key), value)
     if old is not None:
         _write_value(old)
     return EXIT_OK
@@ -203,14 +234,34 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _value_argument(args: argparse.Namespace) -> bytes:
+    if (args.value is None) == (args.value_file is None):
+        raise _UsageError("put: give either VALUE or --value-file FILE")
+    if args.value is not None:
+        return os.fsencode(args.value)
+    if args.value_file == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(args.value_file, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise _UsageError(f"put: cannot read {args.value_file}: {exc.strerror}") from None
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        status = client.status()
+        if args.wait is None:
+            status = client.status()
+        else:
+            try:
+                status = wait_ready(client, args.wait)
+            except NotReady as exc:
+                return _error(str(exc), EXIT_NOT_READY)
     if args.json:
         print(json.dumps(status_dict(status), indent=2))
     else:
         print_table(status_table(status))
-    return EXIT_OK
+    return EXIT_OK if all(g.has_quorum for g in status.groups) else EXIT_NOT_READY
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -233,9 +284,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print_table(bench_module.render_summary(result))
+    kinds = ", ".join(f"{name} {count}" for name, count in result.errors_by_type.most_common())
+    if result.stopped_by:
+        return _error(f"bench: stopped after {result.ops:,} operations: {result.stopped_by}")
     if result.ops == 0 and result.errors:
-        kinds = ", ".join(f"{name} {count}" for name, count in result.errors_by_type.most_common())
         return _error(f"bench: no operation succeeded ({kinds})")
+    if not result.complete:
+        if result.interrupted:
+            why = "interrupted"
+        elif args.duration is not None and result.elapsed >= args.duration:
+            why = f"--duration {args.duration:g} s ran out"
+        else:
+            why = f"keys that failed {bench_module.LOAD_ATTEMPTS} times were left out ({kinds})"
+        missing = config.keys - result.loaded
+        _error(f"bench: loaded only {result.loaded:,} of {config.keys:,} keys ({missing:,} missing: {why}); "
+               "reads of the missing keys will find no value")
+        return EXIT_INTERRUPTED if result.interrupted else EXIT_ERROR
     return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
 
 
@@ -338,6 +402,16 @@ def _error(message: str, status: int = EXIT_ERROR) -> int:
     # One line, always: server messages could carry newlines.
     print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
     return status
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, at least 0 (got {text})")
+    return value
 
 
 def _positive_float(text: str) -> float:

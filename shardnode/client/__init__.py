@@ -7,7 +7,8 @@
 The error classes are re-exported so that callers need one import.
 """
 
-from ..errors import DeadlineExceeded, InvalidArgument, NotLeader, ShardnodeError, Unavailable
+from ..errors import (DeadlineExceeded, InvalidArgument, NoLeader, NoQuorum, NotLeader, RoutersUnreachable,
+                      ShardnodeError, Unavailable)
 from .client import DEFAULT_TIMEOUT, Client, StaleSession
 
 __all__ = [
@@ -15,7 +16,10 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "DeadlineExceeded",
     "InvalidArgument",
+    "NoLeader",
+    "NoQuorum",
     "NotLeader",
+    "RoutersUnreachable",
     "ShardnodeError",
     "StaleSession",
     "Unavailable",

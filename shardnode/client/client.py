@@ -14,10 +14,13 @@ TypeError:
   are accepted, str is encoded as UTF-8), an empty or oversized key, an
   oversized value, a bad timeout. Checked here before any network traffic,
   and again by the router. Nothing was done.
-- `Unavailable`: no router could serve the call before its deadline (routers
-  down, or the key's group without leader or quorum).
+- `Unavailable`: no router could serve the call before its deadline. Its
+  subclasses name the cause: `RoutersUnreachable` (every router refused the
+  connection: raised at once, not at the deadline; nothing was sent),
+  `NoQuorum` (the key's group has no majority up: "no quorum in group N: 2
+  of 3 replicas unreachable (...)"), `NoLeader` ("no leader yet in group N").
 - `DeadlineExceeded`: the deadline passed while a router was still working
-  on the call.
+  on the call ("deadline exceeded while waiting for group N").
 - `StaleSession` (a ShardnodeError): the servers refused a write's session
   as stale (should not happen with a healthy cluster).
 - `ShardnodeError`: anything else (the client is closed, an unexpected
@@ -41,16 +44,20 @@ from __future__ import annotations
 import logging
 import math
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from ..config import ClusterConfig
-from ..errors import DeadlineExceeded, InvalidArgument, ShardnodeError, Unavailable
+from ..errors import (CAUSE_METADATA_KEY, GROUP_METADATA_KEY, DeadlineExceeded, InvalidArgument, NoLeader,
+                      NoQuorum, RoutersUnreachable, ShardnodeError, Unavailable)
+from ..ring import ShardMap
 from ..proto import kv_pb2, kv_pb2_grpc
 from .sessions import SessionPool
 
@@ -130,6 +137,7 @@ class Client:
         self._stubs: list[kv_pb2_grpc.KVStub | None] = [None] * len(self._routers)
         self._closed = False
         self._sessions = SessionPool()
+        self._shard_map: ShardMap | None = None     # built on first need (error messages)
         self._random = random.Random()      # private: jitter and the first router
         # The router the next call starts with: the last one that answered.
         # Clients start at a random one so that they spread over the routers.
@@ -280,8 +288,10 @@ class Client:
         count = len(self._routers)
         index = self._preferred
         tried_since_backoff: set[int] = set()
+        refused: set[int] = set()  # routers whose last attempt found nothing listening
         backoff = BACKOFF_MIN
         last_error = ""
+        cause: _Cause | None = None   # the last failure a router explained (no quorum in group N…)
         timed_out = False          # was the last failure a timeout (vs. unavailable)?
         while True:
             remaining = deadline - time.monotonic()
@@ -300,6 +310,20 @@ class Client:
                 if code == grpc.StatusCode.FAILED_PRECONDITION:
                     raise StaleSession(f"{op}: refused by {router}: {details}") from None
                 last_error = f"{router}: {code.name}: {details}"
+                cause = _cause_of(exc, details) or cause
+                if code == grpc.StatusCode.UNAVAILABLE and _REFUSED in details.lower():
+                    refused.add(index)
+                    # gRPC reports a refusal from its last connection attempt (it waits
+                    # up to a second before the next one): a router that has just been
+                    # started again would look refused. A fresh TCP connection decides.
+                    if len(refused) == count and _all_refuse(self._routers, deadline):
+                        # Nothing listens anywhere: waiting out the deadline would not help.
+                        raise RoutersUnreachable(
+                            f"{op}: every router refused the connection ({', '.join(self._routers)}); "
+                            "is the cluster running? (`make run` starts the local one)"
+                            + ("; nothing was written" if write else ""), routers=self._routers) from None
+                else:
+                    refused.discard(index)
                 if code in _TRY_ELSEWHERE:
                     timed_out = False
                     index = (index + 1) % count
@@ -329,10 +353,73 @@ class Client:
             return response
 
         unknown = "; the write's outcome is unknown (it may or may not have been applied)" if write else ""
+        if cause is not None:
+            # A router said why (no quorum in group N, no leader yet, deadline while waiting for group N).
+            raise cause.error(f"{op}: {cause.message}; gave up after {budget:g} s{unknown}",
+                              group=cause.group) from None
         detail = f" (last error: {last_error})" if last_error else ""
+        group = self._group_of(request)
         if timed_out or not last_error:
-            raise DeadlineExceeded(f"{op}: deadline of {budget:g} s exceeded{unknown}{detail}")
+            waiting = f" while waiting for group {group}" if group is not None else ""
+            raise DeadlineExceeded(f"{op}: deadline of {budget:g} s exceeded{waiting}{unknown}{detail}", group=group)
         raise Unavailable(f"{op}: no router could serve it within {budget:g} s{unknown}{detail}")
+
+    def _group_of(self, request: Any) -> int | None:
+        """The group of the request's key, when the cluster's shape is known."""
+        key = getattr(request, "key", None)
+        if not key or self._cluster is None:
+            return None
+        if self._shard_map is None:
+            self._shard_map = ShardMap.build(self._cluster.groups, self._cluster.virtual_nodes)
+        return self._shard_map.group_for(key)
+
+
+@dataclass(slots=True, frozen=True)
+class _Cause:
+    error: type[NoQuorum] | type[NoLeader] | type[DeadlineExceeded]
+    message: str
+    group: int | None
+
+
+#: How gRPC describes a connection attempt that found nothing listening.
+_REFUSED = "connection refused"
+_PROBE_TIMEOUT = 0.2
+
+
+def _all_refuse(routers: Sequence[str], deadline: float) -> bool:
+    """Whether a TCP connection to every router is refused right now (a
+    timeout or any other failure does not count: that router may be slow)."""
+    for router in routers:
+        host, _, port = router.rpartition(":")
+        timeout = min(_PROBE_TIMEOUT, deadline - time.monotonic())
+        if timeout <= 0:
+            return False
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                return False
+        except ConnectionRefusedError:
+            continue
+        except OSError:
+            return False
+    return True
+_CAUSES: dict[str, type[NoQuorum] | type[NoLeader] | type[DeadlineExceeded]] = {
+    "no_quorum": NoQuorum, "no_leader": NoLeader, "deadline": DeadlineExceeded,
+}
+
+
+def _cause_of(exc: grpc.RpcError, details: str) -> _Cause | None:
+    """The cause a router attached to its error answer (trailing metadata), if any."""
+    try:
+        metadata = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    except Exception:       # not a call's error (a channel-level failure)
+        return None
+    fields = {item.key if hasattr(item, "key") else item[0]: item.value if hasattr(item, "value") else item[1]
+              for item in metadata}
+    error = _CAUSES.get(str(fields.get(CAUSE_METADATA_KEY, "")))
+    if error is None:
+        return None
+    group_text = str(fields.get(GROUP_METADATA_KEY, ""))
+    return _Cause(error, details, int(group_text) if group_text.isdigit() else None)
 
 
 def _status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:

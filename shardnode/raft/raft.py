@@ -483,7 +483,8 @@ class Raft:
             return
         if mtype is MT.CHECK_QUORUM:
             if not self.tracker.quorum_active():
-                log.info("raft.lost_quorum", extra={"node": self.id, "term": self.term})
+                # The leader cannot reach a majority: it steps down; the group stops serving.
+                log.warning("raft.lost_quorum", extra={"node": self.id, "term": self.term})
                 self.become_follower(self.term, NONE)
             for node_id, progress in self.tracker.progress.items():
                 if node_id != self.id:

@@ -6,7 +6,8 @@ depths, snapshot counts) is read at scrape time, so it is never stale. The
 host's router scrapes every local worker through the Worker.Metrics RPC and
 serves them all on the host's metrics port (shardnode/routing/metrics.py).
 
-Every series carries `group` and `node`; names follow DESIGN.md.
+Every series carries `group` and `node`; names are listed in docs/observability.md. No
+`*_created` series (turned off by importing shardnode.metrics).
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ..metrics import LATENCY_BUCKETS
 from ..raft import StateRole
 from ..storage import wal_archive_bytes
 
 if TYPE_CHECKING:
     from .driver import ReplicaDriver
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FSYNC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 STATE_VALUE = {StateRole.FOLLOWER: 0, StateRole.CANDIDATE: 1, StateRole.PRE_CANDIDATE: 1, StateRole.LEADER: 2}

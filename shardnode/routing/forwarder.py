@@ -9,7 +9,11 @@ other replicas with a short backoff, until each operation's own deadline.
 Outcomes:
 - a result: the operation was applied (or read) exactly once;
 - InvalidArgument: nothing was done;
-- Unavailable / DeadlineExceeded when time runs out: for a write the outcome
+- when the operation's deadline comes first (it is answered then, never
+  later), the error that says why: NoQuorum ("no quorum in group N: ..."),
+  NoLeader ("no leader yet in group N: ..."), as the group monitor last saw
+  the group, else the last failure of this operation, else DeadlineExceeded
+  ("deadline exceeded while waiting for group N"). For a write the outcome
   is unknown; the caller retries with the same session.
 """
 
@@ -19,15 +23,19 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
 from ..config import ClusterConfig
-from ..errors import DeadlineExceeded, InvalidArgument, ShardnodeError, Unavailable
+from ..errors import DeadlineExceeded, InvalidArgument, NoLeader, NoQuorum, ShardnodeError, Unavailable
 from ..futures import settle as _resolve
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
+
+if TYPE_CHECKING:
+    from .monitor import GroupView
 
 log = logging.getLogger("shardnode.router")
 
@@ -71,6 +79,7 @@ class _Waiting:
     future: asyncio.Future
     deadline: float           # time.monotonic()
     redirects: int = 0        # NOT_LEADER hints followed without a pause
+    arrived: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -96,16 +105,55 @@ class GroupForwarder:
         self._queues: dict[bool, list[_Waiting]] = {False: [], True: []}
         self._in_flight = 0
         self._backoff = 0.0
-        self._last_error: dict[bool, ShardnodeError] = {}
+        # The last failure per kind of request, and when it happened.
+        self._last_error: dict[bool, tuple[ShardnodeError, float]] = {}
+        self.view: GroupView | None = None      # the group monitor's last probe
         self.stats = ForwarderStats(errors={})
+
+    def observe(self, view: "GroupView") -> None:
+        """The group monitor's latest probe: the leader it found fills an empty cache."""
+        self.view = view
+        if self.leader is None and view.leader_id in self.replicas:
+            self.leader = view.leader_id
+
+    def failure(self, waiting: _Waiting, allow_stale: bool) -> ShardnodeError:
+        """Why `waiting` could not be served before its deadline."""
+        view = self.view
+        if view is not None and not view.has_quorum:
+            if len(view.reachable) < view.majority:
+                return NoQuorum(view.explain(), group=self.group)
+            if view.leader is None:
+                return NoLeader(view.explain(), group=self.group)
+        last = self._last_error.get(allow_stale)
+        if last is not None and last[1] >= waiting.arrived and not isinstance(last[0], DeadlineExceeded):
+            return last[0]
+        leader = self.replicas.get(self.leader) if self.leader is not None else None
+        waiting_for = f"its leader {leader} had not answered" if leader else "no leader known"
+        return DeadlineExceeded(f"deadline exceeded while waiting for group {self.group} ({waiting_for})",
+                                group=self.group)
+
+    def _failed(self, allow_stale: bool, error: ShardnodeError) -> None:
+        self._last_error[allow_stale] = (error, time.monotonic())
 
     # --- Submitting -----------------------------------------------------------------
 
     async def submit(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False) -> wpb.OperationResult:
-        future = asyncio.get_running_loop().create_future()
-        self._queues[allow_stale].append(_Waiting(operation, future, deadline))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        waiting = _Waiting(operation, future, deadline)
+        # Answered at the deadline whatever happens (a call in flight, a backoff):
+        # the caller hears why in time, not its own deadline's bare expiry.
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire_one, waiting, allow_stale)
+        self._queues[allow_stale].append(waiting)
         self._pump(allow_stale)
-        return await future
+        try:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire_one(self, waiting: _Waiting, allow_stale: bool) -> None:
+        if not waiting.future.done():
+            _resolve(waiting.future, self.failure(waiting, allow_stale))
 
     def _pump(self, allow_stale: bool) -> None:
         queue = self._queues[allow_stale]
@@ -149,13 +197,12 @@ class GroupForwarder:
                 code = exc.code()
                 self._count(code.name)
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    self._last_error[allow_stale] = DeadlineExceeded(
-                        f"group {self.group}: no answer before the deadline; a write's outcome is unknown"
-                    )
+                    self._failed(allow_stale, DeadlineExceeded(
+                        f"deadline exceeded while waiting for group {self.group} "
+                        f"(replica {self.replicas[target]} had not answered)", group=self.group))
                 else:
-                    self._last_error[allow_stale] = Unavailable(
-                        f"group {self.group}: replica {self.replicas[target]} unreachable ({code.name})"
-                    )
+                    self._failed(allow_stale, Unavailable(
+                        f"group {self.group}: replica {self.replicas[target]} unreachable ({code.name})"))
                 if self.leader == target:
                     self.leader = None
                 retry = batch
@@ -189,7 +236,12 @@ class GroupForwarder:
             self.stats.redirects += 1
             hinted = self.by_address.get(response.leader_address)
             self.leader = hinted
-            self._last_error[allow_stale] = Unavailable(f"group {self.group}: no leader reachable ({response.message})")
+            if hinted is None:
+                self._failed(allow_stale, NoLeader(f"no leader yet in group {self.group} "
+                                                   f"(replica {self.replicas[target]}: {response.message})",
+                                                   group=self.group))
+            else:
+                self._failed(allow_stale, Unavailable(f"group {self.group}: no leader reachable ({response.message})"))
             fresh = [w for w in batch if w.redirects < MAX_IMMEDIATE_REDIRECTS]
             if hinted is not None and hinted != target and len(fresh) == len(batch):
                 # A fresh hint: retry at once, no backoff (but replicas that
@@ -203,7 +255,7 @@ class GroupForwarder:
             retry.extend(batch)
         elif status == Status.UNAVAILABLE:
             self.leader = None
-            self._last_error[allow_stale] = Unavailable(f"group {self.group}: {response.message}")
+            self._failed(allow_stale, Unavailable(f"group {self.group}: {response.message}"))
             retry.extend(batch)
         elif status == Status.INVALID_ARGUMENT:
             for waiting in batch:
@@ -219,10 +271,7 @@ class GroupForwarder:
             if waiting.future.done():
                 continue  # the caller gave up
             if waiting.deadline <= now:
-                error = self._last_error.get(allow_stale) or DeadlineExceeded(
-                    f"group {self.group}: deadline passed before the request could be sent"
-                )
-                _resolve(waiting.future, error)
+                _resolve(waiting.future, self.failure(waiting, allow_stale))
             else:
                 alive.append(waiting)
         return alive

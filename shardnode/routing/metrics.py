@@ -12,7 +12,7 @@ counters start again from zero, which Prometheus reads as a counter reset.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ..config import ClusterConfig
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
-from ..replica.metrics import LATENCY_BUCKETS
+from ..metrics import LATENCY_BUCKETS, merge_families
 
 if TYPE_CHECKING:
     from .forwarder import GroupForwarder
@@ -50,7 +50,7 @@ class RouterMetrics:
         )
         self.requests = Counter(
             "raft_router_requests", "Requests answered by the router, by operation and gRPC code.",
-            ["group", "node", "op", "code"], registry=self.own,
+            ["group", "node", "op", "code", "component"], registry=self.own,
         )
         self._forwarders: list[GroupForwarder] = []
         self._server = None
@@ -58,7 +58,7 @@ class RouterMetrics:
     def observe(self, group: int | None, op: str, code: str, seconds: float) -> None:
         """One answered request; `group` is None for one refused before routing."""
         labels = {"group": "" if group is None else str(group), "node": self.node}
-        self.requests.labels(**labels, op=op, code=code).inc()
+        self.requests.labels(**labels, op=op, code=code, component="router").inc()
         if code == "OK":
             self.request_latency.labels(**labels, op=op, component="router").observe(seconds)
 
@@ -120,18 +120,10 @@ class _HostCollector:
         texts = list(self._pool.map(self._scrape, self.groups))
         health = GaugeMetricFamily("raft_node_health", "1 if the worker answers, 0 if it is down.",
                                    labels=["group", "node"])
-        merged: dict[str, Metric] = {}
-        for family in self.own.collect():
-            merged[family.name] = Metric(family.name, family.documentation, family.type)
-            merged[family.name].samples.extend(family.samples)
         for group, text in zip(self.groups, texts):
             health.add_metric([str(group), str(self.host.node_id)], 0 if text is None else 1)
-            if text is None:
-                continue
-            for family in text_string_to_metric_families(text):
-                target = merged.get(family.name)
-                if target is None:
-                    target = merged[family.name] = Metric(family.name, family.documentation, family.type)
-                target.samples.extend(family.samples)
-        yield health
-        yield from merged.values()
+        sources: list[Iterable[Metric]] = [[health], self.own.collect()]
+        sources += [text_string_to_metric_families(text) for text in texts if text is not None]
+        # One block per family: the router's raft_request_latency_seconds and
+        # its workers' are one family with series of both components.
+        yield from merge_families(sources)

@@ -34,7 +34,8 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
         ]
     )
     metrics = RouterMetrics(cluster, host_name)
-    kv_pb2_grpc.add_KVServicer_to_server(KVService(cluster, host_name, channels, metrics), server)
+    service = KVService(cluster, host_name, channels, metrics)
+    kv_pb2_grpc.add_KVServicer_to_server(service, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = host.router_address
@@ -54,6 +55,7 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
                   extra={"address": f"{host.address}:{host.metrics_port}", "error": str(exc)})
         return 1
     await server.start()
+    service.start()
     # Essential: the gRPC server and the metrics endpoint. If either ends
     # without being asked to, the router says why and exits (fail-stop).
     fail_stop = FailStop(log)
@@ -69,6 +71,7 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
         await health.enter_graceful_shutdown()
         await server.stop(grace=2.0)
     finally:
+        await service.close()
         metrics.close()
         await channels.close()
     log.info("router.stopped")

@@ -10,18 +10,24 @@ import time
 import grpc
 
 from ..config import ClusterConfig
-from ..errors import DeadlineExceeded, InvalidArgument, Unavailable
+from ..errors import (CAUSE_METADATA_KEY, GROUP_METADATA_KEY, DeadlineExceeded, InvalidArgument, NoLeader,
+                      NoQuorum, Unavailable)
 from ..proto import kv_pb2 as pb
 from ..proto import kv_pb2_grpc as pb_grpc
 from ..proto import worker_pb2 as wpb
 from ..ring import ShardMap
 from .forwarder import ChannelPool, GroupForwarder
 from .metrics import RouterMetrics
+from .monitor import GroupMonitor, probe_group
 
 log = logging.getLogger("shardnode.router")
 
 DEFAULT_TIMEOUT = 10.0
 STATUS_TIMEOUT = 1.0
+#: The router answers this much before the caller's deadline (at most), so
+#: that its explanation arrives before the caller's own deadline expires.
+DEADLINE_MARGIN = 0.05
+
 WOp = wpb.Operation
 _OP_NAMES = {WOp.GET: "get", WOp.PUT: "put", WOp.DELETE: "delete"}
 _KIND = {pb.BatchOperation.GET: WOp.GET, pb.BatchOperation.PUT: WOp.PUT, pb.BatchOperation.DELETE: WOp.DELETE}
@@ -54,15 +60,23 @@ class KVService(pb_grpc.KVServicer):
         self.forwarders = [GroupForwarder(cluster, g, channels, host_name) for g in range(cluster.groups)]
         self.sessions = RouterSessions()
         self.metrics = metrics
+        self.monitor = GroupMonitor(cluster, channels, self.forwarders)
         if metrics is not None:
             metrics.watch(self.forwarders)
+
+    def start(self) -> None:
+        """Start watching every group's health (call inside the event loop)."""
+        self.monitor.start()
+
+    async def close(self) -> None:
+        await self.monitor.close()
 
     # --- Helpers ------------------------------------------------------------------------
 
     @staticmethod
     def _deadline(context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
-        timeout = DEFAULT_TIMEOUT if remaining is None else max(0.0, remaining - 0.01)
+        timeout = DEFAULT_TIMEOUT if remaining is None else max(0.0, remaining - min(DEADLINE_MARGIN, remaining / 10))
         return time.monotonic() + timeout
 
     def _check_key(self, key: bytes) -> None:
@@ -115,8 +129,7 @@ class KVService(pb_grpc.KVServicer):
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-        code = _code(exc)
-        await context.abort(code, str(exc))
+        await context.abort(_code(exc), str(exc), trailing_metadata=_cause(exc))
 
     # --- KV --------------------------------------------------------------------------------
 
@@ -187,21 +200,12 @@ class KVService(pb_grpc.KVServicer):
         )
 
     async def _group_status(self, group: int) -> pb.GroupStatus:
-        replicas = self.cluster.group_replicas(group)
-
-        async def ask(address: str) -> wpb.StatusResponse | None:
-            try:
-                return await self.channels.stub(address).Status(wpb.StatusRequest(), timeout=STATUS_TIMEOUT)
-            except grpc.aio.AioRpcError:
-                return None
-
-        answers = await asyncio.gather(*(ask(r.address) for r in replicas))
-        leaders = [a for a in answers if a is not None and a.role == "leader"]
-        leader = max(leaders, key=lambda a: a.term) if leaders else None
+        view = await probe_group(self.cluster, self.channels, group, timeout=STATUS_TIMEOUT)
+        self.monitor.observe(view)
+        leader = view.leader
         match = {p.node_id: p.match for p in leader.peers} if leader is not None else {}
-        reachable = sum(1 for a in answers if a is not None)
         statuses = []
-        for replica, answer in zip(replicas, answers):
+        for replica, answer in zip(view.replicas, view.answers):
             status = pb.ReplicaStatus(host=replica.host.name, node_id=replica.node_id, address=replica.address,
                                       reachable=answer is not None)
             if answer is not None:
@@ -217,13 +221,22 @@ class KVService(pb_grpc.KVServicer):
         return pb.GroupStatus(
             group=group,
             leader_id=leader.node_id if leader is not None else 0,
-            has_quorum=leader is not None and reachable >= len(replicas) // 2 + 1,
+            has_quorum=view.has_quorum,
             replicas=statuses,
         )
 
 
 class _StaleSession(Exception):
     """The worker refused a write whose session sequence was already passed."""
+
+
+def _cause(exc: Exception) -> tuple[tuple[str, str], ...]:
+    """The error's cause as trailing metadata, for clients to raise the matching exception."""
+    cause = {NoQuorum: "no_quorum", NoLeader: "no_leader", DeadlineExceeded: "deadline"}.get(type(exc))
+    group = getattr(exc, "group", None)
+    if cause is None:
+        return ()
+    return ((CAUSE_METADATA_KEY, cause),) + (((GROUP_METADATA_KEY, str(group)),) if group is not None else ())
 
 
 def _code(exc: Exception) -> grpc.StatusCode:

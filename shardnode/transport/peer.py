@@ -108,14 +108,17 @@ class TransportTiming:
     ping_interval: float = 1.0
     link_timeout: float = 5.0  # no ping answered (or a write blocked) this long: the stream is broken
     log_interval: float = 5.0  # at most one warning per reason per this interval
+    # A peer never reached since start is only reported (WARNING) once this
+    # long has passed: at start-up the members come up one after another.
+    startup_grace: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 < self.backoff_min <= self.backoff_max:
             raise ValueError("need 0 < backoff_min <= backoff_max")
         if not 0 < self.ping_interval < self.link_timeout:
             raise ValueError("need 0 < ping_interval < link_timeout")
-        if self.connect_timeout <= 0 or self.log_interval < 0:
-            raise ValueError("connect_timeout must be positive and log_interval non-negative")
+        if self.connect_timeout <= 0 or self.log_interval < 0 or self.startup_grace < 0:
+            raise ValueError("connect_timeout must be positive, log_interval and startup_grace non-negative")
 
 
 def _no_depth(peer: int) -> int:
@@ -149,7 +152,8 @@ class TransportStats:
 
 
 class _RateLimitedLog:
-    """At most one line per key per interval; the next line says how many were suppressed."""
+    """At most one line per key per interval; the next line says how many
+    were suppressed (its field `suppressed`)."""
 
     def __init__(self, logger: logging.Logger, interval: float) -> None:
         self._logger = logger
@@ -170,8 +174,7 @@ class _RateLimitedLog:
         self._last[key] = now
         suppressed = self._suppressed.pop(key, 0)
         if suppressed:
-            msg += " (%d more like this suppressed)"
-            args = (*args, suppressed)
+            extra = {**extra, "suppressed": suppressed}
         self._logger.log(level, msg, *args, extra=extra, exc_info=exc_info)
 
 
@@ -195,6 +198,7 @@ class _PeerLink:
         "last_ack",
         "streams_opened",
         "unreachable_reported",
+        "warned",
     )
 
     def __init__(self, peer: int, address: str, prefix: bytes) -> None:
@@ -210,8 +214,9 @@ class _PeerLink:
         self.last_ack = 0.0
         self.streams_opened = 0
         # True from a failure until the next stream is established: one
-        # on_unreachable and one warning per outage, not one per retry.
+        # on_unreachable and at most one warning per outage, not one per retry.
         self.unreachable_reported = False
+        self.warned = False
 
 
 def _ignore_unreachable(peer: int) -> None:
@@ -279,6 +284,7 @@ class RaftTransport:
         self._background: set[asyncio.Task[None]] = set()  # retiring links
         self._snapshot_calls: set[grpc.aio.Call] = set()
         self._started = False
+        self._started_at = time.monotonic()
         self._closing = False
         self._closed: asyncio.Event | None = None
         self.stats = TransportStats(_depth=self._queue_depth)
@@ -306,6 +312,7 @@ class RaftTransport:
         if self._closing:
             raise RuntimeError("transport is closed")
         self._started = True
+        self._started_at = time.monotonic()
         for link in self._links.values():
             self._start_link(link)
 
@@ -449,10 +456,10 @@ class RaftTransport:
             await channel.close()
         if ok:
             self.stats.snapshots_sent[to] += 1
-            self._logger.info("raft snapshot sent (index %d)", message.snapshot.metadata.index, extra=extra)
+            self._logger.info("transport.snapshot_sent", extra={**extra, "index": message.snapshot.metadata.index})
         else:
             self.stats.snapshots_failed[to] += 1
-            self._logger.warning("raft snapshot to %d failed: %s", to, reason, extra=extra)
+            self._logger.warning("transport.snapshot_failed", extra={**extra, "reason": reason})
         return ok
 
     # ------------------------------------------------------------ links
@@ -505,10 +512,9 @@ class RaftTransport:
             self._limited.log(
                 logging.WARNING,
                 f"drop {reason}",
-                "raft message dropped (%s): %s",
-                reason,
-                None if message is None else f"{message.type.name} to {message.to} from {message.from_}",
-                extra=self._extra(peer),
+                "transport.message_dropped",
+                extra={**self._extra(peer), "reason": reason,
+                       "what": "-" if message is None else f"{message.type.name}:{message.from_}->{message.to}"},
             )
 
     def _drop_queue(self, link: _PeerLink, reason: str) -> None:
@@ -544,7 +550,8 @@ class RaftTransport:
             except Exception as exc:  # a bug here must not kill the link for good
                 reason = f"unexpected {exc!r}"
                 self._limited.log(
-                    logging.ERROR, f"bug {link.peer}", "raft link error", extra=self._extra(link.peer), exc_info=True
+                    logging.ERROR, f"bug {link.peer}", "transport.link_error", extra=self._extra(link.peer),
+                    exc_info=True,
                 )
             self._link_failed(link, reason)
             if loop.time() - started >= timing.backoff_max:
@@ -554,24 +561,31 @@ class RaftTransport:
             await asyncio.sleep(delay)
 
     def _link_failed(self, link: _PeerLink, reason: str) -> None:
-        extra = self._extra(link.peer)
-        if link.unreachable_reported:
-            self._logger.debug("raft peer still unreachable: %s", reason, extra=extra)
+        extra = {**self._extra(link.peer), "address": link.address, "reason": reason}
+        if not link.unreachable_reported:
+            link.unreachable_reported = True
+            try:
+                self._on_unreachable(link.peer)
+            except Exception:
+                self._logger.exception("transport.on_unreachable_failed", extra=extra)
+        if link.warned:
+            self._logger.debug("transport.peer_still_unreachable", extra=extra)
             return
-        link.unreachable_reported = True
-        self._logger.warning("raft peer %d unreachable: %s", link.peer, reason, extra=extra)
-        try:
-            self._on_unreachable(link.peer)
-        except Exception:
-            self._logger.exception("on_unreachable raised", extra=extra)
+        if link.streams_opened == 0 and time.monotonic() - self._started_at < self._timing.startup_grace:
+            # Not up yet, most likely: the members of a group start one after another.
+            self._logger.debug("transport.peer_not_up_yet", extra=extra)
+            return
+        link.warned = True
+        self._logger.warning("transport.peer_unreachable", extra=extra)
 
     def _link_established(self, link: _PeerLink) -> None:
         if link.streams_opened:
             self.stats.reconnects[link.peer] += 1
         link.streams_opened += 1
-        if link.unreachable_reported:
-            link.unreachable_reported = False
-            self._logger.info("raft peer %d reachable again", link.peer, extra=self._extra(link.peer))
+        link.unreachable_reported = False
+        if link.warned:
+            link.warned = False
+            self._logger.info("transport.peer_reachable", extra={**self._extra(link.peer), "address": link.address})
 
     async def _stream(self, link: _PeerLink) -> None:
         """One stream's life: handshake (a ping answered), then write frames until it breaks."""
@@ -687,11 +701,8 @@ class RaftTransport:
         self._limited.log(
             logging.WARNING,
             f"reject {reason}",
-            "raft frame from %s rejected (%s): %s",
-            peer_address,
-            reason,
-            details,
-            extra=self._extra(peer_address),
+            "transport.frame_rejected",
+            extra={**self._extra(peer_address), "reason": reason, "details": details},
         )
 
     async def _serve_messages(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
@@ -712,7 +723,7 @@ class RaftTransport:
                 self._limited.log(
                     logging.ERROR,
                     "deliver",
-                    "raft deliver callback raised",
+                    "transport.deliver_failed",
                     extra=self._extra(checked.from_node),
                     exc_info=True,
                 )
@@ -748,7 +759,7 @@ class RaftTransport:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._logger.warning("raft snapshot from %d refused: %r", header.from_node, exc, extra=extra)
+            self._logger.warning("transport.snapshot_refused", extra={**extra, "error": repr(exc)})
             await context.abort(grpc.StatusCode.ABORTED, f"snapshot refused: {exc!r}")
         finally:
             await stream.aclose()

@@ -14,7 +14,7 @@ import pytest
 
 from shardnode import kv739
 from shardnode.client import Client
-from shardnode.errors import DeadlineExceeded, InvalidArgument, ShardnodeError, Unavailable
+from shardnode.errors import DeadlineExceeded, InvalidArgument, NoQuorum, ShardnodeError, Unavailable
 from shardnode.ring import ShardMap
 from shardnode.testing.linearizability import HistoryRecorder, OpKind, check_history
 
@@ -159,6 +159,11 @@ def test_a_group_that_lost_its_majority_fails_fast_then_recovers(cluster: Superv
     assert kv739.kv739_init(str(config)) == 0
     key0, key1 = _key_in_group(cluster, 0), _key_in_group(cluster, 1)
     assert kv739.kv739_put(key0, "before")[0] in (0, 1)
+    # h2's router reports a quorum it has seen lost: wait until it has seen group 0 ready.
+    router_log = cluster.tmp / "data" / "h2" / "logs" / "router.log"
+    deadline = time.monotonic() + 10
+    while "router.group_ready host=h2 group=0 " not in router_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
     # Group 0 lives on h1, h2, h3: take down h1 and h3 (group 1 keeps h2 and h4).
     for name in ("h1", "h3"):
         assert kv739.kv739_die(cluster.cluster.host(name).router_address, 0) == 0
@@ -167,6 +172,14 @@ def test_a_group_that_lost_its_majority_fails_fast_then_recovers(cluster: Superv
     elapsed = time.monotonic() - began
     assert elapsed < kv739.DEFAULT_TIMEOUT + 2.0, f"a failed put took {elapsed:.1f}s: it must not hang"
     assert kv739.kv739_put(key1, "other group")[0] in (0, 1), "the other group still serves"
+    # The error names its cause, and the routers that saw it logged the loss as a structured WARNING.
+    with Client([cluster.cluster.host("h2").router_address], timeout=2.0, cluster=cluster.cluster) as client:
+        with pytest.raises(NoQuorum, match=r"^get: no quorum in group 0: 2 of 3 replicas unreachable") as info:
+            client.get(key0)
+    assert info.value.group == 0
+    assert cluster.cluster.host("h1").worker_address(0) in str(info.value)
+    lost = [line for line in router_log.read_text().splitlines() if "router.quorum_lost host=h2 group=0 " in line]
+    assert lost and " WARNING router.quorum_lost " in lost[0] and "reason=no_majority" in lost[-1], lost
     for name in ("h1", "h3"):
         assert kv739.kv739_start(cluster.cluster.host(name).router_address, 0) == 0
     deadline = time.monotonic() + 30
@@ -176,3 +189,9 @@ def test_a_group_that_lost_its_majority_fails_fast_then_recovers(cluster: Superv
             break
     assert code == 0 and old in ("before", "during"), (code, old)
     assert kv739.kv739_get(key0) == (0, "after")
+    regained_event = "router.quorum_regained host=h2 group=0 "
+    deadline = time.monotonic() + 10
+    while regained_event not in router_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    regained = [line for line in router_log.read_text().splitlines() if regained_event in line]
+    assert regained and " INFO router.quorum_regained " in regained[0], router_log.read_text()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardnode.client import Client
+from shardnode.testing.exposition import check_exposition
 
 from .supervised import SupervisedCluster, start_supervised
 from .test_cluster import _wait_ready, _write_cluster
@@ -45,7 +49,7 @@ REQUIRED = {
     "raft_peer_dropped_messages": {"group", "node", "peer"},
     "raft_router_retries": {"group", "node"},
     "raft_router_redirects": {"group", "node"},
-    "raft_router_requests": {"group", "node", "op", "code"},
+    "raft_router_requests": {"group", "node", "op", "code", "component"},
 }
 
 
@@ -56,12 +60,15 @@ def cluster(tmp_path: Path) -> Iterator[SupervisedCluster]:
         yield env
 
 
-def scrape(env: SupervisedCluster, host: str) -> dict[str, list]:
+def page(env: SupervisedCluster, host: str) -> str:
     config = env.cluster.host(host)
     url = f"http://{config.address}:{config.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+        return response.read().decode()
+
+
+def scrape(env: SupervisedCluster, host: str) -> dict[str, list]:
+    return {family.name: family.samples for family in text_string_to_metric_families(page(env, host))}
 
 
 def _value(samples: list, **labels: str) -> float | None:
@@ -92,6 +99,56 @@ def test_every_metric_is_present_with_its_labels_and_one_leader_per_group(cluste
     components = {s.labels.get("component") for page in pages.values()
                   for s in page.get("raft_request_latency_seconds", [])}
     assert {"router", "worker"} <= components
+
+
+def test_every_host_page_is_valid_while_the_cluster_serves_traffic(cluster: SupervisedCluster) -> None:
+    """Each page passes the text format's strict rules (and `promtool check
+    metrics` where promtool is installed) while routers and workers of the
+    same host add series to the same families."""
+    promtool = shutil.which("promtool")
+    stop = threading.Event()
+    done = [0]
+
+    def traffic(number: int) -> None:
+        # One client per router: every host's router serves, and so does every group's leader.
+        router = cluster.cluster.hosts[number].router_address
+        with Client([router], cluster=cluster.cluster) as client:
+            i = 0
+            while not stop.is_set():
+                client.put(f"page-{number}-{i % 50}", "x" * 64)
+                client.get(f"page-{number}-{i % 50}")
+                done[0] += 1
+                i += 1
+
+    threads = [threading.Thread(target=traffic, args=(n,), daemon=True) for n in range(len(cluster.cluster.hosts))]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.5)
+        for _ in range(3):
+            for host in cluster.cluster.hosts:
+                text = page(cluster, host.name)
+                assert check_exposition(text) == [], (host.name, check_exposition(text)[:10])
+                assert "_created" not in text
+                if promtool:
+                    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                                             text=True, timeout=30)
+                    assert (checked.returncode, checked.stdout, checked.stderr) == (0, "", ""), (host.name, checked)
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+    assert done[0] > 20, "the cluster served traffic while its pages were checked"
+    # A host that leads a group merged its router's and its leader's latency into one family.
+    leaders = 0
+    for host in cluster.cluster.hosts:
+        families = {f.name: f for f in text_string_to_metric_families(page(cluster, host.name))}
+        if "raft_state" in families and any(s.value == 2 for s in families["raft_state"].samples):
+            leaders += 1
+            components = {s.labels["component"] for s in families["raft_request_latency_seconds"].samples}
+            assert components == {"router", "worker"}, (host.name, components)
+    assert leaders >= 1
 
 
 def test_latency_histograms_move_under_load(cluster: SupervisedCluster) -> None:

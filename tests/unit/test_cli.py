@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,7 +61,7 @@ def test_put_get_delete(config: str, router: FakeRouter, capsys: pytest.CaptureF
 
 def test_status_table(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--config", config, "status")
-    assert code == 0 and err == ""
+    assert code == 1 and err == "", "group 1 has no quorum: the table, and exit 1"
     for word in ("group", "host", "node", "role", "term", "commit", "applied", "lag", "health",
                  "leader", "follower", "candidate", "down", "no quorum", "2 groups, 1 with quorum"):
         assert word in out, word
@@ -82,7 +85,7 @@ def test_status_table_styles_leader_and_groups_without_quorum() -> None:
 
 def test_status_json(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--config", config, "status", "--json")
-    assert code == 0 and err == ""
+    assert code == 1 and err == ""
     status = json.loads(out)
     assert status["cluster"] == "fake"
     groups = status["groups"]
@@ -121,24 +124,109 @@ def test_invalid_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "cluster.replicas" in err
 
 
-def test_unreachable_cluster_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreachable_cluster_is_one_line_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "cluster.toml"
     path.write_text(cluster_toml([free_port()]))
-    code, out, err = run(capsys, "--config", str(path), "--timeout", "0.3", "put", "k", "v")
+    began = time.monotonic()
+    code, out, err = run(capsys, "--config", str(path), "put", "k", "v")     # the default 10 s deadline
+    assert time.monotonic() - began < 2.0, "nothing listens: no waiting out the deadline"
     assert code == 2 and out == ""
     assert_one_line_error(err)
-    assert "may or may not have been applied" in err
+    assert "every router refused the connection" in err and "make run" in err
 
 
-def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 2
-    assert main(["put", "only-a-key"]) == 2
-    assert main(["--timeout", "0", "get", "k"]) == 2
-    assert main(["bench", "--clients", "0"]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
+def test_usage_errors_exit_2_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in ([], ["put", "only-a-key"], ["put"], ["--timeout", "0", "get", "k"], ["bench", "--clients", "0"],
+                 ["frobnicate"], ["status", "--wait", "-1"], ["put", "k", "v", "--value-file", "f"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert_one_line_error(err)
     assert main(["--help"]) == 0
     assert "exit status" in capsys.readouterr().out
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "50% read" in out and "%%" not in out
+
+
+def test_status_exit_code_follows_quorum_and_wait(config: str, router: FakeRouter,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.unit.test_client import default_status
+
+    healthy = default_status()
+    healthy.groups[1].has_quorum = True
+    healthy.groups[1].leader_id = 2
+    router.status_response = healthy
+    assert run(capsys, "--config", config, "status")[0] == 0
+    assert run(capsys, "--config", config, "status", "--wait", "1")[0] == 0
+    router.status_response = default_status()
+    began = time.monotonic()
+    code, out, err = run(capsys, "--config", config, "status", "--wait", "0.6")
+    assert code == 1 and out == ""
+    assert_one_line_error(err)
+    assert "not ready after 0.6 s: group 1 has no quorum (1 of 3 replicas up)" in err
+    assert 0.4 < time.monotonic() - began < 3
+
+
+def test_status_wait_outlasts_a_cluster_that_is_starting(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    router = FakeRouter()
+    router.port = free_port()
+    path = tmp_path / "cluster.toml"
+    path.write_text(cluster_toml([router.port]))
+    healthy = default_status_with_quorum()
+    router.status_response = healthy
+    timer = threading.Timer(0.7, router.start)     # nothing listens at first: refused, then it answers
+    timer.start()
+    try:
+        code, out, err = run(capsys, "--config", str(path), "status", "--wait", "20", "--json")
+    finally:
+        timer.join()
+        router.stop()
+    assert code == 0, err
+    assert json.loads(out)["groups"][1]["has_quorum"] is True
+
+
+def default_status_with_quorum() -> object:
+    from tests.unit.test_client import default_status
+
+    status = default_status()
+    status.groups[1].has_quorum = True
+    status.groups[1].leader_id = 2
+    return status
+
+
+def test_put_value_file_and_stdin(config: str, router: FakeRouter, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    big = bytes(range(256)) * 2048              # 512 KiB: more than one command-line argument may hold
+    path = tmp_path / "value.bin"
+    path.write_bytes(big)
+    assert run(capsys, "--config", config, "put", "big", "--value-file", str(path)) == (0, "", "")
+    assert router.store.data[b"big"] == big
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"from stdin\n")))
+    assert run(capsys, "--config", config, "put", "small", "--value-file", "-") == (0, "", "")
+    assert router.store.data[b"small"] == b"from stdin\n"
+    code, _, err = run(capsys, "--config", config, "put", "k", "--value-file", str(tmp_path / "missing"))
+    assert code == 2 and "cannot read" in err
+
+
+def test_every_command_accepts_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = str(tmp_path / "missing.toml")
+    for argv in (["die", "127.0.0.1:1", "--config", missing], ["start", "127.0.0.1:1", "--config", missing],
+                 ["status", "--config", missing], ["supervisor-conf", "--host", "h", "--config", missing]):
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and "missing.toml: no such file" in err, (argv, err)
+
+
+def test_default_config_is_found_from_another_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shardnode.config import default_config_path
+
+    monkeypatch.delenv("SHARDNODE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_config_path() == ROOT / "etc" / "cluster.toml"
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "cluster.toml").write_text("")
+    assert default_config_path() == Path("etc/cluster.toml")
+    monkeypatch.setenv("SHARDNODE_CONFIG", "/somewhere/else.toml")
+    assert default_config_path() == Path("/somewhere/else.toml")
 
 
 def test_bench_json(config: str, router: FakeRouter, capsys: pytest.CaptureFixture[str]) -> None:
@@ -163,6 +251,34 @@ def test_bench_json(config: str, router: FakeRouter, capsys: pytest.CaptureFixtu
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["p99.9"] <= latency["max"]
 
 
+def test_bench_load_inserts_every_key_despite_failures_and_no_default_duration(
+        config: str, router: FakeRouter, capsys: pytest.CaptureFixture[str]) -> None:
+    from shardnode.bench import BenchConfig
+
+    assert BenchConfig(workload="load").time_limit is None           # not cut short by a default
+    assert BenchConfig(workload="a").time_limit == 10.0
+    router.faults.extend(["invalid"] * 4)          # failed inserts are retried (fewer than LOAD_ATTEMPTS)
+    code, out, err = run(capsys, "--config", config, "bench", "--workload", "load", "--keys", "300",
+                         "--clients", "3", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["loaded"] == 300 and result["complete"] is True
+    assert result["operations"]["insert"]["errors"] == 4
+    assert len([k for k in router.store.data if k.startswith(b"ycsb/")]) == 300
+
+
+def test_bench_load_cut_short_says_how_many_keys_it_loaded(
+        config: str, router: FakeRouter, capsys: pytest.CaptureFixture[str]) -> None:
+    router.default_fault = "slow"
+    code, out, err = run(capsys, "--config", config, "bench", "--workload", "load", "--keys", "100000",
+                         "--clients", "2", "--duration", "0.3")
+    assert code == 2
+    assert_one_line_error(err)
+    loaded = len([k for k in router.store.data if k.startswith(b"ycsb/")])
+    assert f"loaded only {loaded:,} of 100,000 keys" in err and "--duration 0.3 s ran out" in err
+    assert f"loaded {loaded:,} of 100,000 keys" in out                # the summary says it too
+
+
 def test_bench_counts_errors_separately(config: str, router: FakeRouter,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     router.faults.extend(["invalid"] * 5)
@@ -183,10 +299,13 @@ def test_bench_table_and_all_failing(tmp_path: Path, config: str, capsys: pytest
         assert word in out
     dead = tmp_path / "dead.toml"
     dead.write_text(cluster_toml([free_port()]))
-    code, _, err = run(capsys, "--config", str(dead), "--timeout", "0.2", "bench", "--workload", "c",
-                       "--clients", "1", "--duration", "0.3", "--json")
+    began = time.monotonic()
+    code, _, err = run(capsys, "--config", str(dead), "bench", "--workload", "c",
+                       "--clients", "4", "--duration", "30", "--json")
+    assert time.monotonic() - began < 5, "no router listening: the bench stops at once"
     assert code == 2
-    assert err.strip().endswith("(Unavailable 1)") or "no operation succeeded" in err
+    assert_one_line_error(err)
+    assert "bench: stopped after 0 operations: get: every router refused the connection" in err
 
 
 def test_python_dash_m_runs_the_cli() -> None:

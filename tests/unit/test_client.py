@@ -29,7 +29,8 @@ from typing import Any
 import grpc
 import pytest
 
-from shardnode.client import Client, DeadlineExceeded, InvalidArgument, ShardnodeError, Unavailable
+from shardnode.client import (Client, DeadlineExceeded, InvalidArgument, NoQuorum, RoutersUnreachable, ShardnodeError,
+                              Unavailable)
 from shardnode.client.sessions import SessionPool
 from shardnode.config import ClusterConfig
 from shardnode.proto import kv_pb2, kv_pb2_grpc
@@ -134,7 +135,9 @@ class FakeRouter(kv_pb2_grpc.KVServicer):
     "unavailable", "deadline" (DEADLINE_EXCEEDED with time left), "invalid",
     "stale" (FAILED_PRECONDITION), "internal", "drop" (apply, then answer
     UNAVAILABLE: the response is lost), "crash" (apply, then the server
-    stops), "hang" (wait out the caller's deadline), "slow" (a few ms).
+    stops), "hang" (wait out the caller's deadline), "slow" (a few ms),
+    "no_quorum" (UNAVAILABLE with the cause in trailing metadata, as the
+    real router answers when the key's group has no majority).
     """
 
     def __init__(self, store: FakeStore | None = None) -> None:
@@ -182,6 +185,10 @@ class FakeRouter(kv_pb2_grpc.KVServicer):
     def _before(fault: str | None, context: grpc.ServicerContext) -> None:
         if fault == "unavailable":
             context.abort(grpc.StatusCode.UNAVAILABLE, "group 0 has no leader")
+        if fault == "no_quorum":
+            context.set_trailing_metadata((("shardnode-cause", "no_quorum"), ("shardnode-group", "3")))
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "no quorum in group 3: 2 of 3 replicas unreachable (h1:1, h3:1)")
         if fault == "deadline":
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "worker did not answer in time")
         if fault == "invalid":
@@ -567,12 +574,38 @@ def test_always_unavailable_router_gives_unavailable_within_the_deadline(
     assert time.monotonic() - start < 1.0
 
 
-def test_no_router_reachable_gives_unavailable_within_the_deadline(make_client: Callable[..., Client]) -> None:
-    kv = make_client([f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"], timeout=0.7)
+def test_every_router_refusing_fails_fast_and_says_so(make_client: Callable[..., Client]) -> None:
+    routers = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    kv = make_client(routers, timeout=5)
     start = time.monotonic()
-    with pytest.raises(Unavailable, match="failed to connect|Connection refused|UNAVAILABLE"):
+    with pytest.raises(RoutersUnreachable, match="every router refused the connection") as info:
         kv.delete("k")
-    assert time.monotonic() - start < 1.2
+    assert time.monotonic() - start < 1.0, "no waiting out the deadline when nothing listens"
+    assert isinstance(info.value, Unavailable) and info.value.routers == tuple(routers)
+    assert "make run" in str(info.value) and "nothing was written" in str(info.value)
+
+
+def test_a_router_that_answers_is_not_counted_as_refused(
+        router: FakeRouter, make_client: Callable[..., Client]) -> None:
+    router.default_fault = "unavailable"
+    kv = make_client([router.address, f"127.0.0.1:{free_port()}"], timeout=0.6)
+    start = time.monotonic()
+    with pytest.raises(Unavailable) as info:
+        kv.get("k")
+    assert not isinstance(info.value, RoutersUnreachable)
+    assert time.monotonic() - start >= 0.5, "one router answers: keep trying until the deadline"
+
+
+def test_a_cause_the_router_names_is_raised_as_its_class(
+        router: FakeRouter, make_client: Callable[..., Client]) -> None:
+    router.default_fault = "no_quorum"
+    kv = make_client([router.address], timeout=0.4)
+    with pytest.raises(NoQuorum) as info:
+        kv.put("k", "v")
+    assert info.value.group == 3
+    message = str(info.value)
+    assert message.startswith("put: no quorum in group 3: 2 of 3 replicas unreachable")
+    assert "gave up after 0.4 s" in message and "may or may not have been applied" in message
 
 
 def test_hanging_router_gives_deadline_exceeded_within_the_deadline(

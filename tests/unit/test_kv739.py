@@ -169,7 +169,7 @@ def test_unreachable_cluster_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert kv739.kv739_get("k") == (-1, "")
     assert kv739.kv739_put("k", "v") == (-1, "")
     messages = warnings_of(caplog)
-    assert len(messages) == 2 and all("Unavailable" in m for m in messages)
+    assert len(messages) == 2 and all("RoutersUnreachable" in m and "refused" in m for m in messages)
 
 
 def test_threads_share_the_module_state(address_file: Path, router: FakeRouter) -> None:

@@ -324,8 +324,9 @@ def test_bad_frames_are_rejected_counted_and_the_server_keeps_serving(caplog: py
             members[3].transport.send([heartbeat(3, 2, 79)])
             await until(lambda: len(b.received) == 3)
             # Rate-limited: one warning per reason, however many frames.
-            warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "rejected" in r.getMessage()]
-            assert sorted(r.getMessage().split("(")[1].split(")")[0] for r in warnings) == sorted(BAD_FRAMES)
+            warnings = [r for r in caplog.records if r.levelno == logging.WARNING
+                        and r.getMessage() == "transport.frame_rejected"]
+            assert sorted(r.reason for r in warnings) == sorted(BAD_FRAMES)
             assert all(r.node == 2 and r.group == GROUP for r in warnings)
 
     with caplog.at_level(logging.WARNING, logger="shardnode.transport"):
@@ -395,6 +396,36 @@ def test_peer_down_is_bounded_then_reconnects() -> None:
             a.transport.send([heartbeat(1, 2, 6000)])
             await until(lambda: [m.commit for m in b.received] == [6000])
             assert stats.reconnects[2] == 1
+
+    run(main())
+
+
+def test_peer_reports_are_events_quiet_at_start_up(caplog: pytest.LogCaptureFixture) -> None:
+    """A peer not up yet at start is not a WARNING (members start one after
+    another); once the start-up grace is over it is, once per outage, as a
+    `transport.peer_unreachable` event; `transport.peer_reachable` when it is back."""
+
+    def events(level: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "shardnode.transport" and r.levelno == level]
+
+    async def main() -> None:
+        caplog.set_level(logging.DEBUG, logger="shardnode.transport")
+        async with AsyncExitStack() as stack:
+            ports = {1: free_port(), 2: free_port()}
+            quiet = TransportTiming(backoff_min=0.01, backoff_max=0.05, connect_timeout=2.0, ping_interval=0.2,
+                                    link_timeout=2.0, startup_grace=0.6)
+            a = (await start_members(stack, [1, 2], ports=ports, skip=(2,), timing=quiet))[1]
+            await until(lambda: a.unreachable == [2], what="on_unreachable at once")
+            await asyncio.sleep(0.3)
+            assert events(logging.WARNING) == [], "no WARNING within the start-up grace"
+            assert "transport.peer_not_up_yet" in events(logging.DEBUG)
+            await until(lambda: events(logging.WARNING) == ["transport.peer_unreachable"], what="warning after grace")
+            await asyncio.sleep(0.3)                      # many more retries: still one warning
+            assert events(logging.WARNING) == ["transport.peer_unreachable"]
+            record = next(r for r in caplog.records if r.getMessage() == "transport.peer_unreachable")
+            assert record.peer == 2 and record.address == f"127.0.0.1:{ports[2]}" and record.reason
+            await start_member(stack, 2, ports)
+            await until(lambda: "transport.peer_reachable" in events(logging.INFO), what="back")
 
     run(main())
 

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""`make run`: the default local cluster in the foreground, with one line
+when it is ready.
+
+    python scripts/run_cluster.py [--config etc/cluster.toml] [--ready-timeout 120]
+
+Generates etc/supervisord.conf and etc/hosts/HOST.conf (as
+scripts/gen_supervisor_conf.py does), runs `supervisord -c
+etc/supervisord.conf` as a child in the foreground, and watches the cluster
+through its routers: once every group has a leader and a quorum it prints
+one line saying so, with where the logs are, how to see the status and how
+to stop. If that takes longer than --ready-timeout it prints one line
+saying what is missing (the cluster keeps running, and the ready line still
+comes if it gets there).
+
+supervisord's own console lines are shown only when they matter (warnings,
+errors, a program that gave up); all of them are in data/supervisord.log.
+Ctrl-C reaches supervisord (same process group) and stops every host
+cleanly; SIGTERM to this script is passed on to supervisord. The exit status
+is supervisord's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+if str(PROJECT_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT))
+
+from shardnode.cli.ready import NotReady, wait_ready  # noqa: E402
+from shardnode.client import Client  # noqa: E402
+from shardnode.config import ClusterConfig, ConfigError  # noqa: E402
+from shardnode.errors import ShardnodeError  # noqa: E402
+from shardnode.supervisor import local_cluster_config  # noqa: E402
+
+PROG = "make run"
+DEFAULT_READY_TIMEOUT = 120.0
+# supervisord console lines worth showing: anything but INFO, and programs that died or gave up.
+_WORTH_SHOWING = re.compile(r" (WARN|ERRO|CRIT) |gave up|FATAL|exited: ")
+_NOISE = ("indicating exit request", "Supervisor is running as root")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="run_cluster.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="etc/cluster.toml", help="cluster configuration (default etc/cluster.toml)")
+    parser.add_argument("--out", default="etc", help="where the supervisord files go (default etc)")
+    parser.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT, metavar="SECONDS",
+                        help=f"say the cluster is not ready after this long (default {DEFAULT_READY_TIMEOUT:g})")
+    args = parser.parse_args(argv)
+
+    try:
+        config_path = Path(args.config).absolute()
+        cluster = ClusterConfig.load(config_path)
+        top = local_cluster_config(cluster, python=sys.executable, config_path=config_path,
+                                   project_root=PROJECT_ROOT, out_dir=Path(args.out).absolute())
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{PROG}: cannot write {exc.filename or args.out}: {exc.strerror}", file=sys.stderr)
+        return 2
+
+    data = _shown(cluster.data_dir)
+    shape = f"{len(cluster.hosts)} hosts, {cluster.groups} groups of {cluster.replicas} replicas"
+    print(f"{PROG}: starting {cluster.name} ({shape}) under supervisord -c {_shown(top)}; "
+          f"logs in {data}/HOST/logs/", flush=True)
+
+    supervisord = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.supervisord", "-c", str(top)], cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+    )
+    stopping = threading.Event()
+
+    def forward(signum: int, frame: object) -> None:
+        # Ctrl-C already reached supervisord (same process group); a SIGTERM or
+        # SIGINT sent to this process alone must reach it too.
+        stopping.set()
+        if supervisord.poll() is None:
+            supervisord.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+
+    started = time.monotonic()
+    watcher = threading.Thread(target=_watch, args=(cluster, config_path, args.ready_timeout, started, stopping,
+                                                    supervisord), daemon=True, name="ready")
+    watcher.start()
+    assert supervisord.stdout is not None
+    for line in supervisord.stdout:
+        if _WORTH_SHOWING.search(line) and not any(noise in line for noise in _NOISE):
+            print(f"supervisord: {line.rstrip()}", flush=True)
+    code = supervisord.wait()
+    stopping.set()
+    if code == 0:
+        print(f"{PROG}: {cluster.name} stopped (data kept in {data}/; `make reset` deletes it)", flush=True)
+    else:
+        print(f"{PROG}: supervisord exited with status {code}; see {data}/supervisord.log", file=sys.stderr,
+              flush=True)
+    return code
+
+
+def _watch(cluster: ClusterConfig, config_path: Path, ready_timeout: float, started: float,
+           stopping: threading.Event, supervisord: subprocess.Popen) -> None:
+    """Print the ready line once every group has a leader and a quorum (and
+    the not-ready line if that takes longer than `ready_timeout`)."""
+    data = _shown(cluster.data_dir)
+    status_command = _shown(PROJECT_ROOT / ".venv" / "bin" / "shardnode") + " status"
+    if _shown(config_path) != "etc/cluster.toml":
+        status_command += f" --config {_shown(config_path)}"
+    hints = f"logs: {data}/HOST/logs/; status: {status_command}; stop: Ctrl-C"
+    warned = False
+    with Client.from_config(config_path, timeout=2.0) as client:
+        while not stopping.is_set() and supervisord.poll() is None:
+            budget = ready_timeout - (time.monotonic() - started) if not warned else 5.0
+            try:
+                status = wait_ready(client, max(1.0, budget))
+            except NotReady as exc:
+                if stopping.is_set():
+                    return
+                if not warned:
+                    warned = True
+                    reason = str(exc).split(": ", 1)[1] if ": " in str(exc) else str(exc)
+                    print(f"{PROG}: {cluster.name} is not ready after {time.monotonic() - started:.0f} s: {reason}. "
+                          f"It keeps running and trying; {hints}", flush=True)
+                continue
+            except ShardnodeError as exc:      # should not happen: wait_ready absorbs these
+                print(f"{PROG}: cannot watch the cluster: {exc}", file=sys.stderr, flush=True)
+                return
+            if stopping.is_set():
+                return
+            print(f"{PROG}: {cluster.name} is ready ({time.monotonic() - started:.1f} s): all {len(status.groups)} "
+                  f"groups have a leader. {hints[0].upper()}{hints[1:]}", flush=True)
+            return
+
+
+def _shown(path: Path) -> str:
+    """A path as the user will type it: relative to the current directory when below it."""
+    try:
+        return os.path.relpath(path) if Path(path).resolve().is_relative_to(Path.cwd()) else str(path)
+    except ValueError:
+        return str(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

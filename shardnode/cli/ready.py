@@ -1,0 +1,55 @@
+"""Waiting until a cluster is ready: every group with a leader and a quorum.
+
+Used by `shardnode status --wait SECONDS` and by `make run`
+(scripts/run_cluster.py), which prints one line when the cluster is ready.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..client import Client
+from ..errors import RoutersUnreachable, ShardnodeError
+from ..proto import kv_pb2
+
+
+class NotReady(ShardnodeError):
+    """The cluster did not have every group led with a quorum in time."""
+
+
+def wait_ready(client: Client, seconds: float, poll: float = 0.25) -> kv_pb2.StatusResponse:
+    """Poll the cluster's status until every group has a leader and a quorum;
+    the status then, or NotReady (its message says what was missing) after
+    `seconds`. Routers that refuse or fail meanwhile are part of starting up."""
+    deadline = time.monotonic() + seconds
+    last = "no router answered"
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            status = client.status(timeout=max(0.05, min(client.timeout, remaining)))
+        except RoutersUnreachable:
+            last = "no router accepts connections (yet)"
+        except ShardnodeError as exc:
+            last = str(exc)
+        else:
+            if status.groups and all(g.has_quorum for g in status.groups):
+                return status
+            last = not_ready_reason(status)
+        if time.monotonic() + poll >= deadline:
+            raise NotReady(f"not ready after {seconds:g} s: {last}")
+        time.sleep(poll)
+
+
+def not_ready_reason(status: kv_pb2.StatusResponse) -> str:
+    """What keeps a cluster from being ready, in one phrase."""
+    missing = []
+    for group in status.groups:
+        if group.has_quorum:
+            continue
+        up = sum(1 for r in group.replicas if r.reachable)
+        majority = len(group.replicas) // 2 + 1
+        if up < majority:
+            missing.append(f"group {group.group} has no quorum ({up} of {len(group.replicas)} replicas up)")
+        else:
+            missing.append(f"group {group.group} has no leader yet ({up} of {len(group.replicas)} replicas up)")
+    return "; ".join(missing) or "no group reported"

@@ -1,0 +1,96 @@
+"""`make run`'s launcher (scripts/run_cluster.py): one line when the cluster
+is ready, one when it is late, a clean stop on SIGTERM, nothing left running."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from shardnode.config import ClusterConfig
+from shardnode.supervisor import ProcessControl
+
+from .ports import write_cluster_toml
+
+pytestmark = pytest.mark.timeout(240)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _lines(stream, into: queue.Queue) -> None:
+    for line in stream:
+        into.put(line.rstrip("\n"))
+    into.put(None)
+
+
+def _next_line(lines: queue.Queue, timeout: float) -> str | None:
+    try:
+        return lines.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"no line within {timeout} s") from None
+
+
+def test_run_says_when_it_is_late_then_ready_and_stops_cleanly(tmp_path: Path) -> None:
+    config = write_cluster_toml(tmp_path, name="run-itest", hosts=3, groups=2, replicas=3)
+    cluster = ClusterConfig.load(config)
+    launcher = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "run_cluster.py"), "--config", str(config),
+         "--out", str(tmp_path / "etc"), "--ready-timeout", "0.5"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_lines, args=(launcher.stdout, lines), daemon=True).start()
+    pids: list[int] = []
+    try:
+        first = _next_line(lines, 30)
+        assert first.startswith("make run: starting run-itest (3 hosts, 2 groups of 3 replicas)"), first
+        late = _next_line(lines, 30)
+        assert late.startswith("make run: run-itest is not ready after "), late
+        assert "It keeps running and trying" in late and "stop: Ctrl-C" in late
+        ready = _next_line(lines, 90)
+        assert ready.startswith("make run: run-itest is ready (") and "all 2 groups have a leader" in ready, ready
+        assert "Logs: " in ready and "/logs/" in ready and "status: " in ready and "stop: Ctrl-C" in ready
+        control = ProcessControl(cluster)
+        pids = [info.pid for host in cluster.hosts for info in control.processes(host.name).values() if info.pid]
+        assert len(pids) == 3 * (1 + 2), pids                 # a router and two workers per host
+
+        os.kill(launcher.pid, signal.SIGTERM)                   # as `kill PID` of make run would
+        assert launcher.wait(timeout=90) == 0
+        rest = []
+        while (line := _next_line(lines, 10)) is not None:
+            rest.append(line)
+        assert rest and rest[-1].startswith("make run: run-itest stopped"), rest
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in pids if _alive(pid)], "every router and worker stopped"
+    finally:
+        if launcher.poll() is None:
+            # The top supervisord stops its hosts' supervisords, which stop their programs.
+            os.killpg(launcher.pid, signal.SIGTERM)
+            try:
+                launcher.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(launcher.pid, signal.SIGKILL)
+                launcher.wait(timeout=10)
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie of a child reaped late still "exists": read its state.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
