@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from ..config import ClusterConfig
+from ..config import ClusterConfig, Replica
 from ..errors import DeadlineExceeded, InvalidArgument, NoLeader, NoQuorum, ShardnodeError, Unavailable
 from ..futures import settle as _resolve
 from ..proto import worker_pb2 as wpb
@@ -96,11 +96,10 @@ class GroupForwarder:
         self.cluster = cluster
         self.group = group
         self.channels = channels
-        self.replicas = {r.node_id: r.address for r in cluster.group_replicas(group)}
-        self.by_address = {address: node_id for node_id, address in self.replicas.items()}
-        self.local = next((r.node_id for r in cluster.group_replicas(group) if r.host.name == local_host), None)
+        self.local_host = local_host
         self.leader: int | None = None
-        self._order = list(self.replicas)
+        self.membership_changed = False
+        self._follow(cluster.group_replicas(group))
         self._rng = random.Random()
         self._queues: dict[bool, list[_Waiting]] = {False: [], True: []}
         self._in_flight = 0
@@ -110,9 +109,24 @@ class GroupForwarder:
         self.view: GroupView | None = None      # the group monitor's last probe
         self.stats = ForwarderStats(errors={})
 
+    def _follow(self, members: tuple[Replica, ...]) -> None:
+        """Route to these members (the group's live membership)."""
+        self.members = members
+        self.replicas = {r.node_id: r.address for r in members}
+        self.by_address = {address: node_id for node_id, address in self.replicas.items()}
+        self.local = next((r.node_id for r in members if r.host.name == self.local_host), None)
+        self._order = list(self.replicas)
+        if self.leader is not None and self.leader not in self.replicas:
+            self.leader = None
+
     def observe(self, view: "GroupView") -> None:
-        """The group monitor's latest probe: the leader it found fills an empty cache."""
+        """The group monitor's latest probe: the membership it found (the
+        group's own, which changes as members join and leave), and the
+        leader it found fills an empty cache."""
         self.view = view
+        self.membership_changed = view.replicas != self.members
+        if self.membership_changed:
+            self._follow(view.replicas)
         if self.leader is None and view.leader_id in self.replicas:
             self.leader = view.leader_id
 
@@ -120,7 +134,7 @@ class GroupForwarder:
         """Why `waiting` could not be served before its deadline."""
         view = self.view
         if view is not None and not view.has_quorum:
-            if len(view.reachable) < view.majority:
+            if view.reachable_voters < view.majority:
                 return NoQuorum(view.explain(), group=self.group)
             if view.leader is None:
                 return NoLeader(view.explain(), group=self.group)

@@ -12,7 +12,7 @@ counters start again from zero, which Prometheus reads as a counter reset.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -65,7 +65,9 @@ class RouterMetrics:
     def watch(self, forwarders: list["GroupForwarder"]) -> None:
         self._forwarders = forwarders
         self.own.register(_RouterCollector(self))
-        self.registry.register(_HostCollector(self.cluster, self.host.name, self.own))
+        self.registry.register(_HostCollector(
+            self.cluster, self.host.name, self.own,
+            lambda: [(f.group, f.local) for f in forwarders if f.local is not None]))
 
     def serve(self) -> None:
         """Serve /metrics on the host's metrics port (a daemon thread)."""
@@ -101,27 +103,32 @@ class _RouterCollector:
 class _HostCollector:
     """The router's own families merged with its host's workers', plus health."""
 
-    def __init__(self, cluster: ClusterConfig, host_name: str, own: CollectorRegistry) -> None:
+    def __init__(self, cluster: ClusterConfig, host_name: str, own: CollectorRegistry,
+                 local_members: Callable[[], list[tuple[int, int]]]) -> None:
         self.own = own
         self.cluster = cluster
         self.host = cluster.host(host_name)
-        self.groups = cluster.groups_on_host(host_name)
-        self._channels = {g: grpc.insecure_channel(self.host.worker_address(g)) for g in self.groups}
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.groups)), thread_name_prefix="scrape")
+        # (group, node id) of this host's replicas in the groups' live membership.
+        self.local_members = local_members
+        self._channels: dict[int, grpc.Channel] = {}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, cluster.groups), thread_name_prefix="scrape")
 
     def _scrape(self, group: int) -> str | None:
+        channel = self._channels.get(group)
+        if channel is None:
+            channel = self._channels[group] = grpc.insecure_channel(self.host.worker_address(group))
         try:
-            stub = wpb_grpc.WorkerStub(self._channels[group])
-            return stub.Metrics(wpb.MetricsRequest(), timeout=SCRAPE_TIMEOUT).text.decode()
+            return wpb_grpc.WorkerStub(channel).Metrics(wpb.MetricsRequest(), timeout=SCRAPE_TIMEOUT).text.decode()
         except grpc.RpcError:
             return None
 
     def collect(self) -> Iterator[Metric]:
-        texts = list(self._pool.map(self._scrape, self.groups))
+        members = self.local_members()
+        texts = list(self._pool.map(self._scrape, [group for group, _ in members]))
         health = GaugeMetricFamily("raft_node_health", "1 if the worker answers, 0 if it is down.",
                                    labels=["group", "node"])
-        for group, text in zip(self.groups, texts):
-            health.add_metric([str(group), str(self.host.node_id)], 0 if text is None else 1)
+        for (group, node_id), text in zip(members, texts):
+            health.add_metric([str(group), str(node_id)], 0 if text is None else 1)
         sources: list[Iterable[Metric]] = [[health], self.own.collect()]
         sources += [text_string_to_metric_families(text) for text in texts if text is not None]
         # One block per family: the router's raft_request_latency_seconds and

@@ -1,8 +1,11 @@
 """The router's view of every group's health: which replicas answer, who
 leads, whether a majority is up.
 
-`probe_group` asks every replica of a group for its Status (in parallel,
-short timeout); `GroupView` is what it learns. `GroupMonitor` probes every
+`probe_group` asks every host's replica of a group for its Status (in
+parallel, short timeout): a host's replica of group G always listens on its
+`worker_port_base + G`, so this finds every member, including members added
+after the router started. The group's live membership is the one its leader
+(else its most advanced replica) reports; `GroupView` is what it learns. `GroupMonitor` probes every
 group once per `interval` for the router's lifetime, so that:
 
 - the forwarders know a group's leader before the first request, and can
@@ -46,9 +49,14 @@ class GroupView:
     is the leader (the highest term's leader wins if two claim it)."""
 
     group: int
-    replicas: tuple[Replica, ...]
+    replicas: tuple[Replica, ...]           # the members: voters and learners
     answers: tuple[wpb.StatusResponse | None, ...]
     at: float                      # time.monotonic() of the probe
+    learners: frozenset[int] = frozenset()
+
+    @property
+    def voters(self) -> tuple[Replica, ...]:
+        return tuple(r for r in self.replicas if r.node_id not in self.learners)
 
     @property
     def reachable(self) -> tuple[str, ...]:
@@ -59,8 +67,12 @@ class GroupView:
         return tuple(r.address for r, a in zip(self.replicas, self.answers) if a is None)
 
     @property
+    def reachable_voters(self) -> int:
+        return sum(1 for r, a in zip(self.replicas, self.answers) if a is not None and r.node_id not in self.learners)
+
+    @property
     def majority(self) -> int:
-        return len(self.replicas) // 2 + 1
+        return len(self.voters) // 2 + 1
 
     @property
     def leader(self) -> wpb.StatusResponse | None:
@@ -75,12 +87,12 @@ class GroupView:
     @property
     def has_quorum(self) -> bool:
         """A leader, and a majority of the replicas answering (what `status` shows)."""
-        return self.leader is not None and len(self.reachable) >= self.majority
+        return self.leader is not None and self.reachable_voters >= self.majority
 
     def explain(self) -> str:
         """Why the group cannot serve, in the words of the error messages."""
         unreachable = self.unreachable
-        if len(self.reachable) < self.majority:
+        if self.reachable_voters < self.majority:
             return (f"no quorum in group {self.group}: {len(unreachable)} of {len(self.replicas)} replicas "
                     f"unreachable ({', '.join(unreachable)})")
         if self.leader is None:
@@ -90,17 +102,38 @@ class GroupView:
 
 
 async def probe_group(cluster: ClusterConfig, channels: "ChannelPool", group: int,
-                      timeout: float = PROBE_TIMEOUT) -> GroupView:
-    replicas = cluster.group_replicas(group)
+                      timeout: float = PROBE_TIMEOUT, known: tuple[Replica, ...] | None = None) -> GroupView:
+    """Probe every host's replica of `group`. The membership is the one the
+    answers report; if none reports one, `known` (the last one learned, else
+    the initial placement)."""
+    addresses = [h.worker_address(group) for h in cluster.hosts]
 
     async def ask(address: str) -> wpb.StatusResponse | None:
         try:
-            return await channels.stub(address).Status(wpb.StatusRequest(), timeout=timeout)
+            answer = await channels.stub(address).Status(wpb.StatusRequest(), timeout=timeout)
         except grpc.aio.AioRpcError:
             return None
+        return answer if answer.cluster == cluster.name and answer.group == group else None
 
-    answers = await asyncio.gather(*(ask(r.address) for r in replicas))
-    return GroupView(group, replicas, tuple(answers), time.monotonic())
+    by_address = dict(zip(addresses, await asyncio.gather(*(ask(a) for a in addresses))))
+    replicas, learners = _membership(cluster, group, by_address, known)
+    answers = []
+    for replica in replicas:
+        answer = by_address.get(replica.address)
+        # The replica at that address now may be a newer member than the one listed.
+        answers.append(answer if answer is not None and answer.node_id == replica.node_id else None)
+    return GroupView(group, replicas, tuple(answers), time.monotonic(), learners)
+
+
+def _membership(cluster: ClusterConfig, group: int, answers: dict[str, wpb.StatusResponse | None],
+                known: tuple[Replica, ...] | None) -> tuple[tuple[Replica, ...], frozenset[int]]:
+    reported = [a for a in answers.values() if a is not None and a.members]
+    if not reported:
+        return (known if known is not None else cluster.group_replicas(group)), frozenset()
+    best = max(reported, key=lambda a: (a.role == "leader", a.term, a.applied_index))
+    hosts = {h.worker_address(group): h for h in cluster.hosts}
+    replicas = tuple(Replica(group, m.node_id, hosts[m.address]) for m in best.members if m.address in hosts)
+    return replicas, frozenset(m.node_id for m in best.members if m.learner)
 
 
 class GroupMonitor:
@@ -138,7 +171,7 @@ class GroupMonitor:
         while True:
             began = time.monotonic()
             try:
-                views = await asyncio.gather(*(probe_group(self.cluster, self.channels, f.group)
+                views = await asyncio.gather(*(probe_group(self.cluster, self.channels, f.group, known=f.members)
                                                for f in self.forwarders))
                 for view in views:
                     self.observe(view)
@@ -155,6 +188,9 @@ class GroupMonitor:
         had = self._had_quorum[group]
         fields = {"group": group, "leader": view.leader_id, "reachable": len(view.reachable),
                   "replicas": len(view.replicas)}
+        if forwarder.membership_changed:
+            log.info("router.membership_changed", extra={"group": group, "voters": [r.node_id for r in view.voters],
+                                                         "learners": sorted(view.learners)})
         if view.has_quorum:
             if had is False:
                 log.info("router.quorum_regained",
@@ -179,4 +215,4 @@ class GroupMonitor:
 
 
 def _reason(view: GroupView) -> str:
-    return "no_majority" if len(view.reachable) < view.majority else "no_leader"
+    return "no_majority" if view.reachable_voters < view.majority else "no_leader"

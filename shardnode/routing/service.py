@@ -200,7 +200,8 @@ class KVService(pb_grpc.KVServicer):
         )
 
     async def _group_status(self, group: int) -> pb.GroupStatus:
-        view = await probe_group(self.cluster, self.channels, group, timeout=STATUS_TIMEOUT)
+        view = await probe_group(self.cluster, self.channels, group, timeout=STATUS_TIMEOUT,
+                                 known=self.forwarders[group].members)
         self.monitor.observe(view)
         leader = view.leader
         match = {p.node_id: p.match for p in leader.peers} if leader is not None else {}
