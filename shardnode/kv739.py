@@ -146,27 +146,33 @@ def kv739_put(key: str | bytes, value: str | bytes) -> tuple[int, Any]:
 def kv739_die(server: str, clean: int) -> int:
     """Stop `server` (a router address: the whole host; a worker address: that
     worker): clean=1 gracefully, clean=0 with SIGKILL. 0 ok, -1 error."""
-    return _process_control("kv739_die", "stop", server, clean)
+    return _process_control("kv739_die", server, clean,
+                            lambda control, admin: control.stop(server, clean=bool(clean)))
 
 
 def kv739_start(server: str, new: int) -> int:
-    """Start `server` again: new=0 recovers from its data, new=1 starts empty
-    and catches up. 0 ok, -1 error."""
-    return _process_control("kv739_start", "start", server, new)
+    """Start `server` again: new=0 recovers from its data (refused for a
+    server that left); new=1 joins with empty state as a new member of the
+    groups short of replicas (after a leave, the same groups), catches up
+    and is promoted to voter. 0 ok, -1 error."""
+    return _process_control("kv739_start", server, new,
+                            lambda control, admin: admin.start_new(server) if new else admin.restart(server))
 
 
 def kv739_leave(server: str, clean: int) -> int:
-    """Not implemented yet: always -1 (membership changes do not exist yet,
-    and stopping the server without them would not keep the promise that
-    its replicas leave their groups)."""
-    return _fail("kv739_leave", "membership changes are not implemented yet; "
-                 f"{server!r} was left as it is (kv739_die stops a server without removing its replicas)")
+    """Remove `server`'s replicas (a router address: every replica of that
+    host; a worker address: that replica) from their groups by membership
+    changes, then stop it (clean=1 gracefully, clean=0 SIGKILL). Refused
+    (-1, nothing changed) if a group would drop below 3 voters or lose its
+    live majority. 0 ok, -1 error."""
+    return _process_control("kv739_leave", server, clean,
+                            lambda control, admin: admin.leave(server, clean=bool(clean)))
 
 
 # --- Helpers ---------------------------------------------------------------------------------
 
 
-def _process_control(function: str, action: str, server: object, flag: object) -> int:
+def _process_control(function: str, server: object, flag: object, action) -> int:  # type: ignore[no-untyped-def]
     state = _current(function)
     if state is None:
         return -1
@@ -180,8 +186,10 @@ def _process_control(function: str, action: str, server: object, flag: object) -
     try:
         # Imported here: process control is optional for data-only users.
         supervisor = importlib.import_module("shardnode.supervisor")
+        membership = importlib.import_module("shardnode.membership")
         control = supervisor.ProcessControl(state.cluster)
-        getattr(control, action)(server, bool(flag))
+        with membership.MembershipAdmin(state.cluster, control) as admin:
+            action(control, admin)
     except Exception as exc:
         return _fail(function, f"{server}: {_reason(exc)}")
     return 0

@@ -205,7 +205,7 @@ class MembershipAdmin:
         elif self.launch is not None:
             self.launch(server, groups)
 
-    def start_new(self, server: str) -> list[MemberState]:
+    def start_new(self, server: str) -> list[tuple[int, MemberState]]:
         """`start --new`: the server joins with empty state. A host (router
         address) joins every group that is short of `replicas` voters and
         that it does not hold (after a leave: the same groups); a worker
@@ -225,7 +225,7 @@ class MembershipAdmin:
                 raise ShapeRefused(f"group {group} has no leader now; try again when it has one")
         added = [(group, self._add_learner(group, host)) for group in groups]
         self._start(server, groups)
-        return [self._await_promotion(group, node_id) for group, node_id in added]
+        return [(group, self._await_promotion(group, node_id)) for group, node_id in added]
 
     def _add_learner(self, group: int, host: HostConfig) -> int:
         state = self.group(group)

@@ -9,7 +9,7 @@
     status             one row per replica (--json for machine output); exits 1 if a
                        group has no quorum; --wait SECONDS waits until every group has one
     bench              YCSB-style benchmark (shardnode bench --help)
-    die/start/...      process control, from shardnode.cli_admin when installed
+    die/start/leave/member/...  process control and cluster shape (shardnode/cli/admin.py)
 
 Exit status: 0 success, 1 `get` found no value or `status` found a group
 without quorum, 2 error (one line on stderr, "shardnode: ...", never a
@@ -23,7 +23,7 @@ Keys and values on the command line are taken as the bytes the shell passed
 (os.fsencode), so non-UTF-8 arguments round-trip. Values are printed as raw
 bytes followed by a newline.
 
-Admin commands: `shardnode.cli_admin.register(subparsers)` adds sub-parsers;
+Admin commands: `shardnode.cli.admin.register(subparsers)` adds sub-parsers;
 each sets `func` (`set_defaults(func=...)`) to a callable taking the parsed
 arguments (which carry `config` and `timeout`) and returning an exit status.
 """
@@ -192,13 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_admin(commands: Any, common: argparse.ArgumentParser) -> None:
     try:
-        from .. import cli_admin
+        from . import admin
     except ImportError as exc:
-        if exc.name != "shardnode.cli_admin":
-            # cli_admin exists but cannot be imported: say so, keep the data commands working.
-            print(f"{PROG}: admin commands unavailable: {exc}", file=sys.stderr)
+        # The admin commands need supervisor; say so, keep the data commands working.
+        print(f"{PROG}: admin commands unavailable: {exc}", file=sys.stderr)
         return
-    cli_admin.register(commands, parents=[common])
+    admin.register(commands, parents=[common])
 
 
 # --- Commands ----------------------------------------------------------------------------------

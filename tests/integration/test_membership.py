@@ -102,7 +102,7 @@ def test_a_host_joins_as_a_learner_is_promoted_and_a_member_leaves_and_rejoins(m
 
             # start --new: a new member with a new id, caught up, promoted.
             joined = await asyncio.to_thread(admin.start_new, admin.cluster.host(leader).worker_address(0))
-            assert joined[0].node_id == 6 and not joined[0].learner
+            assert joined[0][0] == 0 and joined[0][1].node_id == 6 and not joined[0][1].learner
             values = await _read(group, range(0, 700))
             assert values == {**{b"k%05d" % i: b"a%d" % i for i in range(600)},
                               **{b"k%05d" % i: b"b%d" % i for i in range(600, 700)}}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from shardnode import cli_admin
+from shardnode.cli import admin as cli_admin
 from shardnode.config import ClusterConfig
 from .ports import write_cluster_toml
 from .supervised import SupervisedCluster, start_supervised

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shardnode import kv739
-from shardnode.errors import Unavailable
+from shardnode.errors import ShardnodeError, Unavailable
 from tests.unit.test_client import FakeRouter, cluster_toml, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -203,13 +203,32 @@ class FakeProcessControl:
     def stop(self, server: str, clean: bool) -> None:
         self._record("stop", server, clean)
 
-    def start(self, server: str, new: bool) -> None:
-        self._record("start", server, new)
-
     def _record(self, action: str, server: str, flag: bool) -> None:
         if FakeProcessControl.fail_with is not None:
             raise FakeProcessControl.fail_with
         FakeProcessControl.calls.append((action, server, flag))
+
+
+class FakeMembershipAdmin:
+    """start and leave go through the membership admin (it knows who left)."""
+
+    def __init__(self, cluster: object, control: FakeProcessControl) -> None:
+        self.control = control
+
+    def __enter__(self) -> "FakeMembershipAdmin":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def restart(self, server: str) -> None:
+        self.control._record("start", server, False)
+
+    def start_new(self, server: str) -> None:
+        self.control._record("start", server, True)
+
+    def leave(self, server: str, clean: bool) -> None:
+        self.control._record("leave", server, clean)
 
 
 @pytest.fixture
@@ -217,6 +236,9 @@ def supervisor(monkeypatch: pytest.MonkeyPatch) -> type[FakeProcessControl]:
     module = types.ModuleType("shardnode.supervisor")
     module.ProcessControl = FakeProcessControl                # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "shardnode.supervisor", module)
+    membership = types.ModuleType("shardnode.membership")
+    membership.MembershipAdmin = FakeMembershipAdmin          # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "shardnode.membership", membership)
     FakeProcessControl.calls = []
     FakeProcessControl.fail_with = None
     return FakeProcessControl
@@ -266,9 +288,13 @@ def test_die_without_the_supervisor_module_fails(toml_file: Path, monkeypatch: p
     assert kv739.kv739_die("127.0.0.1:40000", 1) == -1
 
 
-def test_leave_is_not_implemented(toml_file: Path, supervisor: type[FakeProcessControl],
-                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_leave_delegates_to_the_membership_admin_and_a_refusal_is_minus_one(
+        toml_file: Path, supervisor: type[FakeProcessControl], caplog: pytest.LogCaptureFixture) -> None:
     assert kv739.kv739_init(str(toml_file)) == 0
+    assert kv739.kv739_leave("127.0.0.1:40000", 1) == 0
+    assert kv739.kv739_leave("127.0.0.1:40000", 0) == 0
+    assert supervisor.calls == [("leave", "127.0.0.1:40000", True), ("leave", "127.0.0.1:40000", False)]
+    supervisor.fail_with = ShardnodeError("group 0 would drop to 2 voters (at least 3 are kept)")
     assert kv739.kv739_leave("127.0.0.1:40000", 1) == -1
-    assert supervisor.calls == []
-    assert any("not implemented" in m for m in warnings_of(caplog))
+    assert kv739.kv739_leave("127.0.0.1:40000", 2) == -1     # bad flag
+    assert any("would drop to 2 voters" in m for m in warnings_of(caplog))

@@ -1,0 +1,247 @@
+"""Administration subcommands of the `shardnode` command line: processes and
+the cluster's shape (docs/cli.md, docs/membership.md).
+
+    shardnode die SERVER [--clean]       stop a host (router address) or one worker (worker address)
+    shardnode start SERVER [--new]       start it again from its data, or join as a new member
+    shardnode leave SERVER [--clean]     its replicas leave their groups, then it stops
+    shardnode member list [--json]       every group's members, roles and catch-up
+    shardnode member add GROUP HOST      a new replica of GROUP on HOST (learner, then voter)
+    shardnode member remove GROUP HOST   HOST's replica of GROUP leaves the group
+    shardnode supervisor-conf --host NAME [--output FILE]
+
+The main CLI calls `register(subparsers)`; each subcommand stores its handler
+as `args.func`, which takes the parsed namespace (with the global
+`args.config`) and returns the exit code: 0 ok, 2 error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..config import ClusterConfig, ConfigError, default_config_path
+from ..errors import ShardnodeError
+from ..membership import GroupState, MembershipAdmin
+from ..supervisor import ProcessControl, Target, host_config
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
+    """Add the admin commands to the main parser's subparsers;
+    `parents` carry the options every command accepts (--config, --timeout)."""
+    parents = list(parents)
+    server_help = ("ADDRESS:PORT as in the configuration: a router address means the whole host "
+                   "(router and all its workers), a worker address that worker alone")
+
+    die = subparsers.add_parser(
+        "die", parents=parents, help="stop a host or a worker (it stays down until `start`)",
+        description="Stop a host or a worker through its host's supervisord; it stays down until `start`.",
+    )
+    die.add_argument("server", metavar="SERVER", help=server_help)
+    die.add_argument("--clean", action="store_true",
+                     help="graceful stop: leadership handed over, state flushed (default: SIGKILL, as a crash)")
+    die.set_defaults(func=_die)
+
+    start = subparsers.add_parser(
+        "start", parents=parents, help="start a stopped host or worker again, or join with --new",
+        description="Start a host or a worker again through its host's supervisord; it recovers from its data. "
+                    "With --new it joins with empty state as a new member: a host joins every group short of "
+                    "replicas (after a leave, the same groups), a worker its group; each new replica catches up "
+                    "as a learner and is promoted to voter. Refused without --new for a server that left.",
+    )
+    start.add_argument("server", metavar="SERVER", help=server_help)
+    start.add_argument("--new", action="store_true", help="join with empty state as a new member")
+    start.set_defaults(func=_start)
+
+    leave = subparsers.add_parser(
+        "leave", parents=parents, help="remove a host's (or a worker's) replicas from their groups, then stop it",
+        description="Every replica of the host (router address), or the one replica (worker address), leaves its "
+                    "group by a membership change (a leader hands leadership over first); then the processes stop "
+                    "and stay stopped. Refused, with nothing changed, if a group would drop below 3 voters or lose "
+                    "its live majority.",
+    )
+    leave.add_argument("server", metavar="SERVER", help=server_help)
+    leave.add_argument("--clean", action="store_true",
+                       help="stop the processes gracefully afterwards (default: SIGKILL)")
+    leave.set_defaults(func=_leave)
+
+    member = subparsers.add_parser(
+        "member", parents=parents, help="list, add or remove the members of groups",
+        description="The live membership of every group, and single-replica changes.",
+    )
+    member_commands = member.add_subparsers(dest="member_command", metavar="COMMAND", required=True)
+    listing = member_commands.add_parser("list", parents=parents, help="every group's members")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(func=_member_list)
+    add = member_commands.add_parser("add", parents=parents, help="add a replica of GROUP on HOST")
+    add.add_argument("group", type=int, metavar="GROUP")
+    add.add_argument("host", metavar="HOST", help="a host name of the configuration")
+    add.set_defaults(func=_member_add)
+    remove = member_commands.add_parser("remove", parents=parents, help="remove HOST's replica of GROUP")
+    remove.add_argument("group", type=int, metavar="GROUP")
+    remove.add_argument("host", metavar="HOST", help="a host name of the configuration")
+    remove.set_defaults(func=_member_remove)
+
+    conf = subparsers.add_parser(
+        "supervisor-conf", parents=parents, help="write the supervisord configuration of one host",
+        description="Write the supervisord configuration of one real host: its router and one "
+                    "worker per group replica it holds, XML-RPC on the host's address:supervisor_port.",
+    )
+    conf.add_argument("--host", required=True, metavar="NAME", help="the host's name in the configuration")
+    conf.add_argument("--output", "-o", metavar="FILE", help="write to FILE (default: standard output)")
+    conf.add_argument("--python", default=sys.executable, metavar="PATH",
+                      help="the Python that runs the router and workers on that host (default: this one)")
+    conf.add_argument("--project-root", default=str(PROJECT_ROOT), metavar="DIR",
+                      help="the shardnode checkout on that host (default: this one)")
+    conf.set_defaults(func=_supervisor_conf)
+
+
+def _die(args: argparse.Namespace) -> int:
+    def run() -> str:
+        target = _control(args).stop(args.server, clean=args.clean)
+        how = "stopped cleanly" if args.clean else "killed"
+        return f"{_describe(target, args.server)} {how}; it stays down until `shardnode start {args.server}`"
+
+    return _guarded(run)
+
+
+def _start(args: argparse.Namespace) -> int:
+    def run() -> str:
+        with _admin(args) as admin:
+            if args.new:
+                joined = admin.start_new(args.server)
+                where = ", ".join(f"group {group} as node {member.node_id}" for group, member in joined)
+                return f"{args.server} joined {where}"
+            admin.restart(args.server)
+        return f"{args.server} running"
+
+    return _guarded(run)
+
+
+def _leave(args: argparse.Namespace) -> int:
+    def run() -> str:
+        with _admin(args) as admin:
+            removed = admin.leave(args.server, clean=args.clean)
+        left = ", ".join(f"group {group} (node {node_id})" for group, node_id in removed)
+        return f"{args.server} left {left} and is stopped; `shardnode start {args.server} --new` joins again"
+
+    return _guarded(run)
+
+
+def _member_list(args: argparse.Namespace) -> int:
+    def run() -> str | None:
+        with _admin(args, progress=False) as admin:
+            groups = admin.groups()
+        if args.json:
+            print(json.dumps({"groups": [membership_dict(g) for g in groups]}, indent=2))
+            return None
+        return "\n".join(membership_lines(groups))
+
+    return _guarded(run)
+
+
+def _member_add(args: argparse.Namespace) -> int:
+    def run() -> str:
+        with _admin(args) as admin:
+            member = admin.add_member(args.group, args.host)
+        return f"group {args.group}: node {member.node_id} on {member.host} is a voter"
+
+    return _guarded(run)
+
+
+def _member_remove(args: argparse.Namespace) -> int:
+    def run() -> str:
+        with _admin(args) as admin:
+            admin.remove_member(args.group, args.host)
+        return f"group {args.group}: {args.host}'s replica left the group"
+
+    return _guarded(run)
+
+
+def membership_dict(state: GroupState) -> dict:
+    return {
+        "group": state.group,
+        "leader_id": state.leader_id,
+        "term": state.term,
+        "commit_index": state.commit_index,
+        "members": [
+            {"node_id": m.node_id, "host": m.host, "address": m.address,
+             "role": "learner" if m.learner else "voter", "reachable": m.reachable,
+             "leader": m.node_id == state.leader_id, "applied_index": m.applied_index,
+             "lag": max(0, state.commit_index - m.applied_index) if m.reachable else None}
+            for m in state.members
+        ],
+        "removed": list(state.removed),
+    }
+
+
+def membership_lines(groups: list[GroupState]) -> list[str]:
+    lines = []
+    for state in groups:
+        if not state.members:
+            lines.append(f"group {state.group}: no replica answers")
+            continue
+        voters, learners = len(state.voters), len(state.learners)
+        lines.append(f"group {state.group}: {voters} voters, {learners} learners, leader node {state.leader_id or '-'}"
+                     f", term {state.term}")
+        for m in state.members:
+            role = "learner" if m.learner else "voter"
+            lead = " (leader)" if m.node_id == state.leader_id else ""
+            health = (f"applied {m.applied_index} of {state.commit_index}" if m.reachable else "unreachable")
+            lines.append(f"  node {m.node_id:<4} {m.host:<12} {m.address:<22} {role}{lead}, {health}")
+    return lines
+
+
+def _supervisor_conf(args: argparse.Namespace) -> int:
+    def run() -> str | None:
+        config_path = Path(_config_path(args)).absolute()
+        cluster = ClusterConfig.load(config_path)
+        text = host_config(cluster, args.host, python=Path(args.python).absolute(), config_path=config_path,
+                           project_root=Path(args.project_root).absolute())
+        if args.output in (None, "-"):
+            sys.stdout.write(text)
+            return None
+        try:
+            Path(args.output).write_text(text)
+        except OSError as exc:
+            raise ShardnodeError(f"cannot write {args.output}: {exc.strerror}") from None
+        return f"wrote {args.output}"
+
+    return _guarded(run)
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    return getattr(args, "config", None) or str(default_config_path())
+
+
+def _control(args: argparse.Namespace) -> ProcessControl:
+    return ProcessControl(ClusterConfig.load(_config_path(args)))
+
+
+def _admin(args: argparse.Namespace, progress: bool = True) -> MembershipAdmin:
+    cluster = ClusterConfig.load(_config_path(args))
+    return MembershipAdmin(cluster, ProcessControl(cluster),
+                           progress=(lambda line: print(line, flush=True)) if progress else None)
+
+
+def _describe(target: Target, server: str) -> str:
+    if target.whole_host:
+        return f"host {target.host.name} ({server}: {', '.join(target.programs)})"
+    return f"{target.programs[0]} on {target.host.name} ({server})"
+
+
+def _guarded(run: Callable[[], str | None]) -> int:
+    """Run a command: its message on stdout and 0, or one error line on stderr
+    and 2 (the exit code of every shardnode command's errors)."""
+    try:
+        message = run()
+    except (ConfigError, ShardnodeError) as exc:
+        print(f"shardnode: {exc}", file=sys.stderr)
+        return 2
+    if message:
+        print(message)
+    return 0
