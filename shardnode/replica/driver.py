@@ -45,6 +45,7 @@ from ..failstop import FailStop, describe
 from ..futures import settle
 from ..storage import ApplyResult, Command, ReplicaStore, StorageFault, StoreBusy, encode_command
 from ..transport import RaftTransport, SnapshotHeader
+from .peer_security import transport_security
 from .metrics import WorkerMetrics
 
 log = logging.getLogger("shardnode.replica")
@@ -104,6 +105,7 @@ class ReplicaDriver:
             deliver=self._on_messages,
             on_unreachable=self._on_unreachable,
             on_snapshot=self._on_snapshot_stream,
+            **transport_security(cluster, replica.host.name, self.group),
         )
         self.metrics = WorkerMetrics(self.group, self.node_id)
         self.metrics.bind(self)

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from ..config import ClusterConfig
+from ..config import ClusterConfig, SecurityConfig
 from ..errors import DeadlineExceeded, InvalidArgument, ShardnodeError, Unavailable
 from ..futures import settle as _resolve
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
+from ..security import aio_channel
 
 log = logging.getLogger("shardnode.router")
 
@@ -40,16 +41,19 @@ Status = wpb.ExecuteResponse
 
 
 class ChannelPool:
-    """One gRPC channel per worker address, shared by every group forwarder."""
+    """One gRPC channel per worker address, shared by every group forwarder;
+    TLS with the certificate of `host_name` when the cluster says so."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: SecurityConfig = SecurityConfig(), host_name: str | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._security = security
+        self._identity = host_name
 
     def stub(self, address: str) -> wpb_grpc.WorkerStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(
-                address,
+            channel = aio_channel(
+                address, self._security, self._identity,
                 options=[
                     ("grpc.max_receive_message_length", 64 << 20),
                     ("grpc.max_send_message_length", 64 << 20),

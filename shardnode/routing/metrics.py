@@ -25,6 +25,7 @@ from ..config import ClusterConfig
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
 from ..replica.metrics import LATENCY_BUCKETS
+from ..security import sync_channel
 
 if TYPE_CHECKING:
     from .forwarder import GroupForwarder
@@ -106,7 +107,8 @@ class _HostCollector:
         self.cluster = cluster
         self.host = cluster.host(host_name)
         self.groups = cluster.groups_on_host(host_name)
-        self._channels = {g: grpc.insecure_channel(self.host.worker_address(g)) for g in self.groups}
+        self._channels = {g: sync_channel(self.host.worker_address(g), cluster.security, host_name)
+                          for g in self.groups}
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.groups)), thread_name_prefix="scrape")
 
     def _scrape(self, group: int) -> str | None:

@@ -1,0 +1,176 @@
+"""A cluster's certificates: one CA, one certificate per host, one for clients.
+
+    shardnode certs init [--config etc/cluster.toml] [--force]
+
+writes into the cluster's certificate directory (`[security] certs_dir`,
+`data_dir/certs` by default):
+
+    ca.crt, ca.key           the cluster's own certificate authority
+    HOST.crt, HOST.key       each host's identity: CN and a DNS SAN of the host's
+                             name, an IP SAN (or DNS SAN) of its address; used by
+                             its router and workers both as server and as client
+    client.crt, client.key   clients (Client, kv739, the CLI): CN "client"
+
+Every file is written 0600 (private keys never readable by others; the
+certificates, too, so that a directory copied to a host keeps its mode). Keys
+are ECDSA P-256, certificates valid for `VALID_DAYS`. Everything X.509 is done
+by `cryptography`; nothing here builds ASN.1 by hand.
+
+The CA key is only needed to issue certificates: on a real deployment keep it
+off the hosts (copy ca.crt, HOST.crt/key and the admin credential to each).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "CLIENT_IDENTITY",
+    "VALID_DAYS",
+    "Issued",
+    "issue_certificate",
+    "new_authority",
+    "write_private",
+]
+
+#: The identity (CN) of the clients' certificate.
+CLIENT_IDENTITY = "client"
+VALID_DAYS = 825   # the longest a public CA may issue; rotate before then (docs/security.md)
+
+
+@dataclass(slots=True, frozen=True)
+class Issued:
+    """A certificate and its private key, both PEM."""
+
+    cert_pem: bytes
+    key_pem: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class Authority:
+    """A CA that can issue certificates."""
+
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def key_pem(self) -> bytes:
+        return _key_pem(self.key)
+
+    @classmethod
+    def load(cls, cert_pem: bytes, key_pem: bytes) -> "Authority":
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("the CA key is not an ECDSA key")
+        return cls(x509.load_pem_x509_certificate(cert_pem), key)
+
+
+def new_authority(cluster_name: str, *, days: int = VALID_DAYS) -> Authority:
+    """A new self-signed CA for one cluster."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "shardnode"),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"{cluster_name} CA"),
+    ])
+    now = _now()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return Authority(certificate, key)
+
+
+def issue_certificate(authority: Authority, common_name: str, *, dns_names: Iterable[str] = (),
+                      addresses: Iterable[str] = (), days: int = VALID_DAYS) -> Issued:
+    """A certificate for `common_name`, signed by `authority`, usable as a TLS
+    server and as a TLS client. `addresses` that are IP addresses become IP
+    SANs, others DNS SANs; the common name is always a DNS SAN too (gRPC
+    checks a server's name against the SANs)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    seen: set[str] = set()
+    for value in (common_name, *dns_names, *addresses):
+        if value in seen:
+            continue
+        seen.add(value)
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(value)))
+        except ValueError:
+            names.append(x509.DNSName(value))
+    now = _now()
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "shardnode"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]))
+        .issuer_name(authority.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_encipherment=False, content_commitment=False,
+            data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
+            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key()),
+                       critical=False)
+        .sign(authority.key, hashes.SHA256())
+    )
+    return Issued(certificate.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` with mode 0600, atomically (a reader never sees
+    half a file: certificates are re-read while servers run)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)          # O_CREAT's mode does not apply to an existing file
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
