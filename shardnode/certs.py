@@ -28,16 +28,22 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+if TYPE_CHECKING:
+    from .config import ClusterConfig
+
 __all__ = [
     "CLIENT_IDENTITY",
     "VALID_DAYS",
+    "Authority",
     "Issued",
+    "init_cluster",
     "issue_certificate",
     "new_authority",
     "write_private",
@@ -174,3 +180,40 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
+
+
+def init_cluster(cluster: "ClusterConfig", *, force: bool = False) -> list[Path]:
+    """Create what is missing of the cluster's certificates (all of them again
+    with `force`, under a new CA) and its admin credential; return the files
+    written. An existing CA is reused to issue missing certificates."""
+    from .security import ensure_admin_credential
+
+    security = cluster.security
+    written: list[Path] = []
+    ca_cert, ca_key = security.ca_file, security.ca_key_file
+    if force or not (ca_cert.exists() and ca_key.exists()):
+        authority = new_authority(cluster.name)
+        for path, data in ((ca_key, authority.key_pem), (ca_cert, authority.cert_pem)):
+            write_private(path, data)
+            written.append(path)
+        force = True            # every certificate must come from the new CA
+    else:
+        authority = Authority.load(ca_cert.read_bytes(), ca_key.read_bytes())
+
+    def issue(cert_file: Path, key_file: Path, name: str, addresses: Iterable[str]) -> None:
+        if not force and cert_file.exists() and key_file.exists():
+            return
+        issued = issue_certificate(authority, name, addresses=addresses)
+        # The key first: a reader that sees the new certificate finds its key.
+        write_private(key_file, issued.key_pem)
+        write_private(cert_file, issued.cert_pem)
+        written.extend((key_file, cert_file))
+
+    for host in cluster.hosts:
+        issue(security.host_cert_file(host.name), security.host_key_file(host.name), host.name, [host.address])
+    client_name = security.allowed_clients[0] if security.allowed_clients else CLIENT_IDENTITY
+    issue(security.client_cert_file, security.client_key_file, client_name, [])
+    if not security.admin_file.exists():
+        ensure_admin_credential(security)
+        written.append(security.admin_file)
+    return written

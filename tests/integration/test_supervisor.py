@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from shardnode.security import SecurityError, ensure_admin_credential
 from shardnode import cli_admin
 from shardnode.config import ClusterConfig
 from .ports import write_cluster_toml
@@ -137,6 +138,9 @@ def test_unreachable_supervisord(tmp_path: Path) -> None:
     cluster = ClusterConfig.load(_write_small_cluster(tmp_path))
     control = ProcessControl(cluster, rpc_timeout=2.0)
     h1 = cluster.host("h1")
+    with pytest.raises(SecurityError, match="no admin credential"):
+        control.status("h1")
+    ensure_admin_credential(cluster.security)
     with pytest.raises(SupervisorUnavailable, match=f"{h1.address}:{h1.supervisor_port}"):
         control.status("h1")
     with pytest.raises(SupervisorUnavailable, match="h1"):
