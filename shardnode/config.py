@@ -379,4 +379,6 @@ class _Fields:
     def no_extra(self, raw: dict[str, Any], table: str, known: set[str]) -> None:
         extra = sorted(set(raw) - known)
         if extra:
-            raise self._fail(f"{table}.{extra[0]}", f"unknown setting (known: {', '.join(sorted(known))})")
+            # A key of any other shape (newlines, quotes) is shown quoted, so the error stays one line.
+            name = extra[0] if re.match(r"^[A-Za-z0-9_-]+$", extra[0]) else repr(extra[0])
+            raise self._fail(f"{table}.{name}", f"unknown setting (known: {', '.join(sorted(known))})")
