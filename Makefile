@@ -30,7 +30,9 @@ $(PROTO_OUT)/.generated: $(PROTO_SRC)
 
 # The default local cluster in the foreground: one supervisord per host of etc/cluster.toml
 # (each on its own address:9001), all run by etc/supervisord.conf. Both files are generated
-# here (absolute paths: machine-specific, not committed). exec, so Ctrl-C reaches supervisord.
+# here (absolute paths: machine-specific, not committed), with the cluster's admin credential
+# and, when [security] tls is on, its certificates created first if missing (docs/security.md).
+# exec, so Ctrl-C reaches supervisord.
 run: setup
 	$(PY) scripts/gen_supervisor_conf.py --config etc/cluster.toml --out etc
 	exec $(VENV)/bin/supervisord -c etc/supervisord.conf

@@ -21,7 +21,7 @@ import grpc as sync_grpc
 
 from shardnode.certs import init_cluster
 from shardnode.config import ClusterConfig
-from shardnode.security import sync_channel
+from shardnode.security import aio_channel, sync_channel
 from shardnode.proto import worker_pb2 as pb
 from shardnode.proto import worker_pb2_grpc as pb_grpc
 
@@ -56,14 +56,17 @@ class WorkerGroup:
     name: str = "itest"
     # The module run as a worker: a test may run a deliberately broken variant.
     worker_module: str = "worker"
+    tls: bool = False
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.config_path = write_cluster_toml(self.tmp, name=self.name, hosts=self.size, tick_ms=self.tick_ms,
-                                              snapshot_threshold=self.snapshot_threshold)
-        for host in ClusterConfig.load(self.config_path).hosts:
+                                              snapshot_threshold=self.snapshot_threshold, tls=self.tls)
+        self.config = ClusterConfig.load(self.config_path)
+        init_cluster(self.config)
+        for host in self.config.hosts:
             self.addresses[host.name] = host.worker_address(0)
         self.channels: dict[str, grpc.aio.Channel] = {}
 
@@ -111,7 +114,8 @@ class WorkerGroup:
     def stub(self, host: str) -> pb_grpc.WorkerStub:
         channel = self.channels.get(host)
         if channel is None:
-            channel = grpc.aio.insecure_channel(self.addresses[host])
+            # With TLS, as the router of the first host would connect (workers take hosts only).
+            channel = aio_channel(self.addresses[host], self.config.security, self.config.hosts[0].name)
             self.channels[host] = channel
         return pb_grpc.WorkerStub(channel)
 
