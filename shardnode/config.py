@@ -235,7 +235,7 @@ class ClusterConfig:
             try:
                 ipaddress.ip_address(address)
             except ValueError:
-                if not re.match(r"^[A-Za-z0-9.-]+$", address):
+                if not re.fullmatch(r"[A-Za-z0-9.-]+", address):
                     raise ConfigError(f"{where}{label}.address: {address!r} is not an IP address or host name") from None
             hosts.append(
                 HostConfig(
@@ -308,7 +308,7 @@ def _security(fields: "_Fields", raw: dict[str, Any], data_dir: Path, source: Pa
     tls = fields.boolean(raw, "security.tls", default=False)
     certs_dir = path("certs_dir", data_dir / "certs")
     allowed = raw.get("allowed_clients", ["client"])
-    if not isinstance(allowed, list) or not all(isinstance(c, str) and _NAME.match(c) for c in allowed):
+    if not isinstance(allowed, list) or not all(isinstance(c, str) and _NAME.fullmatch(c) for c in allowed):
         raise fields._fail("security.allowed_clients", "must be a list of certificate names "
                                                        "(letters, digits, '_', '.', '-')")
     fields.no_extra(raw, "security", {
@@ -352,7 +352,7 @@ class _Fields:
             raise self._fail(field, "is required")
         if not isinstance(value, str) or not value:
             raise self._fail(field, "must be a non-empty string")
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             raise self._fail(field, f"{value!r} may only hold letters, digits, '_', '.', '-' (at most 63)")
         return value
 
@@ -380,5 +380,5 @@ class _Fields:
         extra = sorted(set(raw) - known)
         if extra:
             # A key of any other shape (newlines, quotes) is shown quoted, so the error stays one line.
-            name = extra[0] if re.match(r"^[A-Za-z0-9_-]+$", extra[0]) else repr(extra[0])
+            name = extra[0] if re.fullmatch(r"[A-Za-z0-9_-]+", extra[0]) else repr(extra[0])
             raise self._fail(f"{table}.{name}", f"unknown setting (known: {', '.join(sorted(known))})")

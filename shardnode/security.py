@@ -31,6 +31,7 @@ import inspect
 import logging
 import secrets
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ ADMIN_METHODS = frozenset({
 ADMIN_USER = "admin"
 _AUTHORIZATION = "authorization"
 _MAX_REMEMBERED_CONNECTIONS = 4096
+_LOG_INTERVAL = 5.0
 
 
 class SecurityError(ShardnodeError):
@@ -333,7 +335,7 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
         self._token = None if admin is None else f"Bearer {admin.password}".encode()
         self._admin_methods = admin_methods
         self.stats = stats
-        self._refusal_log = logging.getLogger("shardnode.security")
+        self._last_logged: dict[str, float] = {}
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         handler = await continuation(handler_call_details)
@@ -368,8 +370,12 @@ class Gatekeeper(grpc.aio.ServerInterceptor):
 
     async def _refuse(self, context, method: str, reason: str, code: grpc.StatusCode, details: str) -> None:
         self.stats.refused[reason] += 1
-        self._refusal_log.warning("security.refused", extra={"peer": context.peer(), "method": method,
-                                                             "reason": reason})
+        # At most one line per reason every few seconds: a stranger must not flood the log.
+        now = time.monotonic()
+        if now - self._last_logged.get(reason, -_LOG_INTERVAL) >= _LOG_INTERVAL:
+            self._last_logged[reason] = now
+            log.warning("security.refused", extra={"peer": context.peer(), "method": method, "reason": reason,
+                                                   "refused_so_far": self.stats.refused[reason]})
         await context.abort(code, details)
 
 

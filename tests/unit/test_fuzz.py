@@ -327,3 +327,19 @@ def test_fuzz_examples_come_from_the_environment(monkeypatch: pytest.MonkeyPatch
 
 
 
+
+
+@pytest.mark.parametrize("table, field, value", [
+    ("cluster", "name", "fuzz\n"),
+    ("host", "address", "127.0.0.1\n"),
+    ("host", "name", "h1\n"),
+    ("cluster", "colour\n", 1),
+])
+def test_what_the_fuzzer_found_stays_fixed(table: str, field: str, value: object) -> None:
+    """`$` matches before a trailing newline: names and addresses are matched whole,
+    and an unknown key with a newline is quoted in its one-line error."""
+    raw = copy.deepcopy(_GOOD_RAW)
+    (raw[table][0] if table == "host" else raw[table])[field] = value
+    with pytest.raises(ConfigError) as error:
+        ClusterConfig.from_dict(raw)
+    assert "\n" not in str(error.value)
