@@ -286,12 +286,25 @@ def make_dirs_durable(path: str | os.PathLike[str], ancestors: int = DURABLE_ANC
     A new directory's entry lives in its parent, and only an fsync of the
     parent makes it durable: without it a power loss soon after the first
     start can take the whole database with it, and the replica would come
-    back with term 0 and no vote (and could vote twice in one term). The
-    directory and its ancestors are fsynced at every open, not only when
-    created here, because an earlier process may have created them and died
-    before syncing."""
+    back with term 0 and no vote (and could vote twice in one term). Every
+    directory created here is fsynced into its parent; `path` and its first
+    `ancestors` ancestors are fsynced at every open too, because an earlier
+    process may have created them and died before syncing."""
     path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
+    missing = []
+    directory = path
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            pass
+        _fsync_directory(os.path.dirname(directory))
     directory = path
     for _ in range(ancestors + 1):
         _fsync_directory(directory)

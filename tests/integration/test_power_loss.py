@@ -20,7 +20,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -198,103 +198,89 @@ def _assert_nothing_lost(lazy: LazyGroup, outcome: Outcome) -> None:
     assert outcome.linearizable, outcome.explanation
 
 
+def _under_load(lazy: LazyGroup, disrupt: Callable[[Load], Awaitable[None]], name: str) -> Outcome:
+    """Start the group, run the load, let `disrupt` do its worst, let the
+    group settle under load, then read everything back and check."""
+    group = lazy.group
+    group.start_all()
+
+    async def scenario() -> Outcome:
+        try:
+            await group.wait_leader(timeout=30.0)
+            load = Load(group)
+            load.start()
+            await disrupt(load)
+            await group.wait_leader(timeout=30.0)
+            await asyncio.sleep(1.5)
+            await load.finish()
+            return await _verify(group, load)
+        finally:
+            await group.close_channels()
+
+    outcome = asyncio.run(scenario())
+    _report(name, lazy, outcome)
+    return outcome
+
+
 # --- Power loss -------------------------------------------------------------------------------
 
 
 def test_power_loss_of_one_host_at_a_time_under_load_loses_nothing(lazy_group) -> None:
     lazy = lazy_group(3)
-    group = lazy.group
-    group.start_all()
 
-    async def scenario() -> Outcome:
-        try:
-            await group.wait_leader(timeout=30.0)
-            load = Load(group)
-            load.start()
-            for round_ in range(ROUNDS):
-                await asyncio.sleep(1.5)
-                # Alternate between the leader and a follower.
-                leader = await group.wait_leader(timeout=30.0)
-                victim = leader if round_ % 2 == 0 else next(h for h in group.hosts if h != leader)
-                lazy.power_loss(victim)
-                await asyncio.sleep(0.5)
-                lazy.restart(victim)
+    async def one_at_a_time(load: Load) -> None:
+        for round_ in range(ROUNDS):
             await asyncio.sleep(1.5)
-            await load.finish()
-            return await _verify(group, load)
-        finally:
-            await group.close_channels()
+            # Alternate between the leader and a follower.
+            leader = await lazy.group.wait_leader(timeout=30.0)
+            victim = leader if round_ % 2 == 0 else next(h for h in lazy.group.hosts if h != leader)
+            lazy.power_loss(victim)
+            await asyncio.sleep(0.5)
+            lazy.restart(victim)
 
-    outcome = asyncio.run(scenario())
-    _report("one host at a time", lazy, outcome)
-    _assert_nothing_lost(lazy, outcome)
+    _assert_nothing_lost(lazy, _under_load(lazy, one_at_a_time, "one host at a time"))
 
 
 def test_power_loss_of_every_host_at_once_loses_nothing(lazy_group) -> None:
     lazy = lazy_group(3)
-    group = lazy.group
-    group.start_all()
 
-    async def scenario() -> Outcome:
-        try:
-            await group.wait_leader(timeout=30.0)
-            load = Load(group)
-            load.start()
-            await asyncio.sleep(2.0)
-            lazy.power_loss(*group.hosts)
-            await asyncio.sleep(0.3)
-            lazy.restart(*group.hosts)
-            await group.wait_leader(timeout=30.0)
-            await asyncio.sleep(1.5)
-            await load.finish()
-            return await _verify(group, load)
-        finally:
-            await group.close_channels()
+    async def everyone(load: Load) -> None:
+        await asyncio.sleep(2.0)
+        lazy.power_loss(*lazy.group.hosts)
+        await asyncio.sleep(0.3)
+        lazy.restart(*lazy.group.hosts)
 
-    outcome = asyncio.run(scenario())
-    _report("every host at once", lazy, outcome)
-    _assert_nothing_lost(lazy, outcome)
+    _assert_nothing_lost(lazy, _under_load(lazy, everyone, "every host at once"))
 
 
 def test_power_loss_of_a_majority_while_the_minority_runs_loses_nothing(lazy_group) -> None:
     lazy = lazy_group(3)
-    group = lazy.group
-    group.start_all()
 
-    async def scenario() -> Outcome:
-        try:
-            leader = await group.wait_leader(timeout=30.0)
-            load = Load(group)
-            load.start()
-            await asyncio.sleep(2.0)
-            # The leader and one follower lose power; the other follower runs on alone.
-            majority = [leader, next(h for h in group.hosts if h != leader)]
-            lazy.power_loss(*majority)
-            await asyncio.sleep(1.5)
-            lazy.restart(*majority)
-            await group.wait_leader(timeout=30.0)
-            await asyncio.sleep(1.5)
-            await load.finish()
-            return await _verify(group, load)
-        finally:
-            await group.close_channels()
+    async def majority(load: Load) -> None:
+        await asyncio.sleep(2.0)
+        # The leader and one follower lose power; the other follower runs on alone.
+        leader = await lazy.group.wait_leader(timeout=30.0)
+        hosts = [leader, next(h for h in lazy.group.hosts if h != leader)]
+        lazy.power_loss(*hosts)
+        await asyncio.sleep(1.5)
+        lazy.restart(*hosts)
 
-    outcome = asyncio.run(scenario())
-    _report("a majority, minority running", lazy, outcome)
-    _assert_nothing_lost(lazy, outcome)
+    _assert_nothing_lost(lazy, _under_load(lazy, majority, "a majority, minority running"))
 
 
 # --- Disk faults: fail-stop ---------------------------------------------------------------
 
 
-def _wait_exit(group: WorkerGroup, host: str, timeout: float = 20.0) -> int:
+async def _wait_exit(group: WorkerGroup, host: str, timeout: float = 20.0) -> int:
+    """The worker's exit status, once it exits by itself (the load runs on meanwhile)."""
     process = group.processes[host]
-    try:
-        code = process.wait(timeout=timeout)
-    except Exception:
-        raise AssertionError(f"{host} did not stop after its disk failed\n{group.log_tail()}") from None
+    deadline = time.monotonic() + timeout
+    while process.poll() is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{host} did not stop after its disk failed\n{group.log_tail()}")
+        await asyncio.sleep(0.05)
     group.processes.pop(host)
-    return code
+    return process.returncode
 
 
 def _fail_stop_lines(group: WorkerGroup, host: str) -> list[str]:
@@ -302,60 +288,53 @@ def _fail_stop_lines(group: WorkerGroup, host: str) -> list[str]:
     return [line for line in text.splitlines() if " CRITICAL process.fail_stop " in line]
 
 
+async def _wait_caught_up(group: WorkerGroup, host: str, timeout: float = 30.0) -> None:
+    leader_status = await group.status(await group.wait_leader(timeout=10.0))
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        status = await group.status(host)
+        if status is not None and status.applied_index >= leader_status.commit_index:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{host} did not catch up: {status}\n{group.log_tail()}")
+
+
 @pytest.mark.parametrize("fault", ["eio-on-leader-fsync", "enospc-on-follower"])
 def test_a_disk_fault_stops_the_worker_and_the_majority_serves_on(lazy_group, fault: str) -> None:
     lazy = lazy_group(3)
     group = lazy.group
-    group.start_all()
 
-    async def scenario() -> Outcome:
-        try:
-            leader = await group.wait_leader(timeout=30.0)
-            victim = leader if fault.startswith("eio") else next(h for h in group.hosts if h != leader)
-            load = Load(group)
-            load.start()
-            await asyncio.sleep(1.0)
-            disk = lazy.disks[victim]
-            if fault.startswith("eio"):
-                disk.fail_fsync(errno.EIO)
-            else:
-                disk.fail_writes(errno.ENOSPC)
-            code = _wait_exit(group, victim)
-            assert code == EXIT_FAIL_STOP, f"{victim} exited with {code}\n{group.log_tail()}"
-            lines = _fail_stop_lines(group, victim)
-            assert len(lines) == 1, lines
-            expected = "Input/output error" if fault.startswith("eio") else "No space left on device"
-            assert expected in lines[0] or "IO error" in lines[0], lines[0]
-            # The majority serves on while the fault lasts.
-            acked_before = len(load.acked)
-            await group.wait_leader(timeout=30.0, exclude={victim})
-            await asyncio.sleep(1.5)
-            assert len(load.acked) > acked_before, "the other two kept acknowledging writes"
-            # Restarted while the disk still fails: it stops again at once (a
-            # crash loop that supervisord backs off), never serving.
-            group.start(victim)
-            assert _wait_exit(group, victim) == EXIT_FAIL_STOP
-            # Fault lifted: it recovers from its disk and catches up.
-            disk.clear_faults()
-            group.start(victim)
-            await asyncio.sleep(1.5)
-            await load.finish()
-            outcome = await _verify(group, load)
-            leader_status = await group.status(await group.wait_leader(timeout=10.0))
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                status = await group.status(victim)
-                if status is not None and status.applied_index >= leader_status.commit_index:
-                    break
-                await asyncio.sleep(0.1)
-            assert status is not None and status.applied_index >= leader_status.commit_index, group.log_tail()
-            return outcome
-        finally:
-            await group.close_channels()
+    async def disk_fault(load: Load) -> None:
+        await asyncio.sleep(1.0)
+        leader = await group.wait_leader(timeout=30.0)
+        victim = leader if fault.startswith("eio") else next(h for h in group.hosts if h != leader)
+        disk = lazy.disks[victim]
+        if fault.startswith("eio"):
+            disk.fail_fsync(errno.EIO)
+        else:
+            disk.fail_writes(errno.ENOSPC)
+        code = await _wait_exit(group, victim)
+        assert code == EXIT_FAIL_STOP, f"{victim} exited with {code}\n{group.log_tail()}"
+        lines = _fail_stop_lines(group, victim)
+        assert len(lines) == 1, lines
+        expected = "Input/output error" if fault.startswith("eio") else "No space left on device"
+        assert expected in lines[0], lines[0]
+        # The majority serves on while the fault lasts.
+        acked_before = len(load.acked)
+        await group.wait_leader(timeout=30.0, exclude={victim})
+        await asyncio.sleep(1.5)
+        assert len(load.acked) > acked_before, "the other two kept acknowledging writes"
+        # Restarted while the disk still fails: it stops again at once (a
+        # crash loop that supervisord backs off), never serving.
+        group.start(victim)
+        assert await _wait_exit(group, victim) == EXIT_FAIL_STOP
+        # Fault lifted: it recovers from its disk and catches up.
+        disk.clear_faults()
+        group.start(victim)
+        await _wait_caught_up(group, victim)
 
-    outcome = asyncio.run(scenario())
-    _report(fault, lazy, outcome)
-    _assert_nothing_lost(lazy, outcome)
+    _assert_nothing_lost(lazy, _under_load(lazy, disk_fault, fault))
 
 
 # --- The tests can fail: broken variants -------------------------------------------------
@@ -367,23 +346,32 @@ def test_a_worker_that_skips_an_fsync_loses_acknowledged_writes_and_is_caught(
 ) -> None:
     monkeypatch.setenv("SHARDNODE_BROKEN", variant)
     lazy = lazy_group(3, worker_module="tests.integration.broken_worker")
-    group = lazy.group
-    group.start_all()
 
-    async def scenario() -> Outcome:
-        try:
-            await group.wait_leader(timeout=30.0)
-            load = Load(group)
-            load.start()
-            await asyncio.sleep(1.5)
-            await load.finish()
-            lazy.power_loss(*group.hosts)
-            lazy.restart(*group.hosts)
-            return await _verify(group, load)
-        finally:
-            await group.close_channels()
+    async def everyone_after_a_while(load: Load) -> None:
+        await asyncio.sleep(1.5)
+        lazy.power_loss(*lazy.group.hosts)
+        lazy.restart(*lazy.group.hosts)
 
-    outcome = asyncio.run(scenario())
-    _report(f"broken variant {variant}", lazy, outcome)
+    outcome = _under_load(lazy, everyone_after_a_while, f"broken variant {variant}")
     assert outcome.acknowledged > 0
     assert outcome.lost, f"the {variant} variant lost nothing: the power-loss test would not catch it"
+
+
+def test_a_new_store_deep_below_a_durable_directory_survives_power_loss(tmp_path: Path) -> None:
+    """Every directory a first start creates (data_dir, HOST, group-G) must be
+    fsynced into its parent, or the whole replica (term, vote, log) vanishes."""
+    from shardnode.raft import Entry, HardState
+    from shardnode.storage import ReplicaStore
+
+    with mounted_lazyfs(tmp_path / "disk") as disk:
+        path = Path(disk.mountpoint) / "data" / "host1" / "group-0"
+        store = ReplicaStore.open(path, initial_voters=(1, 2, 3))
+        store.persist(HardState(term=5, vote=2, commit=0), [Entry(5, 1, b"x")])
+        store.close()
+        dropped = disk.power_loss()
+        store = ReplicaStore.open(path, initial_voters=(1, 2, 3))
+        try:
+            assert store.initial_state()[0] == HardState(term=5, vote=2, commit=0), dropped
+            assert store.last_index() == 1
+        finally:
+            store.close()

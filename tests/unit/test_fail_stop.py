@@ -32,18 +32,26 @@ def _put(key: bytes, sequence: int) -> Command:
     return Command(CommandOp.PUT, key, b"v", client_id=7, sequence=sequence, timestamp_ms=1)
 
 
-async def _drive_until_fault(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cluster = _single_replica_cluster(tmp_path)
+def _single_replica(tmp_path: Path, snapshot_threshold: int = 10_000) -> tuple[ReplicaDriver, ReplicaStore]:
+    cluster = _single_replica_cluster(tmp_path, snapshot_threshold)
     replica = cluster.replica(0, "h1")
     store = ReplicaStore.open(cluster.worker_data_dir("h1", 0), initial_voters=(replica.node_id,))
-    driver = ReplicaDriver(cluster, replica, store)
+    return ReplicaDriver(cluster, replica, store), store
+
+
+async def _until_leader(driver: ReplicaDriver) -> None:
+    for _ in range(200):
+        if driver.is_leader:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("a single replica did not elect itself")
+
+
+async def _drive_until_fault(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    driver, store = _single_replica(tmp_path)
     await driver.start()
     try:
-        for _ in range(200):
-            if driver.is_leader:
-                break
-            await asyncio.sleep(0.01)
-        assert driver.is_leader
+        await _until_leader(driver)
         assert (await driver.write([_put(b"a", 1)], timeout=5))[0].existed is False
 
         real_persist = store.persist
@@ -124,10 +132,7 @@ def test_compaction_fsyncs_off_the_event_loop(tmp_path: Path) -> None:
     import threading
 
     async def scenario() -> list[str]:
-        cluster = _single_replica_cluster(tmp_path, snapshot_threshold=5)
-        replica = cluster.replica(0, "h1")
-        store = ReplicaStore.open(cluster.worker_data_dir("h1", 0), initial_voters=(replica.node_id,))
-        driver = ReplicaDriver(cluster, replica, store)
+        driver, store = _single_replica(tmp_path, snapshot_threshold=5)
         threads: list[str] = []
         real_compact = store.compact
 
@@ -138,10 +143,7 @@ def test_compaction_fsyncs_off_the_event_loop(tmp_path: Path) -> None:
         store.compact = recording_compact  # type: ignore[method-assign]
         await driver.start()
         try:
-            for _ in range(200):
-                if driver.is_leader:
-                    break
-                await asyncio.sleep(0.01)
+            await _until_leader(driver)
             for sequence in range(1, 21):
                 await driver.write([_put(b"k%d" % sequence, sequence)], timeout=5)
             assert store.first_index() > 5, "the log was compacted"

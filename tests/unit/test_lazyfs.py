@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +129,24 @@ def test_model_failed_fsync_discards_dirty_pages_but_readers_still_see_them() ->
 
     assert _read_file(model, "/f") == b"A" * PAGE_SIZE * 2
     assert model.stats()["faults_injected"] == 1
+
+
+def test_model_directory_fsync_fault_only_when_asked_and_entries_stay_volatile() -> None:
+    model = LazyModel()
+    model.mkdir("/dir", 0o755)
+    _sync_dir(model, "/")
+    _write_file(model, "/dir/kept", b"x", sync=True)
+    model.fail_fsync(errno.EIO, path_contains="dir")
+    _sync_dir(model, "/dir")  # files only: the directory fsync is not failed
+    model.fail_fsync(errno.EIO, path_contains="dir", directories=True)
+    _write_file(model, "/dir/lost", b"y", sync=False)
+    with pytest.raises(OSError) as failure:
+        _sync_dir(model, "/dir")
+    assert failure.value.errno == errno.EIO
+
+    model.power_loss()
+
+    assert _names(model, "/dir") == {"kept"}
 
 
 def test_model_handles_die_with_the_power() -> None:
@@ -275,6 +294,27 @@ def test_rename_over_a_file_and_noreplace(lazyfs: LazyFS) -> None:
 
 
 @needs_fuse
+def test_links_symlinks_and_metadata(lazyfs: LazyFS) -> None:
+    root = Path(lazyfs.mountpoint)
+    _write(root / "a", b"shared", sync=True)
+    _fsync_path(root)
+    os.link(root / "a", root / "hard")
+    os.symlink("a", root / "soft")
+    assert os.stat(root / "a").st_nlink == 2
+    assert (root / "hard").read_bytes() == (root / "soft").read_bytes() == b"shared"
+    assert os.readlink(root / "soft") == "a"
+    os.chmod(root / "a", 0o600)
+    os.utime(root / "a", ns=(1_000_000_000, 2_000_000_000))
+    attributes = os.stat(root / "hard")
+    assert (stat.S_IMODE(attributes.st_mode), attributes.st_mtime_ns) == (0o600, 2_000_000_000)
+    assert os.statvfs(root).f_bavail * os.statvfs(root).f_frsize > 1 << 40
+
+    lazyfs.power_loss()  # the new names were never made durable
+
+    assert os.listdir(root) == ["a"] and os.stat(root / "a").st_nlink == 1
+
+
+@needs_fuse
 def test_unlinked_open_file_keeps_working(lazyfs: LazyFS) -> None:
     root = Path(lazyfs.mountpoint)
     descriptor = os.open(root / "doomed", os.O_RDWR | os.O_CREAT, 0o644)
@@ -311,6 +351,29 @@ def test_sparse_writes_append_and_exclusive_create(lazyfs: LazyFS) -> None:
         second.write(b"2")
         second.flush()
     assert (root / "appended").read_bytes() == b"12"
+
+
+@needs_fuse
+def test_fallocate_modes_and_unsupported_ones(lazyfs: LazyFS) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    keep_size, punch_hole, insert_range = 0x01, 0x02, 0x20
+    descriptor = os.open(Path(lazyfs.mountpoint, "f"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(descriptor, b"x" * 100)
+        assert libc.fallocate(descriptor, keep_size, 0, 1 << 20) == 0
+        assert os.fstat(descriptor).st_size == 100
+        assert libc.fallocate(descriptor, punch_hole | keep_size, 10, 20) == 0
+        assert os.pread(descriptor, 100, 0) == b"x" * 10 + bytes(20) + b"x" * 70
+        assert libc.fallocate(descriptor, 0, 0, 4096) == 0
+        assert os.fstat(descriptor).st_size == 4096
+        assert libc.fallocate(descriptor, insert_range, 0, 4096) == -1
+        assert ctypes.get_errno() == errno.EOPNOTSUPP
+        lazyfs.fail_writes(errno.ENOSPC)
+        assert libc.fallocate(descriptor, keep_size, 0, 1 << 20) == -1
+        assert ctypes.get_errno() == errno.ENOSPC
+    finally:
+        os.close(descriptor)
 
 
 @needs_fuse
@@ -450,8 +513,9 @@ def test_rocksdb_unsynced_puts_are_lost_and_the_db_recovers(lazyfs: LazyFS) -> N
 
 
 def _mounted(mountpoint: str) -> bool:
+    escaped = mountpoint.replace(" ", "\\040")
     with open("/proc/self/mounts", encoding="utf-8") as mounts:
-        return any(line.split()[1] == mountpoint for line in mounts)
+        return any(line.split()[1] == escaped for line in mounts)
 
 
 @needs_fuse
@@ -477,6 +541,29 @@ def test_a_killed_daemon_leaves_no_mount(tmp_path: Path) -> None:
         assert filesystem.pid is not None
         os.kill(filesystem.pid, signal.SIGKILL)
     assert not _mounted(filesystem.mountpoint)
+
+
+@needs_fuse
+def test_a_killed_test_run_leaves_no_mount(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "host with space"
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from shardnode.testing.lazyfs import LazyFS; "
+            "LazyFS(sys.argv[1]).start(); print('mounted', flush=True); time.sleep(600)",
+            str(mountpoint),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert owner.stdout is not None and owner.stdout.readline().strip() == "mounted"
+    assert _mounted(str(mountpoint))
+    _kill(owner)  # no stop(): the daemon notices its parent is gone
+    deadline = time.monotonic() + 5
+    while _mounted(str(mountpoint)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _mounted(str(mountpoint))
 
 
 @needs_fuse

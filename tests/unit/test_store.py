@@ -445,3 +445,19 @@ def test_storage_errors_surface_as_storage_faults(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StorageFault):
         ReplicaStore.open(blocker / "db", initial_voters=(1,))
+
+
+def test_every_directory_created_for_a_store_is_fsynced_into_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data_dir/HOST/group-G on a fresh machine: all three entries are new,
+    and each is durable only once its parent is fsynced."""
+    from shardnode.storage import engine
+
+    synced: list[str] = []
+    real = engine._fsync_directory
+    monkeypatch.setattr(engine, "_fsync_directory", lambda path: (synced.append(path), real(path)))
+    store = ReplicaStore.open(tmp_path / "data" / "host1" / "group-0", initial_voters=(1,))
+    store.close()
+    for created in ("data", "data/host1", "data/host1/group-0"):
+        assert str((tmp_path / created).parent) in synced, created

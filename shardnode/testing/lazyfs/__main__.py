@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,6 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint")
     parser.add_argument("--control", required=True, help="unix socket path for the control API")
     parser.add_argument("--debug", action="store_true", help="log every FUSE operation")
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="unmount and exit when the process that started this one dies (a killed test run)",
+    )
     options = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if options.debug else logging.INFO,
@@ -39,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_mounted() -> None:
         log.info("ready pid=%d mountpoint=%s control=%s", os.getpid(), mountpoint, options.control)
 
+    if options.exit_with_parent:
+        _exit_when_orphaned(log)
     try:
         serve(model, mountpoint, on_mounted)
     finally:
@@ -47,6 +57,22 @@ def main(argv: list[str] | None = None) -> int:
             os.unlink(options.control)
     log.info("unmounted %s", mountpoint)
     return 0
+
+
+def _exit_when_orphaned(log: logging.Logger) -> None:
+    """SIGTERM ourselves once our parent is gone: libfuse's handler then ends the loop
+    and unmounts, so a test run killed with SIGKILL leaves no mount behind."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        log.info("parent %d is gone: unmounting", parent)
+        # Process-directed, so the kernel delivers it to the main thread, which is the
+        # one blocked reading /dev/fuse.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="lazyfs-parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ flags of rename under libfuse 3; ``_LazyFUSE`` passes them on, since with
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,8 +26,6 @@ from typing import Any
 import mfusepy
 
 from shardnode.testing.lazyfs.model import LazyModel
-
-_log = logging.getLogger("shardnode.testing.lazyfs")
 
 _UTIME_NOW = (1 << 30) - 1
 _UTIME_OMIT = (1 << 30) - 2

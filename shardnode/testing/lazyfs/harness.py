@@ -55,8 +55,10 @@ def lazyfs_unavailable() -> str | None:
 def _mounted(mountpoint: str) -> bool:
     """Whether ``mountpoint`` appears in /proc/mounts (does not touch the mount itself,
     which would hang or fail if the daemon is stuck or dead)."""
-    with open("/proc/self/mounts", encoding="utf-8") as mounts:
-        return any(line.split()[1] == mountpoint for line in mounts if line.strip())
+    # /proc/mounts escapes space, tab, newline and backslash as octal.
+    escaped = "".join(f"\\{ord(char):03o}" if char in " \t\n\\" else char for char in mountpoint)
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as mounts:
+        return any(line.split()[1] == escaped for line in mounts if line.strip())
 
 
 class LazyFS:
@@ -99,7 +101,15 @@ class LazyFS:
         os.makedirs(self.mountpoint, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "shardnode.testing.lazyfs", self.mountpoint, "--control", self.control_socket],
+                [
+                    sys.executable,
+                    "-m",
+                    "shardnode.testing.lazyfs",
+                    self.mountpoint,
+                    "--control",
+                    self.control_socket,
+                    "--exit-with-parent",
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -143,14 +153,18 @@ class LazyFS:
     def stop(self) -> None:
         """Unmount and end the daemon. Safe to call twice; never leaves a mount behind
         (a busy mount is detached lazily and goes once its last file is closed)."""
+        # A clean unmount ends the daemon by itself; after a lazy one (busy: files still
+        # open) it would serve those files until they close, so it is signalled at once.
+        exit_wait = 2.0
         if _mounted(self.mountpoint):
             unmount = subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True)
             if unmount.returncode != 0 and _mounted(self.mountpoint):
                 subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], capture_output=True)
+                exit_wait = 0.0
         process, self._process = self._process, None
         if process is not None:
             try:
-                process.wait(timeout=2)  # an unmount ends the daemon by itself
+                process.wait(timeout=exit_wait)
             except subprocess.TimeoutExpired:
                 self._signal(process, signal.SIGTERM)
                 try:
