@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .security import ensure_admin_credential, write_private
 
 if TYPE_CHECKING:
     from .config import ClusterConfig
@@ -46,7 +47,6 @@ __all__ = [
     "init_cluster",
     "issue_certificate",
     "new_authority",
-    "write_private",
 ]
 
 #: The identity (CN) of the clients' certificate.
@@ -156,23 +156,6 @@ def issue_certificate(authority: Authority, common_name: str, *, dns_names: Iter
     return Issued(certificate.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` with mode 0600, atomically (a reader never sees
-    half a file: certificates are re-read while servers run)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)          # O_CREAT's mode does not apply to an existing file
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -186,8 +169,6 @@ def init_cluster(cluster: "ClusterConfig", *, force: bool = False) -> list[Path]
     """Create what is missing of the cluster's certificates (all of them again
     with `force`, under a new CA) and its admin credential; return the files
     written. An existing CA is reused to issue missing certificates."""
-    from .security import ensure_admin_credential
-
     security = cluster.security
     written: list[Path] = []
     ca_cert, ca_key = security.ca_file, security.ca_key_file

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hmac
 import inspect
 import logging
+import os
 import secrets
 import threading
 import time
@@ -59,6 +60,7 @@ __all__ = [
     "load_admin_credential",
     "server_credentials",
     "sync_channel",
+    "write_private",
 ]
 
 log = logging.getLogger("shardnode.security")
@@ -111,12 +113,37 @@ def load_admin_credential(security: SecurityConfig) -> AdminCredential:
 
 def ensure_admin_credential(security: SecurityConfig) -> AdminCredential:
     """The cluster's admin credential, created (0600) if there is none yet."""
-    from .certs import write_private  # cryptography is imported only where certificates are made
-
-    if not security.admin_file.exists():
-        write_private(security.admin_file, f"{ADMIN_USER}:{secrets.token_urlsafe(32)}\n".encode())
-        log.info("security.admin_credential_created", extra={"path": str(security.admin_file)})
+    path = security.admin_file
+    if not path.exists():
+        # Created whole or not at all, and never replaced: of two processes
+        # creating it at once, the first link wins and both read that one.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        write_private(tmp, f"{ADMIN_USER}:{secrets.token_urlsafe(32)}\n".encode())
+        try:
+            os.link(tmp, path)
+            log.info("security.admin_credential_created", extra={"path": str(path)})
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
     return load_admin_credential(security)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` with mode 0600, atomically (a reader never sees
+    half a file: certificates are re-read while servers run)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)          # O_CREAT's mode does not apply to an existing file
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def admin_credential_if_any(security: SecurityConfig) -> AdminCredential | None:

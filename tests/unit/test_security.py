@@ -11,7 +11,7 @@ import grpc
 import pytest
 from cryptography import x509
 
-from shardnode.certs import init_cluster, write_private
+from shardnode.certs import init_cluster
 from shardnode.config import ClusterConfig, ConfigError
 from shardnode.security import (
     ADMIN_METHODS,
@@ -21,6 +21,7 @@ from shardnode.security import (
     admin_metadata,
     ensure_admin_credential,
     load_admin_credential,
+    write_private,
 )
 from shardnode.supervisor import host_config
 
@@ -201,3 +202,13 @@ def test_admin_rpcs_need_the_token_and_data_rpcs_do_not(tmp_path: Path) -> None:
             await server.stop(None)
 
     asyncio.run(main())
+
+
+def test_concurrent_creators_of_the_admin_credential_agree(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    security = _cluster(tmp_path, tls=False).security
+    with ThreadPoolExecutor(8) as pool:
+        credentials = list(pool.map(lambda _: ensure_admin_credential(security), range(16)))
+    assert len(set(credentials)) == 1
+    assert sorted(p.name for p in security.admin_file.parent.iterdir()) == ["admin.credential"]
