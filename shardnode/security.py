@@ -212,8 +212,10 @@ def server_credentials(security: SecurityConfig, host_name: str, stats: "Securit
                                                                                           "CA certificate")
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
-    initial = load()
+    # The signature is taken before the files are read: a change while they
+    # are read is seen (and loaded) at the next handshake.
     state = {"signature": _signature(paths)}
+    initial = load()
     lock = threading.Lock()
 
     def fetch() -> grpc.ServerCertificateConfiguration | None:
