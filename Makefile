@@ -49,9 +49,11 @@ $(PROTO_OUT)/.generated: $(PROTO_SRC)
 
 # The default local cluster in the foreground: one supervisord per host of etc/cluster.toml
 # (each on its own address:9001), all run by `supervisord -c etc/supervisord.conf`. Both files
-# are generated first (absolute paths: machine-specific, not committed). scripts/run_cluster.py
-# runs supervisord and prints one line when every group has a leader (or, after READY_TIMEOUT
-# seconds, what is missing). exec, so that Ctrl-C reaches both.
+# are generated first (absolute paths: machine-specific, not committed), with the cluster's admin
+# credential and, when [security] tls is on, its certificates created first if missing
+# (docs/security.md). scripts/run_cluster.py runs supervisord and prints one line when every
+# group has a leader (or, after READY_TIMEOUT seconds, what is missing). exec, so that Ctrl-C
+# reaches both.
 run: setup
 	@exec $(PY) scripts/run_cluster.py --config etc/cluster.toml --out etc --ready-timeout $(READY_TIMEOUT)
 

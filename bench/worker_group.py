@@ -1,13 +1,15 @@
 """Write throughput and latency of one Raft group of real worker processes
 (RocksDB with fsync on, gRPC on loopback), at several client concurrencies.
 
-    .venv/bin/python bench/worker_group.py [--members 3] [--seconds 10] [--writers 1,16,64] [--json]
+    .venv/bin/python bench/worker_group.py [--members 3] [--seconds 10] [--writers 1,16,64] [--tls] [--json]
 
 Each writer is an asyncio task sending one PUT at a time (100-byte values,
 its own session) straight to the leader, first as one Execute call per
 write, then coalesced as a router does (writes waiting together share one
 call). The worker proposes each call's writes as one batch, and everything
 that arrives while an fsync runs shares the next one (group commit).
+With --tls, every link (the bench's calls and the Raft traffic between the
+workers) is mutual TLS, as with `[security] tls = true`.
 """
 
 from __future__ import annotations
@@ -116,10 +118,11 @@ def main() -> int:
     parser.add_argument("--members", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--writers", default="1,16,64")
+    parser.add_argument("--tls", action="store_true", help="mutual TLS on every link")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="shardnode-bench-") as tmp:
-        group = WorkerGroup(Path(tmp), size=args.members, tick_ms=100)
+        group = WorkerGroup(Path(tmp), size=args.members, tick_ms=100, tls=args.tls)
         group.start_all()
         try:
             async def run_all() -> list[dict]:
@@ -139,7 +142,8 @@ def main() -> int:
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        print(f"{args.members}-member group, fsync on, 100-byte values, {args.seconds:.0f}s per row")
+        tls = "mutual TLS" if args.tls else "plaintext"
+        print(f"{args.members}-member group, fsync on, 100-byte values, {tls}, {args.seconds:.0f}s per row")
         print(f"{'mode':>20} {'writers':>8} {'ops/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
         for r in results:
             print(f"{r['mode']:>20} {r['writers']:>8} {r['ops_per_second']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8}")

@@ -21,6 +21,7 @@ if str(PROJECT_ROOT) not in sys.path:
     sys.path.insert(0, str(PROJECT_ROOT))
 
 from shardnode.config import ClusterConfig, ConfigError  # noqa: E402
+from shardnode.security import SecurityError  # noqa: E402
 from shardnode.supervisor import local_cluster_config  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dir=Path(args.out).absolute(),
             include_router=not args.no_router,
         )
-    except ConfigError as exc:
+    except (ConfigError, SecurityError) as exc:
         print(f"gen_supervisor_conf: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -104,6 +104,40 @@ class StorageConfig:
 
 
 @dataclass(slots=True, frozen=True)
+class SecurityConfig:
+    """`[security]`: mutual TLS on every gRPC link, and the admin credential
+    (docs/security.md). Paths are absolute once loaded from a file.
+
+    With `tls` on, each host's router and workers present `certs_dir/HOST.crt`
+    (key `HOST.key`) as server and as client, verify every peer against
+    `ca_file`, and accept only the identities (certificate CN) of the
+    cluster's own hosts, plus `allowed_clients` on the routers. Clients
+    (Client, kv739, the CLI) present `client_cert_file`. The admin credential
+    (`admin_file`, created by `shardnode certs init` or the first supervisord
+    configuration) guards supervisord's XML-RPC and the admin RPCs, with TLS
+    on or off.
+    """
+
+    tls: bool = False
+    certs_dir: Path = Path("data/certs")
+    ca_file: Path = Path("data/certs/ca.crt")
+    client_cert_file: Path = Path("data/certs/client.crt")
+    client_key_file: Path = Path("data/certs/client.key")
+    admin_file: Path = Path("data/certs/admin.credential")
+    allowed_clients: tuple[str, ...] = ("client",)
+
+    def host_cert_file(self, host_name: str) -> Path:
+        return self.certs_dir / f"{host_name}.crt"
+
+    def host_key_file(self, host_name: str) -> Path:
+        return self.certs_dir / f"{host_name}.key"
+
+    @property
+    def ca_key_file(self) -> Path:
+        return self.certs_dir / "ca.key"
+
+
+@dataclass(slots=True, frozen=True)
 class Replica:
     """One member of one group."""
 
@@ -130,6 +164,7 @@ class ClusterConfig:
     hosts: tuple[HostConfig, ...]
     source: Path | None = None
     storage: StorageConfig = StorageConfig()
+    security: SecurityConfig = SecurityConfig()
 
     # --- Lookups -------------------------------------------------------------
 
@@ -229,7 +264,7 @@ class ClusterConfig:
             try:
                 ipaddress.ip_address(address)
             except ValueError:
-                if not re.match(r"^[A-Za-z0-9.-]+$", address):
+                if not re.fullmatch(r"[A-Za-z0-9.-]+", address):
                     raise ConfigError(f"{where}{label}.address: {address!r} is not an IP address or host name") from None
             hosts.append(
                 HostConfig(
@@ -270,6 +305,7 @@ class ClusterConfig:
             # Relative to the project root (the config's parent's parent for etc/cluster.toml).
             base = source.resolve().parent
             data_dir = (base.parent if base.name == "etc" else base) / data_dir
+        security = _security(fields, fields.table(raw, "security", required=False), data_dir, source)
         return cls(
             name=name,
             replicas=replicas,
@@ -283,7 +319,42 @@ class ClusterConfig:
             hosts=tuple(hosts),
             source=source,
             storage=storage,
+            security=security,
         )
+
+
+def _security(fields: "_Fields", raw: dict[str, Any], data_dir: Path, source: Path | None) -> SecurityConfig:
+    """`[security]`: relative paths are taken from the project root (as
+    data_dir), files from certs_dir (data_dir/certs by default)."""
+    root = data_dir.parent
+    if source is not None:
+        base = source.resolve().parent
+        root = base.parent if base.name == "etc" else base
+
+    def path(field: str, default: Path) -> Path:
+        if field not in raw:
+            return default
+        value = Path(fields.string(raw, f"security.{field}"))
+        return value if value.is_absolute() else root / value
+
+    tls = fields.boolean(raw, "security.tls", default=False)
+    certs_dir = path("certs_dir", data_dir / "certs")
+    allowed = raw.get("allowed_clients", ["client"])
+    if not isinstance(allowed, list) or not all(isinstance(c, str) and _NAME.fullmatch(c) for c in allowed):
+        raise fields._fail("security.allowed_clients", "must be a list of certificate names "
+                                                       "(letters, digits, '_', '.', '-')")
+    fields.no_extra(raw, "security", {
+        "tls", "certs_dir", "ca_file", "client_cert_file", "client_key_file", "admin_file", "allowed_clients",
+    })
+    return SecurityConfig(
+        tls=tls,
+        certs_dir=certs_dir,
+        ca_file=path("ca_file", certs_dir / "ca.crt"),
+        client_cert_file=path("client_cert_file", certs_dir / "client.crt"),
+        client_key_file=path("client_key_file", certs_dir / "client.key"),
+        admin_file=path("admin_file", certs_dir / "admin.credential"),
+        allowed_clients=tuple(allowed),
+    )
 
 
 class _Fields:
@@ -313,7 +384,7 @@ class _Fields:
             raise self._fail(field, "is required")
         if not isinstance(value, str) or not value:
             raise self._fail(field, "must be a non-empty string")
-        if pattern is not None and not pattern.match(value):
+        if pattern is not None and not pattern.fullmatch(value):
             raise self._fail(field, f"{value!r} may only hold letters, digits, '_', '.', '-' (at most 63)")
         return value
 
@@ -328,7 +399,8 @@ class _Fields:
         return value
 
     def boolean(self, raw: dict[str, Any], field: str, default: bool) -> bool:
-        value = raw.get(field.rsplit(".", 1)[-1], default)
+        key = field.rsplit(".", 1)[-1]
+        value = raw.get(key, default)
         if not isinstance(value, bool):
             raise self._fail(field, f"must be true or false (got {value!r})")
         return value
@@ -339,4 +411,6 @@ class _Fields:
     def no_extra(self, raw: dict[str, Any], table: str, known: set[str]) -> None:
         extra = sorted(set(raw) - known)
         if extra:
-            raise self._fail(f"{table}.{extra[0]}", f"unknown setting (known: {', '.join(sorted(known))})")
+            # A key of any other shape (newlines, quotes) is shown quoted, so the error stays one line.
+            name = extra[0] if re.fullmatch(r"[A-Za-z0-9_-]+", extra[0]) else repr(extra[0])
+            raise self._fail(f"{table}.{name}", f"unknown setting (known: {', '.join(sorted(known))})")

@@ -34,6 +34,7 @@ from .config import ClusterConfig, ConfigError, HostConfig
 from .errors import ShardnodeError
 from .proto import worker_pb2 as pb
 from .proto import worker_pb2_grpc as pb_grpc
+from .security import admin_metadata, load_admin_credential, sync_channel
 from .supervisor import ProcessControl
 
 #: A group never shrinks below this many voters by a leave (it could not
@@ -114,6 +115,14 @@ class MembershipAdmin:
         self.progress = progress or (lambda line: None)
         self.timeout = timeout
         self._channels: dict[str, grpc.Channel] = {}
+        security = cluster.security
+        # Membership RPCs are admin RPCs: they carry the cluster's admin
+        # credential. With TLS, workers answer only the cluster's hosts, so
+        # these calls go out under a host certificate found on this machine
+        # (run them on a host of the cluster).
+        self._metadata = admin_metadata(load_admin_credential(security)) if security.admin_file.exists() else ()
+        self._identity = next((h.name for h in cluster.hosts if security.host_cert_file(h.name).exists()), None) \
+            if security.tls else None
 
     def close(self) -> None:
         for channel in self._channels.values():
@@ -334,14 +343,15 @@ class MembershipAdmin:
         self.progress(f"group {state.group}: handing leadership from node {leader.node_id} to {target.node_id}")
         stub = pb_grpc.WorkerStub(self._channel(leader.address))
         try:
-            stub.TransferLeader(pb.TransferLeaderRequest(target_node_id=target.node_id), timeout=10)
+            stub.TransferLeader(pb.TransferLeaderRequest(target_node_id=target.node_id), timeout=10,
+                                metadata=self._metadata)
         except grpc.RpcError:
             pass  # the removal makes it step down anyway (the core's fallback)
 
     def _retire(self, group: int, member: MemberState) -> None:
         stub = pb_grpc.WorkerStub(self._channel(member.address))
         try:
-            answer = stub.Retire(pb.RetireRequest(node_id=member.node_id), timeout=10)
+            answer = stub.Retire(pb.RetireRequest(node_id=member.node_id), timeout=10, metadata=self._metadata)
         except grpc.RpcError:
             # Down or already gone: it retires itself when it next starts.
             self.progress(f"group {group}: node {member.node_id} did not answer; it retires when it next starts")
@@ -366,7 +376,8 @@ class MembershipAdmin:
                     continue
             stub = pb_grpc.WorkerStub(self._channel(target))
             try:
-                answer = stub.ChangeMembership(request, timeout=max(1.0, min(30.0, deadline - time.monotonic())))
+                answer = stub.ChangeMembership(request, timeout=max(1.0, min(30.0, deadline - time.monotonic())),
+                                               metadata=self._metadata)
             except grpc.RpcError as exc:
                 last, target = f"{target}: {exc.code().name}", ""
                 time.sleep(0.2)
@@ -392,7 +403,7 @@ class MembershipAdmin:
     def _channel(self, address: str) -> grpc.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.insecure_channel(address)
+            channel = self._channels[address] = sync_channel(address, self.cluster.security, self._identity)
         return channel
 
     def _resolve(self, server: str) -> tuple[HostConfig, list[int] | None]:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from .config import ClusterConfig, HostConfig
 from .errors import ShardnodeError
+from .security import AdminCredential, ensure_admin_credential, load_admin_credential
 
 __all__ = [
     "ROUTER_PROGRAM",
@@ -107,10 +108,13 @@ def host_config(
     config_path: Path,
     project_root: Path,
     include_router: bool = True,
+    admin: AdminCredential | None = None,
 ) -> str:
     """The supervisord.conf text for one host: its router and one worker
     program per group, under a supervisord that answers XML-RPC on
-    ``host.address:host.supervisor_port``.
+    ``host.address:host.supervisor_port`` only, to the cluster's admin
+    credential (`admin`; by default the cluster's, created if there is none).
+    The text holds that password: write it where only its owner reads it.
 
     Every group has a program on every host, because membership changes
     while the cluster runs (a host joins groups with `start --new`, leaves
@@ -132,6 +136,8 @@ def host_config(
     log_dir = host_dir / "logs"
     groups = range(cluster.groups)
     server = f"{host.address}:{host.supervisor_port}"
+    if admin is None:
+        admin = ensure_admin_credential(cluster.security)
 
     programs = [worker_program(g) for g in groups]
     if include_router:
@@ -142,7 +148,7 @@ def host_config(
         f"{host.name}` (all local hosts: scripts/gen_supervisor_conf.py).",
         f"; Programs: {', '.join(programs)}. `shardnode die/start` address them by these names.",
         f"; Before the first start on a new machine: mkdir -p {log_dir}",
-        f"; supervisord's XML-RPC on {server} has no authentication: keep that port inside the cluster.",
+        f"; supervisord's XML-RPC on {server} needs the admin credential of {cluster.security.admin_file}.",
         "",
         "[supervisord]",
         "nodaemon=true",
@@ -153,12 +159,16 @@ def host_config(
         "",
         "[inet_http_server]",
         f"port={server}",
+        f"username={_value(admin.username)}",
+        f"password={_value(admin.password)}",
         "",
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
         "",
         "[supervisorctl]",
         f"serverurl=http://{server}",
+        f"username={_value(admin.username)}",
+        f"password={_value(admin.password)}",
         "",
     ]
     common = [f"--config {shlex.quote(str(config_path))}", f"--host {shlex.quote(host.name)}"]
@@ -208,13 +218,18 @@ def local_cluster_config(
     hosts_dir = out_dir / "hosts"
     hosts_dir.mkdir(parents=True, exist_ok=True)
     data_dir = _data_dir(cluster, project_root)
+    if cluster.security.tls:
+        from .certs import init_cluster   # only what is missing: existing certificates are kept
+
+        init_cluster(cluster)
+    admin = ensure_admin_credential(cluster.security)
 
     written = set()
     for host in cluster.hosts:
         host_log_dir(cluster, host.name, project_root).mkdir(parents=True, exist_ok=True)
         path = hosts_dir / f"{host.name}.conf"
         _write(path, host_config(cluster, host.name, python=python, config_path=config_path,
-                                 project_root=project_root, include_router=include_router))
+                                 project_root=project_root, include_router=include_router, admin=admin))
         written.add(path.name)
     for stale in hosts_dir.glob("*.conf"):
         # A host removed from cluster.toml: drop its file, but only if we wrote it.
@@ -322,8 +337,12 @@ def _supervisord_command(python: Path) -> str:
 
 
 def _write(path: Path, text: str) -> None:
+    # 0600: a host's file holds the admin password.
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o600)
+        f.write(text)
     tmp.replace(path)
 
 
@@ -393,6 +412,7 @@ class ProcessControl:
         self.rpc_timeout = rpc_timeout
         self.stop_timeout = stop_timeout
         self.start_timeout = start_timeout
+        self._admin: AdminCredential | None = None
 
     # --- Addresses ---------------------------------------------------------------
 
@@ -480,7 +500,9 @@ class ProcessControl:
     # --- Internals -------------------------------------------------------------------
 
     def _session(self, host: HostConfig) -> "_Session":
-        return _Session(host, self.rpc_timeout)
+        if self._admin is None:
+            self._admin = load_admin_credential(self.cluster.security)
+        return _Session(host, self.rpc_timeout, self._admin)
 
     def _kill(self, rpc: "_Session", names: Iterable[str]) -> None:
         names = tuple(names)
@@ -557,11 +579,13 @@ class _Session:
     """XML-RPC calls to one host's supervisord, with its faults and network
     errors turned into shardnode errors that name the host."""
 
-    def __init__(self, host: HostConfig, timeout: float) -> None:
+    def __init__(self, host: HostConfig, timeout: float, admin: AdminCredential) -> None:
         self.host = host
         self.address = f"{host.address}:{host.supervisor_port}"
+        # Basic authentication: xmlrpc.client sends the URL's user:password as an Authorization header.
         self._proxy = xmlrpc.client.ServerProxy(
-            f"http://{self.address}/RPC2", transport=_TimeoutTransport(timeout), allow_none=True
+            f"http://{admin.username}:{admin.password}@{self.address}/RPC2", transport=_TimeoutTransport(timeout),
+            allow_none=True,
         )
 
     def __enter__(self) -> "_Session":
@@ -585,7 +609,18 @@ class _Session:
                 f"the supervisord at {self.address} ({self.host.name}) refused {method}"
                 f"{tuple(args)!r}: {fault.faultString}"
             ) from None
-        except (OSError, socket.timeout, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
+        except xmlrpc.client.ProtocolError as exc:
+            # Never str(exc): it holds the URL, and so the password.
+            if exc.errcode == 401:
+                raise SupervisorError(
+                    f"the supervisord at {self.address} ({self.host.name}) refused the admin credential: was its "
+                    "configuration generated with this cluster's admin file?"
+                ) from None
+            raise SupervisorUnavailable(
+                f"cannot reach the supervisord of host {self.host.name} at {self.address}: "
+                f"HTTP {exc.errcode} {exc.errmsg}"
+            ) from None
+        except (OSError, socket.timeout, http.client.HTTPException) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise SupervisorUnavailable(
                 f"cannot reach the supervisord of host {self.host.name} at {self.address}: {reason}"

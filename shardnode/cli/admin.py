@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -98,6 +99,10 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
     conf.add_argument("--project-root", default=str(PROJECT_ROOT), metavar="DIR",
                       help="the shardnode checkout on that host (default: this one)")
     conf.set_defaults(func=_supervisor_conf)
+
+    from . import certs
+
+    certs.register(subparsers)
 
 
 def _die(args: argparse.Namespace) -> int:
@@ -206,7 +211,11 @@ def _supervisor_conf(args: argparse.Namespace) -> int:
             sys.stdout.write(text)
             return None
         try:
-            Path(args.output).write_text(text)
+            # 0600: the file holds the admin password.
+            fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(fd, 0o600)
+                f.write(text)
         except OSError as exc:
             raise ShardnodeError(f"cannot write {args.output}: {exc.strerror}") from None
         return f"wrote {args.output}"

@@ -59,6 +59,7 @@ from ..errors import (CAUSE_METADATA_KEY, GROUP_METADATA_KEY, DeadlineExceeded, 
                       NoQuorum, RoutersUnreachable, ShardnodeError, Unavailable)
 from ..ring import ShardMap
 from ..proto import kv_pb2, kv_pb2_grpc
+from ..security import channel_credentials, sync_channel
 from .sessions import SessionPool
 
 __all__ = ["Client", "DEFAULT_TIMEOUT", "StaleSession"]
@@ -130,6 +131,8 @@ class Client:
         self._routers: tuple[str, ...] = tuple(addresses)
         self._timeout = _check_timeout(timeout)
         self._cluster = cluster
+        if cluster is not None and cluster.security.tls:
+            channel_credentials(cluster.security, None)     # missing certificates: one clear error now
         self._max_key_bytes = cluster.max_key_bytes if cluster else DEFAULT_MAX_KEY_BYTES
         self._max_value_bytes = cluster.max_value_bytes if cluster else DEFAULT_MAX_VALUE_BYTES
         self._lock = threading.Lock()
@@ -276,7 +279,9 @@ class Client:
                 raise ShardnodeError("the client is closed")
             stub = self._stubs[index]
             if stub is None:
-                channel = grpc.insecure_channel(self._routers[index], options=list(_CHANNEL_OPTIONS))
+                # TLS with the clients' certificate when the cluster says so.
+                security = self._cluster.security if self._cluster is not None else None
+                channel = sync_channel(self._routers[index], security, None, _CHANNEL_OPTIONS)
                 self._channels[index] = channel
                 stub = self._stubs[index] = kv_pb2_grpc.KVStub(channel)
             return stub

@@ -47,6 +47,7 @@ from ..failstop import FailStop, describe
 from ..futures import settle
 from ..storage import ApplyResult, Command, ReplicaStore, StorageFault, StoreBusy, encode_command
 from ..transport import RaftTransport, SnapshotHeader
+from .peer_security import transport_security
 from .metrics import WorkerMetrics
 
 log = logging.getLogger("shardnode.replica")
@@ -109,6 +110,9 @@ class ReplicaDriver:
             deliver=self._on_messages,
             on_unreachable=self._on_unreachable,
             on_snapshot=self._on_snapshot_stream,
+            # With TLS, frames from node N must come with N's host certificate:
+            # the transport reads member_hosts, which follows the membership.
+            **transport_security(cluster, replica.host.name, self.member_hosts),
         )
         self.metrics = WorkerMetrics(self.group, self.node_id)
         self.metrics.bind(self)
@@ -293,7 +297,11 @@ class ReplicaDriver:
                 addresses[node_id], hosts[node_id] = initial[node_id].address, initial[node_id].host.name
             else:
                 log.warning("replica.member_without_address", extra={**self._log_extra, "peer": node_id})
-        self.member_hosts = hosts
+        if not hasattr(self, "member_hosts"):
+            self.member_hosts: dict[int, str] = {}
+        # Updated in place: the transport holds this very dict.
+        self.member_hosts.clear()
+        self.member_hosts.update(hosts)
         return addresses
 
     def _on_conf_state(self, conf: ConfState) -> None:

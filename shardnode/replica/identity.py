@@ -40,6 +40,7 @@ from ..config import ClusterConfig, ConfigError
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..raft import ConfState, Member
+from ..security import aio_channel
 from ..storage import ReplicaStore, StoreNotInitialized
 from ..storage.retirement import clear_tombstone, discard, read_tombstone, retire
 
@@ -89,15 +90,15 @@ def conf_from_status(status: pb.StatusResponse) -> ConfState:
     return ConfState(voters=voters, learners=learners, removed=tuple(sorted(status.removed)), members=members)
 
 
-async def observe_group(cluster: ClusterConfig, group: int, exclude: str = "",
+async def observe_group(cluster: ClusterConfig, group: int, host_name: str, exclude: str = "",
                         timeout: float = OBSERVE_TIMEOUT) -> GroupView | None:
-    """Ask every host's replica of `group` (but `exclude`) for its status; the
-    leader's answer (highest term) wins, else the most applied one. None if
-    nobody answers."""
+    """Ask every host's replica of `group` (but `exclude`) for its status, as
+    host `host_name`; the leader's answer (highest term) wins, else the most
+    applied one. None if nobody answers."""
     addresses = [h.worker_address(group) for h in cluster.hosts if h.worker_address(group) != exclude]
 
     async def ask(address: str) -> pb.StatusResponse | None:
-        channel = grpc.aio.insecure_channel(address)
+        channel = aio_channel(address, cluster.security, host_name)
         try:
             status = await pb_grpc.WorkerStub(channel).Status(pb.StatusRequest(), timeout=timeout)
         except grpc.aio.AioRpcError:
@@ -121,7 +122,7 @@ async def resolve(cluster: ClusterConfig, host_name: str, group: int) -> Identit
     address = host.worker_address(group)
     data_dir = cluster.worker_data_dir(host_name, group)
     storage = cluster.storage
-    view = await observe_group(cluster, group, exclude=address)
+    view = await observe_group(cluster, group, host_name, exclude=address)
     learner = view.learner_at(address) if view is not None else None
 
     store = _open_existing(data_dir, storage)

@@ -15,6 +15,8 @@ from grpc_health.v1.health import aio as _health_aio
 from ..config import ClusterConfig, Replica
 from ..failstop import EXIT_FAIL_STOP, FailStop, describe, run_until_stop_or_fault
 from ..proto import worker_pb2_grpc
+from ..security import (Gatekeeper, SecurityCollector, SecurityError, SecurityStats, add_port,
+                        admin_credential_if_any, allowed_identities)
 from ..storage import StorageError
 from ..storage.retirement import retire
 from ..transport import SERVER_OPTIONS
@@ -55,8 +57,21 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
     stop = asyncio.Event()
     # The transport's options raise gRPC's message limits to fit its frames
     # (and snapshot chunks); a port held by another process must fail to bind.
-    server = grpc.aio.server(options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
+    security = cluster.security
+    stats = SecurityStats()
+    try:
+        admin = admin_credential_if_any(security)
+    except SecurityError as exc:
+        log.error("worker.security_failed", extra={**extra, "error": str(exc)})
+        store.close()
+        return 1
+    # Workers serve the hosts of the cluster only (routers and peers), never clients.
+    gatekeeper = Gatekeeper(tls=security.tls, allowed=allowed_identities(cluster, clients=False), admin=admin,
+                            stats=stats)
+    server = grpc.aio.server(interceptors=[gatekeeper], options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
     driver = ReplicaDriver(cluster, replica, store, fail_stop=fail_stop)
+    driver.metrics.registry.register(
+        SecurityCollector(stats, {"group": str(group), "node": str(replica.node_id), "component": "worker"}))
     # A replica that applies its own removal stops like on SIGTERM, then retires.
     removal = asyncio.create_task(_set_when(driver.removed, stop), name="removal")
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(driver), server)
@@ -65,7 +80,11 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
     driver.transport.register(server)
     address = replica.address
     try:
-        server.add_insecure_port(address)
+        add_port(server, address, security, host_name, stats)
+    except SecurityError as exc:
+        log.error("worker.security_failed", extra={**extra, "address": address, "error": str(exc)})
+        store.close()
+        return 1
     except RuntimeError as exc:
         log.error("worker.bind_failed", extra={**extra, "address": address, "error": str(exc)})
         store.close()

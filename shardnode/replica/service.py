@@ -215,7 +215,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         if not driver.removed.is_set():
             # The removal may be committed without this replica having heard
             # of it: the group's leader is the authority.
-            view = await observe_group(self.cluster, driver.group, exclude=driver.replica.address,
+            view = await observe_group(self.cluster, driver.group, driver.replica.host.name,
+                                       exclude=driver.replica.address,
                                        timeout=min(2.0, self._timeout(context)))
             if view is None or driver.node_id not in view.conf.removed:
                 return pb.RetireResponse(ok=False, message=f"node {driver.node_id} is still a member of group "

@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from ..config import ClusterConfig, Replica
+from ..config import ClusterConfig, Replica, SecurityConfig
 from ..errors import DeadlineExceeded, InvalidArgument, NoLeader, NoQuorum, ShardnodeError, Unavailable
 from ..futures import settle as _resolve
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
+from ..security import aio_channel
 
 if TYPE_CHECKING:
     from .monitor import GroupView
@@ -48,16 +49,19 @@ Status = wpb.ExecuteResponse
 
 
 class ChannelPool:
-    """One gRPC channel per worker address, shared by every group forwarder."""
+    """One gRPC channel per worker address, shared by every group forwarder;
+    TLS with the certificate of `host_name` when the cluster says so."""
 
-    def __init__(self) -> None:
+    def __init__(self, security: SecurityConfig = SecurityConfig(), host_name: str | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._security = security
+        self._identity = host_name
 
     def stub(self, address: str) -> wpb_grpc.WorkerStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(
-                address,
+            channel = aio_channel(
+                address, self._security, self._identity,
                 options=[
                     ("grpc.max_receive_message_length", 64 << 20),
                     ("grpc.max_send_message_length", 64 << 20),

@@ -25,6 +25,7 @@ from ..config import ClusterConfig
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
 from ..metrics import LATENCY_BUCKETS, merge_families
+from ..security import sync_channel
 
 if TYPE_CHECKING:
     from .forwarder import GroupForwarder
@@ -116,7 +117,8 @@ class _HostCollector:
     def _scrape(self, group: int) -> str | None:
         channel = self._channels.get(group)
         if channel is None:
-            channel = self._channels[group] = grpc.insecure_channel(self.host.worker_address(group))
+            channel = self._channels[group] = sync_channel(self.host.worker_address(group), self.cluster.security,
+                                                           self.host.name)
         try:
             return wpb_grpc.WorkerStub(channel).Metrics(wpb.MetricsRequest(), timeout=SCRAPE_TIMEOUT).text.decode()
         except grpc.RpcError:

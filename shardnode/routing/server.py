@@ -12,6 +12,8 @@ import grpc
 from ..config import ClusterConfig
 from ..failstop import FailStop, run_until_stop_or_fault
 from ..proto import kv_pb2_grpc
+from ..security import (Gatekeeper, SecurityCollector, SecurityError, SecurityStats, add_port,
+                        admin_credential_if_any, allowed_identities)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
 
@@ -25,8 +27,18 @@ HealthServicer = _health_aio.HealthServicer
 
 async def serve(cluster: ClusterConfig, host_name: str) -> int:
     host = cluster.host(host_name)
-    channels = ChannelPool()
+    security = cluster.security
+    stats = SecurityStats()
+    try:
+        admin = admin_credential_if_any(security)
+    except SecurityError as exc:
+        log.error("router.security_failed", extra={"error": str(exc)})
+        return 1
+    gatekeeper = Gatekeeper(tls=security.tls, allowed=allowed_identities(cluster, clients=True), admin=admin,
+                            stats=stats)
+    channels = ChannelPool(security, host_name)
     server = grpc.aio.server(
+        interceptors=[gatekeeper],
         options=[
             ("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20),
@@ -34,13 +46,17 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
         ]
     )
     metrics = RouterMetrics(cluster, host_name)
+    metrics.own.register(SecurityCollector(stats, {"group": "", "node": str(host.node_id), "component": "router"}))
     service = KVService(cluster, host_name, channels, metrics)
     kv_pb2_grpc.add_KVServicer_to_server(service, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = host.router_address
     try:
-        server.add_insecure_port(address)
+        add_port(server, address, security, host_name, stats)
+    except SecurityError as exc:
+        log.error("router.security_failed", extra={"address": address, "error": str(exc)})
+        return 1
     except RuntimeError as exc:
         log.error("router.bind_failed", extra={"address": address, "error": str(exc)})
         return 1

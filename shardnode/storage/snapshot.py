@@ -93,6 +93,27 @@ def encode_chunk(metadata: SnapshotMetadata, records: list[Record], last: bool) 
     )
 
 
+def chunk_mismatch(metadata: SnapshotMetadata, data: object) -> str | None:
+    """Why `data` is not a chunk of the snapshot `metadata` describes (its
+    format version, index and term), or None. Reads only the chunk's header:
+    cheap enough for the transport to check every chunk before storage does."""
+    if type(data) is not bytes:
+        return "a chunk is bytes"
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(data) + 1)
+    unpacker.feed(data)
+    try:
+        if unpacker.read_array_header() != 5:
+            return "a chunk is (version, index, term, last, records)"
+        version, index, term = unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
+    except Exception:          # msgpack's errors are ValueError subclasses and OutOfData; be total
+        return "a chunk is not msgpack"
+    if type(version) is not int or version != CHUNK_FORMAT_VERSION:
+        return f"chunk format version {version!r} (this node reads {CHUNK_FORMAT_VERSION})"
+    if (index, term) != (metadata.index, metadata.term):
+        return f"chunk of snapshot ({index!r}, {term!r}) in a stream of snapshot ({metadata.index}, {metadata.term})"
+    return None
+
+
 @dataclass(slots=True, frozen=True)
 class _DecodedChunk:
     index: int

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
+from operator import le as _le
 
 import msgpack
 
@@ -83,7 +85,13 @@ _packb = msgpack.packb
 class FrameError(ValueError):
     """Bytes that are not a valid frame: not msgpack, a wrong shape or type,
     an unknown or local message type, a message not between the frame's two
-    nodes, or too many bytes."""
+    nodes, a node id 0, entries that do not follow their message's index, or
+    too many bytes. `reason` names the kind, for metrics: `too_large`,
+    `unknown_type`, `bad_id`, `bad_entries`, or `malformed` (anything else)."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(slots=True, frozen=True)
@@ -195,7 +203,7 @@ def decode_frame(data: bytes, *, max_bytes: int = 64 << 20) -> Frame:
         raise FrameError(f"a frame is bytes, not {type(data).__name__}")
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if size > max_bytes:
-        raise FrameError(f"frame of {size} bytes exceeds the limit of {max_bytes}")
+        raise FrameError(f"frame of {size} bytes exceeds the limit of {max_bytes}", "too_large")
     try:
         # No maps and no extension types exist in the format: refusing them
         # here also avoids unhashable-key and timestamp surprises.
@@ -212,6 +220,8 @@ def decode_frame(data: bytes, *, max_bytes: int = 64 << 20) -> Frame:
         raise FrameError("cluster name is not a string")
     if not _are_u63((group, from_node, to_node)):
         raise FrameError("group, from_node and to_node must be integers in [0, 2**63)")
+    if from_node == 0 or to_node == 0:
+        raise FrameError("node id 0 names no node", "bad_id")
     if type(raw_messages) is not list:
         raise FrameError("messages is not an array")
     messages = tuple([_decode_message(fields, from_node, to_node) for fields in raw_messages])
@@ -257,16 +267,18 @@ def _decode_message(fields: object, from_node: int, to_node: int) -> Message:
     message_type = _WIRE_TYPES.get(raw_type)
     if message_type is None:
         kind = "local" if raw_type in MessageType._value2member_map_ else "unknown"
-        raise FrameError(f"{kind} message type {raw_type} cannot travel between nodes")
+        raise FrameError(f"{kind} message type {raw_type} cannot travel between nodes", "unknown_type")
     if to != to_node:
         raise FrameError(f"a message to {to} in a frame to {to_node}")
     if from_ != from_node and message_type is not MessageType.TRANSFER_LEADER:
         raise FrameError(f"a message from {from_} in a frame from {from_node}")
+    if from_ == 0:
+        raise FrameError("a message from node 0", "bad_id")
     if type(reject) is not bool:
         raise FrameError("reject is not a boolean")
     if type(context) is not bytes:
         raise FrameError("context is not bytes")
-    entries = _decode_entries(flat_entries)
+    entries = _decode_entries(flat_entries, message_type, term, log_term, index)
     if message_type is MessageType.SNAP:
         snapshot: Snapshot | None = _decode_snapshot(raw_snapshot)
     elif raw_snapshot is not None:
@@ -278,11 +290,14 @@ def _decode_message(fields: object, from_node: int, to_node: int) -> Message:
     )
 
 
-def _decode_entries(flat: object) -> tuple[Entry, ...]:
+def _decode_entries(flat: object, message_type: MessageType, term: int, log_term: int,
+                    index: int) -> tuple[Entry, ...]:
     if type(flat) is not list:
         raise FrameError("entries is not an array")
     if not flat:
         return ()
+    if message_type is not MessageType.APP:
+        raise FrameError(f"a {message_type.name} message carries entries", "bad_entries")
     if len(flat) % 4:
         raise FrameError("entries array length is not a multiple of 4")
     terms = flat[0::4]
@@ -295,6 +310,14 @@ def _decode_entries(flat: object) -> tuple[Entry, ...]:
         raise FrameError(f"unknown entry type in {sorted(set(types) - _ENTRY_TYPE_VALUES)}")
     if not set(map(type, datas)) <= _BYTES_TYPE:
         raise FrameError("entry data is not bytes")
+    # Entries are a piece of the leader's log: indexes one by one from the
+    # message's index + 1, terms never falling, from at least log_term (the
+    # term of the entry before them) to at most the leader's term. Anything
+    # else would reach the log as a hole or a reordering. (C-level passes.)
+    if indexes != list(range(index + 1, index + 1 + len(indexes))):
+        raise FrameError(f"entries {indexes[:4]}... do not follow index {index} one by one", "bad_entries")
+    if terms[0] < log_term or terms[-1] > term or not all(map(_le, terms, islice(terms, 1, None))):
+        raise FrameError(f"entry terms out of order (log_term {log_term}, message term {term})", "bad_entries")
     return tuple(map(Entry, terms, indexes, datas, map(_ENTRY_TYPES.__getitem__, types)))
 
 
@@ -303,6 +326,8 @@ def _decode_ids(raw: object, name: str) -> tuple[int, ...]:
         raise FrameError(f"snapshot {name} is not an array")
     if raw and not _is_u63_column(raw):
         raise FrameError(f"snapshot {name} must be integers in [0, 2**63)")
+    if 0 in raw:
+        raise FrameError(f"snapshot {name} hold node id 0", "bad_id")
     return tuple(raw)  # type: ignore[arg-type]
 
 

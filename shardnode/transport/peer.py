@@ -24,7 +24,10 @@ local subchannel pool), so that a long transfer shares neither the stream nor
 the HTTP/2 flow-control window with heartbeats.
 
 Inbound, every frame is decoded and checked (codec validation, then cluster,
-group, recipient and sender) before anything is delivered. A rejected frame
+group, recipient and sender; with TLS, the sender's certificate must be that
+of the host the sending node id belongs to) before anything is delivered;
+snapshot chunks are checked against their header (`check_chunk`) before the
+receiver sees them. A rejected frame
 closes that stream with INVALID_ARGUMENT (details name the reason); the sender
 logs it and reconnects with backoff. Closing rather than skipping is
 deliberate: a stream that carried one bad frame cannot be trusted to be in
@@ -39,13 +42,14 @@ import logging
 import random
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import grpc
 
 from ..raft.messages import LOCAL_MESSAGES, Message, MessageType
+from ..security import peer_common_name
 from .codec import JOIN_OVERHEAD, Frame, FrameError, decode_frame, encode_message, frame_prefix, join_frame
 
 __all__ = [
@@ -137,8 +141,11 @@ class TransportStats:
     dropped_by_reason: Counter[str] = field(default_factory=Counter)
     received_messages: Counter[int] = field(default_factory=Counter)
     received_frames: Counter[int] = field(default_factory=Counter)
-    # Inbound frames refused: malformed, wrong_cluster, wrong_group, wrong_recipient,
-    # unknown_sender, bad_snapshot_header, closed.
+    # Inbound frames refused: malformed, too_large, unknown_type, bad_id, bad_entries
+    # (codec), wrong_cluster, wrong_group, wrong_recipient, unknown_sender, unknown_node
+    # (a TRANSFER_LEADER naming a non-member), wrong_identity (a certificate not of the
+    # sender's host), bad_snapshot_header, snapshot_mismatch (a chunk not of its
+    # header's snapshot, or over max_frame_bytes), closed.
     rejected_frames: Counter[str] = field(default_factory=Counter)
     reconnects: Counter[int] = field(default_factory=Counter)  # streams opened after the first, per peer
     snapshots_sent: Counter[int] = field(default_factory=Counter)
@@ -223,6 +230,14 @@ def _ignore_unreachable(peer: int) -> None:
     pass
 
 
+def _insecure_channel(address: str, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=list(options))
+
+
+class _RefusedChunk(Exception):
+    """A snapshot chunk that does not belong to its stream's header."""
+
+
 class RaftTransport:
     """Carries Raft messages between the members of one group.
 
@@ -254,6 +269,9 @@ class RaftTransport:
         deliver: Callable[[list[Message]], None],
         on_unreachable: Callable[[int], None] = _ignore_unreachable,
         on_snapshot: Callable[[SnapshotHeader, AsyncIterator[bytes]], Awaitable[None]] | None = None,
+        check_chunk: Callable[[SnapshotHeader, bytes], str | None] | None = None,
+        connect: Callable[[str, Sequence[tuple[str, Any]]], grpc.aio.Channel] = _insecure_channel,
+        peer_names: Mapping[int, str] | None = None,
         max_queue_messages: int = 10_000,
         max_queue_bytes: int = 64 << 20,
         max_frame_bytes: int = 8 << 20,
@@ -273,6 +291,12 @@ class RaftTransport:
         self._deliver = deliver
         self._on_unreachable = on_unreachable
         self._on_snapshot = on_snapshot
+        # Why a chunk does not belong to its header's snapshot, or None.
+        self._check_chunk = check_chunk
+        # Opens a channel to a peer (TLS when the cluster says so).
+        self._connect = connect
+        # With TLS: node id -> the certificate name (host) its frames must come with.
+        self._peer_names = peer_names
         self._max_queue_messages = max_queue_messages
         self._max_queue_bytes = max_queue_bytes
         self._max_frame_bytes = max_frame_bytes
@@ -428,7 +452,7 @@ class RaftTransport:
         header = join_frame(link.prefix, [encode_message(message)])
         if len(header) > self._max_frame_bytes:
             raise ValueError(f"SNAP message of {len(header)} bytes exceeds max_frame_bytes; stream the data as chunks")
-        channel = grpc.aio.insecure_channel(link.address, options=CHANNEL_OPTIONS)
+        channel = self._connect(link.address, CHANNEL_OPTIONS)
         call = channel.stream_unary(SNAPSHOT_METHOD)(timeout=timeout)
         self._snapshot_calls.add(call)
         ok = False
@@ -533,7 +557,7 @@ class RaftTransport:
         backoff = timing.backoff_min
         while True:
             if link.channel is None:
-                link.channel = grpc.aio.insecure_channel(link.address, options=CHANNEL_OPTIONS)
+                link.channel = self._connect(link.address, CHANNEL_OPTIONS)
             started = loop.time()
             try:
                 await self._stream(link)
@@ -673,15 +697,16 @@ class RaftTransport:
 
     # ------------------------------------------------------------ receiving
 
-    def _check(self, data: bytes, peer_address: str) -> Frame | tuple[str, str]:
-        """The frame if it may be delivered, else (reason, details); counts and logs a refusal."""
+    def _check(self, data: bytes, peer_address: str, peer_name: str | None = None) -> Frame | tuple[str, str]:
+        """The frame if it may be delivered, else (reason, details); counts and logs a refusal.
+        `peer_name` is the CN of the caller's certificate (TLS only)."""
         if self._closing:
             reason, details = "closed", "transport closed"
         else:
             try:
                 frame = decode_frame(data, max_bytes=self._max_frame_bytes)
             except FrameError as exc:
-                reason, details = "malformed", str(exc)
+                reason, details = exc.reason, str(exc)
             else:
                 if frame.cluster != self.cluster:
                     reason, details = "wrong_cluster", f"cluster {frame.cluster!r}, this is {self.cluster!r}"
@@ -691,6 +716,14 @@ class RaftTransport:
                     reason, details = "wrong_recipient", f"frame for node {frame.to_node}, this is node {self.node_id}"
                 elif frame.from_node not in self._links:
                     reason, details = "unknown_sender", f"node {frame.from_node} is not a member of group {self.group}"
+                elif self._peer_names is not None and self._peer_names.get(frame.from_node) != peer_name:
+                    reason, details = "wrong_identity", (f"frames from node {frame.from_node} need the certificate "
+                                                         f"of {self._peer_names.get(frame.from_node)!r}, "
+                                                         f"not {peer_name!r}")
+                elif any(m.from_ != frame.from_node and m.from_ != self.node_id and m.from_ not in self._links
+                         for m in frame.messages):
+                    # Only a forwarded TRANSFER_LEADER may name another sender (codec), and only a member.
+                    reason, details = "unknown_node", f"a message names a node that is not in group {self.group}"
                 else:
                     return frame
         self._reject(reason, details, peer_address)
@@ -707,8 +740,9 @@ class RaftTransport:
 
     async def _serve_messages(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         peer_address = context.peer()
+        peer_name = peer_common_name(context) if self._peer_names is not None else None
         async for data in requests:
-            checked = self._check(data, peer_address)
+            checked = self._check(data, peer_address, peer_name)
             if not isinstance(checked, Frame):
                 await _abort(context, checked)
             if not checked.messages:
@@ -738,7 +772,8 @@ class RaftTransport:
             first = await iterator.__anext__()
         except StopAsyncIteration:
             first = b""
-        checked = self._check(first, peer_address)
+        peer_name = peer_common_name(context) if self._peer_names is not None else None
+        checked = self._check(first, peer_address, peer_name)
         if not isinstance(checked, Frame):
             await _abort(context, checked)
         assert isinstance(checked, Frame)
@@ -749,8 +784,19 @@ class RaftTransport:
         header = SnapshotHeader(checked.cluster, checked.group, checked.from_node, checked.to_node, checked.messages[0])
         extra = self._extra(header.from_node)
 
+        check_chunk = self._check_chunk
+        max_chunk = self._max_frame_bytes
+
         async def chunks() -> AsyncIterator[bytes]:
+            # Checked before the receiver sees it: a chunk that is not of
+            # this header's snapshot never reaches storage.
             async for chunk in iterator:
+                if type(chunk) is not bytes or len(chunk) > max_chunk:
+                    raise _RefusedChunk(f"a chunk of {len(chunk)} bytes exceeds max_frame_bytes ({max_chunk})")
+                if check_chunk is not None:
+                    problem = check_chunk(header, chunk)
+                    if problem is not None:
+                        raise _RefusedChunk(problem)
                 yield chunk
 
         stream = chunks()
@@ -758,6 +804,9 @@ class RaftTransport:
             await on_snapshot(header, stream)  # type: ignore[misc]
         except asyncio.CancelledError:
             raise
+        except _RefusedChunk as exc:
+            self._reject("snapshot_mismatch", str(exc), peer_address)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"snapshot_mismatch: {exc}")
         except Exception as exc:
             self._logger.warning("transport.snapshot_refused", extra={**extra, "error": repr(exc)})
             await context.abort(grpc.StatusCode.ABORTED, f"snapshot refused: {exc!r}")

@@ -17,8 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import grpc as sync_grpc
 
+from shardnode.certs import init_cluster
 from shardnode.config import ClusterConfig
+from shardnode.security import aio_channel, sync_channel
 from shardnode.proto import worker_pb2 as pb
 from shardnode.proto import worker_pb2_grpc as pb_grpc
 
@@ -54,14 +57,18 @@ class WorkerGroup:
     name: str = "itest"
     # The module run as a worker: a test may run a deliberately broken variant.
     worker_module: str = "worker"
+    tls: bool = False
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.config_path = write_cluster_toml(self.tmp, name=self.name, hosts=self.size, tick_ms=self.tick_ms,
-                                              replicas=self.replicas, snapshot_threshold=self.snapshot_threshold)
-        for host in ClusterConfig.load(self.config_path).hosts:
+                                              replicas=self.replicas, snapshot_threshold=self.snapshot_threshold,
+                                              tls=self.tls)
+        self.config = ClusterConfig.load(self.config_path)
+        init_cluster(self.config)
+        for host in self.config.hosts:
             self.addresses[host.name] = host.worker_address(0)
         self.channels: dict[str, grpc.aio.Channel] = {}
 
@@ -109,7 +116,8 @@ class WorkerGroup:
     def stub(self, host: str) -> pb_grpc.WorkerStub:
         channel = self.channels.get(host)
         if channel is None:
-            channel = grpc.aio.insecure_channel(self.addresses[host])
+            # With TLS, as the router of the first host would connect (workers take hosts only).
+            channel = aio_channel(self.addresses[host], self.config.security, self.config.hosts[0].name)
             self.channels[host] = channel
         return pb_grpc.WorkerStub(channel)
 
@@ -204,15 +212,22 @@ class LocalCluster:
     tick_ms: int = 50
     snapshot_threshold: int = 10_000
     name: str = "itest"
+    tls: bool = False
     processes: dict[tuple[str, str], subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.config_path = write_cluster_toml(self.tmp, name=self.name, hosts=self.hosts, groups=self.groups,
                                               replicas=self.replicas, tick_ms=self.tick_ms,
-                                              snapshot_threshold=self.snapshot_threshold)
+                                              snapshot_threshold=self.snapshot_threshold, tls=self.tls)
         self.config = ClusterConfig.load(self.config_path)
+        # Certificates (with TLS) and the admin credential, as `shardnode certs init` makes them.
+        init_cluster(self.config)
         self.router_addresses = {h.name: h.router_address for h in self.config.hosts}
+
+    def client_channel(self, host: str) -> "sync_grpc.Channel":
+        """A blocking channel to a router, as a client opens it (TLS with the client certificate when on)."""
+        return sync_channel(self.router_addresses[host], self.config.security, None)
 
     def host_names(self) -> list[str]:
         return [h.name for h in self.config.hosts]
@@ -266,8 +281,7 @@ class LocalCluster:
         from shardnode.proto import kv_pb2, kv_pb2_grpc
 
         deadline = time.monotonic() + timeout
-        address = next(iter(self.router_addresses.values()))
-        with sync_grpc.insecure_channel(address) as channel:
+        with self.client_channel(next(iter(self.router_addresses))) as channel:
             stub = kv_pb2_grpc.KVStub(channel)
             while time.monotonic() < deadline:
                 try:

@@ -49,9 +49,11 @@ def write_cluster_toml(
     replicas: int | None = None,
     tick_ms: int = 50,
     snapshot_threshold: int = 10_000,
+    tls: bool = False,
 ) -> Path:
     """A cluster.toml for a test cluster: hosts h1… on 127.0.0.1…, every
-    port free (worker ports: `groups` consecutive ones), data under tmp."""
+    port free (worker ports: `groups` consecutive ones), data under tmp;
+    `tls` turns [security] tls on (certificates under tmp/data/certs)."""
     blocks = []
     for i in range(1, hosts + 1):
         address = f"127.0.0.{i}"
@@ -64,6 +66,7 @@ def write_cluster_toml(
     path.write_text(
         f'[cluster]\nname = "{name}"\nreplicas = {replicas or hosts}\ngroups = {groups}\n'
         f'data_dir = "{tmp / "data"}"\nsnapshot_threshold = {snapshot_threshold}\n\n'
-        f"[timing]\ntick_ms = {tick_ms}\nelection_ticks = 10\nheartbeat_ticks = 1\n\n" + "\n".join(blocks)
+        f"[timing]\ntick_ms = {tick_ms}\nelection_ticks = 10\nheartbeat_ticks = 1\n\n"
+        + (f"[security]\ntls = true\n\n" if tls else "") + "\n".join(blocks)
     )
     return path

@@ -24,15 +24,22 @@ from .supervised import SupervisedCluster, start_supervised
 pytestmark = pytest.mark.timeout(300)
 
 
-def _write_cluster(tmp: Path) -> Path:
-    return write_cluster_toml(tmp, name="full-itest", hosts=5, groups=2, replicas=3)
+def _write_cluster(tmp: Path, tls: bool = False) -> Path:
+    return write_cluster_toml(tmp, name="full-itest", hosts=5, groups=2, replicas=3, tls=tls)
+
+
+# The secure variant of a test: @pytest.mark.parametrize("cluster", SECURITY, indirect=True).
+SECURITY = ["plain", "tls"]
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[SupervisedCluster]:
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[SupervisedCluster]:
     """5 hosts, 2 groups of 3 replicas (group 0 on h1-h3, group 1 on h2-h4),
-    a router on every host. kv739 is shut down afterwards whatever happened."""
-    with start_supervised(tmp_path, _write_cluster(tmp_path)) as env:
+    a router on every host; mutual TLS on every link when the parameter is
+    "tls" (certificates made as `make run` makes them). kv739 is shut down
+    afterwards whatever happened."""
+    tls = getattr(request, "param", "plain") == "tls"
+    with start_supervised(tmp_path, _write_cluster(tmp_path, tls=tls)) as env:
         _wait_ready(env)
         try:
             yield env
@@ -58,6 +65,7 @@ def _key_in_group(env: SupervisedCluster, group: int, prefix: str = "key") -> st
     return next(k for k in (f"{prefix}-{i}" for i in range(10_000)) if ring.group_for(k.encode()) == group)
 
 
+@pytest.mark.parametrize("cluster", SECURITY, indirect=True)
 def test_kv739_conventions_and_keys_spread_over_every_group(cluster: SupervisedCluster) -> None:
     config = str(cluster.tmp / "cluster.toml")
     assert kv739.kv739_get("k") == (-1, "")                         # before init
@@ -74,6 +82,8 @@ def test_kv739_conventions_and_keys_spread_over_every_group(cluster: SupervisedC
     assert all(kv739.kv739_get(k) == (0, k.upper()) for k in keys)
     assert kv739.kv739_shutdown() == 0
     assert kv739.kv739_shutdown() == -1                             # double shutdown
+    if cluster.cluster.security.tls:
+        return      # a plain list of routers names no certificate: only a cluster.toml reaches a TLS cluster
     # The other init form: one router address per line.
     addresses = cluster.tmp / "routers.txt"
     addresses.write_text("\n".join(h.router_address for h in cluster.cluster.hosts) + "\n")
@@ -123,6 +133,7 @@ def _run_clients(config: Path, recorder: HistoryRecorder, keys: list[str], stop:
     return threads
 
 
+@pytest.mark.parametrize("cluster", SECURITY, indirect=True)
 def test_sigkill_of_a_host_while_clients_write_loses_nothing(cluster: SupervisedCluster) -> None:
     config = cluster.tmp / "cluster.toml"
     assert kv739.kv739_init(str(config)) == 0

@@ -19,8 +19,10 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    local = LocalCluster(tmp_path / "cluster", hosts=3, groups=2, replicas=3)
+def cluster(tmp_path, request):
+    """Plain by default; `parametrize("cluster", ["tls"], indirect=True)` for mutual TLS."""
+    local = LocalCluster(tmp_path / "cluster", hosts=3, groups=2, replicas=3,
+                         tls=getattr(request, "param", "plain") == "tls")
     local.start_all()
     try:
         local.wait_ready()
@@ -30,9 +32,10 @@ def cluster(tmp_path):
 
 
 def _stub(cluster: LocalCluster, host: str = "h1") -> pb_grpc.KVStub:
-    return pb_grpc.KVStub(grpc.insecure_channel(cluster.router_addresses[host]))
+    return pb_grpc.KVStub(cluster.client_channel(host))
 
 
+@pytest.mark.parametrize("cluster", ["plain", "tls"], indirect=True)
 def test_put_get_delete_through_any_router(cluster: LocalCluster) -> None:
     a, b = _stub(cluster, "h1"), _stub(cluster, "h3")
     first = a.Put(pb.PutRequest(key=b"k", value=b"v1"), timeout=5)

@@ -12,8 +12,10 @@ import argparse
 import configparser
 import shlex
 import signal
+import socket
 import sys
 import time
+import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,10 +23,12 @@ import pytest
 
 from shardnode.cli import admin as cli_admin
 from shardnode.config import ClusterConfig
+from shardnode.security import AdminCredential, SecurityError, ensure_admin_credential
 from .ports import write_cluster_toml
 from .supervised import SupervisedCluster, start_supervised
 from shardnode.supervisor import (
     ProcessControl,
+    SupervisorError,
     SupervisorUnavailable,
     UnknownServer,
     host_config,
@@ -136,6 +140,9 @@ def test_unreachable_supervisord(tmp_path: Path) -> None:
     cluster = ClusterConfig.load(_write_small_cluster(tmp_path))
     control = ProcessControl(cluster, rpc_timeout=2.0)
     h1 = cluster.host("h1")
+    with pytest.raises(SecurityError, match="no admin credential"):
+        control.status("h1")
+    ensure_admin_credential(cluster.security)
     with pytest.raises(SupervisorUnavailable, match=f"{h1.address}:{h1.supervisor_port}"):
         control.status("h1")
     with pytest.raises(SupervisorUnavailable, match="h1"):
@@ -205,6 +212,22 @@ def test_stop_and_start_under_supervisord(supervised: SupervisedCluster) -> None
     assert control.status("h3") == {"worker-g0": "STOPPED"}
     control.start(h3.router_address)
     assert control.status("h3") == {"worker-g0": "RUNNING"}
+
+    # XML-RPC answers only to the cluster's admin credential, and only on the host's own address.
+    url = f"{h2.address}:{h2.supervisor_port}/RPC2"
+    for prefix in ("", "admin:wrong-password-of-the-right-length@"):
+        with pytest.raises(xmlrpc.client.ProtocolError) as refused:
+            xmlrpc.client.ServerProxy(f"http://{prefix}{url}").supervisor.getAllProcessInfo()
+        assert refused.value.errcode == 401
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", h2.supervisor_port), timeout=2).close()
+    for path in (env.tmp / "etc" / "hosts" / "h2.conf", env.cluster.security.admin_file):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    wrong = ProcessControl(env.cluster)
+    wrong._admin = AdminCredential("admin", "a-wrong-password-of-enough-length")
+    with pytest.raises(SupervisorError, match="refused the admin credential") as error:
+        wrong.status("h2")
+    assert "a-wrong-password" not in str(error.value)
 
     # SIGTERM to the top supervisord stops every process of the cluster.
     env.record_pids()

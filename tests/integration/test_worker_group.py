@@ -143,8 +143,9 @@ async def _reader_load(group: WorkerGroup, recorder: HistoryRecorder, client: in
             recorder.failed(handle)
 
 
-def test_sigkill_of_the_leader_under_load_loses_no_acknowledged_write(make_group) -> None:
-    group = make_group(5)
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_sigkill_of_the_leader_under_load_loses_no_acknowledged_write(make_group, tls: bool) -> None:
+    group = make_group(5, tls=tls)
     group.start_all()
     keys = [b"key-%d" % i for i in range(8)]
 
@@ -181,8 +182,10 @@ def test_sigkill_of_the_leader_under_load_loses_no_acknowledged_write(make_group
     run(scenario())
 
 
-def test_member_behind_the_compacted_log_catches_up_through_a_snapshot(make_group) -> None:
-    group = make_group(3, snapshot_threshold=50)
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_member_behind_the_compacted_log_catches_up_through_a_snapshot(make_group, tls: bool) -> None:
+    """With TLS, the snapshot stream too is mutual TLS, checked against the sender's host."""
+    group = make_group(3, snapshot_threshold=50, tls=tls)
     group.start_all()
 
     async def scenario() -> None:

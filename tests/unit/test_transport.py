@@ -205,8 +205,11 @@ def test_frames_are_split_at_max_frame_bytes() -> None:
     async def main() -> None:
         async with AsyncExitStack() as stack:
             a, b = (await start_members(stack, [1, 2], max_frame_bytes=64 << 10)).values()
-            entries = tuple(Entry(3, i, b"e" * 4000) for i in range(1, 4))
-            messages = [Message(MessageType.APP, to=2, from_=1, term=3, index=i, entries=entries) for i in range(100)]
+            messages = [
+                Message(MessageType.APP, to=2, from_=1, term=3, index=i,
+                        entries=tuple(Entry(3, i + j, b"e" * 4000) for j in range(1, 4)))
+                for i in range(100)
+            ]
             a.transport.send(messages)
             await until(lambda: len(b.received) == 100)
             assert b.received == messages
@@ -222,7 +225,8 @@ def test_frames_are_split_at_max_frame_bytes() -> None:
 def test_send_drops_what_cannot_travel() -> None:
     async def main() -> None:
         async with AsyncExitStack() as stack:
-            a, b = (await start_members(stack, [1, 2])).values()
+            members = await start_members(stack, [1, 2, 3])
+            a, b = members[1], members[2]
             a.transport.send(
                 [
                     heartbeat(1, 9, 0),  # not a peer
@@ -626,8 +630,8 @@ def test_throughput_of_one_stream(capsys: pytest.CaptureFixture[str]) -> None:
     async def main() -> None:
         async with AsyncExitStack() as stack:
             a, b = (await start_members(stack, [1, 2])).values()
-            entries = (Entry(3, 1, b"v" * 100),)
-            batch = [Message(MessageType.APP, to=2, from_=1, term=3, entries=entries, index=i) for i in range(64)]
+            batch = [Message(MessageType.APP, to=2, from_=1, term=3, entries=(Entry(3, i + 1, b"v" * 100),), index=i)
+                     for i in range(64)]
             total = 64 * 400
             start = time.perf_counter()
             for _ in range(total // 64):

@@ -60,15 +60,16 @@ def _frame(*messages: Message, from_node: int = 1, to_node: int = 2) -> Frame:
 
 
 def _full_message(mtype: MessageType) -> Message:
-    """Every field set to a non-default value (the snapshot only where it belongs)."""
+    """Every field set to a non-default value (the snapshot and entries only where they belong)."""
+    app = mtype is MessageType.APP
     return Message(
         mtype,
         to=2,
         from_=1,
         term=9,
-        log_term=8,
-        index=MAX,
-        entries=ENTRIES,
+        log_term=7 if app else 8,
+        index=10 if app else MAX,
+        entries=ENTRIES if app else (),
         commit=10,
         snapshot=SNAPSHOT if mtype is MessageType.SNAP else None,
         reject=True,
@@ -112,8 +113,9 @@ def test_incremental_encoding_equals_whole_frame_encoding(count: int) -> None:
 def test_encoding_is_compact() -> None:
     heartbeat = Message(MessageType.HEARTBEAT, to=2, from_=1, term=3, commit=1000)
     assert len(encode_message(heartbeat)) <= 16
-    entry_overhead = len(encode_message(Message(MessageType.APP, to=2, from_=1, entries=(Entry(3, 1000, b"x" * 100),))))
-    assert entry_overhead - len(encode_message(Message(MessageType.APP, to=2, from_=1))) <= 100 + 8
+    entry_overhead = len(encode_message(Message(MessageType.APP, to=2, from_=1, term=3, index=999,
+                                                entries=(Entry(3, 1000, b"x" * 100),))))
+    assert entry_overhead - len(encode_message(Message(MessageType.APP, to=2, from_=1, term=3, index=999))) <= 100 + 8
 
 
 def test_transfer_leader_may_carry_the_transferee_as_sender() -> None:
@@ -194,15 +196,15 @@ REJECTED = {
     "entry data str": _raw(_frame_fields(messages=[_message_fields(entries=[1, 2, 0, "d"])])),
     "entry data nil": _raw(_frame_fields(messages=[_message_fields(entries=[1, 2, 0, b"", 1, 3, 0, None])])),
     "snapshot on APP": _raw(_frame_fields(messages=[_message_fields(snapshot=GOOD_SNAPSHOT)])),
-    "SNAP without snapshot": _raw(_frame_fields(messages=[_message_fields(type=int(MessageType.SNAP))])),
+    "SNAP without snapshot": _raw(_frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), entries=[])])),
     "snapshot short": _raw(
-        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=GOOD_SNAPSHOT[:5])])
+        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), entries=[], snapshot=GOOD_SNAPSHOT[:5])])
     ),
     "snapshot voters not ints": _raw(
-        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[5, 2, ["1"], [], [], b""])])
+        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), entries=[], snapshot=[5, 2, ["1"], [], [], b""])])
     ),
     "snapshot learners not array": _raw(
-        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[5, 2, [1], 4, [], b""])])
+        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), entries=[], snapshot=[5, 2, [1], 4, [], b""])])
     ),
     "snapshot of 7 fields": _raw(
         _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[*GOOD_SNAPSHOT, []])])
@@ -219,20 +221,60 @@ REJECTED = {
         )
     ),
     "snapshot data str": _raw(
-        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[5, 2, [1], [], [], "x"])])
+        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), entries=[], snapshot=[5, 2, [1], [], [], "x"])])
     ),
 }
+
+# Well-formed msgpack that breaks a rule of the protocol, with the reason a receiver counts.
+REFUSED_WITH_REASON = {
+    "entries with a gap": ("bad_entries", _frame_fields(messages=[_message_fields(
+        entries=[1, 2, 0, b"a", 1, 4, 0, b"b"])])),
+    "entries not from index + 1": ("bad_entries", _frame_fields(messages=[_message_fields(index=5)])),
+    "entries repeated": ("bad_entries", _frame_fields(messages=[_message_fields(
+        entries=[1, 2, 0, b"a", 1, 2, 0, b"b"])])),
+    "entry terms falling": ("bad_entries", _frame_fields(messages=[_message_fields(
+        term=3, entries=[2, 2, 0, b"a", 1, 3, 0, b"b"])])),
+    "entry term above the message's": ("bad_entries", _frame_fields(messages=[_message_fields(
+        term=1, entries=[2, 2, 0, b"a"])])),
+    "entry term below log_term": ("bad_entries", _frame_fields(messages=[_message_fields(
+        term=5, log_term=4, entries=[3, 2, 0, b"a"])])),
+    "entries on a heartbeat": ("bad_entries", _frame_fields(messages=[_message_fields(
+        type=int(MessageType.HEARTBEAT))])),
+    "from node 0": ("bad_id", _frame_fields(messages=[], **{"from": 0})),
+    "to node 0": ("bad_id", _frame_fields(messages=[], to=0)),
+    "transfer from node 0": ("bad_id", _frame_fields(messages=[_message_fields(
+        type=int(MessageType.TRANSFER_LEADER), from_=0, entries=[])])),
+    "snapshot voter 0": ("bad_id", _frame_fields(messages=[_message_fields(
+        type=int(MessageType.SNAP), entries=[], snapshot=[5, 2, [0, 1], [], [], b""])])),
+    "unknown type": ("unknown_type", _frame_fields(messages=[_message_fields(type=99)])),
+    "local type": ("unknown_type", _frame_fields(messages=[_message_fields(type=int(MessageType.HUP))])),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_WITH_REASON), ids=list(REFUSED_WITH_REASON))
+def test_protocol_violations_are_refused_with_their_reason(case: str) -> None:
+    reason, fields = REFUSED_WITH_REASON[case]
+    with pytest.raises(FrameError) as error:
+        decode_frame(_raw(fields))
+    assert error.value.reason == reason
+
+
+def test_a_frame_over_the_limit_is_refused_as_too_large() -> None:
+    data = encode_frame(_frame(Message(MessageType.HEARTBEAT, to=2, from_=1)))
+    with pytest.raises(FrameError) as error:
+        decode_frame(data, max_bytes=len(data) - 1)
+    assert error.value.reason == "too_large"
 
 
 def test_the_rejection_table_is_built_on_a_valid_frame() -> None:
     good = decode_frame(_raw(_frame_fields()))
     assert good.messages[0].entries == (Entry(1, 2, b"data"),)
-    snap_fields = _message_fields(type=int(MessageType.SNAP), snapshot=GOOD_SNAPSHOT)
+    snap_fields = _message_fields(type=int(MessageType.SNAP), entries=[], snapshot=GOOD_SNAPSHOT)
     snap = decode_frame(_raw(_frame_fields(messages=[snap_fields])))
     # GOOD_SNAPSHOT is the first (6-field) version: it still decodes.
     assert snap.messages[0].snapshot == Snapshot(SnapshotMetadata(5, 2, ConfState((1, 2, 3))), b"img")
     current = [*GOOD_SNAPSHOT, [9], [4, "host4", "127.0.0.4:1"]]
-    snap_fields = _message_fields(type=int(MessageType.SNAP), snapshot=current)
+    snap_fields = _message_fields(type=int(MessageType.SNAP), entries=[], snapshot=current)
     snap = decode_frame(_raw(_frame_fields(messages=[snap_fields])))
     assert snap.messages[0].snapshot.metadata.conf_state == ConfState(
         (1, 2, 3), removed=(9,), members=(Member(4, "host4", "127.0.0.4:1"),)
@@ -246,7 +288,7 @@ def test_malformed_frames_are_rejected(data: bytes) -> None:
 
 
 def test_size_limit_and_input_type() -> None:
-    data = encode_frame(_frame(Message(MessageType.APP, to=2, from_=1, entries=(Entry(1, 1, b"x" * 1000),))))
+    data = encode_frame(_frame(Message(MessageType.APP, to=2, from_=1, term=1, entries=(Entry(1, 1, b"x" * 1000),))))
     assert decode_frame(data, max_bytes=len(data)).messages
     with pytest.raises(FrameError, match="exceeds"):
         decode_frame(data, max_bytes=len(data) - 1)
@@ -265,7 +307,8 @@ def test_frame_error_is_a_value_error() -> None:
 
 _u63 = st.integers(min_value=0, max_value=MAX)
 _small = st.integers(min_value=0, max_value=1000)
-_ids = st.lists(st.integers(min_value=1, max_value=MAX), max_size=5).map(tuple)
+_ids1 = st.integers(min_value=1, max_value=MAX)
+_ids = st.lists(_ids1, max_size=5).map(tuple)
 _entries = st.lists(
     st.builds(Entry, term=_u63, index=_u63, data=st.binary(max_size=40), type=st.sampled_from(EntryType)),
     max_size=6,
@@ -291,16 +334,35 @@ _snapshots = st.builds(
 
 
 @st.composite
+def _log_piece(draw) -> tuple[int, int, int, tuple[Entry, ...]]:
+    """(term, log_term, index, entries) of a valid APP: entries follow index
+    one by one, terms never fall, between log_term and term."""
+    term = draw(_u63)
+    log_term = draw(st.integers(min_value=0, max_value=term))
+    index = draw(st.integers(min_value=0, max_value=MAX - 10))
+    count = draw(st.integers(min_value=0, max_value=6))
+    terms = sorted(draw(st.lists(st.integers(min_value=log_term, max_value=term), min_size=count,
+                                 max_size=count)))
+    entries = tuple(Entry(t, index + 1 + i, draw(st.binary(max_size=40)), draw(st.sampled_from(EntryType)))
+                    for i, t in enumerate(terms))
+    return term, log_term, index, entries
+
+
+@st.composite
 def _messages(draw, from_node: int = 1, to_node: int = 2) -> Message:
     mtype = draw(st.sampled_from(WIRE_TYPES))
+    if mtype is MessageType.APP:
+        term, log_term, index, entries = draw(_log_piece())
+    else:
+        term, log_term, index, entries = draw(_u63), draw(_small | _u63), draw(_u63), ()
     return Message(
         mtype,
         to=to_node,
-        from_=draw(_u63) if mtype is MessageType.TRANSFER_LEADER else from_node,
-        term=draw(_u63),
-        log_term=draw(_small | _u63),
-        index=draw(_u63),
-        entries=draw(_entries),
+        from_=draw(_ids1) if mtype is MessageType.TRANSFER_LEADER else from_node,
+        term=term,
+        log_term=log_term,
+        index=index,
+        entries=entries,
         commit=draw(_u63),
         snapshot=draw(_snapshots) if mtype is MessageType.SNAP else None,
         reject=draw(st.booleans()),

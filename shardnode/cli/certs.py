@@ -1,0 +1,50 @@
+"""`shardnode certs init`: the cluster's CA, host and client certificates and
+its admin credential (docs/security.md).
+
+    shardnode [--config etc/cluster.toml] certs init [--force]
+
+Creates what is missing under `[security] certs_dir` (every file 0600) and
+prints each file written; `--force` issues everything again under a new CA
+(the admin credential is kept). Servers pick the new files up at their next
+TLS handshake, clients with their next channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import ClusterConfig
+
+DEFAULT_CONFIG = "etc/cluster.toml"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    certs = subparsers.add_parser("certs", help="the cluster's certificates and admin credential",
+                                  description="Manage the cluster's certificates and admin credential.")
+    commands = certs.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    init = commands.add_parser(
+        "init", help="create the CA, a certificate per host, a client certificate, the admin credential",
+        description="Create what is missing of the cluster's CA, host certificates (CN and DNS SAN the host's "
+                    "name, IP SAN its address), client certificate and admin credential, in [security] "
+                    "certs_dir (files 0600).")
+    init.add_argument("--force", action="store_true",
+                      help="issue every certificate again under a new CA (rotation; the admin credential is kept)")
+    init.set_defaults(func=_init)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from ..certs import init_cluster   # cryptography is loaded only for this command
+
+    cluster = ClusterConfig.load(getattr(args, "config", None) or DEFAULT_CONFIG)
+    try:
+        written = init_cluster(cluster, force=args.force)
+    except OSError as exc:
+        print(f"shardnode: cannot write {exc.filename or cluster.security.certs_dir}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    if not written:
+        print(f"nothing to do: every file exists in {cluster.security.certs_dir} (--force issues new ones)")
+    return 0

@@ -1,0 +1,214 @@
+"""[security] in cluster.toml, certificates, the admin credential and the
+gatekeeper of every server (docs/security.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+
+from shardnode.certs import init_cluster
+from shardnode.config import ClusterConfig, ConfigError
+from shardnode.security import (
+    ADMIN_METHODS,
+    Gatekeeper,
+    SecurityError,
+    SecurityStats,
+    admin_metadata,
+    ensure_admin_credential,
+    load_admin_credential,
+    write_private,
+)
+from shardnode.supervisor import host_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _raw(**security: object) -> dict:
+    raw: dict = {
+        "cluster": {"name": "sec", "replicas": 2, "groups": 1, "data_dir": "data"},
+        "host": [{"name": f"h{i}", "address": f"127.0.0.{i}", "router_port": 50051, "worker_port_base": 50100,
+                  "metrics_port": 9090} for i in (1, 2)],
+    }
+    if security:
+        raw["security"] = security
+    return raw
+
+
+def test_security_is_off_by_default_and_in_the_local_cluster(tmp_path: Path) -> None:
+    assert not ClusterConfig.load(ROOT / "etc" / "cluster.toml").security.tls
+    cluster = ClusterConfig.from_dict(_raw(), source=tmp_path / "etc" / "cluster.toml")
+    security = cluster.security
+    assert not security.tls
+    assert security.certs_dir == tmp_path / "data" / "certs"
+    assert security.ca_file == security.certs_dir / "ca.crt"
+    assert security.host_cert_file("h1") == security.certs_dir / "h1.crt"
+    assert security.admin_file == security.certs_dir / "admin.credential"
+    assert security.allowed_clients == ("client",)
+
+
+def test_security_paths_are_taken_from_the_project_root(tmp_path: Path) -> None:
+    cluster = ClusterConfig.from_dict(_raw(tls=True, certs_dir="pki", admin_file="/srv/admin.cred",
+                                           allowed_clients=["app", "ops"]),
+                                      source=tmp_path / "etc" / "cluster.toml")
+    security = cluster.security
+    assert security.tls and security.certs_dir == tmp_path / "pki"
+    assert security.client_cert_file == tmp_path / "pki" / "client.crt"
+    assert security.admin_file == Path("/srv/admin.cred")
+    assert security.allowed_clients == ("app", "ops")
+
+
+@pytest.mark.parametrize("security, field", [
+    ({"tls": "yes"}, "security.tls"),
+    ({"tls": 1}, "security.tls"),
+    ({"certs_dir": 5}, "security.certs_dir"),
+    ({"allowed_clients": "client"}, "security.allowed_clients"),
+    ({"allowed_clients": ["bad name!"]}, "security.allowed_clients"),
+    ({"cert_allowed_cn": ["x"]}, "security.cert_allowed_cn"),
+])
+def test_bad_security_settings_get_one_line_naming_the_field(security: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field) as error:
+        ClusterConfig.from_dict(_raw(**security))
+    assert "\n" not in str(error.value)
+
+
+def _cluster(tmp_path: Path, tls: bool = True) -> ClusterConfig:
+    raw = _raw(tls=tls)
+    raw["cluster"]["data_dir"] = str(tmp_path / "data")
+    return ClusterConfig.from_dict(raw)
+
+
+def test_certs_init_writes_private_files_and_is_idempotent(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path)
+    written = init_cluster(cluster)
+    names = sorted(p.name for p in written)
+    assert names == sorted(["ca.crt", "ca.key", "h1.crt", "h1.key", "h2.crt", "h2.key", "client.crt", "client.key",
+                            "admin.credential"])
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(cluster.security.certs_dir.stat().st_mode) == 0o700
+    host = x509.load_pem_x509_certificate(cluster.security.host_cert_file("h2").read_bytes())
+    sans = host.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.2"]
+    assert sans.get_values_for_type(x509.DNSName) == ["h2"]
+    assert host.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "h2"
+    ca = x509.load_pem_x509_certificate(cluster.security.ca_file.read_bytes())
+    host.verify_directly_issued_by(ca)
+    # Again: nothing to do. A missing host certificate is issued by the same CA.
+    assert init_cluster(cluster) == []
+    cluster.security.host_cert_file("h1").unlink()
+    assert sorted(p.name for p in init_cluster(cluster)) == ["h1.crt", "h1.key"]
+    x509.load_pem_x509_certificate(cluster.security.host_cert_file("h1").read_bytes()).verify_directly_issued_by(ca)
+    # --force: a new CA and every certificate again; the admin credential stays.
+    admin = load_admin_credential(cluster.security)
+    init_cluster(cluster, force=True)
+    new_ca = x509.load_pem_x509_certificate(cluster.security.ca_file.read_bytes())
+    assert new_ca.serial_number != ca.serial_number
+    x509.load_pem_x509_certificate(cluster.security.client_cert_file.read_bytes()).verify_directly_issued_by(new_ca)
+    assert load_admin_credential(cluster.security) == admin
+
+
+def test_write_private_makes_an_existing_file_private(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_text("old")
+    path.chmod(0o644)
+    write_private(path, b"new")
+    assert path.read_bytes() == b"new" and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_the_admin_credential_is_made_once_and_read_strictly(tmp_path: Path) -> None:
+    security = _cluster(tmp_path, tls=False).security
+    with pytest.raises(SecurityError, match="no admin credential"):
+        load_admin_credential(security)
+    first = ensure_admin_credential(security)
+    assert ensure_admin_credential(security) == first
+    assert first.username == "admin" and len(first.password) >= 32
+    assert first.password not in repr(first)
+    assert stat.S_IMODE(security.admin_file.stat().st_mode) == 0o600
+    for bad in ("nocolon", "admin:short", "admin:has spaces in the password!", ""):
+        security.admin_file.write_text(bad)
+        with pytest.raises(SecurityError) as error:
+            load_admin_credential(security)
+        assert "\n" not in str(error.value) and str(security.admin_file) in str(error.value)
+
+
+def test_supervisord_configs_carry_the_credential(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path, tls=False)
+    text = host_config(cluster, "h1", config_path=tmp_path / "cluster.toml", project_root=tmp_path)
+    admin = load_admin_credential(cluster.security)
+    server = text.split("[inet_http_server]")[1].split("[rpcinterface")[0]
+    assert "port=127.0.0.1:9001" in server
+    assert f"username={admin.username}" in server and f"password={admin.password}" in server
+    client = text.split("[supervisorctl]")[1]
+    assert f"password={admin.password}" in client
+
+
+# --- The gatekeeper, with TLS off: admin RPCs need the token, data RPCs do not -----------
+
+ADMIN = next(iter(ADMIN_METHODS))
+SERVICE, ADMIN_NAME = ADMIN.rsplit("/", 1)[0].lstrip("/"), ADMIN.rsplit("/", 1)[1]
+
+
+async def _serve(gatekeeper: Gatekeeper) -> tuple[grpc.aio.Server, str]:
+    async def echo(request: bytes, context) -> bytes:
+        return request
+
+    server = grpc.aio.server(interceptors=[gatekeeper])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        ADMIN_NAME: grpc.unary_unary_rpc_method_handler(echo),
+        "Status": grpc.unary_unary_rpc_method_handler(echo),
+    }),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def _code(address: str, method: str, metadata=()) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            await channel.unary_unary(f"/{SERVICE}/{method}")(b"x", metadata=metadata, timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_admin_rpcs_need_the_token_and_data_rpcs_do_not(tmp_path: Path) -> None:
+    admin = ensure_admin_credential(_cluster(tmp_path, tls=False).security)
+
+    async def main() -> None:
+        stats = SecurityStats()
+        server, address = await _serve(Gatekeeper(tls=False, allowed=frozenset(), admin=admin, stats=stats))
+        try:
+            assert await _code(address, "Status") is grpc.StatusCode.OK
+            assert await _code(address, ADMIN_NAME) is grpc.StatusCode.UNAUTHENTICATED
+            wrong = (("authorization", "Bearer " + "x" * len(admin.password)),)
+            assert await _code(address, ADMIN_NAME, wrong) is grpc.StatusCode.UNAUTHENTICATED
+            assert await _code(address, ADMIN_NAME, (("authorization", admin.password),)) is \
+                grpc.StatusCode.UNAUTHENTICATED
+            assert await _code(address, ADMIN_NAME, admin_metadata(admin)) is grpc.StatusCode.OK
+        finally:
+            await server.stop(None)
+        assert stats.refused == {"admin_token_missing": 1, "admin_token_wrong": 2}
+        # A server without a credential refuses every admin call.
+        server, address = await _serve(Gatekeeper(tls=False, allowed=frozenset(), admin=None, stats=SecurityStats()))
+        try:
+            assert await _code(address, ADMIN_NAME, admin_metadata(admin)) is grpc.StatusCode.UNAUTHENTICATED
+            assert await _code(address, "Status") is grpc.StatusCode.OK
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_concurrent_creators_of_the_admin_credential_agree(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    security = _cluster(tmp_path, tls=False).security
+    with ThreadPoolExecutor(8) as pool:
+        credentials = list(pool.map(lambda _: ensure_admin_credential(security), range(16)))
+    assert len(set(credentials)) == 1
+    assert sorted(p.name for p in security.admin_file.parent.iterdir()) == ["admin.credential"]
