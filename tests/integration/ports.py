@@ -50,17 +50,19 @@ def write_cluster_toml(
     tick_ms: int = 50,
     snapshot_threshold: int = 10_000,
     tls: bool = False,
+    standby: tuple[str, ...] = (),
 ) -> Path:
     """A cluster.toml for a test cluster: hosts h1… on 127.0.0.1…, every
     port free (worker ports: `groups` consecutive ones), data under tmp;
-    `tls` turns [security] tls on (certificates under tmp/data/certs)."""
+    `tls` turns [security] tls on (certificates under tmp/data/certs); the
+    hosts named in `standby` hold no replica at first."""
     blocks = []
     for i in range(1, hosts + 1):
         address = f"127.0.0.{i}"
         blocks.append(
             f'[[host]]\nname = "h{i}"\naddress = "{address}"\nrouter_port = {free_port(address)}\n'
             f"worker_port_base = {free_port_range(address, groups)}\nmetrics_port = {free_port(address)}\n"
-            f"supervisor_port = {free_port(address)}\n"
+            f"supervisor_port = {free_port(address)}\n" + ("standby = true\n" if f"h{i}" in standby else "")
         )
     path = tmp / "cluster.toml"
     path.write_text(

@@ -1,0 +1,251 @@
+"""Membership changes of a whole cluster under supervisord, driven exactly as
+users drive them (kv739_leave / kv739_start, the shardnode CLI), while
+clients read and write. Every history is checked for linearizability and
+every acknowledged write must survive with its last acknowledged value.
+
+The cluster: h1…h4 hold every group (2 groups of 4 voters), h5 is a
+standby host that holds nothing at first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from shardnode import kv739
+from shardnode.client import Client
+from shardnode.errors import InvalidArgument, ShardnodeError
+from shardnode.membership import MembershipAdmin
+from shardnode.testing.linearizability import HistoryRecorder, OpKind, check_history
+
+from .ports import write_cluster_toml
+from .supervised import ROOT, SupervisedCluster, start_supervised
+
+pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("cluster_shape")]
+HOT_KEYS = [f"hot-{i}" for i in range(8)]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[SupervisedCluster]:
+    config = write_cluster_toml(tmp_path, name="shape-itest", hosts=5, groups=2, replicas=4, standby=("h5",))
+    with start_supervised(tmp_path, config) as env:
+        with MembershipAdmin(env.cluster) as admin:
+            _wait_groups(admin, voters=4)
+        try:
+            yield env
+        finally:
+            kv739.kv739_shutdown()
+
+
+def _wait_groups(admin: MembershipAdmin, voters: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = admin.groups()
+        if all(s.leader_id and len(s.voters) == voters and all(m.reachable for m in s.members) for s in states):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"groups never had {voters} reachable voters: {admin.groups()}")
+
+
+@dataclass
+class Load:
+    """8 writers (a fresh key every other write, else a hot key) and 2 hot-key
+    readers, on their own Clients, recorded for the checker."""
+
+    config: Path
+    recorder: HistoryRecorder = field(default_factory=HistoryRecorder)
+    acked: dict[str, str] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.threads = [threading.Thread(target=self._writer, args=(c,), daemon=True) for c in range(1, 9)]
+        self.threads += [threading.Thread(target=self._reader, args=(c,), daemon=True) for c in (100, 101)]
+        for thread in self.threads:
+            thread.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+    def _writer(self, client_id: int) -> None:
+        rng = random.Random(client_id)
+        with Client.from_config(self.config, timeout=8.0) as client:
+            for n in itertools.count(1):
+                if self.stop.is_set():
+                    return
+                fresh = n % 2 == 1
+                key = f"w{client_id}-{n}" if fresh else rng.choice(HOT_KEYS)
+                value = f"c{client_id}-{n}"
+                handle = self.recorder.invoke(client_id, OpKind.PUT, key.encode(), value.encode())
+                try:
+                    old = client.put(key, value)
+                except InvalidArgument:
+                    self.recorder.failed(handle)
+                    raise
+                except ShardnodeError:
+                    self.recorder.unknown(handle)
+                    continue
+                self.recorder.ok(handle, old)
+                if fresh:
+                    self.acked[key] = value
+
+    def _reader(self, client_id: int) -> None:
+        rng = random.Random(client_id)
+        with Client.from_config(self.config, timeout=8.0) as client:
+            while not self.stop.is_set():
+                key = rng.choice(HOT_KEYS)
+                handle = self.recorder.invoke(client_id, OpKind.GET, key.encode())
+                try:
+                    value = client.get(key)
+                except ShardnodeError:
+                    self.recorder.failed(handle)
+                    continue
+                self.recorder.ok(handle, value)
+
+    def verify(self) -> tuple[int, list[str]]:
+        """(keys checked, keys lost); asserts the history is linearizable."""
+        with Client.from_config(self.config, timeout=20.0) as client:
+            keys = sorted(self.acked)
+            lost = [k for k in keys if client.get(k) != self.acked[k].encode()]
+            for key in HOT_KEYS:
+                handle = self.recorder.invoke(999, OpKind.GET, key.encode())
+                self.recorder.ok(handle, client.get(key))
+        result = check_history(self.recorder.operations(), timeout=180)
+        assert result.ok, result.explanation
+        return len(keys), lost
+
+
+def _leaders_per_host(admin: MembershipAdmin) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for state in admin.groups():
+        if state.leader is not None:
+            counts[state.leader.host] = counts.get(state.leader.host, 0) + 1
+    return counts
+
+
+def _shardnode(env: SupervisedCluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardnode.cli", "--config", str(env.tmp / "cluster.toml"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+
+
+def test_every_host_in_turn_leaves_and_rejoins_empty_while_clients_write(cluster: SupervisedCluster) -> None:
+    """The original design's membership suite, under load. The first host to
+    leave is the one that leads the most groups (its leadership moves first)."""
+    config = cluster.tmp / "cluster.toml"
+    assert kv739.kv739_init(str(config)) == 0
+    load = Load(config)
+    with MembershipAdmin(cluster.cluster) as admin:
+        leaders = _leaders_per_host(admin)
+        order = sorted(["h1", "h2", "h3", "h4"], key=lambda h: -leaders.get(h, 0))
+        load.start()
+        timings = []
+        try:
+            time.sleep(1.5)
+            for name in order:
+                router = cluster.cluster.host(name).router_address
+                began = time.monotonic()
+                assert kv739.kv739_leave(router, 1) == 0, cluster.log_tail()
+                left = time.monotonic()
+                for state in admin.groups():
+                    assert state.member_at(cluster.cluster.host(name).worker_address(state.group)) is None
+                    assert len(state.voters) == 3 and state.leader is not None and state.leader.host != name
+                assert kv739.kv739_start(router, 0) == -1, "a host that left does not start from its data"
+                assert kv739.kv739_start(router, 1) == 0, cluster.log_tail()
+                timings.append((name, round(left - began, 1), round(time.monotonic() - left, 1)))
+                _wait_groups(admin, voters=4)
+                time.sleep(1.0)
+        finally:
+            load.finish()
+        states = admin.groups()
+    checked, lost = load.verify()
+    print(f"\n[membership] leave/rejoin (host, seconds to leave, seconds to rejoin): {timings}; "
+          f"operations={len(load.recorder.operations())} keys_checked={checked} keys_lost={len(lost)}")
+    assert not lost, f"{len(lost)} acknowledged keys lost, e.g. {lost[:5]}"
+    assert checked > 0
+    for state in states:
+        # Every original id was removed once and replaced by a new one.
+        assert {m.host for m in state.voters} == {"h1", "h2", "h3", "h4"}
+        assert all(m.node_id > 5 for m in state.members) and set(state.removed) == {1, 2, 3, 4}
+
+
+def test_a_host_lost_for_good_is_replaced_on_a_standby_host(cluster: SupervisedCluster) -> None:
+    """h2 dies (SIGKILL) and its disk is gone. Its replicas are removed with
+    `shardnode member remove`, and the standby h5 takes its place with
+    `shardnode start --new`."""
+    config = cluster.tmp / "cluster.toml"
+    assert kv739.kv739_init(str(config)) == 0
+    load = Load(config)
+    load.start()
+    try:
+        time.sleep(1.5)
+        h2 = cluster.cluster.host("h2")
+        assert kv739.kv739_die(h2.router_address, 0) == 0
+        shutil.rmtree(cluster.cluster.data_dir / "h2" / "group-0")
+        shutil.rmtree(cluster.cluster.data_dir / "h2" / "group-1")
+        for group in (0, 1):
+            removed = _shardnode(cluster, "member", "remove", str(group), "h2")
+            assert removed.returncode == 0, removed.stderr + cluster.log_tail()
+            assert f"removing node" in removed.stdout
+        joined = _shardnode(cluster, "start", cluster.cluster.host("h5").router_address, "--new")
+        assert joined.returncode == 0, joined.stderr + cluster.log_tail()
+        assert "catching up" in joined.stdout or "is a voter" in joined.stdout
+        time.sleep(1.0)
+    finally:
+        load.finish()
+    checked, lost = load.verify()
+    assert not lost and checked > 0, lost[:5]
+    listing = _shardnode(cluster, "member", "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    for group in json.loads(listing.stdout)["groups"]:
+        voters = {m["host"] for m in group["members"] if m["role"] == "voter"}
+        assert voters == {"h1", "h3", "h4", "h5"}, group
+        assert all(m["reachable"] for m in group["members"])
+
+
+def test_refused_changes_change_nothing(cluster: SupervisedCluster) -> None:
+    env = cluster
+    config = env.tmp / "cluster.toml"
+    assert kv739.kv739_init(str(config)) == 0
+    h = {name: env.cluster.host(name) for name in ("h1", "h2", "h3", "h4", "h5")}
+    with MembershipAdmin(env.cluster) as admin:
+        assert kv739.kv739_leave(h["h1"].router_address, 1) == 0
+        before = [(s.group, sorted(m.node_id for m in s.voters)) for s in admin.groups()]
+        # Three voters left: a second leave would drop every group to two.
+        assert kv739.kv739_leave(h["h2"].router_address, 1) == -1
+        refused = _shardnode(env, "leave", h["h2"].router_address)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert "would drop to 2 voters" in refused.stderr
+        # Not members: h1 (left) and h5 (standby).
+        for args in (("member", "remove", "0", "h1"), ("member", "remove", "1", "h5"),
+                     ("member", "add", "0", "h3"), ("leave", "127.0.0.9:1"), ("start", h["h1"].router_address)):
+            result = _shardnode(env, *args)
+            assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr)
+        # The live majority: group 0 with five voters, two of them down. Removing a
+        # third live one would leave 2 of 4 remaining voters answering.
+        assert kv739.kv739_start(h["h1"].router_address, 1) == 0
+        added = _shardnode(env, "member", "add", "0", "h5")
+        assert added.returncode == 0, added.stderr
+        assert kv739.kv739_die(h["h4"].router_address, 0) == 0
+        assert kv739.kv739_die(h["h5"].router_address, 0) == 0
+        five = sorted(m.node_id for m in admin.group(0).voters)
+        assert len(five) == 5
+        majority = _shardnode(env, "member", "remove", "0", "h3")
+        assert majority.returncode == 2 and "would lose its live majority: 2 of 4" in majority.stderr, \
+            majority.stderr
+        assert sorted(m.node_id for m in admin.group(0).voters) == five, "nothing changed"
+        assert kv739.kv739_start(h["h4"].router_address, 0) == 0
+        assert kv739.kv739_start(h["h5"].router_address, 0) == 0
+        assert before and all(len(v) == 3 for _, v in before)
