@@ -151,9 +151,10 @@ class SimResult:
     operations: int
     elections: int
     end_time: int
-    # Committed configuration changes by kind, and proposals the core refused.
+    # Committed configuration changes by kind; proposals the core refused (by
+    # error type) and other membership events (leaders stepping down).
     conf_changes: Counter = field(default_factory=Counter)
-    refusals: Counter = field(default_factory=Counter)
+    membership_counts: Counter = field(default_factory=Counter)
 
     @property
     def ok(self) -> bool:
@@ -203,7 +204,7 @@ class Simulation:
         self.plans: list[_Plan] = []
         self.membership_active = scenario.membership_events > 0
         self.eager_terms: set[int] = set()
-        self.refusals: Counter = Counter()
+        self.membership_counts: Counter = Counter()
         self.now = 0
         self._heap: list[tuple[int, int, str, Any]] = []
         self._seq = itertools.count()
@@ -261,7 +262,7 @@ class Simulation:
             elections,
             self.now,
             conf_changes,
-            self.refusals,
+            self.membership_counts,
         )
 
     def _run(self) -> None:
@@ -385,7 +386,11 @@ class Simulation:
             self._send_messages(node, ready.messages)
         for entry in ready.committed_entries:
             self.checker.on_apply(node, entry, node.applied_index + 1)
+            was_leader = node.rawnode.raft.role is StateRole.LEADER
             answered = node.apply(entry)
+            if was_leader and node.rawnode.removed and node.rawnode.raft.role is not StateRole.LEADER:
+                self.membership_counts["leader stepped down on its removal"] += 1
+                self._log(f"n{node.id} stepped down: it applied its own removal")
             if entry.type is EntryType.CONF_CHANGE and self.tracing:
                 conf = node.rawnode.conf_state()
                 self._log(
@@ -686,7 +691,7 @@ class Simulation:
         try:
             leader.rawnode.propose_conf_change(change)
         except (ProposalDropped, InvalidConfChange) as exc:
-            self.refusals[type(exc).__name__] += 1
+            self.membership_counts[type(exc).__name__] += 1
             self._log(f"MEMBERSHIP n{leader.id} refuses to {what}: {exc}")
             return False
         self._log(f"MEMBERSHIP n{leader.id} proposes to {what}")
