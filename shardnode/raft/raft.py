@@ -417,10 +417,18 @@ class Raft:
     def step(self, m: Message) -> None:
         """Process one message. Raises ProposalDropped for a PROPOSE (or a local
         READ_INDEX) this node cannot take."""
-        if m.from_ in self.tracker.removed and m.type not in LOCAL_MESSAGES:
+        if (
+            m.from_ in self.tracker.removed
+            and m.type not in LOCAL_MESSAGES
+            and not (m.type is MT.TIMEOUT_NOW and m.term <= self.term)
+        ):
             # A removed member never disrupts the group again: whatever it
             # sends (a campaign at a higher term, a stale leader's appends) is
-            # dropped before its term can touch ours.
+            # dropped before its term can touch ours. The one exception is the
+            # TIMEOUT_NOW a leader sends as it steps down after its own
+            # removal (we may have applied the removal first), at a term we
+            # already have: it only starts an ordinary election, which needs
+            # our log to win votes.
             return
         if m.term == 0:
             pass  # local message, or a forwarded READ_INDEX

@@ -151,9 +151,10 @@ class SimResult:
     operations: int
     elections: int
     end_time: int
-    # Committed configuration changes by kind, and proposals the core refused.
+    # Committed configuration changes by kind; proposals the core refused (by
+    # error type) and other membership events (leaders stepping down).
     conf_changes: Counter = field(default_factory=Counter)
-    refusals: Counter = field(default_factory=Counter)
+    membership_counts: Counter = field(default_factory=Counter)
 
     @property
     def ok(self) -> bool:
@@ -203,7 +204,7 @@ class Simulation:
         self.plans: list[_Plan] = []
         self.membership_active = scenario.membership_events > 0
         self.eager_terms: set[int] = set()
-        self.refusals: Counter = Counter()
+        self.membership_counts: Counter = Counter()
         self.now = 0
         self._heap: list[tuple[int, int, str, Any]] = []
         self._seq = itertools.count()
@@ -261,7 +262,7 @@ class Simulation:
             elections,
             self.now,
             conf_changes,
-            self.refusals,
+            self.membership_counts,
         )
 
     def _run(self) -> None:
@@ -385,7 +386,11 @@ class Simulation:
             self._send_messages(node, ready.messages)
         for entry in ready.committed_entries:
             self.checker.on_apply(node, entry, node.applied_index + 1)
+            was_leader = node.rawnode.raft.role is StateRole.LEADER
             answered = node.apply(entry)
+            if was_leader and node.rawnode.removed and node.rawnode.raft.role is not StateRole.LEADER:
+                self.membership_counts["leader stepped down on its removal"] += 1
+                self._log(f"n{node.id} stepped down: it applied its own removal")
             if entry.type is EntryType.CONF_CHANGE and self.tracing:
                 conf = node.rawnode.conf_state()
                 self._log(
@@ -589,8 +594,8 @@ class Simulation:
         leader = self._leader()
         if leader is None:
             return
-        kinds = ("add_learner", "promote", "remove_follower", "remove_leader", "replace", "double")
-        kind = self.rng.choices(kinds, weights=(3, 2, 2, 1, 2, 1))[0]
+        kinds = ("add_learner", "promote", "remove_follower", "remove_leader", "replace", "double", "invalid")
+        kind = self.rng.choices(kinds, weights=(3, 2, 2, 1, 2, 1, 1))[0]
         if reason == "eager":
             kind = self.rng.choice(("add_learner", "promote", "remove_follower"))
             self._log(f"MEMBERSHIP new leader n{leader.id} tries a change at once")
@@ -611,6 +616,8 @@ class Simulation:
                     leader.rawnode.transfer_leader(target)
                     self._after_input(leader)
                     self.plans.append(_Plan(old=leader.id, stage="remove"))
+        elif kind == "invalid":
+            self._invalid_change(leader)
         elif kind == "replace":
             voters = leader.rawnode.conf_state().voters
             old = self.rng.choice(voters)
@@ -630,10 +637,34 @@ class Simulation:
                 node_id = self.rng.choice(conf.learners)
                 self._propose_change(leader, ConfChange.promote(node_id), f"promote n{node_id}")
         elif kind == "remove_follower":
-            followers = [v for v in conf.voters if v != leader.id]
-            if len(conf.voters) > 2 and followers:
-                node_id = self.rng.choice(followers)
-                self._propose_change(leader, ConfChange.remove(node_id), f"remove follower n{node_id}")
+            followers = [v for v in conf.voters if v != leader.id] if len(conf.voters) > 2 else []
+            # Sometimes a learner: a join abandoned before promotion.
+            candidates = followers + list(conf.learners)
+            if candidates:
+                node_id = self.rng.choice(candidates)
+                self._propose_change(leader, ConfChange.remove(node_id), f"remove n{node_id}")
+
+    def _invalid_change(self, leader: SimNode) -> None:
+        """A change that can never apply: the core must refuse it before it
+        reaches the log."""
+        conf = leader.rawnode.conf_state()
+        options = [
+            (ConfChange.promote(self.rng.choice(conf.voters)), "promote a voter"),
+            (ConfChange.remove(self.next_node_id + 50), "remove a node that never joined"),
+            (ConfChange.promote(self.next_node_id + 50), "promote a node that never joined"),
+            (ConfChange.add_learner(self.rng.choice(conf.voters)), "add a voter as a learner"),
+        ]
+        if conf.removed:
+            removed = self.rng.choice(conf.removed)
+            options.append((ConfChange.add_learner(removed), f"re-add removed n{removed}"))
+        if len(conf.voters) == 1:
+            options.append((ConfChange.remove(conf.voters[0]), "remove the last voter"))
+        change, what = self.rng.choice(options)
+        last = leader.rawnode.raft.log.last_index()
+        if self._propose_change(leader, change, what):
+            raise SafetyViolation(f"validation: n{leader.id} accepted an invalid change ({what}: {change.describe()})")
+        if leader.rawnode.raft.log.last_index() != last:
+            raise SafetyViolation(f"validation: a refused change ({what}) reached n{leader.id}'s log")
 
     def _add_learner(self, leader: SimNode) -> int | None:
         """Propose a new node as a learner; if the leader takes it, start the
@@ -660,7 +691,7 @@ class Simulation:
         try:
             leader.rawnode.propose_conf_change(change)
         except (ProposalDropped, InvalidConfChange) as exc:
-            self.refusals[type(exc).__name__] += 1
+            self.membership_counts[type(exc).__name__] += 1
             self._log(f"MEMBERSHIP n{leader.id} refuses to {what}: {exc}")
             return False
         self._log(f"MEMBERSHIP n{leader.id} proposes to {what}")

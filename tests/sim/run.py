@@ -29,27 +29,27 @@ def main(argv: list[str] | None = None) -> int:
         seeds = range(start, stop)
     failures = 0
     conf_changes: Counter = Counter()
-    refusals: Counter = Counter()
+    membership_counts: Counter = Counter()
     began = time.perf_counter()
     for seed in seeds:
         result = run_seed(seed, trace=args.trace, profile=args.profile)
         conf_changes += result.conf_changes
-        refusals += result.refusals
+        membership_counts += result.membership_counts
         if args.trace:
             print("\n".join(result.trace))
         if result.ok:
             if len(seeds) == 1:
                 print(f"seed {seed} ok: {Scenario.from_seed(seed, args.profile).describe()}")
                 print(f"  committed={result.committed} ops={result.operations} leaders={result.elections}")
-                print(f"  configuration changes={dict(result.conf_changes)} refusals={dict(result.refusals)}")
+                print(f"  configuration changes={dict(result.conf_changes)} membership={dict(result.membership_counts)}")
         else:
             failures += 1
             print(run_seed(seed, trace=True, profile=args.profile).report() if not args.trace else result.report())
     elapsed = time.perf_counter() - began
     print(f"{len(seeds)} seeds, {failures} failed, {elapsed:.1f}s", file=sys.stderr)
     changes = ", ".join(f"{kind} {count}" for kind, count in sorted(conf_changes.items())) or "none"
-    refused = ", ".join(f"{kind} {count}" for kind, count in sorted(refusals.items())) or "none"
-    print(f"committed configuration changes: {changes}; proposals refused: {refused}", file=sys.stderr)
+    refused = ", ".join(f"{kind} {count}" for kind, count in sorted(membership_counts.items())) or "none"
+    print(f"committed configuration changes: {changes}; refusals and events: {refused}", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from shardnode.raft import ConfState, Message, StateRole
+from shardnode.raft import ConfChange, ConfState, Message, StateRole, confchange
 
 from .cluster import _fmt_message
 from .invariants import Membership, SafetyChecker
@@ -125,7 +125,7 @@ class ScriptedCluster:
 
     def tick_all(self, times: int = 1) -> None:
         for _ in range(times):
-            for node_id, node in self.nodes.items():
+            for node_id, node in list(self.nodes.items()):
                 if node.alive:
                     self.step(node_id, lambda n: n.rawnode.tick(), "tick")
             self.deliver_all()
@@ -154,6 +154,29 @@ class ScriptedCluster:
             index = node.rawnode.propose(data).index
 
         self.step(node_id, do, f"propose {key!r}={value!r}")
+        return index
+
+    def change(self, leader_id: int, change: ConfChange) -> int:
+        """Propose a configuration change at `leader_id`; returns its index."""
+        index = 0
+
+        def do(node: SimNode) -> None:
+            nonlocal index
+            index = node.rawnode.propose_conf_change(change).index
+
+        self.step(leader_id, do, f"propose {change.describe()}")
+        return index
+
+    def add_learner(self, leader_id: int, node_id: int) -> int:
+        """Propose `node_id` as a learner and start it, as an operator would,
+        from the configuration that adds it."""
+        change = ConfChange.add_learner(node_id, f"host{node_id}", f"10.0.0.{node_id}:50100")
+        bootstrap = confchange.apply(self.nodes[leader_id].rawnode.conf_state(), change)
+        index = self.change(leader_id, change)
+        node = SimNode(node_id, bootstrap, self.params, seed=node_id)
+        self.nodes[node_id] = node
+        node.start()
+        self.note(f"start n{node_id} (joining)")
         return index
 
     def leader(self) -> int | None:
