@@ -377,6 +377,7 @@ class ProcessInfo:
     exitstatus: int       # of the last exit (0: clean)
     description: str
     logfile: str
+    started_at: float = 0.0  # supervisord's time of the current (or last) spawn (0: never started)
 
 
 # supervisord's fault codes (supervisor.xmlrpc.Faults)
@@ -561,6 +562,7 @@ def _info(raw: dict) -> ProcessInfo:
         exitstatus=int(raw.get("exitstatus", 0)),
         description=raw.get("description", ""),
         logfile=raw.get("stdout_logfile", ""),
+        started_at=float(raw.get("start", 0) or 0),
     )
 
 

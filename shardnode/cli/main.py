@@ -338,6 +338,8 @@ def status_dict(status: kv_pb2.StatusResponse) -> dict[str, Any]:
                         "last_index": r.last_index,
                         "lag": r.lag,
                         "health": replica_health(r),
+                        "process_state": r.process_state,
+                        "restarts": r.restarts,
                     }
                     for r in group.replicas
                 ],
@@ -356,7 +358,7 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
                   caption=f"{len(status.groups)} groups, {with_quorum} with quorum")
     for column, justify in (("group", "right"), ("host", "left"), ("node", "right"), ("role", "left"),
                             ("term", "right"), ("commit", "right"), ("applied", "right"), ("lag", "right"),
-                            ("health", "left")):
+                            ("health", "left"), ("process", "left")):
         table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for group in status.groups:
         group_label = str(group.group) + ("" if group.has_quorum else " (no quorum)")
@@ -367,7 +369,10 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
                 cells = [r.role or "?", str(r.term), str(r.commit_index), str(r.applied_index), str(r.lag)]
             else:
                 cells = ["-", "-", "-", "-", "-"]
-            table.add_row(group_label if i == 0 else "", r.host, str(r.node_id), *cells, replica_health(r),
+            process = r.process_state or "?"
+            if r.restarts:
+                process += f" ({r.restarts} restarts)"
+            table.add_row(group_label if i == 0 else "", r.host, str(r.node_id), *cells, replica_health(r), process,
                           style=style or None, end_section=i == len(group.replicas) - 1)
     return table
 

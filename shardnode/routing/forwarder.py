@@ -58,6 +58,9 @@ class ChannelPool:
         self._identity = host_name
 
     def stub(self, address: str) -> wpb_grpc.WorkerStub:
+        return wpb_grpc.WorkerStub(self.channel(address))
+
+    def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
             channel = aio_channel(
@@ -70,7 +73,7 @@ class ChannelPool:
                 ],
             )
             self._channels[address] = channel
-        return wpb_grpc.WorkerStub(channel)
+        return channel
 
     async def close(self) -> None:
         channels, self._channels = list(self._channels.values()), {}

@@ -29,6 +29,7 @@ from ..security import sync_channel
 
 if TYPE_CHECKING:
     from .forwarder import GroupForwarder
+    from .processes import ProcessWatch
 
 log = logging.getLogger("shardnode.router.metrics")
 
@@ -63,9 +64,11 @@ class RouterMetrics:
         if code == "OK":
             self.request_latency.labels(**labels, op=op, component="router").observe(seconds)
 
-    def watch(self, forwarders: list["GroupForwarder"]) -> None:
+    def watch(self, forwarders: list["GroupForwarder"], processes: "ProcessWatch | None" = None) -> None:
         self._forwarders = forwarders
         self.own.register(_RouterCollector(self))
+        if processes is not None:
+            self.own.register(_ProcessCollector(processes))
         self.registry.register(_HostCollector(
             self.cluster, self.host.name, self.own,
             lambda: [(f.group, f.local) for f in forwarders if f.local is not None]))
@@ -99,6 +102,29 @@ class _RouterCollector:
             redirects.add_metric(labels, forwarder.stats.redirects)
         yield retries
         yield redirects
+
+
+class _ProcessCollector:
+    """The host's supervisord programs, as the router's process watch sees
+    them (nothing when the router is not under supervisord)."""
+
+    STATES = ("RUNNING", "STARTING", "BACKOFF", "STOPPING", "STOPPED", "EXITED", "FATAL")
+
+    def __init__(self, processes: "ProcessWatch") -> None:
+        self.processes = processes
+
+    def collect(self) -> Iterator[Metric]:
+        restarts = CounterMetricFamily("raft_process_restarts", "Times a program of this host was started again "
+                                       "(fail-stop, crash, or an operator), since the router started.",
+                                       labels=["program"])
+        state = GaugeMetricFamily("raft_process_state", "1 for the supervisord state each program of this host is "
+                                  "in (BACKOFF: crash-looping).", labels=["program", "state"])
+        for program in sorted(self.processes.programs.values(), key=lambda p: p.program):
+            restarts.add_metric([program.program], program.restarts)
+            for name in self.STATES:
+                state.add_metric([program.program, name], 1 if program.state == name else 0)
+        yield restarts
+        yield state
 
 
 class _HostCollector:

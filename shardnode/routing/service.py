@@ -16,9 +16,11 @@ from ..proto import kv_pb2 as pb
 from ..proto import kv_pb2_grpc as pb_grpc
 from ..proto import worker_pb2 as wpb
 from ..ring import ShardMap
+from ..supervisor import worker_program
 from .forwarder import ChannelPool, GroupForwarder
 from .metrics import RouterMetrics
 from .monitor import GroupMonitor, probe_group
+from .processes import ProcessWatch
 
 log = logging.getLogger("shardnode.router")
 
@@ -61,15 +63,19 @@ class KVService(pb_grpc.KVServicer):
         self.sessions = RouterSessions()
         self.metrics = metrics
         self.monitor = GroupMonitor(cluster, channels, self.forwarders)
+        self.processes = ProcessWatch(cluster, host_name)
         if metrics is not None:
-            metrics.watch(self.forwarders)
+            metrics.watch(self.forwarders, self.processes)
 
     def start(self) -> None:
-        """Start watching every group's health (call inside the event loop)."""
+        """Start watching every group's health and the host's processes (call
+        inside the event loop)."""
         self.monitor.start()
+        self.processes.start()
 
     async def close(self) -> None:
         await self.monitor.close()
+        await self.processes.close()
 
     # --- Helpers ------------------------------------------------------------------------
 
@@ -190,13 +196,44 @@ class KVService(pb_grpc.KVServicer):
             routers=[h.router_address for h in self.cluster.hosts],
         )
 
+    async def Processes(self, request: pb.ProcessesRequest, context) -> pb.ProcessesResponse:
+        watch = self.processes
+        return pb.ProcessesResponse(
+            host=self.host_name, supervised=watch.supervised,
+            processes=[pb.ProcessInfo(program=p.program, state=p.state, restarts=p.restarts,
+                                      uptime_seconds=p.uptime, exit_status=p.exit_status)
+                       for p in sorted(watch.programs.values(), key=lambda p: p.program)],
+        )
+
+    async def _host_processes(self) -> dict[tuple[str, str], pb.ProcessInfo]:
+        """(host, program) → its state, from every host's router (a router
+        knows its own host's supervisord)."""
+
+        async def ask(host) -> pb.ProcessesResponse | None:  # type: ignore[no-untyped-def]
+            if host.name == self.host_name:
+                return await self.Processes(pb.ProcessesRequest(), None)
+            try:
+                return await pb_grpc.KVStub(self.channels.channel(host.router_address)).Processes(
+                    pb.ProcessesRequest(), timeout=STATUS_TIMEOUT)
+            except grpc.aio.AioRpcError:
+                return None
+
+        answers = await asyncio.gather(*(ask(h) for h in self.cluster.hosts))
+        return {(a.host, p.program): p for a in answers if a is not None for p in a.processes}
+
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
-        groups = await asyncio.gather(*(self._group_status(g) for g in range(self.cluster.groups)))
+        groups, processes = await asyncio.gather(
+            asyncio.gather(*(self._group_status(g) for g in range(self.cluster.groups))), self._host_processes())
+        for group in groups:
+            for replica in group.replicas:
+                process = processes.get((replica.host, worker_program(group.group)))
+                if process is not None:
+                    replica.process_state, replica.restarts = process.state, process.restarts
         return pb.StatusResponse(
             cluster=self.cluster.name,
             router_host=self.host_name,
             shard_map_epoch=self.shard_map.epoch,
-            groups=groups,
+            groups=list(groups),
         )
 
     async def _group_status(self, group: int) -> pb.GroupStatus:

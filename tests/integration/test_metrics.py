@@ -189,6 +189,18 @@ def test_a_killed_worker_reads_unhealthy_then_its_series_return(cluster: Supervi
     assert saw_down, "raft_node_health went to 0 while the worker was down"
     assert back, "the restarted worker's series returned within 30 s"
     assert cluster.control.processes("h1")["worker-g0"].pid != pid
+    # The restart is counted: on the host's metrics page and in `shardnode status`.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        page = scrape(cluster, "h1")
+        if (_value(page.get("raft_process_restarts", []), program="worker-g0") or 0) >= 1:
+            break
+        time.sleep(0.2)
+    assert _value(page["raft_process_restarts"], program="worker-g0") >= 1
+    assert _value(page["raft_process_state"], program="worker-g0", state="RUNNING") == 1
+    with Client.from_config(cluster.tmp / "cluster.toml", timeout=5.0) as client:
+        replicas = {(r.host, g.group): r for g in client.status().groups for r in g.replicas}
+    assert replicas[("h1", 0)].restarts >= 1 and replicas[("h1", 0)].process_state == "RUNNING"
 
 
 def test_routers_and_workers_answer_the_standard_health_check(cluster: SupervisedCluster) -> None:
