@@ -190,10 +190,11 @@ def test_a_killed_worker_reads_unhealthy_then_its_series_return(cluster: Supervi
     assert back, "the restarted worker's series returned within 30 s"
     assert cluster.control.processes("h1")["worker-g0"].pid != pid
     # The restart is counted: on the host's metrics page and in `shardnode status`.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         page = scrape(cluster, "h1")
-        if (_value(page.get("raft_process_restarts", []), program="worker-g0") or 0) >= 1:
+        if ((_value(page.get("raft_process_restarts", []), program="worker-g0") or 0) >= 1
+                and _value(page.get("raft_process_state", []), program="worker-g0", state="RUNNING") == 1):
             break
         time.sleep(0.2)
     assert _value(page["raft_process_restarts"], program="worker-g0") >= 1
