@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from ..background import OwnedTask
 from ..config import ClusterConfig, Replica
 from ..proto import worker_pb2 as wpb
 
@@ -136,7 +137,7 @@ def _membership(cluster: ClusterConfig, group: int, answers: dict[str, wpb.Statu
     return replicas, frozenset(m.node_id for m in best.members if m.learner)
 
 
-class GroupMonitor:
+class GroupMonitor(OwnedTask):
     """Probes every group periodically; owned by the router's KVService
     (`start` in the event loop, `close` cancels and awaits the task)."""
 
@@ -146,26 +147,18 @@ class GroupMonitor:
         self.channels = channels
         self.forwarders = forwarders
         self.interval = interval
-        self._task: asyncio.Task[None] | None = None
         self._started = time.monotonic()
         # Per group: None until it first had a quorum, then whether it has one now.
         self._had_quorum: list[bool | None] = [None] * len(forwarders)
         self._lost_at: list[float] = [0.0] * len(forwarders)
         self._late_reported = [False] * len(forwarders)
 
+    task_name = "router group monitor"
+
     def start(self) -> None:
         if self._task is None:
             self._started = time.monotonic()
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="router group monitor")
-
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        super().start()
 
     async def _run(self) -> None:
         while True:

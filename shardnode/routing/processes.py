@@ -21,6 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from ..background import OwnedTask
 from ..config import ClusterConfig
 from ..supervisor import ProcessControl, ProcessInfo, SupervisorError
 
@@ -44,8 +45,10 @@ class ProgramState:
         return max(0.0, time.time() - self.started_at) if self.state == "RUNNING" and self.started_at else 0.0
 
 
-class ProcessWatch:
-    """Owned by the router's server: `start` in the event loop, `close` on shutdown."""
+class ProcessWatch(OwnedTask):
+    """Owned by the router's KVService: `start` in the event loop, `close` on shutdown."""
+
+    task_name = "router process watch"
 
     def __init__(self, cluster: ClusterConfig, host_name: str, interval: float = WATCH_INTERVAL) -> None:
         self.host_name = host_name
@@ -53,21 +56,7 @@ class ProcessWatch:
         self.control = ProcessControl(cluster, rpc_timeout=2.0)
         self.programs: dict[str, ProgramState] = {}
         self.supervised = False
-        self._task: asyncio.Task[None] | None = None
         self._warned = False
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="router process watch")
-
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
 
     async def _run(self) -> None:
         while True:
