@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 
 from shardnode import logs
 from shardnode.config import ClusterConfig, ConfigError
 
 
+def _stopped_while_starting(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Until the event loop takes the signals over, a stop asked during
+    # start-up (imports, finding its place) is a clean exit, not a kill.
+    signal.signal(signal.SIGTERM, _stopped_while_starting)
     parser = argparse.ArgumentParser(prog="python -m worker", description="Run one member of one Raft group.")
     parser.add_argument("--config", default="etc/cluster.toml", help="cluster configuration (default etc/cluster.toml)")
     parser.add_argument("--host", required=True, help="this host's name in the configuration")

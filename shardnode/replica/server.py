@@ -36,6 +36,12 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
     data_dir = cluster.worker_data_dir(host_name, group)
     extra: dict[str, object] = {"group": group}
     fail_stop = FailStop(log, extra)
+    # First of all: a stop asked while the worker is still finding its place
+    # (up to OBSERVE_TIMEOUT) is a clean stop, not death by an unhandled signal.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     try:
         # Creates data_dir/HOST/group-G durably (parent directories fsynced)
         # when this is the group's first start or a new member joining.
@@ -51,10 +57,13 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
         return 0
     store = identity.store
     assert store is not None
+    if stop.is_set():
+        store.close()
+        log.info("worker.stopped", extra=extra)
+        return 0
     replica = Replica(group, identity.node_id, host)
     extra["node"] = replica.node_id
     log.info("worker.identity", extra={**extra, "start": identity.start.value})
-    stop = asyncio.Event()
     # The transport's options raise gRPC's message limits to fit its frames
     # (and snapshot chunks); a port held by another process must fail to bind.
     security = cluster.security
@@ -89,9 +98,6 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
         log.error("worker.bind_failed", extra={**extra, "address": address, "error": str(exc)})
         store.close()
         return 1
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await server.start()
     # The gRPC server is essential too: a worker nobody can reach must not linger.
     fail_stop.watch(asyncio.create_task(server.wait_for_termination(), name="grpc-server"), "the gRPC server")
