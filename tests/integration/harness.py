@@ -133,16 +133,17 @@ class WorkerGroup:
             return None
 
     async def wait_leader(self, timeout: float = 15.0, exclude: set[str] = frozenset()) -> str:
+        """A leader, once every running member (but `exclude`) answers too: a
+        test that then talks to any of them finds it serving."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for host in self.hosts:
-                if host in exclude or host not in self.processes:
-                    continue
-                status = await self.status(host, timeout=0.5)
-                if status is not None and status.role == "leader":
-                    return host
+            running = [h for h in self.hosts if h not in exclude and h in self.processes]
+            statuses = {h: await self.status(h, timeout=0.5) for h in running}
+            leaders = [h for h, s in statuses.items() if s is not None and s.role == "leader"]
+            if leaders and all(s is not None for s in statuses.values()):
+                return leaders[0]
             await asyncio.sleep(0.05)
-        raise AssertionError(f"no leader within {timeout}s\n{self.log_tail()}")
+        raise AssertionError(f"no leader (with every running member serving) within {timeout}s\n{self.log_tail()}")
 
     def host_of(self, address: str) -> str | None:
         for host, addr in self.addresses.items():
