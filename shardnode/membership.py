@@ -215,12 +215,30 @@ class MembershipAdmin:
             self.launch(server, groups)
 
     def start_new(self, server: str) -> list[tuple[int, MemberState]]:
-        """`start --new`: the server joins with empty state. A host (router
-        address) joins every group that is short of `replicas` voters and
-        that it does not hold (after a leave: the same groups); a worker
-        address joins its group."""
+        """`start --new`: the server starts with empty data and joins as a new
+        member. A host (router address) joins every group that is short of
+        `replicas` voters (after a leave: the same groups); a worker address
+        joins its group. If the server is down but still a member (it died
+        without leaving), its old replicas are removed first — their data is
+        discarded, and their ids never come back — with the checks of a leave."""
         host, groups = self._resolve(server)
         states = self.groups()
+        candidates = range(self.cluster.groups) if groups is None else groups
+        stale = [(states[g], states[g].member_at(host.worker_address(g))) for g in candidates]
+        stale = [(state, member) for state, member in stale if member is not None]
+        running = [state.group for state, member in stale if member.reachable]
+        if running:
+            raise ShapeRefused(f"{server} is running and holds replicas of group {running[0]}: "
+                               f"`leave` (or `die`) first, then start it with --new")
+        for state, member in stale:
+            self._check_removal(state, [member])
+        for state, member in stale:
+            self.progress(f"group {state.group}: node {member.node_id} on {host.name} is down and starts anew: "
+                          f"removing it first")
+            self.progress(f"group {state.group}: removing node {member.node_id} on {member.host}")
+            self._change(state.group, Kind(kind=Kind.REMOVE, node_id=member.node_id))
+        if stale:
+            states = self.groups()
         if groups is None:
             groups = [s.group for s in states
                       if len(s.voters) < self.cluster.replicas and s.member_at(host.worker_address(s.group)) is None]

@@ -249,3 +249,24 @@ def test_refused_changes_change_nothing(cluster: SupervisedCluster) -> None:
         assert kv739.kv739_start(h["h4"].router_address, 0) == 0
         assert kv739.kv739_start(h["h5"].router_address, 0) == 0
         assert before and all(len(v) == 3 for _, v in before)
+
+
+def test_a_host_that_died_without_leaving_starts_anew_with_new(cluster: SupervisedCluster) -> None:
+    """The original design's kv739_die + kv739_start(server, 1): its old
+    replicas are removed (their ids never come back), its data discarded, and
+    it joins again as new members that catch up."""
+    config = cluster.tmp / "cluster.toml"
+    assert kv739.kv739_init(str(config)) == 0
+    assert kv739.kv739_put("before", "1") == (1, "")
+    h3 = cluster.cluster.host("h3")
+    assert kv739.kv739_start(h3.router_address, 1) == -1, "a running member does not start anew"
+    assert kv739.kv739_die(h3.router_address, 0) == 0
+    assert kv739.kv739_put("while-down", "2") == (1, "")
+    assert kv739.kv739_start(h3.router_address, 1) == 0, cluster.log_tail()
+    with MembershipAdmin(cluster.cluster) as admin:
+        for state in admin.groups():
+            member = state.member_at(h3.worker_address(state.group))
+            assert member is not None and not member.learner and member.node_id > 5, state
+            assert 3 in state.removed and len(state.voters) == 4
+            assert member.applied_index >= state.commit_index - 5
+    assert kv739.kv739_get("before") == (0, "1") and kv739.kv739_get("while-down") == (0, "2")
