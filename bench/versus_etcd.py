@@ -2,7 +2,7 @@
 gRPC call per operation, rounds interleaved.
 
     .venv/bin/python bench/versus_etcd.py [--seconds 10] [--callers 1,16,64] [--ops put,get]
-                                          [--warmup 1] [--profile DIR [--native]] [--json]
+                                          [--warmup 1] [--profile DIR [--native] [--gil]] [--json]
 
 It starts, on loopback, a 3-node etcd (Debian's etcd-server, installed with
 apt-get when `etcd` is missing and we are root; 127.0.1.1-3, data in a temp
@@ -173,6 +173,33 @@ def cpu_seconds(pid: int) -> float:
         return cpu_seconds_from_stat(Path(f"/proc/{pid}/stat").read_text())
     except (FileNotFoundError, ProcessLookupError):
         return float("nan")
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds per thread of a process: TID -> (/proc name, seconds)."""
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            threads[int(task.name)] = ((task / "comm").read_text().strip(),
+                                       cpu_seconds_from_stat((task / "stat").read_text()))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return threads
+
+
+def name_threads(cpu_ms: dict[int, tuple[str, float]], spy_threads: dict[str, int]) -> dict[str, float]:
+    """Per-thread CPU keyed by py-spy's thread name when py-spy saw the thread
+    (`thread (TID): NAME`), else by its /proc name (gRPC's and RocksDB's own
+    threads); threads of the same name add up."""
+    spy_names = {}
+    for key in spy_threads:
+        tid_text, _, name = key.removeprefix("thread (").partition("): ")
+        if tid_text.isdigit():
+            spy_names[int(tid_text)] = name
+    named: Counter[str] = Counter()
+    for tid, (comm, ms) in cpu_ms.items():
+        named[spy_names.get(tid, f"{comm} (native)")] += ms
+    return {name: round(ms, 3) for name, ms in named.most_common() if ms > 0}
 
 
 def ensure_etcd() -> str | None:
@@ -424,6 +451,41 @@ async def run_round(target: Target, op: str, callers: int, warmup: float, second
     }
 
 
+def scrape_counters(url: str, prefixes: tuple[str, ...]) -> dict[str, float]:
+    """Sample values of a Prometheus text page whose names start with one of
+    `prefixes` (labels kept in the key); {} when the page does not answer."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(prefixes):
+            name, _, value = line.rpartition(" ")
+            try:
+                values[name] = float(value)
+            except ValueError:
+                continue
+    return values
+
+
+def group_commit_stats(before: dict[str, float], after: dict[str, float], node_label: str) -> dict:
+    """Synced writes (Readys) and proposals of one worker over a round, from
+    its raft_fsync_latency_seconds and raft_proposal_batch_size histograms."""
+    def delta(name: str) -> float:
+        key = next((k for k in after if k.startswith(name) and node_label in k), None)
+        return after.get(key, 0.0) - before.get(key, 0.0) if key else 0.0
+    fsyncs = delta("raft_fsync_latency_seconds_count")
+    proposals = delta("raft_proposal_batch_size_count")
+    entries = delta("raft_proposal_batch_size_sum")
+    return {"fsyncs": fsyncs, "fsync_seconds": round(delta("raft_fsync_latency_seconds_sum"), 3),
+            "mean_fsync_ms": round(1000 * delta("raft_fsync_latency_seconds_sum") / fsyncs, 3) if fsyncs else None,
+            "proposal_batches": proposals, "entries_proposed": entries}
+
+
 # --- Profiling -------------------------------------------------------------------------
 
 
@@ -433,12 +495,15 @@ def py_spy_binary() -> str | None:
 
 
 async def profile_round(target: Target, cluster: LocalCluster, callers: int, warmup: float, seconds: float,
-                        value: bytes, out_dir: Path, started: list[subprocess.Popen], native: bool) -> dict:
+                        value: bytes, out_dir: Path, started: list[subprocess.Popen], native: bool,
+                        gil: bool) -> dict:
     """A shardnode put round with py-spy recording the leader worker, a
     follower and the leader's host's router for `seconds`: Python frames
     only, without pausing the processes (--nonblocking), or with `native`
     also the C/Cython frames (gRPC, uvloop, RocksDB), pausing the process
-    at each sample."""
+    at each sample; with `gil` only samples of the thread holding the GIL
+    (Python's own CPU: py-spy otherwise counts a thread blocked in a C call,
+    an fsync or gRPC's poller, as busy)."""
     binary = py_spy_binary()
     if binary is None:
         raise RuntimeError("--profile needs py-spy (pip install py-spy)")
@@ -450,13 +515,21 @@ async def profile_round(target: Target, cluster: LocalCluster, callers: int, war
     chosen = {"leader worker": leader, "follower worker": follower, "router (leader's host)": router}
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    threads_before = {label: thread_cpu_seconds(pids[label]) for label in chosen.values()}
+    leader_host = next(h for h in cluster.config.hosts if h.name == leader.split("/")[0])
+    metrics_url = f"http://{leader_host.address}:{leader_host.metrics_port}/metrics"
+    prefixes = ("raft_fsync_latency_seconds_count", "raft_fsync_latency_seconds_sum",
+                "raft_proposal_batch_size_count", "raft_proposal_batch_size_sum")
+    counters_before = scrape_counters(metrics_url, prefixes)
+
     async def record() -> None:
         procs = {}
         for role, label in chosen.items():
             path = out_dir / f"{label.replace('/', '-')}.txt"
             proc = subprocess.Popen(
                 [binary, "record", "--pid", str(pids[label]), "--duration", str(int(seconds)), "--rate", "100",
-                 "--native" if native else "--nonblocking", "--threads", "--format", "raw", "--output", str(path)],
+                 "--native" if native else "--nonblocking", *(["--gil"] if gil else []),
+                 "--threads", "--format", "raw", "--output", str(path)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
             )
             started.append(proc)
@@ -466,11 +539,27 @@ async def profile_round(target: Target, cluster: LocalCluster, callers: int, war
                 await asyncio.sleep(0.2)
 
     result = await run_round(target, "put", callers, warmup, seconds, value, during=record)
+    # Per-thread CPU over the whole round (warm-up included): what py-spy's
+    # samples cannot tell apart, CPU from waiting in a system call (fsync).
+    threads_after = {label: thread_cpu_seconds(pids[label]) for label in chosen.values()}
+    stats = group_commit_stats(counters_before, scrape_counters(metrics_url, prefixes), "")
+    if stats["fsyncs"]:   # both counters cover the whole round, warm-up included
+        stats["entries_per_fsync"] = round(stats["entries_proposed"] / stats["fsyncs"], 1)
+    if stats["proposal_batches"]:
+        stats["entries_per_proposal"] = round(stats["entries_proposed"] / stats["proposal_batches"], 1)
+    result["leader_group_commit"] = stats
+    thread_cpu_ms = {
+        label: {tid: (comm, 1000 * (after - threads_before[label].get(tid, ("", 0.0))[1]) / max(1, result["ops"]))
+                for tid, (comm, after) in threads_after[label].items()}
+        for label in chosen.values()}
     profiles = {}
     for role, label in chosen.items():
         path = out_dir / f"{label.replace('/', '-')}.txt"
         lines = path.read_text().splitlines() if path.exists() else []
-        profiles[role] = {"process": label, "file": str(path), **summarize_collapsed(lines)}
+        summary = summarize_collapsed(lines)
+        profiles[role] = {"process": label, "file": str(path), **summary,
+                          "thread_cpu_ms_per_op": name_threads(thread_cpu_ms[label], summary["threads"]),
+                          "group_commit": result["leader_group_commit"] if label == leader else None}
     return {"round": result, "profiles": profiles}
 
 
@@ -501,6 +590,10 @@ def format_profiles(profiles: dict) -> str:
     out = []
     for role, p in profiles.items():
         out.append(f"{role} ({p['process']}): {p['samples']} samples, threads {p['threads']}")
+        if role == "leader worker" and p.get("group_commit"):
+            out.append(f"  group commit over the whole round: {p['group_commit']}")
+        if p.get("thread_cpu_ms_per_op"):
+            out.append(f"  CPU ms per put by thread: {p['thread_cpu_ms_per_op']}")
         out.append("  own time:")
         out += [f"    {pct:5.1f}%  {name}" for name, _, pct in p["own"]]
         out.append("  inclusive:")
@@ -547,7 +640,7 @@ async def bench(args: argparse.Namespace, tmp: Path, etcd: EtcdCluster, shard: L
                   "rounds": rounds, "table": format_table(pairs)}
         if args.profile:
             report["profile"] = await profile_round(shard_t, shard, max(args.callers), args.warmup,
-                                                    args.seconds, value, Path(args.profile), started, args.native)
+                                                    args.seconds, value, Path(args.profile), started, args.native, args.gil)
         return report
     finally:
         await etcd_t.close()
@@ -563,6 +656,7 @@ def main() -> int:
     parser.add_argument("--tick-ms", type=int, default=100, help="shardnode's Raft tick (etcd: 100 ms heartbeat)")
     parser.add_argument("--profile", metavar="DIR", help="then profile a shardnode put round with py-spy")
     parser.add_argument("--native", action="store_true", help="--profile with C/Cython frames (py-spy --native)")
+    parser.add_argument("--gil", action="store_true", help="--profile only the thread holding the GIL (py-spy --gil)")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
     args = parser.parse_args()
 
