@@ -376,10 +376,13 @@ async def preload(target: Target, value: bytes, callers: int = 64) -> None:
 
 
 async def run_round(target: Target, op: str, callers: int, warmup: float, seconds: float, value: bytes,
-                    during: Callable[[], Awaitable[None]] | None = None) -> dict:
+                    during: Callable[[], Awaitable[None]] | None = None,
+                    at_window: Callable[[str], None] | None = None) -> dict:
     """One closed-loop round: `callers` tasks, each one operation at a time.
     Counted: operations that complete between the end of the warm-up and
-    the end of the round; CPU: the server processes over the same window."""
+    the end of the round; CPU: the server processes over the same window.
+    `during` runs alongside the measured window; `at_window("start")` and
+    `at_window("end")` are called at its edges (to take more readings)."""
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     window = [float("inf"), float("inf")]
@@ -412,12 +415,16 @@ async def run_round(target: Target, op: str, callers: int, warmup: float, second
         pids = target.pids()
         cpu_before = {label: cpu_seconds(pid) for label, pid in pids.items()}
         self_before = time.process_time()
+        if at_window is not None:
+            at_window("start")
         window[0] = time.perf_counter()
         if during is not None:
             await asyncio.gather(asyncio.sleep(seconds), during())
         else:
             await asyncio.sleep(seconds)
         window[1] = time.perf_counter()
+        if at_window is not None:
+            at_window("end")
         cpu_after = {label: cpu_seconds(pid) for label, pid in pids.items()}
         self_after = time.process_time()
         stop = True
@@ -515,12 +522,16 @@ async def profile_round(target: Target, cluster: LocalCluster, callers: int, war
     chosen = {"leader worker": leader, "follower worker": follower, "router (leader's host)": router}
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    threads_before = {label: thread_cpu_seconds(pids[label]) for label in chosen.values()}
     leader_host = next(h for h in cluster.config.hosts if h.name == leader.split("/")[0])
     metrics_url = f"http://{leader_host.address}:{leader_host.metrics_port}/metrics"
     prefixes = ("raft_fsync_latency_seconds_count", "raft_fsync_latency_seconds_sum",
                 "raft_proposal_batch_size_count", "raft_proposal_batch_size_sum")
-    counters_before = scrape_counters(metrics_url, prefixes)
+    readings: dict[str, tuple[dict, dict]] = {}
+
+    def at_window(edge: str) -> None:
+        # Per-thread CPU and the leader's counters over the measured window only.
+        readings[edge] = ({label: thread_cpu_seconds(pids[label]) for label in chosen.values()},
+                          scrape_counters(metrics_url, prefixes))
 
     async def record() -> None:
         procs = {}
@@ -538,12 +549,12 @@ async def profile_round(target: Target, cluster: LocalCluster, callers: int, war
             while proc.poll() is None:
                 await asyncio.sleep(0.2)
 
-    result = await run_round(target, "put", callers, warmup, seconds, value, during=record)
-    # Per-thread CPU over the whole round (warm-up included): what py-spy's
-    # samples cannot tell apart, CPU from waiting in a system call (fsync).
-    threads_after = {label: thread_cpu_seconds(pids[label]) for label in chosen.values()}
-    stats = group_commit_stats(counters_before, scrape_counters(metrics_url, prefixes), "")
-    if stats["fsyncs"]:   # both counters cover the whole round, warm-up included
+    result = await run_round(target, "put", callers, warmup, seconds, value, during=record, at_window=at_window)
+    # Per-thread CPU: what py-spy's samples cannot tell apart, CPU from
+    # waiting in a system call (an fsync).
+    (threads_before, counters_before), (threads_after, counters_after) = readings["start"], readings["end"]
+    stats = group_commit_stats(counters_before, counters_after, "")
+    if stats["fsyncs"]:
         stats["entries_per_fsync"] = round(stats["entries_proposed"] / stats["fsyncs"], 1)
     if stats["proposal_batches"]:
         stats["entries_per_proposal"] = round(stats["entries_proposed"] / stats["proposal_batches"], 1)
@@ -591,7 +602,7 @@ def format_profiles(profiles: dict) -> str:
     for role, p in profiles.items():
         out.append(f"{role} ({p['process']}): {p['samples']} samples, threads {p['threads']}")
         if role == "leader worker" and p.get("group_commit"):
-            out.append(f"  group commit over the whole round: {p['group_commit']}")
+            out.append(f"  group commit over the measured window: {p['group_commit']}")
         if p.get("thread_cpu_ms_per_op"):
             out.append(f"  CPU ms per put by thread: {p['thread_cpu_ms_per_op']}")
         out.append("  own time:")
@@ -713,4 +724,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as interrupt:   # Ctrl-C or SIGTERM: every process is already killed
+        print(f"versus_etcd: stopped ({interrupt or 'interrupted'}); every process it started is killed",
+              file=sys.stderr)
+        sys.exit(130)
