@@ -12,7 +12,7 @@ PROTO_OUT := shardnode/proto
 READY_TIMEOUT ?= 120
 DATA_DIR := data
 
-.PHONY: help setup proto run reset test sim-soak bench clean
+.PHONY: help setup proto run reset test sim-soak bench bench-etcd clean
 
 # `make help` prints these lines:
 ## help: this list
@@ -22,6 +22,7 @@ DATA_DIR := data
 ## test: run every test (unit, simulation, integration; a few minutes)
 ## sim-soak: a longer simulation soak: SIM_SEEDS=20000 by default
 ## bench: the Raft core benchmark (proposals per second, in process)
+## bench-etcd: shardnode against a 3-node etcd on loopback, side by side (docs/performance.md)
 ## clean: remove .venv and the generated protobuf code (not the data: see reset)
 help:
 	@echo "make TARGET, where TARGET is one of:"
@@ -75,6 +76,10 @@ sim-soak: setup
 
 bench: setup
 	$(PY) bench/raft_core.py
+
+# Not part of `make test`: installs Debian's etcd-server when etcd is missing and we are root.
+bench-etcd: setup
+	$(PY) bench/versus_etcd.py
 
 clean:
 	rm -rf $(VENV) $(PROTO_OUT)/*_pb2*.py $(PROTO_OUT)/.generated
