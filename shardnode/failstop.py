@@ -18,6 +18,8 @@ import logging
 import os
 import traceback
 
+from grpc_health.v1 import health_pb2
+
 #: The exit status of a fail-stop (EX_SOFTWARE in sysexits.h): supervisord
 #: restarts the program (autorestart=true) with its start-retry backoff.
 EXIT_FAIL_STOP = 70
@@ -68,8 +70,6 @@ async def run_until_stop_or_fault(stop: asyncio.Event, fail_stop: FailStop, heal
     failed = asyncio.create_task(fail_stop.tripped.wait())
     await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
     if fail_stop.failed:
-        from grpc_health.v1 import health_pb2
-
         for service in services:
             await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         exit_now(EXIT_FAIL_STOP)

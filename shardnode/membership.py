@@ -32,6 +32,7 @@ import grpc
 
 from .config import ClusterConfig, ConfigError, HostConfig
 from .errors import ShardnodeError
+from .group_status import freshest
 from .proto import worker_pb2 as pb
 from .proto import worker_pb2_grpc as pb_grpc
 from .security import admin_metadata, load_admin_credential, sync_channel
@@ -145,9 +146,9 @@ class MembershipAdmin:
             statuses = dict(zip(addresses, pool.map(self._status, addresses)))
         answered = {a: s for a, s in statuses.items() if s is not None and s.members}
         state = GroupState(group)
-        if not answered:
+        best = freshest(answered.values())
+        if best is None:
             return state
-        best = max(answered.values(), key=lambda s: (s.role == "leader", s.term, s.applied_index))
         leader = best if best.role == "leader" else None
         state.leader_id = best.leader_id if leader is None else best.node_id
         state.term, state.commit_index = best.term, best.commit_index

@@ -40,7 +40,6 @@ from .security import AdminCredential, ensure_admin_credential, load_admin_crede
 
 __all__ = [
     "ROUTER_PROGRAM",
-    "NotSupported",
     "ProcessControl",
     "ProcessInfo",
     "SupervisorError",
@@ -83,10 +82,6 @@ def host_log_dir(cluster: ClusterConfig, host_name: str, project_root: Path | No
 
 class UnknownServer(ShardnodeError, ValueError):
     """The address is neither a router nor a worker of this cluster."""
-
-
-class NotSupported(ShardnodeError):
-    """The operation exists in the API but this version cannot do it safely."""
 
 
 class SupervisorError(ShardnodeError):

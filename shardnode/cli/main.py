@@ -35,7 +35,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 

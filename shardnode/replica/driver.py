@@ -89,9 +89,11 @@ class ReplicaDriver:
         self._log_extra = {"group": self.group, "node": self.node_id}
         self.store = store
         self.stats = ReplicaStats()
-        # Every member's worker address, as the applied configuration says
-        # (updated as membership changes apply; see _on_conf_state).
-        self.addresses = self._member_addresses(store.conf_state)
+        # Every member's worker address and host name, as the applied
+        # configuration says (followed as membership changes apply).
+        self.addresses: dict[int, str] = {}
+        self.member_hosts: dict[int, str] = {}
+        self._follow_membership(store.conf_state)
         timing = cluster.timing
         config = Config(
             id=self.node_id,
@@ -282,31 +284,28 @@ class ReplicaDriver:
 
     # --- Membership ------------------------------------------------------------------------
 
-    def _member_addresses(self, conf: ConfState) -> dict[int, str]:
-        """node id → worker address for every member of `conf`; also fills
-        `member_hosts` (node id → host name). A member that joined by a
-        configuration change carries both; the group's initial members
-        (which joined by none) have their place in cluster.toml."""
+    def _follow_membership(self, conf: ConfState) -> None:
+        """Fill `addresses` and `member_hosts` (node id → host name) for every
+        member of `conf`, in place (the transport holds `member_hosts`). A
+        member that joined by a configuration change carries both; the
+        group's initial members (which joined by none) have their place in
+        cluster.toml."""
         initial = {r.node_id: r for r in self.cluster.group_replicas(self.group)}
-        addresses, hosts = {}, {}
+        self.addresses.clear()
+        self.member_hosts.clear()
         for node_id in sorted(conf.ids()):
             member = conf.member(node_id)
             if member is not None and member.address:
-                addresses[node_id], hosts[node_id] = member.address, member.host
+                self.addresses[node_id], self.member_hosts[node_id] = member.address, member.host
             elif node_id in initial:
-                addresses[node_id], hosts[node_id] = initial[node_id].address, initial[node_id].host.name
+                self.addresses[node_id] = initial[node_id].address
+                self.member_hosts[node_id] = initial[node_id].host.name
             else:
                 log.warning("replica.member_without_address", extra={**self._log_extra, "peer": node_id})
-        if not hasattr(self, "member_hosts"):
-            self.member_hosts: dict[int, str] = {}
-        # Updated in place: the transport holds this very dict.
-        self.member_hosts.clear()
-        self.member_hosts.update(hosts)
-        return addresses
 
     def _on_conf_state(self, conf: ConfState) -> None:
         """The applied configuration changed: follow it in the transport."""
-        self.addresses = self._member_addresses(conf)
+        self._follow_membership(conf)
         self.transport.update_peers({nid: a for nid, a in self.addresses.items() if nid != self.node_id})
         if self.node.removed and not self.removed.is_set():
             log.info("replica.removed", extra={**self._log_extra, "term": self.node.raft.term})
@@ -344,14 +343,15 @@ class ReplicaDriver:
     def _promote_caught_up_learners(self) -> None:
         """A leader promotes a learner as soon as it has caught up (one change
         at a time: the core refuses a second one while the first is in flight)."""
-        for learner in self.node.caught_up_learners():
-            try:
-                self.node.propose_conf_change(ConfChange.promote(learner))
-            except (ProposalDropped, InvalidConfChange):
-                return
-            log.info("replica.promoting", extra={**self._log_extra, "peer": learner})
-            self._wake.set()
+        learners = self.node.caught_up_learners()
+        if not learners:
             return
+        try:
+            self.node.propose_conf_change(ConfChange.promote(learners[0]))
+        except (ProposalDropped, InvalidConfChange):
+            return  # a change is in flight, or the learner fell behind again: next Ready
+        log.info("replica.promoting", extra={**self._log_extra, "peer": learners[0]})
+        self._wake.set()
 
     # --- Inputs ----------------------------------------------------------------------------
 

@@ -39,7 +39,8 @@ import grpc
 from ..config import ClusterConfig, ConfigError
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
-from ..raft import ConfState, Member
+from ..group_status import conf_from_status, freshest
+from ..raft import ConfState
 from ..security import aio_channel
 from ..storage import ReplicaStore, StoreNotInitialized
 from ..storage.retirement import clear_tombstone, discard, read_tombstone, retire
@@ -82,14 +83,6 @@ class Identity:
     reason: str = ""
 
 
-def conf_from_status(status: pb.StatusResponse) -> ConfState:
-    """The applied configuration a worker's Status reports."""
-    voters = tuple(sorted(m.node_id for m in status.members if not m.learner))
-    learners = tuple(sorted(m.node_id for m in status.members if m.learner))
-    members = tuple(Member(m.node_id, m.host, m.address) for m in sorted(status.members, key=lambda m: m.node_id))
-    return ConfState(voters=voters, learners=learners, removed=tuple(sorted(status.removed)), members=members)
-
-
 async def observe_group(cluster: ClusterConfig, group: int, host_name: str, exclude: str = "",
                         timeout: float = OBSERVE_TIMEOUT) -> GroupView | None:
     """Ask every host's replica of `group` (but `exclude`) for its status, as
@@ -105,14 +98,11 @@ async def observe_group(cluster: ClusterConfig, group: int, host_name: str, excl
             return None
         finally:
             await channel.close()
-        if status.cluster != cluster.name or status.group != group or not status.members:
-            return None
-        return status
+        return status if status.cluster == cluster.name and status.group == group else None
 
-    answers = [s for s in await asyncio.gather(*(ask(a) for a in addresses)) if s is not None]
-    if not answers:
+    best = freshest(await asyncio.gather(*(ask(a) for a in addresses)))
+    if best is None:
         return None
-    best = max(answers, key=lambda s: (s.role == "leader", s.term, s.applied_index))
     return GroupView(best.node_id, best.leader_id, best.term, best.applied_index, conf_from_status(best))
 
 

@@ -31,6 +31,7 @@ import grpc
 
 from ..background import OwnedTask
 from ..config import ClusterConfig, Replica
+from ..group_status import freshest
 from ..proto import worker_pb2 as wpb
 
 if TYPE_CHECKING:
@@ -128,10 +129,9 @@ async def probe_group(cluster: ClusterConfig, channels: "ChannelPool", group: in
 
 def _membership(cluster: ClusterConfig, group: int, answers: dict[str, wpb.StatusResponse | None],
                 known: tuple[Replica, ...] | None) -> tuple[tuple[Replica, ...], frozenset[int]]:
-    reported = [a for a in answers.values() if a is not None and a.members]
-    if not reported:
+    best = freshest(answers.values())
+    if best is None:
         return (known if known is not None else cluster.group_replicas(group)), frozenset()
-    best = max(reported, key=lambda a: (a.role == "leader", a.term, a.applied_index))
     hosts = {h.worker_address(group): h for h in cluster.hosts}
     replicas = tuple(Replica(group, m.node_id, hosts[m.address]) for m in best.members if m.address in hosts)
     return replicas, frozenset(m.node_id for m in best.members if m.learner)

@@ -599,18 +599,6 @@ class ReplicaStore:
     def conf_state(self) -> ConfState:
         return self._conf_state
 
-    def set_conf_state(self, conf_state: ConfState) -> None:
-        """Record the membership (synced). Prefer apply(..., conf_state=...),
-        which records it atomically with the conf change entry's applied
-        index; a crash between apply() and this call would otherwise restart
-        the node past the change with the old membership."""
-        with self._sm_lock:
-            self._check_open()
-            batch = new_batch()
-            batch.put(META_CONF_STATE, encode_conf_state(conf_state), self._engine.meta.handle)
-            self._engine.write(batch, sync=True)
-            self._conf_state = conf_state
-
     def get(self, key: bytes) -> bytes | None:
         """The key's value as of the applied index. Raises StoreBusy instead
         of waiting while a snapshot install holds the state machine (seconds,

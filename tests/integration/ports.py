@@ -69,6 +69,6 @@ def write_cluster_toml(
         f'[cluster]\nname = "{name}"\nreplicas = {replicas or hosts}\ngroups = {groups}\n'
         f'data_dir = "{tmp / "data"}"\nsnapshot_threshold = {snapshot_threshold}\n\n'
         f"[timing]\ntick_ms = {tick_ms}\nelection_ticks = 10\nheartbeat_ticks = 1\n\n"
-        + (f"[security]\ntls = true\n\n" if tls else "") + "\n".join(blocks)
+        + ("[security]\ntls = true\n\n" if tls else "") + "\n".join(blocks)
     )
     return path

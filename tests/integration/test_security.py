@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
