@@ -1,20 +1,30 @@
-"""Consistent hashing: which group owns a key.
+"""The shard map: which group owns which part of the key space.
 
-Each group owns `virtual_nodes` points on a ring of 64-bit positions; a key
-belongs to the group owning the first point at or after the key's position
-(wrapping around). The hash is specified, not Python's `hash()` (which is
-salted per process): BLAKE2b with an 8-byte digest, read as a big-endian
-unsigned integer. A group's point v is the hash of b"group-G/vnode-V".
-Every router and client computes the same map from the same
-(groups, virtual_nodes), and the map carries an epoch so that a later change
-(moving ranges, adding groups) can be told apart from the one a router has.
+A key's position is BLAKE2b-64 of the key, read as a big-endian unsigned
+integer (specified, not Python's salted `hash()`), so every process agrees.
+The space of positions [0, 2**64) is cut into ranges, each owned by one
+group: `starts[i]` is the first position of range i, which runs to
+`starts[i + 1]` (the last to 2**64), and `owners[i]` owns it.
+
+The first map of a cluster comes from cluster.toml by consistent hashing:
+each group owns `virtual_nodes` points on the ring (point v of group G is
+the position of b"group-G/vnode-V"), and a key belongs to the first point
+at or after it, wrapping around. `ShardMap.build` turns that ring into
+ranges. Afterwards the map lives in the metadata group and changes only by
+moving ranges between groups (docs/sharding.md), each change with epoch + 1.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import msgpack
+
+SPACE = 1 << 64
+MAP_FORMAT_VERSION = 1
 
 
 def stable_hash(data: bytes) -> int:
@@ -22,16 +32,135 @@ def stable_hash(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
+class ShardMapError(ValueError):
+    """A shard map that is not well formed (bytes from the metadata group)."""
+
+
+@dataclass(slots=True, frozen=True)
+class KeyRange:
+    """Positions [start, end): end is exclusive, at most 2**64."""
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end <= SPACE:
+            raise ShardMapError(f"bad key range [{self.start}, {self.end})")
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+class RangeSet:
+    """A set of positions as sorted, disjoint, non-adjacent ranges."""
+
+    __slots__ = ("_starts", "_ends")
+
+    def __init__(self, ranges: Iterable[KeyRange] = ()) -> None:
+        merged: list[list[int]] = []
+        for r in sorted(ranges, key=lambda r: r.start):
+            if merged and r.start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], r.end)
+            else:
+                merged.append([r.start, r.end])
+        self._starts = [s for s, _ in merged]
+        self._ends = [e for _, e in merged]
+
+    def __contains__(self, position: int) -> bool:
+        i = bisect.bisect_right(self._starts, position) - 1
+        return i >= 0 and position < self._ends[i]
+
+    def contains_key(self, key: bytes) -> bool:
+        return stable_hash(key) in self
+
+    def __iter__(self) -> Iterator[KeyRange]:
+        return (KeyRange(s, e) for s, e in zip(self._starts, self._ends))
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RangeSet) and self._starts == other._starts and self._ends == other._ends
+
+    def __repr__(self) -> str:
+        return f"RangeSet({list(self)!r})"
+
+    @property
+    def size(self) -> int:
+        return sum(e - s for s, e in zip(self._starts, self._ends))
+
+    def union(self, other: Iterable[KeyRange]) -> RangeSet:
+        return RangeSet([*self, *other])
+
+    def difference(self, other: Iterable[KeyRange]) -> RangeSet:
+        result: list[KeyRange] = []
+        cuts = RangeSet(other)
+        for r in self:
+            start = r.start
+            for c in cuts:
+                if c.end <= start or c.start >= r.end:
+                    continue
+                if c.start > start:
+                    result.append(KeyRange(start, c.start))
+                start = max(start, c.end)
+            if start < r.end:
+                result.append(KeyRange(start, r.end))
+        return RangeSet(result)
+
+    def covers(self, other: Iterable[KeyRange]) -> bool:
+        return not RangeSet(other).difference(self)
+
+    def to_wire(self) -> list[list[int]]:
+        return [[r.start, r.end] for r in self]
+
+    @classmethod
+    def from_wire(cls, raw: object) -> RangeSet:
+        if not isinstance(raw, (list, tuple)):
+            raise ShardMapError("key ranges: expected a list")
+        ranges = []
+        for item in raw:
+            if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(type(x) is int for x in item):
+                raise ShardMapError("key ranges: expected [start, end] pairs of integers")
+            ranges.append(KeyRange(item[0], item[1]))
+        return cls(ranges)
+
+
+@dataclass(slots=True, frozen=True)
+class Move:
+    """Key space to move from one group to another (one step of a plan)."""
+
+    source: int
+    target: int
+    ranges: RangeSet
+
+
 @dataclass(slots=True, frozen=True)
 class ShardMap:
     epoch: int
-    groups: int
-    virtual_nodes: int
-    points: tuple[int, ...]     # sorted ring positions
-    owners: tuple[int, ...]     # owners[i] is the group of points[i]
+    starts: tuple[int, ...]          # starts[0] == 0, strictly increasing
+    owners: tuple[int, ...]          # owners[i] owns [starts[i], starts[i+1])
+    groups: tuple[int, ...]          # every live group, owning key space or not, sorted
+    # The initial hosts of groups created online (groups of cluster.toml are
+    # placed by the configuration): group -> host names, node id i+1 on the
+    # i-th [[host]] as everywhere.
+    placements: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.epoch < 1:
+            raise ShardMapError("epoch must be >= 1")
+        if not self.starts or self.starts[0] != 0 or len(self.starts) != len(self.owners):
+            raise ShardMapError("a shard map's ranges must start at 0, one owner each")
+        if any(b <= a for a, b in zip(self.starts, self.starts[1:])) or self.starts[-1] >= SPACE:
+            raise ShardMapError("range starts must increase strictly and stay below 2**64")
+        if not set(self.owners) <= set(self.groups):
+            raise ShardMapError("a range is owned by a group that is not in the map")
+
+    # --- Building -------------------------------------------------------------
 
     @classmethod
-    def build(cls, groups: int, virtual_nodes: int, epoch: int = 1) -> "ShardMap":
+    def build(cls, groups: int, virtual_nodes: int, epoch: int = 1) -> ShardMap:
+        """The consistent-hash ring of cluster.toml, as ranges."""
         if groups < 1 or virtual_nodes < 1:
             raise ValueError("a shard map needs at least one group and one virtual node per group")
         ring = sorted(
@@ -39,8 +168,132 @@ class ShardMap:
             for group in range(groups)
             for vnode in range(virtual_nodes)
         )
-        return cls(epoch, groups, virtual_nodes, tuple(p for p, _ in ring), tuple(g for _, g in ring))
+        # Point p owns (previous point, p]; the first point also owns the
+        # positions after the last one (the wrap).
+        starts, owners = [0], [ring[0][1]]
+        for (point, _), (_, next_owner) in zip(ring, ring[1:] + [(None, ring[0][1])]):
+            if point + 1 < SPACE:
+                starts.append(point + 1)
+                owners.append(next_owner)
+        return cls._normalized(epoch, starts, owners, tuple(range(groups)), {})
+
+    @classmethod
+    def _normalized(cls, epoch: int, starts: list[int], owners: list[int], groups: Iterable[int],
+                    placements: dict[int, tuple[str, ...]]) -> ShardMap:
+        merged_starts: list[int] = []
+        merged_owners: list[int] = []
+        for start, owner in sorted(zip(starts, owners)):
+            if merged_starts and merged_starts[-1] == start:
+                raise ShardMapError("two ranges start at the same position")
+            if merged_owners and merged_owners[-1] == owner:
+                continue
+            merged_starts.append(start)
+            merged_owners.append(owner)
+        return cls(epoch, tuple(merged_starts), tuple(merged_owners), tuple(sorted(set(groups))), dict(placements))
+
+    # --- Lookups --------------------------------------------------------------
 
     def group_for(self, key: bytes) -> int:
-        position = bisect.bisect_left(self.points, stable_hash(key))
-        return self.owners[position % len(self.points)]
+        return self.owners[bisect.bisect_right(self.starts, stable_hash(key)) - 1]
+
+    def ranges(self) -> Iterator[tuple[KeyRange, int]]:
+        ends = self.starts[1:] + (SPACE,)
+        for start, end, owner in zip(self.starts, ends, self.owners):
+            yield KeyRange(start, end), owner
+
+    def owned_by(self, group: int) -> RangeSet:
+        return RangeSet(r for r, owner in self.ranges() if owner == group)
+
+    def share(self, group: int) -> float:
+        """The fraction of the key space `group` owns."""
+        return self.owned_by(group).size / SPACE
+
+    # --- Changes (each returns a new map with epoch + 1) ----------------------
+
+    def with_group(self, group: int, hosts: tuple[str, ...]) -> ShardMap:
+        """A new, empty group placed on `hosts`."""
+        if group in self.groups:
+            raise ShardMapError(f"group {group} already exists")
+        return ShardMap(self.epoch + 1, self.starts, self.owners, tuple(sorted({*self.groups, group})),
+                        {**self.placements, group: tuple(hosts)})
+
+    def without_group(self, group: int) -> ShardMap:
+        if self.owned_by(group):
+            raise ShardMapError(f"group {group} still owns key space")
+        placements = {g: h for g, h in self.placements.items() if g != group}
+        return ShardMap(self.epoch + 1, self.starts, self.owners, tuple(g for g in self.groups if g != group),
+                        placements)
+
+    def with_move(self, move: Move) -> ShardMap:
+        """`move.ranges` (all owned by move.source) now belong to move.target."""
+        if not self.owned_by(move.source).covers(move.ranges):
+            raise ShardMapError(f"group {move.source} does not own all of the moving ranges")
+        if move.target not in self.groups:
+            raise ShardMapError(f"group {move.target} is not in the map")
+        cuts = sorted({*self.starts, *(r.start for r in move.ranges), *(r.end for r in move.ranges if r.end < SPACE)})
+        moving = move.ranges
+        owners = [move.target if start in moving else self._owner_at(start) for start in cuts]
+        return self._normalized(self.epoch + 1, cuts, owners, self.groups, self.placements)
+
+    def _owner_at(self, position: int) -> int:
+        return self.owners[bisect.bisect_right(self.starts, position) - 1]
+
+    # --- Plans ------------------------------------------------------------------
+
+    def plan_add(self, new_group: int) -> list[Move]:
+        """Moves that give `new_group` a fair share: each group gives the tail
+        1/(n+1) of each of its ranges, so every group keeps n/(n+1) of what it
+        had and the new one gets 1/(n+1) of the space."""
+        donors = [g for g in self.groups if g != new_group and self.owned_by(g)]
+        total = len(donors) + 1
+        moves = []
+        for donor in donors:
+            taken = []
+            for r in self.owned_by(donor):
+                cut = r.end - r.size // total
+                if cut < r.end:
+                    taken.append(KeyRange(cut, r.end))
+            if taken:
+                moves.append(Move(donor, new_group, RangeSet(taken)))
+        return moves
+
+    def plan_remove(self, group: int) -> list[Move]:
+        """Moves that hand `group`'s ranges to the other groups, each range to
+        the group that owns the least at that point."""
+        others = [g for g in self.groups if g != group]
+        if not others:
+            raise ShardMapError("the last group cannot be removed")
+        owned = {g: self.owned_by(g).size for g in others}
+        received: dict[int, list[KeyRange]] = {g: [] for g in others}
+        for r in sorted(self.owned_by(group), key=lambda r: -r.size):
+            target = min(others, key=lambda g: (owned[g], g))
+            received[target].append(r)
+            owned[target] += r.size
+        return [Move(group, g, RangeSet(rs)) for g, rs in received.items() if rs]
+
+    # --- Wire format (the metadata group's value) --------------------------------
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            (MAP_FORMAT_VERSION, self.epoch, list(self.starts), list(self.owners), list(self.groups),
+             {g: list(h) for g, h in self.placements.items()}),
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> ShardMap:
+        try:
+            fields = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception as exc:  # msgpack raises several unrelated types on garbage
+            raise ShardMapError(f"shard map: not msgpack: {exc}") from None
+        if not isinstance(fields, list) or len(fields) != 6 or fields[0] != MAP_FORMAT_VERSION:
+            raise ShardMapError("shard map: unknown format")
+        _, epoch, starts, owners, groups, placements = fields
+        if not (type(epoch) is int and all(isinstance(x, list) for x in (starts, owners, groups))
+                and isinstance(placements, dict)):
+            raise ShardMapError("shard map: wrong field types")
+        if not all(type(x) is int for x in (*starts, *owners, *groups, *placements)):
+            raise ShardMapError("shard map: integers expected")
+        if not all(isinstance(h, list) and all(isinstance(n, str) for n in h) for h in placements.values()):
+            raise ShardMapError("shard map: placements must be lists of host names")
+        return cls(epoch, tuple(starts), tuple(owners), tuple(groups), {g: tuple(h) for g, h in placements.items()})

@@ -191,8 +191,8 @@ class KVService(pb_grpc.KVServicer):
         return pb.ShardMapResponse(
             cluster=self.cluster.name,
             epoch=self.shard_map.epoch,
-            groups=self.shard_map.groups,
-            virtual_nodes=self.shard_map.virtual_nodes,
+            groups=len(self.shard_map.groups),
+            virtual_nodes=self.cluster.virtual_nodes,
             routers=[h.router_address for h in self.cluster.hosts],
         )
 
