@@ -297,3 +297,14 @@ class ShardMap:
         if not all(isinstance(h, list) and all(isinstance(n, str) for n in h) for h in placements.values()):
             raise ShardMapError("shard map: placements must be lists of host names")
         return cls(epoch, tuple(starts), tuple(owners), tuple(groups), {g: tuple(h) for g, h in placements.items()})
+
+
+def initial_ownership(groups: int, virtual_nodes: int, group: int, *, metadata: bool = False) -> RangeSet | None:
+    """What a group's state machine owns before any move changed it: its
+    ranges of the cluster's first map (none for a group created online), or
+    everything (None) for the metadata group."""
+    if metadata:
+        return None
+    if group >= groups:
+        return RangeSet()
+    return ShardMap.build(groups, virtual_nodes).owned_by(group)
