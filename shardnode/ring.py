@@ -36,6 +36,10 @@ class ShardMapError(ValueError):
     """A shard map that is not well formed (bytes from the metadata group)."""
 
 
+class ShardMapConflict(Exception):
+    """The metadata group's map changed since it was read: read it again."""
+
+
 @dataclass(slots=True, frozen=True)
 class KeyRange:
     """Positions [start, end): end is exclusive, at most 2**64."""
