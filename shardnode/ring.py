@@ -116,7 +116,9 @@ class RangeSet:
         return not RangeSet(other).difference(self)
 
     def to_wire(self) -> list[list[int]]:
-        return [[r.start, r.end] for r in self]
+        """[[start, last], ...] with the last position included: 2**64 (an
+        end) does not fit msgpack's integers."""
+        return [[r.start, r.end - 1] for r in self]
 
     @classmethod
     def from_wire(cls, raw: object) -> RangeSet:
@@ -125,8 +127,8 @@ class RangeSet:
         ranges = []
         for item in raw:
             if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(type(x) is int for x in item):
-                raise ShardMapError("key ranges: expected [start, end] pairs of integers")
-            ranges.append(KeyRange(item[0], item[1]))
+                raise ShardMapError("key ranges: expected [start, last] pairs of integers")
+            ranges.append(KeyRange(item[0], item[1] + 1))
         return cls(ranges)
 
 
