@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from ..config import ClusterConfig, ConfigError, default_config_path
 from ..errors import ShardnodeError
-from ..sharding.groups import GroupAdmin, GroupChangeReport
+from ..sharding.groups import GroupChangeReport
 from ..sharding.mover import MoveProgress, MoveRecord
 
 

@@ -52,16 +52,19 @@ MoveProgressCallback = Callable[[MoveRecord, MoveProgress], None]
 
 class GroupAdmin:
     def __init__(self, cluster: ClusterConfig, directory, groups, start_workers,  # type: ignore[no-untyped-def]
+                 retire_workers=lambda group: None,
                  progress: Progress = lambda line: None,
                  on_move_progress: MoveProgressCallback | None = None) -> None:
         """`directory`: the metadata group (DirectoryPort); `groups`: the
         groups' leaders (GroupPort, with `leader_address(group)`);
         `start_workers(host_name, groups)`: starts those worker programs on
-        that host (its supervisord)."""
+        that host (its supervisord); `retire_workers(group)`: restarts a
+        removed group's workers, which then retire their data."""
         self.cluster = cluster
         self.directory = directory
         self.groups = groups
         self.start_workers = start_workers
+        self.retire_workers = retire_workers
         self.progress = progress
         self.mover = Mover(groups, directory, on_move_progress)
 
@@ -85,15 +88,30 @@ class GroupAdmin:
                             key=order.__getitem__))
 
     async def add(self, hosts: tuple[str, ...] | None = None, loads: dict[str, int] | None = None) -> GroupChangeReport:
+        """Add a group and give it its share. An earlier run that stopped
+        part way is finished instead: its unfinished moves are resumed, or a
+        group it created but had not yet given key space gets its share."""
         began = time.monotonic()
-        await self.resume()
+        unfinished = await self.mover.records()
+        if unfinished:
+            self.progress(f"finishing {len(unfinished)} move(s) an earlier run left; "
+                          f"run `group add` again to add another group")
+            report = GroupChangeReport(unfinished[0].target, moves=len(unfinished))
+            await self._run_all(unfinished, report)
+            return await self._finish(report, began)
         shard_map = await self.directory.load_map()
-        group = self._next_group(shard_map)
-        if hosts is None:
-            hosts = self.choose_hosts(shard_map, loads or {})
-        self._check_hosts(hosts)
-        self.progress(f"group {group}: placing {len(hosts)} replicas on {', '.join(hosts)}")
-        shard_map = await self.directory.update_map(shard_map, shard_map.with_group(group, hosts))
+        idle = [g for g in shard_map.groups if not shard_map.owned_by(g)]
+        if idle:
+            group = idle[0]
+            hosts = shard_map.placements.get(group, ())
+            self.progress(f"group {group} owns no key space (an earlier run stopped early): giving it its share")
+        else:
+            group = self._next_group(shard_map)
+            if hosts is None:
+                hosts = self.choose_hosts(shard_map, loads or {})
+            self._check_hosts(hosts)
+            self.progress(f"group {group}: placing {len(hosts)} replicas on {', '.join(hosts)}")
+            shard_map = await self.directory.update_map(shard_map, shard_map.with_group(group, hosts))
         for host in hosts:
             await asyncio.to_thread(self.start_workers, host, [group])
         await self._wait_for_leader(group)
@@ -102,6 +120,9 @@ class GroupAdmin:
         records = await self.mover.plan(moves)
         report = GroupChangeReport(group, moves=len(records))
         await self._run_all(records, report)
+        return await self._finish(report, began)
+
+    async def _finish(self, report: GroupChangeReport, began: float) -> GroupChangeReport:
         final = await self.directory.load_map()
         report.seconds = time.monotonic() - began
         report.epoch = final.epoch
@@ -155,10 +176,8 @@ class GroupAdmin:
         shard_map = await self.directory.load_map()
         final = await self.directory.update_map(shard_map, shard_map.without_group(group))
         self.progress(f"group {group}: owns nothing now; removed from the shard map (epoch {final.epoch})")
-        report.seconds = time.monotonic() - began
-        report.epoch = final.epoch
-        report.shares = {g: final.share(g) for g in final.groups}
-        return report
+        await asyncio.to_thread(self.retire_workers, group)
+        return await self._finish(report, began)
 
     async def _run_all(self, records: list[MoveRecord], report: GroupChangeReport) -> None:
         totals: dict[int, MoveProgress] = {}
