@@ -758,7 +758,8 @@ def cluster_dict(router_ports: list[int], **cluster: Any) -> dict[str, Any]:
         base = 40000 + 10 * i
         hosts.append({"name": f"host{i + 1}", "address": "127.0.0.1", "router_port": port,
                       "worker_port_base": base, "metrics_port": base + 5, "supervisor_port": base + 6})
-    return {"cluster": {"name": "test", "replicas": 1, "groups": 2, **cluster}, "host": hosts}
+    # max_groups 3: worker ports base..base+3 (the last the metadata group's) stay clear of base+5, base+6.
+    return {"cluster": {"name": "test", "replicas": 1, "groups": 2, "max_groups": 3, **cluster}, "host": hosts}
 
 
 def cluster_toml(router_ports: list[int], **cluster: Any) -> str:
