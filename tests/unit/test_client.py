@@ -118,10 +118,10 @@ def default_status(cluster: str = "fake") -> kv_pb2.StatusResponse:
     return kv_pb2.StatusResponse(
         cluster=cluster, router_host="host1", shard_map_epoch=1,
         groups=[
-            kv_pb2.GroupStatus(group=0, leader_id=1, has_quorum=True, replicas=[
+            kv_pb2.GroupStatus(group=0, leader_id=1, has_quorum=True, share=0.625, replicas=[
                 replica("host1", 1, "leader"), replica("host2", 2, "follower"),
                 replica("host3", 3, "follower", lag=2)]),
-            kv_pb2.GroupStatus(group=1, leader_id=0, has_quorum=False, replicas=[
+            kv_pb2.GroupStatus(group=1, leader_id=0, has_quorum=False, share=0.375, replicas=[
                 replica("host2", 2, "candidate"), replica("host3", 3, "follower", reachable=False),
                 replica("host1", 1, "follower", reachable=False)]),
         ])
