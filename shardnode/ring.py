@@ -36,6 +36,10 @@ class ShardMapError(ValueError):
     """A shard map that is not well formed (bytes from the metadata group)."""
 
 
+class ShardMapConflict(Exception):
+    """The metadata group's map changed since it was read: read it again."""
+
+
 @dataclass(slots=True, frozen=True)
 class KeyRange:
     """Positions [start, end): end is exclusive, at most 2**64."""
@@ -297,3 +301,14 @@ class ShardMap:
         if not all(isinstance(h, list) and all(isinstance(n, str) for n in h) for h in placements.values()):
             raise ShardMapError("shard map: placements must be lists of host names")
         return cls(epoch, tuple(starts), tuple(owners), tuple(groups), {g: tuple(h) for g, h in placements.items()})
+
+
+def initial_ownership(groups: int, virtual_nodes: int, group: int, *, metadata: bool = False) -> RangeSet | None:
+    """What a group's state machine owns before any move changed it: its
+    ranges of the cluster's first map (none for a group created online), or
+    everything (None) for the metadata group."""
+    if metadata:
+        return None
+    if group >= groups:
+        return RangeSet()
+    return ShardMap.build(groups, virtual_nodes).owned_by(group)

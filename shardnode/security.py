@@ -71,6 +71,9 @@ ADMIN_METHODS = frozenset({
     "/shardnode.worker.Worker/TransferLeader",
     "/shardnode.worker.Worker/ChangeMembership",
     "/shardnode.worker.Worker/Retire",
+    "/shardnode.worker.Worker/Shard",
+    "/shardnode.worker.Worker/ExportScan",
+    "/shardnode.worker.Worker/ExportDelta",
 })
 ADMIN_USER = "admin"
 _AUTHORIZATION = "authorization"

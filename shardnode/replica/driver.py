@@ -44,8 +44,10 @@ from ..raft import (
     StateRole,
 )
 from ..failstop import FailStop, describe
+from ..ring import initial_ownership
 from ..futures import settle
 from ..storage import ApplyResult, Command, ReplicaStore, StorageFault, StoreBusy, encode_command
+from ..storage.shard_commands import ShardResult
 from ..transport import RaftTransport, SnapshotHeader
 from .peer_security import transport_security
 from .metrics import WorkerMetrics
@@ -88,6 +90,7 @@ class ReplicaDriver:
         self.node_id = replica.node_id
         self._log_extra = {"group": self.group, "node": self.node_id}
         self.store = store
+        store.configure_ownership(initial_ownership(cluster.groups, cluster.virtual_nodes, self.group))
         self.stats = ReplicaStats()
         # Every member's worker address and host name, as the applied
         # configuration says (followed as membership changes apply).
@@ -221,18 +224,23 @@ class ReplicaDriver:
 
     async def write(self, commands: Sequence[Command], timeout: float) -> list[ApplyResult]:
         """Propose commands as one batch; return their results once applied here."""
+        return await self.propose([encode_command(c) for c in commands], timeout)  # type: ignore[return-value]
+
+    async def propose(self, datas: list[bytes], timeout: float) -> list[ApplyResult | ShardResult]:
+        """Propose encoded commands (client or shard commands) as one batch;
+        return their results once applied here."""
         self._check_serving()
         if not self.is_leader:
             raise self._not_leader()
         loop = asyncio.get_running_loop()
         try:
-            proposal = self.node.propose_batch([encode_command(c) for c in commands])
+            proposal = self.node.propose_batch(datas)
         except ProposalDropped as exc:
             if exc.leader == self.node_id:
                 raise Unavailable(str(exc)) from None   # e.g. too much uncommitted: back off
             raise self._not_leader(exc.leader) from None
-        self.metrics.proposals.inc(len(commands))
-        self.metrics.proposal_batch.observe(len(commands))
+        self.metrics.proposals.inc(len(datas))
+        self.metrics.proposal_batch.observe(len(datas))
         futures = []
         for offset in range(proposal.count):
             future = loop.create_future()

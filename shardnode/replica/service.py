@@ -8,12 +8,15 @@ import logging
 import time
 
 import grpc
+import msgpack
 
 from ..errors import DeadlineExceeded, NotLeader, Unavailable
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..raft import ConfChange, ConfState, InvalidConfChange, StateRole
-from ..storage import Command, CommandOp
+from ..ring import RangeSet, ShardMapError
+from ..storage import Command, CommandError, CommandOp, StorageError
+from ..storage.shard_commands import SHARD_FORMAT, ShardResult, shard_command_from_fields
 from .driver import ReplicaDriver
 from .identity import observe_group
 
@@ -22,7 +25,11 @@ log = logging.getLogger("shardnode.replica.service")
 # Used when the caller set no deadline: a request must never hang.
 DEFAULT_TIMEOUT = 10.0
 Op = pb.Operation
-_OP_NAMES = {Op.GET: "get", Op.PUT: "put", Op.DELETE: "delete"}
+_OP_NAMES = {Op.GET: "get", Op.PUT: "put", Op.DELETE: "delete", Op.CAS: "cas"}
+_WRITE_OPS = {Op.PUT: CommandOp.PUT, Op.DELETE: CommandOp.DELETE, Op.CAS: CommandOp.CAS}
+ShardStatus = pb.ShardResponse
+#: Largest page of an export scan.
+MAX_SCAN_BYTES = 4 << 20
 
 
 class WorkerService(pb_grpc.WorkerServicer):
@@ -40,12 +47,14 @@ class WorkerService(pb_grpc.WorkerServicer):
         for position, op in enumerate(request.operations):
             if not 1 <= len(op.key) <= limits.max_key_bytes:
                 return f"operation {position}: key must be 1..{limits.max_key_bytes} bytes (got {len(op.key)})"
-            if op.kind == Op.PUT and len(op.value) > limits.max_value_bytes:
-                return f"operation {position}: value must be at most {limits.max_value_bytes} bytes (got {len(op.value)})"
-            if op.kind != Op.PUT and op.value:
-                return f"operation {position}: only PUT carries a value"
-            if op.kind not in (Op.GET, Op.PUT, Op.DELETE):
+            if op.kind not in _OP_NAMES:
                 return f"operation {position}: unknown kind {op.kind}"
+            if op.kind in (Op.PUT, Op.CAS) and len(op.value) > limits.max_value_bytes:
+                return f"operation {position}: value must be at most {limits.max_value_bytes} bytes (got {len(op.value)})"
+            if op.kind not in (Op.PUT, Op.CAS) and op.value:
+                return f"operation {position}: only PUT and CAS carry a value"
+            if op.kind != Op.CAS and (op.expected or op.expected_absent):
+                return f"operation {position}: only CAS compares"
         return ""
 
     async def Execute(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext) -> pb.ExecuteResponse:
@@ -85,7 +94,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         try:
             if request.allow_stale:
                 for i, op in reads:
-                    results[i] = _read_result(driver.read_local(op.key))
+                    results[i] = self._read_one(op.key)
                 reads = []
             jobs = []
             if writes:
@@ -107,36 +116,48 @@ class WorkerService(pb_grpc.WorkerServicer):
                                       leader_id=lead, leader_address=address)
         except DeadlineExceeded as exc:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
-        return pb.ExecuteResponse(status=pb.ExecuteResponse.OK, results=results)
+        return pb.ExecuteResponse(status=pb.ExecuteResponse.OK, results=results,
+                                  shard_epoch=driver.store.shard_state.version)
 
     async def _write(self, writes, results, timeout: float) -> None:
         now_ms = int(time.time() * 1000)
         commands = [
             Command(
-                op=CommandOp.PUT if op.kind == Op.PUT else CommandOp.DELETE,
+                op=_WRITE_OPS[op.kind],
                 key=op.key,
-                value=op.value if op.kind == Op.PUT else None,
+                value=None if op.kind == Op.DELETE else op.value,
                 client_id=op.client_id,
                 sequence=op.sequence,
                 timestamp_ms=now_ms,
+                expected=None if op.kind != Op.CAS or op.expected_absent else op.expected,
             )
             for _, op in writes
         ]
         applied = await self.driver.write(commands, timeout)
         for (i, _), result in zip(writes, applied):
-            if getattr(result, "stale", False):
+            if result.stale:
                 results[i] = pb.OperationResult(
                     duplicate=True, error="stale sequence number: a newer request of this session was already applied"
                 )
+            elif result.wrong_group:
+                results[i] = _WRONG_GROUP
             else:
                 results[i] = pb.OperationResult(
-                    existed=result.existed, value=result.old_value or b"", duplicate=result.duplicate
+                    existed=result.existed, value=result.old_value or b"", duplicate=result.duplicate,
+                    swapped=result.swapped,
                 )
 
     async def _read(self, reads, results, timeout: float) -> None:
         await self.driver.read_barrier(timeout)
         for i, op in reads:
-            results[i] = _read_result(self.driver.read_local(op.key))
+            results[i] = self._read_one(op.key)
+
+    def _read_one(self, key: bytes) -> pb.OperationResult:
+        # Ownership as of the applied index, which the read barrier brought
+        # past every change acknowledged before the read began.
+        if not self.driver.store.owns(key):
+            return _WRONG_GROUP
+        return _read_result(self.driver.read_local(key))
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         driver = self.driver
@@ -223,6 +244,113 @@ class WorkerService(pb_grpc.WorkerServicer):
                                                            f"{driver.group}; remove it first")
             driver.removed.set()
         return pb.RetireResponse(ok=True, message=f"node {driver.node_id} retires: its data is deleted")
+
+
+    # --- Moving key space (docs/sharding.md) ----------------------------------------------
+
+    def _shard_leader_problem(self, cluster: str, group: int):  # type: ignore[no-untyped-def]
+        """(status, message, leader id, leader address) if this replica cannot
+        serve a move request now, else None."""
+        driver = self.driver
+        if cluster != self.cluster.name or group != driver.group:
+            return (ShardStatus.REFUSED, f"this worker serves cluster {self.cluster.name!r} group {driver.group}",
+                    0, "")
+        if not driver.is_leader:
+            lead, address = driver.leader_hint()
+            return ShardStatus.NOT_LEADER, "not the leader", lead, address
+        return None
+
+    async def Shard(self, request: pb.ShardRequest, context) -> pb.ShardResponse:
+        problem = self._shard_leader_problem(request.cluster, request.group)
+        if problem is not None:
+            status, message, lead, address = problem
+            return pb.ShardResponse(status=status, message=message, leader_id=lead, leader_address=address)
+        try:
+            fields = msgpack.unpackb(request.command, use_list=False, raw=False)
+            if type(fields) is not tuple or not fields or fields[0] != SHARD_FORMAT:
+                raise CommandError("not a shard command")
+            shard_command_from_fields(fields)
+        except Exception as exc:       # msgpack's several error types, CommandError
+            return pb.ShardResponse(status=ShardStatus.REFUSED, message=f"malformed shard command: {exc}")
+        try:
+            (result,) = await self.driver.propose([request.command], self._timeout(context))
+        except NotLeader as exc:
+            return pb.ShardResponse(status=ShardStatus.NOT_LEADER, message=str(exc), leader_id=exc.leader_id,
+                                    leader_address=exc.leader_address)
+        except (Unavailable, DeadlineExceeded) as exc:
+            lead, address = self.driver.leader_hint()
+            return pb.ShardResponse(status=ShardStatus.RETRY, message=str(exc), leader_id=lead,
+                                    leader_address=address)
+        if not isinstance(result, ShardResult):
+            return pb.ShardResponse(status=ShardStatus.REFUSED, message="the command was not applied as a shard command")
+        return pb.ShardResponse(status=ShardStatus.OK if result.ok else ShardStatus.REFUSED, message=result.message)
+
+    async def _barrier_for_export(self, cluster: str, group: int, context):  # type: ignore[no-untyped-def]
+        """None once this leader's state includes everything committed before
+        the call, else (status, message, leader id, address)."""
+        problem = self._shard_leader_problem(cluster, group)
+        if problem is not None:
+            return problem
+        try:
+            await self.driver.read_barrier(self._timeout(context))
+        except NotLeader as exc:
+            return ShardStatus.NOT_LEADER, str(exc), exc.leader_id, exc.leader_address
+        except (Unavailable, DeadlineExceeded) as exc:
+            lead, address = self.driver.leader_hint()
+            return ShardStatus.RETRY, str(exc), lead, address
+        return None
+
+    async def ExportScan(self, request: pb.ExportScanRequest, context) -> pb.ExportScanResponse:
+        try:
+            ranges = _ranges(request.ranges)
+        except ShardMapError as exc:
+            return pb.ExportScanResponse(status=ShardStatus.REFUSED, message=str(exc))
+        problem = await self._barrier_for_export(request.cluster, request.group, context)
+        if problem is not None:
+            status, message, lead, address = problem
+            return pb.ExportScanResponse(status=status, message=message, leader_id=lead, leader_address=address)
+        max_bytes = max(1, min(request.max_bytes or MAX_SCAN_BYTES, MAX_SCAN_BYTES))
+        after = None if request.from_start else request.after
+        try:
+            records, next_after = await asyncio.to_thread(self.driver.store.export_scan, ranges, after, max_bytes)
+        except StorageError as exc:
+            return pb.ExportScanResponse(status=ShardStatus.RETRY, message=str(exc))
+        return pb.ExportScanResponse(
+            status=ShardStatus.OK, records=[pb.KeyValue(key=k, value=v) for k, v in records],
+            next_after=next_after or b"", done=next_after is None,
+        )
+
+    async def ExportDelta(self, request: pb.ExportDeltaRequest, context) -> pb.ExportDeltaResponse:
+        problem = await self._barrier_for_export(request.cluster, request.group, context)
+        if problem is not None:
+            status, message, lead, address = problem
+            return pb.ExportDeltaResponse(status=status, message=message, leader_id=lead, leader_address=address)
+        try:
+            puts, deletes, sessions = await asyncio.to_thread(self.driver.store.export_delta, request.move_id)
+        except StorageError as exc:
+            return pb.ExportDeltaResponse(status=ShardStatus.REFUSED, message=str(exc))
+        return pb.ExportDeltaResponse(
+            status=ShardStatus.OK, puts=[pb.KeyValue(key=k, value=v) for k, v in puts], deletes=deletes,
+            sessions=[pb.SessionData(client_id=c, record=r) for c, r in sessions],
+        )
+
+    async def ShardInfo(self, request: pb.ShardInfoRequest, context) -> pb.ShardInfoResponse:
+        driver = self.driver
+        role = driver.node.status().role.name.lower()
+        return pb.ShardInfoResponse(state=driver.store.shard_state.encode(), applied_index=driver.store.applied_index,
+                                    role=role)
+
+
+def _ranges(raw: bytes) -> RangeSet:
+    try:
+        return RangeSet.from_wire(msgpack.unpackb(raw, raw=False))
+    except ShardMapError:
+        raise
+    except Exception as exc:
+        raise ShardMapError(f"ranges: not msgpack ({exc})") from None
+
+
+_WRONG_GROUP = pb.OperationResult(wrong_group=True, error="this group does not serve the key now: it moved or is moving")
 
 
 def _members(conf: ConfState, driver: ReplicaDriver) -> list[pb.Member]:

@@ -1,5 +1,4 @@
-"""Dynamic sharding: the metadata group that holds the shard map
-(docs/sharding.md)."""
+"""Dynamic sharding: the metadata group, routing by the live shard map, and moving key space between groups (docs/sharding.md)."""
 
 from .directory import MapConflict, MetadataUnavailable, ShardDirectory, initial_map
 

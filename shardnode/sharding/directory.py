@@ -28,7 +28,7 @@ from ..config import METADATA_GROUP, ClusterConfig
 from ..errors import ShardnodeError, Unavailable
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
-from ..ring import ShardMap
+from ..ring import ShardMap, ShardMapConflict
 from ..security import aio_channel
 
 log = logging.getLogger("shardnode.sharding")
@@ -52,9 +52,10 @@ class MetadataUnavailable(Unavailable):
     quorum, its hosts down). A compare-and-set's outcome is then unknown."""
 
 
-class MapConflict(ShardnodeError):
+class MapConflict(ShardMapConflict, ShardnodeError):
     """update_map found another map than the one it was asked to replace:
-    someone changed the map meanwhile. `current` is the map now stored."""
+    someone changed the map meanwhile (read it again). `current` is the map
+    now stored."""
 
     def __init__(self, message: str, current: ShardMap | None) -> None:
         super().__init__(message)

@@ -8,7 +8,8 @@ applying something half-understood.
 
 Wire shape (msgpack): a 7-element array
 ``(version, op, key, value, client_id, sequence, timestamp_ms)``, with keys
-and values as msgpack ``bin``. A fixed-position array is the most compact
+and values as msgpack ``bin``; a compare-and-set (used by the metadata
+group) has an 8th element, the value the key must have (nil: absent). A fixed-position array is the most compact
 msgpack shape (no field names on the wire) and the version in front lets a
 later format coexist with this one in old logs.
 """
@@ -25,6 +26,7 @@ from shardnode.errors import ShardnodeError
 COMMAND_FORMAT_VERSION = 1
 _U64_MAX = (1 << 64) - 1
 _FIELD_COUNT = 7
+_CAS_FIELD_COUNT = 8
 
 
 class CommandError(ShardnodeError, ValueError):
@@ -35,6 +37,7 @@ class CommandError(ShardnodeError, ValueError):
 class CommandOp(enum.IntEnum):
     PUT = 1
     DELETE = 2
+    CAS = 3       # compare-and-set: value replaces the key's value if it equals `expected`
 
 
 def _check_u64(name: str, value: object) -> int:
@@ -56,7 +59,8 @@ class Command:
 
     Invariants (checked on construction, so an invalid Command cannot exist):
     op is a CommandOp; key is non-empty bytes; value is bytes for PUT and
-    None for DELETE; ids are unsigned 64-bit; a command with a session
+    CAS and None for DELETE; `expected` (bytes, or None for "absent") only
+    for CAS; ids are unsigned 64-bit; a command with a session
     (client_id != 0) has sequence >= 1.
     """
 
@@ -66,6 +70,7 @@ class Command:
     client_id: int
     sequence: int
     timestamp_ms: int
+    expected: bytes | None = None
 
     def __post_init__(self) -> None:
         op = self.op
@@ -81,11 +86,16 @@ class Command:
             raise CommandError(f"key: expected bytes, got {type(self.key).__name__}")
         if not self.key:
             raise CommandError("key: must not be empty")
-        if op is CommandOp.PUT:
-            if type(self.value) is not bytes:
-                raise CommandError(f"value: PUT needs bytes, got {type(self.value).__name__}")
-        elif self.value is not None:
-            raise CommandError("value: DELETE carries no value")
+        if op is CommandOp.DELETE:
+            if self.value is not None:
+                raise CommandError("value: DELETE carries no value")
+        elif type(self.value) is not bytes:
+            raise CommandError(f"value: {op.name} needs bytes, got {type(self.value).__name__}")
+        if op is CommandOp.CAS:
+            if self.expected is not None and type(self.expected) is not bytes:
+                raise CommandError(f"expected: bytes or absent, got {type(self.expected).__name__}")
+        elif self.expected is not None:
+            raise CommandError("expected: only CAS compares")
         _check_u64("client_id", self.client_id)
         _check_u64("sequence", self.sequence)
         _check_u64("timestamp_ms", self.timestamp_ms)
@@ -95,18 +105,18 @@ class Command:
 
 def encode_command(command: Command) -> bytes:
     """The bytes to propose. `command` is valid by construction."""
-    return msgpack.packb(
-        (
-            COMMAND_FORMAT_VERSION,
-            int(command.op),
-            command.key,
-            command.value,
-            command.client_id,
-            command.sequence,
-            command.timestamp_ms,
-        ),
-        use_bin_type=True,
+    fields: tuple = (
+        COMMAND_FORMAT_VERSION,
+        int(command.op),
+        command.key,
+        command.value,
+        command.client_id,
+        command.sequence,
+        command.timestamp_ms,
     )
+    if command.op is CommandOp.CAS:
+        fields += (command.expected,)
+    return msgpack.packb(fields, use_bin_type=True)
 
 
 def decode_command(data: bytes) -> Command:
@@ -118,11 +128,18 @@ def decode_command(data: bytes) -> Command:
         fields = msgpack.unpackb(data, use_list=False, raw=False)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise CommandError(f"not a msgpack document: {exc}") from None
-    if type(fields) is not tuple or len(fields) != _FIELD_COUNT:
+    return command_from_fields(fields)
+
+
+def command_from_fields(fields: object) -> Command:
+    """A Command from a decoded msgpack array (see decode_command)."""
+    if type(fields) is not tuple or len(fields) not in (_FIELD_COUNT, _CAS_FIELD_COUNT):
         raise CommandError(f"expected a {_FIELD_COUNT}-element array")
-    version, op, key, value, client_id, sequence, timestamp_ms = fields
+    version, op, key, value, client_id, sequence, timestamp_ms = fields[:_FIELD_COUNT]
     if type(version) is not int or version != COMMAND_FORMAT_VERSION:
         raise CommandError(f"unsupported command format version {version!r}")
+    if (len(fields) == _CAS_FIELD_COUNT) != (op == CommandOp.CAS):
+        raise CommandError("only a CAS command has an expected value")
     return Command(
         op=op,
         key=key,
@@ -130,4 +147,5 @@ def decode_command(data: bytes) -> Command:
         client_id=client_id,
         sequence=sequence,
         timestamp_ms=timestamp_ms,
+        expected=fields[7] if len(fields) == _CAS_FIELD_COUNT else None,
     )

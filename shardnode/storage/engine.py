@@ -94,7 +94,8 @@ KV_CF = "kv"
 SESSIONS_CF = "sessions"
 META_CF = "meta"
 STAGING_CF = "staging"
-COLUMN_FAMILIES = (LOG_CF, KV_CF, SESSIONS_CF, META_CF, STAGING_CF)
+SHARD_CF = "shard"        # ownership of key space and moves in progress (ownership.py); part of snapshots
+COLUMN_FAMILIES = (LOG_CF, KV_CF, SESSIONS_CF, META_CF, STAGING_CF, SHARD_CF)
 
 # A host runs many workers, each with its own RocksDB: keep memtables small.
 WRITE_BUFFER_BYTES = 16 << 20
@@ -194,6 +195,10 @@ class Engine:
     @property
     def staging(self) -> Column:
         return self.column(STAGING_CF)
+
+    @property
+    def shard(self) -> Column:
+        return self.column(SHARD_CF)
 
     def write(self, batch: WriteBatch, *, sync: bool) -> None:
         if self._db is None:
@@ -388,8 +393,21 @@ FORMAT_VERSION = 1
 TAG_KV = 0
 TAG_SESSIONS = 1
 TAG_STATE = 2
+TAG_SHARD = 3
 # The only state record: the state machine's clock (see ReplicaStore.apply).
 STATE_CLOCK = b"clock"
+
+# The shard family: the ownership state, and one key per (export, dirty key).
+SHARD_STATE = b"state"
+DIRTY_PREFIX = b"d"
+
+
+def dirty_key(move_id: int, key: bytes) -> bytes:
+    return DIRTY_PREFIX + move_id.to_bytes(8, "big") + key
+
+
+def dirty_prefix(move_id: int) -> bytes:
+    return DIRTY_PREFIX + move_id.to_bytes(8, "big")
 
 # --- Values ------------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ receiving side
 Chunk data (msgpack): ``(version, index, term, last, records)`` where
 ``records`` is a list of ``(tag, key, value)`` in stream order: every kv
 record (TAG_KV) in key order, then every session (TAG_SESSIONS), then the
-state records (TAG_STATE). A record's position is ``bytes([tag]) + key``,
+state records (TAG_STATE), then the shard family (TAG_SHARD: ownership and
+the dirty keys of exports in progress, see ownership.py). A record's position is ``bytes([tag]) + key``,
 so positions grow strictly along the stream and "resume after position p"
 is a seek.
 """
@@ -35,9 +36,12 @@ from shardnode.raft import SnapshotMetadata
 
 from .engine import (
     META_STAGING,
+    DIRTY_PREFIX,
+    SHARD_STATE,
     STATE_CLOCK,
     TAG_KV,
     TAG_SESSIONS,
+    TAG_SHARD,
     TAG_STATE,
     U64_MAX,
     Column,
@@ -61,7 +65,7 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 _RECORD_OVERHEAD = 8
 # Size of the write batches that move staged records into place on install.
 _INSTALL_BATCH_BYTES = 4 << 20
-_TAGS = (TAG_KV, TAG_SESSIONS, TAG_STATE)
+_TAGS = (TAG_KV, TAG_SESSIONS, TAG_STATE, TAG_SHARD)
 
 Record = tuple[int, bytes, bytes]
 
@@ -138,10 +142,19 @@ def _validate_record(record: object) -> Record:
             if len(key) != 8:
                 raise ValueError("session key must be an 8-byte client id")
             decode_session(value)
-        else:
+        elif tag == TAG_STATE:
             if key != STATE_CLOCK:
                 raise ValueError(f"unknown state record {key!r}")
             decode_clock(value)
+        else:
+            if key == SHARD_STATE:
+                from .ownership import ShardState     # ownership imports engine; avoid a cycle at import
+                try:
+                    ShardState.decode(value)
+                except StorageError as exc:
+                    raise ValueError(str(exc)) from None
+            elif not (key.startswith(DIRTY_PREFIX) and len(key) > 9 and value == b""):
+                raise ValueError(f"unknown shard record {key[:16]!r}")
     except ValueError as exc:
         raise SnapshotDataError(f"record: {exc}") from None
     return tag, key, value
@@ -193,10 +206,14 @@ class CapturedSnapshot:
         kv: Cursor,
         sessions: Cursor,
         clock_ms: int,
+        shard: Cursor,
     ) -> None:
         self.metadata = metadata
-        self._sources: list[tuple[int, Cursor]] | None = [(TAG_KV, kv), (TAG_SESSIONS, sessions)]
-        self._state_records: list[tuple[bytes, bytes]] = [(STATE_CLOCK, encode_clock(clock_ms))]
+        # In stream (tag) order: iterators, and the state records as a list.
+        self._sources: list[tuple[int, Cursor | list[tuple[bytes, bytes]]]] | None = [
+            (TAG_KV, kv), (TAG_SESSIONS, sessions), (TAG_STATE, [(STATE_CLOCK, encode_clock(clock_ms))]),
+            (TAG_SHARD, shard),
+        ]
         self._lock = threading.Lock()
         self._readers = 0
         self._registered = True
@@ -238,9 +255,21 @@ class CapturedSnapshot:
         with self._lock:
             if self._sources is None:
                 raise StorageClosed("snapshot capture was released (store closed)")
-            for tag, iterator in self._sources:
+            for tag, source in self._sources:
                 if tag < after_tag:
                     continue
+                if isinstance(source, list):
+                    for key, value in source:
+                        if tag == after_tag and key <= after_key:
+                            continue
+                        record_size = len(key) + len(value) + _RECORD_OVERHEAD
+                        if records and size + record_size > max_bytes:
+                            return records, last_position, False
+                        records.append((tag, key, value))
+                        size += record_size
+                        last_position = record_position(tag, key)
+                    continue
+                iterator = source
                 if tag == after_tag:
                     iterator.seek(after_key)
                     if iterator.valid() and iterator.key() == after_key:
@@ -257,15 +286,6 @@ class CapturedSnapshot:
                     size += record_size
                     last_position = record_position(tag, key)
                     iterator.next()
-            for key, value in self._state_records:
-                if TAG_STATE < after_tag or (TAG_STATE == after_tag and key <= after_key):
-                    continue
-                record_size = len(key) + len(value) + _RECORD_OVERHEAD
-                if records and size + record_size > max_bytes:
-                    return records, last_position, False
-                records.append((TAG_STATE, key, value))
-                size += record_size
-                last_position = record_position(TAG_STATE, key)
         return records, last_position, True
 
 
@@ -458,17 +478,18 @@ class SnapshotStaging:
 
 
 def move_staged_into_place(engine: Engine) -> int:
-    """Install step: replace kv and sessions with the staged records; return
+    """Install step: replace kv, sessions and the shard family with the staged records; return
     the staged clock. Several unsynced batches (the state may be large): the
     caller holds a synced "installing" marker, so a crash in here is redone
     from the start on reopen, and the staging is only dropped by the final
     synced batch. Idempotent."""
-    kv, sessions = engine.kv, engine.sessions
+    kv, sessions, shard = engine.kv, engine.sessions, engine.shard
     batch = new_batch()
     engine.delete_all(batch, kv)
     engine.delete_all(batch, sessions)
+    engine.delete_all(batch, shard)
     engine.write(batch, sync=False)
-    targets: dict[int, Column] = {TAG_KV: kv, TAG_SESSIONS: sessions}
+    targets: dict[int, Column] = {TAG_KV: kv, TAG_SESSIONS: sessions, TAG_SHARD: shard}
     clock_ms = 0
     batch = new_batch()
     size = 0

@@ -3,8 +3,10 @@
 It is at once
 - the Raft core's `Storage` (hard state, log, snapshot descriptor), fed by
   `persist()` with one synced WriteBatch per Ready (group commit);
-- the replicated state machine: the user's keys and the client sessions
-  that make writes exactly-once, advanced by `apply()`;
+- the replicated state machine: the user's keys, the client sessions
+  that make writes exactly-once, and which part of the key space the group
+  owns (ownership.py; moves of key space arrive as shard commands),
+  advanced by `apply()`;
 - log compaction, and both ends of snapshot transfer.
 
 Invariants kept here (and where):
@@ -58,8 +60,14 @@ from shardnode.raft import (
 from shardnode.raft.messages import EMPTY_HARD_STATE
 from shardnode.raft.storage import limit_size
 
-from .commands import Command, CommandError, CommandOp, decode_command
+import msgpack
+
+from ..ring import RangeSet, stable_hash
+from .commands import Command, CommandError, CommandOp, command_from_fields
 from .engine import (
+    SHARD_STATE,
+    dirty_key,
+    dirty_prefix,
     FORMAT_VERSION,
     LOG_END,
     META_APPLY_STATE,
@@ -98,6 +106,8 @@ from .engine import (
     session_client,
     session_key,
 )
+from .ownership import Export, ShardState
+from .shard_commands import SHARD_FORMAT, ShardCommand, ShardOp, ShardResult, shard_command_from_fields
 from .snapshot import (
     CapturedSnapshot,
     SnapshotReader,
@@ -135,6 +145,8 @@ class ApplyResult:
     old_value: bytes | None
     duplicate: bool = False
     stale: bool = False
+    swapped: bool = False        # CAS: the new value was written
+    wrong_group: bool = False    # refused, nothing changed: the group does not serve the key now
 
 
 class StoreNotInitialized(StorageError):
@@ -176,6 +188,10 @@ class ReplicaStore:
         # State machine (guarded by _sm_lock).
         self._apply_state = ApplyState()
         self._conf_state = ConfState()
+        # Ownership: the stored state, or `_shard_default` while none is
+        # stored (a group that never took part in a move).
+        self._shard_default = ShardState(owned=None)
+        self._shard: ShardState | None = None
         self._captures: OrderedDict[tuple[int, int], CapturedSnapshot] = OrderedDict()
         self._staging: SnapshotStaging | None = None
         # A completed staging handed to the core (hand_over_staging): it must
@@ -232,6 +248,7 @@ class ReplicaStore:
         self._snapshot_index, self._snapshot_term = point.index, point.term
         self._apply_state = decode_apply_state(meta[META_APPLY_STATE])
         self._conf_state = decode_conf_state(meta[META_CONF_STATE])
+        self._load_shard_state()
         raw = meta.get(META_STAGING)
         if raw is not None:
             self._staging = self._make_staging(decode_staging_state(raw))
@@ -263,6 +280,27 @@ class ReplicaStore:
             batch.put(META_SELF, node_id.to_bytes(8, "big"), meta)
         batch.put(META_FORMAT, bytes((FORMAT_VERSION,)), meta)  # last: its presence means "initialized"
         self._engine.write(batch, sync=True)
+
+    def _load_shard_state(self) -> None:
+        raw = self._engine.shard.view.get(SHARD_STATE)
+        self._shard = ShardState.decode(raw) if raw is not None else None
+
+    def configure_ownership(self, default_owned: RangeSet | None) -> None:
+        """What the group owns while no shard command ever changed it: its
+        ranges of the cluster's first map (None: everything, the metadata
+        group). Every replica is given the same (from cluster.toml)."""
+        with self._sm_lock:
+            self._shard_default = ShardState(owned=default_owned)
+
+    @property
+    def shard_state(self) -> ShardState:
+        shard = self._shard
+        return shard if shard is not None else self._shard_default
+
+    def owns(self, key: bytes) -> bool:
+        """Whether the state machine serves `key` now (reads check this after
+        their read barrier; writes are checked when applied)."""
+        return self.shard_state.accepts(key)
 
     def _load_log(self) -> None:
         """Find the last index, check the log starts right after the snapshot
@@ -418,6 +456,7 @@ class ReplicaStore:
                     kv=engine.iterator(engine.kv),
                     sessions=engine.iterator(engine.sessions),
                     clock_ms=self._apply_state.clock_ms,
+                    shard=engine.iterator(engine.shard),
                 )
                 self._captures[key] = capture
                 log.debug("storage.snapshot_captured", extra={"index": metadata.index, "term": metadata.term})
@@ -522,6 +561,7 @@ class ReplicaStore:
             assert new_apply_state is not None
             self._apply_state = new_apply_state
             self._conf_state = install[0].conf_state
+            self._load_shard_state()
             self._staging = None
 
     @staticmethod
@@ -615,7 +655,8 @@ class ReplicaStore:
         finally:
             self._sm_lock.release()
 
-    def apply(self, entries: Sequence[Entry], conf_state: ConfState | None = None) -> list[ApplyResult | None]:
+    def apply(self, entries: Sequence[Entry],
+              conf_state: ConfState | None = None) -> list[ApplyResult | ShardResult | None]:
         """Apply committed entries, in order, as ONE WriteBatch holding the kv
         changes, the session changes and the new applied index (unsynced: the
         log is the source of truth, and since the applied index travels with
@@ -641,7 +682,9 @@ class ReplicaStore:
             applied = state.applied_index
             clock_ms = state.clock_ms
             pending = _ApplyBatch(self._engine)
-            results: list[ApplyResult | None] = []
+            shard = self.shard_state
+            shard_changed = False
+            results: list[ApplyResult | ShardResult | None] = []
             for entry in entries:
                 if entry.index <= applied:
                     results.append(None)
@@ -655,14 +698,21 @@ class ReplicaStore:
                     results.append(None)
                     continue
                 try:
-                    command = decode_command(entry.data)
+                    command = _decode_entry_data(entry.data)
                 except CommandError as exc:
                     log.warning("storage.undecodable_command", extra={"index": entry.index, "error": str(exc)})
                     results.append(None)
                     continue
+                if isinstance(command, ShardCommand):
+                    result, new_shard = self._apply_shard_command(entry.index, command, shard, pending)
+                    if new_shard is not shard:
+                        shard, shard_changed = new_shard, True
+                        pending.batch.put(SHARD_STATE, shard.encode(), self._engine.shard.handle)
+                    results.append(result)
+                    continue
                 if command.timestamp_ms > clock_ms:
                     clock_ms = command.timestamp_ms
-                results.append(self._apply_command(entry.index, command, clock_ms, pending))
+                results.append(self._apply_command(entry.index, command, clock_ms, pending, shard))
             if applied == state.applied_index and conf_state is None:
                 return results
             cursor = self._sweep_sessions(state.sweep_cursor, clock_ms, pending)
@@ -676,9 +726,12 @@ class ReplicaStore:
             self._apply_state = new_state
             if conf_state is not None:
                 self._conf_state = conf_state
+            if shard_changed:
+                self._shard = shard
             return results
 
-    def _apply_command(self, index: int, command: Command, clock_ms: int, pending: _ApplyBatch) -> ApplyResult:
+    def _apply_command(self, index: int, command: Command, clock_ms: int, pending: _ApplyBatch,
+                       shard: ShardState) -> ApplyResult:
         client_id, sequence = command.client_id, command.sequence
         if client_id:
             session = pending.session(client_id)
@@ -687,20 +740,211 @@ class ReplicaStore:
                 session = None
             if session is not None:
                 if sequence == session.last_sequence:
+                    # A retry of a write applied here (perhaps before its key
+                    # moved away): its original answer, whoever owns the key now.
                     pending.put_session(client_id, replace(session, last_active_ms=clock_ms))
-                    return ApplyResult(index, client_id, sequence, session.existed, session.old_value, duplicate=True)
+                    swapped = command.op is CommandOp.CAS and session.old_value == command.expected
+                    return ApplyResult(index, client_id, sequence, session.existed, session.old_value,
+                                       duplicate=True, swapped=swapped)
                 if sequence < session.last_sequence:
                     return ApplyResult(index, client_id, sequence, False, None, duplicate=True, stale=True)
         key = command.key
+        if not shard.accepts(key):
+            # Checked here, at apply, by every replica alike: a write routed
+            # with an old map can never land in a group that no longer owns
+            # its key. Not recorded in the session: it may be sent again, to
+            # the owner.
+            return ApplyResult(index, client_id, sequence, False, None, wrong_group=True)
         old_value = pending.get(key)
+        swapped = False
         if command.op is CommandOp.PUT:
             pending.put(key, command.value)
+        elif command.op is CommandOp.CAS:
+            swapped = old_value == command.expected
+            if swapped:
+                pending.put(key, command.value)
         elif old_value is not None:
             pending.put(key, None)
+        if shard.exports and (command.op is not CommandOp.CAS or swapped):
+            for move_id in shard.dirty_moves(key):
+                pending.batch.put(dirty_key(move_id, key), b"", self._engine.shard.handle)
         existed = old_value is not None
         if client_id:
             pending.put_session(client_id, SessionRecord(sequence, existed, old_value, clock_ms))
-        return ApplyResult(index, client_id, sequence, existed, old_value)
+        return ApplyResult(index, client_id, sequence, existed, old_value, swapped=swapped)
+
+    # --- Moving key space (shard commands) ------------------------------------------------
+
+    def _apply_shard_command(self, index: int, command: ShardCommand, shard: ShardState,
+                             pending: _ApplyBatch) -> tuple[ShardResult, ShardState]:
+        """Apply one shard command; returns its result and the new state (the
+        same object if nothing changed). Deterministic, idempotent, and a
+        refusal changes nothing."""
+        op, move_id = command.op, command.move_id
+        done = move_id in shard.completed
+
+        def ok(new: ShardState = shard) -> tuple[ShardResult, ShardState]:
+            return ShardResult(index, True), new
+
+        def refuse(message: str) -> tuple[ShardResult, ShardState]:
+            log.warning("storage.shard_command_refused", extra={"index": index, "op": op.name, "move": move_id,
+                                                                  "reason": message})
+            return ShardResult(index, False, message), shard
+
+        if op is ShardOp.IMPORT_BEGIN:
+            if done or move_id in shard.imports:
+                return ok()
+            if shard.owned is None:
+                return refuse("the metadata group takes no key space")
+            if _overlap_sets(shard.owned, command.ranges):
+                return refuse("this group already owns part of the ranges")
+            return ok(replace(shard, imports={**shard.imports, move_id: command.ranges}))
+        if op is ShardOp.INGEST:
+            ranges = shard.imports.get(move_id)
+            if ranges is None:
+                return ok() if done else refuse("no import of this move in progress")
+            for key, value in command.puts:
+                if stable_hash(key) in ranges:
+                    pending.put(key, value)
+            for key in command.deletes:
+                if stable_hash(key) in ranges:
+                    pending.put(key, None)
+            for client_id, raw in command.sessions:
+                incoming = decode_session(raw)
+                current = pending.session(client_id)
+                if current is None or current.last_sequence < incoming.last_sequence:
+                    pending.put_session(client_id, incoming)
+            return ok()
+        if op is ShardOp.IMPORT_ACTIVATE:
+            ranges = shard.imports.get(move_id)
+            if ranges is None:
+                return ok() if done else refuse("no import of this move in progress")
+            imports = {i: r for i, r in shard.imports.items() if i != move_id}
+            owned = (shard.owned or RangeSet()).union(ranges)
+            return ok(shard.complete(move_id, owned=owned, imports=imports,
+                                     version=max(shard.version, command.epoch)))
+        if op is ShardOp.IMPORT_ABORT:
+            ranges = shard.imports.get(move_id)
+            if ranges is None:
+                return ok()
+            self._delete_keys_in(ranges, pending)
+            return ok(replace(shard, imports={i: r for i, r in shard.imports.items() if i != move_id}))
+        if op is ShardOp.EXPORT_BEGIN:
+            if done or move_id in shard.exports:
+                return ok()
+            if shard.owned is None or not shard.owned.covers(command.ranges):
+                return refuse("this group does not own all of the ranges")
+            if any(_overlap_sets(e.ranges, command.ranges) for e in shard.exports.values()):
+                return refuse("part of the ranges is already moving")
+            exports = {**shard.exports, move_id: Export(command.peer, command.ranges)}
+            return ok(replace(shard, exports=exports))
+        if op is ShardOp.EXPORT_FREEZE:
+            export = shard.exports.get(move_id)
+            if export is None:
+                return ok() if done else refuse("no export of this move in progress")
+            if export.frozen:
+                return ok()
+            return ok(replace(shard, exports={**shard.exports, move_id: replace(export, frozen=True)}))
+        if op is ShardOp.EXPORT_FINISH:
+            export = shard.exports.get(move_id)
+            if export is None:
+                return ok() if done else refuse("no export of this move in progress")
+            if not export.frozen:
+                return refuse("an export finishes only once frozen")
+            self._delete_keys_in(export.ranges, pending)
+            self._delete_dirty_marks(move_id, pending)
+            exports = {i: e for i, e in shard.exports.items() if i != move_id}
+            owned = (shard.owned or RangeSet()).difference(export.ranges)
+            return ok(shard.complete(move_id, owned=owned, exports=exports,
+                                     version=max(shard.version, command.epoch)))
+        if op is ShardOp.EXPORT_ABORT:
+            export = shard.exports.get(move_id)
+            if export is None:
+                return ok()
+            if export.frozen:
+                return refuse("a frozen export can only go forward")
+            self._delete_dirty_marks(move_id, pending)
+            return ok(replace(shard, exports={i: e for i, e in shard.exports.items() if i != move_id}))
+        return refuse(f"unknown shard operation {op!r}")
+
+    def _delete_keys_in(self, ranges: RangeSet, pending: _ApplyBatch) -> None:
+        iterator = self._engine.iterator(self._engine.kv)
+        iterator.seek_to_first()
+        while iterator.valid():
+            key = iterator.key()
+            if stable_hash(key) in ranges:
+                pending.put(key, None)
+            iterator.next()
+        for key, value in list(pending.overlay_items()):
+            if value is not None and stable_hash(key) in ranges:
+                pending.put(key, None)
+
+    def _delete_dirty_marks(self, move_id: int, pending: _ApplyBatch) -> None:
+        prefix = dirty_prefix(move_id)
+        iterator = self._engine.iterator(self._engine.shard)
+        iterator.seek(prefix)
+        while iterator.valid() and iterator.key().startswith(prefix):
+            pending.batch.delete(iterator.key(), self._engine.shard.handle)
+            iterator.next()
+
+    # --- The source side of a move: reads for the mover -------------------------------
+
+    def export_scan(self, ranges: RangeSet, after: bytes | None, max_bytes: int) -> tuple[list[tuple[bytes, bytes]],
+                                                                                        bytes | None]:
+        """The kv records in `ranges` after key `after` (None: from the start),
+        about max_bytes of them; returns (records, the key to continue after,
+        or None at the end). Reads the live state: the delta of the export
+        corrects whatever changes behind the scan."""
+        with self._sm_lock:
+            self._check_open()
+            iterator = self._engine.iterator(self._engine.kv)
+            if after is None:
+                iterator.seek_to_first()
+            else:
+                iterator.seek(after)
+                if iterator.valid() and iterator.key() == after:
+                    iterator.next()
+            records: list[tuple[bytes, bytes]] = []
+            size = 0
+            last = after
+            while iterator.valid():
+                key = iterator.key()
+                last = key
+                if stable_hash(key) in ranges:
+                    value = iterator.value()
+                    records.append((key, value))
+                    size += len(key) + len(value)
+                    if size >= max_bytes:
+                        return records, last
+                iterator.next()
+            return records, None
+
+    def export_delta(self, move_id: int) -> tuple[list[tuple[bytes, bytes]], list[bytes], list[tuple[int, bytes]]]:
+        """For a frozen export: every key changed since it began, with its
+        final value (puts) or its absence (deletes), and every client session
+        (the target merges them: exactly-once across the move)."""
+        with self._sm_lock:
+            self._check_open()
+            export = self.shard_state.exports.get(move_id)
+            if export is None or not export.frozen:
+                raise StorageError(f"move {move_id}: no frozen export here")
+            engine = self._engine
+            prefix = dirty_prefix(move_id)
+            puts: list[tuple[bytes, bytes]] = []
+            deletes: list[bytes] = []
+            iterator = engine.iterator(engine.shard)
+            iterator.seek(prefix)
+            kv_get = engine.kv.view.get
+            while iterator.valid() and iterator.key().startswith(prefix):
+                key = iterator.key()[len(prefix):]
+                value = kv_get(key)
+                if value is None:
+                    deletes.append(key)
+                else:
+                    puts.append((key, value))
+                iterator.next()
+            sessions = [(session_client(k), v) for k, v in engine.sessions.view.items()]
+            return puts, deletes, sessions
 
     def _sweep_sessions(self, cursor: bytes, clock_ms: int, pending: _ApplyBatch) -> bytes:
         """Delete expired sessions among the next few after `cursor` (in key
@@ -825,6 +1069,23 @@ class ReplicaStore:
         log.info("storage.snapshot_installed", extra={"index": metadata.index, "term": metadata.term})
 
 
+def _decode_entry_data(data: bytes) -> Command | ShardCommand:
+    """A client command or a shard command; CommandError if neither."""
+    if type(data) is not bytes:
+        raise CommandError(f"entry data must be bytes, got {type(data).__name__}")
+    try:
+        fields = msgpack.unpackb(data, use_list=False, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise CommandError(f"not a msgpack document: {exc}") from None
+    if type(fields) is tuple and fields and fields[0] == SHARD_FORMAT:
+        return shard_command_from_fields(fields)
+    return command_from_fields(fields)
+
+
+def _overlap_sets(a: RangeSet, b: RangeSet) -> bool:
+    return a.difference(b) != a
+
+
 class _ApplyBatch:
     """The WriteBatch of one apply() call, with overlays so that a command
     reads the writes of earlier commands of the same batch (reads go to the
@@ -846,6 +1107,10 @@ class _ApplyBatch:
         if key in self._kv:
             return self._kv[key]
         return self._kv_get(key)
+
+    def overlay_items(self):  # type: ignore[no-untyped-def]
+        """The kv writes of this batch so far (key, value or None)."""
+        return self._kv.items()
 
     def put(self, key: bytes, value: bytes | None) -> None:
         """value None deletes."""

@@ -143,5 +143,18 @@ def test_arbitrary_msgpack_arrays_decode_or_raise_command_error(fields: list[obj
 def test_valid_commands_round_trip(
     op: CommandOp, key: bytes, value: bytes, client_id: int, sequence: int, timestamp_ms: int
 ) -> None:
-    command = Command(op, key, value if op is CommandOp.PUT else None, client_id, sequence, timestamp_ms)
+    command = Command(op, key, None if op is CommandOp.DELETE else value, client_id, sequence, timestamp_ms,
+                      expected=value[:3] if op is CommandOp.CAS and len(value) % 2 else None)
     assert decode_command(encode_command(command)) == command
+
+
+def test_only_cas_carries_an_expected_value() -> None:
+    cas = Command(CommandOp.CAS, b"k", b"new", 0, 0, 0, expected=None)   # "must be absent"
+    assert decode_command(encode_command(cas)) == cas
+    with pytest.raises(CommandError):
+        Command(CommandOp.PUT, b"k", b"v", 0, 0, 0, expected=b"old")
+    with pytest.raises(CommandError):
+        Command(CommandOp.CAS, b"k", None, 0, 0, 0)
+    import msgpack
+    with pytest.raises(CommandError):     # a PUT with an 8th field
+        decode_command(msgpack.packb((1, 1, b"k", b"v", 0, 0, 0, b"x")))

@@ -1,0 +1,116 @@
+"""Shard commands: the log entries that move key space between groups.
+
+They travel through a group's Raft log like client commands, so every
+replica applies them at the same index (ownership.py says why that
+matters). The mover (shardnode/sharding/mover.py) proposes them through the
+worker's Shard RPC. Each is idempotent: applying it again, or after the move
+finished, changes nothing and reports success, which is what lets a crashed
+mover resume from any step.
+
+Wire shape (msgpack): ``(SHARD_FORMAT, kind, move_id, payload)``. The first
+element tells them from client commands (whose first element is the command
+format version, 1).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import msgpack
+
+from ..ring import RangeSet, ShardMapError
+from .commands import CommandError
+from .engine import StorageError, decode_session
+
+SHARD_FORMAT = 16
+
+
+class ShardOp(enum.IntEnum):
+    IMPORT_BEGIN = 1      # payload: (source, ranges)
+    INGEST = 2            # payload: (puts [(key, value)], deletes [key], sessions [(client_id, record)])
+    IMPORT_ACTIVATE = 3   # payload: epoch
+    IMPORT_ABORT = 4      # payload: None
+    EXPORT_BEGIN = 5      # payload: (target, ranges)
+    EXPORT_FREEZE = 6     # payload: None
+    EXPORT_FINISH = 7     # payload: epoch
+    EXPORT_ABORT = 8      # payload: None
+
+
+@dataclass(slots=True, frozen=True)
+class ShardCommand:
+    op: ShardOp
+    move_id: int
+    peer: int = 0                                   # IMPORT_BEGIN: source; EXPORT_BEGIN: target
+    ranges: RangeSet = field(default_factory=RangeSet)
+    epoch: int = 0                                  # IMPORT_ACTIVATE, EXPORT_FINISH
+    puts: tuple[tuple[bytes, bytes], ...] = ()
+    deletes: tuple[bytes, ...] = ()
+    sessions: tuple[tuple[int, bytes], ...] = ()
+
+    def encode(self) -> bytes:
+        op = self.op
+        if op in (ShardOp.IMPORT_BEGIN, ShardOp.EXPORT_BEGIN):
+            payload: object = (self.peer, self.ranges.to_wire())
+        elif op is ShardOp.INGEST:
+            payload = ([list(p) for p in self.puts], list(self.deletes), [list(s) for s in self.sessions])
+        elif op in (ShardOp.IMPORT_ACTIVATE, ShardOp.EXPORT_FINISH):
+            payload = self.epoch
+        else:
+            payload = None
+        return msgpack.packb((SHARD_FORMAT, int(op), self.move_id, payload), use_bin_type=True)
+
+
+@dataclass(slots=True, frozen=True)
+class ShardResult:
+    """The outcome of a shard command: ok, or why it was refused (nothing changed)."""
+
+    index: int
+    ok: bool
+    message: str = ""
+
+
+def shard_command_from_fields(fields: tuple) -> ShardCommand:
+    """A ShardCommand from a decoded msgpack array; CommandError if malformed."""
+    if len(fields) != 4:
+        raise CommandError("a shard command is a 4-element array")
+    _, op, move_id, payload = fields
+    try:
+        op = ShardOp(op)
+    except ValueError:
+        raise CommandError(f"unknown shard operation {op!r}") from None
+    if type(move_id) is not int or not 0 < move_id < 1 << 64:
+        raise CommandError("shard command: move id must be a positive 64-bit integer")
+    try:
+        if op in (ShardOp.IMPORT_BEGIN, ShardOp.EXPORT_BEGIN):
+            peer, ranges = payload
+            if type(peer) is not int:
+                raise CommandError("shard command: group must be an integer")
+            return ShardCommand(op, move_id, peer=peer, ranges=RangeSet.from_wire(ranges))
+        if op is ShardOp.INGEST:
+            puts, deletes, sessions = payload
+            if not all(len(p) == 2 and all(type(x) is bytes for x in p) for p in puts):
+                raise CommandError("ingest: puts must be (key, value) byte pairs")
+            if not all(type(k) is bytes and k for k in deletes):
+                raise CommandError("ingest: deletes must be keys")
+            if not all(len(s) == 2 and type(s[0]) is int and 0 < s[0] < 1 << 64 and type(s[1]) is bytes
+                       for s in sessions):
+                raise CommandError("ingest: sessions must be (client id, record) pairs")
+            for _, record in sessions:
+                try:
+                    decode_session(record)
+                except (ValueError, StorageError) as exc:
+                    raise CommandError(f"ingest: bad session record: {exc}") from None
+            return ShardCommand(op, move_id, puts=tuple(tuple(p) for p in puts), deletes=tuple(deletes),
+                                sessions=tuple(tuple(s) for s in sessions))
+        if op in (ShardOp.IMPORT_ACTIVATE, ShardOp.EXPORT_FINISH):
+            if type(payload) is not int or payload < 1:
+                raise CommandError("shard command: epoch must be a positive integer")
+            return ShardCommand(op, move_id, epoch=payload)
+        if payload is not None:
+            raise CommandError(f"{op.name} carries no payload")
+        return ShardCommand(op, move_id)
+    except (TypeError, ValueError, ShardMapError) as exc:
+        if isinstance(exc, CommandError):
+            raise
+        raise CommandError(f"malformed {op.name}: {exc}") from None
