@@ -20,7 +20,7 @@ from ..supervisor import worker_program
 from .forwarder import ChannelPool, GroupForwarder
 from .map_follower import MapFollower
 from .metrics import RouterMetrics
-from .monitor import GroupMonitor, probe_group
+from .monitor import GroupMonitor, GroupView, probe_group
 from .processes import ProcessWatch
 
 log = logging.getLogger("shardnode.router")
@@ -93,7 +93,7 @@ class KVService(pb_grpc.KVServicer):
         is not its group's any more); the map known afterwards."""
         return await self.map_follower.refresh()
 
-    async def _adopt_map(self, new: ShardMap) -> None:
+    async def _adopt_map(self, new: ShardMap) -> None:  # noqa: RUF029 - awaited by MapFollower
         """Route with `new` from now on: forwarders for the groups it adds
         (placed where the map says, until the group's own members answer),
         then the map, then the groups it drops go."""
@@ -102,9 +102,9 @@ class KVService(pb_grpc.KVServicer):
                 continue
             forwarder = GroupForwarder(self.cluster, group, self.channels, self.host_name)
             placed = self.cluster.placed_replicas(group, new.placements.get(group, ()))
-            view = await probe_group(self.cluster, self.channels, group, timeout=STATUS_TIMEOUT,
-                                     known=placed or forwarder.members)
-            forwarder.observe(view)
+            if placed:
+                # Not probed here (its workers may still be starting): the monitor does within a second.
+                forwarder.observe(GroupView(group, placed, (None,) * len(placed), time.monotonic()))
             self.forwarders[group] = forwarder
         self.shard_map = new
         for group in [g for g in self.forwarders if g not in new.groups]:

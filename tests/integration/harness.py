@@ -255,9 +255,12 @@ class LocalCluster:
         workers, its router: what supervisord starts on a host."""
         if host in self.meta_hosts():
             self.start_worker(host, METADATA_GROUP)
-        self._spawn((host, "router"), ["-m", "router", "--config", str(self.config_path), "--host", host])
+        self.start_host_router(host)
         for group in self.config.groups_on_host(host):
             self.start_worker(host, group)
+
+    def start_host_router(self, host: str) -> None:
+        self._spawn((host, "router"), ["-m", "router", "--config", str(self.config_path), "--host", host])
 
     def start_all(self) -> None:
         for host in self.host_names():
