@@ -11,6 +11,11 @@ group, an initial replica on the i-th [[host]] has Raft node id i+1. This is
 the shape of the cluster's first start only: afterwards each group's live
 membership is what its Raft configuration says (docs/membership.md), and
 members added later get ids above the number of hosts, never reused.
+
+Groups created while the cluster runs (numbers config.groups up to
+max_groups - 1) are placed by the shard map of the metadata group, not by
+this file. The metadata group (`METADATA_GROUP`) lives on the first
+`meta_replicas` hosts that are not standby (docs/sharding.md).
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ DEFAULT_CONFIG = "etc/cluster.toml"
 #: An environment variable that names it instead.
 CONFIG_ENV = "SHARDNODE_CONFIG"
 _CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+#: The group number of the metadata group (docs/sharding.md). Above every
+#: data group: data groups are numbered below max_groups, which the ports
+#: keep below 65536. Its worker listens on worker_port_base + max_groups.
+METADATA_GROUP = 1 << 16
 
 
 class ConfigError(ValueError):
@@ -65,8 +76,11 @@ class HostConfig:
     supervisor_port: int
     node_id: int                   # position in the [[host]] list + 1
     standby: bool = False          # holds no replica at first; joins groups with `shardnode start --new`
+    max_groups: int = 16           # [cluster] max_groups: the metadata group's worker port comes after the data groups'
 
     def worker_port(self, group: int) -> int:
+        if group == METADATA_GROUP:
+            return self.worker_port_base + self.max_groups
         return self.worker_port_base + group
 
     def worker_address(self, group: int) -> str:
@@ -165,6 +179,8 @@ class ClusterConfig:
     source: Path | None = None
     storage: StorageConfig = StorageConfig()
     security: SecurityConfig = SecurityConfig()
+    max_groups: int = 16           # data groups are numbered 0..max_groups-1 (groups created online included)
+    meta_replicas: int = 3         # replicas of the metadata group
 
     # --- Lookups -------------------------------------------------------------
 
@@ -181,12 +197,36 @@ class ClusterConfig:
         return self.hosts[node_id - 1]
 
     def group_replicas(self, group: int) -> tuple[Replica, ...]:
+        """The initial members of `group`: the placement computed from this
+        file for the groups of cluster.toml and the metadata group; none for
+        a group created online (the shard map's placements say where those
+        started: `placed_replicas`)."""
+        if group == METADATA_GROUP:
+            return self.meta_group_replicas()
+        if self.groups <= group < self.max_groups:
+            return ()
         if not 0 <= group < self.groups:
             raise ConfigError(f"unknown group {group} (groups are 0..{self.groups - 1})")
         active = [h for h in self.hosts if not h.standby]
         count = len(active)
         return tuple(Replica(group, active[(group + i) % count].node_id, active[(group + i) % count])
                      for i in range(self.replicas))
+
+    def meta_group_replicas(self) -> tuple[Replica, ...]:
+        """The metadata group's initial members: the first `meta_replicas`
+        hosts that are not standby."""
+        active = [h for h in self.hosts if not h.standby]
+        return tuple(Replica(METADATA_GROUP, h.node_id, h) for h in active[:self.meta_replicas])
+
+    def placed_replicas(self, group: int, host_names: tuple[str, ...]) -> tuple[Replica, ...]:
+        """The initial members of a group created online on `host_names` (the
+        shard map's placement): node id = the host's position + 1, as for
+        the groups of cluster.toml."""
+        hosts = [self.host(name) for name in host_names]
+        return tuple(Replica(group, h.node_id, h) for h in hosts)
+
+    def is_data_group(self, group: int) -> bool:
+        return 0 <= group < self.max_groups
 
     def replica(self, group: int, host_name: str) -> Replica:
         for replica in self.group_replicas(group):
@@ -200,7 +240,13 @@ class ClusterConfig:
         )
 
     def worker_data_dir(self, host_name: str, group: int) -> Path:
+        if group == METADATA_GROUP:
+            return self.data_dir / host_name / "group-meta"
         return self.data_dir / host_name / f"group-{group}"
+
+    def shard_map_file(self, host_name: str) -> Path:
+        """Where a host's router keeps the last shard map it learned."""
+        return self.data_dir / host_name / "shard_map"
 
     # --- Loading ---------------------------------------------------------------
 
@@ -232,9 +278,13 @@ class ClusterConfig:
         snapshot_threshold = fields.integer(cluster, "cluster.snapshot_threshold", default=10_000, low=1, high=1 << 40)
         max_key_bytes = fields.integer(cluster, "cluster.max_key_bytes", default=4096, low=1, high=1 << 20)
         max_value_bytes = fields.integer(cluster, "cluster.max_value_bytes", default=1 << 20, low=0, high=64 << 20)
+        # At least 16, and never fewer than the groups of the file.
+        max_groups = fields.integer(cluster, "cluster.max_groups", default=max(16, groups), low=1, high=4096)
+        if max_groups < groups:
+            raise ConfigError(f"{where}cluster.max_groups: must be at least cluster.groups ({groups}), got {max_groups}")
         fields.no_extra(cluster, "cluster", {
             "name", "replicas", "groups", "virtual_nodes", "data_dir", "snapshot_threshold",
-            "max_key_bytes", "max_value_bytes",
+            "max_key_bytes", "max_value_bytes", "max_groups", "meta_replicas",
         })
         timing = TimingConfig(
             tick_ms=fields.integer(timing_raw, "timing.tick_ms", default=100, low=1, high=60_000),
@@ -276,6 +326,7 @@ class ClusterConfig:
                     supervisor_port=fields.port(host_raw, f"{label}.supervisor_port", default=9001),
                     node_id=i + 1,
                     standby=fields.boolean(host_raw, f"{label}.standby", default=False),
+                    max_groups=max_groups,
                 )
             )
             fields.no_extra(host_raw, label, {
@@ -288,16 +339,18 @@ class ClusterConfig:
         if replicas > len(active):
             raise ConfigError(f"{where}cluster.replicas: {replicas} replicas need at least as many hosts that are not "
                               f"standby (have {len(active)})")
+        meta_replicas = _meta_replicas(fields, cluster, len(active), where)
         for host in hosts:
-            if host.worker_port_base + groups - 1 > 65535:
-                raise ConfigError(f"{where}host {host.name!r}.worker_port_base: base + groups exceeds 65535")
-            worker_ports = set(range(host.worker_port_base, host.worker_port_base + groups))
+            # Data groups 0..max_groups-1, then the metadata group's worker.
+            if host.worker_port_base + max_groups > 65535:
+                raise ConfigError(f"{where}host {host.name!r}.worker_port_base: base + max_groups exceeds 65535")
+            worker_ports = set(range(host.worker_port_base, host.worker_port_base + max_groups + 1))
             for other_name, port in (("router_port", host.router_port), ("metrics_port", host.metrics_port),
                                      ("supervisor_port", host.supervisor_port)):
                 if port in worker_ports:
                     raise ConfigError(f"{where}host {host.name!r}.{other_name}: {port} collides with its worker ports")
         endpoints = [(h.address, p) for h in hosts for p in (h.router_port, h.metrics_port, h.supervisor_port)]
-        endpoints += [(h.address, h.worker_port_base + g) for h in hosts for g in range(groups)]
+        endpoints += [(h.address, h.worker_port_base + g) for h in hosts for g in range(max_groups + 1)]
         if len(set(endpoints)) != len(endpoints):
             raise ConfigError(f"{where}host: two services share one address:port")
         data_dir = Path(data_dir_raw)
@@ -320,7 +373,24 @@ class ClusterConfig:
             source=source,
             storage=storage,
             security=security,
+            max_groups=max_groups,
+            meta_replicas=meta_replicas,
         )
+
+
+def _meta_replicas(fields: "_Fields", cluster: dict[str, Any], active_hosts: int, where: str) -> int:
+    """`[cluster] meta_replicas`: 3 or 5, at most the hosts that are not
+    standby. Unset, 3, or every such host when there are fewer (a test
+    cluster of one or two hosts)."""
+    if "meta_replicas" not in cluster:
+        return min(3, active_hosts)
+    value = fields.integer(cluster, "cluster.meta_replicas", low=3, high=5)
+    if value not in (3, 5):
+        raise ConfigError(f"{where}cluster.meta_replicas: must be 3 or 5 (got {value})")
+    if value > active_hosts:
+        raise ConfigError(f"{where}cluster.meta_replicas: {value} replicas need at least as many hosts that are "
+                          f"not standby (have {active_hosts})")
+    return value
 
 
 def _security(fields: "_Fields", raw: dict[str, Any], data_dir: Path, source: Path | None) -> SecurityConfig:

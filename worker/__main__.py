@@ -8,11 +8,15 @@ import signal
 import sys
 
 from shardnode import logs
-from shardnode.config import ClusterConfig, ConfigError
+from shardnode.config import METADATA_GROUP, ClusterConfig, ConfigError
 
 
 def _stopped_while_starting(signum: int, frame: object) -> None:
     raise SystemExit(0)
+
+
+def _group(text: str) -> int:
+    return METADATA_GROUP if text == "meta" else int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,14 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker", description="Run one member of one Raft group.")
     parser.add_argument("--config", default="etc/cluster.toml", help="cluster configuration (default etc/cluster.toml)")
     parser.add_argument("--host", required=True, help="this host's name in the configuration")
-    parser.add_argument("--group", required=True, type=int, help="the group this worker serves")
+    parser.add_argument("--group", required=True, type=_group,
+                        help="the group this worker serves: a data group's number, or 'meta' (the metadata group)")
     parser.add_argument("--log-level", default="INFO", help="shardnode log level (default INFO)")
     args = parser.parse_args(argv)
     try:
         cluster = ClusterConfig.load(args.config)
         cluster.host(args.host)
-        if not 0 <= args.group < cluster.groups:
-            raise ConfigError(f"unknown group {args.group} (groups are 0..{cluster.groups - 1})")
+        if not (args.group == METADATA_GROUP or cluster.is_data_group(args.group)):
+            raise ConfigError(f"unknown group {args.group} (groups are 0..{cluster.max_groups - 1} and 'meta')")
     except ConfigError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2

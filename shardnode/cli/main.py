@@ -323,6 +323,7 @@ def status_dict(status: kv_pb2.StatusResponse) -> dict[str, Any]:
                 "group": group.group,
                 "leader_id": group.leader_id,
                 "has_quorum": group.has_quorum,
+                "share": group.share,
                 "replicas": [
                     {
                         "host": r.host,
@@ -355,7 +356,7 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
     with_quorum = sum(1 for g in status.groups if g.has_quorum)
     table = Table(title=f"{status.cluster} (router {status.router_host}, shard map epoch {status.shard_map_epoch})",
                   caption=f"{len(status.groups)} groups, {with_quorum} with quorum")
-    for column, justify in (("group", "right"), ("host", "left"), ("node", "right"), ("role", "left"),
+    for column, justify in (("group", "right"), ("share", "right"), ("host", "left"), ("node", "right"), ("role", "left"),
                             ("term", "right"), ("commit", "right"), ("applied", "right"), ("lag", "right"),
                             ("health", "left"), ("process", "left")):
         table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
@@ -371,12 +372,17 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
             process = r.process_state or "?"
             if r.restarts:
                 process += f" ({r.restarts} restarts)"
-            table.add_row(group_label if i == 0 else "", r.host, str(r.node_id), *cells, replica_health(r), process,
+            table.add_row(group_label if i == 0 else "", _share(group.share) if i == 0 else "", r.host, str(r.node_id), *cells, replica_health(r), process,
                           style=style or None, end_section=i == len(group.replicas) - 1)
     return table
 
 
 # --- Helpers ----------------------------------------------------------------------------------------
+
+
+def _share(fraction: float) -> str:
+    """A group's share of the key space, as a percentage."""
+    return f"{fraction * 100:.1f}%"
 
 
 def print_table(table: Any) -> None:

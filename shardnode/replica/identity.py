@@ -14,7 +14,14 @@ The rules, in order (docs/membership.md):
 3. Otherwise a tombstone (this place's replica was removed) means "no
    replica": a removed id never comes back, and a new one needs `start --new`.
 4. Otherwise a host of the group's initial placement (cluster.toml)
-   bootstraps with the initial members: the cluster's first start.
+   bootstraps with the initial members: the cluster's first start. The
+   metadata group's initial placement is the first `meta_replicas` hosts
+   that are not standby. For a group created online (number config.groups
+   or above), the initial placement is the live shard map's
+   `placements[G]`, read from the metadata group (docs/sharding.md): its
+   hosts bootstrap with those members, node id = host index + 1. If the
+   metadata group cannot be reached, the worker cannot know and exits
+   non-zero (`MetadataUnavailable`), and supervisord tries again.
 5. Otherwise this host holds no replica of the group.
 
 Rule 4 is why one host's data directory must never be deleted by hand while
@@ -36,12 +43,13 @@ from pathlib import Path
 
 import grpc
 
-from ..config import ClusterConfig, ConfigError
+from ..config import METADATA_GROUP, ClusterConfig, ConfigError
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..group_status import conf_from_status, freshest
-from ..raft import ConfState
+from ..raft import ConfState, Member
 from ..security import aio_channel
+from ..sharding.directory import ShardDirectory
 from ..storage import ReplicaStore, StoreNotInitialized
 from ..storage.retirement import clear_tombstone, discard, read_tombstone, retire
 
@@ -49,6 +57,9 @@ log = logging.getLogger("shardnode.replica.identity")
 
 #: How long a starting worker asks its group about its membership.
 OBSERVE_TIMEOUT = 1.5
+#: How long a starting worker of a group created online asks the metadata
+#: group for the shard map (then it exits non-zero and is started again).
+MAP_TIMEOUT = 5.0
 
 
 class Start(enum.Enum):
@@ -136,12 +147,36 @@ async def resolve(cluster: ClusterConfig, host_name: str, group: int) -> Identit
         return Identity(Start.NO_REPLICA, tombstone.node_id,
                         reason=f"this host's replica of group {group} (node {tombstone.node_id}) left the group; "
                                f"use `shardnode start --new` to join again")
+    if group != METADATA_GROUP and group >= cluster.groups:
+        return await _bootstrap_placed_online(cluster, host_name, group, data_dir)
     try:
         node_id = _initial_id(cluster, host_name, group)
     except ConfigError:
         return Identity(Start.NO_REPLICA, reason=f"host {host_name} holds no replica of group {group}")
     voters = tuple(r.node_id for r in cluster.group_replicas(group))
     store = ReplicaStore.open(data_dir, initial_voters=voters, node_id=node_id, storage=storage)
+    return Identity(Start.BOOTSTRAP, node_id, store)
+
+
+async def _bootstrap_placed_online(cluster: ClusterConfig, host_name: str, group: int, data_dir: Path) -> Identity:
+    """Rule 4 for a group created online: its placement in the live shard map
+    (MetadataUnavailable if the metadata group does not answer)."""
+    directory = ShardDirectory(cluster, host_name, timeout=MAP_TIMEOUT)
+    try:
+        shard_map = await directory.load_map()
+    finally:
+        await directory.close()
+    hosts = shard_map.placements.get(group, ()) if group in shard_map.groups else ()
+    if host_name not in hosts:
+        return Identity(Start.NO_REPLICA, reason=f"host {host_name} holds no replica of group {group} "
+                                                 f"(shard map epoch {shard_map.epoch})")
+    replicas = cluster.placed_replicas(group, hosts)
+    # The members' addresses go into the first configuration: cluster.toml
+    # does not place this group, so nothing else would tell where they are.
+    conf = ConfState(voters=tuple(r.node_id for r in replicas),
+                     members=tuple(Member(r.node_id, r.host.name, r.address) for r in replicas))
+    node_id = cluster.host(host_name).node_id
+    store = ReplicaStore.open(data_dir, initial_conf=conf, node_id=node_id, storage=cluster.storage)
     return Identity(Start.BOOTSTRAP, node_id, store)
 
 

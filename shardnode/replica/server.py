@@ -12,9 +12,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
 
-from ..config import ClusterConfig, Replica
+from ..config import METADATA_GROUP, ClusterConfig, Replica
 from ..failstop import EXIT_FAIL_STOP, FailStop, describe, run_until_stop_or_fault
 from ..proto import worker_pb2_grpc
+from ..sharding.directory import MetadataUnavailable
 from ..security import (Gatekeeper, SecurityCollector, SecurityError, SecurityStats, add_port,
                         admin_credential_if_any, allowed_identities)
 from ..storage import StorageError
@@ -28,6 +29,9 @@ log = logging.getLogger("shardnode.worker")
 HealthServicer = _health_aio.HealthServicer
 
 SHUTDOWN_TRANSFER_SECONDS = 3.0
+#: A worker of a group created online that could not read the shard map
+#: exits with this (not 0: supervisord starts it again).
+EXIT_NO_SHARD_MAP = 75
 
 
 async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
@@ -51,6 +55,11 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
         # one line, and let supervisord retry with its backoff.
         fail_stop.trip(f"cannot open the replica's storage at {data_dir}: {describe(exc)}")
         return EXIT_FAIL_STOP
+    except MetadataUnavailable as exc:
+        # A group created online is placed by the shard map: without it this
+        # worker cannot know whether it holds a replica. supervisord retries.
+        log.error("worker.shard_map_unavailable", extra={**extra, "error": str(exc)})
+        return EXIT_NO_SHARD_MAP
     if identity.start is Start.NO_REPLICA:
         log.info("worker.no_replica", extra={**extra, "reason": identity.reason})
         await _exit_deliberately(began)
@@ -79,6 +88,9 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
                             stats=stats)
     server = grpc.aio.server(interceptors=[gatekeeper], options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
     driver = ReplicaDriver(cluster, replica, store, fail_stop=fail_stop)
+    if group == METADATA_GROUP:
+        # The metadata group owns all of its key space: no ownership check.
+        store.configure_ownership(None)
     driver.metrics.registry.register(
         SecurityCollector(stats, {"group": str(group), "node": str(replica.node_id), "component": "worker"}))
     # A replica that applies its own removal stops like on SIGTERM, then retires.

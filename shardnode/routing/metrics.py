@@ -12,7 +12,7 @@ counters start again from zero, which Prometheus reads as a counter reset.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -54,7 +54,8 @@ class RouterMetrics:
             "raft_router_requests", "Requests answered by the router, by operation and gRPC code.",
             ["group", "node", "op", "code", "component"], registry=self.own,
         )
-        self._forwarders: list[GroupForwarder] = []
+        self._forwarders: Mapping[int, GroupForwarder] = {}
+        self._shard_map_epoch: Callable[[], int] = lambda: 0
         self._server = None
 
     def observe(self, group: int | None, op: str, code: str, seconds: float) -> None:
@@ -64,14 +65,19 @@ class RouterMetrics:
         if code == "OK":
             self.request_latency.labels(**labels, op=op, component="router").observe(seconds)
 
-    def watch(self, forwarders: list["GroupForwarder"], processes: "ProcessWatch | None" = None) -> None:
+    def watch(self, forwarders: Mapping[int, "GroupForwarder"], processes: "ProcessWatch | None" = None,
+              shard_map_epoch: Callable[[], int] | None = None) -> None:
+        """Report on the router's live forwarders (group → forwarder), its
+        host's processes and the epoch of the shard map it routes with."""
         self._forwarders = forwarders
+        if shard_map_epoch is not None:
+            self._shard_map_epoch = shard_map_epoch
         self.own.register(_RouterCollector(self))
         if processes is not None:
             self.own.register(_ProcessCollector(processes))
         self.registry.register(_HostCollector(
             self.cluster, self.host.name, self.own,
-            lambda: [(f.group, f.local) for f in forwarders if f.local is not None]))
+            lambda: [(f.group, f.local) for f in list(forwarders.values()) if f.local is not None]))
 
     def serve(self) -> None:
         """Serve /metrics on the host's metrics port (a daemon thread)."""
@@ -96,12 +102,16 @@ class _RouterCollector:
                                       labels=["group", "node", "component"])
         redirects = CounterMetricFamily("raft_router_redirects", "NOT_LEADER answers followed.",
                                         labels=["group", "node", "component"])
-        for forwarder in self.metrics._forwarders:
+        for forwarder in list(self.metrics._forwarders.values()):
             labels = [str(forwarder.group), node, "router"]
             retries.add_metric(labels, forwarder.stats.retries)
             redirects.add_metric(labels, forwarder.stats.redirects)
         yield retries
         yield redirects
+        epoch = GaugeMetricFamily("raft_shard_map_epoch", "Epoch of the shard map this router routes with.",
+                                  labels=["node", "component"])
+        epoch.add_metric([node, "router"], self.metrics._shard_map_epoch())
+        yield epoch
 
 
 class _ProcessCollector:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -139,19 +139,21 @@ def _membership(cluster: ClusterConfig, group: int, answers: dict[str, wpb.Statu
 
 class GroupMonitor(OwnedTask):
     """Probes every group periodically; owned by the router's KVService
-    (`start` in the event loop, `close` cancels and awaits the task)."""
+    (`start` in the event loop, `close` cancels and awaits the task).
+    `forwarders` (group → forwarder) is the router's live table: groups the
+    shard map adds are probed from the next round, those it drops no more."""
 
     def __init__(self, cluster: ClusterConfig, channels: "ChannelPool",
-                 forwarders: Sequence["GroupForwarder"], interval: float = PROBE_INTERVAL) -> None:
+                 forwarders: Mapping[int, "GroupForwarder"], interval: float = PROBE_INTERVAL) -> None:
         self.cluster = cluster
         self.channels = channels
         self.forwarders = forwarders
         self.interval = interval
         self._started = time.monotonic()
         # Per group: None until it first had a quorum, then whether it has one now.
-        self._had_quorum: list[bool | None] = [None] * len(forwarders)
-        self._lost_at: list[float] = [0.0] * len(forwarders)
-        self._late_reported = [False] * len(forwarders)
+        self._had_quorum: dict[int, bool | None] = {}
+        self._lost_at: dict[int, float] = {}
+        self._late_reported: set[int] = set()
 
     task_name = "router group monitor"
 
@@ -165,7 +167,7 @@ class GroupMonitor(OwnedTask):
             began = time.monotonic()
             try:
                 views = await asyncio.gather(*(probe_group(self.cluster, self.channels, f.group, known=f.members)
-                                               for f in self.forwarders))
+                                               for f in list(self.forwarders.values())))
                 for view in views:
                     self.observe(view)
             except Exception:       # a bug here must not stop the monitoring for good
@@ -174,11 +176,13 @@ class GroupMonitor(OwnedTask):
 
     def observe(self, view: GroupView) -> None:
         """Take one probe's result: hand it to the group's forwarder, log a change of quorum."""
-        forwarder = self.forwarders[view.group]
+        forwarder = self.forwarders.get(view.group)
+        if forwarder is None:           # dropped from the shard map meanwhile
+            return
         forwarder.observe(view)
         group = view.group
         now = view.at
-        had = self._had_quorum[group]
+        had = self._had_quorum.get(group)
         fields = {"group": group, "leader": view.leader_id, "reachable": len(view.reachable),
                   "replicas": len(view.replicas)}
         if forwarder.membership_changed:
@@ -188,7 +192,7 @@ class GroupMonitor(OwnedTask):
             if had is False:
                 log.info("router.quorum_regained",
                          extra={**fields, "term": view.leader.term if view.leader else 0,
-                                "after_s": round(now - self._lost_at[group], 1)})
+                                "after_s": round(now - self._lost_at.get(group, now), 1)})
             elif had is None:
                 # Once per group and router: when this router first sees the group ready.
                 log.info("router.group_ready", extra={**fields, "term": view.leader.term if view.leader else 0,
@@ -200,8 +204,8 @@ class GroupMonitor(OwnedTask):
             self._lost_at[group] = now
             log.warning("router.quorum_lost", extra={**fields, "unreachable": ",".join(view.unreachable) or "none",
                                                      "reason": _reason(view)})
-        elif had is None and not self._late_reported[group] and now - self._started >= STARTUP_GRACE:
-            self._late_reported[group] = True
+        elif had is None and group not in self._late_reported and now - self._started >= STARTUP_GRACE:
+            self._late_reported.add(group)
             log.warning("router.no_quorum_yet", extra={**fields, "since_start_s": round(now - self._started, 1),
                                                        "unreachable": ",".join(view.unreachable) or "none",
                                                        "reason": _reason(view)})

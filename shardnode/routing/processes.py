@@ -10,6 +10,13 @@ look (its start time changed). The counts feed the metrics page
 (`raft_process_restarts_total`, `raft_process_state`) and `shardnode status`
 (the `Processes` RPC, which every router answers for its host).
 
+The watch also starts the worker programs of groups created online that
+this host holds or that the shard map places here (`want`): supervisord does
+not start those by itself (autostart=false, docs/sharding.md). It starts
+only programs that supervisord never started: one an operator stopped, or
+that exited on its own, stays as it is, and supervisord's restart rules
+(autorestart=unexpected) apply as to every worker.
+
 A router run without supervisord (tests that start processes directly)
 reports nothing: `supervised` stays false.
 """
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 
 from ..background import OwnedTask
 from ..config import ClusterConfig
-from ..supervisor import ProcessControl, ProcessInfo, SupervisorError
+from ..supervisor import ProcessControl, ProcessInfo, SupervisorError, worker_program
 
 log = logging.getLogger("shardnode.router")
 
@@ -57,6 +64,12 @@ class ProcessWatch(OwnedTask):
         self.programs: dict[str, ProgramState] = {}
         self.supervised = False
         self._warned = False
+        self._wanted: frozenset[str] = frozenset()
+
+    def want(self, groups: set[int]) -> None:
+        """The data groups whose workers should run on this host (started at
+        the next look if supervisord never started them)."""
+        self._wanted = frozenset(worker_program(g) for g in groups)
 
     async def _run(self) -> None:
         while True:
@@ -71,7 +84,18 @@ class ProcessWatch(OwnedTask):
             else:
                 self.supervised, self._warned = True, False
                 self.observe(infos, time.monotonic())
+                await self._start_wanted(infos)
             await asyncio.sleep(self.interval)
+
+    async def _start_wanted(self, infos: list[ProcessInfo]) -> None:
+        never_started = [i.name for i in infos if i.name in self._wanted and i.state == "STOPPED" and not i.started_at]
+        if not never_started:
+            return
+        log.info("router.starting_workers", extra={"programs": ",".join(sorted(never_started))})
+        try:
+            await asyncio.to_thread(self.control.start_programs, self.host_name, never_started)
+        except (SupervisorError, OSError) as exc:
+            log.warning("router.start_workers_failed", extra={"programs": ",".join(never_started), "error": str(exc)})
 
     def _read(self) -> list[ProcessInfo]:
         return list(self.control.processes(self.host_name).values())

@@ -18,8 +18,9 @@ from ..proto import worker_pb2 as wpb
 from ..ring import ShardMap
 from ..supervisor import worker_program
 from .forwarder import ChannelPool, GroupForwarder
+from .map_follower import MapFollower
 from .metrics import RouterMetrics
-from .monitor import GroupMonitor, probe_group
+from .monitor import GroupMonitor, GroupView, probe_group
 from .processes import ProcessWatch
 
 log = logging.getLogger("shardnode.router")
@@ -58,24 +59,64 @@ class KVService(pb_grpc.KVServicer):
         self.cluster = cluster
         self.host_name = host_name
         self.channels = channels
-        self.shard_map = ShardMap.build(cluster.groups, cluster.virtual_nodes)
-        self.forwarders = [GroupForwarder(cluster, g, channels, host_name) for g in range(cluster.groups)]
+        # The live shard map (docs/router.md, "Following the shard map"): until
+        # the metadata group answers, the last one saved here, else cluster.toml's.
+        self.map_follower = MapFollower(cluster, host_name, self._adopt_map)
+        self.shard_map: ShardMap = self.map_follower.shard_map
+        # Keyed by group number: groups come and go with the map.
+        self.forwarders: dict[int, GroupForwarder] = {
+            g: GroupForwarder(cluster, g, channels, host_name) for g in self.shard_map.groups}
         self.sessions = RouterSessions()
         self.metrics = metrics
         self.monitor = GroupMonitor(cluster, channels, self.forwarders)
         self.processes = ProcessWatch(cluster, host_name)
+        self.processes.want(self._worker_groups(self.shard_map))
         if metrics is not None:
-            metrics.watch(self.forwarders, self.processes)
+            metrics.watch(self.forwarders, self.processes, lambda: self.shard_map.epoch)
 
     def start(self) -> None:
-        """Start watching every group's health and the host's processes (call
-        inside the event loop)."""
+        """Start following the shard map, watching every group's health and
+        the host's processes (call inside the event loop)."""
+        self.map_follower.start()
         self.monitor.start()
         self.processes.start()
 
     async def close(self) -> None:
+        await self.map_follower.close()
         await self.monitor.close()
         await self.processes.close()
+
+    # --- Following the shard map ------------------------------------------------------------
+
+    async def refresh_map(self) -> ShardMap:
+        """Read the shard map from the metadata group now (a worker said a key
+        is not its group's any more); the map known afterwards."""
+        return await self.map_follower.refresh()
+
+    async def _adopt_map(self, new: ShardMap) -> None:  # noqa: RUF029 - awaited by MapFollower
+        """Route with `new` from now on: forwarders for the groups it adds
+        (placed where the map says, until the group's own members answer),
+        then the map, then the groups it drops go."""
+        for group in new.groups:
+            if group in self.forwarders:
+                continue
+            forwarder = GroupForwarder(self.cluster, group, self.channels, self.host_name)
+            placed = self.cluster.placed_replicas(group, new.placements.get(group, ()))
+            if placed:
+                # Not probed here (its workers may still be starting): the monitor does within a second.
+                forwarder.observe(GroupView(group, placed, (None,) * len(placed), time.monotonic()))
+            self.forwarders[group] = forwarder
+        self.shard_map = new
+        for group in [g for g in self.forwarders if g not in new.groups]:
+            del self.forwarders[group]
+        self.processes.want(self._worker_groups(new))
+
+    def _worker_groups(self, shard_map: ShardMap) -> set[int]:
+        """The data groups whose workers should run on this host: those it
+        has data of, or that the map places here."""
+        return {g for g in shard_map.groups
+                if self.host_name in shard_map.placements.get(g, ())
+                or self.cluster.worker_data_dir(self.host_name, g).exists()}
 
     # --- Helpers ------------------------------------------------------------------------
 
@@ -188,6 +229,7 @@ class KVService(pb_grpc.KVServicer):
     # --- Cluster information -----------------------------------------------------------------
 
     async def ShardMap(self, request: pb.ShardMapRequest, context) -> pb.ShardMapResponse:
+        # The live map: the metadata group's, as of the last poll.
         return pb.ShardMapResponse(
             cluster=self.cluster.name,
             epoch=self.shard_map.epoch,
@@ -222,8 +264,10 @@ class KVService(pb_grpc.KVServicer):
         return {(a.host, p.program): p for a in answers if a is not None for p in a.processes}
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+        shard_map = self.shard_map
         groups, processes = await asyncio.gather(
-            asyncio.gather(*(self._group_status(g) for g in range(self.cluster.groups))), self._host_processes())
+            asyncio.gather(*(self._group_status(g, shard_map) for g in shard_map.groups if g in self.forwarders)),
+            self._host_processes())
         for group in groups:
             for replica in group.replicas:
                 process = processes.get((replica.host, worker_program(group.group)))
@@ -232,11 +276,11 @@ class KVService(pb_grpc.KVServicer):
         return pb.StatusResponse(
             cluster=self.cluster.name,
             router_host=self.host_name,
-            shard_map_epoch=self.shard_map.epoch,
+            shard_map_epoch=shard_map.epoch,
             groups=list(groups),
         )
 
-    async def _group_status(self, group: int) -> pb.GroupStatus:
+    async def _group_status(self, group: int, shard_map: ShardMap) -> pb.GroupStatus:
         view = await probe_group(self.cluster, self.channels, group, timeout=STATUS_TIMEOUT,
                                  known=self.forwarders[group].members)
         self.monitor.observe(view)
@@ -261,6 +305,7 @@ class KVService(pb_grpc.KVServicer):
             leader_id=leader.node_id if leader is not None else 0,
             has_quorum=view.has_quorum,
             replicas=statuses,
+            share=shard_map.share(group),
         )
 
 

@@ -20,7 +20,8 @@ import grpc
 import grpc as sync_grpc
 
 from shardnode.certs import init_cluster
-from shardnode.config import ClusterConfig
+from shardnode.config import METADATA_GROUP, ClusterConfig
+from shardnode.supervisor import worker_program
 from shardnode.security import aio_channel, sync_channel
 from shardnode.proto import worker_pb2 as pb
 from shardnode.proto import worker_pb2_grpc as pb_grpc
@@ -242,13 +243,24 @@ class LocalCluster:
         log.close()
 
     def start_worker(self, host: str, group: int) -> None:
-        self._spawn((host, f"worker-g{group}"), ["-m", "worker", "--config", str(self.config_path), "--host", host,
-                                                  "--group", str(group)])
+        self._spawn((host, worker_program(group)), ["-m", "worker", "--config", str(self.config_path),
+                                                    "--host", host, "--group", str(group)])
+
+    def meta_hosts(self) -> list[str]:
+        """The hosts of the metadata group's replicas."""
+        return [r.host.name for r in self.config.meta_group_replicas()]
 
     def start_host(self, host: str) -> None:
-        self._spawn((host, "router"), ["-m", "router", "--config", str(self.config_path), "--host", host])
+        """Its metadata group worker (on the first hosts), its data groups'
+        workers, its router: what supervisord starts on a host."""
+        if host in self.meta_hosts():
+            self.start_worker(host, METADATA_GROUP)
+        self.start_host_router(host)
         for group in self.config.groups_on_host(host):
             self.start_worker(host, group)
+
+    def start_host_router(self, host: str) -> None:
+        self._spawn((host, "router"), ["-m", "router", "--config", str(self.config_path), "--host", host])
 
     def start_all(self) -> None:
         for host in self.host_names():

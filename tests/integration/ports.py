@@ -51,22 +51,27 @@ def write_cluster_toml(
     snapshot_threshold: int = 10_000,
     tls: bool = False,
     standby: tuple[str, ...] = (),
+    max_groups: int | None = None,
+    meta_replicas: int | None = None,
 ) -> Path:
     """A cluster.toml for a test cluster: hosts h1… on 127.0.0.1…, every
-    port free (worker ports: `groups` consecutive ones), data under tmp;
+    port free (worker ports: `max_groups` + 1 consecutive ones, the last the
+    metadata group's; max_groups defaults to groups + 2), data under tmp;
     `tls` turns [security] tls on (certificates under tmp/data/certs); the
     hosts named in `standby` hold no replica at first."""
+    max_groups = groups + 2 if max_groups is None else max_groups
     blocks = []
     for i in range(1, hosts + 1):
         address = f"127.0.0.{i}"
         blocks.append(
             f'[[host]]\nname = "h{i}"\naddress = "{address}"\nrouter_port = {free_port(address)}\n'
-            f"worker_port_base = {free_port_range(address, groups)}\nmetrics_port = {free_port(address)}\n"
+            f"worker_port_base = {free_port_range(address, max_groups + 1)}\nmetrics_port = {free_port(address)}\n"
             f"supervisor_port = {free_port(address)}\n" + ("standby = true\n" if f"h{i}" in standby else "")
         )
     path = tmp / "cluster.toml"
     path.write_text(
-        f'[cluster]\nname = "{name}"\nreplicas = {replicas or hosts}\ngroups = {groups}\n'
+        f'[cluster]\nname = "{name}"\nreplicas = {replicas or hosts}\ngroups = {groups}\nmax_groups = {max_groups}\n'
+        + (f"meta_replicas = {meta_replicas}\n" if meta_replicas else "") +
         f'data_dir = "{tmp / "data"}"\nsnapshot_threshold = {snapshot_threshold}\n\n'
         f"[timing]\ntick_ms = {tick_ms}\nelection_ticks = 10\nheartbeat_ticks = 1\n\n"
         + ("[security]\ntls = true\n\n" if tls else "") + "\n".join(blocks)

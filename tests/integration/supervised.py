@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardnode.config import ClusterConfig
-from shardnode.supervisor import ProcessControl, SupervisorUnavailable, local_cluster_config
+from shardnode.config import METADATA_GROUP, ClusterConfig
+from shardnode.supervisor import ProcessControl, SupervisorUnavailable, local_cluster_config, worker_program
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -111,7 +111,9 @@ def start_supervised(tmp: Path, config_path: Path, include_router: bool = True) 
     env = SupervisedCluster(tmp, cluster, top, ProcessControl(cluster, include_router=include_router, rpc_timeout=5.0))
     try:
         for host in cluster.hosts:
-            expected = {f"worker-g{g}": "RUNNING" for g in cluster.groups_on_host(host.name)}
+            expected = {worker_program(g): "RUNNING" for g in cluster.groups_on_host(host.name)}
+            if any(r.host.name == host.name for r in cluster.meta_group_replicas()):
+                expected[worker_program(METADATA_GROUP)] = "RUNNING"
             if include_router:
                 expected["router"] = "RUNNING"
             env.wait_states(host.name, expected)

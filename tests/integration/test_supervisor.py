@@ -22,11 +22,12 @@ from pathlib import Path
 import pytest
 
 from shardnode.cli import admin as cli_admin
-from shardnode.config import ClusterConfig
+from shardnode.config import METADATA_GROUP, ClusterConfig
 from shardnode.security import AdminCredential, SecurityError, ensure_admin_credential
 from .ports import write_cluster_toml
 from .supervised import SupervisedCluster, start_supervised
 from shardnode.supervisor import (
+    ensure_workers,
     ProcessControl,
     SupervisorError,
     SupervisorUnavailable,
@@ -62,7 +63,8 @@ def test_default_cluster_host_configs() -> None:
         text = host_config(cluster, host.name, python=python, config_path=DEFAULT_CONFIG, project_root=ROOT)
         conf = _parse(text)
         programs = sorted(s.removeprefix("program:") for s in conf.sections() if s.startswith("program:"))
-        assert programs == ["router", "worker-g0", "worker-g1", "worker-g2", "worker-g3"]
+        # The metadata group, and every data group up to max_groups (16).
+        assert programs == sorted(["router", "worker-meta", *(f"worker-g{g}" for g in range(16))])
         assert conf["inet_http_server"]["port"] == f"{host.address}:9001"
         assert conf["supervisorctl"]["serverurl"] == f"http://{host.address}:9001"
         assert conf["supervisord"]["nodaemon"] == "true"
@@ -88,6 +90,14 @@ def test_default_cluster_host_configs() -> None:
             assert f'PYTHONPATH="{ROOT}"' in section["environment"]
             log = Path(section["stdout_logfile"])
             assert log.is_absolute() and log.parent == cluster.data_dir / host.name / "logs"
+        # Groups created online: their programs start when needed, not with supervisord.
+        for group in range(4, 16):
+            section = conf[f"program:worker-g{group}"]
+            assert (section["autostart"], section["autorestart"], section["exitcodes"]) == ("false", "unexpected", "0")
+        meta = conf["program:worker-meta"]
+        assert shlex.split(meta["command"])[-2:] == ["--group", "meta"]
+        assert (meta["autostart"], meta["autorestart"], meta["exitcodes"]) == ("true", "unexpected", "0")
+        assert int(meta["priority"]) < int(conf["program:worker-g0"]["priority"])
         for key in ("logfile", "pidfile", "childlogdir"):
             path = Path(conf["supervisord"][key])
             assert path.is_absolute() and path.is_relative_to(cluster.data_dir / host.name), key
@@ -115,7 +125,8 @@ def test_local_cluster_config_files(tmp_path: Path) -> None:
         # Long enough for the host's supervisord to stop its programs cleanly.
         assert int(section["stopwaitsecs"]) > 10 * 2
         host_conf = _parse((out / "hosts" / f"{host.name}.conf").read_text())
-        assert [s for s in host_conf.sections() if s.startswith("program:")] == ["program:worker-g0"]
+        assert [s for s in host_conf.sections() if s.startswith("program:")] == [
+            "program:worker-meta", "program:worker-g0", "program:worker-g1", "program:worker-g2"]
         assert (tmp_path / "data" / host.name / "logs").is_dir()
 
 
@@ -124,10 +135,13 @@ def test_resolve(tmp_path: Path) -> None:
     control = ProcessControl(cluster)
     h2 = cluster.host("h2")
     target = control.resolve(h2.router_address)
-    assert target.host == h2 and target.programs == ("router", "worker-g0") and target.whole_host
+    workers = ("worker-meta", "worker-g0", "worker-g1", "worker-g2")
+    assert target.host == h2 and target.programs == ("router", *workers) and target.whole_host
     target = control.resolve(h2.worker_address(0))
     assert target.host == h2 and target.programs == ("worker-g0",) and not target.whole_host
-    assert ProcessControl(cluster, include_router=False).resolve(h2.router_address).programs == ("worker-g0",)
+    assert control.resolve(h2.worker_address(METADATA_GROUP)).programs == ("worker-meta",)
+    assert control.resolve(h2.worker_address(2)).programs == ("worker-g2",)
+    assert ProcessControl(cluster, include_router=False).resolve(h2.router_address).programs == workers
     for bad in (f"127.0.0.2:{h2.metrics_port}", f"127.0.0.9:{h2.router_port}", "h2", "127.0.0.2:", "x:y"):
         with pytest.raises(UnknownServer) as info:
             control.resolve(bad)
@@ -159,6 +173,10 @@ def supervised(tmp_path: Path) -> Iterator[SupervisedCluster]:
         yield env
 
 
+def _running(states: dict[str, str]) -> set[str]:
+    return {name for name, state in states.items() if state == "RUNNING"}
+
+
 def _log_count(env: SupervisedCluster, host: str, event: str) -> int:
     return (env.tmp / "data" / host / "logs" / "worker-g0.log").read_text(errors="replace").count(event)
 
@@ -185,7 +203,7 @@ def test_stop_and_start_under_supervisord(supervised: SupervisedCluster) -> None
     # It died without running its clean shutdown (no SIGTERM handler ran).
     assert _log_count(env, "h2", "worker.stopping") == clean_stops
     # The other hosts were not touched.
-    assert control.status("h1") == {"worker-g0": "RUNNING"}
+    assert _running(control.status("h1")) == {"worker-meta", "worker-g0"}
 
     control.start(worker)
     after = control.processes("h2")["worker-g0"]
@@ -207,11 +225,20 @@ def test_stop_and_start_under_supervisord(supervised: SupervisedCluster) -> None
     # A router address means the whole host.
     h3 = env.cluster.host("h3")
     target = control.stop(h3.router_address, clean=False)
-    assert target.whole_host and target.programs == ("worker-g0",)
+    assert target.whole_host and target.programs == ("worker-meta", "worker-g0", "worker-g1", "worker-g2")
     time.sleep(1.5)
-    assert control.status("h3") == {"worker-g0": "STOPPED"}
+    assert set(control.status("h3").values()) == {"STOPPED"}
     control.start(h3.router_address)
-    assert control.status("h3") == {"worker-g0": "RUNNING"}
+    assert _running(control.status("h3")) == {"worker-meta", "worker-g0"}
+
+    # A group created online: its program starts on demand (never started before, so STOPPED till then).
+    assert control.status("h1")["worker-g2"] == "STOPPED"
+    assert ensure_workers(env.cluster, "h1", [2]) == ("worker-g2",)
+    # No shard map places group 2 on h1: the worker finds no replica of it there and exits 0.
+    info = control.processes("h1")["worker-g2"]
+    assert info.state == "EXITED" and info.exitstatus == 0, info
+    assert "no_replica" in (env.tmp / "data" / "h1" / "logs" / "worker-g2.log").read_text()
+    assert ensure_workers(env.cluster, "h1", [0]) == ()     # running already
 
     # XML-RPC answers only to the cluster's admin credential, and only on the host's own address.
     url = f"{h2.address}:{h2.supervisor_port}/RPC2"

@@ -62,8 +62,9 @@ def test_put_get_delete(config: str, router: FakeRouter, capsys: pytest.CaptureF
 def test_status_table(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--config", config, "status")
     assert code == 1 and err == "", "group 1 has no quorum: the table, and exit 1"
-    for word in ("group", "host", "node", "role", "term", "commit", "applied", "lag", "health",
-                 "leader", "follower", "candidate", "down", "no quorum", "2 groups, 1 with quorum"):
+    for word in ("group", "share", "host", "node", "role", "term", "commit", "applied", "lag", "health",
+                 "leader", "follower", "candidate", "down", "no quorum", "2 groups, 1 with quorum",
+                 "62.5%", "37.5%", "shard map epoch 1"):
         assert word in out, word
 
 
@@ -90,6 +91,7 @@ def test_status_json(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert status["cluster"] == "fake"
     groups = status["groups"]
     assert [g["has_quorum"] for g in groups] == [True, False]
+    assert [g["share"] for g in groups] == [0.625, 0.375] and status["shard_map_epoch"] == 1
     leader = groups[0]["replicas"][0]
     assert leader["leader"] is True and leader["role"] == "leader" and leader["health"] == "ok"
     assert groups[1]["replicas"][1]["health"] == "down"

@@ -118,10 +118,10 @@ def default_status(cluster: str = "fake") -> kv_pb2.StatusResponse:
     return kv_pb2.StatusResponse(
         cluster=cluster, router_host="host1", shard_map_epoch=1,
         groups=[
-            kv_pb2.GroupStatus(group=0, leader_id=1, has_quorum=True, replicas=[
+            kv_pb2.GroupStatus(group=0, leader_id=1, has_quorum=True, share=0.625, replicas=[
                 replica("host1", 1, "leader"), replica("host2", 2, "follower"),
                 replica("host3", 3, "follower", lag=2)]),
-            kv_pb2.GroupStatus(group=1, leader_id=0, has_quorum=False, replicas=[
+            kv_pb2.GroupStatus(group=1, leader_id=0, has_quorum=False, share=0.375, replicas=[
                 replica("host2", 2, "candidate"), replica("host3", 3, "follower", reachable=False),
                 replica("host1", 1, "follower", reachable=False)]),
         ])
@@ -758,7 +758,8 @@ def cluster_dict(router_ports: list[int], **cluster: Any) -> dict[str, Any]:
         base = 40000 + 10 * i
         hosts.append({"name": f"host{i + 1}", "address": "127.0.0.1", "router_port": port,
                       "worker_port_base": base, "metrics_port": base + 5, "supervisor_port": base + 6})
-    return {"cluster": {"name": "test", "replicas": 1, "groups": 2, **cluster}, "host": hosts}
+    # max_groups 3: worker ports base..base+3 (the last the metadata group's) stay clear of base+5, base+6.
+    return {"cluster": {"name": "test", "replicas": 1, "groups": 2, "max_groups": 3, **cluster}, "host": hosts}
 
 
 def cluster_toml(router_ports: list[int], **cluster: Any) -> str:

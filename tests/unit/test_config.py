@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from shardnode.config import ClusterConfig, ConfigError
+from shardnode.config import METADATA_GROUP, ClusterConfig, ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,4 +97,65 @@ def test_standby_hosts_hold_no_initial_replica() -> None:
         ClusterConfig.from_dict(raw)
     raw["host"][2]["standby"] = "yes"
     with pytest.raises(ConfigError, match=r"host\[2\].standby"):
+        ClusterConfig.from_dict(raw)
+
+
+def test_metadata_group_and_groups_created_online() -> None:
+    raw = _raw(hosts=5, replicas=3, groups=4)
+    raw["host"][0]["standby"] = True
+    cluster = ClusterConfig.from_dict(raw)
+    assert (cluster.max_groups, cluster.meta_replicas) == (16, 3)
+    # The first meta_replicas hosts that are not standby, node id = position + 1.
+    meta = cluster.group_replicas(METADATA_GROUP)
+    assert [(r.host.name, r.node_id) for r in meta] == [("h2", 2), ("h3", 3), ("h4", 4)]
+    assert meta[0].address == "127.0.0.2:50116"           # worker_port_base + max_groups
+    assert cluster.host("h2").worker_port(3) == 50103       # data groups as before
+    assert cluster.worker_data_dir("h2", METADATA_GROUP).name == "group-meta"
+    assert cluster.worker_data_dir("h2", 3).name == "group-3"
+    # A group created online is placed by the shard map, not by this file.
+    assert cluster.group_replicas(7) == ()
+    assert [(r.host.name, r.node_id, r.address) for r in cluster.placed_replicas(7, ("h5", "h1"))] == [
+        ("h5", 5, "127.0.0.5:50107"), ("h1", 1, "127.0.0.1:50107")]
+    with pytest.raises(ConfigError, match="unknown group"):
+        cluster.group_replicas(16)
+    raw["cluster"].update(max_groups=6, meta_replicas=5)
+    raw["host"][0]["standby"] = False
+    cluster = ClusterConfig.from_dict(raw)
+    assert cluster.host("h1").worker_port(METADATA_GROUP) == 50106 and len(cluster.meta_group_replicas()) == 5
+
+
+def test_tiny_clusters_default_to_fewer_metadata_replicas() -> None:
+    assert ClusterConfig.from_dict(_raw(hosts=1, replicas=1, groups=1)).meta_replicas == 1
+    assert ClusterConfig.from_dict(_raw(hosts=2, replicas=1, groups=1)).meta_replicas == 2
+    assert ClusterConfig.from_dict(_raw(hosts=2, replicas=1, groups=20)).max_groups == 20
+
+
+@pytest.mark.parametrize(
+    "settings, field, message",
+    [
+        ({"max_groups": 1}, "cluster.max_groups", "at least cluster.groups"),
+        ({"max_groups": "many"}, "cluster.max_groups", "integer"),
+        ({"meta_replicas": 4}, "cluster.meta_replicas", "3 or 5"),
+        ({"meta_replicas": 1}, "cluster.meta_replicas", "integer in 3..5"),
+        ({"meta_replicas": 5}, "cluster.meta_replicas", "at least as many hosts"),
+    ],
+)
+def test_bad_metadata_settings_are_refused_in_one_line(settings: dict, field: str, message: str) -> None:
+    raw = _raw(hosts=4, replicas=3, groups=2)
+    raw["cluster"].update(settings)
+    with pytest.raises(ConfigError, match=field) as info:
+        ClusterConfig.from_dict(raw)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_metadata_worker_port_is_checked_like_the_others() -> None:
+    raw = _raw(hosts=3, replicas=3, groups=2)
+    raw["cluster"]["max_groups"] = 4
+    raw["host"][0]["metrics_port"] = 50104                 # the metadata group's worker port
+    with pytest.raises(ConfigError, match="metrics_port: 50104 collides with its worker ports"):
+        ClusterConfig.from_dict(raw)
+    raw["host"][0]["metrics_port"] = 50105
+    ClusterConfig.from_dict(raw)
+    raw["host"][0]["worker_port_base"] = 65533
+    with pytest.raises(ConfigError, match="base \\+ max_groups exceeds 65535"):
         ClusterConfig.from_dict(raw)

@@ -23,7 +23,7 @@ def _single_replica_cluster(tmp_path: Path, snapshot_threshold: int = 10_000) ->
         "cluster": {"name": "failstop", "replicas": 1, "groups": 1, "data_dir": str(tmp_path),
                     "snapshot_threshold": snapshot_threshold},
         "timing": {"tick_ms": 10, "election_ticks": 3, "heartbeat_ticks": 1},
-        "host": [{"name": "h1", "address": "127.0.0.1", "router_port": 1, "worker_port_base": 2, "metrics_port": 3,
+        "host": [{"name": "h1", "address": "127.0.0.1", "router_port": 1, "worker_port_base": 5, "metrics_port": 3,
                   "supervisor_port": 4}],
     })
 

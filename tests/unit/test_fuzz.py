@@ -183,9 +183,9 @@ def test_a_snapshot_stream_whose_chunks_do_not_match_is_refused_before_the_recei
                 seen.append(chunk)
 
         cluster = ClusterConfig.from_dict({
-            "cluster": {"name": "c", "replicas": 2, "groups": 1},
+            "cluster": {"name": "c", "replicas": 2, "groups": 1, "max_groups": 1},
             "host": [{"name": f"h{i}", "address": "127.0.0.1", "router_port": 20000 + i,
-                      "worker_port_base": 20010 + i, "metrics_port": 20020 + i, "supervisor_port": 20030 + i}
+                      "worker_port_base": 20010 + 2 * i, "metrics_port": 20020 + i, "supervisor_port": 20030 + i}
                      for i in (1, 2)],
         })
         server = grpc.aio.server()

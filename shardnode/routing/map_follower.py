@@ -1,0 +1,167 @@
+"""The router's copy of the shard map, following the metadata group.
+
+At start the router routes with the last map it saved (data_dir/HOST/shard_map),
+else cluster.toml's initial map: workers refuse keys they do not own, so a
+stale map costs a retry, never a wrong answer. `MapFollower` then reads
+b"shard_map" from the metadata group's leader every POLL_INTERVAL (a
+linearizable read, answered by the leader after its ReadIndex round), and
+when the stored bytes change and carry a higher epoch, hands the new map to
+the router (`adopt`) and saves it. A router that was down while the map
+changed learns it within one poll of coming back; one cut off from the
+metadata group keeps routing with the map it has.
+
+`refresh()` polls at once and returns the map then known: the forwarders
+call it when a worker answers that a key is not its group's any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from ..background import OwnedTask
+from ..config import ClusterConfig
+from ..errors import ShardnodeError
+from ..ring import ShardMap, ShardMapError
+from ..sharding.directory import SHARD_MAP_KEY, ShardDirectory, initial_map
+
+log = logging.getLogger("shardnode.router")
+
+#: A stale router must learn a new map within a second.
+POLL_INTERVAL = 0.25
+#: One poll gives up after this (the next one tries again).
+POLL_TIMEOUT = 1.0
+#: Not reaching the metadata group this long after start is reported.
+STARTUP_GRACE = 30.0
+
+
+class MapFollower(OwnedTask):
+    """Owned by the router's KVService: `start` in the event loop, `close` on shutdown."""
+
+    task_name = "router shard map follower"
+
+    def __init__(self, cluster: ClusterConfig, host_name: str,
+                 adopt: Callable[[ShardMap], Awaitable[None]], interval: float = POLL_INTERVAL) -> None:
+        self.cluster = cluster
+        self.host_name = host_name
+        self.interval = interval
+        self._adopt = adopt
+        self.path = cluster.shard_map_file(host_name)
+        self.shard_map = self._saved_or_initial()
+        self.loaded = False            # true once a map came from the metadata group
+        self._raw: bytes | None = None
+        self._directory = ShardDirectory(cluster, host_name, timeout=POLL_TIMEOUT)
+        self._poll_lock = asyncio.Lock()
+        self._next: asyncio.Future[ShardMap] | None = None
+        self._refreshes: set[asyncio.Task[None]] = set()
+        self._unreachable_since: float | None = None
+        self._started = time.monotonic()
+
+    # --- The map at start ---------------------------------------------------------------
+
+    def _saved_or_initial(self) -> ShardMap:
+        try:
+            saved = ShardMap.decode(self.path.read_bytes())
+        except FileNotFoundError:
+            return initial_map(self.cluster)
+        except (OSError, ShardMapError) as exc:
+            log.warning("router.shard_map_unreadable", extra={"path": str(self.path), "error": str(exc)})
+            return initial_map(self.cluster)
+        log.info("router.shard_map_saved", extra={"epoch": saved.epoch, "path": str(self.path)})
+        return saved
+
+    def _save(self, raw: bytes) -> None:
+        # Whole or not at all: a crash mid-write leaves the previous map.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+
+    # --- Following ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        self._started = time.monotonic()
+        while True:
+            began = time.monotonic()
+            try:
+                await self.refresh()
+            except Exception:       # a bug here must not stop following the map for good
+                log.exception("router.map_follow_failed")
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - began)))
+
+    async def refresh(self) -> ShardMap:
+        """Read the map from the metadata group now and adopt it if it is
+        newer; the map known afterwards (unreachable: the map it has). The
+        read starts after the call: callers that arrive while one runs share
+        the next one (a burst of stale answers costs one read)."""
+        if self._next is None:
+            future = self._next = asyncio.get_running_loop().create_future()
+            task = asyncio.ensure_future(self._poll_into(future))
+            self._refreshes.add(task)
+            task.add_done_callback(self._refreshes.discard)
+        return await asyncio.shield(self._next)
+
+    async def _poll_into(self, future: asyncio.Future[ShardMap]) -> None:
+        async with self._poll_lock:
+            if self._next is future:
+                self._next = None           # callers from now on need a later read
+            try:
+                future.set_result(await self._poll())
+            except asyncio.CancelledError:
+                future.cancel()
+                raise
+            except Exception as exc:
+                future.set_exception(exc)
+
+    async def _poll(self) -> ShardMap:
+        try:
+            raw = await self._directory.read(SHARD_MAP_KEY)
+        except ShardnodeError as exc:
+            self._unreachable(exc)
+            return self.shard_map
+        if self._unreachable_since is not None:
+            log.info("router.metadata_reachable", extra={"after_s": round(time.monotonic()
+                                                                            - self._unreachable_since, 1)})
+            self._unreachable_since = None
+        self.loaded = True
+        if raw is None or raw == self._raw:
+            return self.shard_map
+        try:
+            new = ShardMap.decode(raw)
+        except ShardMapError as exc:
+            log.error("router.shard_map_undecodable", extra={"error": str(exc)})
+            return self.shard_map
+        self._raw = raw
+        if new.epoch <= self.shard_map.epoch:
+            return self.shard_map
+        old = self.shard_map
+        await self._adopt(new)
+        self.shard_map = new
+        log.info("router.shard_map_changed", extra={"old_epoch": old.epoch, "epoch": new.epoch,
+                                                    "groups": list(new.groups)})
+        try:
+            await asyncio.to_thread(self._save, raw)
+        except OSError as exc:
+            log.warning("router.shard_map_not_saved", extra={"path": str(self.path), "error": str(exc)})
+        return new
+
+    def _unreachable(self, exc: Exception) -> None:
+        now = time.monotonic()
+        # While the cluster starts (the metadata group electing), silence.
+        if self._unreachable_since is None and (self.loaded or now - self._started >= STARTUP_GRACE):
+            self._unreachable_since = now
+            log.warning("router.metadata_unreachable", extra={"epoch": self.shard_map.epoch, "error": str(exc)})
+
+    async def close(self) -> None:
+        await super().close()
+        for task in list(self._refreshes):
+            task.cancel()
+        await asyncio.gather(*self._refreshes, return_exceptions=True)
+        await self._directory.close()
