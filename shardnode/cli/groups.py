@@ -78,33 +78,39 @@ def _run(args: argparse.Namespace, change) -> int:  # type: ignore[no-untyped-de
         return 2
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[keys]:>8,} keys"),
                DownloadColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False, disable=args.json) as bar:
-        tasks: dict[int, int] = {}
+    # Started with the first move: a refusal before any prints its one line alone.
+    bar = Progress(*columns, console=console, transient=False, disable=args.json)
+    tasks: dict[int, int] = {}
 
-        def on_move(record: MoveRecord, progress: MoveProgress) -> None:
-            task = tasks.get(record.move_id)
-            if task is None:
-                task = tasks[record.move_id] = bar.add_task(
-                    f"group {record.source} → {record.target}", total=None, keys=0)
-            bar.update(task, completed=progress.bytes, keys=progress.keys + progress.delta_keys,
-                       description=f"group {record.source} → {record.target} ({record.phase.name.lower()})")
+    def on_move(record: MoveRecord, progress: MoveProgress) -> None:
+        task = tasks.get(record.move_id)
+        if task is None:
+            if not tasks:
+                bar.start()
+            task = tasks[record.move_id] = bar.add_task(f"group {record.source} → {record.target}", total=None,
+                                                        keys=0)
+        bar.update(task, completed=progress.bytes, keys=progress.keys + progress.delta_keys,
+                   description=f"group {record.source} → {record.target} ({record.phase.name.lower()})")
 
-        def line(text: str) -> None:
-            if not args.json:
-                console.print(text)
+    def line(text: str) -> None:
+        if not args.json:
+            console.print(text)
 
-        async def main() -> GroupChangeReport:
-            admin, close = cluster_group_admin(cluster, progress=line, on_move_progress=on_move)
-            try:
-                return await change(admin)
-            finally:
-                await close()
-
+    async def main() -> GroupChangeReport:
+        admin, close = cluster_group_admin(cluster, progress=line, on_move_progress=on_move)
         try:
-            report = asyncio.run(main())
-        except (ConfigError, ShardnodeError) as exc:
-            print(f"shardnode: {exc}", file=sys.stderr)
-            return 2
+            return await change(admin)
+        finally:
+            await close()
+
+    try:
+        report = asyncio.run(main())
+    except (ConfigError, ShardnodeError) as exc:
+        print(f"shardnode: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if tasks:
+            bar.stop()
     if args.json:
         print(json.dumps({"group": report.group, "moves": report.moves, "keys": report.keys,
                           "bytes": report.bytes, "delta_keys": report.delta_keys,

@@ -130,7 +130,7 @@ class GroupAdmin:
         return report
 
     def _next_group(self, shard_map: ShardMap) -> int:
-        group = max(shard_map.groups) + 1
+        group = shard_map.next_group
         if group >= self.cluster.max_groups:
             raise GroupChangeRefused(f"the cluster has room for {self.cluster.max_groups} groups "
                                      f"([cluster] max_groups in {self.cluster.source or 'cluster.toml'}); "
