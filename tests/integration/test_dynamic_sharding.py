@@ -210,3 +210,41 @@ def test_a_router_down_during_a_move_routes_correctly_when_back(cluster: Supervi
         wrong = [k for k, v in preloaded.items() if client.get(k) != v.encode()]
         assert client.put("after-the-move", "1") is None
     assert not wrong, wrong[:5]
+
+
+@pytest.fixture
+def standby_cluster(tmp_path: Path) -> Iterator[SupervisedCluster]:
+    config = write_cluster_toml(tmp_path, name="standby-itest", hosts=6, groups=2, replicas=3, max_groups=4,
+                                standby=("h4", "h5", "h6"))
+    with start_supervised(tmp_path, config) as env:
+        _wait_for_map(env.cluster, lambda m: len(m.groups) == 2)
+        try:
+            yield env
+        finally:
+            kv739.kv739_shutdown()
+
+
+def test_three_standby_hosts_started_new_form_a_new_group(standby_cluster: SupervisedCluster) -> None:
+    """The original design's growth: standby hosts started with new=1 find no
+    group short of replicas, stay free, and the third one forms a new group
+    with the other two, which takes a fair share of the key space."""
+    env = standby_cluster
+    config = env.tmp / "cluster.toml"
+    assert kv739.kv739_init(str(config)) == 0
+    preloaded = _preload(config, 600)
+    load = Load(config)
+    load.start()
+    try:
+        for name in ("h4", "h5"):
+            assert kv739.kv739_start(env.cluster.host(name).router_address, 1) == 0, env.log_tail()
+            assert _load_map(env.cluster).groups == (0, 1), "two free hosts form nothing yet"
+        assert kv739.kv739_start(env.cluster.host("h6").router_address, 1) == 0, env.log_tail()
+        time.sleep(1.0)
+    finally:
+        load.finish()
+    checked, lost = load.verify()
+    shard_map = _load_map(env.cluster)
+    assert shard_map.groups == (0, 1, 2)
+    assert shard_map.placements[2] == ("h4", "h5", "h6")
+    assert abs(shard_map.share(2) - 1 / 3) < 0.01
+    assert not lost and not _check_all(config, preloaded)
