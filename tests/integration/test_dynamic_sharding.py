@@ -70,7 +70,7 @@ def _moves(cluster: ClusterConfig) -> list:
     return asyncio.run(read())
 
 
-def _wait_for_map(cluster: ClusterConfig, ready, timeout: float = 60.0) -> ShardMap:  # type: ignore[no-untyped-def]
+def _wait_for_map(cluster: ClusterConfig, ready, timeout: float = 180.0) -> ShardMap:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -248,3 +248,34 @@ def test_three_standby_hosts_started_new_form_a_new_group(standby_cluster: Super
     assert shard_map.placements[2] == ("h4", "h5", "h6")
     assert abs(shard_map.share(2) - 1 / 3) < 0.01
     assert not lost and not _check_all(config, preloaded)
+
+
+def test_a_group_add_killed_mid_move_is_finished_by_the_next_run(cluster: SupervisedCluster) -> None:
+    """The mover dies (SIGKILL of the command) with moves half done: keys stay
+    readable meanwhile, and the next `group add` finishes those moves instead
+    of adding another group."""
+    config = cluster.tmp / "cluster.toml"
+    preloaded = _preload(config, 1500)
+    command = _shardnode(cluster, "group", "add")
+    deadline = time.monotonic() + 180
+    phases: list[str] = []
+    while time.monotonic() < deadline and command.poll() is None:
+        records = _moves(cluster.cluster)
+        if any(r.phase >= Phase.COPIED for r in records):
+            command.kill()
+            phases = sorted({r.phase.name for r in records})
+            break
+        time.sleep(0.02)
+    command.communicate(timeout=60)
+    assert phases, "the command finished before it could be killed mid-move"
+    assert _moves(cluster.cluster), "moves were left unfinished"
+    assert not _check_all(config, preloaded), "every key stays readable while the moves wait"
+    again = _shardnode(cluster, "group", "add")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err + cluster.log_tail()
+    assert "earlier run" in out + err
+    shard_map = _load_map(cluster.cluster)
+    print(f"\n[sharding] killed in phases {phases}; then: {out.strip()}")
+    assert shard_map.groups == (0, 1, 2, 3, 4) and abs(shard_map.share(4) - 0.2) < 0.01
+    assert not _moves(cluster.cluster)
+    assert not _check_all(config, preloaded)
