@@ -21,7 +21,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from ..background import OwnedTask
 from ..config import ClusterConfig

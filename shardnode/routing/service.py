@@ -21,6 +21,7 @@ from .forwarder import ChannelPool, GroupForwarder
 from .map_follower import MapFollower
 from .metrics import RouterMetrics
 from .monitor import GroupMonitor, GroupView, probe_group
+from .move_watch import MoveWatch
 from .processes import ProcessWatch
 
 log = logging.getLogger("shardnode.router")
@@ -73,6 +74,7 @@ class KVService(pb_grpc.KVServicer):
         self.metrics = metrics
         self.monitor = GroupMonitor(cluster, channels, self.forwarders)
         self.processes = ProcessWatch(cluster, host_name)
+        self.move_watch = MoveWatch(cluster, host_name)
         self.processes.want(self._worker_groups(self.shard_map))
         if metrics is not None:
             metrics.watch(self.forwarders, self.processes, lambda: self.shard_map.epoch)
@@ -83,11 +85,13 @@ class KVService(pb_grpc.KVServicer):
         self.map_follower.start()
         self.monitor.start()
         self.processes.start()
+        self.move_watch.start()
 
     async def close(self) -> None:
         await self.map_follower.close()
         await self.monitor.close()
         await self.processes.close()
+        await self.move_watch.close()
 
     # --- Following the shard map ------------------------------------------------------------
 
