@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
+import msgpack
 
 from .config import ClusterConfig, ConfigError, HostConfig
 from .errors import ShardnodeError
@@ -47,6 +48,8 @@ from .supervisor import ROUTER_PROGRAM, ProcessControl
 MIN_VOTERS = 3
 STATUS_TIMEOUT = 1.0
 LIVE_GROUPS_TIMEOUT = 5.0
+#: The metadata group's list of hosts started free (`start --new` with no group short).
+FREE_HOSTS_KEY = b"free_hosts"
 Kind = pb.ChangeMembershipRequest
 Answer = pb.ChangeMembershipResponse
 
@@ -286,8 +289,9 @@ class MembershipAdmin:
                                f"has nothing to join")
         self.control.start(server, groups=[])
         holding = {m.host for s in states.values() for m in s.members}
-        free = [h for h in self.cluster.hosts
-                if h.name not in holding and self.control.status(h.name).get(ROUTER_PROGRAM) == "RUNNING"]
+        named = self._mark_free(host.name)
+        free = [h for h in self.cluster.hosts if h.name in named and h.name not in holding
+                and self.control.status(h.name).get(ROUTER_PROGRAM) == "RUNNING"]
         if len(free) < MIN_VOTERS:
             self.progress(f"host {host.name} is free: no group is short of replicas; {len(free)} free host(s) "
                           f"({', '.join(h.name for h in free)}), {MIN_VOTERS} form a new group")
@@ -295,8 +299,41 @@ class MembershipAdmin:
         hosts = tuple(h.name for h in free[:self.cluster.replicas])
         self.progress(f"{len(free)} free hosts: {', '.join(hosts)} form a new group")
         report = self._form_group(hosts)
+        self._unmark_free(hosts)
         member = self.group(report.group).member_at(host.worker_address(report.group))
         return [(report.group, member)] if member is not None else []
+
+    def _mark_free(self, host_name: str) -> set[str]:
+        """Record in the metadata group that `host_name` was started free;
+        returns every host so recorded (a new group takes them off the list)."""
+        async def mark() -> set[str]:
+            directory = ShardDirectory(self.cluster, self._identity, timeout=LIVE_GROUPS_TIMEOUT)
+            try:
+                while True:
+                    raw = await directory.read(FREE_HOSTS_KEY)
+                    names = set(msgpack.unpackb(raw, raw=False)) if raw is not None else set()
+                    names.add(host_name)
+                    swapped, _ = await directory.compare_and_set(FREE_HOSTS_KEY, raw, msgpack.packb(sorted(names)))
+                    if swapped:
+                        return names
+            finally:
+                await directory.close()
+        return asyncio.run(mark())
+
+    def _unmark_free(self, host_names: tuple[str, ...]) -> None:
+        async def unmark() -> None:
+            directory = ShardDirectory(self.cluster, self._identity, timeout=LIVE_GROUPS_TIMEOUT)
+            try:
+                while True:
+                    raw = await directory.read(FREE_HOSTS_KEY)
+                    names = set(msgpack.unpackb(raw, raw=False)) if raw is not None else set()
+                    swapped, _ = await directory.compare_and_set(
+                        FREE_HOSTS_KEY, raw, msgpack.packb(sorted(names - set(host_names))))
+                    if swapped:
+                        return
+            finally:
+                await directory.close()
+        asyncio.run(unmark())
 
     def _form_group(self, hosts: tuple[str, ...]):  # type: ignore[no-untyped-def]
         async def run():  # type: ignore[no-untyped-def]

@@ -45,7 +45,13 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
 
 def _add(args: argparse.Namespace) -> int:
     hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip()) if args.hosts else None
-    return _run(args, lambda admin: admin.add(hosts, loads=_replica_loads(admin.cluster)))
+    loads: dict[str, int] = {}
+
+    def prepare(cluster: ClusterConfig) -> None:
+        if hosts is None:           # placing the group by load: read the membership first (synchronous)
+            loads.update(_replica_loads(cluster))
+
+    return _run(args, lambda admin: admin.add(hosts, loads=loads), prepare)
 
 
 def _remove(args: argparse.Namespace) -> int:
@@ -64,7 +70,7 @@ def _replica_loads(cluster: ClusterConfig) -> dict[str, int]:
     return loads
 
 
-def _run(args: argparse.Namespace, change) -> int:  # type: ignore[no-untyped-def]
+def _run(args: argparse.Namespace, change, prepare=lambda cluster: None) -> int:  # type: ignore[no-untyped-def]
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -73,7 +79,8 @@ def _run(args: argparse.Namespace, change) -> int:  # type: ignore[no-untyped-de
     console = Console(stderr=True)
     try:
         cluster = ClusterConfig.load(getattr(args, "config", None) or str(default_config_path()))
-    except ConfigError as exc:
+        prepare(cluster)
+    except (ConfigError, ShardnodeError) as exc:
         print(f"shardnode: {exc}", file=sys.stderr)
         return 2
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[keys]:>8,} keys"),
