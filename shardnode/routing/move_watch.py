@@ -4,7 +4,8 @@ From its freeze until its activation a move's ranges are served by no group,
 so a mover that dies there (the `group add` command killed, its machine
 lost) would leave them unavailable until someone ran the command again.
 Every router therefore watches the metadata group's move records: a move
-that sits at or past its freeze without changing phase for STALL_SECONDS is
+that may be frozen (recorded COPIED: the freeze may be applied and not yet
+recorded, or later) and keeps its phase for STALL_SECONDS is
 resumed by the first router that takes the mover lease (a compare-and-set
 key in the metadata group, with an expiry). Running a move twice at once is
 safe, every step being idempotent; the lease only keeps routers from doing
@@ -32,7 +33,7 @@ log = logging.getLogger("shardnode.router")
 LEASE_KEY = b"mover_lease"
 #: How often the records are read.
 POLL_SECONDS = 2.0
-#: A move at or past its freeze that keeps its phase this long has lost its mover.
+#: A move that may be frozen and keeps its phase this long has lost its mover.
 STALL_SECONDS = 10.0
 #: How long a lease holds (renewed per move); a router that dies with it only delays the next.
 LEASE_SECONDS = 60.0
@@ -70,7 +71,7 @@ class MoveWatch(OwnedTask):
             seen[record.move_id] = (phase, since) if phase == record.phase else (record.phase, now)
         self._seen = seen
         stalled = [r for r in records
-                   if r.phase >= Phase.FROZEN and now - self._seen[r.move_id][1] >= self.stall_seconds]
+                   if r.phase >= Phase.COPIED and now - self._seen[r.move_id][1] >= self.stall_seconds]
         if stalled and await self._take_lease(directory):
             await self._resume(directory, stalled)
 
