@@ -23,6 +23,7 @@ Status), never from cluster.toml, which only gives the first shape.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,14 +35,18 @@ from .config import ClusterConfig, ConfigError, HostConfig
 from .errors import ShardnodeError
 from .group_status import freshest
 from .proto import worker_pb2 as pb
+from .ring import ShardMap
+from .sharding.cluster import cluster_group_admin
+from .sharding.directory import ShardDirectory
 from .proto import worker_pb2_grpc as pb_grpc
 from .security import admin_metadata, load_admin_credential, sync_channel
-from .supervisor import ProcessControl
+from .supervisor import ROUTER_PROGRAM, ProcessControl
 
 #: A group never shrinks below this many voters by a leave (it could not
 #: survive the loss of one more member without losing its majority).
 MIN_VOTERS = 3
 STATUS_TIMEOUT = 1.0
+LIVE_GROUPS_TIMEOUT = 5.0
 Kind = pb.ChangeMembershipRequest
 Answer = pb.ChangeMembershipResponse
 
@@ -165,8 +170,23 @@ class MembershipAdmin:
             ))
         return state
 
+    def live_groups(self) -> list[int]:
+        """The data groups of the live shard map (groups come and go online:
+        docs/sharding.md). ShapeRefused if the metadata group does not answer:
+        a change of shape that missed a group could leave it short."""
+        async def load() -> ShardMap:
+            directory = ShardDirectory(self.cluster, self._identity, timeout=LIVE_GROUPS_TIMEOUT)
+            try:
+                return await directory.load_map()
+            finally:
+                await directory.close()
+        try:
+            return list(asyncio.run(load()).groups)
+        except ShardnodeError as exc:
+            raise ShapeRefused(f"the live groups are unknown: {exc}") from None
+
     def groups(self) -> list[GroupState]:
-        return [self.group(g) for g in range(self.cluster.groups)]
+        return [self.group(g) for g in self.live_groups()]
 
     def groups_of(self, host: HostConfig) -> list[int]:
         """The groups `host` holds a replica of now."""
@@ -188,7 +208,7 @@ class MembershipAdmin:
         `start --new`). Groups that do not answer now are started too: their
         workers find out for themselves."""
         host, groups = self._resolve(server)
-        candidates = range(self.cluster.groups) if groups is None else groups
+        candidates = self.live_groups() if groups is None else groups
         held, left = [], []
         for group in candidates:
             state = self.group(group)
@@ -206,8 +226,9 @@ class MembershipAdmin:
     def _ever_held(self, host: HostConfig, group: int, state: GroupState) -> bool:
         """Whether the group removed this host's replica (its initial one:
         later members are known by id only once removed)."""
-        initial = {r.node_id for r in self.cluster.group_replicas(group) if r.host.name == host.name}
-        return bool(initial & set(state.removed))
+        # A host's initial replica in any group has the host's node id
+        # (cluster.toml's placement, or the map's for a group created online).
+        return host.node_id in state.removed
 
     def _start(self, server: str, groups: list[int]) -> None:
         if self.control is not None:
@@ -223,8 +244,8 @@ class MembershipAdmin:
         without leaving), its old replicas are removed first — their data is
         discarded, and their ids never come back — with the checks of a leave."""
         host, groups = self._resolve(server)
-        states = self.groups()
-        candidates = range(self.cluster.groups) if groups is None else groups
+        states = {s.group: s for s in self.groups()}
+        candidates = list(states) if groups is None else groups
         stale = [(states[g], states[g].member_at(host.worker_address(g))) for g in candidates]
         stale = [(state, member) for state, member in stale if member is not None]
         running = [state.group for state, member in stale if member.reachable]
@@ -239,13 +260,12 @@ class MembershipAdmin:
             self.progress(f"group {state.group}: removing node {member.node_id} on {member.host}")
             self._change(state.group, Kind(kind=Kind.REMOVE, node_id=member.node_id))
         if stale:
-            states = self.groups()
+            states = {s.group: s for s in self.groups()}
         if groups is None:
-            groups = [s.group for s in states
+            groups = [s.group for s in states.values()
                       if len(s.voters) < self.cluster.replicas and s.member_at(host.worker_address(s.group)) is None]
             if not groups:
-                raise ShapeRefused(f"no group is short of {self.cluster.replicas} voters: host {host.name} "
-                                   f"has nothing to join")
+                return self._start_free(server, host, states)
         for group in groups:
             if states[group].member_at(host.worker_address(group)) is not None:
                 raise ShapeRefused(f"host {host.name} already holds a replica of group {group}")
@@ -254,6 +274,38 @@ class MembershipAdmin:
         added = [(group, self._add_learner(group, host)) for group in groups]
         self._start(server, groups)
         return [(group, self._await_promotion(group, node_id)) for group, node_id in added]
+
+    def _start_free(self, server: str, host: HostConfig,
+                    states: dict[int, GroupState]) -> list[tuple[int, MemberState]]:
+        """No group is short of replicas: the host starts free (its router
+        only). Once three or more hosts are free, they form a new group that
+        takes a fair share of the key space (docs/sharding.md), and this
+        host's replica of it is returned; until then, nothing."""
+        if self.control is None:
+            raise ShapeRefused(f"no group is short of {self.cluster.replicas} voters: host {host.name} "
+                               f"has nothing to join")
+        self.control.start(server, groups=[])
+        holding = {m.host for s in states.values() for m in s.members}
+        free = [h for h in self.cluster.hosts
+                if h.name not in holding and self.control.status(h.name).get(ROUTER_PROGRAM) == "RUNNING"]
+        if len(free) < MIN_VOTERS:
+            self.progress(f"host {host.name} is free: no group is short of replicas; {len(free)} free host(s) "
+                          f"({', '.join(h.name for h in free)}), {MIN_VOTERS} form a new group")
+            return []
+        hosts = tuple(h.name for h in free[:self.cluster.replicas])
+        self.progress(f"{len(free)} free hosts: {', '.join(hosts)} form a new group")
+        report = self._form_group(hosts)
+        member = self.group(report.group).member_at(host.worker_address(report.group))
+        return [(report.group, member)] if member is not None else []
+
+    def _form_group(self, hosts: tuple[str, ...]):  # type: ignore[no-untyped-def]
+        async def run():  # type: ignore[no-untyped-def]
+            admin, close = cluster_group_admin(self.cluster, progress=self.progress)
+            try:
+                return await admin.add(hosts)
+            finally:
+                await close()
+        return asyncio.run(run())
 
     def _add_learner(self, group: int, host: HostConfig) -> int:
         state = self.group(group)
@@ -305,9 +357,9 @@ class MembershipAdmin:
         group is checked first: a refusal changes nothing. Returns the
         (group, node id) pairs removed."""
         host, groups = self._resolve(server)
-        states = self.groups()
+        states = {s.group: s for s in self.groups()}
         if groups is None:
-            groups = [s.group for s in states if s.member_at(host.worker_address(s.group)) is not None]
+            groups = [s.group for s in states.values() if s.member_at(host.worker_address(s.group)) is not None]
             if not groups:
                 raise ShapeRefused(f"host {host.name} holds no replica of any group")
         leaving = []
@@ -430,7 +482,7 @@ class MembershipAdmin:
         for host in self.cluster.hosts:
             if server == host.router_address:
                 return host, None
-            for group in range(self.cluster.groups):
+            for group in range(self.cluster.max_groups):
                 if server == host.worker_address(group):
                     return host, [group]
         raise ConfigError(f"{server} is neither a router nor a worker address of cluster {self.cluster.name!r}")

@@ -116,7 +116,9 @@ class RangeSet:
         return not RangeSet(other).difference(self)
 
     def to_wire(self) -> list[list[int]]:
-        return [[r.start, r.end] for r in self]
+        """[[start, last], ...] with the last position included: 2**64 (an
+        end) does not fit msgpack's integers."""
+        return [[r.start, r.end - 1] for r in self]
 
     @classmethod
     def from_wire(cls, raw: object) -> RangeSet:
@@ -125,8 +127,8 @@ class RangeSet:
         ranges = []
         for item in raw:
             if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(type(x) is int for x in item):
-                raise ShardMapError("key ranges: expected [start, end] pairs of integers")
-            ranges.append(KeyRange(item[0], item[1]))
+                raise ShardMapError("key ranges: expected [start, last] pairs of integers")
+            ranges.append(KeyRange(item[0], item[1] + 1))
         return cls(ranges)
 
 
@@ -149,6 +151,9 @@ class ShardMap:
     # placed by the configuration): group -> host names, node id i+1 on the
     # i-th [[host]] as everywhere.
     placements: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    # Groups removed from the cluster: their numbers are never used again
+    # (their replicas' tombstones would stop a new group of that number).
+    retired: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.epoch < 1:
@@ -159,6 +164,8 @@ class ShardMap:
             raise ShardMapError("range starts must increase strictly and stay below 2**64")
         if not set(self.owners) <= set(self.groups):
             raise ShardMapError("a range is owned by a group that is not in the map")
+        if set(self.retired) & set(self.groups):
+            raise ShardMapError("a retired group is still in the map")
 
     # --- Building -------------------------------------------------------------
 
@@ -183,7 +190,7 @@ class ShardMap:
 
     @classmethod
     def _normalized(cls, epoch: int, starts: list[int], owners: list[int], groups: Iterable[int],
-                    placements: dict[int, tuple[str, ...]]) -> ShardMap:
+                    placements: dict[int, tuple[str, ...]], retired: tuple[int, ...] = ()) -> ShardMap:
         merged_starts: list[int] = []
         merged_owners: list[int] = []
         for start, owner in sorted(zip(starts, owners)):
@@ -193,7 +200,8 @@ class ShardMap:
                 continue
             merged_starts.append(start)
             merged_owners.append(owner)
-        return cls(epoch, tuple(merged_starts), tuple(merged_owners), tuple(sorted(set(groups))), dict(placements))
+        return cls(epoch, tuple(merged_starts), tuple(merged_owners), tuple(sorted(set(groups))), dict(placements),
+                   retired)
 
     # --- Lookups --------------------------------------------------------------
 
@@ -208,6 +216,11 @@ class ShardMap:
     def owned_by(self, group: int) -> RangeSet:
         return RangeSet(r for r, owner in self.ranges() if owner == group)
 
+    @property
+    def next_group(self) -> int:
+        """The number a new group gets: above every group there ever was."""
+        return max((*self.groups, *self.retired)) + 1
+
     def share(self, group: int) -> float:
         """The fraction of the key space `group` owns."""
         return self.owned_by(group).size / SPACE
@@ -216,17 +229,17 @@ class ShardMap:
 
     def with_group(self, group: int, hosts: tuple[str, ...]) -> ShardMap:
         """A new, empty group placed on `hosts`."""
-        if group in self.groups:
-            raise ShardMapError(f"group {group} already exists")
+        if group in self.groups or group in self.retired:
+            raise ShardMapError(f"group {group} exists or existed")
         return ShardMap(self.epoch + 1, self.starts, self.owners, tuple(sorted({*self.groups, group})),
-                        {**self.placements, group: tuple(hosts)})
+                        {**self.placements, group: tuple(hosts)}, self.retired)
 
     def without_group(self, group: int) -> ShardMap:
         if self.owned_by(group):
             raise ShardMapError(f"group {group} still owns key space")
         placements = {g: h for g, h in self.placements.items() if g != group}
         return ShardMap(self.epoch + 1, self.starts, self.owners, tuple(g for g in self.groups if g != group),
-                        placements)
+                        placements, tuple(sorted({*self.retired, group})))
 
     def with_move(self, move: Move) -> ShardMap:
         """`move.ranges` (all owned by move.source) now belong to move.target."""
@@ -237,7 +250,7 @@ class ShardMap:
         cuts = sorted({*self.starts, *(r.start for r in move.ranges), *(r.end for r in move.ranges if r.end < SPACE)})
         moving = move.ranges
         owners = [move.target if start in moving else self._owner_at(start) for start in cuts]
-        return self._normalized(self.epoch + 1, cuts, owners, self.groups, self.placements)
+        return self._normalized(self.epoch + 1, cuts, owners, self.groups, self.placements, self.retired)
 
     def _owner_at(self, position: int) -> int:
         return self.owners[bisect.bisect_right(self.starts, position) - 1]
@@ -280,7 +293,7 @@ class ShardMap:
     def encode(self) -> bytes:
         return msgpack.packb(
             (MAP_FORMAT_VERSION, self.epoch, list(self.starts), list(self.owners), list(self.groups),
-             {g: list(h) for g, h in self.placements.items()}),
+             {g: list(h) for g, h in self.placements.items()}, list(self.retired)),
             use_bin_type=True,
         )
 
@@ -290,9 +303,12 @@ class ShardMap:
             fields = msgpack.unpackb(data, raw=False, strict_map_key=False)
         except Exception as exc:  # msgpack raises several unrelated types on garbage
             raise ShardMapError(f"shard map: not msgpack: {exc}") from None
-        if not isinstance(fields, list) or len(fields) != 6 or fields[0] != MAP_FORMAT_VERSION:
+        if not isinstance(fields, list) or len(fields) not in (6, 7) or fields[0] != MAP_FORMAT_VERSION:
             raise ShardMapError("shard map: unknown format")
-        _, epoch, starts, owners, groups, placements = fields
+        _, epoch, starts, owners, groups, placements = fields[:6]
+        retired = fields[6] if len(fields) == 7 else []
+        if not isinstance(retired, list) or not all(type(g) is int for g in retired):
+            raise ShardMapError("shard map: retired groups must be integers")
         if not (type(epoch) is int and all(isinstance(x, list) for x in (starts, owners, groups))
                 and isinstance(placements, dict)):
             raise ShardMapError("shard map: wrong field types")
@@ -300,7 +316,8 @@ class ShardMap:
             raise ShardMapError("shard map: integers expected")
         if not all(isinstance(h, list) and all(isinstance(n, str) for n in h) for h in placements.values()):
             raise ShardMapError("shard map: placements must be lists of host names")
-        return cls(epoch, tuple(starts), tuple(owners), tuple(groups), {g: tuple(h) for g, h in placements.items()})
+        return cls(epoch, tuple(starts), tuple(owners), tuple(groups), {g: tuple(h) for g, h in placements.items()},
+                   tuple(retired))
 
 
 def initial_ownership(groups: int, virtual_nodes: int, group: int, *, metadata: bool = False) -> RangeSet | None:

@@ -512,6 +512,14 @@ class ProcessControl:
                 self._wait(rpc, tuple(started), _started_or_absent(host), self.start_timeout, "reach RUNNING")
         return tuple(started)
 
+    def stop_programs(self, host_name: str, names: Iterable[str]) -> None:
+        """Stop these programs of one host gracefully and wait until they are down."""
+        names = tuple(names)
+        with self._session(self.cluster.host(host_name)) as rpc:
+            for name in names:
+                rpc.call("stopProcess", name, False, ok_faults=(_NOT_RUNNING,))
+            self._settle_stopped(rpc, names, kill=False)
+
     def start_programs(self, host_name: str, names: Iterable[str]) -> None:
         """Ask one host's supervisord to start these programs, without waiting."""
         with self._session(self.cluster.host(host_name)) as rpc:

@@ -119,6 +119,8 @@ def _start(args: argparse.Namespace) -> int:
         with _admin(args) as admin:
             if args.new:
                 joined = admin.start_new(args.server)
+                if not joined:
+                    return f"{args.server} running, free: it holds no replica yet"
                 where = ", ".join(f"group {group} as node {member.node_id}" for group, member in joined)
                 return f"{args.server} joined {where}"
             admin.restart(args.server)

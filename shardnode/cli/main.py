@@ -197,6 +197,8 @@ def _register_admin(commands: Any, common: argparse.ArgumentParser) -> None:
         print(f"{PROG}: admin commands unavailable: {exc}", file=sys.stderr)
         return
     admin.register(commands, parents=[common])
+    from . import groups
+    groups.register(commands, parents=[common])
 
 
 # --- Commands ----------------------------------------------------------------------------------

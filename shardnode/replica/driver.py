@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from ..config import ClusterConfig, Replica
+from ..config import METADATA_GROUP, ClusterConfig, Replica
 from ..errors import DeadlineExceeded, NotLeader, Unavailable
 from ..raft import (
     NONE,
@@ -90,7 +90,8 @@ class ReplicaDriver:
         self.node_id = replica.node_id
         self._log_extra = {"group": self.group, "node": self.node_id}
         self.store = store
-        store.configure_ownership(initial_ownership(cluster.groups, cluster.virtual_nodes, self.group))
+        store.configure_ownership(initial_ownership(cluster.groups, cluster.virtual_nodes, self.group,
+                                                    metadata=self.group == METADATA_GROUP))
         self.stats = ReplicaStats()
         # Every member's worker address and host name, as the applied
         # configuration says (followed as membership changes apply).

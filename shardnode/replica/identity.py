@@ -4,6 +4,9 @@ a running group as a new member, or holds no replica at all.
 
 The rules, in order (docs/membership.md):
 
+0. A data group that the live shard map lists as removed (`group remove`)
+   has no replica anywhere: data found here is retired.
+
 1. A database on disk is opened with its own id, unless the group has removed
    that id: then the data is retired (tombstone, delete), and if a learner was
    added at this worker's address meanwhile (`start --new`), the worker joins
@@ -44,6 +47,7 @@ from pathlib import Path
 import grpc
 
 from ..config import METADATA_GROUP, ClusterConfig, ConfigError
+from ..errors import ShardnodeError
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..group_status import conf_from_status, freshest
@@ -60,6 +64,8 @@ OBSERVE_TIMEOUT = 1.5
 #: How long a starting worker of a group created online asks the metadata
 #: group for the shard map (then it exits non-zero and is started again).
 MAP_TIMEOUT = 5.0
+#: How long a starting worker asks whether its group was removed.
+REMOVED_CHECK_TIMEOUT = 1.0
 
 
 class Start(enum.Enum):
@@ -123,6 +129,11 @@ async def resolve(cluster: ClusterConfig, host_name: str, group: int) -> Identit
     address = host.worker_address(group)
     data_dir = cluster.worker_data_dir(host_name, group)
     storage = cluster.storage
+    if group != METADATA_GROUP and await _group_was_removed(cluster, host_name, group):
+        if ReplicaStore.exists(data_dir):
+            retire(data_dir, 0, "its group was removed from the cluster")
+        return Identity(Start.NO_REPLICA, reason=f"group {group} was removed from the cluster (`group remove`); "
+                                                 f"its data here is retired")
     view = await observe_group(cluster, group, host_name, exclude=address)
     learner = view.learner_at(address) if view is not None else None
 
@@ -156,6 +167,20 @@ async def resolve(cluster: ClusterConfig, host_name: str, group: int) -> Identit
     voters = tuple(r.node_id for r in cluster.group_replicas(group))
     store = ReplicaStore.open(data_dir, initial_voters=voters, node_id=node_id, storage=storage)
     return Identity(Start.BOOTSTRAP, node_id, store)
+
+
+async def _group_was_removed(cluster: ClusterConfig, host_name: str, group: int) -> bool:
+    """Rule 0: the live shard map lists the group as retired. A metadata
+    group that does not answer soon says nothing (the worker starts as
+    before: a removed group owns no key space, so serving it is harmless)."""
+    directory = ShardDirectory(cluster, host_name, timeout=REMOVED_CHECK_TIMEOUT)
+    try:
+        shard_map = await directory.load_map()
+    except ShardnodeError:
+        return False
+    finally:
+        await directory.close()
+    return group in shard_map.retired
 
 
 async def _bootstrap_placed_online(cluster: ClusterConfig, host_name: str, group: int, data_dir: Path) -> Identity:

@@ -54,6 +54,24 @@ class WorkerMetrics:
             "raft_rpc_errors", "Worker answers that were not OK, by status.",
             [*base, "code"], registry=self.registry,
         )
+        moved = [*base, "direction"]
+        self.keys_moved = Counter(
+            "raft_shard_keys_moved", "Keys shipped by moves of key space: out (scanned and delta, on the source "
+            "leader) and in (ingested, on the target leader).", moved, registry=self.registry,
+        )
+        self.bytes_moved = Counter(
+            "raft_shard_bytes_moved", "Key and value bytes shipped by moves of key space, as raft_shard_keys_moved.",
+            moved, registry=self.registry,
+        )
+        self.wrong_group = Counter(
+            "raft_shard_wrong_group", "Operations refused because this group does not serve their key now "
+            "(moved or moving): the router routes them again.", base, registry=self.registry,
+        ).labels(**self.labels)
+
+    def count_moved(self, direction: str, records: list[tuple[bytes, bytes]]) -> None:
+        if records:
+            self.keys_moved.labels(**self.labels, direction=direction).inc(len(records))
+            self.bytes_moved.labels(**self.labels, direction=direction).inc(sum(len(k) + len(v) for k, v in records))
 
     def observe_request(self, op: str, seconds: float) -> None:
         self.request_latency.labels(**self.labels, op=op, component="worker").observe(seconds)
@@ -119,6 +137,14 @@ class _ReplicaCollector:
             ("raft_messages_rejected", "Peer messages the core refused.", stats.messages_rejected),
         ):
             yield self._counter(name, doc, value)
+        shard = store.shard_state
+        moves = GaugeMetricFamily("raft_shard_moves_in_progress", "Moves of key space this group takes part in, "
+                                  "by direction (out: exporting, in: importing).", labels=[*self.labels, "direction"])
+        moves.add_metric([*self.labels.values(), "out"], len(shard.exports))
+        moves.add_metric([*self.labels.values(), "in"], len(shard.imports))
+        yield moves
+        yield self._gauge("raft_shard_epoch", "The shard map epoch of this group's last ownership change.",
+                          shard.version)
         transport = driver.transport.stats
         depth = GaugeMetricFamily("raft_peer_queue_depth", "Messages queued for a peer.", labels=[*self.labels, "peer"])
         dropped = CounterMetricFamily("raft_peer_dropped_messages", "Messages to a peer that were dropped.",

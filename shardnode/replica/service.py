@@ -16,7 +16,7 @@ from ..proto import worker_pb2_grpc as pb_grpc
 from ..raft import ConfChange, ConfState, InvalidConfChange, StateRole
 from ..ring import RangeSet, ShardMapError
 from ..storage import Command, CommandError, CommandOp, StorageError
-from ..storage.shard_commands import SHARD_FORMAT, ShardResult, shard_command_from_fields
+from ..storage.shard_commands import SHARD_FORMAT, ShardOp, ShardResult, shard_command_from_fields
 from .driver import ReplicaDriver
 from .identity import observe_group
 
@@ -140,6 +140,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                     duplicate=True, error="stale sequence number: a newer request of this session was already applied"
                 )
             elif result.wrong_group:
+                self.driver.metrics.wrong_group.inc()
                 results[i] = _WRONG_GROUP
             else:
                 results[i] = pb.OperationResult(
@@ -156,6 +157,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         # Ownership as of the applied index, which the read barrier brought
         # past every change acknowledged before the read began.
         if not self.driver.store.owns(key):
+            self.driver.metrics.wrong_group.inc()
             return _WRONG_GROUP
         return _read_result(self.driver.read_local(key))
 
@@ -269,9 +271,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             fields = msgpack.unpackb(request.command, use_list=False, raw=False)
             if type(fields) is not tuple or not fields or fields[0] != SHARD_FORMAT:
                 raise CommandError("not a shard command")
-            shard_command_from_fields(fields)
+            shard_command_from_fields(fields)    # validated here: a refusal before it enters the log
         except Exception as exc:       # msgpack's several error types, CommandError
             return pb.ShardResponse(status=ShardStatus.REFUSED, message=f"malformed shard command: {exc}")
+        command = shard_command_from_fields(fields)
         try:
             (result,) = await self.driver.propose([request.command], self._timeout(context))
         except NotLeader as exc:
@@ -283,6 +286,8 @@ class WorkerService(pb_grpc.WorkerServicer):
                                     leader_address=address)
         if not isinstance(result, ShardResult):
             return pb.ShardResponse(status=ShardStatus.REFUSED, message="the command was not applied as a shard command")
+        if result.ok and command.op is ShardOp.INGEST:
+            self.driver.metrics.count_moved("in", list(command.puts))
         return pb.ShardResponse(status=ShardStatus.OK if result.ok else ShardStatus.REFUSED, message=result.message)
 
     async def _barrier_for_export(self, cluster: str, group: int, context):  # type: ignore[no-untyped-def]
@@ -315,6 +320,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             records, next_after = await asyncio.to_thread(self.driver.store.export_scan, ranges, after, max_bytes)
         except StorageError as exc:
             return pb.ExportScanResponse(status=ShardStatus.RETRY, message=str(exc))
+        self.driver.metrics.count_moved("out", records)
         return pb.ExportScanResponse(
             status=ShardStatus.OK, records=[pb.KeyValue(key=k, value=v) for k, v in records],
             next_after=next_after or b"", done=next_after is None,
@@ -329,6 +335,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             puts, deletes, sessions = await asyncio.to_thread(self.driver.store.export_delta, request.move_id)
         except StorageError as exc:
             return pb.ExportDeltaResponse(status=ShardStatus.REFUSED, message=str(exc))
+        self.driver.metrics.count_moved("out", puts)
         return pb.ExportDeltaResponse(
             status=ShardStatus.OK, puts=[pb.KeyValue(key=k, value=v) for k, v in puts], deletes=deletes,
             sessions=[pb.SessionData(client_id=c, record=r) for c, r in sessions],

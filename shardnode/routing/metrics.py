@@ -54,6 +54,11 @@ class RouterMetrics:
             "raft_router_requests", "Requests answered by the router, by operation and gRPC code.",
             ["group", "node", "op", "code", "component"], registry=self.own,
         )
+        self.stale_epoch_redirects = Counter(
+            "raft_shard_stale_epoch_redirects", "Operations a worker refused because their key had moved (or was "
+            "moving) away from the group the router's shard map named; the router routed them again.",
+            ["group", "node", "component"], registry=self.own,
+        )
         self._forwarders: Mapping[int, GroupForwarder] = {}
         self._shard_map_epoch: Callable[[], int] = lambda: 0
         self._server = None
@@ -64,6 +69,9 @@ class RouterMetrics:
         self.requests.labels(**labels, op=op, code=code, component="router").inc()
         if code == "OK":
             self.request_latency.labels(**labels, op=op, component="router").observe(seconds)
+
+    def count_stale_epoch_redirect(self, group: int) -> None:
+        self.stale_epoch_redirects.labels(group=str(group), node=self.node, component="router").inc()
 
     def watch(self, forwarders: Mapping[int, "GroupForwarder"], processes: "ProcessWatch | None" = None,
               shard_map_epoch: Callable[[], int] | None = None) -> None:

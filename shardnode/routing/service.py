@@ -11,7 +11,7 @@ import grpc
 
 from ..config import ClusterConfig
 from ..errors import (CAUSE_METADATA_KEY, GROUP_METADATA_KEY, DeadlineExceeded, InvalidArgument, NoLeader,
-                      NoQuorum, Unavailable)
+                      NoQuorum, ShardnodeError, Unavailable)
 from ..proto import kv_pb2 as pb
 from ..proto import kv_pb2_grpc as pb_grpc
 from ..proto import worker_pb2 as wpb
@@ -30,6 +30,9 @@ STATUS_TIMEOUT = 1.0
 #: The router answers this much before the caller's deadline (at most), so
 #: that its explanation arrives before the caller's own deadline expires.
 DEADLINE_MARGIN = 0.05
+#: Pauses between readings of the shard map while a key moves between groups.
+REDIRECT_PAUSE_MIN = 0.01
+REDIRECT_PAUSE_MAX = 0.2
 
 WOp = wpb.Operation
 _OP_NAMES = {WOp.GET: "get", WOp.PUT: "put", WOp.DELETE: "delete"}
@@ -143,8 +146,19 @@ class KVService(pb_grpc.KVServicer):
             self._check_key(operation.key)
             if operation.kind == WOp.PUT:
                 self._check_value(operation.value)
-            group = self.shard_map.group_for(operation.key)
-            return await self._forward(self.forwarders[group], operation, deadline, allow_stale)
+            router_session = operation.client_id == 0
+            while True:
+                shard_map = self.shard_map
+                group = shard_map.group_for(operation.key)
+                operation.shard_epoch = shard_map.epoch
+                result = await self._forward(self.forwarders[group], operation, deadline, allow_stale)
+                if not result.wrong_group:
+                    return result
+                # Refused at the worker, nothing done: the key moved (or is
+                # moving) since this map. Route again with a newer one.
+                if router_session:
+                    operation.client_id = operation.sequence = 0
+                await self._await_newer_map(shard_map, group, deadline)
         except Exception as exc:
             code = _code(exc).name
             raise
@@ -152,6 +166,26 @@ class KVService(pb_grpc.KVServicer):
             if self.metrics is not None:
                 self.metrics.observe(group, _OP_NAMES.get(operation.kind, "unknown"), code,
                                      time.perf_counter() - began)
+
+    async def _await_newer_map(self, stale: ShardMap, group: int, deadline: float) -> None:
+        """Return once the router has a map newer than `stale` (it reads the
+        metadata group again, briefly pausing between reads while a move
+        finishes); DeadlineExceeded if none comes before `deadline`."""
+        if self.metrics is not None:
+            self.metrics.count_stale_epoch_redirect(group)
+        pause = REDIRECT_PAUSE_MIN
+        while self.shard_map.epoch <= stale.epoch:
+            if time.monotonic() + pause >= deadline:
+                raise DeadlineExceeded(f"deadline exceeded while the key moved away from group {group} "
+                                       f"(shard map epoch {stale.epoch} here)")
+            try:
+                await asyncio.wait_for(self.map_follower.refresh(), max(0.001, deadline - time.monotonic()))
+            except (asyncio.TimeoutError, ShardnodeError):
+                pass
+            if self.shard_map.epoch > stale.epoch:
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, REDIRECT_PAUSE_MAX)
 
     async def _forward(self, forwarder: GroupForwarder, operation: wpb.Operation, deadline: float,
                        allow_stale: bool) -> wpb.OperationResult:

@@ -9,31 +9,24 @@ standby host that holds nothing at first.
 
 from __future__ import annotations
 
-import itertools
 import json
-import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from shardnode import kv739
-from shardnode.client import Client
-from shardnode.errors import InvalidArgument, ShardnodeError
 from shardnode.membership import MembershipAdmin
-from shardnode.testing.linearizability import HistoryRecorder, OpKind, check_history
 
 from .ports import write_cluster_toml
 from .supervised import ROOT, SupervisedCluster, start_supervised
+from .workload import Load
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("cluster_shape")]
-HOT_KEYS = [f"hot-{i}" for i in range(8)]
 
 
 @pytest.fixture
@@ -56,76 +49,6 @@ def _wait_groups(admin: MembershipAdmin, voters: int, timeout: float = 60.0) -> 
             return
         time.sleep(0.2)
     raise AssertionError(f"groups never had {voters} reachable voters: {admin.groups()}")
-
-
-@dataclass
-class Load:
-    """8 writers (a fresh key every other write, else a hot key) and 2 hot-key
-    readers, on their own Clients, recorded for the checker."""
-
-    config: Path
-    recorder: HistoryRecorder = field(default_factory=HistoryRecorder)
-    acked: dict[str, str] = field(default_factory=dict)
-    stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def start(self) -> None:
-        self.threads = [threading.Thread(target=self._writer, args=(c,), daemon=True) for c in range(1, 9)]
-        self.threads += [threading.Thread(target=self._reader, args=(c,), daemon=True) for c in (100, 101)]
-        for thread in self.threads:
-            thread.start()
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=30)
-
-    def _writer(self, client_id: int) -> None:
-        rng = random.Random(client_id)
-        with Client.from_config(self.config, timeout=8.0) as client:
-            for n in itertools.count(1):
-                if self.stop.is_set():
-                    return
-                fresh = n % 2 == 1
-                key = f"w{client_id}-{n}" if fresh else rng.choice(HOT_KEYS)
-                value = f"c{client_id}-{n}"
-                handle = self.recorder.invoke(client_id, OpKind.PUT, key.encode(), value.encode())
-                try:
-                    old = client.put(key, value)
-                except InvalidArgument:
-                    self.recorder.failed(handle)
-                    raise
-                except ShardnodeError:
-                    self.recorder.unknown(handle)
-                    continue
-                self.recorder.ok(handle, old)
-                if fresh:
-                    self.acked[key] = value
-
-    def _reader(self, client_id: int) -> None:
-        rng = random.Random(client_id)
-        with Client.from_config(self.config, timeout=8.0) as client:
-            while not self.stop.is_set():
-                key = rng.choice(HOT_KEYS)
-                handle = self.recorder.invoke(client_id, OpKind.GET, key.encode())
-                try:
-                    value = client.get(key)
-                except ShardnodeError:
-                    self.recorder.failed(handle)
-                    continue
-                self.recorder.ok(handle, value)
-
-    def verify(self) -> tuple[int, list[str]]:
-        """(keys checked, keys lost); asserts the history is linearizable."""
-        with Client.from_config(self.config, timeout=20.0) as client:
-            keys = sorted(self.acked)
-            lost = [k for k in keys if client.get(k) != self.acked[k].encode()]
-            for key in HOT_KEYS:
-                handle = self.recorder.invoke(999, OpKind.GET, key.encode())
-                self.recorder.ok(handle, client.get(key))
-        result = check_history(self.recorder.operations(), timeout=180)
-        assert result.ok, result.explanation
-        return len(keys), lost
 
 
 def _leaders_per_host(admin: MembershipAdmin) -> dict[str, int]:

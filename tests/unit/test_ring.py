@@ -75,7 +75,10 @@ def test_a_planned_remove_leaves_the_group_empty_and_spreads_its_ranges() -> Non
     assert not after.owned_by(2)
     assert {after.group_for(b"x%d" % i) for i in range(2000)} == {0, 1, 3}
     after = after.without_group(2)
-    assert after.groups == (0, 1, 3)
+    assert after.groups == (0, 1, 3) and after.retired == (2,) and after.next_group == 4
+    assert ShardMap.decode(after.encode()) == after
+    with pytest.raises(ShardMapError):
+        after.with_group(2, ("h1", "h2", "h3"))      # a removed group's number never comes back
     with pytest.raises(ShardMapError):
         before.without_group(2)        # still owns key space
 
