@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
 
-from ..config import METADATA_GROUP, ClusterConfig, Replica
+from ..config import ClusterConfig, Replica
 from ..failstop import EXIT_FAIL_STOP, FailStop, describe, run_until_stop_or_fault
 from ..proto import worker_pb2_grpc
 from ..sharding.directory import MetadataUnavailable
@@ -88,9 +88,6 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
                             stats=stats)
     server = grpc.aio.server(interceptors=[gatekeeper], options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
     driver = ReplicaDriver(cluster, replica, store, fail_stop=fail_stop)
-    if group == METADATA_GROUP:
-        # The metadata group owns all of its key space: no ownership check.
-        store.configure_ownership(None)
     driver.metrics.registry.register(
         SecurityCollector(stats, {"group": str(group), "node": str(replica.node_id), "component": "worker"}))
     # A replica that applies its own removal stops like on SIGTERM, then retires.

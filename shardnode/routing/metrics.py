@@ -83,9 +83,11 @@ class RouterMetrics:
         self.own.register(_RouterCollector(self))
         if processes is not None:
             self.own.register(_ProcessCollector(processes))
+        # The host's metadata group replica (initial placement) is scraped like its data groups' workers.
+        meta = [(r.group, r.node_id) for r in self.cluster.meta_group_replicas() if r.host.name == self.host.name]
         self.registry.register(_HostCollector(
             self.cluster, self.host.name, self.own,
-            lambda: [(f.group, f.local) for f in list(forwarders.values()) if f.local is not None]))
+            lambda: [(f.group, f.local) for f in list(forwarders.values()) if f.local is not None] + meta))
 
     def serve(self) -> None:
         """Serve /metrics on the host's metrics port (a daemon thread)."""

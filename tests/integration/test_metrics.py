@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardnode.client import Client
+from shardnode.config import METADATA_GROUP
 from shardnode.testing.exposition import check_exposition
 
 from .supervised import SupervisedCluster, start_supervised
@@ -50,6 +51,7 @@ REQUIRED = {
     "raft_router_retries": {"group", "node"},
     "raft_router_redirects": {"group", "node"},
     "raft_router_requests": {"group", "node", "op", "code", "component"},
+    "raft_shard_map_epoch": {"node", "component"},
 }
 
 
@@ -95,6 +97,10 @@ def test_every_metric_is_present_with_its_labels_and_one_leader_per_group(cluste
         assert len(leaders) == 1, (group, leaders)
         healthy = [_value(page.get("raft_node_health", []), group=str(group)) for page in pages.values()]
         assert healthy.count(1) == cluster.cluster.replicas
+    # The metadata group's workers are on their hosts' pages too; every router routes with epoch 1.
+    meta = [_value(page.get("raft_node_health", []), group=str(METADATA_GROUP)) for page in pages.values()]
+    assert meta.count(1) == cluster.cluster.meta_replicas
+    assert all(_value(page["raft_shard_map_epoch"], component="router") == 1 for page in pages.values())
     # Both the router and the workers report request latency.
     components = {s.labels.get("component") for page in pages.values()
                   for s in page.get("raft_request_latency_seconds", [])}

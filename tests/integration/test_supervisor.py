@@ -177,6 +177,13 @@ def _running(states: dict[str, str]) -> set[str]:
     return {name for name, state in states.items() if state == "RUNNING"}
 
 
+def _wait_log(env: SupervisedCluster, host: str, event: str, count: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _log_count(env, host, event) < count:
+        assert time.monotonic() < deadline, f"{host}: {event} not logged {count} times\n{env.log_tail()}"
+        time.sleep(0.1)
+
+
 def _log_count(env: SupervisedCluster, host: str, event: str) -> int:
     return (env.tmp / "data" / host / "logs" / "worker-g0.log").read_text(errors="replace").count(event)
 
@@ -190,6 +197,8 @@ def test_stop_and_start_under_supervisord(supervised: SupervisedCluster) -> None
     # Unclean: SIGKILL, and supervisord does not bring it back.
     before = control.processes("h2")["worker-g0"]
     assert before.state == "RUNNING" and before.pid
+    _wait_log(env, "h2", "worker.serving", 1)
+    serving = _log_count(env, "h2", "worker.serving")
     clean_stops = _log_count(env, "h2", "worker.stopping")
     target = control.stop(worker, clean=False)
     assert target.programs == ("worker-g0",)
@@ -210,6 +219,9 @@ def test_stop_and_start_under_supervisord(supervised: SupervisedCluster) -> None
     assert after.state == "RUNNING" and after.pid not in (0, before.pid)
     control.start(worker)  # already running: fine
     env.record_pids()
+    # RUNNING means up for a second; on a loaded machine the worker may still be
+    # starting (a stop then is a silent exit 0). Its clean stop is logged once it serves.
+    _wait_log(env, "h2", "worker.serving", serving + 1)
 
     # Clean: SIGTERM through supervisord, leadership handed over, exit 0.
     control.stop(worker, clean=True)
