@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 import grpc
 
 from .config import ClusterConfig, HostConfig
+from .errors import ShardnodeError
 from .membership import MIN_VOTERS, GroupState, MembershipAdmin, ShapeRefused
 from .proto import kv_pb2, kv_pb2_grpc
 from .security import sync_channel
@@ -201,7 +202,8 @@ def _plan_replicas(hosts: Sequence[str], groups: dict[int, GroupView], steps: li
         pairs = [(s, t) for s in fullest for t in emptiest if counts[s] - counts[t] >= 2]
         move = next((m for s, t in pairs if (m := _choose_move(hosts, groups, s, t, refusals)) is not None), None)
         if move is None:
-            raise BalanceRefused(f"replicas cannot be balanced now ({describe_counts(counts)}): {refusals[0]}; "
+            reason = refusals[0] if refusals else "no group may move"
+            raise BalanceRefused(f"replicas cannot be balanced now ({describe_counts(counts)}): {reason}; "
                                  f"nothing was changed")
         handover, step = move
         if handover is not None:
@@ -428,8 +430,8 @@ class Rebalancer:
         done: list[Step] = []
         while steps:
             if len(done) >= budget:
-                raise ShapeRefused(f"the cluster kept changing while it was rebalanced ({len(done)} steps done); "
-                                   f"run `shardnode rebalance` again")
+                raise ShardnodeError(f"the cluster kept changing while it was rebalanced ({len(done)} steps "
+                                     f"done); run `shardnode rebalance` again")
             step = steps[0]
             if on_step is not None:
                 on_step(len(done) + 1, len(done) + len(steps), step)
