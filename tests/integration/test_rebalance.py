@@ -19,7 +19,7 @@ import pytest
 
 from shardnode import kv739
 from shardnode.balance import Rebalancer, plan, unbalanced
-from shardnode.membership import MembershipAdmin
+from shardnode.membership import MembershipAdmin, ShapeRefused
 
 from .ports import write_cluster_toml
 from .supervised import SupervisedCluster, start_supervised
@@ -43,11 +43,15 @@ def cluster(tmp_path: Path) -> Iterator[SupervisedCluster]:
 def _wait_leaders(admin: MembershipAdmin, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        states = admin.groups()
+        try:
+            states = admin.groups()
+        except ShapeRefused:        # the groups are not known yet (a cluster still starting)
+            time.sleep(0.5)
+            continue
         if all(s.leader_id and not s.learners and all(m.reachable for m in s.members) for s in states):
             return
         time.sleep(0.2)
-    raise AssertionError(f"groups never settled: {admin.groups()}")
+    raise AssertionError("groups never settled (a leader, no learner, every replica answering)")
 
 
 def _leader_hosts(admin: MembershipAdmin) -> list[str]:
