@@ -456,6 +456,40 @@ class MembershipAdmin:
         except grpc.RpcError:
             pass  # the removal makes it step down anyway (the core's fallback)
 
+    # --- Leadership ---------------------------------------------------------------------------
+
+    def transfer_leader(self, group: int, node_id: int) -> int:
+        """Hand `group`'s leadership to its voter `node_id` (TransferLeader on
+        the leader), then wait until the group has a leader again; returns
+        that leader's id (not `node_id` if the transfer did not complete: the
+        caller reads the group again and decides)."""
+        state = self.group(group)
+        leader, target = state.leader, state.member(node_id)
+        if leader is None:
+            raise ShapeRefused(f"group {group} has no leader now; nothing was changed")
+        if target is None or target.learner:
+            raise ShapeRefused(f"group {group}: node {node_id} is not a voter of the group")
+        if leader.node_id == node_id:
+            return node_id
+        self.progress(f"group {group}: handing leadership from node {leader.node_id} on {leader.host} "
+                      f"to node {node_id} on {target.host}")
+        stub = pb_grpc.WorkerStub(self._channel(leader.address))
+        try:
+            stub.TransferLeader(pb.TransferLeaderRequest(target_node_id=node_id), timeout=10, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise ShardnodeError(f"group {group}: node {leader.node_id} did not hand its leadership over "
+                                 f"({exc.code().name})") from None
+        deadline = time.monotonic() + min(self.timeout, 10.0)
+        while True:
+            state = self.group(group)
+            moved = state.leader_id not in (0, leader.node_id)   # to node_id, or to another voter
+            if moved or (state.leader_id and time.monotonic() > deadline):
+                return state.leader_id
+            if time.monotonic() > deadline:
+                raise ShardnodeError(f"group {group} has no leader {min(self.timeout, 10.0):g} s after "
+                                     f"a leadership transfer")
+            time.sleep(0.1)
+
     def _retire(self, group: int, member: MemberState) -> None:
         stub = pb_grpc.WorkerStub(self._channel(member.address))
         try:

@@ -7,6 +7,7 @@ the cluster's shape (docs/cli.md, docs/membership.md).
     shardnode member list [--json]       every group's members, roles and catch-up
     shardnode member add GROUP HOST      a new replica of GROUP on HOST (learner, then voter)
     shardnode member remove GROUP HOST   HOST's replica of GROUP leaves the group
+    shardnode rebalance [--dry-run]      replicas and leaders spread evenly over the hosts
     shardnode supervisor-conf --host NAME [--output FILE]
 
 The main CLI calls `register(subparsers)`; each subcommand stores its handler
@@ -87,6 +88,17 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
     remove.add_argument("host", metavar="HOST", help="a host name of the configuration")
     remove.set_defaults(func=_member_remove)
 
+    rebalance = subparsers.add_parser(
+        "rebalance", parents=parents, help="spread replicas and leaders evenly over the hosts",
+        description="Move replicas (a new one joins as a learner and is promoted once caught up, then the old "
+                    "one leaves) until the hosts that run hold numbers of replicas that differ by at most one, "
+                    "then transfer leaderships until no host leads more than ceil(groups / hosts). One step at "
+                    "a time, the cluster read again after each. Refused, with nothing changed, if a group it "
+                    "needs has no leader, a voter down, or a change in flight. Free standby hosts stay free.",
+    )
+    rebalance.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    rebalance.set_defaults(func=_rebalance)
+
     conf = subparsers.add_parser(
         "supervisor-conf", parents=parents, help="write the supervisord configuration of one host",
         description="Write the supervisord configuration of one real host: its router and one "
@@ -165,6 +177,55 @@ def _member_remove(args: argparse.Namespace) -> int:
         with _admin(args) as admin:
             admin.remove_member(args.group, args.host)
         return f"group {args.group}: {args.host}'s replica left the group"
+
+    return _guarded(run)
+
+
+def _rebalance(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..balance import ClusterView, Rebalancer, Step, describe_counts, plan, router_groups, unbalanced
+
+    # soft_wrap: a line is never cut at 80 columns when the output is piped.
+    console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+
+    def say(line: str) -> None:
+        console.print(line, markup=False)
+
+    def shape(view: ClusterView) -> str:
+        return (f"replicas per host: {describe_counts(view.replica_counts())}; "
+                f"leaders per host: {describe_counts(view.leader_counts())} (at most {view.leader_cap()} wanted)")
+
+    def run() -> str:
+        cluster = ClusterConfig.load(_config_path(args))
+        with MembershipAdmin(cluster, ProcessControl(cluster), progress=lambda line: say(f"  {line}")) as admin:
+            rebalancer = Rebalancer(admin, lambda: router_groups(cluster, timeout=args.timeout))
+            view = rebalancer.read()
+            steps = plan(view)
+            if not steps:
+                problems = unbalanced(view)
+                if problems:
+                    return f"as balanced as the live voters allow: {'; '.join(problems)}"
+                return f"already balanced: {shape(view)}"
+            say(f"now: {shape(view)}")
+            if args.dry_run:
+                say(f"plan ({len(steps)} steps):")
+                for number, step in enumerate(steps, start=1):
+                    say(f"  {number}. {step}")
+                return "dry run: nothing was changed"
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+                task = progress.add_task("rebalancing", total=len(steps))
+
+                def on_step(number: int, total: int, step: Step) -> None:
+                    progress.update(task, total=total, completed=number - 1)
+                    say(f"step {number}/{total}: {step}")
+
+                done = rebalancer.run(on_step, view=view)
+                progress.update(task, total=len(done), completed=len(done))
+            after = rebalancer.read()
+        return f"balanced in {len(done)} steps: {shape(after)}"
 
     return _guarded(run)
 
