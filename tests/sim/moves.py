@@ -639,6 +639,14 @@ class MoveSimulation:
 
     def _move_over(self, move_id: int, why: str) -> None:
         self.log(f"move {self.label(move_id)} over: {why}")
+        if why == "gone from the records":
+            # The mover died right after forgetting it: it was done (or
+            # aborted, if that is what the operator asked for).
+            intent = self.intents.get(move_id)
+            if intent is not None and intent.abort:
+                self.result.aborts += 1
+            elif intent is not None:
+                self.result.moves_completed += 1
         self.intents.pop(move_id, None)
         self.held.pop(move_id, None)
 
