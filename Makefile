@@ -20,7 +20,7 @@ DATA_DIR := data
 ## run: start the default local cluster in the foreground (Ctrl-C stops it)
 ## reset: delete the local cluster's data and logs (data/); the cluster must be stopped
 ## test: run every test (unit, simulation, integration; a few minutes)
-## sim-soak: a longer simulation soak: SIM_SEEDS=20000 by default
+## sim-soak: a longer simulation soak (Raft core and key-space moves): SIM_SEEDS=20000 by default
 ## bench: the Raft core benchmark (proposals per second, in process)
 ## bench-etcd: shardnode against a 3-node etcd on loopback, side by side (docs/performance.md)
 ## clean: remove .venv and the generated protobuf code (not the data: see reset)
