@@ -77,18 +77,21 @@ class MoveRecord:
     ranges: RangeSet
     phase: Phase = Phase.PLANNED
     epoch: int = 0          # the map epoch T was activated with (from FROZEN on)
+    aborting: bool = False  # being rolled back: whoever runs it next finishes the rollback
 
     @classmethod
     def new(cls, move: Move) -> MoveRecord:
         return cls(secrets.randbits(63) or 1, move.source, move.target, move.ranges)
 
     def to_wire(self) -> list:
-        return [self.move_id, self.source, self.target, self.ranges.to_wire(), int(self.phase), self.epoch]
+        return [self.move_id, self.source, self.target, self.ranges.to_wire(), int(self.phase), self.epoch,
+                self.aborting]
 
     @classmethod
     def from_wire(cls, raw: list) -> MoveRecord:
-        move_id, source, target, ranges, phase, epoch = raw
-        return cls(move_id, source, target, RangeSet.from_wire(ranges), Phase(phase), epoch)
+        move_id, source, target, ranges, phase, epoch = raw[:6]
+        aborting = bool(raw[6]) if len(raw) > 6 else False
+        return cls(move_id, source, target, RangeSet.from_wire(ranges), Phase(phase), epoch, aborting)
 
 
 def encode_moves(records: list[MoveRecord]) -> bytes:
@@ -195,6 +198,10 @@ class Mover:
     async def run(self, record: MoveRecord, *, stop_after: Phase | None = None) -> MoveRecord:
         """Drive `record` from its recorded phase to the end (or to
         `stop_after`: tests and the simulation stop a move at each phase)."""
+        if record.aborting:
+            if await self._roll_back(record):
+                return record
+            record = await self._record(replace(record, aborting=False))
         progress = MoveProgress()
         source, target, move_id = record.source, record.target, record.move_id
         while True:
@@ -235,9 +242,37 @@ class Mover:
         """Roll a move back; MoveError once it is frozen (it can only go forward)."""
         if record.phase >= Phase.FROZEN:
             raise MoveError(f"move {record.move_id} is past its freeze: it can only be resumed")
-        await self.groups.shard(record.source, ShardCommand(ShardOp.EXPORT_ABORT, record.move_id))
+        if not record.aborting:
+            # Recorded first: a rollback that dies half way is finished by
+            # whoever runs the record next, never run forward into the freeze.
+            record = await self._record(replace(record, aborting=True))
+        if not await self._roll_back(record):
+            await self._record(replace(record, aborting=False))
+            raise MoveError(f"move {record.move_id} was frozen meanwhile: it can only be resumed")
+
+    async def _roll_back(self, record: MoveRecord) -> bool:
+        """EXPORT_ABORT at the source, IMPORT_ABORT at the target, forget the
+        record. False (nothing undone) if the source froze the export already:
+        the freeze is recorded after it is applied, so a record at COPIED may
+        be frozen."""
+        try:
+            await self.groups.shard(record.source, ShardCommand(ShardOp.EXPORT_ABORT, record.move_id))
+        except MoveError:
+            if await self._frozen_at_source(record):
+                return False
+            raise
         await self.groups.shard(record.target, ShardCommand(ShardOp.IMPORT_ABORT, record.move_id))
         await self._forget(record)
+        return True
+
+    async def _frozen_at_source(self, record: MoveRecord) -> bool:
+        """Whether the source refuses to abort because the export is frozen:
+        freezing again is a no-op then, and succeeds."""
+        try:
+            await self.groups.shard(record.source, ShardCommand(ShardOp.EXPORT_FREEZE, record.move_id))
+        except MoveError:
+            return False
+        return True
 
     # --- Steps -------------------------------------------------------------------------------
 
