@@ -188,6 +188,18 @@ class MembershipAdmin:
         except ShardnodeError as exc:
             raise ShapeRefused(f"the live groups are unknown: {exc}") from None
 
+    def _groups_to_restart(self) -> list[int]:
+        """The live groups; when the metadata group does not answer (it may
+        be down with the hosts being restarted), cluster.toml's groups: the
+        whole-host start brings the host's metadata replica back too, and its
+        router then starts the workers of groups created online that have
+        data there."""
+        try:
+            return self.live_groups()
+        except ShapeRefused as exc:
+            self.progress(f"{exc}; restarting the groups of cluster.toml (the router starts the others)")
+            return list(range(self.cluster.groups))
+
     def groups(self) -> list[GroupState]:
         return [self.group(g) for g in self.live_groups()]
 
@@ -211,7 +223,7 @@ class MembershipAdmin:
         `start --new`). Groups that do not answer now are started too: their
         workers find out for themselves."""
         host, groups = self._resolve(server)
-        candidates = self.live_groups() if groups is None else groups
+        candidates = self._groups_to_restart() if groups is None else groups
         held, left = [], []
         for group in candidates:
             state = self.group(group)
