@@ -47,7 +47,7 @@ from .supervisor import ROUTER_PROGRAM, ProcessControl
 #: survive the loss of one more member without losing its majority).
 MIN_VOTERS = 3
 STATUS_TIMEOUT = 1.0
-LIVE_GROUPS_TIMEOUT = 5.0
+LIVE_GROUPS_TIMEOUT = 10.0
 #: The metadata group's list of hosts started free (`start --new` with no group short).
 FREE_HOSTS_KEY = b"free_hosts"
 Kind = pb.ChangeMembershipRequest

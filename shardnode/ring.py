@@ -293,7 +293,7 @@ class ShardMap:
     def encode(self) -> bytes:
         return msgpack.packb(
             (MAP_FORMAT_VERSION, self.epoch, list(self.starts), list(self.owners), list(self.groups),
-             {g: list(h) for g, h in self.placements.items()}, list(self.retired)),
+             {g: list(self.placements[g]) for g in sorted(self.placements)}, list(self.retired)),
             use_bin_type=True,
         )
 
