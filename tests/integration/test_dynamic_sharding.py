@@ -25,6 +25,7 @@ import pytest
 from shardnode import kv739
 from shardnode.client import Client
 from shardnode.config import ClusterConfig
+from shardnode.errors import RoutersUnreachable
 from shardnode.ring import ShardMap
 from shardnode.sharding.directory import ShardDirectory
 from shardnode.sharding.mover import MOVES_KEY, Phase, decode_moves
@@ -205,8 +206,17 @@ def test_a_router_down_during_a_move_routes_correctly_when_back(cluster: Supervi
     out, err = command.communicate(timeout=300)
     assert command.returncode == 0, err + cluster.log_tail()
     ProcessControl(cluster.cluster).start_programs("h5", [ROUTER_PROGRAM])
+    cluster.wait_states("h5", {ROUTER_PROGRAM: "RUNNING"})
     # Only h5's router: it must have learned the new map to answer every key.
     with Client([h5.router_address], timeout=20.0) as client:
+        deadline = time.monotonic() + 30
+        while True:                 # until it listens
+            try:
+                client.get("after-the-move")
+                break
+            except RoutersUnreachable:
+                assert time.monotonic() < deadline, "h5's router did not come back"
+                time.sleep(0.2)
         wrong = [k for k, v in preloaded.items() if client.get(k) != v.encode()]
         assert client.put("after-the-move", "1") is None
     assert not wrong, wrong[:5]
