@@ -22,7 +22,8 @@ histograms, read through the Worker.Metrics RPC).
 `git archive` of the base commit, with its generated protobuf code) and
 interleaves the rows: base, this tree, this tree, base, ... so that the
 machine's noise hits both. --profile DIR runs one more 64-caller put row
-with `py-spy record --gil` on the leader and a follower of this tree.
+(--profile-op get: gets) with `py-spy record --gil` on the leader and a
+follower of this tree.
 With --tls, every link is mutual TLS, as with `[security] tls = true`.
 """
 
@@ -223,7 +224,7 @@ def summarize_profile(path: Path, top: int = 18) -> dict:
             "own": [(name, round(100 * count / total, 1)) for name, count in own.most_common(top)] if total else []}
 
 
-async def profile_row(group: WorkerGroup, seconds: float, out: Path, started: list[subprocess.Popen]) -> dict:
+async def profile_row(group: WorkerGroup, op: str, seconds: float, out: Path, started: list[subprocess.Popen]) -> dict:
     binary = _py_spy()
     if binary is None:
         raise RuntimeError("--profile needs py-spy (pip install py-spy)")
@@ -243,7 +244,7 @@ async def profile_row(group: WorkerGroup, seconds: float, out: Path, started: li
             while proc.poll() is None:
                 await asyncio.sleep(0.2)
 
-    row = await measure(group, "put", 64, seconds, False, during=record)
+    row = await measure(group, op, 64, seconds, False, during=record)
     return {"row": row, **{role: summarize_profile(out / f"{role}.txt") for role in ("leader", "follower")}}
 
 
@@ -255,7 +256,8 @@ def main() -> int:
     parser.add_argument("--ops", default="put", help="put, get or both (put,get)")
     parser.add_argument("--modes", default="single,coalesced")
     parser.add_argument("--compare", type=Path, help="another source tree to interleave with this one")
-    parser.add_argument("--profile", type=Path, help="directory for py-spy profiles of a 64-caller put row")
+    parser.add_argument("--profile", type=Path, help="directory for py-spy profiles of a 64-caller row")
+    parser.add_argument("--profile-op", default="put", choices=("put", "get"), help="the operation of that row")
     parser.add_argument("--tls", action="store_true", help="mutual TLS on every link")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -286,7 +288,7 @@ def main() -> int:
                             results.append({"tree": label, **row})
                         order.reverse()  # base, this, this, base, ...
                     if args.profile is not None:
-                        profile = await profile_row(groups["this"], args.seconds, args.profile, started)
+                        profile = await profile_row(groups["this"], args.profile_op, args.seconds, args.profile, started)
                 finally:
                     for group in groups.values():
                         await group.close_channels()
@@ -312,7 +314,7 @@ def main() -> int:
               f"{r['p50_ms']:>7} {r['p99_ms']:>7} {r['leader_cpu_ms_per_op']:>10} {r['follower_cpu_ms_per_op']:>10} "
               f"{r['fsyncs']:>7} {str(r['entries_per_fsync']):>9} {r['load_average']:>5.1f}")
     if profile is not None:
-        print(f"\nprofile (py-spy --gil, own time) of a 64-caller put row: {profile['row']['ops_per_second']} ops/s")
+        print(f"\nprofile (py-spy --gil, own time) of a 64-caller {args.profile_op} row: {profile['row']['ops_per_second']} ops/s")
         for role in ("leader", "follower"):
             print(f"  {role}: {profile[role]['samples']} samples")
             for name, share in profile[role]["own"]:
