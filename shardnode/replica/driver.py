@@ -64,12 +64,11 @@ class _PendingWrite:
 
 @dataclass(slots=True)
 class _PendingBatch:
-    """One write() call: entries first .. first+count-1 of `term`, answered
+    """One write() call: `count` consecutive entries of `term`, answered
     with one future once the last of them is applied (one wake-up per call,
     not one per entry)."""
 
     term: int
-    first: int
     count: int
     future: asyncio.Future
     results: list = field(default_factory=list)
@@ -253,7 +252,7 @@ class ReplicaDriver:
             raise self._not_leader(exc.leader) from None
         self.metrics.proposals.inc(len(commands))
         self.metrics.proposal_batch.observe(len(commands))
-        batch = _PendingBatch(proposal.term, proposal.index, proposal.count, loop.create_future())
+        batch = _PendingBatch(proposal.term, proposal.count, loop.create_future())
         for index in range(proposal.index, proposal.index + proposal.count):
             self._pending_writes[index] = batch
         self._wake.set()
