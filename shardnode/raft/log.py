@@ -10,7 +10,7 @@ from __future__ import annotations
 from .errors import CompactedError, UnavailableError
 from .log_unstable import Unstable
 from .messages import Entry, Snapshot
-from .storage import Storage, limit_size
+from .storage import Storage, entries_size
 
 
 class RaftLog:
@@ -153,17 +153,16 @@ class RaftLog:
             raise CompactedError(f"entries from {lo}: compacted before {first}")
         if hi > self.last_index() + 1:
             raise AssertionError(f"slice[{lo},{hi}) beyond last index {self.last_index()}")
-        result: list[Entry] = []
         offset = self.unstable.offset
-        if lo < offset:
-            stored = self.storage.entries(lo, min(hi, offset), max_size)
-            if len(stored) < min(hi, offset) - lo:
-                return stored  # storage stopped at the size limit
-            result = stored
-        if hi > offset:
-            unstable = self.unstable.slice(max(lo, offset), hi)
-            result = result + unstable if result else unstable
-        return limit_size(result, max_size)
+        if hi <= offset:
+            return self.storage.entries(lo, hi, max_size)
+        if lo >= offset:
+            return self.unstable.slice(lo, hi, max_size)
+        stored = self.storage.entries(lo, offset, max_size)
+        if len(stored) < offset - lo:
+            return stored  # storage stopped at the size limit
+        used = 0 if max_size is None else entries_size(stored)
+        return stored + self.unstable.slice(offset, hi, max_size, used)
 
     def has_next_committed_entries(self) -> bool:
         return self.committed > max(self.applied, self.first_index() - 1)

@@ -8,6 +8,7 @@ crash loses exactly this part, which is what the simulator models.
 from __future__ import annotations
 
 from .messages import Entry, Snapshot
+from .storage import size_limited_end
 
 
 class Unstable:
@@ -75,10 +76,13 @@ class Unstable:
             del self.entries[first_new - self.offset :]
             self.entries.extend(entries)
 
-    def slice(self, lo: int, hi: int) -> list[Entry]:
-        """Entries [lo, hi), which the caller has checked are all here."""
+    def slice(self, lo: int, hi: int, max_size: int | None = None, used: int = 0) -> list[Entry]:
+        """Entries [lo, hi), which the caller has checked are all here, cut at
+        max_size bytes (with `used` already taken: see size_limited_end).
+        Only the part returned is copied."""
         if lo < self.offset or hi > self.offset + len(self.entries):
             raise AssertionError(
                 f"unstable.slice[{lo},{hi}) out of bounds [{self.offset},{self.offset + len(self.entries)})"
             )
-        return self.entries[lo - self.offset : hi - self.offset]
+        start, stop = lo - self.offset, hi - self.offset
+        return self.entries[start : size_limited_end(self.entries, start, stop, max_size, used)]

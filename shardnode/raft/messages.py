@@ -63,6 +63,11 @@ RESPONSE_MESSAGES = frozenset(
 )
 
 
+# Bytes an entry counts for beyond its data (term, index, type) when appends
+# and uncommitted growth are bounded: Entry.size() = len(data) + ENTRY_OVERHEAD.
+ENTRY_OVERHEAD = 16
+
+
 class EntryType(enum.IntEnum):
     NORMAL = 0
     CONF_CHANGE = 1
@@ -77,7 +82,7 @@ class Entry:
 
     def size(self) -> int:
         """Approximate encoded size, used to bound appends and uncommitted growth."""
-        return len(self.data) + 16
+        return len(self.data) + ENTRY_OVERHEAD
 
 
 @dataclass(slots=True, frozen=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import logging
 import random
+from operator import attrgetter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -58,6 +59,7 @@ from .tracker import Progress, ProgressState, ProgressTracker
 log = logging.getLogger("shardnode.raft")
 
 MT = MessageType
+_data = attrgetter("data")
 
 # Carried in the context of a VOTE sent because of a leadership transfer: it
 # must win even against nodes that still hear from the old leader.
@@ -597,7 +599,7 @@ class Raft:
         last_index = self.log.last_index()
         term = self.term
         stamped = [Entry(term, last_index + 1 + i, e.data, e.type) for i, e in enumerate(entries)]
-        size = sum(len(e.data) for e in stamped)
+        size = sum(map(len, map(_data, stamped)))
         if (
             self.max_uncommitted_size
             and self.uncommitted_size > 0
@@ -612,7 +614,7 @@ class Raft:
     def reduce_uncommitted_size(self, entries: Sequence[Entry]) -> None:
         if self.role is not StateRole.LEADER:
             return
-        size = sum(len(e.data) for e in entries)
+        size = sum(map(len, map(_data, entries)))
         self.uncommitted_size = max(0, self.uncommitted_size - size)
 
     def _leader_read_index(self, m: Message) -> None:

@@ -6,7 +6,7 @@ The Ready contract, which every driver (the worker, the simulator) follows:
 1. rd = node.ready()
 2. Persist rd.snapshot (if any), rd.entries and rd.hard_state (if any), in
    that order, durably (one synced write batch in the worker).
-3. Send rd.messages. (Only now: they may promise what step 2 made durable,
+3. Send rd.messages (redundant ones already folded: coalesce.py). (Only now: they may promise what step 2 made durable,
    such as a vote or an acknowledged append. Exception: when
    rd.send_before_persist is set — all of them are a leader's appends and
    heartbeats — they may be sent before step 2, in parallel with the write.)
@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import confchange
+from .coalesce import coalesce
 from .config import Config
 from .errors import RaftError
 from .messages import (
@@ -242,7 +243,7 @@ class RawNode:
             entries=entries,
             snapshot=snapshot,
             committed_entries=raft.log.next_committed_entries(),
-            messages=raft.msgs,
+            messages=coalesce(raft.msgs, raft.max_msg_size),
             read_states=raft.read_states,
             must_sync=bool(entries)
             or snapshot is not None

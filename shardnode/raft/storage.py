@@ -8,10 +8,12 @@ was persisted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from operator import attrgetter
 from typing import Protocol
 
 from .errors import CompactedError, SnapshotOutOfDate, UnavailableError
-from .messages import EMPTY_HARD_STATE, ConfState, Entry, HardState, Snapshot, SnapshotMetadata
+from .messages import EMPTY_HARD_STATE, ENTRY_OVERHEAD, ConfState, Entry, HardState, Snapshot, SnapshotMetadata
 
 
 class Storage(Protocol):
@@ -35,16 +37,53 @@ class Storage(Protocol):
         """The most recent snapshot (may raise SnapshotTemporarilyUnavailable)."""
 
 
-def limit_size(entries: list[Entry], max_size: int | None) -> list[Entry]:
-    """The longest prefix within max_size bytes, but never fewer than one entry."""
-    if max_size is None or len(entries) <= 1:
-        return entries
-    total = entries[0].size()
-    for count in range(1, len(entries)):
-        total += entries[count].size()
-        if total > max_size:
-            return entries[:count]
-    return entries
+def limit_size(entries: list[Entry], max_size: int | None, used: int = 0) -> list[Entry]:
+    """The longest prefix within max_size bytes (with `used` already taken),
+    but never fewer than one entry when nothing is used."""
+    end = size_limited_end(entries, 0, len(entries), max_size, used)
+    return entries if end == len(entries) else entries[:end]
+
+
+def entries_size(entries: Sequence[Entry]) -> int:
+    """What the entries count for against a size limit (sum of Entry.size())."""
+    return sum(map(len, map(_data, entries))) + ENTRY_OVERHEAD * len(entries)
+
+
+# Entries are summed this many at a time in C (map/sum) before any Python
+# loop runs: the loop only walks the chunk where the limit falls.
+_SIZE_CHUNK = 64
+_data = attrgetter("data")
+
+
+def size_limited_end(
+    entries: Sequence[Entry], start: int, stop: int, max_size: int | None, used: int = 0
+) -> int:
+    """The end of the longest run entries[start:end] (end <= stop) whose size,
+    added to `used` bytes already taken, stays within max_size. When nothing
+    is used yet the run holds at least one entry (an entry larger than the
+    limit still travels, alone).
+
+    It reads the entries in place (no copy of the range) and stops at the
+    limit: the work is proportional to what is returned, not to the range, so
+    a long log tail costs nothing beyond the part that fits.
+    """
+    if max_size is None or start >= stop:
+        return stop
+    total = used
+    position = start
+    while position < stop:
+        chunk_end = min(stop, position + _SIZE_CHUNK)
+        chunk = sum(map(len, map(_data, entries[position:chunk_end]))) + ENTRY_OVERHEAD * (chunk_end - position)
+        if total + chunk <= max_size:
+            total += chunk
+            position = chunk_end
+            continue
+        for index in range(position, chunk_end):
+            total += len(entries[index].data) + ENTRY_OVERHEAD
+            if total > max_size:
+                return index if index > start or used else start + 1
+        return chunk_end  # not reached: the chunk's total was over the limit
+    return stop
 
 
 class MemoryStorage:
@@ -72,7 +111,8 @@ class MemoryStorage:
             raise CompactedError(f"entries from {lo}: compacted up to {offset}")
         if hi > self.last_index() + 1:
             raise UnavailableError(f"entries up to {hi - 1}: last index is {self.last_index()}")
-        return limit_size(self._entries[lo - offset : hi - offset], max_size)
+        end = size_limited_end(self._entries, lo - offset, hi - offset, max_size)
+        return self._entries[lo - offset : end]
 
     def term(self, index: int) -> int:
         offset = self._entries[0].index

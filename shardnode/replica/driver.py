@@ -7,8 +7,11 @@ group commit for every proposal and message that arrived meanwhile), send,
 apply (one atomic batch with the applied index and the session table),
 advance. Ticks come from a timer task; peer messages from the transport.
 
-Requests wait on futures keyed by log index (writes) or read context
-(ReadIndex reads). A write whose index is taken by another leader's entry is
+A write() call waits on one future, found from each of its entries' log
+indexes and answered when the last of them is applied. read_barrier() calls
+that arrive together share one ReadIndex round, which the ready loop starts
+once for all of them; they are answered when the applied index reaches the
+confirmed read point. A write whose index is taken by another leader's entry is
 answered as definitely-not-applied; a write still pending when this node
 loses leadership is answered Unavailable with an unknown outcome, which the
 router resolves by retrying with the same session (applied at most once).
@@ -24,7 +27,7 @@ import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import METADATA_GROUP, ClusterConfig, Replica
 from ..errors import DeadlineExceeded, NotLeader, Unavailable
@@ -59,6 +62,18 @@ log = logging.getLogger("shardnode.replica")
 class _PendingWrite:
     term: int
     future: asyncio.Future
+
+
+@dataclass(slots=True)
+class _PendingBatch:
+    """One write() call: `count` consecutive entries of `term`, answered
+    with one future once the last of them is applied (one wake-up per call,
+    not one per entry)."""
+
+    term: int
+    count: int
+    future: asyncio.Future
+    results: list = field(default_factory=list)
 
 
 @dataclass
@@ -126,9 +141,13 @@ class ReplicaDriver:
         self._persist_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"persist-g{self.group}")
         self._tasks: list[asyncio.Task] = []
         self._snapshot_tasks: set[asyncio.Task] = set()
-        self._pending_writes: dict[int, _PendingWrite] = {}
-        self._pending_reads: dict[bytes, asyncio.Future] = {}
-        self._ready_reads: list[tuple[int, asyncio.Future]] = []
+        # Every entry index of a write() still waiting -> its batch.
+        self._pending_writes: dict[int, _PendingBatch] = {}
+        # read_barrier() callers waiting for the next ReadIndex round, which
+        # the ready loop starts once for all of them.
+        self._queued_reads: list[asyncio.Future] = []
+        self._pending_reads: dict[bytes, list[asyncio.Future]] = {}
+        self._ready_reads: list[tuple[int, list[asyncio.Future]]] = []
         # Read contexts are unique across restarts: a random incarnation prefix.
         self._read_prefix = self.node_id.to_bytes(8, "big") + os.urandom(8)
         self._read_ids = itertools.count(1)
@@ -242,44 +261,56 @@ class ReplicaDriver:
             raise self._not_leader(exc.leader) from None
         self.metrics.proposals.inc(len(datas))
         self.metrics.proposal_batch.observe(len(datas))
-        futures = []
-        for offset in range(proposal.count):
-            future = loop.create_future()
-            self._pending_writes[proposal.index + offset] = _PendingWrite(proposal.term, future)
-            futures.append(future)
+        batch = _PendingBatch(proposal.term, proposal.count, loop.create_future())
+        for index in range(proposal.index, proposal.index + proposal.count):
+            self._pending_writes[index] = batch
         self._wake.set()
         try:
-            return await asyncio.wait_for(asyncio.gather(*futures), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                return await batch.future
+        except TimeoutError:
             raise DeadlineExceeded("the write did not commit before its deadline; its outcome is unknown") from None
         finally:
             # On a deadline, stop tracking what is still pending (the entries
             # may yet commit; the client learns the outcome by retrying).
-            for offset, future in enumerate(futures):
-                pending = self._pending_writes.get(proposal.index + offset)
-                if pending is not None and pending.future is future:
-                    del self._pending_writes[proposal.index + offset]
+            if not batch.future.done() or len(batch.results) < batch.count:
+                for index in range(proposal.index, proposal.index + proposal.count):
+                    if self._pending_writes.get(index) is batch:
+                        del self._pending_writes[index]
 
     async def read_barrier(self, timeout: float) -> None:
         """Return once this replica's state includes every write acknowledged
-        before the call (ReadIndex: confirmed by a quorum, then applied here)."""
+        before the call (ReadIndex: confirmed by a quorum, then applied here).
+        Calls that arrive together share one ReadIndex round: the ready loop
+        starts it for all of them (_start_queued_reads)."""
         self._check_serving()
         if not self.is_leader:
             raise self._not_leader()
-        context = self._read_prefix + next(self._read_ids).to_bytes(8, "big")
         future = asyncio.get_running_loop().create_future()
+        self._queued_reads.append(future)
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout):
+                await future
+        except TimeoutError:
+            raise DeadlineExceeded("could not confirm leadership before the deadline") from None
+
+    def _start_queued_reads(self) -> None:
+        """One ReadIndex round for every read_barrier() queued since the last
+        one: a read point confirmed after they all arrived serves them all."""
+        waiting = [future for future in self._queued_reads if not future.done()]
+        self._queued_reads = []
+        if not waiting:
+            return
+        context = self._read_prefix + next(self._read_ids).to_bytes(8, "big")
         try:
             self.node.read_index(context)
         except ProposalDropped as exc:
-            raise self._not_leader(exc.leader) from None
-        self._pending_reads[context] = future
-        self._wake.set()
-        try:
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded("could not confirm leadership before the deadline") from None
-        finally:
-            self._pending_reads.pop(context, None)
+            error = self._not_leader(exc.leader)
+            for future in waiting:
+                settle(future, error)
+            return
+        self._pending_reads[context] = waiting
 
     def read_local(self, key: bytes) -> bytes | None:
         self._check_serving()
@@ -409,7 +440,11 @@ class ReplicaDriver:
                 self._wake.clear()
                 # Let proposals and messages that are already runnable join this Ready.
                 await asyncio.sleep(0)
-                while self.node.has_ready():
+                while True:
+                    if self._queued_reads:
+                        self._start_queued_reads()
+                    if not self.node.has_ready():
+                        break
                     await self._handle_ready(self.node.ready())
         except asyncio.CancelledError:
             raise
@@ -434,11 +469,26 @@ class ReplicaDriver:
         # taking requests and messages: they form the next Ready, and share
         # its single fsync (group commit). Only the store is touched there;
         # the core stays on this thread.
+        committed = ready.committed_entries
         if ready.must_sync:
+            # Committed entries already on this node's disk, below this
+            # Ready's own entries, need nothing of its write: they are
+            # applied, and their writers answered, while the fsync runs (as
+            # etcd does) instead of one fsync later. Their commit index is
+            # written first, unsynced (the WAL keeps order), so that a crash
+            # never leaves an applied index above the stored commit index.
+            early = self._applicable_before_persist(ready)
+            if early and ready.hard_state is not None:
+                self.store.persist(ready.hard_state, [], None, sync=False)
             began = time.perf_counter()
-            await asyncio.get_running_loop().run_in_executor(
+            write = asyncio.get_running_loop().run_in_executor(
                 self._persist_thread, self.store.persist, ready.hard_state, ready.entries, ready.snapshot
             )
+            if early:
+                self._apply(committed[:early])
+                committed = committed[early:]
+                self._serve_reads(ready.read_states)
+            await write
             elapsed = time.perf_counter() - began
             self.metrics.fsync_latency.observe(elapsed)
         elif ready.hard_state is not None:
@@ -448,28 +498,16 @@ class ReplicaDriver:
             index = ready.snapshot.metadata.index
             for pending_index in [i for i in self._pending_writes if i <= index]:
                 settle(self._pending_writes.pop(pending_index).future,
-                              Unavailable("replaced by a snapshot; outcome unknown"))
+                       Unavailable("replaced by a snapshot; outcome unknown"))
             log.info("replica.snapshot_installed", extra={**self._log_extra, "index": index})
             self._on_conf_state(self.store.conf_state)
         # 2. Send (unless already sent above).
         if not ready.send_before_persist:
             self._send(ready.messages)
-        # 3. Apply.
-        if ready.committed_entries:
-            self._apply(ready.committed_entries)
-        for read_state in ready.read_states:
-            future = self._pending_reads.pop(read_state.request_context, None)
-            if future is not None:
-                self._ready_reads.append((read_state.index, future))
-        if self._ready_reads:
-            applied = self.store.applied_index
-            waiting = []
-            for index, future in self._ready_reads:
-                if index <= applied:
-                    settle(future, None)
-                else:
-                    waiting.append((index, future))
-            self._ready_reads = waiting
+        # 3. Apply (what was not applied during the write).
+        if committed:
+            self._apply(committed)
+        self._serve_reads(ready.read_states)
         # 4. Advance, then compact if the log grew past the threshold (a
         # synced write: on the persist thread, so the loop keeps ticking).
         node.advance(ready)
@@ -482,6 +520,40 @@ class ReplicaDriver:
             )
             if compacted is not None:
                 self.stats.snapshots_taken += 1
+
+    def _applicable_before_persist(self, ready: Ready) -> int:
+        """How many of the Ready's committed entries may be applied while its
+        write runs: those on this node's disk already and below the first
+        entry the Ready writes (which may replace stored ones), provided the
+        Ready's commit index stays within that too (it is written ahead of
+        the entries). None during a snapshot install."""
+        committed = ready.committed_entries
+        if not committed or ready.snapshot is not None:
+            return 0
+        limit = self.store.last_index()
+        if ready.entries:
+            limit = min(limit, ready.entries[0].index - 1)
+        if ready.hard_state is not None and ready.hard_state.commit > limit:
+            return 0
+        return max(0, min(len(committed), limit - committed[0].index + 1))
+
+    def _serve_reads(self, read_states) -> None:
+        """Answer the reads whose confirmed read point is applied; the
+        others wait for a later apply."""
+        for read_state in read_states:
+            futures = self._pending_reads.pop(read_state.request_context, None)
+            if futures is not None:
+                self._ready_reads.append((read_state.index, futures))
+        if self._ready_reads:
+            applied = self.store.applied_index
+            waiting = []
+            for index, futures in self._ready_reads:
+                if index <= applied:
+                    for future in futures:
+                        settle(future, None)
+                else:
+                    waiting.append((index, futures))
+            self._ready_reads = waiting
 
     def _send(self, messages: list[Message]) -> None:
         regular = []
@@ -519,14 +591,16 @@ class ReplicaDriver:
             conf_pending = self._pending_conf.pop(entry.index, None)
             if conf_pending is not None:  # another leader's entry took the index of our change
                 settle(conf_pending.future, Unavailable("lost to a leader change; not applied"))
-            pending = self._pending_writes.pop(entry.index, None)
-            if pending is None:
+            batch = self._pending_writes.pop(entry.index, None)
+            if batch is None:
                 continue
-            if pending.term != entry.term or result is None:
+            if batch.term != entry.term or result is None:
                 # Another leader's entry took this index: ours was never committed.
-                settle(pending.future, Unavailable("lost to a leader change; not applied"))
-            else:
-                settle(pending.future, result)
+                settle(batch.future, Unavailable("lost to a leader change; not applied"))
+                continue
+            batch.results.append(result)
+            if len(batch.results) == batch.count:
+                settle(batch.future, batch.results)
 
     def _on_soft_state(self, role: StateRole, lead: int) -> None:
         was_leader = self._role is StateRole.LEADER
@@ -551,11 +625,16 @@ class ReplicaDriver:
             settle(pending.future, error)
         self._pending_writes.clear()
         self._pending_conf.clear()
-        for future in self._pending_reads.values():
+        for future in self._queued_reads:
             settle(future, error)
+        self._queued_reads.clear()
+        for futures in self._pending_reads.values():
+            for future in futures:
+                settle(future, error)
         self._pending_reads.clear()
-        for _, future in self._ready_reads:
-            settle(future, error)
+        for _, futures in self._ready_reads:
+            for future in futures:
+                settle(future, error)
         self._ready_reads.clear()
 
     # --- Snapshots over the wire -----------------------------------------------------------------

@@ -58,7 +58,7 @@ from shardnode.raft import (
     UnavailableError,
 )
 from shardnode.raft.messages import EMPTY_HARD_STATE
-from shardnode.raft.storage import limit_size
+from shardnode.raft.storage import entries_size as _entries_size, limit_size, size_limited_end
 
 import msgpack
 
@@ -399,7 +399,8 @@ class ReplicaStore:
                 return []
             cache_first = self._cache_first
             if lo >= cache_first:
-                return limit_size(self._cache[lo - cache_first : hi - cache_first], max_size)
+                start, stop = lo - cache_first, hi - cache_first
+                return self._cache[start : size_limited_end(self._cache, start, stop, max_size)]
             cached = self._cache[: hi - cache_first] if hi > cache_first else []
         self._check_open()
         stored_hi = min(hi, cache_first)
@@ -410,7 +411,7 @@ class ReplicaStore:
             # Only a compaction running concurrently deletes stored entries
             # (the core never reads a suffix that persist() is replacing).
             raise CompactedError(f"entries from {lo}: compacted up to {self._snapshot_index}")
-        return limit_size(stored + cached, max_size) if cached else stored
+        return stored + limit_size(cached, max_size, used=_entries_size(stored)) if cached else stored
 
     def _read_log(self, lo: int, hi: int, max_size: int | None) -> tuple[list[Entry], bool]:
         """Stored entries [lo, hi), stopping at the first hole, or before the

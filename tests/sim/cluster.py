@@ -368,10 +368,34 @@ class Simulation:
         if node.sent_early:
             self._send_messages(node, ready.messages)
         delay = self.rng.randint(0, node.params.max_persist_delay) if ready.must_sync else 0
+        node.applied_early = 0
         if delay:
+            # As the worker does (ReplicaDriver._applicable_before_persist):
+            # committed entries already on disk, below the Ready's own
+            # entries, are applied (and answered) while the write runs, the
+            # Ready's commit index written to disk first.
+            early = self._applicable_before_persist(node, ready)
+            if early and self.rng.random() < 0.8:
+                if ready.hard_state is not None:
+                    node.disk.set_hard_state(ready.hard_state)
+                self._apply_entries(node, ready.committed_entries[:early])
+                node.applied_early = early
+                self._serve_reads(node)
             self._at(self.now + delay, "persisted", (node.id, ready))
         else:
             self._complete_ready(node, ready)
+
+    @staticmethod
+    def _applicable_before_persist(node: SimNode, ready) -> int:
+        committed = ready.committed_entries
+        if not committed or ready.snapshot is not None:
+            return 0
+        limit = node.disk.last_index()
+        if ready.entries:
+            limit = min(limit, ready.entries[0].index - 1)
+        if ready.hard_state is not None and ready.hard_state.commit > limit:
+            return 0
+        return max(0, min(len(committed), limit - committed[0].index + 1))
 
     def _complete_ready(self, node: SimNode, ready) -> None:
         if node.in_flight_ready is not ready:
@@ -384,7 +408,20 @@ class Simulation:
                 self._finish_unknown(handle)
         if not node.sent_early:
             self._send_messages(node, ready.messages)
-        for entry in ready.committed_entries:
+        self._apply_entries(node, ready.committed_entries[node.applied_early:])
+        for read_state in ready.read_states:
+            handle = node.pending_reads.pop(read_state.request_context, None)
+            if handle is not None:
+                node.ready_reads.append((read_state.index, handle))
+        self._serve_reads(node)
+        node.rawnode.advance(ready)
+        node.in_flight_ready = None
+        node.maybe_compact()
+        self.checker.after_step(node)
+        self._drive(node)
+
+    def _apply_entries(self, node: SimNode, entries) -> None:
+        for entry in entries:
             self.checker.on_apply(node, entry, node.applied_index + 1)
             was_leader = node.rawnode.raft.role is StateRole.LEADER
             answered = node.apply(entry)
@@ -404,16 +441,6 @@ class Simulation:
                     self._finish_failed(handle)
                 else:
                     self._finish_ok(handle, output)
-        for read_state in ready.read_states:
-            handle = node.pending_reads.pop(read_state.request_context, None)
-            if handle is not None:
-                node.ready_reads.append((read_state.index, handle))
-        self._serve_reads(node)
-        node.rawnode.advance(ready)
-        node.in_flight_ready = None
-        node.maybe_compact()
-        self.checker.after_step(node)
-        self._drive(node)
 
     def _send_messages(self, node: SimNode, messages) -> None:
         for message in messages:

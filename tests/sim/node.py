@@ -73,6 +73,8 @@ class SimNode:
     applied_index: int = field(default=0, init=False)
     # The Ready being "written to disk", and when that write completes.
     in_flight_ready: Ready | None = field(default=None, init=False)
+    # How many of in_flight_ready's committed entries were applied while it was "written".
+    applied_early: int = field(default=0, init=False)
     sent_early: bool = field(default=False, init=False)      # its messages left before the write
     # Client requests this node accepted and has not answered.
     pending_writes: dict[int, PendingWrite] = field(default_factory=dict, init=False)

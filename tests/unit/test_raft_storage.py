@@ -1,7 +1,7 @@
 import pytest
 
 from shardnode.raft import CompactedError, ConfState, Entry, MemoryStorage, SnapshotOutOfDate, UnavailableError
-from shardnode.raft.storage import limit_size
+from shardnode.raft.storage import entries_size, limit_size, size_limited_end
 
 
 def _storage(last: int) -> MemoryStorage:
@@ -65,3 +65,27 @@ def test_limit_size_returns_at_least_one_entry() -> None:
     assert len(limit_size(entries, 1)) == 1
     assert len(limit_size(entries, 250)) == 2
     assert len(limit_size(entries, None)) == 5
+
+
+def test_size_limited_end_reads_in_place_and_counts_what_is_used() -> None:
+    entries = [Entry(1, i, b"x" * 100) for i in range(1, 201)]  # 116 bytes each
+    assert size_limited_end(entries, 10, 200, None) == 200
+    assert size_limited_end(entries, 10, 200, 116 * 3) == 13
+    assert size_limited_end(entries, 10, 200, 116 * 3 + 115) == 13
+    assert size_limited_end(entries, 10, 200, 1) == 11           # never fewer than one...
+    assert size_limited_end(entries, 10, 200, 116, used=1) == 10  # ...unless something is taken already
+    assert size_limited_end(entries, 0, 200, 116 * 150) == 150     # past the first summed chunk
+    assert size_limited_end(entries, 5, 5, 10) == 5
+    assert entries_size(entries[:7]) == sum(e.size() for e in entries[:7])
+
+
+def test_slice_across_storage_and_unstable_respects_the_limit() -> None:
+    from shardnode.raft.log import RaftLog
+
+    log = RaftLog(_storage(6))
+    log.append([Entry(3, i, b"y" * 84) for i in range(7, 12)])  # 100 bytes each, unstable
+    assert [e.index for e in log.slice(5, 12, None)] == list(range(5, 12))
+    # Entries 5 and 6 (16 bytes each) are stored; 7... are unstable.
+    assert [e.index for e in log.slice(5, 12, 32 + 200)] == [5, 6, 7, 8]
+    assert [e.index for e in log.slice(5, 12, 31)] == [5]
+    assert [e.index for e in log.slice(7, 12, 1)] == [7]
