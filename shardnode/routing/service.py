@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -166,24 +168,124 @@ class KVService(pb_grpc.KVServicer):
         return pb.DeleteResponse(existed=result.existed, old_value=result.value)
 
     async def Batch(self, request: pb.BatchRequest, context) -> pb.BatchResponse:
-        deadline = self._deadline(context)
+        results: list[pb.BatchResult | None] = [None] * len(request.operations)
+        done = asyncio.get_running_loop().create_future()
+        left = len(results)
 
-        async def one(op: pb.BatchOperation) -> pb.BatchResult:
-            kind = _KIND.get(op.kind)
-            if kind is None:
-                return pb.BatchResult(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"unknown kind {op.kind}")
-            if kind != WOp.PUT and op.value:
-                return pb.BatchResult(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="only PUT carries a value")
-            operation = WOp(kind=kind, key=op.key, value=op.value,
-                            client_id=op.session.client_id, sequence=op.session.sequence)
-            try:
-                result = await self._execute(operation, deadline, request.allow_stale)
-            except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession) as exc:
-                return pb.BatchResult(code=_code(exc).value[0], message=str(exc))
-            return pb.BatchResult(code=0, existed=result.existed, value=result.value)
+        def answered(index: int, result: pb.BatchResult) -> None:
+            nonlocal left
+            results[index] = result
+            left -= 1
+            if left == 0 and not done.done():
+                done.set_result(None)
 
-        results = await asyncio.gather(*(one(op) for op in request.operations))
+        if left:
+            self._start(request, self._deadline(context), answered)
+            await done
         return pb.BatchResponse(results=results)
+
+    async def BatchStream(self, requests, context) -> None:
+        """Many callers' operations on one stream: each request message is
+        started at once (its operations queued on their groups' forwarders,
+        each group's sent as one Execute call), and results go back as they
+        come, all those ready at the same moment in one response message."""
+        replies = _Replies(context)
+        writer = asyncio.ensure_future(replies.write())
+        try:
+            async for request in requests:
+                self._start(request, None, replies.add, stream=True)
+                replies.started += len(request.operations)
+            replies.finish()
+            await writer
+        finally:
+            writer.cancel()
+
+    def _start(self, request: pb.BatchRequest, call_deadline: float | None,
+               answer: Callable[[int, pb.BatchResult], None], *, stream: bool = False) -> None:
+        """Validate, route and queue every operation of `request`, then send
+        each touched group's queue; `answer(slot, result)` is called once per
+        operation (slot: its id on a stream, its position in a Batch)."""
+        now = time.monotonic()
+        pumps: set[tuple[int, bool]] = set()
+        for index, op in enumerate(request.operations):
+            slot = op.id if stream else index
+            began = time.perf_counter()
+            kind = _KIND.get(op.kind)
+            try:
+                if kind is None:
+                    raise InvalidArgument(f"unknown kind {op.kind}")
+                if kind != WOp.PUT and op.value:
+                    raise InvalidArgument("only PUT carries a value")
+                self._check_key(op.key)
+                if kind == WOp.PUT:
+                    self._check_value(op.value)
+                session = None
+                allow_stale = False
+                if kind == WOp.GET:
+                    allow_stale = request.allow_stale or op.allow_stale
+                    operation = WOp(kind=kind, key=op.key)
+                else:
+                    client_id, sequence = op.session.client_id, op.session.sequence
+                    if client_id == 0:
+                        session = self.sessions.acquire()
+                        client_id, sequence = session
+                    elif sequence == 0:
+                        raise InvalidArgument("a session needs a sequence number starting at 1")
+                    operation = WOp(kind=kind, key=op.key, value=op.value, client_id=client_id, sequence=sequence)
+            except InvalidArgument as exc:
+                self._observe(None, kind, "INVALID_ARGUMENT", began)
+                answer(slot, pb.BatchResult(id=op.id, code=_INVALID, message=str(exc)))
+                continue
+            deadline = self._operation_deadline(op.timeout_ms, now, call_deadline)
+            group = self.shard_map.group_for(op.key)
+            future = self.forwarders[group].enqueue(operation, deadline, allow_stale)
+            future.add_done_callback(functools.partial(
+                self._answered, answer, slot, op.id, group, kind, began, session))
+            pumps.add((group, allow_stale))
+        for group, allow_stale in pumps:
+            self.forwarders[group].pump(allow_stale)
+
+    @staticmethod
+    def _operation_deadline(timeout_ms: int, now: float, call_deadline: float | None) -> float:
+        if timeout_ms:
+            timeout = timeout_ms / 1000
+            deadline = now + timeout - min(DEADLINE_MARGIN, timeout / 10)
+            return deadline if call_deadline is None else min(deadline, call_deadline)
+        return now + DEFAULT_TIMEOUT if call_deadline is None else call_deadline
+
+    def _answered(self, answer: Callable[[int, pb.BatchResult], None], slot: int, op_id: int, group: int,
+                  kind: int, began: float, session: list[int] | None, future: asyncio.Future) -> None:
+        """One queued operation is over: its result (or error) to the caller."""
+        if session is not None:
+            # Known outcome or not, the next write on this session takes
+            # the next sequence: a late copy of this one is then refused.
+            self.sessions.release(session)
+        if future.cancelled():
+            error: Exception | None = Unavailable(f"group {group}: the router is stopping")
+        else:
+            error = future.exception()      # type: ignore[assignment]
+        if error is None:
+            result = future.result()
+            if result.error:
+                error = _StaleSession(result.error)
+        if error is None:
+            self._observe(group, kind, "OK", began)
+            answer(slot, pb.BatchResult(id=op_id, existed=result.existed, value=result.value))
+            return
+        code = _code(error)
+        self._observe(group, kind, code.name, began)
+        reply = pb.BatchResult(id=op_id, code=code.value[0], message=str(error))
+        cause = _CAUSE_NAMES.get(type(error))
+        if cause is not None:
+            reply.cause = cause
+            error_group = getattr(error, "group", None)
+            if error_group is not None:
+                reply.group = error_group
+        answer(slot, reply)
+
+    def _observe(self, group: int | None, kind: int | None, code: str, began: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(group, _OP_NAMES.get(kind, "unknown"), code, time.perf_counter() - began)
 
     # --- Cluster information -----------------------------------------------------------------
 
@@ -268,9 +370,46 @@ class _StaleSession(Exception):
     """The worker refused a write whose session sequence was already passed."""
 
 
+class _Replies:
+    """The answers of one BatchStream, written back in as few messages as
+    possible: every result ready when the writer gets to run leaves in one
+    BatchResponse."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self._results: list[pb.BatchResult] = []
+        self._ready = asyncio.Event()
+        self.started = 0            # operations received
+        self._answered = 0
+        self._finished = False      # the caller sends no more
+
+    def add(self, slot: int, result: pb.BatchResult) -> None:
+        self._results.append(result)
+        self._answered += 1
+        self._ready.set()
+
+    def finish(self) -> None:
+        self._finished = True
+        self._ready.set()
+
+    async def write(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            results, self._results = self._results, []
+            if results:
+                await self._context.write(pb.BatchResponse(results=results))
+            if self._finished and self._answered >= self.started and not self._results:
+                return
+
+
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+_CAUSE_NAMES: dict[type, str] = {NoQuorum: "no_quorum", NoLeader: "no_leader", DeadlineExceeded: "deadline"}
+
+
 def _cause(exc: Exception) -> tuple[tuple[str, str], ...]:
     """The error's cause as trailing metadata, for clients to raise the matching exception."""
-    cause = {NoQuorum: "no_quorum", NoLeader: "no_leader", DeadlineExceeded: "deadline"}.get(type(exc))
+    cause = _CAUSE_NAMES.get(type(exc))
     group = getattr(exc, "group", None)
     if cause is None:
         return ()
