@@ -18,7 +18,9 @@ backoff from 20 ms doubling to 500 ms; a retried write carries the session
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
+import threading
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -36,7 +38,7 @@ from .common import (BACKOFF_MAX, BACKOFF_MIN, CAUSES, CHANNEL_OPTIONS, CODES, D
 from .pipe import RouterPipe
 from .sessions import SessionPool
 
-__all__ = ["AsyncClient"]
+__all__ = ["AsyncClient", "BlockingCall"]
 
 BatchOperation = kv_pb2.BatchOperation
 _OK = 0
@@ -64,6 +66,7 @@ class AsyncClient(ClientSettings):
         self._closed = False
         self._sessions = SessionPool()
         self._shard_map: ShardMap | None = None     # built on first need (error messages)
+        self._retrying: set[asyncio.Task] = set()   # blocking calls past their first attempt
         self._random = random.Random()      # private: jitter and the first router
         # The router the next call starts with: the last one that answered.
         # Clients start at a random one so that they spread over the routers.
@@ -164,7 +167,9 @@ class AsyncClient(ClientSettings):
             else:
                 self._sessions.release(slot)
 
-    def _operation(self, op_name: str, op: BatchOperation, budget: float, *, write: bool) -> Awaitable[Any]:
+    def _operation(self, op_name: str, op: BatchOperation, budget: float, *, write: bool,
+                   deadline: float | None = None, first: tuple[int, kv_pb2.BatchResult] | None = None
+                   ) -> Awaitable[Any]:
         async def attempt(index: int, remaining: float) -> tuple[kv_pb2.BatchResult, Any]:
             pipe = self._pipe(index)
             op.timeout_ms = max(1, math.ceil(remaining * 1000))
@@ -177,7 +182,63 @@ class AsyncClient(ClientSettings):
                 pipe.forget(op_id)
             return result, result
 
-        return self._call(op_name, attempt, budget, write=write, key=op.key)
+        return self._call(op_name, attempt, budget, write=write, key=op.key, deadline=deadline, first=first)
+
+    # --- The blocking client's fast path ---------------------------------------------------
+
+    def start_blocking(self, calls: list["BlockingCall"]) -> None:
+        """On the loop: send each call's first attempt straight to the
+        preferred router's pipe; a call answered OK is finished from the
+        pipe's callback (no task per operation); any other answer goes on
+        through `_call`'s retry rules in a task of its own."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        for call in calls:
+            try:
+                index = self._preferred
+                pipe = self._pipe(index)
+            except ShardnodeError as exc:
+                call.finish(None, exc)
+                continue
+            remaining = call.deadline - now
+            if remaining <= 0:
+                self._continue(call, None)
+                continue
+            call.op.timeout_ms = max(1, math.ceil(remaining * 1000))
+            op_id, future = pipe.submit(call.op)
+            timer = loop.call_later(remaining, _no_answer, future)
+            future.add_done_callback(functools.partial(self._first_answered, call, index, pipe, op_id, timer))
+
+    def _first_answered(self, call: "BlockingCall", index: int, pipe: RouterPipe, op_id: int,
+                        timer: asyncio.TimerHandle, future: asyncio.Future) -> None:
+        timer.cancel()
+        pipe.forget(op_id)
+        if future.cancelled():
+            call.finish(None, ShardnodeError("the client is closed"))
+            return
+        result = future.result()
+        if result.code == _OK:
+            self._preferred = index
+            call.finish(result, None)
+        else:
+            self._continue(call, (index, result))
+
+    def _continue(self, call: "BlockingCall", first: tuple[int, kv_pb2.BatchResult] | None) -> None:
+        async def rest() -> None:
+            try:
+                result = await self._operation(call.name, call.op, call.budget, write=call.write,
+                                               deadline=call.deadline, first=first)
+            except asyncio.CancelledError:
+                call.finish(None, ShardnodeError("the client is closed"))
+                raise
+            except Exception as exc:
+                call.finish(None, exc)
+            else:
+                call.finish(result, None)
+
+        task = asyncio.ensure_future(rest())
+        self._retrying.add(task)
+        task.add_done_callback(self._retrying.discard)
 
     async def _status_attempt(self, index: int, remaining: float) -> tuple[kv_pb2.BatchResult, Any]:
         self._pipe(index)       # opens the channel
@@ -204,12 +265,17 @@ class AsyncClient(ClientSettings):
         pipe = self._pipes[index] = RouterPipe(self._routers[index], channel)
         return pipe
 
-    async def _call(self, op: str, attempt: Attempt, budget: float, *, write: bool, key: bytes) -> Any:
+    async def _call(self, op: str, attempt: Attempt, budget: float, *, write: bool, key: bytes,
+                    deadline: float | None = None, first: tuple[int, kv_pb2.BatchResult] | None = None) -> Any:
+        """The operation's attempts until one succeeds, fails for good, or the
+        deadline passes. `first`: (router index, result) of a first attempt
+        already made (the blocking client's fast path), to go on from."""
         if self._closed:
             raise ShardnodeError("the client is closed")
-        deadline = time.monotonic() + budget
+        if deadline is None:
+            deadline = time.monotonic() + budget
         count = len(self._routers)
-        index = self._preferred
+        index = self._preferred if first is None else first[0]
         tried_since_backoff: set[int] = set()
         refused: set[int] = set()  # routers whose last attempt found nothing listening
         backoff = BACKOFF_MIN
@@ -218,11 +284,17 @@ class AsyncClient(ClientSettings):
         timed_out = False          # was the last failure a timeout (vs. unavailable)?
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or (remaining <= DEADLINE_SLACK and last_error):
+                # (A sliver of time left after a backoff is not worth an attempt:
+                # it would end as a bare timeout and hide why the others failed.)
                 break
             router = self._routers[index]
             tried_since_backoff.add(index)
-            result, payload = await attempt(index, remaining)
+            if first is not None:
+                result = payload = first[1]
+                first = None
+            else:
+                result, payload = await attempt(index, remaining)
             if result.code == _OK:
                 self._preferred = index
                 return payload
@@ -292,6 +364,32 @@ class AsyncClient(ClientSettings):
 
 
 _SUCCESS = kv_pb2.BatchResult(code=_OK)
+
+
+class BlockingCall:
+    """One operation of a thread of the blocking client: what it sends, and
+    a lock it waits on, released with the outcome (a lock is the cheapest
+    thing a thread can sleep on)."""
+
+    __slots__ = ("name", "op", "budget", "deadline", "write", "result", "error", "_done")
+
+    def __init__(self, name: str, op: BatchOperation, budget: float, write: bool) -> None:
+        self.name = name
+        self.op = op
+        self.budget = budget
+        self.deadline = time.monotonic() + budget
+        self.write = write
+        self.result: kv_pb2.BatchResult | None = None
+        self.error: BaseException | None = None
+        self._done = threading.Lock()
+        self._done.acquire()
+
+    def finish(self, result: kv_pb2.BatchResult | None, error: BaseException | None) -> None:
+        self.result, self.error = result, error
+        self._done.release()
+
+    def wait(self, timeout: float) -> bool:
+        return self._done.acquire(timeout=timeout)
 
 
 def _no_answer(future: asyncio.Future) -> None:

@@ -51,17 +51,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import time
 from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any
 
 from ..config import ClusterConfig
 from ..errors import DeadlineExceeded, ShardnodeError
 from ..proto import kv_pb2
-from .aio import AsyncClient
+from .aio import AsyncClient, BlockingCall
 from .common import DEFAULT_TIMEOUT, ClientSettings, Key, StaleSession, Value
 from .sessions import SessionPool
 
 __all__ = ["Client", "DEFAULT_TIMEOUT", "StaleSession"]
+
+BatchOperation = kv_pb2.BatchOperation
 
 #: How long past an operation's deadline a caller waits for the client's
 #: thread before giving up on it (the engine answers by the deadline; this
@@ -93,22 +96,31 @@ class Client(ClientSettings):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._queue_lock = threading.Lock()
+        self._queue: list[BlockingCall] = []
+        self._drain_pending = False
 
     # --- Key-value operations ----------------------------------------------------------
 
     def put(self, key: Key, value: Value, *, timeout: float | None = None) -> bytes | None:
         """Set `key` to `value`; returns the previous value, or None if the key
         was absent. Applied exactly once, however often it is retried."""
-        return self._run(self._engine.put(key, value, timeout=timeout), timeout)
+        op = BatchOperation(kind=BatchOperation.PUT, key=self._key(key), value=self._value(value))
+        result = self._perform([BlockingCall("put", op, self._budget(timeout), True)])[0]
+        return result.value if result.existed else None
 
     def get(self, key: Key, *, timeout: float | None = None, allow_stale: bool = False) -> bytes | None:
         """The value of `key`, or None if it is absent. Linearizable unless
         `allow_stale` (then any replica's possibly older value may be read)."""
-        return self._run(self._engine.get(key, timeout=timeout, allow_stale=allow_stale), timeout)
+        op = BatchOperation(kind=BatchOperation.GET, key=self._key(key), allow_stale=bool(allow_stale))
+        result = self._perform([BlockingCall("get", op, self._budget(timeout), False)])[0]
+        return result.value if result.existed else None
 
     def delete(self, key: Key, *, timeout: float | None = None) -> bytes | None:
         """Remove `key`; returns the value it had, or None if it was absent."""
-        return self._run(self._engine.delete(key, timeout=timeout), timeout)
+        op = BatchOperation(kind=BatchOperation.DELETE, key=self._key(key))
+        result = self._perform([BlockingCall("delete", op, self._budget(timeout), True)])[0]
+        return result.value if result.existed else None
 
     def put_many(self, pairs: Iterable[tuple[Key, Value]], *, timeout: float | None = None) -> list[bytes | None]:
         """Put every (key, value) pair; returns their previous values, in order.
@@ -116,13 +128,20 @@ class Client(ClientSettings):
         transaction) with its own deadline, all sent at once. Every argument
         is checked first (InvalidArgument: nothing was sent). If any fails,
         the first failure in order is raised once all are over."""
-        return self._run(self._engine.put_many(pairs, timeout=timeout), timeout)
+        budget = self._budget(timeout)
+        calls = [BlockingCall("put", BatchOperation(kind=BatchOperation.PUT, key=k, value=v), budget, True)
+                 for k, v in self._pairs(pairs)]
+        return [r.value if r.existed else None for r in self._perform(calls)]
 
     def get_many(self, keys: Iterable[Key], *, timeout: float | None = None,
                  allow_stale: bool = False) -> list[bytes | None]:
         """The values of `keys` (None where absent), in order; each read is
         linearizable on its own unless `allow_stale`. Failures as put_many."""
-        return self._run(self._engine.get_many(keys, timeout=timeout, allow_stale=allow_stale), timeout)
+        budget = self._budget(timeout)
+        stale = bool(allow_stale)
+        calls = [BlockingCall("get", BatchOperation(kind=BatchOperation.GET, key=k, allow_stale=stale), budget, False)
+                 for k in self._keys(keys)]
+        return [r.value if r.existed else None for r in self._perform(calls)]
 
     def status(self, *, timeout: float | None = None) -> kv_pb2.StatusResponse:
         """The cluster's status as one router sees it: every group, its leader
@@ -177,6 +196,60 @@ class Client(ClientSettings):
     def engine(self) -> AsyncClient:
         """The AsyncClient that runs this client's calls (on its own thread)."""
         return self._engine
+
+    def _perform(self, calls: list[BlockingCall]) -> list[kv_pb2.BatchResult]:
+        """Hand `calls` to the engine's thread and wait for all of them. Calls
+        of many threads that arrive while the engine's thread is busy are
+        handed over together (one wake-up) and leave in one stream message.
+        Each write gets its own session here, kept for all its retries."""
+        if not calls:
+            return []
+        slots = []
+        for call in calls:
+            if call.write:
+                slot = self._sessions.acquire()
+                call.op.session.client_id, call.op.session.sequence = slot.client_id, slot.sequence
+                slots.append((call, slot))
+        finished = False
+        try:
+            if self._closed:
+                raise ShardnodeError("the client is closed")
+            loop = self._loop if self._loop is not None else self._start()
+            with self._queue_lock:
+                self._queue.extend(calls)
+                wake = not self._drain_pending
+                self._drain_pending = True
+            if wake:
+                try:
+                    loop.call_soon_threadsafe(self._drain)
+                except RuntimeError:        # closed in the meantime: its loop is gone
+                    raise ShardnodeError("the client is closed") from None
+            for call in calls:
+                if not call.wait(max(0.0, call.deadline - time.monotonic()) + _GRACE):
+                    if self._closed:
+                        raise ShardnodeError("the client is closed")
+                    raise DeadlineExceeded(f"{call.name}: no answer from the client's thread within "
+                                           f"{call.budget:g} s")
+            finished = True
+        finally:
+            for call, slot in slots:
+                # A write still in flight (we gave up waiting) keeps its session
+                # out of the pool for good; a refused session is dropped too.
+                if finished and not isinstance(call.error, StaleSession):
+                    self._sessions.release(slot)
+                else:
+                    self._sessions.discard(slot)
+        for call in calls:
+            if call.error is not None:
+                raise call.error
+        return [call.result for call in calls]      # type: ignore[misc]
+
+    def _drain(self) -> None:
+        """On the engine's thread: start every call handed over so far."""
+        with self._queue_lock:
+            calls, self._queue = self._queue, []
+            self._drain_pending = False
+        self._engine.start_blocking(calls)
 
     def _run(self, coroutine: Coroutine[Any, Any, Any], timeout: float | None) -> Any:
         try:
