@@ -64,6 +64,7 @@ class KVService(pb_grpc.KVServicer):
         self.forwarders = [GroupForwarder(cluster, g, channels, host_name) for g in range(cluster.groups)]
         self.sessions = RouterSessions()
         self.metrics = metrics
+        self._draining = asyncio.Event()
         self.monitor = GroupMonitor(cluster, channels, self.forwarders)
         self.processes = ProcessWatch(cluster, host_name)
         if metrics is not None:
@@ -191,14 +192,29 @@ class KVService(pb_grpc.KVServicer):
         come, all those ready at the same moment in one response message."""
         replies = _Replies(context)
         writer = asyncio.ensure_future(replies.write())
+        reader = asyncio.ensure_future(self._read_stream(requests, replies))
+        draining = asyncio.ensure_future(self._draining.wait())
         try:
-            async for request in requests:
-                self._start(request, None, replies.add, stream=True)
-                replies.started += len(request.operations)
+            # Until the caller closes its side, or the router stops: then the
+            # operations already received are answered and the stream ends (the
+            # client sends what it had not yet sent through another router).
+            await asyncio.wait((reader, draining), return_when=asyncio.FIRST_COMPLETED)
+            reader.cancel()
             replies.finish()
             await writer
         finally:
-            writer.cancel()
+            for task in (writer, reader, draining):
+                task.cancel()
+
+    async def _read_stream(self, requests, replies: "_Replies") -> None:  # type: ignore[no-untyped-def]
+        async for request in requests:
+            self._start(request, None, replies.add, stream=True)
+            replies.started += len(request.operations)
+
+    def drain(self) -> None:
+        """The router is stopping: every stream answers what it has received,
+        then ends (call before the gRPC server's graceful stop)."""
+        self._draining.set()
 
     def _start(self, request: pb.BatchRequest, call_deadline: float | None,
                answer: Callable[[int, pb.BatchResult], None], *, stream: bool = False) -> None:
