@@ -2,7 +2,9 @@
 gRPC call per operation, rounds interleaved.
 
     .venv/bin/python bench/versus_etcd.py [--seconds 10] [--callers 1,16,64] [--ops put,get]
-                                          [--warmup 1] [--profile DIR [--native] [--gil]] [--json]
+                                          [--modes rpc,client,async] [--warmup 1]
+                                          [--profile DIR [--profile-op put|get] [--profile-via rpc|async]
+                                           [--native] [--gil]] [--json]
 
 It starts, on loopback, a 3-node etcd (Debian's etcd-server, installed with
 apt-get when `etcd` is missing and we are root; 127.0.1.1-3, data in a temp
@@ -21,14 +23,22 @@ operation and number of callers, one etcd round and one shardnode round
   stubs generated at run time from bench/etcd_kv.proto; shardnode: the
   router's `KV/Put` (no session: the router uses its own) and `KV/Get`
   (linearizable, the default);
+- shardnode is also driven through its own clients (`--modes`): `client`,
+  one shared `shardnode.client.Client` called by N threads, and `async`,
+  one `AsyncClient` called by N tasks; their calls are coalesced on one
+  stream per router (docs/client.md). Each etcd round is followed by one
+  shardnode round per mode, and each table row compares one of them with
+  that etcd round;
 - after `--warmup` seconds, `--seconds` of measurement: operations completed
   per second, p50 and p99 latency, and server CPU per operation (utime +
   stime of every server process from /proc/PID/stat, before and after).
 
 It prints one table (and `--json`: every round, with CPU per process).
-`--profile DIR` then runs one more shardnode put round at the largest number
-of callers with `py-spy record` attached to the leader worker, a follower
-and a router (py-spy must be on the PATH or in the venv) and prints the
+`--profile DIR` then runs one more shardnode round (`--profile-op`, put by
+default; `--profile-via async`: through the AsyncClient) at the largest
+number of callers with `py-spy record` attached to the leader worker, a
+follower and a router (the leader's host's, or the one the AsyncClient
+uses; py-spy must be on the PATH or in the venv) and prints the
 functions that take the most time. Every process it starts is killed by PID
 at the end, also on failure; the temp directory is removed.
 Exit status: 0, 1 when a system failed to start, 2 when etcd is missing and
