@@ -283,18 +283,20 @@ class AsyncClient(ClientSettings):
         cause: Cause | None = None   # the last failure a router explained (no quorum in group N…)
         timed_out = False          # was the last failure a timeout (vs. unavailable)?
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or (remaining <= DEADLINE_SLACK and last_error):
-                # (A sliver of time left after a backoff is not worth an attempt:
-                # it would end as a bare timeout and hide why the others failed.)
-                break
             router = self._routers[index]
-            tried_since_backoff.add(index)
             if first is not None:
+                # The answer of the attempt already made counts even when it came
+                # at the deadline: it may say why (no quorum in group N, ...).
                 result = payload = first[1]
                 first = None
             else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (remaining <= DEADLINE_SLACK and last_error):
+                    # (A sliver of time left after a backoff is not worth an attempt:
+                    # it would end as a bare timeout and hide why the others failed.)
+                    break
                 result, payload = await attempt(index, remaining)
+            tried_since_backoff.add(index)
             if result.code == _OK:
                 self._preferred = index
                 return payload

@@ -232,3 +232,22 @@ def test_closing_fails_calls_in_flight(router: FakeRouter) -> None:
     thread.join(5)
     assert not thread.is_alive() and time.monotonic() - began < 5
     assert len(outcome) == 1 and isinstance(outcome[0], ShardnodeError) and "closed" in str(outcome[0])
+
+
+def test_a_first_answer_that_came_at_the_deadline_still_says_why() -> None:
+    """A blocking call's first attempt answered at its deadline (the router
+    explains: no quorum) is reported as that cause, even though no time is
+    left for another attempt by the time the answer is looked at."""
+    from shardnode.proto import kv_pb2
+
+    async def scenario() -> None:
+        kv = AsyncClient(["127.0.0.1:1"])
+        op = kv_pb2.BatchOperation(kind=kv_pb2.BatchOperation.GET, key=b"k")
+        answer = kv_pb2.BatchResult(code=14, message="no quorum in group 3: 2 of 3 replicas unreachable",
+                                    cause="no_quorum", group=3)
+        with pytest.raises(NoQuorum, match="no quorum in group 3") as info:
+            await kv._operation("get", op, 1.0, write=False, deadline=time.monotonic() - 0.01, first=(0, answer))
+        assert info.value.group == 3
+        await kv.aclose()
+
+    run(scenario())
