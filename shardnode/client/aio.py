@@ -42,6 +42,8 @@ __all__ = ["AsyncClient", "BlockingCall"]
 
 BatchOperation = kv_pb2.BatchOperation
 _OK = 0
+#: How much earlier than the operation's deadline the router is asked to answer (at most).
+ROUTER_MARGIN = 0.1
 #: What a pipe's operation gets when the client's own deadline passes first.
 _NO_ANSWER = kv_pb2.BatchResult(code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message="no answer before the deadline")
 #: (result, payload) of one attempt: the payload is the result itself for
@@ -172,7 +174,7 @@ class AsyncClient(ClientSettings):
                    ) -> Awaitable[Any]:
         async def attempt(index: int, remaining: float) -> tuple[kv_pb2.BatchResult, Any]:
             pipe = self._pipe(index)
-            op.timeout_ms = max(1, math.ceil(remaining * 1000))
+            op.timeout_ms = _router_timeout_ms(remaining)
             op_id, future = pipe.submit(op)
             timer = asyncio.get_running_loop().call_later(remaining, _no_answer, future)
             try:
@@ -204,7 +206,7 @@ class AsyncClient(ClientSettings):
             if remaining <= 0:
                 self._continue(call, None)
                 continue
-            call.op.timeout_ms = max(1, math.ceil(remaining * 1000))
+            call.op.timeout_ms = _router_timeout_ms(remaining)
             op_id, future = pipe.submit(call.op)
             timer = loop.call_later(remaining, _no_answer, future)
             future.add_done_callback(functools.partial(self._first_answered, call, index, pipe, op_id, timer))
@@ -296,6 +298,11 @@ class AsyncClient(ClientSettings):
                     # it would end as a bare timeout and hide why the others failed.)
                     break
                 result, payload = await attempt(index, remaining)
+                if result is _NO_ANSWER and last_error and not timed_out:
+                    # Our own deadline ended this attempt: the routers' earlier
+                    # answers (unavailable, no quorum, ...) say more than a bare
+                    # timeout of the last, late attempt would.
+                    break
             tried_since_backoff.add(index)
             if result.code == _OK:
                 self._preferred = index
@@ -392,6 +399,14 @@ class BlockingCall:
 
     def wait(self, timeout: float) -> bool:
         return self._done.acquire(timeout=timeout)
+
+
+def _router_timeout_ms(remaining: float) -> int:
+    """The deadline the router is given: a little before ours (up to 100 ms,
+    a tenth of the time left), so that its answer, and the reason it gives
+    (no quorum in group N, ...), arrives before our own deadline ends the
+    attempt even on a loaded machine."""
+    return max(1, math.ceil((remaining - min(ROUTER_MARGIN, remaining / 10)) * 1000))
 
 
 def _no_answer(future: asyncio.Future) -> None:

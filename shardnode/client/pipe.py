@@ -33,6 +33,9 @@ __all__ = ["RouterPipe"]
 log = logging.getLogger("shardnode.client")
 
 _OK = grpc.StatusCode.OK.value[0]
+#: How a stream can end when its router goes away mid-call (besides UNAVAILABLE).
+_STREAM_BROKEN = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED,
+                            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED})
 BatchOperation = kv_pb2.BatchOperation
 
 
@@ -133,6 +136,11 @@ class RouterPipe:
                         entry[0].set_result(result)
         except grpc.aio.AioRpcError as exc:
             code, details = status_of(exc)
+            if code in _STREAM_BROKEN:
+                # The stream itself failed (the router stopped or crashed, the
+                # connection broke): its operations' outcomes are unknown, and a
+                # retry through another router (same session) is what helps.
+                code, details = grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} ended: {code.name}: {details}"
         except asyncio.CancelledError:
             code, details = grpc.StatusCode.CANCELLED, "the client is closed"
             raise
