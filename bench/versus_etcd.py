@@ -2,7 +2,9 @@
 gRPC call per operation, rounds interleaved.
 
     .venv/bin/python bench/versus_etcd.py [--seconds 10] [--callers 1,16,64] [--ops put,get]
-                                          [--warmup 1] [--profile DIR [--native] [--gil]] [--json]
+                                          [--modes rpc,client,async] [--warmup 1]
+                                          [--profile DIR [--profile-op put|get] [--profile-via rpc|async]
+                                           [--native] [--gil]] [--json]
 
 It starts, on loopback, a 3-node etcd (Debian's etcd-server, installed with
 apt-get when `etcd` is missing and we are root; 127.0.1.1-3, data in a temp
@@ -21,14 +23,22 @@ operation and number of callers, one etcd round and one shardnode round
   stubs generated at run time from bench/etcd_kv.proto; shardnode: the
   router's `KV/Put` (no session: the router uses its own) and `KV/Get`
   (linearizable, the default);
+- shardnode is also driven through its own clients (`--modes`): `client`,
+  one shared `shardnode.client.Client` called by N threads, and `async`,
+  one `AsyncClient` called by N tasks; their calls are coalesced on one
+  stream per router (docs/client.md). Each etcd round is followed by one
+  shardnode round per mode, and each table row compares one of them with
+  that etcd round;
 - after `--warmup` seconds, `--seconds` of measurement: operations completed
   per second, p50 and p99 latency, and server CPU per operation (utime +
   stime of every server process from /proc/PID/stat, before and after).
 
 It prints one table (and `--json`: every round, with CPU per process).
-`--profile DIR` then runs one more shardnode put round at the largest number
-of callers with `py-spy record` attached to the leader worker, a follower
-and a router (py-spy must be on the PATH or in the venv) and prints the
+`--profile DIR` then runs one more shardnode round (`--profile-op`, put by
+default; `--profile-via async`: through the AsyncClient) at the largest
+number of callers with `py-spy record` attached to the leader worker, a
+follower and a router (the leader's host's, or the one the AsyncClient
+uses; py-spy must be on the PATH or in the venv) and prints the
 functions that take the most time. Every process it starts is killed by PID
 at the end, also on failure; the temp directory is removed.
 Exit status: 0, 1 when a system failed to start, 2 when etcd is missing and
@@ -49,6 +59,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -60,6 +71,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from shardnode.client import AsyncClient, Client, ShardnodeError  # noqa: E402
 from shardnode.proto import kv_pb2, kv_pb2_grpc  # noqa: E402
 from shardnode.security import aio_channel  # noqa: E402
 from tests.integration.harness import LocalCluster, signal_and_wait  # noqa: E402
@@ -336,6 +348,26 @@ def shardnode_target(cluster: LocalCluster) -> Target:
     return Target("shardnode", put, get, pids, channels)
 
 
+def shardnode_async_client_target(cluster: LocalCluster) -> tuple[Target, AsyncClient]:
+    """shardnode through its AsyncClient: every caller is a task of one
+    client, whose operations share one stream per router (coalesced)."""
+    kv = AsyncClient(list(cluster.router_addresses.values()), timeout=RPC_TIMEOUT, cluster=cluster.config)
+
+    async def put(caller: int, key: bytes, value: bytes) -> object:
+        return await kv.put(key, value)
+
+    async def get(caller: int, key: bytes) -> object:
+        found = await kv.get(key)
+        if found is None:
+            raise LookupError(key)
+        return found
+
+    def pids() -> dict[str, int]:
+        return {f"{host}/{program}": p.pid for (host, program), p in cluster.processes.items()}
+
+    return Target("shardnode", put, get, pids, []), kv
+
+
 async def shardnode_roles(cluster: LocalCluster) -> dict[str, str]:
     """'h1/worker-g0' -> 'leader' / 'follower', as the first router sees it."""
     channel = aio_channel(next(iter(cluster.router_addresses.values())), cluster.config.security, None)
@@ -398,10 +430,10 @@ async def run_round(target: Target, op: str, callers: int, warmup: float, second
                     await target.put(i, key, value)
                 else:
                     await target.get(i, key)
-            except (grpc.aio.AioRpcError, LookupError) as exc:
+            except (grpc.aio.AioRpcError, LookupError, ShardnodeError) as exc:
                 done = time.perf_counter()
                 if window[0] <= done <= window[1]:
-                    errors[exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "NOT_FOUND"] += 1
+                    errors[error_name(exc)] += 1
                 if isinstance(exc, grpc.aio.AioRpcError) and exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                     await asyncio.sleep(0.01)
                 continue
@@ -434,13 +466,79 @@ async def run_round(target: Target, op: str, callers: int, warmup: float, second
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    return round_result(target.name, op, callers, window, latencies, errors, pids, cpu_before, cpu_after,
+                        self_after - self_before)
+
+
+def error_name(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code().name
+    if isinstance(exc, LookupError):
+        return "NOT_FOUND"
+    return type(exc).__name__
+
+
+def run_thread_round(client: Client, op: str, callers: int, warmup: float, seconds: float, value: bytes,
+                     pids: dict[str, int]) -> dict:
+    """One closed-loop round through the blocking Client: `callers` threads
+    sharing the one client (as a threaded application would), each one
+    operation at a time. Counted and measured as run_round."""
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    window = [float("inf"), float("inf")]
+    stop = threading.Event()
+
+    def caller(i: int) -> None:
+        rng = random.Random(i * 7919 + callers)
+        mine: list[float] = []
+        while not stop.is_set():
+            key = bench_key(rng.randrange(KEYS))
+            began = time.perf_counter()
+            try:
+                if op == "put":
+                    client.put(key, value)
+                elif client.get(key) is None:
+                    raise LookupError(key)
+            except (LookupError, ShardnodeError) as exc:
+                done = time.perf_counter()
+                if window[0] <= done <= window[1]:
+                    errors[error_name(exc)] += 1
+                continue
+            done = time.perf_counter()
+            if window[0] <= done <= window[1]:
+                mine.append(done - began)
+        latencies.extend(mine)          # list.extend is atomic under the GIL
+
+    threads = [threading.Thread(target=caller, args=(i,), daemon=True) for i in range(callers)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(warmup)
+        cpu_before = {label: cpu_seconds(pid) for label, pid in pids.items()}
+        self_before = time.process_time()
+        window[0] = time.perf_counter()
+        time.sleep(seconds)
+        window[1] = time.perf_counter()
+        cpu_after = {label: cpu_seconds(pid) for label, pid in pids.items()}
+        self_after = time.process_time()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(RPC_TIMEOUT + 5)
+    return round_result("shardnode", op, callers, window, latencies, errors, pids, cpu_before, cpu_after,
+                        self_after - self_before)
+
+
+def round_result(system: str, op: str, callers: int, window: list[float], latencies: list[float],
+                 errors: Counter[str], pids: dict[str, int], cpu_before: dict[str, float],
+                 cpu_after: dict[str, float], generator_cpu: float) -> dict:
     elapsed = window[1] - window[0]
     latencies.sort()
     ops = len(latencies)
     cpu = {label: round(cpu_after[label] - cpu_before[label], 3) for label in pids}
     server_cpu = sum(cpu.values())
     return {
-        "system": target.name,
+        "system": system,
         "op": op,
         "callers": callers,
         "seconds": round(elapsed, 2),
@@ -453,7 +551,7 @@ async def run_round(target: Target, op: str, callers: int, warmup: float, second
         "cpu_ms_per_op": round(1000 * server_cpu / ops, 3) if ops else None,
         "cpu_seconds_by_process": cpu,
         "cpu_ms_per_op_by_process": {label: round(1000 * s / ops, 3) if ops else None for label, s in cpu.items()},
-        "load_generator_cpu_ms_per_op": round(1000 * (self_after - self_before) / ops, 3) if ops else None,
+        "load_generator_cpu_ms_per_op": round(1000 * generator_cpu / ops, 3) if ops else None,
         "loadavg_1min_at_end": round(os.getloadavg()[0], 2),
     }
 
@@ -503,8 +601,8 @@ def py_spy_binary() -> str | None:
 
 async def profile_round(target: Target, cluster: LocalCluster, callers: int, warmup: float, seconds: float,
                         value: bytes, out_dir: Path, started: list[subprocess.Popen], native: bool,
-                        gil: bool) -> dict:
-    """A shardnode put round with py-spy recording the leader worker, a
+                        gil: bool, op: str = "put", router_host: str | None = None) -> dict:
+    """A shardnode round of `op` (put by default) with py-spy recording the leader worker, a
     follower and the leader's host's router for `seconds`: Python frames
     only, without pausing the processes (--nonblocking), or with `native`
     also the C/Cython frames (gRPC, uvloop, RocksDB), pausing the process
@@ -517,9 +615,11 @@ async def profile_round(target: Target, cluster: LocalCluster, callers: int, war
     roles = await shardnode_roles(cluster)
     leader = next(label for label, role in roles.items() if role == "leader")
     follower = next(label for label, role in roles.items() if role == "follower")
-    router = leader.split("/")[0] + "/router"
+    # The router the load goes through (an AsyncClient's preferred one), else the leader's host's.
+    router = (router_host or leader.split("/")[0]) + "/router"
     pids = target.pids()
-    chosen = {"leader worker": leader, "follower worker": follower, "router (leader's host)": router}
+    chosen = {"leader worker": leader, "follower worker": follower,
+              "router (leader's host)" if router_host is None else "router (the client's)": router}
     out_dir.mkdir(parents=True, exist_ok=True)
 
     leader_host = next(h for h in cluster.config.hosts if h.name == leader.split("/")[0])
@@ -549,7 +649,7 @@ async def profile_round(target: Target, cluster: LocalCluster, callers: int, war
             while proc.poll() is None:
                 await asyncio.sleep(0.2)
 
-    result = await run_round(target, "put", callers, warmup, seconds, value, during=record, at_window=at_window)
+    result = await run_round(target, op, callers, warmup, seconds, value, during=record, at_window=at_window)
     # Per-thread CPU: what py-spy's samples cannot tell apart, CPU from
     # waiting in a system call (an fsync).
     (threads_before, counters_before), (threads_after, counters_after) = readings["start"], readings["end"]
@@ -577,15 +677,24 @@ async def profile_round(target: Target, cluster: LocalCluster, callers: int, war
 # --- Output ---------------------------------------------------------------------------
 
 
-def format_table(pairs: list[tuple[dict, dict]]) -> str:
-    head = ("| op | callers | etcd ops/s | p50 ms | p99 ms | CPU ms/op | shardnode ops/s | p50 ms | p99 ms "
-            "| CPU ms/op | ratio | CPU × |")
-    lines = [head, "|" + "---|" * 12]
-    for etcd, shard in pairs:
+#: How a shardnode round reaches the cluster, as the table names it.
+MODES = {
+    "rpc": "router API, 1 RPC per op",
+    "client": "Client, {n} threads",
+    "async": "AsyncClient, {n} tasks",
+}
+
+
+def format_table(rows: list[tuple[dict, dict, str]]) -> str:
+    """One line per (etcd round, shardnode round, how shardnode was driven)."""
+    head = ("| op | callers | shardnode via | etcd ops/s | p50 ms | p99 ms | CPU ms/op | shardnode ops/s | p50 ms "
+            "| p99 ms | CPU ms/op | ratio | CPU × |")
+    lines = [head, "|" + "---|" * 13]
+    for etcd, shard, mode in rows:
         ratio = shard["ops_per_second"] / etcd["ops_per_second"] if etcd["ops_per_second"] else float("nan")
         cpu_ratio = (shard["cpu_ms_per_op"] / etcd["cpu_ms_per_op"]
                      if etcd["cpu_ms_per_op"] and shard["cpu_ms_per_op"] else float("nan"))
-        cells = [etcd["op"], etcd["callers"]]
+        cells = [etcd["op"], etcd["callers"], MODES.get(mode, mode).format(n=shard["callers"])]
         for r in (etcd, shard):
             cells += [f"{r['ops_per_second']:,.0f}", r["p50_ms"], r["p99_ms"],
                       "-" if r["cpu_ms_per_op"] is None else f"{r['cpu_ms_per_op']:.3f}"]
@@ -604,7 +713,7 @@ def format_profiles(profiles: dict) -> str:
         if role == "leader worker" and p.get("group_commit"):
             out.append(f"  group commit over the measured window: {p['group_commit']}")
         if p.get("thread_cpu_ms_per_op"):
-            out.append(f"  CPU ms per put by thread: {p['thread_cpu_ms_per_op']}")
+            out.append(f"  CPU ms per op by thread: {p['thread_cpu_ms_per_op']}")
         out.append("  own time:")
         out += [f"    {pct:5.1f}%  {name}" for name, _, pct in p["own"]]
         out.append("  inclusive:")
@@ -613,6 +722,13 @@ def format_profiles(profiles: dict) -> str:
 
 
 # --- Main ------------------------------------------------------------------------------
+
+
+def report_round(result: dict, mode: str) -> None:
+    via = "" if result["system"] == "etcd" else " via " + MODES[mode].format(n=result["callers"])
+    print(f"versus_etcd: {result['system']}{via} {result['op']} x{result['callers']}: "
+          f"{result['ops_per_second']:,.0f} ops/s p50 {result['p50_ms']} ms p99 {result['p99_ms']} ms "
+          f"cpu {result['cpu_ms_per_op']} ms/op load {os.getloadavg()[0]:.2f}", file=sys.stderr)
 
 
 async def bench(args: argparse.Namespace, tmp: Path, etcd: EtcdCluster, shard: LocalCluster,
@@ -629,29 +745,54 @@ async def bench(args: argparse.Namespace, tmp: Path, etcd: EtcdCluster, shard: L
             print(f"versus_etcd: {target.name}: {KEYS} keys loaded in {time.monotonic() - began:.1f}s",
                   file=sys.stderr)
         rounds = []
-        pairs = []
-        for op in args.ops:
-            for callers in args.callers:
-                pair = []
-                for target in (etcd_t, shard_t):
-                    result = await run_round(target, op, callers, args.warmup, args.seconds, value)
-                    if target is shard_t:
+        rows = []
+        async_t, async_client = shardnode_async_client_target(shard)
+        sync_client = Client(list(shard.router_addresses.values()), timeout=RPC_TIMEOUT, cluster=shard.config)
+        try:
+            for op in args.ops:
+                for callers in args.callers:
+                    # etcd, then shardnode driven each way: the same load, interleaved.
+                    etcd_round = await run_round(etcd_t, op, callers, args.warmup, args.seconds, value)
+                    report_round(etcd_round, "rpc")
+                    rounds.append(etcd_round)
+                    for mode in args.modes:
+                        if mode == "rpc":
+                            result = await run_round(shard_t, op, callers, args.warmup, args.seconds, value)
+                        elif mode == "async":
+                            result = await run_round(async_t, op, callers, args.warmup, args.seconds, value)
+                        else:
+                            result = await asyncio.to_thread(run_thread_round, sync_client, op, callers, args.warmup,
+                                                             args.seconds, value, shard_t.pids())
+                        result["via"] = mode
                         result["roles"] = await shardnode_roles(shard)
-                    print(f"versus_etcd: {target.name} {op} x{callers}: {result['ops_per_second']:,.0f} ops/s "
-                          f"p50 {result['p50_ms']} ms p99 {result['p99_ms']} ms "
-                          f"cpu {result['cpu_ms_per_op']} ms/op load {os.getloadavg()[0]:.2f}", file=sys.stderr)
-                    rounds.append(result)
-                    pair.append(result)
-                pairs.append((pair[0], pair[1]))
+                        report_round(result, mode)
+                        rounds.append(result)
+                        rows.append((etcd_round, result, mode))
+        finally:
+            await async_client.aclose()
+            await asyncio.to_thread(sync_client.close)
         report = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                   "loadavg_at_end": os.getloadavg(), "cpus": os.cpu_count(), "keys": KEYS,
                   "value_bytes": VALUE_BYTES, "seconds": args.seconds, "warmup": args.warmup,
                   "etcd_version": subprocess.run([etcd.binary, "--version"], capture_output=True,
                                                  text=True).stdout.splitlines()[0],
-                  "rounds": rounds, "table": format_table(pairs)}
+                  "rounds": rounds, "table": format_table(rows)}
         if args.profile:
-            report["profile"] = await profile_round(shard_t, shard, max(args.callers), args.warmup,
-                                                    args.seconds, value, Path(args.profile), started, args.native, args.gil)
+            if args.profile_via == "async":
+                profile_t, profile_client = shardnode_async_client_target(shard)
+            else:
+                profile_t, profile_client = shard_t, None
+            try:
+                router_host = None
+                if profile_client is not None:
+                    address = profile_client.routers[profile_client._preferred]
+                    router_host = next(h.name for h in shard.config.hosts if h.router_address == address)
+                report["profile"] = await profile_round(profile_t, shard, max(args.callers), args.warmup,
+                                                        args.seconds, value, Path(args.profile), started,
+                                                        args.native, args.gil, args.profile_op, router_host)
+            finally:
+                if profile_client is not None:
+                    await profile_client.aclose()
         return report
     finally:
         await etcd_t.close()
@@ -665,7 +806,13 @@ def main() -> int:
     parser.add_argument("--callers", type=parse_callers, default=parse_callers("1,16,64"))
     parser.add_argument("--ops", type=lambda text: parse_list(text, ("put", "get")), default=["put", "get"])
     parser.add_argument("--tick-ms", type=int, default=100, help="shardnode's Raft tick (etcd: 100 ms heartbeat)")
-    parser.add_argument("--profile", metavar="DIR", help="then profile a shardnode put round with py-spy")
+    parser.add_argument("--modes", type=lambda text: parse_list(text, tuple(MODES)), default=list(MODES),
+                        help="how shardnode is driven: rpc (one router call per op, as the etcd load), "
+                             "client (one Client, a thread per caller), async (one AsyncClient, a task per caller)")
+    parser.add_argument("--profile", metavar="DIR", help="then profile a shardnode round with py-spy")
+    parser.add_argument("--profile-op", choices=("put", "get"), default="put", help="the profiled round's operation")
+    parser.add_argument("--profile-via", choices=("rpc", "async"), default="rpc",
+                        help="the profiled round's load: one RPC per op, or the AsyncClient")
     parser.add_argument("--native", action="store_true", help="--profile with C/Cython frames (py-spy --native)")
     parser.add_argument("--gil", action="store_true", help="--profile only the thread holding the GIL (py-spy --gil)")
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON")

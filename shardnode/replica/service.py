@@ -357,7 +357,8 @@ def _ranges(raw: bytes) -> RangeSet:
         raise ShardMapError(f"ranges: not msgpack ({exc})") from None
 
 
-_WRONG_GROUP = pb.OperationResult(wrong_group=True, error="this group does not serve the key now: it moved or is moving")
+# No `error`: that field is a stale session's; the router routes these again.
+_WRONG_GROUP = pb.OperationResult(wrong_group=True)
 
 
 def _members(conf: ConfState, driver: ReplicaDriver) -> list[pb.Member]:

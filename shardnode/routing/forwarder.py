@@ -87,6 +87,7 @@ class _Waiting:
     deadline: float           # time.monotonic()
     redirects: int = 0        # NOT_LEADER hints followed without a pause
     arrived: float = field(default_factory=time.monotonic)
+    timer: asyncio.TimerHandle | None = None    # answers it at its deadline
 
 
 @dataclass
@@ -159,24 +160,32 @@ class GroupForwarder:
     # --- Submitting -----------------------------------------------------------------
 
     async def submit(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False) -> wpb.OperationResult:
+        future = self.enqueue(operation, deadline, allow_stale)
+        self.pump(allow_stale)
+        return await future
+
+    def enqueue(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False) -> asyncio.Future:
+        """Queue one operation without sending it yet: a caller with many
+        operations queues them all, then calls `pump` once, so that they
+        leave together in as few Execute calls as the queue allows. The
+        future is settled with the result or the error tree, by the
+        deadline at the latest."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         waiting = _Waiting(operation, future, deadline)
         # Answered at the deadline whatever happens (a call in flight, a backoff):
         # the caller hears why in time, not its own deadline's bare expiry.
-        timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire_one, waiting, allow_stale)
+        waiting.timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire_one, waiting, allow_stale)
         self._queues[allow_stale].append(waiting)
-        self._pump(allow_stale)
-        try:
-            return await future
-        finally:
-            timer.cancel()
+        return future
 
     def _expire_one(self, waiting: _Waiting, allow_stale: bool) -> None:
         if not waiting.future.done():
             _resolve(waiting.future, self.failure(waiting, allow_stale))
 
-    def _pump(self, allow_stale: bool) -> None:
+    def pump(self, allow_stale: bool) -> None:
+        """Send what is queued, as far as the calls in flight allow (the
+        rest leaves as soon as a call returns)."""
         queue = self._queues[allow_stale]
         while queue and self._in_flight < MAX_IN_FLIGHT:
             batch, queue[:] = queue[:MAX_BATCH], queue[MAX_BATCH:]
@@ -240,7 +249,7 @@ class GroupForwarder:
                 self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))
                 await asyncio.sleep(self._backoff * (0.5 + self._rng.random()))
                 self._queues[allow_stale][:0] = retry
-            self._pump(allow_stale)
+            self.pump(allow_stale)
 
     def _handle(self, response: wpb.ExecuteResponse, batch: list[_Waiting], target: int, allow_stale: bool,
                 retry: list[_Waiting]) -> None:
@@ -251,6 +260,8 @@ class GroupForwarder:
                 self.leader = target
             for waiting, result in zip(batch, response.results):
                 _resolve(waiting.future, result)
+                if waiting.timer is not None:
+                    waiting.timer.cancel()
             return
         self._count(Status.Status.Name(status))
         if status == Status.NOT_LEADER:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -59,16 +59,29 @@ class RouterMetrics:
             "moving) away from the group the router's shard map named; the router routed them again.",
             ["group", "node", "component"], registry=self.own,
         )
+        self._children: dict[tuple[int | None, str, str], tuple[Any, Any]] = {}
         self._forwarders: Mapping[int, GroupForwarder] = {}
         self._shard_map_epoch: Callable[[], int] = lambda: 0
         self._server = None
 
     def observe(self, group: int | None, op: str, code: str, seconds: float) -> None:
         """One answered request; `group` is None for one refused before routing."""
+        children = self._children.get((group, op, code))
+        if children is None:
+            children = self._child(group, op, code)
+        counter, latency = children
+        counter.inc()
+        if latency is not None:
+            latency.observe(seconds)
+
+    def _child(self, group: int | None, op: str, code: str) -> tuple[Any, Any]:
+        """The labelled series of one (group, op, code), looked up once: a
+        `labels()` lookup per request was 5 % of a busy router's time."""
         labels = {"group": "" if group is None else str(group), "node": self.node}
-        self.requests.labels(**labels, op=op, code=code, component="router").inc()
-        if code == "OK":
-            self.request_latency.labels(**labels, op=op, component="router").observe(seconds)
+        counter = self.requests.labels(**labels, op=op, code=code, component="router")
+        latency = self.request_latency.labels(**labels, op=op, component="router") if code == "OK" else None
+        children = self._children[(group, op, code)] = (counter, latency)
+        return children
 
     def count_stale_epoch_redirect(self, group: int) -> None:
         self.stale_epoch_redirects.labels(group=str(group), node=self.node, component="router").inc()

@@ -85,6 +85,7 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
     try:
         log.info("router.stopping")
         await health.enter_graceful_shutdown()
+        service.drain()         # clients' streams: answer what came, then end
         await server.stop(grace=2.0)
     finally:
         await service.close()

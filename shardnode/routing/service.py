@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import grpc
 
@@ -72,6 +75,8 @@ class KVService(pb_grpc.KVServicer):
             g: GroupForwarder(cluster, g, channels, host_name) for g in self.shard_map.groups}
         self.sessions = RouterSessions()
         self.metrics = metrics
+        self._draining = asyncio.Event()
+        self._reroutes: set[asyncio.Task[None]] = set()      # operations being routed again (keys that moved)
         self.monitor = GroupMonitor(cluster, channels, self.forwarders)
         self.processes = ProcessWatch(cluster, host_name)
         self.move_watch = MoveWatch(cluster, host_name)
@@ -208,7 +213,7 @@ class KVService(pb_grpc.KVServicer):
                 # Known outcome or not, the next write on this session takes
                 # the next sequence: a late copy of this one is then refused.
                 self.sessions.release(session)
-        if result.error:
+        if result.error and not result.wrong_group:
             raise _StaleSession(result.error)
         return result
 
@@ -245,24 +250,171 @@ class KVService(pb_grpc.KVServicer):
         return pb.DeleteResponse(existed=result.existed, old_value=result.value)
 
     async def Batch(self, request: pb.BatchRequest, context) -> pb.BatchResponse:
-        deadline = self._deadline(context)
+        results: list[pb.BatchResult | None] = [None] * len(request.operations)
+        done = asyncio.get_running_loop().create_future()
+        left = len(results)
 
-        async def one(op: pb.BatchOperation) -> pb.BatchResult:
-            kind = _KIND.get(op.kind)
-            if kind is None:
-                return pb.BatchResult(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"unknown kind {op.kind}")
-            if kind != WOp.PUT and op.value:
-                return pb.BatchResult(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="only PUT carries a value")
-            operation = WOp(kind=kind, key=op.key, value=op.value,
-                            client_id=op.session.client_id, sequence=op.session.sequence)
-            try:
-                result = await self._execute(operation, deadline, request.allow_stale)
-            except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession) as exc:
-                return pb.BatchResult(code=_code(exc).value[0], message=str(exc))
-            return pb.BatchResult(code=0, existed=result.existed, value=result.value)
+        def answered(index: int, result: pb.BatchResult) -> None:
+            nonlocal left
+            results[index] = result
+            left -= 1
+            if left == 0 and not done.done():
+                done.set_result(None)
 
-        results = await asyncio.gather(*(one(op) for op in request.operations))
+        if left:
+            self._start(request, self._deadline(context), answered)
+            await done
         return pb.BatchResponse(results=results)
+
+    async def BatchStream(self, requests, context) -> None:
+        """Many callers' operations on one stream: each request message is
+        started at once (its operations queued on their groups' forwarders,
+        each group's sent as one Execute call), and results go back as they
+        come, all those ready at the same moment in one response message."""
+        replies = _Replies(context)
+        writer = asyncio.ensure_future(replies.write())
+        reader = asyncio.ensure_future(self._read_stream(requests, replies))
+        draining = asyncio.ensure_future(self._draining.wait())
+        try:
+            # Until the caller closes its side, or the router stops: then the
+            # operations already received are answered and the stream ends (the
+            # client sends what it had not yet sent through another router).
+            await asyncio.wait((reader, draining), return_when=asyncio.FIRST_COMPLETED)
+            reader.cancel()
+            replies.finish()
+            await writer
+        finally:
+            for task in (writer, reader, draining):
+                task.cancel()
+
+    async def _read_stream(self, requests, replies: "_Replies") -> None:  # type: ignore[no-untyped-def]
+        async for request in requests:
+            self._start(request, None, replies.add, stream=True)
+            replies.started += len(request.operations)
+
+    def drain(self) -> None:
+        """The router is stopping: every stream answers what it has received,
+        then ends (call before the gRPC server's graceful stop)."""
+        self._draining.set()
+
+    def _start(self, request: pb.BatchRequest, call_deadline: float | None,
+               answer: Callable[[int, pb.BatchResult], None], *, stream: bool = False) -> None:
+        """Validate, route and queue every operation of `request`, then send
+        each touched group's queue; `answer(slot, result)` is called once per
+        operation (slot: its id on a stream, its position in a Batch)."""
+        now = time.monotonic()
+        pumps: set[tuple[int, bool]] = set()
+        for index, op in enumerate(request.operations):
+            slot = op.id if stream else index
+            began = time.perf_counter()
+            kind = _KIND.get(op.kind)
+            try:
+                if kind is None:
+                    raise InvalidArgument(f"unknown kind {op.kind}")
+                if kind != WOp.PUT and op.value:
+                    raise InvalidArgument("only PUT carries a value")
+                self._check_key(op.key)
+                if kind == WOp.PUT:
+                    self._check_value(op.value)
+                session = None
+                allow_stale = False
+                if kind == WOp.GET:
+                    allow_stale = request.allow_stale or op.allow_stale
+                    operation = WOp(kind=kind, key=op.key)
+                else:
+                    client_id, sequence = op.session.client_id, op.session.sequence
+                    if client_id == 0:
+                        session = self.sessions.acquire()
+                        client_id, sequence = session
+                    elif sequence == 0:
+                        raise InvalidArgument("a session needs a sequence number starting at 1")
+                    operation = WOp(kind=kind, key=op.key, value=op.value, client_id=client_id, sequence=sequence)
+            except InvalidArgument as exc:
+                self._observe(None, kind, "INVALID_ARGUMENT", began)
+                answer(slot, pb.BatchResult(id=op.id, code=_INVALID, message=str(exc)))
+                continue
+            deadline = self._operation_deadline(op.timeout_ms, now, call_deadline)
+            group = self._enqueue(_Queued(answer, slot, op.id, kind, began, session, operation, deadline,
+                                          allow_stale))
+            pumps.add((group, allow_stale))
+        for group, allow_stale in pumps:
+            self.forwarders[group].pump(allow_stale)
+
+    def _enqueue(self, queued: _Queued) -> int:
+        """Queue an operation on the forwarder of the group the current map
+        names (not sent until that forwarder is pumped); returns the group."""
+        shard_map = self.shard_map
+        group = shard_map.group_for(queued.operation.key)
+        queued.operation.shard_epoch = shard_map.epoch
+        future = self.forwarders[group].enqueue(queued.operation, queued.deadline, queued.allow_stale)
+        future.add_done_callback(functools.partial(self._answered, queued, group, shard_map))
+        return group
+
+    async def _reroute(self, queued: _Queued, group: int, stale: ShardMap) -> None:
+        """A worker refused the operation (its key moved): route it again
+        with a newer map, within its deadline."""
+        try:
+            await self._await_newer_map(stale, group, queued.deadline)
+        except DeadlineExceeded as exc:
+            self._reply_error(queued, group, exc)
+            return
+        if queued.router_session:
+            queued.session = self.sessions.acquire()
+            queued.operation.client_id, queued.operation.sequence = queued.session
+        new_group = self._enqueue(queued)
+        self.forwarders[new_group].pump(queued.allow_stale)
+
+    @staticmethod
+    def _operation_deadline(timeout_ms: int, now: float, call_deadline: float | None) -> float:
+        if timeout_ms:
+            timeout = timeout_ms / 1000
+            deadline = now + timeout - min(DEADLINE_MARGIN, timeout / 10)
+            return deadline if call_deadline is None else min(deadline, call_deadline)
+        return now + DEFAULT_TIMEOUT if call_deadline is None else call_deadline
+
+    def _answered(self, queued: _Queued, group: int, shard_map: ShardMap, future: asyncio.Future) -> None:
+        """One queued operation is over: its result (or error) to the caller,
+        or, if its key moved away from `group`, routed again."""
+        if queued.session is not None:
+            # Known outcome or not, the next write on this session takes
+            # the next sequence: a late copy of this one is then refused.
+            self.sessions.release(queued.session)
+            queued.session = None
+        if future.cancelled():
+            error: Exception | None = Unavailable(f"group {group}: the router is stopping")
+        else:
+            error = future.exception()      # type: ignore[assignment]
+        if error is None:
+            result = future.result()
+            if result.wrong_group:
+                # Refused at the worker with nothing done: route it again.
+                task = asyncio.ensure_future(self._reroute(queued, group, shard_map))
+                self._reroutes.add(task)
+                task.add_done_callback(self._reroutes.discard)
+                return
+            if result.error:
+                error = _StaleSession(result.error)
+        if error is None:
+            self._observe(group, queued.kind, "OK", queued.began)
+            queued.answer(queued.slot, pb.BatchResult(id=queued.op_id, existed=result.existed, value=result.value))
+            return
+        self._reply_error(queued, group, error)
+
+    def _reply_error(self, queued: _Queued, group: int, error: Exception) -> None:
+        code = _code(error)
+        self._observe(group, queued.kind, code.name, queued.began)
+        reply = pb.BatchResult(id=queued.op_id, code=code.value[0], message=str(error))
+        cause = _CAUSE_NAMES.get(type(error))
+        if cause is not None:
+            reply.cause = cause
+            error_group = getattr(error, "group", None)
+            if error_group is not None:
+                reply.group = error_group
+        queued.answer(queued.slot, reply)
+
+    def _observe(self, group: int | None, kind: int | None, code: str, began: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(group, _OP_NAMES.get(kind, "unknown"), code, time.perf_counter() - began)
 
     # --- Cluster information -----------------------------------------------------------------
 
@@ -351,9 +503,65 @@ class _StaleSession(Exception):
     """The worker refused a write whose session sequence was already passed."""
 
 
+@dataclass(slots=True)
+class _Queued:
+    """One operation of a Batch or BatchStream, from its queueing to its answer."""
+
+    answer: Callable[[int, pb.BatchResult], None]
+    slot: int
+    op_id: int
+    kind: int | None
+    began: float
+    session: list[int] | None        # a router session in use (writes sent without one)
+    operation: wpb.Operation
+    deadline: float
+    allow_stale: bool
+    router_session: bool = False
+
+    def __post_init__(self) -> None:
+        self.router_session = self.session is not None
+
+
+class _Replies:
+    """The answers of one BatchStream, written back in as few messages as
+    possible: every result ready when the writer gets to run leaves in one
+    BatchResponse."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self._results: list[pb.BatchResult] = []
+        self._ready = asyncio.Event()
+        self.started = 0            # operations received
+        self._answered = 0
+        self._finished = False      # the caller sends no more
+
+    def add(self, slot: int, result: pb.BatchResult) -> None:
+        self._results.append(result)
+        self._answered += 1
+        self._ready.set()
+
+    def finish(self) -> None:
+        self._finished = True
+        self._ready.set()
+
+    async def write(self) -> None:
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            results, self._results = self._results, []
+            if results:
+                await self._context.write(pb.BatchResponse(results=results))
+            if self._finished and self._answered >= self.started and not self._results:
+                return
+
+
+_INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+_CAUSE_NAMES: dict[type, str] = {NoQuorum: "no_quorum", NoLeader: "no_leader", DeadlineExceeded: "deadline"}
+
+
 def _cause(exc: Exception) -> tuple[tuple[str, str], ...]:
     """The error's cause as trailing metadata, for clients to raise the matching exception."""
-    cause = {NoQuorum: "no_quorum", NoLeader: "no_leader", DeadlineExceeded: "deadline"}.get(type(exc))
+    cause = _CAUSE_NAMES.get(type(exc))
     group = getattr(exc, "group", None)
     if cause is None:
         return ()

@@ -43,3 +43,15 @@ def test_collapsed_stacks_give_own_and_inclusive_time():
     assert summary["own"][0] == ("put (b.py)", 3, 75.0)
     assert ("main (a.py)", 4, 100.0) in summary["inclusive"]
     assert summary["threads"] == {"thread (1): MainThread": 4}
+
+
+def test_table_has_a_row_per_way_of_driving_shardnode_with_its_ratio_to_etcd():
+    def round_(system, ops, cpu, callers=64):
+        return {"system": system, "op": "put", "callers": callers, "ops_per_second": ops, "p50_ms": 1.0,
+                "p99_ms": 2.0, "cpu_ms_per_op": cpu, "errors": {}}
+    etcd = round_("etcd", 4000.0, 0.2)
+    table = versus_etcd.format_table([(etcd, round_("shardnode", 1000.0, 0.8), "rpc"),
+                                      (etcd, round_("shardnode", 6000.0, 0.3), "async")])
+    rows = table.splitlines()[2:]
+    assert "router API, 1 RPC per op" in rows[0] and "| 0.25 | 4.0 |" in rows[0]
+    assert "AsyncClient, 64 tasks" in rows[1] and "| 1.50 | 1.5 |" in rows[1]

@@ -10,6 +10,12 @@ hang) so that fail-over and retries can be tested; the store records session
 misuse (two different writes in flight on one session, a sequence going
 backwards) in `violations`.
 
+The client sends every operation on the router's BatchStream (many to a
+message); the fake router runs each operation of the stream through the
+same handler as its unary call, faults included, concurrently. With
+`streaming = False` it answers BatchStream UNIMPLEMENTED, as an older router
+would, and the client falls back to one unary call per operation.
+
 test_kv739.py and test_cli.py import FakeRouter and FakeStore from here.
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import math
+import queue
 import random
 import socket
 import threading
@@ -131,7 +138,8 @@ class FakeRouter(kv_pb2_grpc.KVServicer):
     """A router on 127.0.0.1 serving a FakeStore.
 
     `faults` is a queue of actions, one consumed per request (any method);
-    `default_fault` applies when the queue is empty. Actions:
+    `default_fault` applies when the queue is empty; `key_faults[key]`, before
+both, to every request on that key. Actions:
     "unavailable", "deadline" (DEADLINE_EXCEEDED with time left), "invalid",
     "stale" (FAILED_PRECONDITION), "internal", "drop" (apply, then answer
     UNAVAILABLE: the response is lost), "crash" (apply, then the server
@@ -144,11 +152,16 @@ class FakeRouter(kv_pb2_grpc.KVServicer):
         self.store = store if store is not None else FakeStore()
         self.faults: collections.deque[str] = collections.deque()
         self.default_fault: str | None = None
+        self.key_faults: dict[bytes, str] = {}      # a fault for every request on that key
         self.calls: collections.Counter[str] = collections.Counter()
         self.status_response = default_status()
         self.port = 0
         self._server: grpc.Server | None = None
         self._calls_lock = threading.Lock()
+        self.streaming = True
+        self.streams = 0                        # BatchStream calls opened
+        self.message_sizes: list[int] = []      # operations per BatchStream request message
+        self._operations: futures.ThreadPoolExecutor | None = None
 
     @property
     def address(self) -> str:
@@ -156,6 +169,7 @@ class FakeRouter(kv_pb2_grpc.KVServicer):
 
     def start(self) -> "FakeRouter":
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+        self._operations = futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="fake-op")
         kv_pb2_grpc.add_KVServicer_to_server(self, server)
         self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
         assert self.port, "could not bind the fake router"
@@ -167,6 +181,8 @@ class FakeRouter(kv_pb2_grpc.KVServicer):
         server, self._server = self._server, None
         if server is not None:
             server.stop(0).wait(5)
+        if self._operations is not None:
+            self._operations.shutdown(wait=False, cancel_futures=True)
 
     @property
     def total_calls(self) -> int:
@@ -174,9 +190,11 @@ class FakeRouter(kv_pb2_grpc.KVServicer):
 
     # --- helpers -------------------------------------------------------------------
 
-    def _fault(self, method: str) -> str | None:
+    def _fault(self, method: str, key: bytes | None = None) -> str | None:
         with self._calls_lock:
             self.calls[method] += 1
+            if key is not None and key in self.key_faults:
+                return self.key_faults[key]
             if self.faults:
                 return self.faults.popleft()
             return self.default_fault
@@ -226,7 +244,7 @@ class FakeRouter(kv_pb2_grpc.KVServicer):
     # --- KV service ------------------------------------------------------------------
 
     def Put(self, request: kv_pb2.PutRequest, context: grpc.ServicerContext) -> kv_pb2.PutResponse:
-        fault = self._fault("Put")
+        fault = self._fault("Put", request.key)
         session = request.session
         self.store.enter(session.client_id, session.sequence)
         try:
@@ -246,7 +264,7 @@ class FakeRouter(kv_pb2_grpc.KVServicer):
             self.store.leave(session.client_id, session.sequence)
 
     def Delete(self, request: kv_pb2.DeleteRequest, context: grpc.ServicerContext) -> kv_pb2.DeleteResponse:
-        fault = self._fault("Delete")
+        fault = self._fault("Delete", request.key)
         session = request.session
         self.store.enter(session.client_id, session.sequence)
         try:
@@ -265,7 +283,7 @@ class FakeRouter(kv_pb2_grpc.KVServicer):
             self.store.leave(session.client_id, session.sequence)
 
     def Get(self, request: kv_pb2.GetRequest, context: grpc.ServicerContext) -> kv_pb2.GetResponse:
-        fault = self._fault("Get")
+        fault = self._fault("Get", request.key)
         self._before(fault, context)
         self._check(request.key, b"", context)
         with self.store.lock:
@@ -273,11 +291,109 @@ class FakeRouter(kv_pb2_grpc.KVServicer):
         self._after(fault, context)
         return kv_pb2.GetResponse(found=value is not None, value=value or b"")
 
+    def BatchStream(self, requests: Iterator[kv_pb2.BatchRequest],
+                    context: grpc.ServicerContext) -> Iterator[kv_pb2.BatchResponse]:
+        if not self.streaming:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        with self._calls_lock:
+            self.streams += 1
+        replies: queue.Queue[kv_pb2.BatchResult | int] = queue.Queue()
+
+        def run(op: kv_pb2.BatchOperation) -> None:
+            replies.put(self._one(op, context))
+
+        def read() -> None:
+            received = 0
+            try:
+                for request in requests:
+                    with self._calls_lock:
+                        self.message_sizes.append(len(request.operations))
+                    for op in request.operations:
+                        received += 1
+                        assert self._operations is not None
+                        self._operations.submit(run, op)
+            except Exception:       # the stream was cut
+                pass
+            replies.put(received)   # the caller sends no more: this many to answer
+
+        threading.Thread(target=read, daemon=True).start()
+        expected: int | None = None
+        answered = 0
+        while (expected is None or answered < expected) and context.is_active():
+            try:
+                item = replies.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if isinstance(item, int):
+                expected = item
+                continue
+            results = [item]
+            while True:             # everything ready leaves in one message
+                try:
+                    more = replies.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(more, int):
+                    expected = more
+                else:
+                    results.append(more)
+            answered += len(results)
+            yield kv_pb2.BatchResponse(results=results)
+
+    def _one(self, op: kv_pb2.BatchOperation, stream: grpc.ServicerContext) -> kv_pb2.BatchResult:
+        """One operation of a stream, through its unary handler."""
+        context = _OperationContext(stream, op.timeout_ms)
+        try:
+            if op.kind == kv_pb2.BatchOperation.GET:
+                got = self.Get(kv_pb2.GetRequest(key=op.key, allow_stale=op.allow_stale), context)
+                return kv_pb2.BatchResult(id=op.id, existed=got.found, value=got.value)
+            if op.kind == kv_pb2.BatchOperation.PUT:
+                put = self.Put(kv_pb2.PutRequest(key=op.key, value=op.value, session=op.session), context)
+                return kv_pb2.BatchResult(id=op.id, existed=put.existed, value=put.old_value)
+            deleted = self.Delete(kv_pb2.DeleteRequest(key=op.key, session=op.session), context)
+            return kv_pb2.BatchResult(id=op.id, existed=deleted.existed, value=deleted.old_value)
+        except _Aborted as abort:
+            result = kv_pb2.BatchResult(id=op.id, code=abort.code.value[0], message=abort.details)
+            metadata = dict(context.trailing)
+            if "shardnode-cause" in metadata:
+                result.cause = metadata["shardnode-cause"]
+                if metadata.get("shardnode-group", "").isdigit():
+                    result.group = int(metadata["shardnode-group"])
+            return result
+
     def Status(self, request: kv_pb2.StatusRequest, context: grpc.ServicerContext) -> kv_pb2.StatusResponse:
         fault = self._fault("Status")
         self._before(fault, context)
         self._after(fault, context)
         return self.status_response
+
+
+class _Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+class _OperationContext:
+    """The servicer context of one operation of a BatchStream: its own
+    deadline (`timeout_ms`) and abort, the stream's liveness."""
+
+    def __init__(self, stream: grpc.ServicerContext, timeout_ms: int) -> None:
+        self._stream = stream
+        self._deadline = time.monotonic() + (timeout_ms / 1000 if timeout_ms else 10.0)
+        self.trailing: tuple[tuple[str, str], ...] = ()
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Aborted(code, details)
+
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.trailing = metadata
+
+    def time_remaining(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
+    def is_active(self) -> bool:
+        return self._stream.is_active() and time.monotonic() < self._deadline
 
 
 @pytest.fixture
