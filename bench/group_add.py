@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import random
 import statistics
@@ -253,6 +254,7 @@ def _run(cluster: ClusterConfig, config: Path, args: argparse.Namespace) -> dict
         "before": before, "during": during, "after": load.window(add_end, after_end),
         "throughput_ratio": round(during["ops_per_s"] / before["ops_per_s"], 2) if before["ops_per_s"] else None,
         "keys_lost": len(lost), "lost_examples": [k.decode() for k in lost[:5]],
+        "error_kinds": dict(collections.Counter(kind for _, kind in load.errors)),
     }
 
 
