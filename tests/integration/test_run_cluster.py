@@ -58,7 +58,8 @@ def test_run_says_when_it_is_late_then_ready_and_stops_cleanly(tmp_path: Path) -
         assert "Logs: " in ready and "/logs/" in ready and "status: " in ready and "stop: Ctrl-C" in ready
         control = ProcessControl(cluster)
         pids = [info.pid for host in cluster.hosts for info in control.processes(host.name).values() if info.pid]
-        assert len(pids) == 3 * (1 + 2), pids                 # a router and two workers per host
+        # A router, two workers and a metadata group worker per host (groups created online: none yet).
+        assert len(pids) == 3 * (1 + 2 + 1), pids
 
         os.kill(launcher.pid, signal.SIGTERM)                   # as `kill PID` of make run would
         assert launcher.wait(timeout=90) == 0

@@ -247,7 +247,9 @@ def test_stop_and_start_under_supervisord(supervised: SupervisedCluster) -> None
     assert control.status("h1")["worker-g2"] == "STOPPED"
     assert ensure_workers(env.cluster, "h1", [2]) == ("worker-g2",)
     # No shard map places group 2 on h1: the worker finds no replica of it there and exits 0.
-    info = control.processes("h1")["worker-g2"]
+    deadline = time.monotonic() + 30
+    while (info := control.processes("h1")["worker-g2"]).state == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert info.state == "EXITED" and info.exitstatus == 0, info
     assert "no_replica" in (env.tmp / "data" / "h1" / "logs" / "worker-g2.log").read_text()
     assert ensure_workers(env.cluster, "h1", [0]) == ()     # running already
