@@ -200,6 +200,12 @@ class MembershipAdmin:
             self.progress(f"{exc}; restarting the groups of cluster.toml (the router starts the others)")
             return list(range(self.cluster.groups))
 
+    def _states(self, groups: list[int] | None) -> dict[int, GroupState]:
+        """Those groups (a worker address names one), else every live group."""
+        if groups is not None:
+            return {g: self.group(g) for g in groups}
+        return {s.group: s for s in self.groups()}
+
     def groups(self) -> list[GroupState]:
         return [self.group(g) for g in self.live_groups()]
 
@@ -259,7 +265,7 @@ class MembershipAdmin:
         without leaving), its old replicas are removed first — their data is
         discarded, and their ids never come back — with the checks of a leave."""
         host, groups = self._resolve(server)
-        states = {s.group: s for s in self.groups()}
+        states = self._states(groups)
         candidates = list(states) if groups is None else groups
         stale = [(states[g], states[g].member_at(host.worker_address(g))) for g in candidates]
         stale = [(state, member) for state, member in stale if member is not None]
@@ -275,7 +281,7 @@ class MembershipAdmin:
             self.progress(f"group {state.group}: removing node {member.node_id} on {member.host}")
             self._change(state.group, Kind(kind=Kind.REMOVE, node_id=member.node_id))
         if stale:
-            states = {s.group: s for s in self.groups()}
+            states = self._states(groups)
         if groups is None:
             groups = [s.group for s in states.values()
                       if len(s.voters) < self.cluster.replicas and s.member_at(host.worker_address(s.group)) is None]
@@ -406,7 +412,7 @@ class MembershipAdmin:
         group is checked first: a refusal changes nothing. Returns the
         (group, node id) pairs removed."""
         host, groups = self._resolve(server)
-        states = {s.group: s for s in self.groups()}
+        states = self._states(groups)
         if groups is None:
             groups = [s.group for s in states.values() if s.member_at(host.worker_address(s.group)) is not None]
             if not groups:
