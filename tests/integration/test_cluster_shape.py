@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from shardnode import kv739
-from shardnode.membership import MembershipAdmin
+from shardnode.membership import MembershipAdmin, ShapeRefused
 
 from .ports import write_cluster_toml
 from .supervised import ROOT, SupervisedCluster, start_supervised
@@ -41,10 +41,14 @@ def cluster(tmp_path: Path) -> Iterator[SupervisedCluster]:
             kv739.kv739_shutdown()
 
 
-def _wait_groups(admin: MembershipAdmin, voters: int, timeout: float = 60.0) -> None:
+def _wait_groups(admin: MembershipAdmin, voters: int, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        states = admin.groups()
+        try:
+            states = admin.groups()
+        except ShapeRefused:        # the metadata group is still starting: the live groups are not known yet
+            time.sleep(0.5)
+            continue
         if all(s.leader_id and len(s.voters) == voters and all(m.reachable for m in s.members) for s in states):
             return
         time.sleep(0.2)

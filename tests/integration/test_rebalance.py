@@ -40,7 +40,7 @@ def cluster(tmp_path: Path) -> Iterator[SupervisedCluster]:
             kv739.kv739_shutdown()
 
 
-def _wait_leaders(admin: MembershipAdmin, timeout: float = 60.0) -> None:
+def _wait_leaders(admin: MembershipAdmin, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
