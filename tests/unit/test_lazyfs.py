@@ -329,6 +329,10 @@ def test_unlinked_open_file_keeps_working(lazyfs: LazyFS) -> None:
         assert os.pread(descriptor, 100, 0) == b"before"
     finally:
         os.close(descriptor)
+    # FUSE sends RELEASE after close() has returned: give the daemon a moment.
+    deadline = time.monotonic() + 5
+    while lazyfs.stats()["open_handles"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert lazyfs.stats()["open_handles"] == 0
 
 
