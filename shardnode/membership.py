@@ -324,34 +324,26 @@ class MembershipAdmin:
     def _mark_free(self, host_name: str) -> set[str]:
         """Record in the metadata group that `host_name` was started free;
         returns every host so recorded (a new group takes them off the list)."""
-        async def mark() -> set[str]:
+        return self._update_free_hosts(lambda names: names | {host_name})
+
+    def _unmark_free(self, host_names: tuple[str, ...]) -> None:
+        self._update_free_hosts(lambda names: names - set(host_names))
+
+    def _update_free_hosts(self, change: Callable[[set[str]], set[str]]) -> set[str]:
+        """Compare-and-set the metadata group's free-host list until `change`
+        applies to the current one; returns the list written."""
+        async def update() -> set[str]:
             directory = ShardDirectory(self.cluster, self._identity, timeout=LIVE_GROUPS_TIMEOUT)
             try:
                 while True:
                     raw = await directory.read(FREE_HOSTS_KEY)
-                    names = set(msgpack.unpackb(raw, raw=False)) if raw is not None else set()
-                    names.add(host_name)
+                    names = change(set(msgpack.unpackb(raw, raw=False)) if raw is not None else set())
                     swapped, _ = await directory.compare_and_set(FREE_HOSTS_KEY, raw, msgpack.packb(sorted(names)))
                     if swapped:
                         return names
             finally:
                 await directory.close()
-        return asyncio.run(mark())
-
-    def _unmark_free(self, host_names: tuple[str, ...]) -> None:
-        async def unmark() -> None:
-            directory = ShardDirectory(self.cluster, self._identity, timeout=LIVE_GROUPS_TIMEOUT)
-            try:
-                while True:
-                    raw = await directory.read(FREE_HOSTS_KEY)
-                    names = set(msgpack.unpackb(raw, raw=False)) if raw is not None else set()
-                    swapped, _ = await directory.compare_and_set(
-                        FREE_HOSTS_KEY, raw, msgpack.packb(sorted(names - set(host_names))))
-                    if swapped:
-                        return
-            finally:
-                await directory.close()
-        asyncio.run(unmark())
+        return asyncio.run(update())
 
     def _form_group(self, hosts: tuple[str, ...]):  # type: ignore[no-untyped-def]
         async def run():  # type: ignore[no-untyped-def]
