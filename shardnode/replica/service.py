@@ -271,10 +271,9 @@ class WorkerService(pb_grpc.WorkerServicer):
             fields = msgpack.unpackb(request.command, use_list=False, raw=False)
             if type(fields) is not tuple or not fields or fields[0] != SHARD_FORMAT:
                 raise CommandError("not a shard command")
-            shard_command_from_fields(fields)    # validated here: a refusal before it enters the log
+            command = shard_command_from_fields(fields)    # validated here: a refusal before it enters the log
         except Exception as exc:       # msgpack's several error types, CommandError
             return pb.ShardResponse(status=ShardStatus.REFUSED, message=f"malformed shard command: {exc}")
-        command = shard_command_from_fields(fields)
         try:
             (result,) = await self.driver.propose([request.command], self._timeout(context))
         except NotLeader as exc:
