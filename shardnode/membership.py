@@ -54,6 +54,11 @@ Kind = pb.ChangeMembershipRequest
 Answer = pb.ChangeMembershipResponse
 
 
+#: How long a learner being added may stay unreachable before its worker is
+#: started again (it may have exited finding no replica: _await_promotion).
+LEARNER_SILENCE_SECONDS = 5.0
+
+
 class ShapeRefused(ShardnodeError):
     """A change of shape that is not allowed now; nothing was changed."""
 
@@ -368,6 +373,7 @@ class MembershipAdmin:
 
     def _await_promotion(self, group: int, node_id: int) -> MemberState:
         deadline = time.monotonic() + self.timeout
+        silent_since = time.monotonic()
         last = ""
         while True:
             state = self.group(group)
@@ -377,6 +383,16 @@ class MembershipAdmin:
             if not member.learner:
                 self.progress(f"group {group}: node {node_id} on {member.host} is a voter")
                 return member
+            if member.reachable:
+                silent_since = time.monotonic()
+            elif time.monotonic() - silent_since > LEARNER_SILENCE_SECONDS and self.control is not None:
+                # The new worker asked its group who it is before the group's
+                # answering replicas had applied the ADD_LEARNER (a slow
+                # leader): it found no replica and exited 0, so supervisord
+                # leaves it down. It is a learner now: start it again.
+                if self.control.ensure_workers(member.host, [group], wait=False):
+                    self.progress(f"group {group}: node {node_id} on {member.host} was not running; started again")
+                silent_since = time.monotonic()
             line = (f"group {group}: node {node_id} catching up ({member.applied_index} of "
                     f"{state.commit_index} applied)")
             if line != last:
