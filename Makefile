@@ -79,6 +79,7 @@ bench: setup
 
 # Not part of `make test`: installs Debian's etcd-server when etcd is missing and we are root.
 bench-etcd: setup
+	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	$(PY) bench/versus_etcd.py
 
 clean:

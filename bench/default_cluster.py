@@ -6,11 +6,18 @@ Starts 5 hosts on 127.0.0.1-5 under supervisord with 4 groups of 5
 replicas (etc/cluster.toml's shape, fsync on, 100 ms ticks), loads the key
 space (`shardnode bench --workload load`), runs the workload, prints the
 bench's JSON summary, and stops everything. Not part of `make test`.
+
+Then one line of CPU (utime + stime from /proc, every process of the
+cluster, by kind: routers, data-group workers, metadata-group workers,
+supervisords): the cores each kind used while the cluster was idle (5 s
+before the load) and its CPU per operation during the workload.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,6 +36,38 @@ def _bench(config: Path, *args: str) -> subprocess.CompletedProcess:
                            "--no-progress", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _kind(program: str) -> str:
+    if program == "router":
+        return "routers"
+    return "metadata workers" if program == "worker-meta" else "data workers"
+
+
+def _cpu_by_kind(env) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    totals: dict[str, float] = {}
+    for host, programs in env.record_pids().items():
+        for program, pid in programs.items():
+            if pid:
+                totals[_kind(program)] = totals.get(_kind(program), 0.0) + _cpu_seconds(pid)
+    supervisors = [int(p.read_text()) for p in (env.tmp / "data").glob("*/supervisord.pid")]
+    totals["supervisords"] = sum(_cpu_seconds(pid) for pid in supervisors) + _cpu_seconds(env.top.pid)
+    return totals
+
+
+def _difference(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {kind: after[kind] - before.get(kind, 0.0) for kind in after}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="32")
@@ -39,23 +78,34 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         config = write_cluster_toml(tmp, name="bench-default", hosts=5, groups=4, replicas=5, tick_ms=100)
-        with start_supervised(tmp, config):
+        with start_supervised(tmp, config) as env:
             ready = subprocess.run([sys.executable, "-m", "shardnode.cli", "--config", str(config), "status",
                                     "--wait", "180"], cwd=ROOT, capture_output=True, text=True, timeout=300)
             if ready.returncode != 0:
                 print(ready.stderr, file=sys.stderr)
                 return 1
             time.sleep(2)
+            idle_began, idle_before = time.monotonic(), _cpu_by_kind(env)
+            time.sleep(5)
+            idle = _difference(_cpu_by_kind(env), idle_before)
+            idle_seconds = time.monotonic() - idle_began
             loaded = _bench(config, "--workload", "load", "--keys", args.keys, "--clients", "32")
             if loaded.returncode != 0:
                 print(loaded.stderr, file=sys.stderr)
                 return 1
+            before = _cpu_by_kind(env)
             run = _bench(config, "--workload", args.workload, "--clients", args.clients, "--keys", args.keys,
                          "--duration", args.duration)
+            busy = _difference(_cpu_by_kind(env), before)
             print(run.stdout.strip())
             if run.returncode != 0:
                 print(run.stderr, file=sys.stderr)
                 return 1
+            ops = json.loads(run.stdout)["total"]["ops"]
+            print("idle, cores: " + ", ".join(f"{k} {v / idle_seconds:.2f}" for k, v in sorted(idle.items())))
+            print("workload, CPU ms per operation: "
+                  + ", ".join(f"{k} {v * 1000 / max(ops, 1):.3f}" for k, v in sorted(busy.items()))
+                  + f"; total {sum(busy.values()) * 1000 / max(ops, 1):.3f}")
     return 0
 
 

@@ -231,6 +231,23 @@ class Raft:
             if node_id != self.id:
                 self._send_append(node_id)
 
+    def _bcast_commit(self, before: int) -> None:
+        """The commit index moved up from `before`: send each follower what
+        it lacks. An append that would carry only the new commit index is
+        sent when a follower must learn it at once: the newly committed
+        entries include a membership change (a removed member learns its
+        removal only from the leader, which stops talking to it once the
+        change applies) or this term's first entry. Otherwise the next
+        append or heartbeat carries it (Raft needs followers to learn the
+        commit index for liveness only): one message and one reply less
+        per commit, half of a follower's work under load. etcd's raft
+        sends it every time."""
+        committed = self.log.committed
+        urgent = before < self.pending_conf_index <= committed or before < self.term_start_index <= committed
+        for node_id in self.tracker.progress:
+            if node_id != self.id:
+                self._maybe_send_append(node_id, send_if_empty=urgent)
+
     def _bcast_heartbeat(self, context: bytes | None = None) -> None:
         if context is None:
             context = self.read_only.last_pending_context()
@@ -252,9 +269,12 @@ class Raft:
         if self.role is not StateRole.LEADER or not self.log.match_term(index, term):
             return
         progress = self.tracker.progress.get(self.id)
-        if progress is not None and progress.maybe_update(index) and self._maybe_commit():
+        if progress is None or not progress.maybe_update(index):
+            return
+        before = self.log.committed
+        if self._maybe_commit():
             self._release_pending_read_index_messages()
-            self._bcast_append()
+            self._bcast_commit(before)
 
     # --- Role changes -------------------------------------------------------------
 
@@ -668,9 +688,10 @@ class Raft:
             progress.become_replicate()
         elif progress.state is ProgressState.REPLICATE:
             progress.inflights.free_le(m.index)
+        before = self.log.committed
         if self._maybe_commit():
             self._release_pending_read_index_messages()
-            self._bcast_append()
+            self._bcast_commit(before)
         # Flow control may have opened: send what fits.
         while self._maybe_send_append(m.from_, send_if_empty=False):
             pass
@@ -858,9 +879,10 @@ class Raft:
         if self.role is StateRole.LEADER:
             if self.lead_transferee != NONE and not self.tracker.is_voter(self.lead_transferee):
                 self.lead_transferee = NONE
+            before = self.log.committed
             if self._maybe_commit():
                 self._release_pending_read_index_messages()
-                self._bcast_append()
+                self._bcast_commit(before)
             else:
                 for node_id in self.tracker.progress:
                     if node_id != self.id:
