@@ -60,6 +60,8 @@ class ShardState:
         position = stable_hash(key)
         if position not in self.owned:
             return False
+        if not self.exports:
+            return True
         return not any(e.frozen and position in e.ranges for e in self.exports.values())
 
     def dirty_moves(self, key: bytes) -> list[int]:
