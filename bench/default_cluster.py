@@ -11,6 +11,11 @@ Then one line of CPU (utime + stime from /proc, every process of the
 cluster, by kind: routers, data-group workers, metadata-group workers,
 supervisords): the cores each kind used while the cluster was idle (5 s
 before the load) and its CPU per operation during the workload.
+
+--profile DIR also records, with `py-spy record --gil`, 5 s of group 0's
+leader worker, one of its followers and the router of the leader's host
+while the workload runs, and prints each one's busiest functions
+(bench/versus_etcd.py's summary).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.versus_etcd import format_profiles, py_spy_binary, summarize_collapsed  # noqa: E402
 from tests.integration.ports import write_cluster_toml  # noqa: E402
 from tests.integration.supervised import start_supervised  # noqa: E402
 
@@ -68,12 +75,44 @@ def _difference(after: dict[str, float], before: dict[str, float]) -> dict[str, 
     return {kind: after[kind] - before.get(kind, 0.0) for kind in after}
 
 
+def _profile(env, config: Path, out_dir: Path) -> dict:  # type: ignore[no-untyped-def]
+    """5 s of py-spy (--gil) on group 0's leader, a follower and the leader's host's router."""
+    binary = py_spy_binary()
+    if binary is None:
+        raise SystemExit("--profile needs py-spy (make bench-etcd installs it)")
+    status = json.loads(subprocess.run([sys.executable, "-m", "shardnode.cli", "--config", str(config), "status",
+                                        "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout)
+    replicas = next(g for g in status["groups"] if g["group"] == 0)["replicas"]
+    leader = next(r["host"] for r in replicas if r["role"] == "leader")
+    follower = next(r["host"] for r in replicas if r["role"] == "follower")
+    pids = env.record_pids()
+    chosen = {"leader worker (group 0)": (leader, "worker-g0"), "follower worker (group 0)": (follower, "worker-g0"),
+              "router (leader's host)": (leader, "router")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for role, (host, program) in chosen.items():
+        path = out_dir / f"{host}-{program}.txt"
+        procs[role] = (path, subprocess.Popen(
+            [binary, "record", "--pid", str(pids[host][program]), "--duration", "5", "--rate", "100", "--gil",
+             "--nonblocking", "--threads", "--format", "raw", "--output", str(path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True))
+    profiles = {}
+    for role, (path, proc) in procs.items():
+        proc.wait(timeout=60)
+        lines = path.read_text().splitlines() if path.exists() else []
+        host, program = chosen[role]
+        profiles[role] = {"process": f"{host}/{program}", "file": str(path), **summarize_collapsed(lines),
+                          "thread_cpu_ms_per_op": {}}
+    return profiles
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="32")
     parser.add_argument("--workload", default="a")
     parser.add_argument("--duration", default="10")
     parser.add_argument("--keys", default="10000")
+    parser.add_argument("--profile", type=Path, help="py-spy a leader, a follower and a router into DIR")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -94,14 +133,24 @@ def main() -> int:
                 print(loaded.stderr, file=sys.stderr)
                 return 1
             before = _cpu_by_kind(env)
-            run = _bench(config, "--workload", args.workload, "--clients", args.clients, "--keys", args.keys,
-                         "--duration", args.duration)
+            workload = ("--workload", args.workload, "--clients", args.clients, "--keys", args.keys,
+                        "--duration", args.duration)
+            if args.profile is not None:
+                with ThreadPoolExecutor(1) as pool:
+                    running = pool.submit(_bench, config, *workload)
+                    time.sleep(2)
+                    profiles = _profile(env, config, args.profile)
+                    run = running.result()
+            else:
+                run = _bench(config, *workload)
             busy = _difference(_cpu_by_kind(env), before)
             print(run.stdout.strip())
             if run.returncode != 0:
                 print(run.stderr, file=sys.stderr)
                 return 1
             ops = json.loads(run.stdout)["total"]["ops"]
+            if args.profile is not None:
+                print(format_profiles(profiles))
             print("idle, cores: " + ", ".join(f"{k} {v / idle_seconds:.2f}" for k, v in sorted(idle.items())))
             print("workload, CPU ms per operation: "
                   + ", ".join(f"{k} {v * 1000 / max(ops, 1):.3f}" for k, v in sorted(busy.items()))

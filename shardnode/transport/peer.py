@@ -86,6 +86,7 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", 1 << 20),
+    ("grpc.enable_retries", 0),     # a broken stream is redialled by the link itself
 )
 
 _PING = b""  # the empty response that answers a ping
