@@ -297,7 +297,13 @@ class ReplicaDriver:
 
     def _start_queued_reads(self) -> None:
         """One ReadIndex round for every read_barrier() queued since the last
-        one: a read point confirmed after they all arrived serves them all."""
+        one: a read point confirmed after they all arrived serves them all.
+        Started only when no round is waiting for its quorum (the ready loop
+        checks): reads that arrive meanwhile leave together once it is
+        confirmed, so a busy leader sends one heartbeat per follower per
+        round trip, not one per batch of reads (each costs both ends a gRPC
+        stream message). A round whose heartbeats are lost is confirmed by
+        the next tick's heartbeats, which carry the latest read context."""
         waiting = [future for future in self._queued_reads if not future.done()]
         self._queued_reads = []
         if not waiting:
@@ -441,7 +447,7 @@ class ReplicaDriver:
                 # Let proposals and messages that are already runnable join this Ready.
                 await asyncio.sleep(0)
                 while True:
-                    if self._queued_reads:
+                    if self._queued_reads and not self._pending_reads:
                         self._start_queued_reads()
                     if not self.node.has_ready():
                         break
