@@ -273,3 +273,39 @@ def test_a_joint_configuration_from_a_snapshot_does_not_wedge_a_node() -> None:
     assert node.raft.role is StateRole.CANDIDATE
     node.step(Message(MessageType.VOTE_RESP, to=1, from_=2, term=1))
     assert node.raft.role is StateRole.LEADER, "1 and 2 are a majority of both halves"
+
+
+# --- When followers learn the commit index (docs/raft.md "Replication") ----------------------
+
+
+def _committed(c: ScriptedCluster, node_id: int) -> int:
+    return c[node_id].rawnode.raft.log.committed
+
+
+def test_a_write_commit_rides_on_the_next_append_or_heartbeat() -> None:
+    c = _stable(3)
+    index = c.propose(1, b"k", b"v")
+    c.deliver_all()
+    assert _committed(c, 1) == index
+    # No append carrying only the commit index went out: the followers hold
+    # the entry but do not know it is committed yet ...
+    assert _committed(c, 2) < index and _committed(c, 3) < index
+    c.propose(1, b"k2", b"v2")
+    c.deliver_all()
+    # ... until the next append (or, at rest, the next heartbeat) brings it.
+    assert _committed(c, 2) >= index and _committed(c, 3) >= index
+    last = _committed(c, 1)
+    c.tick(1)
+    c.deliver_all()
+    assert _committed(c, 2) == _committed(c, 3) == last
+
+
+def test_a_removed_member_learns_its_removal_at_once() -> None:
+    # The leader stops talking to a member once its removal applies: the
+    # commit of a membership change must go out at once, or the removed
+    # member would never apply its removal (and never retire).
+    c = _stable(3)
+    c.change(1, ConfChange.remove(3))
+    c.deliver_all()
+    assert _voters(c, 1) == (1, 2)
+    assert c[3].rawnode.removed, "n3 did not learn that the group removed it"
