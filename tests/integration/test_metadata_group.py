@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -60,6 +61,21 @@ def _wait_epoch(cluster: LocalCluster, hosts: list[str], epoch: int, timeout: fl
     return time.monotonic() - began
 
 
+def _saved_map(path: Path, epoch: int, timeout: float) -> ShardMap | None:
+    """The map a router saved at `path`, once it is of `epoch` (None after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    saved = None
+    while time.monotonic() < deadline:
+        try:
+            saved = ShardMap.decode(path.read_bytes())
+        except FileNotFoundError:
+            saved = None
+        if saved is not None and saved.epoch == epoch:
+            return saved
+        time.sleep(0.02)
+    return saved
+
+
 def _round_trip(cluster: LocalCluster, host: str, keys: list[bytes], tag: bytes) -> None:
     stub = _stub(cluster, host)
     for key in keys:
@@ -110,10 +126,10 @@ def test_the_metadata_group_holds_the_map_and_routers_follow_it(cluster: LocalCl
     learned = time.monotonic() - changed_at
     assert learned < LEARN_WITHIN + 0.5, f"routers learned epoch 2 after {learned:.2f}s"
 
-    # The routers saved it, and report the new group (no key space yet) in their status.
+    # The routers saved it (just after adopting it: wait for the file), and
+    # report the new group (no key space yet) in their status.
     for host in config_hosts:
-        saved = ShardMap.decode(config.shard_map_file(host).read_bytes())
-        assert saved == added
+        assert _saved_map(config.shard_map_file(host), epoch=2, timeout=10) == added
     # The new group's workers bootstrap from the map's placement (identity rule 4, online groups).
     for host in config_hosts:
         cluster.start_worker(host, 3)
