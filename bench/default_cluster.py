@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.versus_etcd import format_profiles, py_spy_binary, summarize_collapsed  # noqa: E402
+from bench.versus_etcd import cpu_seconds, format_profiles, py_spy_binary, summarize_collapsed  # noqa: E402
 from tests.integration.ports import write_cluster_toml  # noqa: E402
 from tests.integration.supervised import start_supervised  # noqa: E402
 
@@ -43,15 +43,10 @@ def _bench(config: Path, *args: str) -> subprocess.CompletedProcess:
                            "--no-progress", *args], cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
 def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """utime + stime of a process; 0 once it has exited (bench/versus_etcd.py reads /proc)."""
+    used = cpu_seconds(pid)
+    return 0.0 if math.isnan(used) else used
 
 
 def _kind(program: str) -> str:

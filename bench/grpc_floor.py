@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -33,16 +32,11 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.versus_etcd import cpu_seconds  # noqa: E402
 from shardnode.proto import worker_pb2 as pb  # noqa: E402
 from shardnode.proto import worker_pb2_grpc as pb_grpc  # noqa: E402
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STREAM_METHOD = "/bench.Floor/Echo"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 class Idle(pb_grpc.WorkerServicer):
