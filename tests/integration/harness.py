@@ -8,11 +8,13 @@ its own session and killed by PID when the test ends, pass or fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,6 +267,17 @@ class LocalCluster:
     def start_all(self) -> None:
         for host in self.host_names():
             self.start_host(host)
+
+    @contextlib.contextmanager
+    def running(self, ready_timeout: float = 30.0) -> Iterator["LocalCluster"]:
+        """Every process started and every group serving; all of them killed
+        on the way out, pass or fail (a test fixture's body)."""
+        self.start_all()
+        try:
+            self.wait_ready(timeout=ready_timeout)
+            yield self
+        finally:
+            self.stop_all()
 
     def kill(self, key: tuple[str, str], sig: int = signal.SIGKILL) -> int | None:
         process = self.processes.pop(key, None)

@@ -29,12 +29,8 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture
 def cluster(tmp_path) -> Iterator[LocalCluster]:  # type: ignore[no-untyped-def]
     local = LocalCluster(tmp_path / "cluster", hosts=3, groups=2, replicas=3)
-    local.start_all()
-    try:
-        local.wait_ready()
+    with local.running():
         yield local
-    finally:
-        local.stop_all()
 
 
 def _keys_in_group(cluster: LocalCluster, group: int, count: int, prefix: str = "key") -> list[bytes]:

@@ -104,12 +104,8 @@ def messages(descriptor: Descriptor, hints: dict[str, st.SearchStrategy] | None 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     local = LocalCluster(tmp_path_factory.mktemp("fuzz") / "cluster", hosts=3, groups=1, replicas=3)
-    local.start_all()
-    try:
-        local.wait_ready()
+    with local.running():
         yield local
-    finally:
-        local.stop_all()
 
 
 ROUTER_RPCS = ["Put", "Get", "Delete", "Batch", "Status", "ShardMap"]

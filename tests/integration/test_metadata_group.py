@@ -30,12 +30,8 @@ LEARN_WITHIN = 1.0
 @pytest.fixture
 def cluster(tmp_path):
     local = LocalCluster(tmp_path / "cluster", hosts=3, groups=2, replicas=3)
-    local.start_all()
-    try:
-        local.wait_ready()
+    with local.running():
         yield local
-    finally:
-        local.stop_all()
 
 
 def _stub(cluster: LocalCluster, host: str) -> pb_grpc.KVStub:

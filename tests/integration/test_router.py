@@ -23,12 +23,8 @@ def cluster(tmp_path, request):
     """Plain by default; `parametrize("cluster", ["tls"], indirect=True)` for mutual TLS."""
     local = LocalCluster(tmp_path / "cluster", hosts=3, groups=2, replicas=3,
                          tls=getattr(request, "param", "plain") == "tls")
-    local.start_all()
-    try:
-        local.wait_ready()
+    with local.running():
         yield local
-    finally:
-        local.stop_all()
 
 
 def _stub(cluster: LocalCluster, host: str = "h1") -> pb_grpc.KVStub:

@@ -32,12 +32,8 @@ pytestmark = [pytest.mark.timeout(240), pytest.mark.xdist_group("security")]
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     local = LocalCluster(tmp_path_factory.mktemp("secure") / "cluster", hosts=3, groups=1, replicas=3, tls=True)
-    local.start_all()
-    try:
-        local.wait_ready()
+    with local.running():
         yield local
-    finally:
-        local.stop_all()
 
 
 def _credentials(cluster: LocalCluster, cert: bytes | None = None, key: bytes | None = None,
