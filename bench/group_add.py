@@ -35,9 +35,9 @@ from shardnode.errors import ShardnodeError  # noqa: E402
 from shardnode.proto import worker_pb2 as pb  # noqa: E402
 from shardnode.proto import worker_pb2_grpc as pb_grpc  # noqa: E402
 from shardnode.security import aio_channel  # noqa: E402
-from shardnode.sharding.cluster import cluster_group_admin  # noqa: E402
-from shardnode.sharding.directory import ShardDirectory  # noqa: E402
-from shardnode.sharding.workers import WorkerGroups  # noqa: E402
+from shardnode.placement.cluster import cluster_group_admin  # noqa: E402
+from shardnode.placement.directory import ShardDirectory  # noqa: E402
+from shardnode.placement.worker_groups import WorkerGroups  # noqa: E402
 from tests.integration.ports import write_cluster_toml  # noqa: E402
 from tests.integration.supervised import start_supervised  # noqa: E402
 

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shardnode.config import ClusterConfig  # noqa: E402
-from shardnode.membership import MembershipAdmin  # noqa: E402
+from shardnode.placement.membership import MembershipAdmin  # noqa: E402
 from shardnode.proto import worker_pb2 as pb  # noqa: E402
 from tests.integration.harness import WorkerGroup, put  # noqa: E402
 

@@ -186,7 +186,7 @@ def _process_control(function: str, server: object, flag: object, action) -> int
     try:
         # Imported here: process control is optional for data-only users.
         supervisor = importlib.import_module("shardnode.supervisor")
-        membership = importlib.import_module("shardnode.membership")
+        membership = importlib.import_module("shardnode.placement.membership")
         control = supervisor.ProcessControl(state.cluster)
         with membership.MembershipAdmin(state.cluster, control) as admin:
             action(control, admin)

@@ -476,7 +476,7 @@ class ProcessControl:
     def start(self, server: str, groups: Iterable[int] | None = None) -> Target:
         """Start `server` again from its data: a whole host's router, its
         metadata group worker and the workers of `groups` (default: the
-        groups of its initial placement; shardnode.membership passes the
+        groups of its initial placement; shardnode.placement.membership passes the
         groups it holds now), or one worker."""
         target = self.resolve(server)
         if target.whole_host:

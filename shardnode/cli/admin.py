@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..config import ClusterConfig, ConfigError, default_config_path
 from ..errors import ShardnodeError
-from ..membership import GroupState, MembershipAdmin
+from ..placement.membership import GroupState, MembershipAdmin
 from ..supervisor import ProcessControl, Target, host_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -185,7 +185,7 @@ def _rebalance(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..balance import ClusterView, Rebalancer, Step, describe_counts, plan, router_groups, unbalanced
+    from ..placement.balance import ClusterView, Rebalancer, Step, describe_counts, plan, router_groups, unbalanced
 
     # soft_wrap: a line is never cut at 80 columns when the output is piped.
     console = Console(file=sys.stdout, highlight=False, soft_wrap=True)

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from ..config import ClusterConfig, ConfigError, default_config_path
 from ..errors import ShardnodeError
-from ..sharding.groups import GroupChangeReport
-from ..sharding.mover import MoveProgress, MoveRecord
+from ..placement.groups import GroupChangeReport
+from ..placement.moves import MoveProgress, MoveRecord
 
 
 def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
@@ -60,7 +60,7 @@ def _remove(args: argparse.Namespace) -> int:
 
 def _replica_loads(cluster: ClusterConfig) -> dict[str, int]:
     """Host name → replicas it holds now (membership as the groups report it)."""
-    from ..membership import MembershipAdmin
+    from ..placement.membership import MembershipAdmin
     from ..supervisor import ProcessControl
     admin = MembershipAdmin(cluster, ProcessControl(cluster))
     loads: dict[str, int] = {}
@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace, change, prepare=lambda cluster: None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..sharding.cluster import cluster_group_admin
+    from ..placement.cluster import cluster_group_admin
 
     console = Console(stderr=True)
     try:

@@ -31,7 +31,7 @@ import grpc
 from ..config import ClusterConfig
 from ..errors import DeadlineExceeded, InvalidArgument, RoutersUnreachable, ShardnodeError, Unavailable
 from ..proto import kv_pb2, kv_pb2_grpc
-from ..ring import ShardMap
+from ..placement.shard_map import ShardMap
 from ..security import aio_channel
 from .common import (BACKOFF_MAX, BACKOFF_MIN, CAUSES, CHANNEL_OPTIONS, CODES, DEADLINE_SLACK, DEFAULT_TIMEOUT, REFUSED,
                      TRY_ELSEWHERE, Cause, ClientSettings, Key, StaleSession, Value, all_refuse, jitter, status_of)

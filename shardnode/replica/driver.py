@@ -47,7 +47,7 @@ from ..raft import (
     StateRole,
 )
 from ..failstop import FailStop, describe
-from ..ring import initial_ownership
+from ..placement.shard_map import initial_ownership
 from ..futures import settle
 from ..storage import ApplyResult, Command, ReplicaStore, StorageFault, StoreBusy, encode_command
 from ..storage.shard_commands import ShardResult

@@ -50,10 +50,10 @@ from ..config import METADATA_GROUP, ClusterConfig, ConfigError
 from ..errors import ShardnodeError
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
-from ..group_status import conf_from_status, freshest
+from ..placement.group_status import conf_from_status, freshest
 from ..raft import ConfState, Member
 from ..security import aio_channel
-from ..sharding.directory import ShardDirectory
+from ..placement.directory import ShardDirectory
 from ..storage import ReplicaStore, StoreNotInitialized
 from ..storage.retirement import clear_tombstone, discard, read_tombstone, retire
 

@@ -15,7 +15,7 @@ from grpc_health.v1.health import aio as _health_aio
 from ..config import ClusterConfig, Replica
 from ..failstop import EXIT_FAIL_STOP, FailStop, describe, run_until_stop_or_fault
 from ..proto import worker_pb2_grpc
-from ..sharding.directory import MetadataUnavailable
+from ..placement.directory import MetadataUnavailable
 from ..security import (Gatekeeper, SecurityCollector, SecurityError, SecurityStats, add_port,
                         admin_credential_if_any, allowed_identities)
 from ..storage import StorageError

@@ -14,7 +14,7 @@ from ..errors import DeadlineExceeded, NotLeader, Unavailable
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..raft import ConfChange, ConfState, InvalidConfChange, StateRole
-from ..ring import RangeSet, ShardMapError
+from ..keyspace import KeySpaceError, RangeSet
 from ..storage import Command, CommandError, CommandOp, StorageError
 from ..storage.shard_commands import SHARD_FORMAT, ShardOp, ShardResult, shard_command_from_fields
 from .driver import ReplicaDriver
@@ -307,7 +307,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def ExportScan(self, request: pb.ExportScanRequest, context) -> pb.ExportScanResponse:
         try:
             ranges = _ranges(request.ranges)
-        except ShardMapError as exc:
+        except KeySpaceError as exc:
             return pb.ExportScanResponse(status=ShardStatus.REFUSED, message=str(exc))
         problem = await self._barrier_for_export(request.cluster, request.group, context)
         if problem is not None:
@@ -350,10 +350,10 @@ class WorkerService(pb_grpc.WorkerServicer):
 def _ranges(raw: bytes) -> RangeSet:
     try:
         return RangeSet.from_wire(msgpack.unpackb(raw, raw=False))
-    except ShardMapError:
+    except KeySpaceError:
         raise
     except Exception as exc:
-        raise ShardMapError(f"ranges: not msgpack ({exc})") from None
+        raise KeySpaceError(f"ranges: not msgpack ({exc})") from None
 
 
 # No `error`: that field is a stale session's; the router routes these again.

@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable
 from ..background import OwnedTask
 from ..config import ClusterConfig
 from ..errors import ShardnodeError
-from ..ring import ShardMap, ShardMapError
-from ..sharding.directory import SHARD_MAP_KEY, ShardDirectory, initial_map
+from ..placement.shard_map import ShardMap, ShardMapError
+from ..placement.directory import SHARD_MAP_KEY, ShardDirectory, initial_map
 
 log = logging.getLogger("shardnode.router")
 

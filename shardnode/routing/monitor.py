@@ -31,7 +31,7 @@ import grpc
 
 from ..background import OwnedTask
 from ..config import ClusterConfig, Replica
-from ..group_status import freshest
+from ..placement.group_status import freshest
 from ..proto import worker_pb2 as wpb
 
 if TYPE_CHECKING:

@@ -18,13 +18,13 @@ from ..errors import (CAUSE_METADATA_KEY, GROUP_METADATA_KEY, DeadlineExceeded, 
 from ..proto import kv_pb2 as pb
 from ..proto import kv_pb2_grpc as pb_grpc
 from ..proto import worker_pb2 as wpb
-from ..ring import ShardMap
+from ..placement.shard_map import ShardMap
 from ..supervisor import worker_program
 from .forwarder import ChannelPool, GroupForwarder
 from .map_follower import MapFollower
 from .metrics import RouterMetrics
 from .monitor import GroupMonitor, GroupView, probe_group
-from .move_watch import MoveWatch
+from ..placement.move_watch import MoveWatch
 from .processes import ProcessWatch
 
 log = logging.getLogger("shardnode.router")

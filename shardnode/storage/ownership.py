@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import msgpack
 
-from ..ring import RangeSet, ShardMapError, stable_hash
+from ..keyspace import KeySpaceError, RangeSet, stable_hash
 from .engine import CorruptionError
 
 OWNERSHIP_FORMAT_VERSION = 1
@@ -110,5 +110,5 @@ class ShardState:
                 imports={int(i): RangeSet.from_wire(r) for i, r in imports.items()},
                 completed=tuple(int(i) for i in completed),
             )
-        except (ValueError, TypeError, ShardMapError) as exc:
+        except (ValueError, TypeError, KeySpaceError) as exc:
             raise CorruptionError(f"unreadable shard state: {exc}") from None

@@ -2,7 +2,7 @@
 
 They travel through a group's Raft log like client commands, so every
 replica applies them at the same index (ownership.py says why that
-matters). The mover (shardnode/sharding/mover.py) proposes them through the
+matters). The mover (shardnode/placement/moves.py) proposes them through the
 worker's Shard RPC. Each is idempotent: applying it again, or after the move
 finished, changes nothing and reports success, which is what lets a crashed
 mover resume from any step.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from ..ring import RangeSet, ShardMapError
+from ..keyspace import KeySpaceError, RangeSet
 from .commands import CommandError
 from .engine import StorageError, decode_session
 
@@ -110,7 +110,7 @@ def shard_command_from_fields(fields: tuple) -> ShardCommand:
         if payload is not None:
             raise CommandError(f"{op.name} carries no payload")
         return ShardCommand(op, move_id)
-    except (TypeError, ValueError, ShardMapError) as exc:
+    except (TypeError, ValueError, KeySpaceError) as exc:
         if isinstance(exc, CommandError):
             raise
         raise CommandError(f"malformed {op.name}: {exc}") from None

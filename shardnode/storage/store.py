@@ -62,7 +62,7 @@ from shardnode.raft.storage import entries_size as _entries_size, limit_size, si
 
 import msgpack
 
-from ..ring import RangeSet, stable_hash
+from ..keyspace import RangeSet, stable_hash
 from .commands import Command, CommandError, CommandOp, command_from_fields
 from .engine import (
     SHARD_STATE,

@@ -18,7 +18,7 @@ import pytest
 from shardnode.client import AsyncClient, Client, DeadlineExceeded, InvalidArgument, ShardnodeError, Unavailable
 from shardnode.proto import kv_pb2 as pb
 from shardnode.proto import kv_pb2_grpc as pb_grpc
-from shardnode.ring import ShardMap
+from shardnode.placement.shard_map import ShardMap
 from shardnode.testing.linearizability import HistoryRecorder, OpKind, check_history
 
 from .harness import LocalCluster

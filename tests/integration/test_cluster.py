@@ -15,7 +15,7 @@ import pytest
 from shardnode import kv739
 from shardnode.client import Client
 from shardnode.errors import DeadlineExceeded, InvalidArgument, NoQuorum, ShardnodeError, Unavailable
-from shardnode.ring import ShardMap
+from shardnode.placement.shard_map import ShardMap
 from shardnode.testing.linearizability import HistoryRecorder, OpKind, check_history
 
 from .ports import write_cluster_toml

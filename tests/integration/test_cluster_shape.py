@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from shardnode import kv739
-from shardnode.membership import MembershipAdmin, ShapeRefused
+from shardnode.placement.membership import MembershipAdmin, ShapeRefused
 
 from .ports import write_cluster_toml
 from .supervised import ROOT, SupervisedCluster, start_supervised

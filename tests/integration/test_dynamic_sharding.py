@@ -26,10 +26,10 @@ from shardnode import kv739
 from shardnode.client import Client
 from shardnode.config import ClusterConfig
 from shardnode.errors import RoutersUnreachable
-from shardnode.ring import ShardMap
-from shardnode.sharding.directory import ShardDirectory
-from shardnode.sharding.mover import MOVES_KEY, Phase, decode_moves
-from shardnode.sharding.workers import WorkerGroups
+from shardnode.placement.shard_map import ShardMap
+from shardnode.placement.directory import ShardDirectory
+from shardnode.placement.moves import MOVES_KEY, Phase, decode_moves
+from shardnode.placement.worker_groups import WorkerGroups
 from shardnode.supervisor import ROUTER_PROGRAM, ProcessControl
 
 from .ports import write_cluster_toml

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shardnode.config import ClusterConfig
-from shardnode.membership import MembershipAdmin, ShapeRefused
+from shardnode.placement.membership import MembershipAdmin, ShapeRefused
 from shardnode.proto import worker_pb2 as pb
 
 from .harness import WorkerGroup, get, put

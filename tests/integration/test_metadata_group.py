@@ -14,9 +14,9 @@ import pytest
 from shardnode.config import METADATA_GROUP
 from shardnode.proto import kv_pb2 as pb
 from shardnode.proto import kv_pb2_grpc as pb_grpc
-from shardnode.ring import ShardMap
-from shardnode.sharding import MapConflict, ShardDirectory, initial_map
-from shardnode.sharding.directory import SHARD_MAP_KEY
+from shardnode.placement.shard_map import ShardMap
+from shardnode.placement import MapConflict, ShardDirectory, initial_map
+from shardnode.placement.directory import SHARD_MAP_KEY
 
 from .harness import LocalCluster
 

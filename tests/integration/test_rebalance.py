@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from shardnode import kv739
-from shardnode.balance import Rebalancer, plan, unbalanced
-from shardnode.membership import MembershipAdmin, ShapeRefused
+from shardnode.placement.balance import Rebalancer, plan, unbalanced
+from shardnode.placement.membership import MembershipAdmin, ShapeRefused
 
 from .ports import write_cluster_toml
 from .supervised import SupervisedCluster, start_supervised

@@ -11,7 +11,7 @@ import pytest
 
 from shardnode.proto import kv_pb2 as pb
 from shardnode.proto import kv_pb2_grpc as pb_grpc
-from shardnode.ring import ShardMap
+from shardnode.placement.shard_map import ShardMap
 
 from .harness import LocalCluster
 

@@ -64,8 +64,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardnode.raft import Entry
-from shardnode.ring import SPACE, KeyRange, Move, RangeSet, ShardMap, ShardMapConflict, stable_hash
-from shardnode.sharding.mover import MoveError, MoveRecord, Mover, Phase
+from shardnode.placement.shard_map import SPACE, KeyRange, Move, RangeSet, ShardMap, ShardMapConflict, stable_hash
+from shardnode.placement.moves import MoveError, MoveRecord, Mover, Phase
 from shardnode.storage import ApplyResult, Command, CommandOp, ReplicaStore, encode_command
 from shardnode.storage.shard_commands import ShardCommand, ShardResult
 

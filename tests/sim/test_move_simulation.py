@@ -1,4 +1,4 @@
-"""The move protocol (shardnode/sharding/mover.py) under seeded crashes,
+"""The move protocol (shardnode/placement/moves.py) under seeded crashes,
 restarts, aborts, stale routers and lost replies (tests/sim/moves.py), and
 broken movers and state machines that the simulation must catch.
 
@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from shardnode.sharding.mover import MoveProgress, Mover, Phase
+from shardnode.placement.moves import MoveProgress, Mover, Phase
 from shardnode.storage.ownership import ShardState
 from shardnode.storage.shard_commands import ShardCommand, ShardOp
 from shardnode.storage.store import ReplicaStore

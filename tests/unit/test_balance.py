@@ -1,4 +1,4 @@
-"""The rebalancing planner (shardnode/balance.py): many shapes of clusters,
+"""The rebalancing planner (shardnode/placement/balance.py): many shapes of clusters,
 each plan replayed step by step with the membership admin's safety checks,
 ending balanced; refusals for what is not safe now; a balanced cluster plans
 nothing."""
@@ -11,9 +11,9 @@ from dataclasses import replace
 
 import pytest
 
-from shardnode.balance import (BalanceRefused, ClusterView, GroupView, HostView, MoveReplica, ReplicaView, Step,
+from shardnode.placement.balance import (BalanceRefused, ClusterView, GroupView, HostView, MoveReplica, ReplicaView, Step,
                                TransferLeader, plan, unbalanced)
-from shardnode.membership import MIN_VOTERS
+from shardnode.placement.membership import MIN_VOTERS
 
 
 def shape(hosts: str, groups: dict[int, str], *, down: str = "", standby: str = "") -> ClusterView:

@@ -13,9 +13,9 @@ import pytest
 from shardnode.config import METADATA_GROUP, ClusterConfig
 from shardnode.proto import worker_pb2 as wpb
 from shardnode.proto import worker_pb2_grpc as wpb_grpc
-from shardnode.ring import ShardMapConflict
-from shardnode.sharding import MapConflict, MetadataUnavailable, ShardDirectory, initial_map
-from shardnode.sharding.directory import SHARD_MAP_KEY
+from shardnode.placement.shard_map import ShardMapConflict
+from shardnode.placement import MapConflict, MetadataUnavailable, ShardDirectory, initial_map
+from shardnode.placement.directory import SHARD_MAP_KEY
 
 Op = wpb.Operation
 Status = wpb.ExecuteResponse

@@ -236,9 +236,9 @@ def supervisor(monkeypatch: pytest.MonkeyPatch) -> type[FakeProcessControl]:
     module = types.ModuleType("shardnode.supervisor")
     module.ProcessControl = FakeProcessControl                # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "shardnode.supervisor", module)
-    membership = types.ModuleType("shardnode.membership")
+    membership = types.ModuleType("shardnode.placement.membership")
     membership.MembershipAdmin = FakeMembershipAdmin          # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "shardnode.membership", membership)
+    monkeypatch.setitem(sys.modules, "shardnode.placement.membership", membership)
     FakeProcessControl.calls = []
     FakeProcessControl.fail_with = None
     return FakeProcessControl

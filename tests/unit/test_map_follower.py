@@ -9,10 +9,10 @@ from pathlib import Path
 
 from shardnode.config import ClusterConfig
 from shardnode.errors import Unavailable
-from shardnode.ring import ShardMap
+from shardnode.placement.shard_map import ShardMap
 from shardnode.routing.map_follower import MapFollower
-from shardnode.sharding import initial_map
-from shardnode.sharding.directory import SHARD_MAP_KEY
+from shardnode.placement import initial_map
+from shardnode.placement.directory import SHARD_MAP_KEY
 
 
 def _cluster(tmp_path: Path) -> ClusterConfig:

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from shardnode import membership
+from shardnode.placement import membership
 from shardnode.config import ClusterConfig
-from shardnode.membership import GroupState, MemberState, MembershipAdmin
+from shardnode.placement.membership import GroupState, MemberState, MembershipAdmin
 
 ROOT = Path(__file__).resolve().parents[2]
 

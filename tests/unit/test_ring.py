@@ -5,7 +5,7 @@ import bisect
 
 import pytest
 
-from shardnode.ring import SPACE, KeyRange, Move, RangeSet, ShardMap, ShardMapError, stable_hash
+from shardnode.placement.shard_map import SPACE, KeyRange, Move, RangeSet, ShardMap, ShardMapError, stable_hash
 
 
 def test_the_hash_is_the_specified_one() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shardnode.raft import Entry, HardState
-from shardnode.ring import SPACE, KeyRange, RangeSet, stable_hash
+from shardnode.placement.shard_map import SPACE, KeyRange, RangeSet, stable_hash
 from shardnode.storage import Command, CommandOp, ReplicaStore, encode_command
 from shardnode.storage.ownership import ShardState
 from shardnode.storage.shard_commands import ShardCommand, ShardOp, ShardResult

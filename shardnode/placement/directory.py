@@ -28,10 +28,10 @@ from ..config import METADATA_GROUP, ClusterConfig
 from ..errors import ShardnodeError, Unavailable
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
-from ..ring import ShardMap, ShardMapConflict
+from .shard_map import ShardMap, ShardMapConflict
 from ..security import aio_channel
 
-log = logging.getLogger("shardnode.sharding")
+log = logging.getLogger("shardnode.placement")
 
 SHARD_MAP_KEY = b"shard_map"
 MOVES_KEY = b"moves"

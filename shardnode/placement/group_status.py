@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .proto import worker_pb2 as pb
-from .raft import ConfState, Member
+from ..proto import worker_pb2 as pb
+from ..raft import ConfState, Member
 
 
 def freshest(answers: Iterable[pb.StatusResponse | None]) -> pb.StatusResponse | None:

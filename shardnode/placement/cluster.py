@@ -10,7 +10,7 @@ from ..errors import ShardnodeError
 from ..supervisor import ProcessControl
 from .directory import ShardDirectory
 from .groups import GroupAdmin, MoveProgressCallback, Progress
-from .workers import WorkerGroups
+from .worker_groups import WorkerGroups
 
 
 def cluster_group_admin(cluster: ClusterConfig, progress: Progress = lambda line: None,

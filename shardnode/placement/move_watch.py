@@ -24,9 +24,9 @@ import msgpack
 from ..background import OwnedTask
 from ..config import ClusterConfig
 from ..errors import ShardnodeError
-from ..sharding.directory import ShardDirectory
-from ..sharding.mover import MOVES_KEY, MoveError, MoveRecord, Mover, Phase, decode_moves
-from ..sharding.workers import WorkerGroups
+from .directory import ShardDirectory
+from .moves import MOVES_KEY, MoveError, MoveRecord, Mover, Phase, decode_moves
+from .worker_groups import WorkerGroups
 
 log = logging.getLogger("shardnode.router")
 

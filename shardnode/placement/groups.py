@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 from ..config import ClusterConfig
 from ..errors import ShardnodeError
-from ..ring import ShardMap
-from .mover import MoveProgress, MoveRecord, Mover
+from .shard_map import ShardMap
+from .moves import MoveProgress, MoveRecord, Mover
 
 #: How long a new group may take to elect its first leader.
 LEADER_TIMEOUT = 30.0

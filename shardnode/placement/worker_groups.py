@@ -1,7 +1,7 @@
 """The mover's way to the groups: each request goes to the group's leader
 (found by asking the replicas on every host, then following NOT_LEADER
 hints), with the admin credential, retried while the answer says the outcome
-is unknown, until a deadline. This is `GroupPort` of mover.py for real
+is unknown, until a deadline. This is `GroupPort` of moves.py for real
 workers."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import grpc
 import msgpack
 
 from ..config import ClusterConfig
-from ..group_status import freshest
+from .group_status import freshest
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
-from ..ring import RangeSet
+from ..keyspace import RangeSet
 from ..security import admin_metadata, aio_channel, load_admin_credential
 from ..storage.shard_commands import ShardCommand
-from .mover import MoveError
+from .moves import MoveError
 
 Status = pb.ShardResponse
 #: How long one step may take, retries included.

@@ -32,16 +32,16 @@ from dataclasses import dataclass, field
 import grpc
 import msgpack
 
-from .config import ClusterConfig, ConfigError, HostConfig
-from .errors import ShardnodeError
+from ..config import ClusterConfig, ConfigError, HostConfig
+from ..errors import ShardnodeError
 from .group_status import freshest
-from .proto import worker_pb2 as pb
-from .ring import ShardMap
-from .sharding.cluster import cluster_group_admin
-from .sharding.directory import ShardDirectory
-from .proto import worker_pb2_grpc as pb_grpc
-from .security import admin_metadata, load_admin_credential, sync_channel
-from .supervisor import ROUTER_PROGRAM, ProcessControl
+from ..proto import worker_pb2 as pb
+from .shard_map import ShardMap
+from .cluster import cluster_group_admin
+from .directory import ShardDirectory
+from ..proto import worker_pb2_grpc as pb_grpc
+from ..security import admin_metadata, load_admin_credential, sync_channel
+from ..supervisor import ROUTER_PROGRAM, ProcessControl
 
 #: A group never shrinks below this many voters by a leave (it could not
 #: survive the loss of one more member without losing its majority).

@@ -44,10 +44,10 @@ from typing import Protocol
 import msgpack
 
 from ..errors import ShardnodeError
-from ..ring import Move, RangeSet, ShardMap, ShardMapConflict, ShardMapError
+from .shard_map import Move, RangeSet, ShardMap, ShardMapConflict, ShardMapError
 from ..storage.shard_commands import ShardCommand, ShardOp
 
-log = logging.getLogger("shardnode.sharding.mover")
+log = logging.getLogger("shardnode.placement.moves")
 
 MOVES_KEY = b"moves"
 MOVES_FORMAT = 1
@@ -134,7 +134,7 @@ class GroupPort(Protocol):
 
 
 class DirectoryPort(Protocol):
-    """The metadata group (shardnode/sharding/directory.py)."""
+    """The metadata group (shardnode/placement/directory.py)."""
 
     async def read(self, key: bytes) -> bytes | None: ...
 

@@ -1,8 +1,6 @@
 """The shard map: which group owns which part of the key space.
 
-A key's position is BLAKE2b-64 of the key, read as a big-endian unsigned
-integer (specified, not Python's salted `hash()`), so every process agrees.
-The space of positions [0, 2**64) is cut into ranges, each owned by one
+A key's position (shardnode/keyspace.py) lies in [0, 2**64). The space of positions [0, 2**64) is cut into ranges, each owned by one
 group: `starts[i]` is the first position of range i, which runs to
 `starts[i + 1]` (the last to 2**64), and `owners[i]` owns it.
 
@@ -17,119 +15,25 @@ moving ranges between groups (docs/sharding.md), each change with epoch + 1.
 from __future__ import annotations
 
 import bisect
-import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import msgpack
 
-SPACE = 1 << 64
+from ..keyspace import SPACE, KeyRange, KeySpaceError, RangeSet, stable_hash
+
+__all__ = ["SPACE", "KeyRange", "KeySpaceError", "Move", "RangeSet", "ShardMap", "ShardMapConflict", "ShardMapError",
+           "initial_ownership", "stable_hash"]
+
 MAP_FORMAT_VERSION = 1
 
 
-def stable_hash(data: bytes) -> int:
-    """The ring position of `data`: BLAKE2b-64, big-endian."""
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
-
-
-class ShardMapError(ValueError):
+class ShardMapError(KeySpaceError):
     """A shard map that is not well formed (bytes from the metadata group)."""
 
 
 class ShardMapConflict(Exception):
     """The metadata group's map changed since it was read: read it again."""
-
-
-@dataclass(slots=True, frozen=True)
-class KeyRange:
-    """Positions [start, end): end is exclusive, at most 2**64."""
-
-    start: int
-    end: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start < self.end <= SPACE:
-            raise ShardMapError(f"bad key range [{self.start}, {self.end})")
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
-
-
-class RangeSet:
-    """A set of positions as sorted, disjoint, non-adjacent ranges."""
-
-    __slots__ = ("_starts", "_ends")
-
-    def __init__(self, ranges: Iterable[KeyRange] = ()) -> None:
-        merged: list[list[int]] = []
-        for r in sorted(ranges, key=lambda r: r.start):
-            if merged and r.start <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], r.end)
-            else:
-                merged.append([r.start, r.end])
-        self._starts = [s for s, _ in merged]
-        self._ends = [e for _, e in merged]
-
-    def __contains__(self, position: int) -> bool:
-        i = bisect.bisect_right(self._starts, position) - 1
-        return i >= 0 and position < self._ends[i]
-
-    def contains_key(self, key: bytes) -> bool:
-        return stable_hash(key) in self
-
-    def __iter__(self) -> Iterator[KeyRange]:
-        return (KeyRange(s, e) for s, e in zip(self._starts, self._ends))
-
-    def __bool__(self) -> bool:
-        return bool(self._starts)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RangeSet) and self._starts == other._starts and self._ends == other._ends
-
-    def __repr__(self) -> str:
-        return f"RangeSet({list(self)!r})"
-
-    @property
-    def size(self) -> int:
-        return sum(e - s for s, e in zip(self._starts, self._ends))
-
-    def union(self, other: Iterable[KeyRange]) -> RangeSet:
-        return RangeSet([*self, *other])
-
-    def difference(self, other: Iterable[KeyRange]) -> RangeSet:
-        result: list[KeyRange] = []
-        cuts = RangeSet(other)
-        for r in self:
-            start = r.start
-            for c in cuts:
-                if c.end <= start or c.start >= r.end:
-                    continue
-                if c.start > start:
-                    result.append(KeyRange(start, c.start))
-                start = max(start, c.end)
-            if start < r.end:
-                result.append(KeyRange(start, r.end))
-        return RangeSet(result)
-
-    def covers(self, other: Iterable[KeyRange]) -> bool:
-        return not RangeSet(other).difference(self)
-
-    def to_wire(self) -> list[list[int]]:
-        """[[start, last], ...] with the last position included: 2**64 (an
-        end) does not fit msgpack's integers."""
-        return [[r.start, r.end - 1] for r in self]
-
-    @classmethod
-    def from_wire(cls, raw: object) -> RangeSet:
-        if not isinstance(raw, (list, tuple)):
-            raise ShardMapError("key ranges: expected a list")
-        ranges = []
-        for item in raw:
-            if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(type(x) is int for x in item):
-                raise ShardMapError("key ranges: expected [start, last] pairs of integers")
-            ranges.append(KeyRange(item[0], item[1] + 1))
-        return cls(ranges)
 
 
 @dataclass(slots=True, frozen=True)

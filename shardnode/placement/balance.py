@@ -38,11 +38,11 @@ from dataclasses import dataclass, replace
 
 import grpc
 
-from .config import ClusterConfig, HostConfig
-from .errors import ShardnodeError
+from ..config import ClusterConfig, HostConfig
+from ..errors import ShardnodeError
 from .membership import MIN_VOTERS, GroupState, MembershipAdmin, ShapeRefused
-from .proto import kv_pb2, kv_pb2_grpc
-from .security import sync_channel
+from ..proto import kv_pb2, kv_pb2_grpc
+from ..security import sync_channel
 
 ROUTER_PROBE_TIMEOUT = 1.0
 
