@@ -96,14 +96,19 @@ class ShardDirectory:
         return result.value if result.existed else None
 
     async def compare_and_set(self, key: bytes, expected: bytes | None, new: bytes,
-                              timeout: float | None = None) -> tuple[bool, bytes | None]:
-        """Set `key` to `new` if its value is `expected` (None: absent).
-        Returns (swapped, the value now stored)."""
+                              timeout: float | None = None,
+                              guards: tuple[tuple[bytes, bytes | None], ...] = ()) -> tuple[bool, bytes | None]:
+        """Set `key` to `new` if its value is `expected` (None: absent) and
+        every guard key holds its value (None: absent) too. Returns (swapped,
+        the value of `key` now stored): a guard that failed leaves `key` as
+        it was, which the caller tells apart by reading the guard."""
         operation = Op(kind=Op.CAS, key=key, value=new)
         if expected is None:
             operation.expected_absent = True
         else:
             operation.expected = expected
+        for guard_key, guard_value in guards:
+            operation.guards.append(wpb.Guard(key=guard_key, value=guard_value or b"", absent=guard_value is None))
         async with self._write_lock:
             self._sequence += 1
             operation.client_id, operation.sequence = self._client_id, self._sequence

@@ -25,9 +25,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..config import METADATA_GROUP, ClusterConfig, Replica
 from ..errors import DeadlineExceeded, NotLeader, Unavailable
@@ -50,8 +50,10 @@ from ..failstop import FailStop, describe
 from ..placement.shard_map import initial_ownership
 from ..futures import settle
 from ..storage import ApplyResult, Command, ReplicaStore, StorageFault, StoreBusy, encode_command
+from ..storage import fencing
 from ..storage.shard_commands import ShardResult
 from ..transport import RaftTransport, SnapshotHeader
+from . import shape_policy
 from .peer_security import transport_security
 from .metrics import WorkerMetrics
 
@@ -358,13 +360,30 @@ class ReplicaDriver:
             self.removed.set()
             self._fail_all(Unavailable(f"node {self.node_id} was removed from group {self.group}"))
 
-    async def change_membership(self, change: ConfChange, timeout: float) -> ConfState:
+    async def change_membership(self, change: ConfChange, timeout: float, *, fence: int = 0,
+                                expected: tuple[Collection[int], Collection[int]] | None = None) -> ConfState:
         """Propose one single-server change as leader; return the configuration
-        once the change is applied here. InvalidConfChange: it can never apply
-        (nothing entered the log); Unavailable/NotLeader: not now or not here."""
+        once the change is applied here. `fence`: the scheduler's fencing
+        token (storage/fencing.py), checked now and again when the entry is
+        applied; `expected`: the (voters, learners) the caller decided on.
+        The shape policy (shape_policy.py) is checked here, against this
+        leader's applied configuration. InvalidConfChange: refused, nothing
+        entered the log (or, fenced at apply, nothing changed);
+        Unavailable/NotLeader: not now or not here."""
         self._check_serving()
         if not self.is_leader:
             raise self._not_leader()
+        group_fence = self.store.shard_state.fence
+        if not fencing.admits(group_fence, fence):
+            raise InvalidConfChange(f"superseded: a newer scheduler (fencing token {group_fence}) took over from "
+                                    f"this one (token {fence})")
+        status = self.node.status()
+        active = {node_id for node_id, progress in status.progress.items() if progress.recent_active}
+        problem = shape_policy.check(self.node.conf_state(), change, self.node_id, active, expected)
+        if problem is not None:
+            raise InvalidConfChange(problem)
+        if fence:
+            change = replace(change, context=fencing.conf_change_context(fence))
         try:
             proposal = self.node.propose_conf_change(change)
         except ProposalDropped as exc:
@@ -580,11 +599,24 @@ class ReplicaDriver:
         for position, entry in enumerate(entries):
             if entry.type is EntryType.CONF_CHANGE:
                 results.extend(self.store.apply(entries[start:position]))
-                conf_state = self.node.apply_conf_change_entry(entry)
+                # Fencing (storage/fencing.py): judged against the group's
+                # token as of this index, the same on every replica.
+                admitted = self.store.admits_conf_change(entry.data)
+                conf_state = self.node.apply_conf_change_entry(entry) if admitted else None
                 results.extend(self.store.apply([entry], conf_state=conf_state))
                 start = position + 1
-                self._on_conf_state(conf_state)
                 pending = self._pending_conf.pop(entry.index, None)
+                if conf_state is None:
+                    log.warning("replica.membership_change_fenced",
+                                extra={**self._log_extra, "index": entry.index,
+                                       "fence": self.store.shard_state.fence})
+                    if pending is not None:
+                        settle(pending.future, InvalidConfChange(
+                            f"superseded: a newer scheduler (fencing token {self.store.shard_state.fence}) took "
+                            f"over; the change was not applied") if pending.term == entry.term
+                            else Unavailable("lost to a leader change; not applied"))
+                    continue
+                self._on_conf_state(conf_state)
                 if pending is not None:
                     if pending.term == entry.term:
                         settle(pending.future, conf_state)

@@ -16,6 +16,7 @@ from ..proto import worker_pb2_grpc as pb_grpc
 from ..raft import ConfChange, ConfState, InvalidConfChange, StateRole
 from ..keyspace import KeySpaceError, RangeSet
 from ..storage import Command, CommandError, CommandOp, StorageError
+from ..storage.commands import MAX_GUARDS
 from ..storage.shard_commands import SHARD_FORMAT, ShardOp, ShardResult, shard_command_from_fields
 from .driver import ReplicaDriver
 from .identity import observe_group
@@ -53,8 +54,12 @@ class WorkerService(pb_grpc.WorkerServicer):
                 return f"operation {position}: value must be at most {limits.max_value_bytes} bytes (got {len(op.value)})"
             if op.kind not in (Op.PUT, Op.CAS) and op.value:
                 return f"operation {position}: only PUT and CAS carry a value"
-            if op.kind != Op.CAS and (op.expected or op.expected_absent):
+            if op.kind != Op.CAS and (op.expected or op.expected_absent or op.guards):
                 return f"operation {position}: only CAS compares"
+            if len(op.guards) > MAX_GUARDS:
+                return f"operation {position}: at most {MAX_GUARDS} guards"
+            if any(not 1 <= len(g.key) <= limits.max_key_bytes for g in op.guards):
+                return f"operation {position}: a guard's key must be 1..{limits.max_key_bytes} bytes"
         return ""
 
     async def Execute(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext) -> pb.ExecuteResponse:
@@ -130,6 +135,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 sequence=op.sequence,
                 timestamp_ms=now_ms,
                 expected=None if op.kind != Op.CAS or op.expected_absent else op.expected,
+                guards=tuple((g.key, None if g.absent else g.value) for g in op.guards),
             )
             for _, op in writes
         ]
@@ -219,8 +225,11 @@ class WorkerService(pb_grpc.WorkerServicer):
             change = ConfChange.remove(request.node_id)
         else:
             return Status(status=Status.REFUSED, message=f"unknown change kind {request.kind}")
+        expected = ((tuple(request.expected_voters), tuple(request.expected_learners))
+                    if request.check_expected else None)
         try:
-            conf = await driver.change_membership(change, self._timeout(context))
+            conf = await driver.change_membership(change, self._timeout(context), fence=request.fence,
+                                                  expected=expected)
         except InvalidConfChange as exc:
             return Status(status=Status.REFUSED, message=str(exc))
         except NotLeader as exc:

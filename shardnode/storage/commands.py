@@ -9,7 +9,10 @@ applying something half-understood.
 Wire shape (msgpack): a 7-element array
 ``(version, op, key, value, client_id, sequence, timestamp_ms)``, with keys
 and values as msgpack ``bin``; a compare-and-set (used by the metadata
-group) has an 8th element, the value the key must have (nil: absent). A fixed-position array is the most compact
+group) has an 8th element, the value the key must have (nil: absent), and
+may have a 9th: guards, ``[[key, value or nil], ...]``, other keys that must
+hold those values too (the placement scheduler conditions its writes on
+holding the lease: a deposed scheduler's write changes nothing). A fixed-position array is the most compact
 msgpack shape (no field names on the wire) and the version in front lets a
 later format coexist with this one in old logs.
 """
@@ -27,6 +30,9 @@ COMMAND_FORMAT_VERSION = 1
 _U64_MAX = (1 << 64) - 1
 _FIELD_COUNT = 7
 _CAS_FIELD_COUNT = 8
+_GUARDED_CAS_FIELD_COUNT = 9
+#: Guards one compare-and-set may carry.
+MAX_GUARDS = 8
 
 
 class CommandError(ShardnodeError, ValueError):
@@ -71,6 +77,8 @@ class Command:
     sequence: int
     timestamp_ms: int
     expected: bytes | None = None
+    # CAS only: other keys that must hold these values (None: absent) too.
+    guards: tuple[tuple[bytes, bytes | None], ...] = ()
 
     def __post_init__(self) -> None:
         op = self.op
@@ -94,8 +102,15 @@ class Command:
         if op is CommandOp.CAS:
             if self.expected is not None and type(self.expected) is not bytes:
                 raise CommandError(f"expected: bytes or absent, got {type(self.expected).__name__}")
-        elif self.expected is not None:
+        elif self.expected is not None or self.guards:
             raise CommandError("expected: only CAS compares")
+        if self.guards:
+            if type(self.guards) is not tuple or len(self.guards) > MAX_GUARDS:
+                raise CommandError(f"guards: a tuple of at most {MAX_GUARDS} (key, value) pairs")
+            for guard in self.guards:
+                if (type(guard) is not tuple or len(guard) != 2 or type(guard[0]) is not bytes or not guard[0]
+                        or (guard[1] is not None and type(guard[1]) is not bytes)):
+                    raise CommandError("guards: each is (key bytes, value bytes or None)")
         _check_u64("client_id", self.client_id)
         _check_u64("sequence", self.sequence)
         _check_u64("timestamp_ms", self.timestamp_ms)
@@ -116,6 +131,8 @@ def encode_command(command: Command) -> bytes:
     )
     if command.op is CommandOp.CAS:
         fields += (command.expected,)
+        if command.guards:
+            fields += ([list(g) for g in command.guards],)
     return msgpack.packb(fields, use_bin_type=True)
 
 
@@ -133,13 +150,19 @@ def decode_command(data: bytes) -> Command:
 
 def command_from_fields(fields: object) -> Command:
     """A Command from a decoded msgpack array (see decode_command)."""
-    if type(fields) is not tuple or len(fields) not in (_FIELD_COUNT, _CAS_FIELD_COUNT):
+    if type(fields) is not tuple or len(fields) not in (_FIELD_COUNT, _CAS_FIELD_COUNT, _GUARDED_CAS_FIELD_COUNT):
         raise CommandError(f"expected a {_FIELD_COUNT}-element array")
     version, op, key, value, client_id, sequence, timestamp_ms = fields[:_FIELD_COUNT]
     if type(version) is not int or version != COMMAND_FORMAT_VERSION:
         raise CommandError(f"unsupported command format version {version!r}")
-    if (len(fields) == _CAS_FIELD_COUNT) != (op == CommandOp.CAS):
+    if (len(fields) > _FIELD_COUNT) != (op == CommandOp.CAS):
         raise CommandError("only a CAS command has an expected value")
+    guards: tuple = ()
+    if len(fields) == _GUARDED_CAS_FIELD_COUNT:
+        raw = fields[8]
+        if type(raw) is not tuple or not all(type(g) is tuple and len(g) == 2 for g in raw):
+            raise CommandError("guards: expected [[key, value], ...]")
+        guards = tuple((g[0], g[1]) for g in raw)
     return Command(
         op=op,
         key=key,
@@ -147,5 +170,6 @@ def command_from_fields(fields: object) -> Command:
         client_id=client_id,
         sequence=sequence,
         timestamp_ms=timestamp_ms,
-        expected=fields[7] if len(fields) == _CAS_FIELD_COUNT else None,
+        expected=fields[7] if len(fields) > _FIELD_COUNT else None,
+        guards=guards,
     )

@@ -554,17 +554,24 @@ class SessionRecord:
     """A client session: the last command applied for it and its outcome, so
     that a retry of that command is answered without applying it again.
 
-    Invariant: existed == (old_value is not None).
+    Invariant: existed == (old_value is not None). `swapped`: whether a
+    compare-and-set wrote its value (None for other commands, and for records
+    written before it was kept: a retried CAS is then answered by comparing
+    the old value with the expected one, as it used to be).
     """
 
     last_sequence: int
     existed: bool
     old_value: bytes | None
     last_active_ms: int
+    swapped: bool | None = None
 
 
 def encode_session(record: SessionRecord) -> bytes:
-    return _pack((record.last_sequence, record.existed, record.old_value, record.last_active_ms))
+    fields: tuple = (record.last_sequence, record.existed, record.old_value, record.last_active_ms)
+    if record.swapped is not None:
+        fields += (record.swapped,)
+    return _pack(fields)
 
 
 def decode_session(data: bytes) -> SessionRecord:
@@ -574,9 +581,12 @@ def decode_session(data: bytes) -> SessionRecord:
         fields = msgpack.unpackb(data, use_list=False, raw=False)
     except Exception as exc:
         raise ValueError(f"session record: undecodable ({exc})") from None
-    if type(fields) is not tuple or len(fields) != 4:
-        raise ValueError("session record: expected (last_sequence, existed, old_value, last_active_ms)")
-    last_sequence, existed, old_value, last_active_ms = fields
+    if type(fields) is not tuple or len(fields) not in (4, 5):
+        raise ValueError("session record: expected (last_sequence, existed, old_value, last_active_ms[, swapped])")
+    last_sequence, existed, old_value, last_active_ms = fields[:4]
+    swapped = fields[4] if len(fields) == 5 else None
+    if swapped is not None and type(swapped) is not bool:
+        raise ValueError("session record: bad swapped flag")
     if type(last_sequence) is not int or not 0 <= last_sequence <= U64_MAX:
         raise ValueError("session record: bad last_sequence")
     if type(last_active_ms) is not int or not 0 <= last_active_ms <= U64_MAX:
@@ -585,7 +595,7 @@ def decode_session(data: bytes) -> SessionRecord:
         raise ValueError("session record: bad result")
     if existed != (old_value is not None):
         raise ValueError("session record: existed disagrees with old_value")
-    return SessionRecord(last_sequence, existed, old_value, last_active_ms)
+    return SessionRecord(last_sequence, existed, old_value, last_active_ms, swapped)
 
 
 def encode_clock(clock_ms: int) -> bytes:

@@ -20,6 +20,9 @@ by every replica alike, whatever the router believed when it sent it.
 - `completed`: ids of the last moves finished here, so that a retried step
   (a proposal repeated after an unknown outcome, a resumed mover) is a
   no-op.
+- `fence`: the largest fencing token of a scheduler applied here
+  (fencing.py): shard commands and membership changes with a smaller one are
+  refused at apply time.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ import msgpack
 from ..keyspace import KeySpaceError, RangeSet, stable_hash
 from .engine import CorruptionError
 
-OWNERSHIP_FORMAT_VERSION = 1
+OWNERSHIP_FORMAT_VERSION = 2
+#: Version 1 had no fencing token (read as 0).
+_FORMATS = (1, 2)
 #: Finished move ids remembered for idempotency.
 COMPLETED_KEPT = 1024
 
@@ -50,6 +55,7 @@ class ShardState:
     exports: dict[int, Export] = field(default_factory=dict)
     imports: dict[int, RangeSet] = field(default_factory=dict)
     completed: tuple[int, ...] = ()
+    fence: int = 0
 
     # --- Questions asked for every operation -------------------------------------
 
@@ -92,6 +98,7 @@ class ShardState:
                 {i: (e.target, e.ranges.to_wire(), e.frozen) for i, e in self.exports.items()},
                 {i: r.to_wire() for i, r in self.imports.items()},
                 list(self.completed),
+                self.fence,
             ),
             use_bin_type=True,
         )
@@ -99,16 +106,21 @@ class ShardState:
     @classmethod
     def decode(cls, data: bytes) -> ShardState:
         try:
-            version, owned, shard_version, exports, imports, completed = msgpack.unpackb(
-                data, raw=False, strict_map_key=False)
-            if version != OWNERSHIP_FORMAT_VERSION:
+            fields = msgpack.unpackb(data, raw=False, strict_map_key=False)
+            version = fields[0]
+            if version not in _FORMATS or len(fields) != 5 + version:
                 raise ValueError(f"format {version}")
+            _, owned, shard_version, exports, imports, completed = fields[:6]
+            fence = fields[6] if version >= 2 else 0
+            if type(fence) is not int or fence < 0:
+                raise ValueError("fencing token must be a non-negative integer")
             return cls(
                 owned=None if owned is None else RangeSet.from_wire(owned),
                 version=int(shard_version),
                 exports={int(i): Export(int(t), RangeSet.from_wire(r), bool(f)) for i, (t, r, f) in exports.items()},
                 imports={int(i): RangeSet.from_wire(r) for i, r in imports.items()},
                 completed=tuple(int(i) for i in completed),
+                fence=fence,
             )
-        except (ValueError, TypeError, KeySpaceError) as exc:
+        except (ValueError, TypeError, KeyError, IndexError, KeySpaceError) as exc:
             raise CorruptionError(f"unreadable shard state: {exc}") from None

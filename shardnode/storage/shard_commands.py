@@ -7,15 +7,19 @@ worker's Shard RPC. Each is idempotent: applying it again, or after the move
 finished, changes nothing and reports success, which is what lets a crashed
 mover resume from any step.
 
-Wire shape (msgpack): ``(SHARD_FORMAT, kind, move_id, payload)``. The first
-element tells them from client commands (whose first element is the command
-format version, 1).
+Wire shape (msgpack): ``(SHARD_FORMAT, kind, move_id, payload[, fence])``.
+The first element tells them from client commands (whose first element is
+the command format version, 1). `fence` is the scheduler's fencing token
+(fencing.py; absent: 0): a command with a smaller token than the group has
+applied is refused, and a larger one raises the group's. FENCE does nothing
+else: a new scheduler sends it to every group it will touch before anything
+else (its move_id is the token itself).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import msgpack
 
@@ -35,6 +39,7 @@ class ShardOp(enum.IntEnum):
     EXPORT_FREEZE = 6     # payload: None
     EXPORT_FINISH = 7     # payload: epoch
     EXPORT_ABORT = 8      # payload: None
+    FENCE = 9             # payload: None; raises the group's fencing token
 
 
 @dataclass(slots=True, frozen=True)
@@ -47,6 +52,7 @@ class ShardCommand:
     puts: tuple[tuple[bytes, bytes], ...] = ()
     deletes: tuple[bytes, ...] = ()
     sessions: tuple[tuple[int, bytes], ...] = ()
+    fence: int = 0                                  # the scheduler's fencing token (fencing.py)
 
     def encode(self) -> bytes:
         op = self.op
@@ -58,7 +64,10 @@ class ShardCommand:
             payload = self.epoch
         else:
             payload = None
-        return msgpack.packb((SHARD_FORMAT, int(op), self.move_id, payload), use_bin_type=True)
+        fields: tuple = (SHARD_FORMAT, int(op), self.move_id, payload)
+        if self.fence:
+            fields += (self.fence,)
+        return msgpack.packb(fields, use_bin_type=True)
 
 
 @dataclass(slots=True, frozen=True)
@@ -72,9 +81,17 @@ class ShardResult:
 
 def shard_command_from_fields(fields: tuple) -> ShardCommand:
     """A ShardCommand from a decoded msgpack array; CommandError if malformed."""
-    if len(fields) != 4:
-        raise CommandError("a shard command is a 4-element array")
-    _, op, move_id, payload = fields
+    if len(fields) not in (4, 5):
+        raise CommandError("a shard command is a 4- or 5-element array")
+    _, op, move_id, payload = fields[:4]
+    fence = fields[4] if len(fields) == 5 else 0
+    if type(fence) is not int or not 0 <= fence < 1 << 64:
+        raise CommandError("shard command: the fencing token must be an unsigned 64-bit integer")
+    command = _command_from_fields(op, move_id, payload)
+    return command if not fence else replace(command, fence=fence)
+
+
+def _command_from_fields(op: object, move_id: object, payload: object) -> ShardCommand:
     try:
         op = ShardOp(op)
     except ValueError:

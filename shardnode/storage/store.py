@@ -47,6 +47,8 @@ from rocksdict import WriteBatch
 from shardnode.config import StorageConfig
 from shardnode.raft import (
     CompactedError,
+    ConfChange,
+    ConfChangeType,
     ConfState,
     Entry,
     EntryType,
@@ -106,6 +108,7 @@ from .engine import (
     session_client,
     session_key,
 )
+from . import fencing
 from .ownership import Export, ShardState
 from .shard_commands import SHARD_FORMAT, ShardCommand, ShardOp, ShardResult, shard_command_from_fields
 from .snapshot import (
@@ -300,6 +303,20 @@ class ReplicaStore:
     def shard_state(self) -> ShardState:
         shard = self._shard
         return shard if shard is not None else self._shard_default
+
+    def admits_conf_change(self, data: bytes) -> bool:
+        """Whether the committed CONF_CHANGE entry `data` may take effect
+        now: its fencing token is not smaller than the group's (fencing.py).
+        Asked by the driver just before it applies that entry, so the answer
+        is the same on every replica. Promotions (the leader's own, token 0)
+        always may: they only follow an admitted ADD_LEARNER."""
+        try:
+            change = ConfChange.decode(data)
+        except ValueError:
+            return True         # undecodable: the core applies it as a no-op
+        if change.type is ConfChangeType.ADD_NODE:
+            return True
+        return fencing.admits(self.shard_state.fence, fencing.conf_change_fence(change.context))
 
     def owns(self, key: bytes) -> bool:
         """Whether the state machine serves `key` now (reads check this after
@@ -699,6 +716,13 @@ class ReplicaStore:
                 if entry.index > self._last_index:
                     raise StorageError(f"apply: entry {entry.index} is not persisted (last index {self._last_index})")
                 applied = entry.index
+                if entry.type is EntryType.CONF_CHANGE:
+                    fence = _conf_change_fence(entry.data)
+                    if fence > shard.fence:
+                        shard, shard_changed = replace(shard, fence=fence), True
+                        pending.batch.put(SHARD_STATE, shard.encode(), self._engine.shard.handle)
+                    results.append(None)
+                    continue
                 if entry.type != EntryType.NORMAL or not entry.data:
                     results.append(None)
                     continue
@@ -750,7 +774,10 @@ class ReplicaStore:
                     # A retry of a write applied here (perhaps before its key
                     # moved away): its original answer, whoever owns the key now.
                     pending.put_session(client_id, replace(session, last_active_ms=clock_ms))
-                    swapped = command.op is CommandOp.CAS and session.old_value == command.expected
+                    if session.swapped is not None:
+                        swapped = session.swapped
+                    else:
+                        swapped = command.op is CommandOp.CAS and session.old_value == command.expected
                     return ApplyResult(index, client_id, sequence, session.existed, session.old_value,
                                        duplicate=True, swapped=swapped)
                 if sequence < session.last_sequence:
@@ -767,7 +794,9 @@ class ReplicaStore:
         if command.op is CommandOp.PUT:
             pending.put(key, command.value)
         elif command.op is CommandOp.CAS:
-            swapped = old_value == command.expected
+            swapped = old_value == command.expected and all(
+                shard.accepts(guard_key) and pending.get(guard_key) == guard_value
+                for guard_key, guard_value in command.guards)
             if swapped:
                 pending.put(key, command.value)
         elif old_value is not None:
@@ -777,7 +806,8 @@ class ReplicaStore:
                 pending.batch.put(dirty_key(move_id, key), b"", self._engine.shard.handle)
         existed = old_value is not None
         if client_id:
-            pending.put_session(client_id, SessionRecord(sequence, existed, old_value, clock_ms))
+            pending.put_session(client_id, SessionRecord(sequence, existed, old_value, clock_ms,
+                                                         swapped if command.op is CommandOp.CAS else None))
         return ApplyResult(index, client_id, sequence, existed, old_value, swapped=swapped)
 
     # --- Moving key space (shard commands) ------------------------------------------------
@@ -788,6 +818,15 @@ class ReplicaStore:
         same object if nothing changed). Deterministic, idempotent, and a
         refusal changes nothing."""
         op, move_id = command.op, command.move_id
+        if not fencing.admits(shard.fence, command.fence):
+            message = (f"superseded: a newer scheduler (fencing token {shard.fence}) took over from this one "
+                       f"(token {command.fence})")
+            log.warning("storage.shard_command_refused", extra={"index": index, "op": op.name, "move": move_id,
+                                                                  "reason": message})
+            return ShardResult(index, False, message), shard
+        if command.fence > shard.fence:
+            # A newer scheduler's token: from now on its predecessors' commands are refused.
+            shard = replace(shard, fence=command.fence)
         done = move_id in shard.completed
 
         def ok(new: ShardState = shard) -> tuple[ShardResult, ShardState]:
@@ -798,6 +837,8 @@ class ReplicaStore:
                                                                   "reason": message})
             return ShardResult(index, False, message), shard
 
+        if op is ShardOp.FENCE:
+            return ok()
         if op is ShardOp.IMPORT_BEGIN:
             if done or move_id in shard.imports:
                 return ok()
@@ -1087,6 +1128,13 @@ def _decode_entry_data(data: bytes) -> Command | ShardCommand:
     if type(fields) is tuple and fields and fields[0] == SHARD_FORMAT:
         return shard_command_from_fields(fields)
     return command_from_fields(fields)
+
+
+def _conf_change_fence(data: bytes) -> int:
+    try:
+        return fencing.conf_change_fence(ConfChange.decode(data).context)
+    except ValueError:
+        return 0
 
 
 def _overlap_sets(a: RangeSet, b: RangeSet) -> bool:
