@@ -147,7 +147,7 @@ def kv739_die(server: str, clean: int) -> int:
     """Stop `server` (a router address: the whole host; a worker address: that
     worker): clean=1 gracefully, clean=0 with SIGKILL. 0 ok, -1 error."""
     return _process_control("kv739_die", server, clean,
-                            lambda control, admin: control.stop(server, clean=bool(clean)))
+                            lambda cluster, control, admin: control.stop(server, clean=bool(clean)))
 
 
 def kv739_start(server: str, new: int) -> int:
@@ -156,7 +156,9 @@ def kv739_start(server: str, new: int) -> int:
     groups short of replicas (after a leave, the same groups), catches up
     and is promoted to voter. 0 ok, -1 error."""
     return _process_control("kv739_start", server, new,
-                            lambda control, admin: admin.start_new(server) if new else admin.restart(server))
+                            lambda cluster, control, admin: _shape_change(cluster, control, "start_new",
+                                                                          {"server": server})
+                            if new else admin.restart(server))
 
 
 def kv739_leave(server: str, clean: int) -> int:
@@ -166,7 +168,8 @@ def kv739_leave(server: str, clean: int) -> int:
     (-1, nothing changed) if a group would drop below 3 voters or lose its
     live majority. 0 ok, -1 error."""
     return _process_control("kv739_leave", server, clean,
-                            lambda control, admin: admin.leave(server, clean=bool(clean)))
+                            lambda cluster, control, admin: _shape_change(cluster, control, "leave",
+                                                                          {"server": server, "clean": bool(clean)}))
 
 
 # --- Helpers ---------------------------------------------------------------------------------
@@ -189,10 +192,20 @@ def _process_control(function: str, server: object, flag: object, action) -> int
         membership = importlib.import_module("shardnode.placement.membership")
         control = supervisor.ProcessControl(state.cluster)
         with membership.MembershipAdmin(state.cluster, control) as admin:
-            action(control, admin)
+            action(state.cluster, control, admin)
     except Exception as exc:
         return _fail(function, f"{server}: {_reason(exc)}")
     return 0
+
+
+def _shape_change(cluster: ClusterConfig, control: object, kind: str, args: dict) -> None:
+    """A change of shape, recorded as an intent and carried out by the
+    scheduler (shardnode/placement/shape_change.py): a call killed half way
+    is carried on by the next one, or by a router."""
+    shape_change = importlib.import_module("shardnode.placement.shape_change")
+    intents = importlib.import_module("shardnode.placement.intents")
+    shape_change.request_change(cluster, intents.IntentKind(kind), args, control=control,
+                                on_line=lambda line: log.info("%s", line))
 
 
 def _current(function: str) -> _State | None:

@@ -26,7 +26,9 @@ from pathlib import Path
 
 from ..config import ClusterConfig, ConfigError, default_config_path
 from ..errors import ShardnodeError
+from ..placement.intents import IntentKind
 from ..placement.membership import GroupState, MembershipAdmin
+from ..placement.shape_change import request_change
 from ..supervisor import ProcessControl, Target, host_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -128,13 +130,10 @@ def _die(args: argparse.Namespace) -> int:
 
 def _start(args: argparse.Namespace) -> int:
     def run() -> str:
+        if args.new:
+            intent = _change(args, IntentKind.START_NEW, {"server": args.server})
+            return intent.outcome
         with _admin(args) as admin:
-            if args.new:
-                joined = admin.start_new(args.server)
-                if not joined:
-                    return f"{args.server} running, free: it holds no replica yet"
-                where = ", ".join(f"group {group} as node {member.node_id}" for group, member in joined)
-                return f"{args.server} joined {where}"
             admin.restart(args.server)
         return f"{args.server} running"
 
@@ -142,13 +141,7 @@ def _start(args: argparse.Namespace) -> int:
 
 
 def _leave(args: argparse.Namespace) -> int:
-    def run() -> str:
-        with _admin(args) as admin:
-            removed = admin.leave(args.server, clean=args.clean)
-        left = ", ".join(f"group {group} (node {node_id})" for group, node_id in removed)
-        return f"{args.server} left {left} and is stopped; `shardnode start {args.server} --new` joins again"
-
-    return _guarded(run)
+    return _guarded(lambda: _change(args, IntentKind.LEAVE, {"server": args.server, "clean": args.clean}).outcome)
 
 
 def _member_list(args: argparse.Namespace) -> int:
@@ -164,34 +157,16 @@ def _member_list(args: argparse.Namespace) -> int:
 
 
 def _member_add(args: argparse.Namespace) -> int:
-    def run() -> str:
-        with _admin(args) as admin:
-            member = admin.add_member(args.group, args.host)
-        return f"group {args.group}: node {member.node_id} on {member.host} is a voter"
-
-    return _guarded(run)
+    return _guarded(lambda: _change(args, IntentKind.MEMBER_ADD, {"group": args.group, "host": args.host}).outcome)
 
 
 def _member_remove(args: argparse.Namespace) -> int:
-    def run() -> str:
-        with _admin(args) as admin:
-            admin.remove_member(args.group, args.host)
-        return f"group {args.group}: {args.host}'s replica left the group"
-
-    return _guarded(run)
+    return _guarded(lambda: _change(args, IntentKind.MEMBER_REMOVE,
+                                    {"group": args.group, "host": args.host}).outcome)
 
 
 def _rebalance(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from ..placement.balance import ClusterView, Rebalancer, Step, describe_counts, plan, router_groups, unbalanced
-
-    # soft_wrap: a line is never cut at 80 columns when the output is piped.
-    console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
-
-    def say(line: str) -> None:
-        console.print(line, markup=False)
+    from ..placement.balance import ClusterView, Rebalancer, describe_counts, plan, router_groups, unbalanced
 
     def shape(view: ClusterView) -> str:
         return (f"replicas per host: {describe_counts(view.replica_counts())}; "
@@ -199,35 +174,33 @@ def _rebalance(args: argparse.Namespace) -> int:
 
     def run() -> str:
         cluster = ClusterConfig.load(_config_path(args))
-        with MembershipAdmin(cluster, ProcessControl(cluster), progress=lambda line: say(f"  {line}")) as admin:
+        with MembershipAdmin(cluster, ProcessControl(cluster)) as admin:
             rebalancer = Rebalancer(admin, lambda: router_groups(cluster, timeout=args.timeout))
             view = rebalancer.read()
             steps = plan(view)
-            if not steps:
-                problems = unbalanced(view)
-                if problems:
-                    return f"as balanced as the live voters allow: {'; '.join(problems)}"
-                return f"already balanced: {shape(view)}"
-            say(f"now: {shape(view)}")
-            if args.dry_run:
-                say(f"plan ({len(steps)} steps):")
-                for number, step in enumerate(steps, start=1):
-                    say(f"  {number}. {step}")
-                return "dry run: nothing was changed"
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-                task = progress.add_task("rebalancing", total=len(steps))
-
-                def on_step(number: int, total: int, step: Step) -> None:
-                    progress.update(task, total=total, completed=number - 1)
-                    say(f"step {number}/{total}: {step}")
-
-                done = rebalancer.run(on_step, view=view)
-                progress.update(task, total=len(done), completed=len(done))
-            after = rebalancer.read()
-        return f"balanced in {len(done)} steps: {shape(after)}"
+        if not steps:
+            problems = unbalanced(view)
+            if problems:
+                return f"as balanced as the live voters allow: {'; '.join(problems)}"
+            return f"already balanced: {shape(view)}"
+        print(f"now: {shape(view)}", flush=True)
+        if args.dry_run:
+            print(f"plan ({len(steps)} steps):")
+            for number, step in enumerate(steps, start=1):
+                print(f"  {number}. {step}")
+            return "dry run: nothing was changed"
+        return _change(args, IntentKind.REBALANCE, {}).outcome
 
     return _guarded(run)
+
+
+def _change(args: argparse.Namespace, kind: IntentKind, change_args: dict):  # type: ignore[no-untyped-def]
+    """Record the change as an intent and carry it out (or follow whoever
+    does), printing its progress; the finished intent (ShapeRefused if it
+    failed or was cancelled)."""
+    cluster = ClusterConfig.load(_config_path(args))
+    return request_change(cluster, kind, change_args, control=ProcessControl(cluster),
+                          on_line=lambda line: print(line, flush=True))
 
 
 def membership_dict(state: GroupState) -> dict:

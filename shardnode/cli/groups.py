@@ -1,28 +1,35 @@
-"""`shardnode group add [--hosts H1,H2,...]` and `shardnode group remove GROUP`
-(docs/sharding.md): change the number of groups while the cluster serves,
-with a progress bar of the keys and bytes moved. Exit 0 once done; 2 with
-one line on stderr when refused (nothing changed) or when it fails (a
-failed run is resumed by the next `group add` or `group remove`)."""
+"""`shardnode group add [--hosts H1,H2,...]`, `shardnode group remove GROUP`,
+`shardnode group pending` and `shardnode group cancel INTENT` (docs/sharding.md,
+docs/membership.md): change the number of groups while the cluster serves,
+and see or cancel the changes of shape that are recorded and not finished.
+
+add and remove record an intent and carry it out through the scheduler
+(shardnode/placement/scheduler.py), printing its progress. Exit 0 once done;
+2 with one line on stderr when refused (nothing changed) or when it failed
+(the moves it started are finished by the next scheduler)."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 from ..config import ClusterConfig, ConfigError, default_config_path
 from ..errors import ShardnodeError
 from ..placement.groups import GroupChangeReport
-from ..placement.moves import MoveProgress, MoveRecord
+from ..placement.intents import IntentKind
+from ..placement.shape_change import cancel, pending_work, request_change
 
 
 def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     group = subparsers.add_parser(
-        "group", parents=list(parents), help="add or remove a group (moves key space online)",
+        "group", parents=list(parents), help="add or remove a group (moves key space online); pending work",
         description="Change the number of groups while clients read and write: key space moves between groups "
-                    "online, linearizably, with nothing lost (docs/sharding.md).",
+                    "online, linearizably, with nothing lost (docs/sharding.md). Every change of shape is "
+                    "recorded first and carried out by one scheduler at a time: `pending` shows what is "
+                    "recorded and not finished, `cancel` stops what has not gone past its point of no return.",
     )
     commands = group.add_subparsers(dest="group_command", metavar="COMMAND", required=True)
     add = commands.add_parser(
@@ -41,91 +48,109 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
     remove.add_argument("group", metavar="GROUP", type=int)
     remove.add_argument("--json", action="store_true", help="print the report as JSON")
     remove.set_defaults(func=_remove)
+    pending = commands.add_parser(
+        "pending", parents=list(parents), help="changes of shape recorded and not finished, moves in progress",
+        description="Every change of shape recorded in the metadata group (unfinished ones, and the last "
+                    "finished ones with their outcome), the moves of key space in progress with their phase, "
+                    "and who holds the scheduler's lease.",
+    )
+    pending.add_argument("--json", action="store_true", help="print JSON")
+    pending.set_defaults(func=_pending)
+    cancel_parser = commands.add_parser(
+        "cancel", parents=list(parents), help="cancel a recorded change of shape",
+        description="A change not started yet is dropped; a group add or remove under way rolls back the moves "
+                    "not yet frozen (a frozen move can only finish). Membership changes under way finish their "
+                    "current step.",
+    )
+    cancel_parser.add_argument("intent", metavar="INTENT", type=int, help="the intent's id (`group pending`)")
+    cancel_parser.set_defaults(func=_cancel)
+
+
+def _cluster(args: argparse.Namespace) -> ClusterConfig:
+    return ClusterConfig.load(getattr(args, "config", None) or str(default_config_path()))
 
 
 def _add(args: argparse.Namespace) -> int:
-    hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip()) if args.hosts else None
-    loads: dict[str, int] = {}
-
-    def prepare(cluster: ClusterConfig) -> None:
-        if hosts is None:           # placing the group by load: read the membership first (synchronous)
-            loads.update(_replica_loads(cluster))
-
-    return _run(args, lambda admin: admin.add(hosts, loads=loads), prepare)
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()] if args.hosts else None
+    return _run(args, IntentKind.GROUP_ADD, {"hosts": hosts})
 
 
 def _remove(args: argparse.Namespace) -> int:
-    return _run(args, lambda admin: admin.remove(args.group))
+    return _run(args, IntentKind.GROUP_REMOVE, {"group": args.group})
 
 
-def _replica_loads(cluster: ClusterConfig) -> dict[str, int]:
-    """Host name → replicas it holds now (membership as the groups report it)."""
-    from ..placement.membership import MembershipAdmin
+def _run(args: argparse.Namespace, kind: IntentKind, change_args: dict) -> int:
     from ..supervisor import ProcessControl
-    admin = MembershipAdmin(cluster, ProcessControl(cluster))
-    loads: dict[str, int] = {}
-    for state in admin.groups():
-        for member in state.members:
-            loads[member.host] = loads.get(member.host, 0) + 1
-    return loads
-
-
-def _run(args: argparse.Namespace, change, prepare=lambda cluster: None) -> int:  # type: ignore[no-untyped-def]
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from ..placement.cluster import cluster_group_admin
-
-    console = Console(stderr=True)
-    try:
-        cluster = ClusterConfig.load(getattr(args, "config", None) or str(default_config_path()))
-        prepare(cluster)
-    except (ConfigError, ShardnodeError) as exc:
-        print(f"shardnode: {exc}", file=sys.stderr)
-        return 2
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[keys]:>8,} keys"),
-               DownloadColumn(), TimeElapsedColumn())
-    # Started with the first move: a refusal before any prints its one line alone.
-    bar = Progress(*columns, console=console, transient=False, disable=args.json)
-    tasks: dict[int, int] = {}
-
-    def on_move(record: MoveRecord, progress: MoveProgress) -> None:
-        task = tasks.get(record.move_id)
-        if task is None:
-            if not tasks:
-                bar.start()
-            task = tasks[record.move_id] = bar.add_task(f"group {record.source} → {record.target}", total=None,
-                                                        keys=0)
-        bar.update(task, completed=progress.bytes, keys=progress.keys + progress.delta_keys,
-                   description=f"group {record.source} → {record.target} ({record.phase.name.lower()})")
 
     def line(text: str) -> None:
-        if not args.json:
-            console.print(text)
-
-    async def main() -> GroupChangeReport:
-        admin, close = cluster_group_admin(cluster, progress=line, on_move_progress=on_move)
-        try:
-            return await change(admin)
-        finally:
-            await close()
+        print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     try:
-        report = asyncio.run(main())
+        cluster = _cluster(args)
+        intent = request_change(cluster, kind, change_args, control=ProcessControl(cluster), on_line=line)
     except (ConfigError, ShardnodeError) as exc:
         print(f"shardnode: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if tasks:
-            bar.stop()
+    report = GroupChangeReport.from_dict(intent.result)
     if args.json:
-        print(json.dumps({"group": report.group, "moves": report.moves, "keys": report.keys,
-                          "bytes": report.bytes, "delta_keys": report.delta_keys,
-                          "seconds": round(report.seconds, 3), "shard_map_epoch": report.epoch,
-                          "shares": {str(g): round(s, 4) for g, s in report.shares.items()}}))
+        print(json.dumps({**report.as_dict(), "intent": intent.intent_id}))
     else:
-        shares = ", ".join(f"{g}: {s:.1%}" for g, s in sorted(report.shares.items()))
-        print(f"group {report.group}: {report.moves} move(s), {report.keys:,} keys "
-              f"({report.bytes:,} bytes) copied and {report.delta_keys:,} caught up in {report.seconds:.1f} s; "
-              f"shard map epoch {report.epoch}; shares: {shares}")
+        print(intent.outcome)
+    return 0
+
+
+def _pending(args: argparse.Namespace) -> int:
+    try:
+        intents, moves, lease = pending_work(_cluster(args))
+    except (ConfigError, ShardnodeError) as exc:
+        print(f"shardnode: {exc}", file=sys.stderr)
+        return 2
+    now_ms = int(time.time() * 1000)
+    if args.json:
+        print(json.dumps({
+            "intents": [{"intent": i.intent_id, "kind": i.kind.value, "args": i.args, "state": i.state.value,
+                         "submitted_ms": i.submitted_ms, "updated_ms": i.updated_ms, "outcome": i.outcome,
+                         "cancel_requested": i.cancel_requested, "progress": list(i.progress)} for i in intents],
+            "moves": [{"move": m.move_id, "source": m.source, "target": m.target, "phase": m.phase.name.lower(),
+                       "aborting": m.aborting} for m in moves],
+            "lease": None if lease is None else {"holder": lease.holder, "token": lease.token,
+                                                 "live": not lease.expired(now_ms)},
+        }, indent=2))
+        return 0
+    if lease is not None and not lease.expired(now_ms):
+        print(f"scheduler: {lease.holder} (token {lease.token}), lease for {(lease.expires_ms - now_ms) / 1000:.0f} s")
+    else:
+        print("scheduler: none running" + (f" (last token {lease.token})" if lease is not None else ""))
+    unfinished = [i for i in intents if not i.state.finished]
+    finished = [i for i in intents if i.state.finished]
+    print(f"{len(unfinished)} unfinished change(s)" + (":" if unfinished else ""))
+    for intent in sorted(unfinished, key=lambda i: i.submitted_ms):
+        age = (now_ms - intent.submitted_ms) / 1000
+        cancel_note = ", cancel requested" if intent.cancel_requested else ""
+        last = f": {intent.progress[-1]}" if intent.progress else ""
+        print(f"  {intent.intent_id}  {intent.describe()}  {intent.state.value}{cancel_note}, recorded {age:.0f} s "
+              f"ago{last}")
+    if moves:
+        print(f"{len(moves)} move(s) in progress:")
+        for move in moves:
+            note = " (rolling back)" if move.aborting else ""
+            print(f"  move {move.move_id}: group {move.source} -> {move.target}, {move.phase.name.lower()}{note}")
+    if finished:
+        print("recently finished:")
+        for intent in sorted(finished, key=lambda i: i.updated_ms)[-5:]:
+            print(f"  {intent.intent_id}  {intent.describe()}  {intent.state.value}: {intent.outcome}")
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    try:
+        intent = cancel(_cluster(args), args.intent)
+    except (ConfigError, ShardnodeError) as exc:
+        print(f"shardnode: {exc}", file=sys.stderr)
+        return 2
+    if intent.state.finished:
+        print(f"intent {intent.intent_id} ({intent.describe()}) is {intent.state.value} already: {intent.outcome}")
+    else:
+        print(f"intent {intent.intent_id} ({intent.describe()}): cancel requested; the scheduler stops it where it "
+              f"safely can (`shardnode group pending` shows the outcome)")
     return 0

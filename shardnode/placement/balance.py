@@ -369,7 +369,7 @@ StepListener = Callable[[int, int, Step], None]
 def router_groups(cluster: ClusterConfig, timeout: float = 10.0) -> list[int]:
     """The groups the routers serve now, from their Status (groups are added
     and removed online: never assume 0..groups-1)."""
-    from .client import Client
+    from ..client import Client
 
     with Client([h.router_address for h in cluster.hosts], cluster=cluster, timeout=timeout) as client:
         return sorted(g.group for g in client.status().groups)

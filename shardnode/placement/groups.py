@@ -1,36 +1,42 @@
-"""Adding and removing groups while the cluster serves: `shardnode group add`,
-`group remove`, and the new group that three free standby hosts form
-(docs/sharding.md).
+"""Adding and removing groups while the cluster serves: the work behind the
+`group add` and `group remove` intents, and the new group that three free
+standby hosts form (docs/sharding.md).
 
-- add: the new group is recorded in the shard map with its hosts (epoch + 1),
-  its workers are started there (they bootstrap from that placement), and
-  once it has a leader every other group moves the tail 1/(n+1) of each of
-  its ranges to it (ShardMap.plan_add), the moves running side by side;
+- add: the new group's number and hosts are recorded in the intent's work
+  first, then in the shard map (epoch + 1); its workers are started there
+  (they bootstrap from that placement), and once it has a leader every other
+  group moves the tail 1/(n+1) of each of its ranges to it
+  (ShardMap.plan_add), the moves running side by side;
 - remove: the group's ranges go to the others, each to the one that owns the
   least (plan_remove); once it owns nothing it leaves the map and its
   workers, restarted, find their group gone and retire their data.
 
-Moves left unfinished by an earlier run (a crashed command) are resumed
-first: a change of shape never starts over an unfinished one.
+Only the scheduler that holds the lease runs this (scheduler.py): its
+fencing token goes with every shard command, its lease guards every write to
+the metadata group, and two group changes never run at once. A run that
+stopped anywhere is carried on by the next holder from the intent's work and
+the move records: the group it chose, the moves it recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..config import ClusterConfig
 from ..errors import ShardnodeError
+from .intents import ShapeRefused
+from .moves import MoveError, MoveProgress, MoveRecord, Mover, Phase
 from .shard_map import ShardMap
-from .moves import MoveProgress, MoveRecord, Mover
 
 #: How long a new group may take to elect its first leader.
 LEADER_TIMEOUT = 30.0
 
 
-class GroupChangeRefused(ShardnodeError):
+class GroupChangeRefused(ShapeRefused):
     """A group change that is not allowed now; nothing was changed."""
 
 
@@ -44,35 +50,78 @@ class GroupChangeReport:
     seconds: float = 0.0
     epoch: int = 0
     shares: dict[int, float] = field(default_factory=dict)
+    cancelled: bool = False
+    removed: bool = False
+
+    def summary(self) -> str:
+        if self.cancelled:
+            return (f"group {self.group}: cancelled; {self.moves} move(s) rolled back or finished "
+                    f"(shard map epoch {self.epoch})")
+        shares = ", ".join(f"{g}: {s:.1%}" for g, s in sorted(self.shares.items()))
+        return (f"group {self.group}: {self.moves} move(s), {self.keys:,} keys ({self.bytes:,} bytes) copied and "
+                f"{self.delta_keys:,} caught up in {self.seconds:.1f} s; shard map epoch {self.epoch}; "
+                f"shares: {shares}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"group": self.group, "moves": self.moves, "keys": self.keys, "bytes": self.bytes,
+                "delta_keys": self.delta_keys, "seconds": round(self.seconds, 3), "shard_map_epoch": self.epoch,
+                "shares": {str(g): round(s, 4) for g, s in self.shares.items()}, "cancelled": self.cancelled}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GroupChangeReport:
+        return cls(int(data.get("group", 0)), int(data.get("moves", 0)), int(data.get("keys", 0)),
+                   int(data.get("bytes", 0)), int(data.get("delta_keys", 0)), float(data.get("seconds", 0.0)),
+                   int(data.get("shard_map_epoch", 0)),
+                   {int(g): float(s) for g, s in (data.get("shares") or {}).items()},
+                   bool(data.get("cancelled", False)))
 
 
-Progress = Callable[[str], None]
+Say = Callable[[str], Awaitable[None]]
 MoveProgressCallback = Callable[[MoveRecord, MoveProgress], None]
+
+
+async def _quiet(line: str) -> None:
+    return None
+
+
+async def _never() -> bool:
+    return False
 
 
 class GroupAdmin:
     def __init__(self, cluster: ClusterConfig, directory, groups, start_workers,  # type: ignore[no-untyped-def]
-                 retire_workers=lambda group: None,
-                 progress: Progress = lambda line: None,
-                 on_move_progress: MoveProgressCallback | None = None) -> None:
+                 retire_workers=lambda group: None, say: Say = _quiet,
+                 on_move_progress: MoveProgressCallback | None = None, *, fence: int = 0,
+                 guards: tuple[tuple[bytes, bytes | None], ...] = (), work: dict[str, Any] | None = None,
+                 save: Callable[..., Awaitable[None]] | None = None) -> None:
         """`directory`: the metadata group (DirectoryPort); `groups`: the
         groups' leaders (GroupPort, with `leader_address(group)`);
         `start_workers(host_name, groups)`: starts those worker programs on
         that host (its supervisord); `retire_workers(group)`: restarts a
-        removed group's workers, which then retire their data."""
+        removed group's workers, which then retire their data; `fence`,
+        `guards`: the scheduler's token and lease guard; `work`, `save`: the
+        intent's durable choices and how to record more."""
         self.cluster = cluster
         self.directory = directory
         self.groups = groups
         self.start_workers = start_workers
         self.retire_workers = retire_workers
-        self.progress = progress
-        self.mover = Mover(groups, directory, on_move_progress)
+        self.say = say
+        self.guards = guards
+        self.work: dict[str, Any] = dict(work or {})
+        self._save = save
+        self.mover = Mover(groups, directory, on_move_progress, fence=fence, guards=guards)
+
+    async def _record(self, **values: Any) -> None:
+        self.work.update(values)
+        if self._save is not None:
+            await self._save(**values)
 
     async def resume(self) -> int:
         """Finish the moves an earlier run left; how many there were."""
         records = await self.mover.records()
         if records:
-            self.progress(f"resuming {len(records)} unfinished move(s)")
+            await self.say(f"finishing {len(records)} unfinished move(s) an earlier run left")
             await asyncio.gather(*(self.mover.run(r) for r in records))
         return len(records)
 
@@ -87,39 +136,44 @@ class GroupAdmin:
         return tuple(sorted(sorted(candidates, key=lambda n: (loads.get(n, 0), order[n]))[:count],
                             key=order.__getitem__))
 
-    async def add(self, hosts: tuple[str, ...] | None = None, loads: dict[str, int] | None = None) -> GroupChangeReport:
-        """Add a group and give it its share. An earlier run that stopped
-        part way is finished instead: its unfinished moves are resumed, or a
-        group it created but had not yet given key space gets its share."""
+    async def add(self, hosts: tuple[str, ...] | None = None, loads: dict[str, int] | None = None,
+                  cancelled: Callable[[], Awaitable[bool]] = _never) -> GroupChangeReport:
+        """Add a group and give it its share. The group's number and hosts
+        are recorded in the work record before the map names them, so a run
+        carried on after a crash finishes the same group."""
         began = time.monotonic()
-        unfinished = await self.mover.records()
-        if unfinished:
-            self.progress(f"finishing {len(unfinished)} move(s) an earlier run left; "
-                          f"run `group add` again to add another group")
-            report = GroupChangeReport(unfinished[0].target, moves=len(unfinished))
-            await self._run_all(unfinished, report)
-            return await self._finish(report, began)
         shard_map = await self.directory.load_map()
-        idle = [g for g in shard_map.groups if not shard_map.owned_by(g)]
-        if idle:
-            group = idle[0]
-            hosts = shard_map.placements.get(group, ())
-            self.progress(f"group {group} owns no key space (an earlier run stopped early): giving it its share")
-        else:
+        group = self.work.get("group")
+        if group is None:
             group = self._next_group(shard_map)
             if hosts is None:
                 hosts = self.choose_hosts(shard_map, loads or {})
-            self._check_hosts(hosts)
-            self.progress(f"group {group}: placing {len(hosts)} replicas on {', '.join(hosts)}")
-            shard_map = await self.directory.update_map(shard_map, shard_map.with_group(group, hosts))
+            self._check_hosts(tuple(hosts))
+            await self._record(group=group, hosts=list(hosts))
+        hosts = tuple(self.work.get("hosts") or shard_map.placements.get(group, ()))
+        if group in shard_map.retired:
+            raise GroupChangeRefused(f"group {group} was removed meanwhile")
+        if group not in shard_map.groups:
+            await self.say(f"group {group}: placing {len(hosts)} replicas on {', '.join(hosts)}")
+            shard_map = await self.directory.update_map(shard_map, shard_map.with_group(group, hosts),
+                                                        guards=self.guards)
         for host in hosts:
             await asyncio.to_thread(self.start_workers, host, [group])
         await self._wait_for_leader(group)
-        moves = shard_map.plan_add(group)
-        self.progress(f"group {group}: moving a fair share of the key space from {len(moves)} group(s)")
-        records = await self.mover.plan(moves)
+        records = [r for r in await self.mover.records() if r.target == group]
+        shard_map = await self.directory.load_map()
+        if not records and not shard_map.owned_by(group):
+            if await cancelled():
+                return await self._cancel([], GroupChangeReport(group), began)
+            moves = shard_map.plan_add(group)
+            await self.say(f"group {group}: moving a fair share of the key space from {len(moves)} group(s)")
+            records = await self.mover.plan(moves)
+        elif records:
+            await self.say(f"group {group}: carrying on {len(records)} move(s) an earlier run recorded")
         report = GroupChangeReport(group, moves=len(records))
-        await self._run_all(records, report)
+        await self._run_all(records, report, cancelled)
+        if report.cancelled:
+            return await self._cancel(records, report, began)
         return await self._finish(report, began)
 
     async def _finish(self, report: GroupChangeReport, began: float) -> GroupChangeReport:
@@ -128,6 +182,11 @@ class GroupAdmin:
         report.epoch = final.epoch
         report.shares = {g: final.share(g) for g in final.groups}
         return report
+
+    async def _cancel(self, records: list[MoveRecord], report: GroupChangeReport, began: float) -> GroupChangeReport:
+        report.cancelled = True
+        await self.say(f"group {report.group}: cancelled")
+        return await self._finish(report, began)
 
     def _next_group(self, shard_map: ShardMap) -> int:
         group = shard_map.next_group
@@ -159,27 +218,46 @@ class GroupAdmin:
 
     # --- Removing ---------------------------------------------------------------------
 
-    async def remove(self, group: int) -> GroupChangeReport:
+    async def remove(self, group: int, cancelled: Callable[[], Awaitable[bool]] = _never) -> GroupChangeReport:
         began = time.monotonic()
-        await self.resume()
         shard_map = await self.directory.load_map()
+        if group in shard_map.retired:
+            await self.say(f"group {group} was removed already")
+            report = GroupChangeReport(group, removed=True)
+            return await self._finish(report, began)
         if group not in shard_map.groups:
             raise GroupChangeRefused(f"there is no group {group} (groups: "
                                      f"{', '.join(map(str, shard_map.groups))})")
         if len(shard_map.groups) == 1:
             raise GroupChangeRefused(f"group {group} is the last group: it cannot be removed")
-        moves = shard_map.plan_remove(group)
-        self.progress(f"group {group}: moving its key space to {len(moves)} group(s)")
-        records = await self.mover.plan(moves)
+        records = [r for r in await self.mover.records() if r.source == group]
+        if not records and shard_map.owned_by(group):
+            if await cancelled():
+                return await self._cancel([], GroupChangeReport(group), began)
+            moves = shard_map.plan_remove(group)
+            await self.say(f"group {group}: moving its key space to {len(moves)} group(s)")
+            records = await self.mover.plan(moves)
+        elif records:
+            await self.say(f"group {group}: carrying on {len(records)} move(s) an earlier run recorded")
         report = GroupChangeReport(group, moves=len(records))
-        await self._run_all(records, report)
+        await self._run_all(records, report, cancelled)
+        if report.cancelled:
+            return await self._cancel(records, report, began)
         shard_map = await self.directory.load_map()
-        final = await self.directory.update_map(shard_map, shard_map.without_group(group))
-        self.progress(f"group {group}: owns nothing now; removed from the shard map (epoch {final.epoch})")
+        if shard_map.owned_by(group):
+            raise ShardnodeError(f"group {group} still owns key space after its moves; run `group remove {group}` "
+                                 f"again")
+        if group in shard_map.groups:
+            final = await self.directory.update_map(shard_map, shard_map.without_group(group), guards=self.guards)
+            await self.say(f"group {group}: owns nothing now; removed from the shard map (epoch {final.epoch})")
         await asyncio.to_thread(self.retire_workers, group)
+        report.removed = True
         return await self._finish(report, began)
 
-    async def _run_all(self, records: list[MoveRecord], report: GroupChangeReport) -> None:
+    async def _run_all(self, records: list[MoveRecord], report: GroupChangeReport,
+                       cancelled: Callable[[], Awaitable[bool]]) -> None:
+        """Run the moves side by side. On a cancel before a move's freeze it
+        is rolled back; from its freeze on it can only finish."""
         totals: dict[int, MoveProgress] = {}
         original = self.mover.on_progress
 
@@ -187,9 +265,22 @@ class GroupAdmin:
             totals[record.move_id] = progress
             original(record, progress)
 
+        async def run(record: MoveRecord) -> None:
+            if record.phase < Phase.COPIED:
+                if not await cancelled():
+                    record = await self.mover.run(record, stop_after=Phase.EXPORTING)
+                if await cancelled():
+                    try:
+                        await self.mover.abort(record)
+                        report.cancelled = True
+                        return
+                    except MoveError:
+                        pass            # frozen meanwhile: it can only go forward
+            await self.mover.run(record)
+
         self.mover.on_progress = track
         try:
-            await asyncio.gather(*(self.mover.run(r) for r in records))
+            await asyncio.gather(*(run(r) for r in records))
         finally:
             self.mover.on_progress = original
         report.keys = sum(p.keys for p in totals.values())

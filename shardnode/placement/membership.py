@@ -19,6 +19,15 @@ the group's leader (Worker.ChangeMembership) and answered once applied:
 
 The live membership is read from the groups themselves (every replica's
 Status), never from cluster.toml, which only gives the first shape.
+
+Every change is planned on the group as read and then proposed with the
+configuration it was planned on and the scheduler's fencing token: the
+group's leader refuses it if the configuration moved meanwhile (it is then
+planned again), if a newer scheduler took over, or if its own check of the
+shape policy fails (shardnode/replica/shape_policy.py). A change whose
+effect is already there (a rerun, a lost answer) is done, not refused. The
+commands reach this through the scheduler (scheduler.py, executors.py),
+which records the choices a change makes (WorkRecord) in its intent.
 """
 
 from __future__ import annotations
@@ -28,24 +37,24 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import msgpack
 
 from ..config import ClusterConfig, ConfigError, HostConfig
 from ..errors import ShardnodeError
-from .group_status import freshest
 from ..proto import worker_pb2 as pb
-from .shard_map import ShardMap
-from .cluster import cluster_group_admin
-from .directory import ShardDirectory
 from ..proto import worker_pb2_grpc as pb_grpc
+from ..replica.shape_policy import MIN_VOTERS
 from ..security import admin_metadata, load_admin_credential, sync_channel
 from ..supervisor import ROUTER_PROGRAM, ProcessControl
+from .directory import ShardDirectory
+from .group_status import freshest
+from .intents import ShapeRefused
+from .lease import LeaseLost
+from .shard_map import ShardMap
 
-#: A group never shrinks below this many voters by a leave (it could not
-#: survive the loss of one more member without losing its majority).
-MIN_VOTERS = 3
 STATUS_TIMEOUT = 1.0
 LIVE_GROUPS_TIMEOUT = 10.0
 #: The metadata group's list of hosts started free (`start --new` with no group short).
@@ -59,8 +68,30 @@ Answer = pb.ChangeMembershipResponse
 LEARNER_SILENCE_SECONDS = 5.0
 
 
-class ShapeRefused(ShardnodeError):
-    """A change of shape that is not allowed now; nothing was changed."""
+class WorkRecord:
+    """A change's durable choices (the node ids it added, the groups it
+    chose), so that a run that stops half way is carried on with the same
+    ones. In memory by default; the scheduler's saves them in the intent."""
+
+    def __init__(self, initial: dict[str, Any] | None = None,
+                 save: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self._values: dict[str, Any] = dict(initial or {})
+        self._save = save
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    def save(self, **values: Any) -> None:
+        self._values.update(values)
+        if self._save is not None:
+            self._save(dict(values))
+
+
+async def _guards_hold(directory: ShardDirectory, guards: tuple[tuple[bytes, bytes | None], ...]) -> bool:
+    for key, value in guards:
+        if await directory.read(key) != value:
+            return False
+    return True
 
 
 @dataclass(slots=True, frozen=True)
@@ -122,12 +153,25 @@ class MembershipAdmin:
         launch: Launcher | None = None,
         progress: Callable[[str], None] | None = None,
         timeout: float = 120.0,
+        fence: int = 0,
+        guards: tuple[tuple[bytes, bytes | None], ...] = (),
+        work: WorkRecord | None = None,
+        form_group: Callable[[tuple[str, ...]], Any] | None = None,
     ) -> None:
+        """`fence` and `guards`: the scheduler's fencing token and lease
+        guard (placement/lease.py), carried by every change; `work`: where a
+        change records its durable choices (the scheduler's intent record;
+        by default kept in memory); `form_group(hosts)`: creates a group on
+        free hosts (the scheduler's group admin)."""
         self.cluster = cluster
         self.control = control
         self.launch = launch
         self.progress = progress or (lambda line: None)
         self.timeout = timeout
+        self.fence = fence
+        self.guards = guards
+        self.work = work if work is not None else WorkRecord()
+        self.form_group = form_group
         self._channels: dict[str, grpc.Channel] = {}
         security = cluster.security
         # Membership RPCs are admin RPCs: they carry the cluster's admin
@@ -221,11 +265,24 @@ class MembershipAdmin:
     # --- Joining ----------------------------------------------------------------------------
 
     def add_member(self, group: int, host_name: str) -> MemberState:
-        """Add a replica of `group` on `host_name` (started through
-        supervisord when there is a `control`), and wait until it is a voter."""
+        """A voter of `group` on `host_name`: added as a learner (its worker
+        started through supervisord when there is a `control`), then awaited
+        until promoted. Already a voter there: nothing to do. Already a
+        learner this change added (a run that stopped half way): started and
+        awaited."""
         host = self.cluster.host(host_name)
+        address = host.worker_address(group)
+        state = self.group(group)
+        existing = state.member_at(address)
+        if existing is not None and not existing.learner:
+            self.progress(f"group {group}: {host_name} holds voter {existing.node_id} already")
+            return existing
+        if existing is not None and existing.node_id != self._added(group, host):
+            raise ShapeRefused(f"host {host_name} already holds a replica of group {group} "
+                               f"(node {existing.node_id}, a learner not added by this change); "
+                               f"`member remove {group} {host_name}` first")
         node_id = self._add_learner(group, host)
-        self._start(host.worker_address(group), [group])
+        self._start(address, [group])
         return self._await_promotion(group, node_id)
 
     def restart(self, server: str) -> None:
@@ -267,39 +324,55 @@ class MembershipAdmin:
         member. A host (router address) joins every group that is short of
         `replicas` voters (after a leave: the same groups); a worker address
         joins its group. If the server is down but still a member (it died
-        without leaving), its old replicas are removed first — their data is
-        discarded, and their ids never come back — with the checks of a leave."""
+        without leaving, or lost its disk), its old replicas are removed
+        first — their data is discarded, and their ids never come back — with
+        the checks of a leave. A run that stopped half way is carried on: the
+        groups it chose and the members it added are in its work record."""
         host, groups = self._resolve(server)
         states = self._states(groups)
-        candidates = list(states) if groups is None else groups
-        stale = [(states[g], states[g].member_at(host.worker_address(g))) for g in candidates]
-        stale = [(state, member) for state, member in stale if member is not None]
-        running = [state.group for state, member in stale if member.reachable]
-        if running:
-            raise ShapeRefused(f"{server} is running and holds replicas of group {running[0]}: "
-                               f"`leave` (or `die`) first, then start it with --new")
+        stale = []
+        for group, state in states.items():
+            member = state.member_at(host.worker_address(group))
+            if member is None or member.node_id == self._added(group, host):
+                continue
+            if member.reachable:
+                raise ShapeRefused(f"{server} is running and holds replicas of group {group}: "
+                                   f"`leave` (or `die`) first, then start it with --new")
+            stale.append((state, member))
         for state, member in stale:
             self._check_removal(state, [member])
         for state, member in stale:
             self.progress(f"group {state.group}: node {member.node_id} on {host.name} is down and starts anew: "
                           f"removing it first")
-            self.progress(f"group {state.group}: removing node {member.node_id} on {member.host}")
-            self._change(state.group, Kind(kind=Kind.REMOVE, node_id=member.node_id))
+            self._remove_node(state.group, member)
         if stale:
             states = self._states(groups)
-        if groups is None:
-            groups = [s.group for s in states.values()
-                      if len(s.voters) < self.cluster.replicas and s.member_at(host.worker_address(s.group)) is None]
-            if not groups:
+        chosen = self.work.get("groups")
+        if chosen is None:
+            if groups is None:
+                chosen = [s.group for s in states.values()
+                          if len(s.voters) < self.cluster.replicas and s.member_at(host.worker_address(s.group)) is None]
+            else:
+                chosen = list(groups)
+            self.work.save(groups=chosen)
+        if not chosen:
+            if groups is None:
                 return self._start_free(server, host, states)
-        for group in groups:
-            if states[group].member_at(host.worker_address(group)) is not None:
-                raise ShapeRefused(f"host {host.name} already holds a replica of group {group}")
+            return []
+        for group in chosen:
+            if group not in states:
+                states[group] = self.group(group)
             if not states[group].leader_id:
                 raise ShapeRefused(f"group {group} has no leader now; try again when it has one")
-        added = [(group, self._add_learner(group, host)) for group in groups]
-        self._start(server, groups)
-        return [(group, self._await_promotion(group, node_id)) for group, node_id in added]
+        joined = []
+        for group in chosen:
+            member = states[group].member_at(host.worker_address(group))
+            if member is not None and not member.learner:
+                joined.append((group, member.node_id))
+                continue
+            joined.append((group, self._add_learner(group, host)))
+        self._start(server, chosen)
+        return [(group, self._await_promotion(group, node_id)) for group, node_id in joined]
 
     def _start_free(self, server: str, host: HostConfig,
                     states: dict[int, GroupState]) -> list[tuple[int, MemberState]]:
@@ -343,34 +416,57 @@ class MembershipAdmin:
                 while True:
                     raw = await directory.read(FREE_HOSTS_KEY)
                     names = change(set(msgpack.unpackb(raw, raw=False)) if raw is not None else set())
-                    swapped, _ = await directory.compare_and_set(FREE_HOSTS_KEY, raw, msgpack.packb(sorted(names)))
+                    swapped, _ = await directory.compare_and_set(FREE_HOSTS_KEY, raw, msgpack.packb(sorted(names)),
+                                                                 guards=self.guards)
                     if swapped:
                         return names
+                    if self.guards and not await _guards_hold(directory, self.guards):
+                        raise LeaseLost("the scheduler's lease was taken over")
             finally:
                 await directory.close()
         return asyncio.run(update())
 
     def _form_group(self, hosts: tuple[str, ...]):  # type: ignore[no-untyped-def]
-        async def run():  # type: ignore[no-untyped-def]
-            admin, close = cluster_group_admin(self.cluster, progress=self.progress)
-            try:
-                return await admin.add(hosts)
-            finally:
-                await close()
-        return asyncio.run(run())
+        if self.form_group is None:
+            raise ShapeRefused("forming a new group moves key space: it takes the scheduler "
+                               "(`shardnode start --new`, kv739_start(server, 1))")
+        return self.form_group(hosts)
+
+    def _added(self, group: int, host: HostConfig) -> int | None:
+        """The id this change chose for a new member of `group` on `host`."""
+        return self.work.get("added", {}).get(f"{group}@{host.name}")
 
     def _add_learner(self, group: int, host: HostConfig) -> int:
-        state = self.group(group)
+        """A learner of `group` at `host`'s worker address, with a fresh id
+        recorded in the work record before it is proposed: a run that dies
+        in between goes on with the same id."""
         address = host.worker_address(group)
-        if state.member_at(address) is not None:
+        node_id = self._added(group, host)
+        state = self.group(group)
+        existing = state.member_at(address)
+        if existing is not None:
+            if existing.node_id == node_id:
+                return node_id          # added by an earlier run of this change
             raise ShapeRefused(f"host {host.name} already holds a replica of group {group}")
-        ever = [m.node_id for m in state.members] + list(state.removed)
-        # Above every host's initial id too, so that an id never names two replicas.
-        node_id = max([len(self.cluster.hosts), *ever]) + 1
+        if node_id is None or node_id in state.removed or state.member(node_id) is not None:
+            ever = [m.node_id for m in state.members] + list(state.removed)
+            # Above every host's initial id too, so that an id never names two replicas.
+            node_id = max([len(self.cluster.hosts), *ever]) + 1
+            self.work.save(added={**self.work.get("added", {}), f"{group}@{host.name}": node_id})
         self.progress(f"group {group}: adding node {node_id} on {host.name} ({address}) as a learner")
-        self._change(group, Kind(kind=Kind.ADD_LEARNER, node_id=node_id, host=host.name, address=address))
-        return node_id
 
+        def plan(current: GroupState) -> pb.ChangeMembershipRequest | None:
+            member = current.member_at(address)
+            if member is not None:
+                if member.node_id == node_id:
+                    return None
+                raise ShapeRefused(f"host {host.name} already holds a replica of group {group}")
+            if node_id in current.removed:
+                raise ShapeRefused(f"group {group}: node {node_id} was removed meanwhile")
+            return Kind(kind=Kind.ADD_LEARNER, node_id=node_id, host=host.name, address=address)
+
+        self._apply_change(group, plan)
+        return node_id
     def _await_promotion(self, group: int, node_id: int) -> MemberState:
         deadline = time.monotonic() + self.timeout
         silent_since = time.monotonic()
@@ -403,48 +499,53 @@ class MembershipAdmin:
                                      f"(still a learner: {member.applied_index} of {state.commit_index} applied)")
             time.sleep(0.2)
 
+
     # --- Leaving ----------------------------------------------------------------------------
 
     def remove_member(self, group: int, host_name: str) -> None:
-        """Remove `host_name`'s replica of `group` (refused if unsafe), then
-        have it retire."""
+        """`host_name`'s replica of `group` leaves (refused if unsafe) and
+        retires. Holding none there already: nothing to do."""
         host = self.cluster.host(host_name)
         state = self.group(group)
-        member = self._leaving_member(state, host)
+        if not state.members:
+            raise ShapeRefused(f"group {group}: no replica answers; its membership is unknown")
+        member = state.member_at(host.worker_address(group))
+        if member is None:
+            self.progress(f"group {group}: {host_name} holds no replica of it (already removed)")
+            return
         self._check_removal(state, [member])
         self._remove(state, member)
 
     def leave(self, server: str, clean: bool) -> list[tuple[int, int]]:
         """`leave`: every replica of a host (router address), or one replica
         (worker address), leaves its group; then the processes stop. Every
-        group is checked first: a refusal changes nothing. Returns the
-        (group, node id) pairs removed."""
+        group is checked first: a refusal changes nothing. A host that holds
+        no replica any more (a leave that stopped half way, run again) only
+        has its processes stopped. Returns the (group, node id) pairs removed
+        now."""
         host, groups = self._resolve(server)
         states = self._states(groups)
-        if groups is None:
-            groups = [s.group for s in states.values() if s.member_at(host.worker_address(s.group)) is not None]
-            if not groups:
-                raise ShapeRefused(f"host {host.name} holds no replica of any group")
         leaving = []
-        for group in groups:
-            member = self._leaving_member(states[group], host)
-            self._check_removal(states[group], [member])
-            leaving.append((states[group], member))
+        for group, state in states.items():
+            if not state.members:
+                raise ShapeRefused(f"group {group}: no replica answers; its membership is unknown")
+            member = state.member_at(host.worker_address(group))
+            if member is not None:
+                self._check_removal(state, [member])
+                leaving.append((state, member))
+        if not leaving:
+            self.progress(f"{server} holds no replica (any more): stopping its processes")
         for state, member in leaving:
             self._remove(state, member)
         if self.control is not None:
             self.control.stop(server, clean=clean)
         return [(state.group, member.node_id) for state, member in leaving]
 
-    def _leaving_member(self, state: GroupState, host: HostConfig) -> MemberState:
-        member = state.member_at(host.worker_address(state.group))
-        if member is None:
-            if not state.members:
-                raise ShapeRefused(f"group {state.group}: no replica answers; its membership is unknown")
-            raise ShapeRefused(f"host {host.name} holds no replica of group {state.group}")
-        return member
-
     def _check_removal(self, state: GroupState, leaving: list[MemberState]) -> None:
+        """The checks a leader makes too (shardnode/replica/shape_policy.py),
+        on this command's view: for a clear refusal before anything changes
+        when several groups are involved. The leader's check is the one that
+        counts: it sees the configuration the change applies to."""
         group = state.group
         if not state.leader_id:
             raise ShapeRefused(f"group {group} has no leader now; nothing was changed")
@@ -460,12 +561,23 @@ class MembershipAdmin:
                                f"remaining voters answer (down: {down})")
 
     def _remove(self, state: GroupState, member: MemberState) -> None:
-        group = state.group
         if member.node_id == state.leader_id:
             self._hand_over(state, member)
+        self._remove_node(state.group, member)
+        self._retire(state.group, member)
+
+    def _remove_node(self, group: int, member: MemberState) -> None:
+        """Remove `member` (by id) from the group; done once the group lists
+        the id as removed, however that came about (a self-removal whose
+        answer was lost, a run before this one)."""
         self.progress(f"group {group}: removing node {member.node_id} on {member.host}")
-        self._change(group, Kind(kind=Kind.REMOVE, node_id=member.node_id))
-        self._retire(group, member)
+
+        def plan(current: GroupState) -> pb.ChangeMembershipRequest | None:
+            if member.node_id in current.removed or current.member(member.node_id) is None:
+                return None
+            return Kind(kind=Kind.REMOVE, node_id=member.node_id)
+
+        self._apply_change(group, plan)
 
     def _hand_over(self, state: GroupState, leader: MemberState) -> None:
         """The leaving replica leads: hand leadership to the most caught-up
@@ -533,37 +645,66 @@ class MembershipAdmin:
 
     # --- Plumbing -----------------------------------------------------------------------------
 
-    def _change(self, group: int, request: pb.ChangeMembershipRequest) -> Answer:
-        """Through the leader, following NOT_LEADER hints and retrying what
-        may be retried, until applied or the deadline."""
+    def _apply_change(self, group: int, plan: Callable[[GroupState], pb.ChangeMembershipRequest | None]) -> None:
+        """Bring the group to what `plan` wants, one change at a time: read
+        the group, ask `plan` for the change still needed (None: done;
+        ShapeRefused: not allowed), propose it through the leader with this
+        admin's fencing token and the configuration it was decided on, and
+        read again. A change refused because the configuration moved
+        meanwhile (another admin, a promotion) is planned again on the new
+        one; a refusal for any other reason (the leader's policy, a newer
+        scheduler) is final, unless the group turns out to be where the plan
+        wanted it (a self-removal whose answer was lost)."""
         deadline = time.monotonic() + self.timeout
-        target = ""
         last = "no replica answered"
         while time.monotonic() < deadline:
+            state = self.group(group)
+            request = plan(state)
+            if request is None:
+                return
+            target = state.leader.address if state.leader is not None else ""
             if not target:
-                state = self.group(group)
-                target = state.leader.address if state.leader is not None else ""
-                if not target:
-                    time.sleep(0.2)
-                    continue
+                last = "no leader"
+                time.sleep(0.2)
+                continue
+            request.fence = self.fence
+            request.check_expected = True
+            request.expected_voters[:] = [m.node_id for m in state.voters]
+            request.expected_learners[:] = [m.node_id for m in state.learners]
+            answer, last = self._propose(target, request, deadline)
+            if answer is None or answer.status == Answer.OK:
+                continue
+            if "changed meanwhile" in answer.message:
+                last = answer.message
+                time.sleep(0.1)
+                continue
+            if plan(self.group(group)) is None:
+                return
+            raise ShapeRefused(f"group {group}: {answer.message}")
+        raise ShardnodeError(f"group {group}: the membership change did not apply within {self.timeout:g} s "
+                             f"({last})")
+
+    def _propose(self, target: str, request: pb.ChangeMembershipRequest,
+                 deadline: float) -> tuple[Answer | None, str]:
+        """One change through `target`, following NOT_LEADER hints: the
+        answer once OK or REFUSED, else (None, why) and the caller reads the
+        group again."""
+        for _ in range(3):
             stub = pb_grpc.WorkerStub(self._channel(target))
             try:
                 answer = stub.ChangeMembership(request, timeout=max(1.0, min(30.0, deadline - time.monotonic())),
                                                metadata=self._metadata)
             except grpc.RpcError as exc:
-                last, target = f"{target}: {exc.code().name}", ""
                 time.sleep(0.2)
+                return None, f"{target}: {exc.code().name}"
+            if answer.status in (Answer.OK, Answer.REFUSED):
+                return answer, ""
+            if answer.status == Answer.NOT_LEADER and answer.leader_address:
+                target = answer.leader_address
                 continue
-            if answer.status == Answer.OK:
-                return answer
-            if answer.status == Answer.REFUSED:
-                raise ShapeRefused(f"group {group}: {answer.message}")
-            last = answer.message
-            target = answer.leader_address if answer.status == Answer.NOT_LEADER else ""
-            if not target:
-                time.sleep(0.2)
-        raise ShardnodeError(f"group {group}: the membership change did not apply within {self.timeout:g} s "
-                             f"({last})")
+            time.sleep(0.2)
+            return None, answer.message
+        return None, "NOT_LEADER hints went round in circles"
 
     def _status(self, address: str) -> pb.StatusResponse | None:
         try:

@@ -24,7 +24,7 @@ from .forwarder import ChannelPool, GroupForwarder
 from .map_follower import MapFollower
 from .metrics import RouterMetrics
 from .monitor import GroupMonitor, GroupView, probe_group
-from ..placement.move_watch import MoveWatch
+from ..placement.scheduler_watch import SchedulerWatch
 from .processes import ProcessWatch
 
 log = logging.getLogger("shardnode.router")
@@ -79,7 +79,8 @@ class KVService(pb_grpc.KVServicer):
         self._reroutes: set[asyncio.Task[None]] = set()      # operations being routed again (keys that moved)
         self.monitor = GroupMonitor(cluster, channels, self.forwarders)
         self.processes = ProcessWatch(cluster, host_name)
-        self.move_watch = MoveWatch(cluster, host_name)
+        # The scheduler acts only where supervisord runs (it starts and stops workers).
+        self.scheduler_watch = SchedulerWatch(cluster, host_name, supervised=lambda: self.processes.supervised)
         self.processes.want(self._worker_groups(self.shard_map))
         if metrics is not None:
             metrics.watch(self.forwarders, self.processes, lambda: self.shard_map.epoch)
@@ -90,13 +91,13 @@ class KVService(pb_grpc.KVServicer):
         self.map_follower.start()
         self.monitor.start()
         self.processes.start()
-        self.move_watch.start()
+        self.scheduler_watch.start()
 
     async def close(self) -> None:
         await self.map_follower.close()
         await self.monitor.close()
         await self.processes.close()
-        await self.move_watch.close()
+        await self.scheduler_watch.close()
 
     # --- Following the shard map ------------------------------------------------------------
 

@@ -239,6 +239,17 @@ def supervisor(monkeypatch: pytest.MonkeyPatch) -> type[FakeProcessControl]:
     membership = types.ModuleType("shardnode.placement.membership")
     membership.MembershipAdmin = FakeMembershipAdmin          # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "shardnode.placement.membership", membership)
+    shape_change = types.ModuleType("shardnode.placement.shape_change")
+
+    def request_change(cluster, kind, args, *, control, on_line):  # type: ignore[no-untyped-def]
+        """Shape changes go through the scheduler: recorded as intents."""
+        if kind.value == "start_new":
+            control._record("start", args["server"], True)
+        else:
+            control._record(kind.value, args["server"], args["clean"])
+
+    shape_change.request_change = request_change                # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "shardnode.placement.shape_change", shape_change)
     FakeProcessControl.calls = []
     FakeProcessControl.fail_with = None
     return FakeProcessControl

@@ -1,0 +1,115 @@
+"""Every router's background scheduler: it takes over work nobody drives
+(docs/membership.md, "One scheduler").
+
+A change of shape is driven by the command that recorded it. If that command
+is killed (or its machine lost) the intent stays recorded, and moves of key
+space may be left half way — from a move's freeze to its activation its
+ranges are served by no group. Every router therefore looks every
+BACKGROUND_POLL_SECONDS at the intents, the move records and the lease: if
+some intent is unfinished, or some move is recorded, and nothing about it has
+changed for STALL_SECONDS while nobody holds a live lease, the router takes
+the lease and carries everything out (scheduler.py): intents in the order
+they were recorded, then the moves that remain.
+
+Only a router that can act competes for the lease: one with the admin
+credential (shard commands and membership changes need it) and with its
+host's supervisord (starting workers of new members and groups). A router
+that cannot act never takes the lease, so it can never keep others from
+finishing the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from ..background import OwnedTask
+from ..config import ClusterConfig
+from ..errors import ShardnodeError
+from ..security import SecurityError, load_admin_credential
+from ..supervisor import ProcessControl
+from .directory import ShardDirectory
+from .executors import ClusterHands, make_scheduler
+from .intents import IntentBook, unfinished
+from .lease import SchedulerLease
+from .moves import MOVES_KEY
+from .scheduler import BACKGROUND_POLL_SECONDS, STALL_SECONDS, holder_name
+
+log = logging.getLogger("shardnode.router")
+
+
+class SchedulerWatch(OwnedTask):
+    task_name = "router scheduler watch"
+
+    def __init__(self, cluster: ClusterConfig, host_name: str, supervised: Callable[[], bool] = lambda: True,
+                 stall_seconds: float = STALL_SECONDS, poll_seconds: float = BACKGROUND_POLL_SECONDS) -> None:
+        """`supervised()`: whether this host's supervisord answers now (the
+        router's process watch knows)."""
+        self.cluster = cluster
+        self.host_name = host_name
+        self.supervised = supervised
+        self.control = ProcessControl(cluster)
+        self.stall_seconds = stall_seconds
+        self.poll_seconds = poll_seconds
+        # What was seen of the work last time, and since when (monotonic).
+        self._seen: tuple[bytes | None, bytes | None] | None = None
+        self._since = 0.0
+
+    def missing_credential(self) -> str:
+        """Why this router may never carry work out ("" if it may)."""
+        try:
+            load_admin_credential(self.cluster.security)
+        except (SecurityError, ShardnodeError, OSError) as exc:
+            return f"no admin credential on this host ({exc})"
+        return ""
+
+    async def _run(self) -> None:
+        reason = self.missing_credential()
+        if reason:
+            log.info("router.scheduler_watch_off", extra={"host": self.host_name, "reason": reason})
+            return
+        directory = ShardDirectory(self.cluster, self.host_name)
+        hands = ClusterHands(self.cluster, control=self.control)
+        scheduler = make_scheduler(hands, directory, holder_name(f"router-{self.host_name}"))
+        try:
+            while True:
+                await asyncio.sleep(self.poll_seconds)
+                if not self.supervised():
+                    continue        # it could not start or stop a process: leave the work to a router that can
+                try:
+                    await scheduler.take_over_stalled(lambda: self._stalled(directory, scheduler.lease))
+                except ShardnodeError as exc:
+                    log.debug("router.scheduler_watch_skipped", extra={"error": str(exc)})
+                except Exception:     # a bug here must not end the watch for good
+                    log.exception("router.scheduler_watch_failed")
+        finally:
+            await directory.close()
+
+    async def _stalled(self, directory: ShardDirectory, lease: SchedulerLease) -> bool:
+        """Whether there is work that nobody has driven for stall_seconds."""
+        intents_raw = await directory.read(b"placement/intents")
+        moves_raw = await directory.read(MOVES_KEY)
+        has_work = bool(unfinished(IntentBook.decode(intents_raw))) or moves_raw not in (None, b"") and \
+            _has_moves(moves_raw)
+        now = time.monotonic()
+        seen = (intents_raw, moves_raw)
+        if not has_work:
+            self._seen = None
+            return False
+        if seen != self._seen:
+            self._seen, self._since = seen, now
+            return False
+        if now - self._since < self.stall_seconds:
+            return False
+        current = await lease.read()
+        return current is None or current.expired(int(time.time() * 1000))
+
+
+def _has_moves(raw: bytes) -> bool:
+    from .moves import decode_moves
+    try:
+        return bool(decode_moves(raw))
+    except ShardnodeError:
+        return False

@@ -1,0 +1,95 @@
+"""How a command asks for a change of shape: record the intent, then drive it
+(holding the lease) or watch whoever drives it, and return its outcome
+(docs/membership.md, "One scheduler").
+
+Used by the `shardnode` commands and by `kv739_leave` / `kv739_start(server,
+1)`. The command's own process is the scheduler while it runs; if it is
+killed, the intent stays recorded and the rerun of the command (which
+attaches to it), another command, or a router carries it on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from ..config import ClusterConfig
+from .directory import ShardDirectory
+from .executors import ClusterHands, make_scheduler
+from .intents import Intent, IntentBook, IntentKind, IntentState, ShapeRefused
+from .lease import LeaseState, SchedulerLease
+from .membership import Launcher
+from .moves import MoveRecord, Mover
+from .scheduler import holder_name
+
+#: How long a command's calls to the metadata group keep trying.
+METADATA_TIMEOUT = 10.0
+
+
+def identity(cluster: ClusterConfig) -> str | None:
+    """The host certificate this machine presents with TLS (the first host
+    of the cluster whose certificate is here; admin commands run on a host
+    of the cluster)."""
+    security = cluster.security
+    if not security.tls:
+        return None
+    return next((h.name for h in cluster.hosts if security.host_cert_file(h.name).exists()), None)
+
+
+def request_change(cluster: ClusterConfig, kind: IntentKind, args: dict[str, Any], *, control: Any = None,
+                   launch: Launcher | None = None, on_line: Callable[[str], None] = lambda line: None,
+                   timeout: float | None = None, admin_timeout: float = 120.0) -> Intent:
+    """Record the intent (or attach to the same unfinished one) and carry it
+    to its end. Returns the finished intent; ShapeRefused with its outcome if
+    it failed or was cancelled; DeadlineExceeded after `timeout` (it goes on
+    without us)."""
+    hands = ClusterHands(cluster, control=control, launch=launch, timeout=admin_timeout)
+
+    async def main() -> Intent:
+        directory = ShardDirectory(cluster, identity(cluster), timeout=METADATA_TIMEOUT)
+        try:
+            scheduler = make_scheduler(hands, directory, holder_name("cli"))
+            intent, new = await scheduler.submit(kind, args)
+            if not new:
+                on_line(f"the same change is already recorded (intent {intent.intent_id}, "
+                        f"{intent.state.value}): following it")
+            return await scheduler.run_until_finished(intent.intent_id, on_line=on_line, timeout=timeout)
+        finally:
+            await directory.close()
+
+    intent = asyncio.run(main())
+    if intent.state is IntentState.FAILED:
+        raise ShapeRefused(intent.outcome)
+    if intent.state is IntentState.CANCELLED:
+        raise ShapeRefused(f"cancelled: {intent.outcome}")
+    return intent
+
+
+# --- Seeing and cancelling pending work ---------------------------------------------------------
+
+
+def pending_work(cluster: ClusterConfig) -> tuple[list[Intent], list[MoveRecord], LeaseState | None]:
+    """The intents (unfinished and recent), the moves in progress, and the
+    scheduler's lease, as the metadata group has them."""
+    async def main() -> tuple[list[Intent], list[MoveRecord], LeaseState | None]:
+        directory = ShardDirectory(cluster, identity(cluster), timeout=METADATA_TIMEOUT)
+        try:
+            intents = await IntentBook(directory).all()
+            moves = await Mover(None, directory).records()      # type: ignore[arg-type]
+            lease = await SchedulerLease(directory, "reader").read()
+            return intents, moves, lease
+        finally:
+            await directory.close()
+    return asyncio.run(main())
+
+
+def cancel(cluster: ClusterConfig, intent_id: int) -> Intent:
+    """Ask the scheduler to cancel an intent (see IntentBook.cancel)."""
+    async def main() -> Intent:
+        directory = ShardDirectory(cluster, identity(cluster), timeout=METADATA_TIMEOUT)
+        try:
+            return await IntentBook(directory).cancel(intent_id)
+        finally:
+            await directory.close()
+    return asyncio.run(main())

@@ -1,0 +1,249 @@
+"""The scheduler's lease, the intent records and the scheduler's loop
+(shardnode/placement/lease.py, intents.py, scheduler.py), against an
+in-memory metadata group: one holder at a time, a deposed holder's writes
+refused, intents recorded once and carried on by whoever holds the lease."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from shardnode.config import ClusterConfig
+from shardnode.placement.intents import IntentBook, IntentKind, IntentState, ShapeRefused
+from shardnode.placement.lease import FENCE_KEY, LEASE_KEY, LeaseLost, LeaseState, SchedulerLease, decode_fence,
+                                     encode_fence
+from shardnode.placement.scheduler import Execution, Outcome, Scheduler
+from tests.sim.metadata import InMemoryMetadata
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(coroutine):  # type: ignore[no-untyped-def]
+    return asyncio.run(coroutine)
+
+
+# --- The lease -------------------------------------------------------------------------------------
+
+
+def test_one_holder_at_a_time_and_a_take_over_raises_the_token() -> None:
+    async def scenario() -> None:
+        meta, clock = InMemoryMetadata(), Clock()
+        a = SchedulerLease(meta, "a", duration=8.0, clock=clock)
+        b = SchedulerLease(meta, "b", duration=8.0, clock=clock)
+        assert await a.acquire() and a.token == 1
+        assert not await b.acquire()                     # a's lease is live
+        clock.now += 5
+        await a.renew()
+        clock.now += 5
+        assert not await b.acquire()                     # renewed: still live
+        clock.now += 9
+        assert await b.acquire() and b.token == 2        # expired: taken over, a larger token
+        assert decode_fence(meta.values[FENCE_KEY]) == 2
+        with pytest.raises(LeaseLost):
+            await a.renew()
+        # a's guarded writes no longer land; b's do.
+        swapped, _ = await meta.compare_and_set(b"k", None, b"from a", guards=((FENCE_KEY, encode_fence(1)),))
+        assert not swapped
+        swapped, _ = await meta.compare_and_set(b"k", None, b"from b", guards=b.guards)
+        assert swapped
+        await b.release()
+        assert LeaseState.decode(meta.values[LEASE_KEY]).expired(int(clock.now * 1000))
+        assert await a.acquire() and a.token == 3        # released: no need to wait for the expiry
+
+    run(scenario())
+
+
+def test_a_deposed_holder_paused_past_its_expiry_cannot_write() -> None:
+    async def scenario() -> None:
+        meta, clock = InMemoryMetadata(), Clock()
+        a = SchedulerLease(meta, "a", clock=clock)
+        assert await a.acquire()
+        stale_guards = a.guards
+        clock.now += 60                                  # a is paused (SIGSTOP) for a minute
+        b = SchedulerLease(meta, "b", clock=clock)
+        assert await b.acquire()
+        swapped, _ = await meta.compare_and_set(b"placement/intents", None, b"x", guards=stale_guards)
+        assert not swapped                               # a wakes up and writes: refused
+
+    run(scenario())
+
+
+def test_an_unreadable_lease_is_taken_over_with_a_larger_token() -> None:
+    async def scenario() -> None:
+        meta, clock = InMemoryMetadata(), Clock()
+        meta.values[LEASE_KEY] = b"garbage"
+        meta.values[FENCE_KEY] = b"\x91\x07"             # [7]
+        lease = SchedulerLease(meta, "a", clock=clock)
+        assert await lease.acquire() and lease.token == 8
+
+    run(scenario())
+
+
+# --- Intents ---------------------------------------------------------------------------------------
+
+
+def test_the_same_request_attaches_to_the_unfinished_intent() -> None:
+    async def scenario() -> None:
+        book = IntentBook(InMemoryMetadata())
+        first, new = await book.submit(IntentKind.LEAVE, {"server": "h5:1", "clean": True})
+        again, new_again = await book.submit(IntentKind.LEAVE, {"server": "h5:1", "clean": True})
+        other, new_other = await book.submit(IntentKind.GROUP_ADD, {"hosts": ("h1", "h2", "h3")})
+        same_hosts, _ = await book.submit(IntentKind.GROUP_ADD, {"hosts": ["h1", "h2", "h3"]})
+        assert new and not new_again and again.intent_id == first.intent_id
+        assert new_other and same_hosts.intent_id == other.intent_id
+        assert len(await book.all()) == 2
+        cancelled = await book.cancel(first.intent_id)
+        assert cancelled.cancel_requested
+
+    run(scenario())
+
+
+# --- The scheduler ---------------------------------------------------------------------------------
+
+
+def cluster() -> ClusterConfig:
+    return ClusterConfig.from_dict({
+        "cluster": {"name": "t", "replicas": 3, "groups": 1},
+        "host": [{"name": f"h{i}", "address": f"127.0.0.{i}", "router_port": 50051, "worker_port_base": 50100,
+                  "metrics_port": 9090} for i in (1, 2, 3)],
+    })
+
+
+class Recorder:
+    """An executor that records what it did in the intent's work, in steps,
+    so that a take-over can be seen to carry on from the last recorded step."""
+
+    def __init__(self, steps: int = 3, stop_at: int | None = None) -> None:
+        self.steps = steps
+        self.stop_at = stop_at
+        self.done: list[tuple[str, int]] = []
+        self.stopped = asyncio.Event()
+
+    async def __call__(self, run: Execution) -> Outcome:
+        step = run.work.get("step", 0)
+        while step < self.steps:
+            if self.stop_at is not None and step == self.stop_at:
+                self.stopped.set()
+                await asyncio.sleep(3600)            # the holder hangs here (paused, cut off)
+            self.done.append((run.scheduler.lease.holder, step))
+            await run.say(f"step {step}")
+            step += 1
+            await run.save(step=step)
+        return Outcome(f"{self.steps} steps", {"steps": self.steps})
+
+
+def test_a_command_drives_its_intent_and_gets_its_outcome() -> None:
+    async def scenario() -> None:
+        meta = InMemoryMetadata()
+        recorder = Recorder()
+        scheduler = Scheduler(cluster(), meta, {IntentKind.REBALANCE: recorder}, holder="cli-1")
+        intent, _ = await scheduler.submit(IntentKind.REBALANCE, {})
+        lines: list[str] = []
+        finished = await scheduler.run_until_finished(intent.intent_id, on_line=lines.append)
+        assert finished.state is IntentState.DONE and finished.outcome == "3 steps"
+        assert lines == ["step 0", "step 1", "step 2"]
+        assert not scheduler.lease.held                  # released once its intent is done
+
+    run(scenario())
+
+
+def test_a_refusal_fails_the_intent_with_its_reason() -> None:
+    async def scenario() -> None:
+        async def refuse(run: Execution) -> Outcome:
+            raise ShapeRefused("group 0 would drop to 2 voters")
+
+        scheduler = Scheduler(cluster(), InMemoryMetadata(), {IntentKind.LEAVE: refuse}, holder="cli")
+        intent, _ = await scheduler.submit(IntentKind.LEAVE, {"server": "x", "clean": False})
+        finished = await scheduler.run_until_finished(intent.intent_id)
+        assert finished.state is IntentState.FAILED and "drop to 2 voters" in finished.outcome
+
+    run(scenario())
+
+
+def test_a_killed_command_is_carried_on_from_its_work_and_the_zombie_changes_nothing() -> None:
+    async def scenario() -> None:
+        meta, clock = InMemoryMetadata(), Clock()
+        first = Recorder(steps=4, stop_at=2)
+        zombie = Scheduler(cluster(), meta, {IntentKind.REBALANCE: first}, holder="cli-1",
+                           lease=SchedulerLease(meta, "cli-1", duration=8.0, clock=clock))
+        intent, _ = await zombie.submit(IntentKind.REBALANCE, {})
+        hung = asyncio.create_task(zombie.run_until_finished(intent.intent_id))
+        await first.stopped.wait()
+        # Its lease runs out (the renewal task is as stuck as the command).
+        clock.now += 60
+        second = Recorder(steps=4)
+        rerun = Scheduler(cluster(), meta, {IntentKind.REBALANCE: second}, holder="cli-2",
+                          lease=SchedulerLease(meta, "cli-2", duration=8.0, clock=clock))
+        again, new = await rerun.submit(IntentKind.REBALANCE, {})
+        assert not new and again.intent_id == intent.intent_id
+        finished = await rerun.run_until_finished(intent.intent_id)
+        assert finished.state is IntentState.DONE
+        assert [s for _, s in first.done] == [0, 1] and [s for _, s in second.done] == [2, 3]
+        # The zombie wakes up and tries to record progress: refused.
+        execution = Execution(zombie, finished, lambda line: None)
+        with pytest.raises(LeaseLost):
+            await execution.say("late line")
+        hung.cancel()
+        await asyncio.gather(hung, return_exceptions=True)
+
+    run(scenario())
+
+
+def test_a_waiting_command_follows_the_holder_and_prints_its_lines() -> None:
+    async def scenario() -> None:
+        meta = InMemoryMetadata()
+        gate = asyncio.Event()
+
+        async def slow(run: Execution) -> Outcome:
+            await run.say("started")
+            await gate.wait()
+            await run.say("finished")
+            return Outcome("ok")
+
+        holder = Scheduler(cluster(), meta, {IntentKind.REBALANCE: slow}, holder="a")
+        intent, _ = await holder.submit(IntentKind.REBALANCE, {})
+        driving = asyncio.create_task(holder.run_until_finished(intent.intent_id))
+        await asyncio.sleep(0.05)
+        watcher = Scheduler(cluster(), meta, {IntentKind.REBALANCE: slow}, holder="b")
+        lines: list[str] = []
+        watching = asyncio.create_task(watcher.run_until_finished(intent.intent_id, on_line=lines.append))
+        await asyncio.sleep(0.6)
+        gate.set()
+        finished = await watching
+        await driving
+        assert finished.state is IntentState.DONE and lines == ["started", "finished"]
+
+    run(scenario())
+
+
+def test_intents_run_one_at_a_time_in_the_order_recorded() -> None:
+    async def scenario() -> None:
+        meta = InMemoryMetadata()
+        order: list[str] = []
+
+        def executor(name: str):  # type: ignore[no-untyped-def]
+            async def act(run: Execution) -> Outcome:
+                order.append(f"{name} start")
+                await asyncio.sleep(0.01)
+                order.append(f"{name} end")
+                return Outcome(name)
+            return act
+
+        executors: dict[IntentKind, Any] = {IntentKind.LEAVE: executor("leave"),
+                                             IntentKind.REBALANCE: executor("rebalance")}
+        a = Scheduler(cluster(), meta, executors, holder="a")
+        b = Scheduler(cluster(), meta, executors, holder="b")
+        first, _ = await a.submit(IntentKind.LEAVE, {"server": "h3", "clean": False})
+        second, _ = await b.submit(IntentKind.REBALANCE, {})
+        await asyncio.gather(b.run_until_finished(second.intent_id), a.run_until_finished(first.intent_id))
+        assert order == ["leave start", "leave end", "rebalance start", "rebalance end"]
+
+    run(scenario())
