@@ -12,8 +12,8 @@ import pytest
 
 from shardnode.config import ClusterConfig
 from shardnode.placement.intents import IntentBook, IntentKind, IntentState, ShapeRefused
-from shardnode.placement.lease import FENCE_KEY, LEASE_KEY, LeaseLost, LeaseState, SchedulerLease, decode_fence,
-                                     encode_fence
+from shardnode.placement.lease import (FENCE_KEY, LEASE_KEY, LeaseLost, LeaseState, SchedulerLease, decode_fence,
+                                      encode_fence)
 from shardnode.placement.scheduler import Execution, Outcome, Scheduler
 from tests.sim.metadata import InMemoryMetadata
 
