@@ -126,13 +126,14 @@ class ShardDirectory:
         raw = await self.read(SHARD_MAP_KEY, timeout)
         return initial_map(self.cluster) if raw is None else ShardMap.decode(raw)
 
-    async def update_map(self, old: ShardMap, new: ShardMap, timeout: float | None = None) -> ShardMap:
+    async def update_map(self, old: ShardMap, new: ShardMap, timeout: float | None = None,
+                         guards: tuple[tuple[bytes, bytes | None], ...] = ()) -> ShardMap:
         """Replace `old` (the map the caller read) with `new`; MapConflict if
         the stored map is another one by then."""
         if new.epoch <= old.epoch:
             raise ValueError(f"a new shard map needs a higher epoch than {old.epoch} (got {new.epoch})")
         expected = old.encode()
-        swapped, current = await self.compare_and_set(SHARD_MAP_KEY, expected, new.encode(), timeout)
+        swapped, current = await self.compare_and_set(SHARD_MAP_KEY, expected, new.encode(), timeout, guards)
         if not swapped and current is None and old == initial_map(self.cluster):
             # Nobody wrote the map yet: store the initial one, then change it.
             await self.compare_and_set(SHARD_MAP_KEY, None, expected, timeout)

@@ -161,6 +161,9 @@ async def _member_add(hands: ClusterHands, run: Execution) -> Outcome:
 
     def act(admin: MembershipAdmin) -> Outcome:
         member = admin.add_member(group, host)
+        if admin.work.get("added") is None:
+            return Outcome(f"{host} holds voter {member.node_id} of group {group} already: nothing to add",
+                           {"group": group, "node_id": member.node_id, "host": member.host})
         return Outcome(f"group {group}: node {member.node_id} on {member.host} is a voter",
                        {"group": group, "node_id": member.node_id, "host": member.host})
 
@@ -171,8 +174,10 @@ async def _member_remove(hands: ClusterHands, run: Execution) -> Outcome:
     group, host = run.intent.args["group"], run.intent.args["host"]
 
     def act(admin: MembershipAdmin) -> Outcome:
-        admin.remove_member(group, host)
-        return Outcome(f"group {group}: {host}'s replica left the group", {"group": group, "host": host})
+        if admin.work.get("removed") or admin.remove_member(group, host):
+            admin.work.save(removed=True)
+            return Outcome(f"group {group}: {host}'s replica left the group", {"group": group, "host": host})
+        return Outcome(f"{host} holds no replica of group {group}: nothing to remove", {"group": group, "host": host})
 
     return await _with_membership(hands, run, act)
 

@@ -275,7 +275,7 @@ class MembershipAdmin:
         state = self.group(group)
         existing = state.member_at(address)
         if existing is not None and not existing.learner:
-            self.progress(f"group {group}: {host_name} holds voter {existing.node_id} already")
+            self.progress(f"{host_name} holds voter {existing.node_id} of group {group} already: nothing to add")
             return existing
         if existing is not None and existing.node_id != self._added(group, host):
             raise ShapeRefused(f"host {host_name} already holds a replica of group {group} "
@@ -502,19 +502,20 @@ class MembershipAdmin:
 
     # --- Leaving ----------------------------------------------------------------------------
 
-    def remove_member(self, group: int, host_name: str) -> None:
+    def remove_member(self, group: int, host_name: str) -> bool:
         """`host_name`'s replica of `group` leaves (refused if unsafe) and
-        retires. Holding none there already: nothing to do."""
+        retires. Holding none there already: nothing to do (False)."""
         host = self.cluster.host(host_name)
         state = self.group(group)
         if not state.members:
             raise ShapeRefused(f"group {group}: no replica answers; its membership is unknown")
         member = state.member_at(host.worker_address(group))
         if member is None:
-            self.progress(f"group {group}: {host_name} holds no replica of it (already removed)")
-            return
+            self.progress(f"{host_name} holds no replica of group {group}: nothing to remove")
+            return False
         self._check_removal(state, [member])
         self._remove(state, member)
+        return True
 
     def leave(self, server: str, clean: bool) -> list[tuple[int, int]]:
         """`leave`: every replica of a host (router address), or one replica

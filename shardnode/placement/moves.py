@@ -162,10 +162,17 @@ class MoveProgress:
 
 class Mover:
     def __init__(self, groups: GroupPort, directory: DirectoryPort,
-                 on_progress: Callable[[MoveRecord, MoveProgress], None] | None = None) -> None:
+                 on_progress: Callable[[MoveRecord, MoveProgress], None] | None = None, *, fence: int = 0,
+                 guards: tuple[tuple[bytes, bytes | None], ...] = ()) -> None:
         self.groups = groups
         self.directory = directory
         self.on_progress = on_progress or (lambda record, progress: None)
+        # Interim (the fenced mover lands separately): the scheduler's token and lease guard.
+        self.fence = fence
+        self.guards = guards
+
+    async def _shard(self, group: int, command: ShardCommand) -> None:
+        await self.groups.shard(group, replace(command, fence=self.fence))
 
     # --- Records in the metadata group ---------------------------------------------------
 
@@ -209,29 +216,29 @@ class Mover:
             if stop_after is not None and phase > stop_after:
                 return record
             if phase is Phase.PLANNED:
-                await self.groups.shard(target, ShardCommand(ShardOp.IMPORT_BEGIN, move_id, peer=source,
+                await self._shard(target, ShardCommand(ShardOp.IMPORT_BEGIN, move_id, peer=source,
                                                              ranges=record.ranges))
                 record = await self._record(replace(record, phase=Phase.IMPORTING))
             elif phase is Phase.IMPORTING:
-                await self.groups.shard(source, ShardCommand(ShardOp.EXPORT_BEGIN, move_id, peer=target,
+                await self._shard(source, ShardCommand(ShardOp.EXPORT_BEGIN, move_id, peer=target,
                                                              ranges=record.ranges))
                 record = await self._record(replace(record, phase=Phase.EXPORTING))
             elif phase is Phase.EXPORTING:
                 await self._copy(record, progress)
                 record = await self._record(replace(record, phase=Phase.COPIED))
             elif phase is Phase.COPIED:
-                await self.groups.shard(source, ShardCommand(ShardOp.EXPORT_FREEZE, move_id))
+                await self._shard(source, ShardCommand(ShardOp.EXPORT_FREEZE, move_id))
                 shard_map = await self.directory.load_map()
                 record = await self._record(replace(record, phase=Phase.FROZEN, epoch=shard_map.epoch + 1))
             elif phase is Phase.FROZEN:
                 await self._ship_delta(record, progress)
-                await self.groups.shard(target, ShardCommand(ShardOp.IMPORT_ACTIVATE, move_id, epoch=record.epoch))
+                await self._shard(target, ShardCommand(ShardOp.IMPORT_ACTIVATE, move_id, epoch=record.epoch))
                 record = await self._record(replace(record, phase=Phase.ACTIVATED))
             elif phase is Phase.ACTIVATED:
                 await self._flip(record)
                 record = await self._record(replace(record, phase=Phase.FLIPPED))
             elif phase is Phase.FLIPPED:
-                await self.groups.shard(source, ShardCommand(ShardOp.EXPORT_FINISH, move_id, epoch=record.epoch))
+                await self._shard(source, ShardCommand(ShardOp.EXPORT_FINISH, move_id, epoch=record.epoch))
                 await self._forget(record)
                 log.info("sharding.move_done", extra={"move": move_id, "source": source, "target": target,
                                                        "keys": progress.keys, "bytes": progress.bytes})
@@ -256,12 +263,12 @@ class Mover:
         the freeze is recorded after it is applied, so a record at COPIED may
         be frozen."""
         try:
-            await self.groups.shard(record.source, ShardCommand(ShardOp.EXPORT_ABORT, record.move_id))
+            await self._shard(record.source, ShardCommand(ShardOp.EXPORT_ABORT, record.move_id))
         except MoveError:
             if await self._frozen_at_source(record):
                 return False
             raise
-        await self.groups.shard(record.target, ShardCommand(ShardOp.IMPORT_ABORT, record.move_id))
+        await self._shard(record.target, ShardCommand(ShardOp.IMPORT_ABORT, record.move_id))
         await self._forget(record)
         return True
 
@@ -269,7 +276,7 @@ class Mover:
         """Whether the source refuses to abort because the export is frozen:
         freezing again is a no-op then, and succeeds."""
         try:
-            await self.groups.shard(record.source, ShardCommand(ShardOp.EXPORT_FREEZE, record.move_id))
+            await self._shard(record.source, ShardCommand(ShardOp.EXPORT_FREEZE, record.move_id))
         except MoveError:
             return False
         return True
@@ -306,7 +313,7 @@ class Mover:
         async def flush() -> None:
             nonlocal chunk, size
             if any(chunk.values()):
-                await self.groups.shard(record.target, ShardCommand(
+                await self._shard(record.target, ShardCommand(
                     ShardOp.INGEST, record.move_id, puts=tuple(chunk["put"]), deletes=tuple(chunk["delete"]),
                     sessions=tuple(chunk["session"])))
             chunk, size = {"put": [], "delete": [], "session": []}, 0

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..config import ClusterConfig
+from ..config import ClusterConfig, ConfigError
 from ..errors import DeadlineExceeded, ShardnodeError
 from .intents import Intent, IntentBook, IntentError, IntentKind, IntentState, ShapeRefused, unfinished
 from .lease import LeaseLost, SchedulerLease
@@ -236,7 +236,7 @@ class Scheduler:
             raise
         except asyncio.CancelledError:
             raise
-        except ShardnodeError as exc:
+        except (ShardnodeError, ConfigError) as exc:
             await self._finish(execution.intent, IntentState.FAILED, str(exc), {"error": type(exc).__name__},
                                guards)
             return

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from ..config import ClusterConfig
+from ..config import ClusterConfig, ConfigError
 from .directory import ShardDirectory
 from .executors import ClusterHands, make_scheduler
 from .intents import Intent, IntentBook, IntentKind, IntentState, ShapeRefused
@@ -44,6 +44,7 @@ def request_change(cluster: ClusterConfig, kind: IntentKind, args: dict[str, Any
     to its end. Returns the finished intent; ShapeRefused with its outcome if
     it failed or was cancelled; DeadlineExceeded after `timeout` (it goes on
     without us)."""
+    check_arguments(cluster, args)
     hands = ClusterHands(cluster, control=control, launch=launch, timeout=admin_timeout)
 
     async def main() -> Intent:
@@ -64,6 +65,22 @@ def request_change(cluster: ClusterConfig, kind: IntentKind, args: dict[str, Any
     if intent.state is IntentState.CANCELLED:
         raise ShapeRefused(f"cancelled: {intent.outcome}")
     return intent
+
+
+def check_arguments(cluster: ClusterConfig, args: dict[str, Any]) -> None:
+    """ConfigError, before anything is recorded, for a server or host that
+    is not in cluster.toml or a group number out of range."""
+    server = args.get("server")
+    if server is not None:
+        addresses = {h.router_address for h in cluster.hosts} | {
+            h.worker_address(g) for h in cluster.hosts for g in range(cluster.max_groups)}
+        if server not in addresses:
+            raise ConfigError(f"{server} is neither a router nor a worker address of cluster {cluster.name!r}")
+    for host in [args["host"]] if args.get("host") is not None else list(args.get("hosts") or ()):
+        cluster.host(host)
+    group = args.get("group")
+    if group is not None and not 0 <= group < cluster.max_groups:
+        raise ConfigError(f"there is no group {group} (groups are numbered 0 to {cluster.max_groups - 1})")
 
 
 # --- Seeing and cancelling pending work ---------------------------------------------------------

@@ -157,6 +157,8 @@ class ReplicaDriver:
         self._leader = NONE
         self._stopping = False
         self._pending_conf: dict[int, _PendingWrite] = {}
+        # When each peer's last message arrived (monotonic): who is live, for the shape policy.
+        self._last_heard: dict[int, float] = {}
         # Set once this replica applied its own removal: it serves nothing
         # more, and its process retires its data and exits.
         self.removed = asyncio.Event()
@@ -377,9 +379,7 @@ class ReplicaDriver:
         if not fencing.admits(group_fence, fence):
             raise InvalidConfChange(f"superseded: a newer scheduler (fencing token {group_fence}) took over from "
                                     f"this one (token {fence})")
-        status = self.node.status()
-        active = {node_id for node_id, progress in status.progress.items() if progress.recent_active}
-        problem = shape_policy.check(self.node.conf_state(), change, self.node_id, active, expected)
+        problem = shape_policy.check(self.node.conf_state(), change, self.node_id, self.recently_heard(), expected)
         if problem is not None:
             raise InvalidConfChange(problem)
         if fence:
@@ -405,6 +405,15 @@ class ReplicaDriver:
             if pending is not None and pending.future is future:
                 del self._pending_conf[proposal.index]
 
+    def recently_heard(self) -> set[int]:
+        """The members this replica heard from within the last election
+        timeout (the shape policy's "live": the core's own flags are reset at
+        every quorum check, which would make a member that answers every
+        heartbeat look silent for a moment after each)."""
+        timing = self.cluster.timing
+        horizon = time.monotonic() - timing.election_ticks * timing.tick_seconds
+        return {node_id for node_id, at in self._last_heard.items() if at >= horizon}
+
     def _promote_caught_up_learners(self) -> None:
         """A leader promotes a learner as soon as it has caught up (one change
         at a time: the core refuses a second one while the first is in flight)."""
@@ -424,7 +433,10 @@ class ReplicaDriver:
         if self.fail_stop.failed:
             return
         node = self.node
+        now = time.monotonic()
+        heard = self._last_heard
         for message in messages:
+            heard[message.from_] = now
             try:
                 node.step(message)
             except RaftError as exc:
