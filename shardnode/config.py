@@ -42,6 +42,13 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 #: data group: data groups are numbered below max_groups, which the ports
 #: keep below 65536. Its worker listens on worker_port_base + max_groups.
 METADATA_GROUP = 1 << 16
+#: How the metadata group is named where people read it (metrics labels, logs, status).
+METADATA_GROUP_LABEL = "meta"
+
+
+def group_label(group: int) -> str:
+    """A group's name in metrics, logs and status: its number, or "meta"."""
+    return METADATA_GROUP_LABEL if group == METADATA_GROUP else str(group)
 
 
 class ConfigError(ValueError):

@@ -29,7 +29,7 @@ from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from ..config import METADATA_GROUP, ClusterConfig, Replica
+from ..config import METADATA_GROUP, ClusterConfig, Replica, group_label
 from ..errors import DeadlineExceeded, NotLeader, Unavailable
 from ..raft import (
     NONE,
@@ -105,7 +105,7 @@ class ReplicaDriver:
         self.replica = replica
         self.group = replica.group
         self.node_id = replica.node_id
-        self._log_extra = {"group": self.group, "node": self.node_id}
+        self._log_extra = {"group": group_label(self.group), "node": self.node_id}
         self.store = store
         store.configure_ownership(initial_ownership(cluster.groups, cluster.virtual_nodes, self.group,
                                                     metadata=self.group == METADATA_GROUP))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ..config import group_label
 from ..metrics import LATENCY_BUCKETS
 from ..raft import StateRole
 from ..storage import wal_archive_bytes
@@ -33,7 +34,7 @@ STATE_VALUE = {StateRole.FOLLOWER: 0, StateRole.CANDIDATE: 1, StateRole.PRE_CAND
 class WorkerMetrics:
     def __init__(self, group: int, node: int) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.labels = {"group": str(group), "node": str(node)}
+        self.labels = {"group": group_label(group), "node": str(node)}
         base = ["group", "node"]
         self.request_latency = Histogram(
             "raft_request_latency_seconds", "Time to answer a request, per operation.",

@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
 
-from ..config import ClusterConfig, Replica
+from ..config import ClusterConfig, Replica, group_label
 from ..failstop import EXIT_FAIL_STOP, FailStop, describe, run_until_stop_or_fault
 from ..proto import worker_pb2_grpc
 from ..placement.directory import MetadataUnavailable
@@ -38,7 +38,7 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
     began = time.monotonic()
     host = cluster.host(host_name)
     data_dir = cluster.worker_data_dir(host_name, group)
-    extra: dict[str, object] = {"group": group}
+    extra: dict[str, object] = {"group": group_label(group)}
     fail_stop = FailStop(log, extra)
     # First of all: a stop asked while the worker is still finding its place
     # (up to OBSERVE_TIMEOUT) is a clean stop, not death by an unhandled signal.
@@ -89,7 +89,7 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
     server = grpc.aio.server(interceptors=[gatekeeper], options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
     driver = ReplicaDriver(cluster, replica, store, fail_stop=fail_stop)
     driver.metrics.registry.register(
-        SecurityCollector(stats, {"group": str(group), "node": str(replica.node_id), "component": "worker"}))
+        SecurityCollector(stats, {"group": group_label(group), "node": str(replica.node_id), "component": "worker"}))
     # A replica that applies its own removal stops like on SIGTERM, then retires.
     removal = asyncio.create_task(_set_when(driver.removed, stop), name="removal")
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(driver), server)

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..config import ClusterConfig
+from ..config import ClusterConfig, group_label
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
 from ..metrics import LATENCY_BUCKETS, merge_families
@@ -77,14 +77,14 @@ class RouterMetrics:
     def _child(self, group: int | None, op: str, code: str) -> tuple[Any, Any]:
         """The labelled series of one (group, op, code), looked up once: a
         `labels()` lookup per request was 5 % of a busy router's time."""
-        labels = {"group": "" if group is None else str(group), "node": self.node}
+        labels = {"group": "" if group is None else group_label(group), "node": self.node}
         counter = self.requests.labels(**labels, op=op, code=code, component="router")
         latency = self.request_latency.labels(**labels, op=op, component="router") if code == "OK" else None
         children = self._children[(group, op, code)] = (counter, latency)
         return children
 
     def count_stale_epoch_redirect(self, group: int) -> None:
-        self.stale_epoch_redirects.labels(group=str(group), node=self.node, component="router").inc()
+        self.stale_epoch_redirects.labels(group=group_label(group), node=self.node, component="router").inc()
 
     def watch(self, forwarders: Mapping[int, "GroupForwarder"], processes: "ProcessWatch | None" = None,
               shard_map_epoch: Callable[[], int] | None = None) -> None:
@@ -126,7 +126,7 @@ class _RouterCollector:
         redirects = CounterMetricFamily("raft_router_redirects", "NOT_LEADER answers followed.",
                                         labels=["group", "node", "component"])
         for forwarder in list(self.metrics._forwarders.values()):
-            labels = [str(forwarder.group), node, "router"]
+            labels = [group_label(forwarder.group), node, "router"]
             retries.add_metric(labels, forwarder.stats.retries)
             redirects.add_metric(labels, forwarder.stats.redirects)
         yield retries
@@ -189,7 +189,7 @@ class _HostCollector:
         health = GaugeMetricFamily("raft_node_health", "1 if the worker answers, 0 if it is down.",
                                    labels=["group", "node"])
         for (group, node_id), text in zip(members, texts):
-            health.add_metric([str(group), str(node_id)], 0 if text is None else 1)
+            health.add_metric([group_label(group), str(node_id)], 0 if text is None else 1)
         sources: list[Iterable[Metric]] = [[health], self.own.collect()]
         sources += [text_string_to_metric_families(text) for text in texts if text is not None]
         # One block per family: the router's raft_request_latency_seconds and

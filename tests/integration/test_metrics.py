@@ -98,7 +98,7 @@ def test_every_metric_is_present_with_its_labels_and_one_leader_per_group(cluste
         healthy = [_value(page.get("raft_node_health", []), group=str(group)) for page in pages.values()]
         assert healthy.count(1) == cluster.cluster.replicas
     # The metadata group's workers are on their hosts' pages too; every router routes with epoch 1.
-    meta = [_value(page.get("raft_node_health", []), group=str(METADATA_GROUP)) for page in pages.values()]
+    meta = [_value(page.get("raft_node_health", []), group="meta") for page in pages.values()]
     assert meta.count(1) == cluster.cluster.meta_replicas
     assert all(_value(page["raft_shard_map_epoch"], component="router") == 1 for page in pages.values())
     # Both the router and the workers report request latency.
