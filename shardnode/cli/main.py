@@ -43,7 +43,7 @@ from ..client import Client
 from ..config import DEFAULT_CONFIG, ConfigError, default_config_path
 from ..errors import ShardnodeError
 from ..proto import kv_pb2
-from .ready import NotReady, wait_ready
+from .ready import NotReady, every_group, wait_ready
 
 PROG = "shardnode"
 DEFAULT_TIMEOUT = 10.0
@@ -261,7 +261,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status_dict(status), indent=2))
     else:
         print_table(status_table(status))
-    return EXIT_OK if all(g.has_quorum for g in status.groups) else EXIT_NOT_READY
+    return EXIT_OK if all(g.has_quorum for g in every_group(status)) else EXIT_NOT_READY
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -316,37 +316,43 @@ def replica_health(replica: kv_pb2.ReplicaStatus) -> str:
 
 def status_dict(status: kv_pb2.StatusResponse) -> dict[str, Any]:
     """The status as plain JSON-able data (stable field names, integers as numbers)."""
-    return {
+    result = {
         "cluster": status.cluster,
         "router_host": status.router_host,
         "shard_map_epoch": status.shard_map_epoch,
-        "groups": [
+        "groups": [group_dict(group) for group in status.groups],
+    }
+    if status.HasField("metadata_group"):
+        result["metadata_group"] = group_dict(status.metadata_group)
+    return result
+
+
+def group_dict(group: kv_pb2.GroupStatus) -> dict[str, Any]:
+    """One group of the status as JSON-able data ("name": "meta" for the metadata group)."""
+    return {
+        "group": group.group,
+        "name": group.name or str(group.group),
+        "leader_id": group.leader_id,
+        "has_quorum": group.has_quorum,
+        "share": group.share,
+        "replicas": [
             {
-                "group": group.group,
-                "leader_id": group.leader_id,
-                "has_quorum": group.has_quorum,
-                "share": group.share,
-                "replicas": [
-                    {
-                        "host": r.host,
-                        "node_id": r.node_id,
-                        "address": r.address,
-                        "reachable": r.reachable,
-                        "role": r.role,
-                        "leader": group.leader_id != 0 and r.node_id == group.leader_id,
-                        "term": r.term,
-                        "commit_index": r.commit_index,
-                        "applied_index": r.applied_index,
-                        "last_index": r.last_index,
-                        "lag": r.lag,
-                        "health": replica_health(r),
-                        "process_state": r.process_state,
-                        "restarts": r.restarts,
-                    }
-                    for r in group.replicas
-                ],
+                "host": r.host,
+                "node_id": r.node_id,
+                "address": r.address,
+                "reachable": r.reachable,
+                "role": r.role,
+                "leader": group.leader_id != 0 and r.node_id == group.leader_id,
+                "term": r.term,
+                "commit_index": r.commit_index,
+                "applied_index": r.applied_index,
+                "last_index": r.last_index,
+                "lag": r.lag,
+                "health": replica_health(r),
+                "process_state": r.process_state,
+                "restarts": r.restarts,
             }
-            for group in status.groups
+            for r in group.replicas
         ],
     }
 
@@ -356,14 +362,18 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
     from rich.table import Table
 
     with_quorum = sum(1 for g in status.groups if g.has_quorum)
+    caption = f"{len(status.groups)} groups, {with_quorum} with quorum"
+    if status.HasField("metadata_group"):
+        caption += "; metadata group: " + ("quorum" if status.metadata_group.has_quorum else "NO QUORUM (no change "
+                                                                                              "of shape possible)")
     table = Table(title=f"{status.cluster} (router {status.router_host}, shard map epoch {status.shard_map_epoch})",
-                  caption=f"{len(status.groups)} groups, {with_quorum} with quorum")
+                  caption=caption)
     for column, justify in (("group", "right"), ("share", "right"), ("host", "left"), ("node", "right"), ("role", "left"),
                             ("term", "right"), ("commit", "right"), ("applied", "right"), ("lag", "right"),
                             ("health", "left"), ("process", "left")):
         table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    for group in status.groups:
-        group_label = str(group.group) + ("" if group.has_quorum else " (no quorum)")
+    for group in every_group(status):
+        group_label = (group.name or str(group.group)) + ("" if group.has_quorum else " (no quorum)")
         for i, r in enumerate(group.replicas):
             leader = group.leader_id != 0 and r.node_id == group.leader_id
             style = " ".join(s for s in ("bold" if leader else "", "" if group.has_quorum else "red") if s)
@@ -374,7 +384,8 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
             process = r.process_state or "?"
             if r.restarts:
                 process += f" ({r.restarts} restarts)"
-            table.add_row(group_label if i == 0 else "", _share(group.share) if i == 0 else "", r.host, str(r.node_id), *cells, replica_health(r), process,
+            share = "-" if group.name == "meta" else _share(group.share)
+            table.add_row(group_label if i == 0 else "", share if i == 0 else "", r.host, str(r.node_id), *cells, replica_health(r), process,
                           style=style or None, end_section=i == len(group.replicas) - 1)
     return table
 

@@ -32,7 +32,7 @@ def wait_ready(client: Client, seconds: float, poll: float = 0.25) -> kv_pb2.Sta
         except ShardnodeError as exc:
             last = str(exc)
         else:
-            if status.groups and all(g.has_quorum for g in status.groups):
+            if status.groups and all(g.has_quorum for g in every_group(status)):
                 return status
             last = not_ready_reason(status)
         if time.monotonic() + poll >= deadline:
@@ -40,16 +40,26 @@ def wait_ready(client: Client, seconds: float, poll: float = 0.25) -> kv_pb2.Sta
         time.sleep(poll)
 
 
+def every_group(status: kv_pb2.StatusResponse) -> list[kv_pb2.GroupStatus]:
+    """The data groups, and the metadata group when the router reports it
+    (without it no change of shape can be made: it counts for readiness)."""
+    groups = list(status.groups)
+    if status.HasField("metadata_group"):
+        groups.append(status.metadata_group)
+    return groups
+
+
 def not_ready_reason(status: kv_pb2.StatusResponse) -> str:
     """What keeps a cluster from being ready, in one phrase."""
     missing = []
-    for group in status.groups:
+    for group in every_group(status):
         if group.has_quorum:
             continue
         up = sum(1 for r in group.replicas if r.reachable)
         majority = len(group.replicas) // 2 + 1
+        name = "the metadata group" if group.name == "meta" else f"group {group.group}"
         if up < majority:
-            missing.append(f"group {group.group} has no quorum ({up} of {len(group.replicas)} replicas up)")
+            missing.append(f"{name} has no quorum ({up} of {len(group.replicas)} replicas up)")
         else:
-            missing.append(f"group {group.group} has no leader yet ({up} of {len(group.replicas)} replicas up)")
+            missing.append(f"{name} has no leader yet ({up} of {len(group.replicas)} replicas up)")
     return "; ".join(missing) or "no group reported"

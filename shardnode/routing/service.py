@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from ..config import ClusterConfig
+from ..config import METADATA_GROUP, ClusterConfig, group_label
 from ..errors import (CAUSE_METADATA_KEY, GROUP_METADATA_KEY, DeadlineExceeded, InvalidArgument, NoLeader,
                       NoQuorum, ShardnodeError, Unavailable)
 from ..proto import kv_pb2 as pb
@@ -456,10 +456,11 @@ class KVService(pb_grpc.KVServicer):
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         shard_map = self.shard_map
-        groups, processes = await asyncio.gather(
+        groups, meta, processes = await asyncio.gather(
             asyncio.gather(*(self._group_status(g, shard_map) for g in shard_map.groups if g in self.forwarders)),
+            self._group_status(METADATA_GROUP, shard_map),
             self._host_processes())
-        for group in groups:
+        for group in [*groups, meta]:
             for replica in group.replicas:
                 process = processes.get((replica.host, worker_program(group.group)))
                 if process is not None:
@@ -469,12 +470,15 @@ class KVService(pb_grpc.KVServicer):
             router_host=self.host_name,
             shard_map_epoch=shard_map.epoch,
             groups=list(groups),
+            metadata_group=meta,
         )
 
     async def _group_status(self, group: int, shard_map: ShardMap) -> pb.GroupStatus:
-        view = await probe_group(self.cluster, self.channels, group, timeout=STATUS_TIMEOUT,
-                                 known=self.forwarders[group].members)
-        self.monitor.observe(view)
+        metadata = group == METADATA_GROUP
+        known = self.cluster.meta_group_replicas() if metadata else self.forwarders[group].members
+        view = await probe_group(self.cluster, self.channels, group, timeout=STATUS_TIMEOUT, known=known)
+        if not metadata:
+            self.monitor.observe(view)
         leader = view.leader
         match = {p.node_id: p.match for p in leader.peers} if leader is not None else {}
         statuses = []
@@ -496,7 +500,8 @@ class KVService(pb_grpc.KVServicer):
             leader_id=leader.node_id if leader is not None else 0,
             has_quorum=view.has_quorum,
             replicas=statuses,
-            share=shard_map.share(group),
+            share=0.0 if metadata else shard_map.share(group),
+            name=group_label(group),
         )
 
 
