@@ -98,10 +98,9 @@ class Intent:
         shown = ", ".join(f"{k}={v}" for k, v in sorted(self.args.items()) if v not in (None, "", False))
         return f"{self.kind.value}({shown})" if shown else self.kind.value
 
-    def with_progress(self, lines: list[str]) -> Intent:
+    def with_progress(self, lines: list[str], now_ms: int) -> Intent:
         kept = (self.progress + tuple(lines))[-PROGRESS_LINES:]
-        return replace(self, progress=kept, progress_count=self.progress_count + len(lines),
-                       updated_ms=_now_ms())
+        return replace(self, progress=kept, progress_count=self.progress_count + len(lines), updated_ms=now_ms)
 
     def lines_after(self, seen: int) -> tuple[list[str], int]:
         """Progress lines a watcher that saw `seen` of them has not seen yet,
@@ -152,17 +151,20 @@ def trimmed(intents: list[Intent]) -> list[Intent]:
     return [i for i in intents if not i.state.finished or i.intent_id in keep]
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class IntentBook:
     """The intent records in the metadata group. `guards` (a callable, so
     that it follows the lease) conditions the scheduler's writes; commands
     that only record or cancel write unguarded."""
 
-    def __init__(self, directory) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, directory, clock: Callable[[], float] = time.time,  # type: ignore[no-untyped-def]
+                 new_id: Callable[[], int] = lambda: secrets.randbits(62) + 1) -> None:
+        """`clock` (wall-clock seconds) and `new_id` are the simulation's to set."""
         self.directory = directory
+        self.clock = clock
+        self.new_id = new_id
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
 
     decode = staticmethod(decode_intents)
 
@@ -208,8 +210,8 @@ class IntentBook:
             if same is not None:
                 found.append(same)
                 return None
-            now = _now_ms()
-            intent = Intent(secrets.randbits(62) + 1, kind, dict(args), submitted_ms=now, updated_ms=now)
+            now = self.now_ms()
+            intent = Intent(self.new_id(), kind, dict(args), submitted_ms=now, updated_ms=now)
             created.append(intent)
             return intents + [intent]
 
@@ -231,7 +233,7 @@ class IntentBook:
             result.append(target)
             if target.state.finished or target.cancel_requested:
                 return None
-            updated = replace(target, cancel_requested=True, updated_ms=_now_ms())
+            updated = replace(target, cancel_requested=True, updated_ms=self.now_ms())
             result[0] = updated
             return [updated if i.intent_id == intent_id else i for i in intents]
 

@@ -80,7 +80,7 @@ class Execution:
     async def say(self, line: str) -> None:
         """One progress line: printed by whoever waits for the intent."""
         self.echo(line)
-        await self._update(lambda i: i.with_progress([line]))
+        await self._update(lambda i: i.with_progress([line], self.scheduler.book.now_ms()))
 
     async def save(self, **work: Any) -> None:
         """Record durable choices (`work`) before acting on them: a holder that
@@ -252,7 +252,7 @@ class Scheduler:
                       guards: tuple[tuple[bytes, bytes | None], ...]) -> None:
         finished = await self.book.update(
             intent.intent_id,
-            lambda i: replace(i, state=state, outcome=outcome, result=result, updated_ms=int(time.time() * 1000)),
+            lambda i: replace(i, state=state, outcome=outcome, result=result, updated_ms=self.book.now_ms()),
             guards)
         if finished is None:
             raise LeaseLost("the scheduler's lease was taken over")

@@ -47,3 +47,10 @@ def admits(group_fence: int, fence: int) -> bool:
     """Whether a command with token `fence` may apply to a group that has
     applied `group_fence` so far."""
     return fence >= group_fence
+
+
+def admits_membership_change(group_fence: int, fence: int, *, promotion: bool) -> bool:
+    """Whether a committed membership change may take effect: promotions of
+    caught-up learners (the leader's own, token 0) always may — they only
+    follow an ADD_LEARNER that was admitted — anything else by its token."""
+    return promotion or admits(group_fence, fence)

@@ -314,9 +314,8 @@ class ReplicaStore:
             change = ConfChange.decode(data)
         except ValueError:
             return True         # undecodable: the core applies it as a no-op
-        if change.type is ConfChangeType.ADD_NODE:
-            return True
-        return fencing.admits(self.shard_state.fence, fencing.conf_change_fence(change.context))
+        return fencing.admits_membership_change(self.shard_state.fence, fencing.conf_change_fence(change.context),
+                                                promotion=change.type is ConfChangeType.ADD_NODE)
 
     def owns(self, key: bytes) -> bool:
         """Whether the state machine serves `key` now (reads check this after
