@@ -26,6 +26,7 @@ from ..storage.shard_commands import ShardCommand, ShardOp
 from .balance import Rebalancer, Step, describe_counts, router_groups
 from .groups import GroupAdmin
 from .intents import IntentKind
+from .lease import SchedulerLease
 from .membership import Launcher, MembershipAdmin, WorkRecord
 from .moves import MoveError
 from .scheduler import Execution, Executor, Outcome, Scheduler
@@ -62,8 +63,9 @@ def make_executors(hands: ClusterHands) -> dict[IntentKind, Executor]:
 
 
 def make_scheduler(hands: ClusterHands, directory, holder: str) -> Scheduler:  # type: ignore[no-untyped-def]
+    lease = SchedulerLease(directory, holder, duration=hands.cluster.timing.scheduler_lease_seconds)
     return Scheduler(hands.cluster, directory, make_executors(hands), holder=holder,
-                     prepare=lambda scheduler: _prepare(hands, scheduler))
+                     prepare=lambda scheduler: _prepare(hands, scheduler), lease=lease)
 
 
 # --- Taking the lease ------------------------------------------------------------------------

@@ -16,7 +16,8 @@ then runs a `Scheduler` until that intent is finished:
 
 Every router also runs a scheduler in the background (`SchedulerWatch`) that
 takes over work that nobody drives: an unfinished intent, or a move, whose
-record has not changed for STALL_SECONDS while the lease is free — the
+record has not changed for STALL_FACTOR lease durations while the lease is
+free — the
 command that recorded it was killed, or its machine lost. Moves are finished
 (from the freeze on they can only go forward) or, when their intent was
 cancelled before the freeze, rolled back; never left half done.
@@ -49,9 +50,10 @@ log = logging.getLogger("shardnode.placement")
 WATCH_SECONDS = 0.25
 #: How often a router's scheduler looks for work nobody drives.
 BACKGROUND_POLL_SECONDS = 2.0
-#: Work (an intent, a move) whose record has not changed this long, while the
-#: lease is free, is taken over by a router.
-STALL_SECONDS = 10.0
+#: Work (an intent, a move) whose record has not changed for this many lease
+#: durations ([timing] scheduler_lease_ms: 10 s by default), while the lease
+#: is free, is taken over by a router.
+STALL_FACTOR = 1.25
 
 Line = Callable[[str], None]
 

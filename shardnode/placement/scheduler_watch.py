@@ -7,7 +7,7 @@ space may be left half way — from a move's freeze to its activation its
 ranges are served by no group. Every router therefore looks every
 BACKGROUND_POLL_SECONDS at the intents, the move records and the lease: if
 some intent is unfinished, or some move is recorded, and nothing about it has
-changed for STALL_SECONDS while nobody holds a live lease, the router takes
+changed for STALL_FACTOR lease durations while nobody holds a live lease, the router takes
 the lease and carries everything out (scheduler.py): intents in the order
 they were recorded, then the moves that remain.
 
@@ -35,7 +35,7 @@ from .executors import ClusterHands, make_scheduler
 from .intents import IntentBook, unfinished
 from .lease import SchedulerLease
 from .moves import MOVES_KEY
-from .scheduler import BACKGROUND_POLL_SECONDS, STALL_SECONDS, holder_name
+from .scheduler import BACKGROUND_POLL_SECONDS, STALL_FACTOR, holder_name
 
 log = logging.getLogger("shardnode.router")
 
@@ -44,12 +44,15 @@ class SchedulerWatch(OwnedTask):
     task_name = "router scheduler watch"
 
     def __init__(self, cluster: ClusterConfig, host_name: str, supervised: Callable[[], bool] = lambda: True,
-                 stall_seconds: float = STALL_SECONDS, poll_seconds: float = BACKGROUND_POLL_SECONDS) -> None:
+                 stall_seconds: float | None = None, poll_seconds: float = BACKGROUND_POLL_SECONDS) -> None:
         """`supervised()`: whether this host's supervisord answers now (the
-        router's process watch knows)."""
+        router's process watch knows). Work is stalled once nothing about it
+        changed for STALL_FACTOR leases."""
         self.cluster = cluster
         self.host_name = host_name
         self.supervised = supervised
+        if stall_seconds is None:
+            stall_seconds = STALL_FACTOR * cluster.timing.scheduler_lease_seconds
         self.control = ProcessControl(cluster)
         self.stall_seconds = stall_seconds
         self.poll_seconds = poll_seconds

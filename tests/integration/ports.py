@@ -73,7 +73,7 @@ def write_cluster_toml(
         f'[cluster]\nname = "{name}"\nreplicas = {replicas or hosts}\ngroups = {groups}\nmax_groups = {max_groups}\n'
         + (f"meta_replicas = {meta_replicas}\n" if meta_replicas else "") +
         f'data_dir = "{tmp / "data"}"\nsnapshot_threshold = {snapshot_threshold}\n\n'
-        f"[timing]\ntick_ms = {tick_ms}\nelection_ticks = 10\nheartbeat_ticks = 1\n\n"
+        f"[timing]\ntick_ms = {tick_ms}\nelection_ticks = 10\nheartbeat_ticks = 1\nscheduler_lease_ms = 3000\n\n"
         + ("[security]\ntls = true\n\n" if tls else "") + "\n".join(blocks)
     )
     return path
