@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
         description="Change the number of groups while clients read and write: key space moves between groups "
                     "online, linearizably, with nothing lost (docs/sharding.md). Every change of shape is "
                     "recorded first and carried out by one scheduler at a time: `pending` shows what is "
-                    "recorded and not finished, `cancel` stops what has not gone past its point of no return.",
+                    "recorded and not finished, `cancel` drops a change not started, and rolls back a group "
+                    "change's moves not yet frozen.",
     )
     commands = group.add_subparsers(dest="group_command", metavar="COMMAND", required=True)
     add = commands.add_parser(
@@ -59,8 +60,8 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
     cancel_parser = commands.add_parser(
         "cancel", parents=list(parents), help="cancel a recorded change of shape",
         description="A change not started yet is dropped; a group add or remove under way rolls back the moves "
-                    "not yet frozen (a frozen move can only finish). Membership changes under way finish their "
-                    "current step.",
+                    "not yet frozen (a frozen move can only finish). A membership change or rebalance already "
+                    "under way completes.",
     )
     cancel_parser.add_argument("intent", metavar="INTENT", type=int, help="the intent's id (`group pending`)")
     cancel_parser.set_defaults(func=_cancel)

@@ -28,6 +28,7 @@ from .groups import GroupAdmin
 from .intents import IntentKind
 from .lease import SchedulerLease
 from .membership import Launcher, MembershipAdmin, WorkRecord
+from .processes import Processes
 from .moves import MoveError
 from .scheduler import Execution, Executor, Outcome, Scheduler
 from .worker_groups import WorkerGroups
@@ -45,7 +46,7 @@ class ClusterHands:
     host's supervisord) or, in tests without supervisord, a launcher."""
 
     cluster: ClusterConfig
-    control: Any = None                 # shardnode.supervisor.ProcessControl
+    control: Processes | None = None     # shardnode.supervisor.ProcessControl
     launch: Launcher | None = None
     timeout: float = 120.0
 

@@ -118,12 +118,43 @@ class GroupAdmin:
             await self._save(**values)
 
     async def resume(self) -> int:
-        """Finish the moves an earlier run left; how many there were."""
+        """Finish the moves an earlier run left, side by side; one that
+        cannot go on now (its group has no leader) does not hold the others
+        up. Returns how many there were; MoveError naming the ones that
+        failed (they are resumed by the next scheduler)."""
         records = await self.mover.records()
-        if records:
-            await self.say(f"finishing {len(records)} unfinished move(s) an earlier run left")
-            await asyncio.gather(*(self.mover.run(r) for r in records))
+        if not records:
+            return 0
+        await self.say(f"finishing {len(records)} unfinished move(s) an earlier run left")
+        outcomes = await asyncio.gather(*(self._run_move(r) for r in records), return_exceptions=True)
+        failed = [(r, o) for r, o in zip(records, outcomes) if isinstance(o, BaseException)]
+        for _, outcome in failed:
+            if not isinstance(outcome, (MoveError, ShardnodeError)):
+                raise outcome
+        if failed:
+            raise MoveError("; ".join(f"move {r.move_id} (group {r.source} -> {r.target}): {o}" for r, o in failed))
         return len(records)
+
+    async def _run_move(self, record: MoveRecord, cancelled: Callable[[], Awaitable[bool]] = _never) -> bool:
+        """Run a move to its end one phase at a time, saying each phase (the
+        progress an operator follows, and where a killed command stopped).
+        Cancelled before its freeze, it is rolled back instead (False); from
+        the freeze on it can only finish."""
+        name = f"move {record.move_id % 10000:04d} (group {record.source} -> {record.target})"
+        while True:
+            if record.phase < Phase.FROZEN and await cancelled():
+                try:
+                    await self.mover.abort(record)
+                    await self.say(f"{name}: rolled back")
+                    return False
+                except MoveError:
+                    pass            # frozen meanwhile: it can only go forward
+            phase = record.phase
+            record = await self.mover.run(record, stop_after=phase)
+            if record.phase == phase:
+                await self.say(f"{name}: done")
+                return True
+            await self.say(f"{name}: {record.phase.name.lower()}")
 
     # --- Adding ---------------------------------------------------------------------
 
@@ -266,17 +297,8 @@ class GroupAdmin:
             original(record, progress)
 
         async def run(record: MoveRecord) -> None:
-            if record.phase < Phase.COPIED:
-                if not await cancelled():
-                    record = await self.mover.run(record, stop_after=Phase.EXPORTING)
-                if await cancelled():
-                    try:
-                        await self.mover.abort(record)
-                        report.cancelled = True
-                        return
-                    except MoveError:
-                        pass            # frozen meanwhile: it can only go forward
-            await self.mover.run(record)
+            if not await self._run_move(record, cancelled):
+                report.cancelled = True
 
         self.mover.on_progress = track
         try:

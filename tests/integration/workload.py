@@ -23,6 +23,9 @@ class Load:
     readers, on their own Clients, recorded for the checker."""
 
     config: Path
+    # Keys of this load start with it: loads run one after another on one
+    # cluster must not meet each other's keys (the checker sees one history).
+    prefix: str = ""
     recorder: HistoryRecorder = field(default_factory=HistoryRecorder)
     acked: dict[str, str] = field(default_factory=dict)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -46,7 +49,7 @@ class Load:
                 if self.stop.is_set():
                     return
                 fresh = n % 2 == 1
-                key = f"w{client_id}-{n}" if fresh else rng.choice(HOT_KEYS)
+                key = f"{self.prefix}w{client_id}-{n}" if fresh else self.prefix + rng.choice(HOT_KEYS)
                 value = f"c{client_id}-{n}"
                 handle = self.recorder.invoke(client_id, OpKind.PUT, key.encode(), value.encode())
                 try:
@@ -65,7 +68,7 @@ class Load:
         rng = random.Random(client_id)
         with Client.from_config(self.config, timeout=8.0) as client:
             while not self.stop.is_set():
-                key = rng.choice(HOT_KEYS)
+                key = self.prefix + rng.choice(HOT_KEYS)
                 handle = self.recorder.invoke(client_id, OpKind.GET, key.encode())
                 try:
                     value = client.get(key)
@@ -79,7 +82,7 @@ class Load:
         with Client.from_config(self.config, timeout=20.0) as client:
             keys = sorted(self.acked)
             lost = [k for k in keys if client.get(k) != self.acked[k].encode()]
-            for key in HOT_KEYS:
+            for key in (self.prefix + k for k in HOT_KEYS):
                 handle = self.recorder.invoke(999, OpKind.GET, key.encode())
                 self.recorder.ok(handle, client.get(key))
         result = check_history(self.recorder.operations(), timeout=180)
