@@ -236,6 +236,7 @@ def test_start_new_and_member_add_killed_at_each_phase_and_run_again(env: Superv
     with Loaded(env, "killed member add"):
         kills += _killed_and_run_again(env, ("member", "add", "0", "h6"), (1, 2))
         _settled(env)
+    print(f"\n[membership kills] {kills} commands killed and run again")
     assert kills >= 5, kills
     assert _hosts_of(env, 0) == ["h1", "h2", "h3", "h4", "h5", "h6"]
     with _admin(env) as admin:
@@ -292,6 +293,7 @@ def test_group_add_and_remove_killed_at_each_phase_and_run_again(env: Supervised
     with Loaded(env, "killed group remove"):
         kills += _killed_and_run_again(env, ("group", "remove", str(added[0])), (1, 3, 6))
         _settled(env)
+    print(f"\n[group kills] {kills} commands killed and run again")
     assert kills >= 4, kills
     final = _load_map(env.cluster)
     assert added[0] in final.retired and final.groups == before.groups
