@@ -247,3 +247,39 @@ def test_intents_run_one_at_a_time_in_the_order_recorded() -> None:
         assert order == ["leave start", "leave end", "rebalance start", "rebalance end"]
 
     run(scenario())
+
+
+def test_a_cancelled_intent_that_has_not_started_is_dropped_unrun() -> None:
+    async def scenario() -> None:
+        meta = InMemoryMetadata()
+        ran: list[str] = []
+
+        async def act(run: Execution) -> Outcome:
+            ran.append(run.intent.kind.value)
+            return Outcome("done")
+
+        scheduler = Scheduler(cluster(), meta, {IntentKind.LEAVE: act, IntentKind.REBALANCE: act}, holder="a")
+        first, _ = await scheduler.submit(IntentKind.LEAVE, {"server": "h2", "clean": False})
+        second, _ = await scheduler.submit(IntentKind.REBALANCE, {})
+        await scheduler.book.cancel(first.intent_id)
+        finished = await scheduler.run_until_finished(second.intent_id)
+        first_after = await scheduler.book.get(first.intent_id)
+        assert first_after.state is IntentState.CANCELLED and finished.state is IntentState.DONE
+        assert ran == ["rebalance"]
+        with pytest.raises(Exception, match="no intent 12345"):
+            await scheduler.book.cancel(12345)
+
+    run(scenario())
+
+
+def test_arguments_are_checked_before_anything_is_recorded() -> None:
+    from shardnode.config import ConfigError
+    from shardnode.placement.shape_change import check_arguments
+
+    config = cluster()
+    check_arguments(config, {"server": "127.0.0.2:50051"})
+    check_arguments(config, {"group": 0, "host": "h3"})
+    for bad in ({"server": "127.0.0.9:1"}, {"host": "h9", "group": 0}, {"hosts": ["h1", "nope"]},
+                {"group": 99}):
+        with pytest.raises(ConfigError):
+            check_arguments(config, bad)
