@@ -25,6 +25,9 @@ from .scheduler import holder_name
 
 #: How long a command's calls to the metadata group keep trying.
 METADATA_TIMEOUT = 10.0
+#: How long a command waits for its change by default (then it says the
+#: change goes on without it, and exits non-zero).
+CHANGE_TIMEOUT = 900.0
 
 
 def identity(cluster: ClusterConfig) -> str | None:
@@ -39,7 +42,7 @@ def identity(cluster: ClusterConfig) -> str | None:
 
 def request_change(cluster: ClusterConfig, kind: IntentKind, args: dict[str, Any], *, control: Any = None,
                    launch: Launcher | None = None, on_line: Callable[[str], None] = lambda line: None,
-                   timeout: float | None = None, admin_timeout: float = 120.0) -> Intent:
+                   timeout: float | None = CHANGE_TIMEOUT, admin_timeout: float = 120.0) -> Intent:
     """Record the intent (or attach to the same unfinished one) and carry it
     to its end. Returns the finished intent; ShapeRefused with its outcome if
     it failed or was cancelled; DeadlineExceeded after `timeout` (it goes on
