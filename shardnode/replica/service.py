@@ -339,8 +339,19 @@ class WorkerService(pb_grpc.WorkerServicer):
         if problem is not None:
             status, message, lead, address = problem
             return pb.ExportDeltaResponse(status=status, message=message, leader_id=lead, leader_address=address)
+        def whole_delta():  # type: ignore[no-untyped-def]
+            puts, deletes, sessions, after = [], [], [], None
+            while True:
+                page = self.driver.store.export_delta(request.move_id, after)
+                puts += page.puts
+                deletes += page.deletes
+                sessions += page.sessions
+                after = page.next_after
+                if after is None:
+                    return puts, deletes, sessions
+
         try:
-            puts, deletes, sessions = await asyncio.to_thread(self.driver.store.export_delta, request.move_id)
+            puts, deletes, sessions = await asyncio.to_thread(whole_delta)
         except StorageError as exc:
             return pb.ExportDeltaResponse(status=ShardStatus.REFUSED, message=str(exc))
         self.driver.metrics.count_moved("out", puts)

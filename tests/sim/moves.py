@@ -334,8 +334,18 @@ class SimGroups:
 
     async def delta(self, group: int, move_id: int) -> tuple[list[tuple[bytes, bytes]], list[bytes],
                                                              list[tuple[int, bytes]]]:
-        return self.crash_points.call(f"delta of group {group}",
-                                      lambda: self._group(group).store.export_delta(move_id))
+        def whole_delta():  # type: ignore[no-untyped-def]
+            puts, deletes, sessions, after = [], [], [], None
+            while True:
+                page = self._group(group).store.export_delta(move_id, after)
+                puts += page.puts
+                deletes += page.deletes
+                sessions += page.sessions
+                after = page.next_after
+                if after is None:
+                    return puts, deletes, sessions
+
+        return self.crash_points.call(f"delta of group {group}", whole_delta)
 
 
 # --- Clients -------------------------------------------------------------------------------

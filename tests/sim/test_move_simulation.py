@@ -87,15 +87,15 @@ def _delta_read_without_freeze(monkeypatch: pytest.MonkeyPatch) -> None:
     what a mover that ships before freezing would get."""
     original = ReplicaStore.export_delta
 
-    def export_delta(self: ReplicaStore, move_id: int):  # type: ignore[no-untyped-def]
+    def export_delta(self: ReplicaStore, move_id: int, *args):  # type: ignore[no-untyped-def]
         shard = self.shard_state
         export = shard.exports.get(move_id)
         if export is None or export.frozen:
-            return original(self, move_id)
+            return original(self, move_id, *args)
         saved = self._shard
         self._shard = replace(shard, exports={**shard.exports, move_id: replace(export, frozen=True)})
         try:
-            return original(self, move_id)
+            return original(self, move_id, *args)
         finally:
             self._shard = saved
 
@@ -192,6 +192,9 @@ class _AcceptsEverything:
     def accepts(self, key: bytes) -> bool:
         return True
 
+    def accepts_position(self, position: int) -> bool:
+        return True
+
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         return getattr(self._shard, name)
 
@@ -210,5 +213,7 @@ def test_skipping_the_ownership_check_at_apply_is_caught(monkeypatch: pytest.Mon
 def test_serving_a_frozen_range_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     # Broken: a group serves what it owns or exports, frozen or not.
     monkeypatch.setattr(ShardState, "accepts", lambda self, key: self.owned is None or self.owned.contains_key(key))
+    monkeypatch.setattr(ShardState, "accepts_position",
+                        lambda self, position: self.owned is None or position in self.owned)
     seed, violation = _first_violation()
     assert violation.startswith(("single owner", "linearizability")), violation
