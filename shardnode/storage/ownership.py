@@ -58,6 +58,12 @@ class Import:
     ranges: RangeSet
     delta_begun: bool = False
 
+    def admits(self, delta: bool) -> bool:
+        """Whether an INGEST of this move may apply: a delta chunk always; a
+        copy chunk only until the delta began (a page scanned before some
+        change must not land after the delta that carried it)."""
+        return delta or not self.delta_begun
+
 
 @dataclass(slots=True, frozen=True)
 class ShardState:

@@ -870,7 +870,7 @@ class ReplicaStore:
             imported = shard.imports.get(move_id)
             if imported is None:
                 return ok() if done else refuse("no import of this move in progress")
-            if not command.delta and imported.delta_begun:
+            if not imported.admits(command.delta):
                 # A page scanned before some key changed could otherwise
                 # overwrite the final value the delta brought (another run
                 # of this move, or a superseded one, still copying).
