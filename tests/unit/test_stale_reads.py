@@ -93,6 +93,9 @@ class _Context:
     def time_remaining(self) -> float:
         return self._deadline - time.monotonic()
 
+    async def abort(self, code, details, trailing_metadata=()):  # type: ignore[no-untyped-def]
+        raise AssertionError(f"the read failed: {code.name}: {details}")
+
 
 async def _with_router(tmp_path: Path, body) -> None:  # type: ignore[no-untyped-def]
     group = Group(tmp_path)
@@ -128,5 +131,17 @@ def test_stale_reads_in_a_batch_fall_back_to_the_leader_too(tmp_path: Path) -> N
         assert [(r.code, r.existed, r.value) for r in response.results] == [(0, True, b"the value"),
                                                                            (0, False, b"")]
         assert time.monotonic() - began < 1.0
+
+    asyncio.run(_with_router(tmp_path, body))
+
+
+def test_a_stale_read_whose_local_replica_is_down_is_read_at_the_leader(tmp_path: Path) -> None:
+    async def body(group: Group, service: KVService) -> None:
+        local = next(r for r in group.replicas if r.lagging)
+        await group.servers[group.replicas.index(local)].stop(None)      # h1's replica is down
+        began = time.monotonic()
+        answer = await service.Get(pb.GetRequest(key=b"moved-here", allow_stale=True), _Context(3.0))
+        assert answer.found and answer.value == b"the value"
+        assert time.monotonic() - began < 1.5
 
     asyncio.run(_with_router(tmp_path, body))
