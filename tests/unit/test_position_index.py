@@ -15,8 +15,7 @@ from shardnode.keyspace import SPACE, KeyRange, RangeSet, stable_hash
 from shardnode.raft import Entry, HardState
 from shardnode.storage import Command, CommandOp, ReplicaStore, StoreBusy, encode_command
 from shardnode.storage import engine as engine_module
-from shardnode.storage import position_index
-from shardnode.storage.engine import META_POSITION_INDEX, new_batch
+from shardnode.storage.engine import new_batch
 from shardnode.storage.shard_commands import ShardCommand, ShardOp, ShardResult
 
 LOW = RangeSet([KeyRange(0, SPACE // 2)])
@@ -62,6 +61,8 @@ class Group:
 
 def indexed(store: ReplicaStore) -> set[bytes]:
     """The keys the position index lists (checking each record's position)."""
+    from shardnode.storage import position_index
+
     found = set()
     for record in store._engine.position.view.keys():
         key = position_index.user_key(record)
@@ -126,6 +127,8 @@ def test_ingest_range_deletion_and_abort_keep_the_index(groups) -> None:  # type
 
 
 def test_a_range_reaching_the_end_of_the_space_is_deleted_whole(groups) -> None:  # type: ignore[no-untyped-def]
+    from shardnode.storage import position_index
+
     group = groups("a", EVERYTHING)
     top = RangeSet([KeyRange(SPACE - SPACE // 64, SPACE)])
     last_position = keys_in(top, 3)
@@ -180,6 +183,8 @@ def test_deleting_a_range_reads_only_that_range(groups, monkeypatch: pytest.Monk
 
 
 def test_a_store_without_the_index_gets_it_on_open(tmp_path: Path) -> None:
+    from shardnode.storage.engine import META_POSITION_INDEX
+
     store = ReplicaStore.open(tmp_path / "db", initial_voters=(1,))
     store.configure_ownership(None)
     group = Group(store)
@@ -253,10 +258,10 @@ def test_a_copy_pages_by_position_and_never_holds_up_reads(groups) -> None:  # t
         pages.append(page)
         if after is None:
             break
+    assert busy and not any(busy), "a read on the source was refused while the copy scanned"
     copied = [record for page in pages for record in page]
     assert len(pages) > 3
     assert sorted(k for k, _ in copied) == sorted(moving)
     assert all(v == b"value-of-" + k for k, v in copied)
     positions = [stable_hash(k) for k, _ in copied]
     assert positions == sorted(positions)
-    assert busy and not any(busy), "a read on the source was refused while the copy scanned"
