@@ -326,6 +326,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         after = None if request.from_start else request.after
         try:
             records, next_after = await asyncio.to_thread(self.driver.store.export_scan, ranges, after, max_bytes)
+        except ValueError as exc:
+            return pb.ExportScanResponse(status=ShardStatus.REFUSED, message=str(exc))
         except StorageError as exc:
             return pb.ExportScanResponse(status=ShardStatus.RETRY, message=str(exc))
         self.driver.metrics.count_moved("out", records)

@@ -985,7 +985,9 @@ class ReplicaStore:
         the cursor to continue after, or None at the end). Each page is one
         cut of the live state, read without holding up reads or applies
         (export_reads.py): the delta of the export corrects whatever changes
-        behind the scan."""
+        behind the scan. ValueError if `after` is not a cursor of this scan."""
+        if after is not None and len(after) < position_index.POSITION_BYTES:
+            raise ValueError(f"not a copy cursor: {after!r}")
         with self._scan_lock:
             with self._sm_lock:
                 self._check_open()
@@ -1002,7 +1004,8 @@ class ReplicaStore:
         with their final value (puts) or their absence (deletes), then the
         client sessions whose last write touched the moved ranges (the target
         merges them: exactly-once across the move). StorageError if the
-        export is not here or not frozen."""
+        export is not here or not frozen, ValueError if `after` is not a
+        cursor of this delta."""
         with self._scan_lock:
             with self._sm_lock:
                 self._check_open()

@@ -265,3 +265,5 @@ def test_a_copy_pages_by_position_and_never_holds_up_reads(groups) -> None:  # t
     assert all(v == b"value-of-" + k for k, v in copied)
     positions = [stable_hash(k) for k, _ in copied]
     assert positions == sorted(positions)
+    with pytest.raises(ValueError):
+        store.export_scan(HIGH, b"short", 300)          # not a cursor this scan gave (the RPC refuses it)
