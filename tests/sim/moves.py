@@ -63,7 +63,8 @@ At the end (faults stop; every move is finished or aborted; every write in
 flight is retried until answered): every key readable from its owner with
 its last value (so no deleted key came back), no key's data left in a group
 that does not own it, ownership covering the whole space exactly once and
-equal to the map, no move left half-done in any group, no record left.
+equal to the map, no move left half-done in any group, no record left, and
+every group's position index listing exactly the keys it holds.
 
     python -m tests.sim.moves --seed 12 --trace     # replay one seed with its trace
     python -m tests.sim.moves --seeds 0:500         # a range, with the totals
@@ -89,6 +90,7 @@ from shardnode.placement.shard_map import SPACE, KeyRange, Move, RangeSet, Shard
 from shardnode.placement.directory import GuardFailed
 from shardnode.placement.moves import MoveError, MoveRecord, Mover, MoveSuperseded, Phase
 from shardnode.storage import ApplyResult, Command, CommandOp, ReplicaStore, StorageError, encode_command
+from shardnode.storage import position_index
 from shardnode.storage.export_reads import DeltaPage
 from shardnode.storage.shard_commands import ShardCommand, ShardOp, ShardResult
 
@@ -1227,6 +1229,13 @@ class MoveSimulation:
                                 f"says {expected}")
         if covered != RangeSet([KeyRange(0, SPACE)]):
             raise Violation(f"end: ownership does not cover the whole space: {covered}")
+        for group in self.groups.values():
+            engine = group.store._engine
+            indexed = {position_index.user_key(r) for r in engine.position.view.keys()}
+            stored = set(engine.kv.view.keys())
+            if indexed != stored:
+                raise Violation(f"end: group {group.number}'s position index lists {sorted(indexed - stored)[:3]} "
+                                f"that it does not hold, misses {sorted(stored - indexed)[:3]}")
         for key in self.keys:
             owner = self.groups[shard_map.group_for(key)]
             value = owner.store.get(key)
