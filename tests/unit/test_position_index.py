@@ -267,3 +267,34 @@ def test_a_copy_pages_by_position_and_never_holds_up_reads(groups) -> None:  # t
     assert positions == sorted(positions)
     with pytest.raises(ValueError):
         store.export_scan(HIGH, b"short", 300)          # not a cursor this scan gave (the RPC refuses it)
+
+
+def test_the_delta_never_holds_up_reads(groups, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from shardnode.storage import export_reads
+
+    group = groups("a", EVERYTHING)
+    moving, staying = keys_in(HIGH, 20), keys_in(LOW, 1)
+    group.put(staying[0], b"here")
+    assert group.shard(ShardOp.EXPORT_BEGIN, peer=1, ranges=HIGH).ok
+    for key in moving:
+        group.put(key, b"dirty")
+    assert group.shard(ShardOp.EXPORT_FREEZE).ok
+    store = group.store
+    busy: list[bool] = []
+    original = export_reads.snapshot_get
+
+    def probed(snapshot, key):  # type: ignore[no-untyped-def]
+        def read() -> None:
+            try:
+                busy.append(store.get(staying[0]) != b"here")
+            except StoreBusy:
+                busy.append(True)
+        thread = threading.Thread(target=read)
+        thread.start()
+        thread.join()
+        return original(snapshot, key)
+
+    monkeypatch.setattr(export_reads, "snapshot_get", probed)
+    page = store.export_delta(MOVE, None, 1 << 20)
+    assert len(page.puts) == 20 and page.next_after is None
+    assert busy and not any(busy), "a read on the source was refused while the delta was read"
