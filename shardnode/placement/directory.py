@@ -62,6 +62,15 @@ class MapConflict(ShardMapConflict, ShardnodeError):
         self.current = current
 
 
+class GuardFailed(ShardnodeError):
+    """A guarded write found one of its guard keys changed (a scheduler's
+    lease taken over): nothing was written, and retrying cannot help the
+    writer, which no longer holds what it conditioned the write on."""
+
+
+Guards = tuple[tuple[bytes, bytes | None], ...]
+
+
 def initial_map(cluster: ClusterConfig) -> ShardMap:
     """The shard map before anyone wrote one: cluster.toml's ring, epoch 1."""
     return ShardMap.build(cluster.groups, cluster.virtual_nodes)
@@ -126,23 +135,30 @@ class ShardDirectory:
         raw = await self.read(SHARD_MAP_KEY, timeout)
         return initial_map(self.cluster) if raw is None else ShardMap.decode(raw)
 
-    async def update_map(self, old: ShardMap, new: ShardMap, timeout: float | None = None,
-                         guards: tuple[tuple[bytes, bytes | None], ...] = ()) -> ShardMap:
+    async def update_map(self, old: ShardMap, new: ShardMap, timeout: float | None = None, *,
+                         guards: Guards = ()) -> ShardMap:
         """Replace `old` (the map the caller read) with `new`; MapConflict if
-        the stored map is another one by then."""
+        the stored map is another one by then. With `guards` (as for
+        compare_and_set), only while every guard key holds its value:
+        GuardFailed, and nothing written, once one does not."""
         if new.epoch <= old.epoch:
             raise ValueError(f"a new shard map needs a higher epoch than {old.epoch} (got {new.epoch})")
         expected = old.encode()
+        initial = old == initial_map(self.cluster)
         swapped, current = await self.compare_and_set(SHARD_MAP_KEY, expected, new.encode(), timeout, guards)
-        if not swapped and current is None and old == initial_map(self.cluster):
+        if not swapped and current is None and initial:
             # Nobody wrote the map yet: store the initial one, then change it.
-            await self.compare_and_set(SHARD_MAP_KEY, None, expected, timeout)
-            swapped, current = await self.compare_and_set(SHARD_MAP_KEY, expected, new.encode(), timeout)
+            await self.compare_and_set(SHARD_MAP_KEY, None, expected, timeout, guards)
+            swapped, current = await self.compare_and_set(SHARD_MAP_KEY, expected, new.encode(), timeout, guards)
         if not swapped and current is not None and current != expected and ShardMap.decode(current) == old:
             # The same map in other bytes (placements in another order): compare against what is stored.
-            swapped, current = await self.compare_and_set(SHARD_MAP_KEY, current, new.encode(), timeout)
+            swapped, current = await self.compare_and_set(SHARD_MAP_KEY, current, new.encode(), timeout, guards)
         if not swapped:
             stored = ShardMap.decode(current) if current is not None else None
+            if guards and (stored == old or (current is None and initial)):
+                # The map was the one expected: a guard refused the write.
+                raise GuardFailed(f"the shard map was not changed to epoch {new.epoch}: a guard key "
+                                  f"({', '.join(repr(k) for k, _ in guards)}) no longer holds its value")
             raise MapConflict(
                 f"the shard map changed meanwhile: expected epoch {old.epoch}, "
                 f"found {stored.epoch if stored is not None else 'none'}", stored)

@@ -29,7 +29,7 @@ from typing import Any
 from ..config import ClusterConfig
 from ..errors import ShardnodeError
 from .intents import ShapeRefused
-from .moves import MoveError, MoveProgress, MoveRecord, Mover, Phase
+from .moves import MoveError, MoveProgress, MoveRecord, MoveSuperseded, Mover, Phase
 from .shard_map import ShardMap
 
 #: How long a new group may take to elect its first leader.
@@ -141,6 +141,21 @@ class GroupAdmin:
         Cancelled before its freeze, it is rolled back instead (False); from
         the freeze on it can only finish."""
         name = f"move {record.move_id % 10000:04d} (group {record.source} -> {record.target})"
+        try:
+            return await self._run_move_phases(record, name, cancelled)
+        except MoveSuperseded as exc:
+            if not exc.finished:
+                raise
+            await self.say(f"{name}: finished by another run")
+            return True
+
+    async def _run_move_phases(self, record: MoveRecord, name: str,
+                               cancelled: Callable[[], Awaitable[bool]]) -> bool:
+        if record.aborting:
+            # A rollback an earlier run began: finished now, or (frozen meanwhile) the move goes forward.
+            record = await self.mover.run(record)
+            await self.say(f"{name}: {'rolled back' if record.aborting else 'done'}")
+            return not record.aborting
         while True:
             if record.phase < Phase.FROZEN and await cancelled():
                 try:

@@ -18,6 +18,7 @@ from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..keyspace import RangeSet
 from ..security import admin_metadata, aio_channel, load_admin_credential
+from ..storage.export_reads import DeltaPage
 from ..storage.shard_commands import ShardCommand
 from .moves import MoveError
 
@@ -113,12 +114,12 @@ class WorkerGroups:
             raise MoveError(f"group {group} refused the export scan: {answer.message}")
         return [(r.key, r.value) for r in answer.records], None if answer.done else answer.next_after
 
-    async def delta(self, group: int, move_id: int) -> tuple[list[tuple[bytes, bytes]], list[bytes],
-                                                             list[tuple[int, bytes]]]:
-        request = pb.ExportDeltaRequest(cluster=self.cluster.name, group=group, move_id=move_id)
+    async def delta(self, group: int, move_id: int, after: bytes | None, max_bytes: int) -> DeltaPage:
+        request = pb.ExportDeltaRequest(cluster=self.cluster.name, group=group, move_id=move_id, after=after or b"",
+                                        max_bytes=max_bytes)
         answer = await self._call(group, lambda stub: stub.ExportDelta(request, timeout=RPC_TIMEOUT,
                                                                        metadata=self._metadata))
         if answer.status == Status.REFUSED:
             raise MoveError(f"group {group} refused the export delta of move {move_id}: {answer.message}")
-        return ([(p.key, p.value) for p in answer.puts], list(answer.deletes),
-                [(s.client_id, s.record) for s in answer.sessions])
+        return DeltaPage([(p.key, p.value) for p in answer.puts], list(answer.deletes),
+                         [(s.client_id, s.record) for s in answer.sessions], answer.next_after or None)

@@ -29,7 +29,7 @@ Op = pb.Operation
 _OP_NAMES = {Op.GET: "get", Op.PUT: "put", Op.DELETE: "delete", Op.CAS: "cas"}
 _WRITE_OPS = {Op.PUT: CommandOp.PUT, Op.DELETE: CommandOp.DELETE, Op.CAS: CommandOp.CAS}
 ShardStatus = pb.ShardResponse
-#: Largest page of an export scan.
+#: Largest page of an export scan or delta.
 MAX_SCAN_BYTES = 4 << 20
 
 
@@ -326,6 +326,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         after = None if request.from_start else request.after
         try:
             records, next_after = await asyncio.to_thread(self.driver.store.export_scan, ranges, after, max_bytes)
+        except ValueError as exc:
+            return pb.ExportScanResponse(status=ShardStatus.REFUSED, message=str(exc))
         except StorageError as exc:
             return pb.ExportScanResponse(status=ShardStatus.RETRY, message=str(exc))
         self.driver.metrics.count_moved("out", records)
@@ -339,14 +341,17 @@ class WorkerService(pb_grpc.WorkerServicer):
         if problem is not None:
             status, message, lead, address = problem
             return pb.ExportDeltaResponse(status=status, message=message, leader_id=lead, leader_address=address)
+        max_bytes = max(1, min(request.max_bytes or MAX_SCAN_BYTES, MAX_SCAN_BYTES))
         try:
-            puts, deletes, sessions = await asyncio.to_thread(self.driver.store.export_delta, request.move_id)
-        except StorageError as exc:
+            page = await asyncio.to_thread(self.driver.store.export_delta, request.move_id, request.after or None,
+                                           max_bytes)
+        except (StorageError, ValueError) as exc:
             return pb.ExportDeltaResponse(status=ShardStatus.REFUSED, message=str(exc))
-        self.driver.metrics.count_moved("out", puts)
+        self.driver.metrics.count_moved("out", page.puts)
         return pb.ExportDeltaResponse(
-            status=ShardStatus.OK, puts=[pb.KeyValue(key=k, value=v) for k, v in puts], deletes=deletes,
-            sessions=[pb.SessionData(client_id=c, record=r) for c, r in sessions],
+            status=ShardStatus.OK, puts=[pb.KeyValue(key=k, value=v) for k, v in page.puts], deletes=page.deletes,
+            sessions=[pb.SessionData(client_id=c, record=r) for c, r in page.sessions],
+            next_after=page.next_after or b"",
         )
 
     async def ShardInfo(self, request: pb.ShardInfoRequest, context) -> pb.ShardInfoResponse:

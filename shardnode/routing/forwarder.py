@@ -9,6 +9,9 @@ other replicas with a short backoff, until each operation's own deadline.
 Outcomes:
 - a result: the operation was applied (or read) exactly once;
 - InvalidArgument: nothing was done;
+- a stale read (allow_stale) goes to this host's replica of the group; if
+  that replica is down, unreachable or unavailable, it is read at the leader
+  instead (a linearizable read), not retried there until its deadline;
 - when the operation's deadline comes first (it is answered then, never
   later), the error that says why: NoQuorum ("no quorum in group N: ..."),
   NoLeader ("no leader yet in group N: ..."), as the group monitor last saw
@@ -216,6 +219,7 @@ class GroupForwarder:
 
     async def _send(self, batch: list[_Waiting], allow_stale: bool) -> None:
         retry: list[_Waiting] = []
+        to_leader: list[_Waiting] = []      # stale reads this host's replica could not serve
         try:
             batch = self._expire(batch, allow_stale)
             if not batch:
@@ -245,15 +249,25 @@ class GroupForwarder:
                         f"group {self.group}: replica {self.replicas[target]} unreachable ({code.name})"))
                 if self.leader == target:
                     self.leader = None
+                if allow_stale:
+                    # This host's replica is down or unreachable: read at the
+                    # leader rather than wait for it.
+                    to_leader = batch
+                    return
                 retry = batch
                 return
             self._handle(response, batch, target, allow_stale, retry)
+            if allow_stale and retry:
+                to_leader, retry[:] = list(retry), []
         except Exception as exc:  # a bug must fail the requests, not hang them
             log.exception("router.forward_failed", extra={"group": self.group})
             for waiting in batch:
                 _resolve(waiting.future, Unavailable(f"group {self.group}: internal error: {exc}"))
         finally:
             self._in_flight -= 1
+            if to_leader:
+                self._queues[False][:0] = to_leader
+                self.pump(False)
             if retry:
                 self.stats.retries += 1
                 self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))

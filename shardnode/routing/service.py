@@ -164,6 +164,12 @@ class KVService(pb_grpc.KVServicer):
                 result = await self._forward(self.forwarders[group], operation, deadline, allow_stale)
                 if not result.wrong_group:
                     return result
+                if allow_stale:
+                    # This host's replica does not serve the key (yet): its
+                    # copy of the group may lag behind the map, which may
+                    # be the newest there is. Read at the leader instead.
+                    allow_stale = False
+                    continue
                 # Refused at the worker, nothing done: the key moved (or is
                 # moving) since this map. Route again with a newer one.
                 if router_session:
@@ -387,6 +393,13 @@ class KVService(pb_grpc.KVServicer):
             error = future.exception()      # type: ignore[assignment]
         if error is None:
             result = future.result()
+            if result.wrong_group and queued.allow_stale:
+                # A stale read refused by this host's replica (behind the
+                # map, perhaps): read at the group's leader instead, now.
+                queued.allow_stale = False
+                new_group = self._enqueue(queued)
+                self.forwarders[new_group].pump(False)
+                return
             if result.wrong_group:
                 # Refused at the worker with nothing done: route it again.
                 task = asyncio.ensure_future(self._reroute(queued, group, shard_map))

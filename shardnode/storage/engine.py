@@ -12,6 +12,9 @@ sessions   8-byte big-endian client id                 msgpack (last_sequence, e
                                                        old_value, last_active_ms)
 meta       a short name (``META_*`` below)             msgpack, per key
 staging    1-byte record tag + key                     value of an incoming snapshot's record
+shard      ``state``; ``d`` + move id + key            ownership (ownership.py); dirty marks
+position   8-byte big-endian position + the user's key  empty: the kv keys by position
+           (the position index, position_index.py)
 =========  ==========================================  =========================================
 
 Big-endian indexes sort numerically, so a range of the log is one ordered
@@ -95,7 +98,8 @@ SESSIONS_CF = "sessions"
 META_CF = "meta"
 STAGING_CF = "staging"
 SHARD_CF = "shard"        # ownership of key space and moves in progress (ownership.py); part of snapshots
-COLUMN_FAMILIES = (LOG_CF, KV_CF, SESSIONS_CF, META_CF, STAGING_CF, SHARD_CF)
+POSITION_CF = "position"  # the kv keys by position (position_index.py); derived from kv, not in snapshots
+COLUMN_FAMILIES = (LOG_CF, KV_CF, SESSIONS_CF, META_CF, STAGING_CF, SHARD_CF, POSITION_CF)
 
 # A host runs many workers, each with its own RocksDB: keep memtables small.
 WRITE_BUFFER_BYTES = 16 << 20
@@ -199,6 +203,10 @@ class Engine:
     @property
     def shard(self) -> Column:
         return self.column(SHARD_CF)
+
+    @property
+    def position(self) -> Column:
+        return self.column(POSITION_CF)
 
     def write(self, batch: WriteBatch, *, sync: bool) -> None:
         if self._db is None:
@@ -386,6 +394,7 @@ META_SNAPSHOT_POINT = b"snapshot_point"  # (index, term, conf): the log starts a
 META_INSTALLING = b"installing"          # snapshot metadata of an install in progress
 META_STAGING = b"staging"                # the incoming snapshot being staged
 META_SELF = b"self"                      # this replica's node id (8 bytes); absent in stores of the first format
+META_POSITION_INDEX = b"position_index"  # present once the position family indexes every kv key
 
 FORMAT_VERSION = 1
 
@@ -557,7 +566,10 @@ class SessionRecord:
     Invariant: existed == (old_value is not None). `swapped`: whether a
     compare-and-set wrote its value (None for other commands, and for records
     written before it was kept: a retried CAS is then answered by comparing
-    the old value with the expected one, as it used to be).
+    the old value with the expected one, as it used to be). `position`: the
+    key-space position of the key that last command wrote (None in records
+    written before it was kept): a move ships the sessions whose last write
+    lies in the moved ranges (store.py, export_delta).
     """
 
     last_sequence: int
@@ -565,11 +577,14 @@ class SessionRecord:
     old_value: bytes | None
     last_active_ms: int
     swapped: bool | None = None
+    position: int | None = None
 
 
 def encode_session(record: SessionRecord) -> bytes:
     fields: tuple = (record.last_sequence, record.existed, record.old_value, record.last_active_ms)
-    if record.swapped is not None:
+    if record.position is not None:
+        fields += (record.swapped, record.position)
+    elif record.swapped is not None:
         fields += (record.swapped,)
     return _pack(fields)
 
@@ -581,12 +596,16 @@ def decode_session(data: bytes) -> SessionRecord:
         fields = msgpack.unpackb(data, use_list=False, raw=False)
     except Exception as exc:
         raise ValueError(f"session record: undecodable ({exc})") from None
-    if type(fields) is not tuple or len(fields) not in (4, 5):
-        raise ValueError("session record: expected (last_sequence, existed, old_value, last_active_ms[, swapped])")
+    if type(fields) is not tuple or len(fields) not in (4, 5, 6):
+        raise ValueError("session record: expected (last_sequence, existed, old_value, last_active_ms"
+                         "[, swapped[, position]])")
     last_sequence, existed, old_value, last_active_ms = fields[:4]
-    swapped = fields[4] if len(fields) == 5 else None
+    swapped = fields[4] if len(fields) >= 5 else None
+    position = fields[5] if len(fields) == 6 else None
     if swapped is not None and type(swapped) is not bool:
         raise ValueError("session record: bad swapped flag")
+    if position is not None and (type(position) is not int or not 0 <= position <= U64_MAX):
+        raise ValueError("session record: bad key position")
     if type(last_sequence) is not int or not 0 <= last_sequence <= U64_MAX:
         raise ValueError("session record: bad last_sequence")
     if type(last_active_ms) is not int or not 0 <= last_active_ms <= U64_MAX:
@@ -595,7 +614,7 @@ def decode_session(data: bytes) -> SessionRecord:
         raise ValueError("session record: bad result")
     if existed != (old_value is not None):
         raise ValueError("session record: existed disagrees with old_value")
-    return SessionRecord(last_sequence, existed, old_value, last_active_ms, swapped)
+    return SessionRecord(last_sequence, existed, old_value, last_active_ms, swapped, position)
 
 
 def encode_clock(clock_ms: int) -> bytes:

@@ -16,10 +16,14 @@ by every replica alike, whatever the router believed when it sent it.
   and every change to one is recorded as dirty (the delta shipped at the
   end); keys of a frozen export are refused: the target is taking over.
 - `imports`: moves in progress: ingest allowed into those ranges, nothing
-  served from them until activation.
-- `completed`: ids of the last moves finished here, so that a retried step
-  (a proposal repeated after an unknown outcome, a resumed mover) is a
-  no-op.
+  served from them until activation. At most one import covers a position
+  (IMPORT_BEGIN refuses an overlap): only one move at a time writes into a
+  range. Each import remembers whether its delta began: from the first
+  INGEST of the delta on, copy chunks of that move are refused, so that no
+  page scanned before a change lands after the delta that carried it.
+- `completed`: ids of the last moves finished or aborted here, so that a
+  retried step (a proposal repeated after an unknown outcome, a resumed
+  mover, a late step of an aborted move) is a no-op.
 - `fence`: the largest fencing token of a scheduler applied here
   (fencing.py): shard commands and membership changes with a smaller one are
   refused at apply time.
@@ -34,9 +38,10 @@ import msgpack
 from ..keyspace import KeySpaceError, RangeSet, stable_hash
 from .engine import CorruptionError
 
-OWNERSHIP_FORMAT_VERSION = 2
-#: Version 1 had no fencing token (read as 0).
-_FORMATS = (1, 2)
+OWNERSHIP_FORMAT_VERSION = 3
+#: Version 1 had no fencing token (read as 0); versions 1 and 2 kept an
+#: import as its ranges alone (its delta not begun).
+_FIELDS = {1: 6, 2: 7, 3: 7}
 #: Finished move ids remembered for idempotency.
 COMPLETED_KEPT = 1024
 
@@ -49,11 +54,23 @@ class Export:
 
 
 @dataclass(slots=True, frozen=True)
+class Import:
+    ranges: RangeSet
+    delta_begun: bool = False
+
+    def admits(self, delta: bool) -> bool:
+        """Whether an INGEST of this move may apply: a delta chunk always; a
+        copy chunk only until the delta began (a page scanned before some
+        change must not land after the delta that carried it)."""
+        return delta or not self.delta_begun
+
+
+@dataclass(slots=True, frozen=True)
 class ShardState:
     owned: RangeSet | None
     version: int = 1
     exports: dict[int, Export] = field(default_factory=dict)
-    imports: dict[int, RangeSet] = field(default_factory=dict)
+    imports: dict[int, Import] = field(default_factory=dict)
     completed: tuple[int, ...] = ()
     fence: int = 0
 
@@ -63,23 +80,29 @@ class ShardState:
         """Whether this group serves `key` now (owned and not frozen)."""
         if self.owned is None:
             return True
-        position = stable_hash(key)
+        return self.accepts_position(stable_hash(key))
+
+    def accepts_position(self, position: int) -> bool:
+        """`accepts` for a key whose position the caller has already."""
+        if self.owned is None:
+            return True
         if position not in self.owned:
             return False
         if not self.exports:
             return True
         return not any(e.frozen and position in e.ranges for e in self.exports.values())
 
-    def dirty_moves(self, key: bytes) -> list[int]:
-        """The exports (not frozen) whose delta must include a change of `key`."""
+    def dirty_moves(self, position: int) -> list[int]:
+        """The exports (not frozen) whose delta must include a change of the
+        key at `position`."""
         if not self.exports:
             return []
-        position = stable_hash(key)
         return [move_id for move_id, e in self.exports.items() if not e.frozen and position in e.ranges]
 
-    def importing(self, move_id: int, key: bytes) -> bool:
-        ranges = self.imports.get(move_id)
-        return ranges is not None and stable_hash(key) in ranges
+    def imported_elsewhere(self, move_id: int, ranges: RangeSet) -> list[int]:
+        """The other moves whose imports overlap `ranges`."""
+        return [i for i, imported in self.imports.items()
+                if i != move_id and imported.ranges.difference(ranges) != imported.ranges]
 
     # --- Changes ----------------------------------------------------------------
 
@@ -96,7 +119,7 @@ class ShardState:
                 None if self.owned is None else self.owned.to_wire(),
                 self.version,
                 {i: (e.target, e.ranges.to_wire(), e.frozen) for i, e in self.exports.items()},
-                {i: r.to_wire() for i, r in self.imports.items()},
+                {i: (imported.ranges.to_wire(), imported.delta_begun) for i, imported in self.imports.items()},
                 list(self.completed),
                 self.fence,
             ),
@@ -108,17 +131,21 @@ class ShardState:
         try:
             fields = msgpack.unpackb(data, raw=False, strict_map_key=False)
             version = fields[0]
-            if version not in _FORMATS or len(fields) != 5 + version:
+            if _FIELDS.get(version) != len(fields):
                 raise ValueError(f"format {version}")
             _, owned, shard_version, exports, imports, completed = fields[:6]
             fence = fields[6] if version >= 2 else 0
             if type(fence) is not int or fence < 0:
                 raise ValueError("fencing token must be a non-negative integer")
+            if version >= 3:
+                imported = {int(i): Import(RangeSet.from_wire(r), bool(begun)) for i, (r, begun) in imports.items()}
+            else:
+                imported = {int(i): Import(RangeSet.from_wire(r)) for i, r in imports.items()}
             return cls(
                 owned=None if owned is None else RangeSet.from_wire(owned),
                 version=int(shard_version),
                 exports={int(i): Export(int(t), RangeSet.from_wire(r), bool(f)) for i, (t, r, f) in exports.items()},
-                imports={int(i): RangeSet.from_wire(r) for i, r in imports.items()},
+                imports=imported,
                 completed=tuple(int(i) for i in completed),
                 fence=fence,
             )

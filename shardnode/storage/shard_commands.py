@@ -8,6 +8,9 @@ finished, changes nothing and reports success, which is what lets a crashed
 mover resume from any step.
 
 Wire shape (msgpack): ``(SHARD_FORMAT, kind, move_id, payload[, fence])``.
+An INGEST says whether it is a copy chunk or part of the delta (a 4th
+payload element, True; absent: a copy chunk): once a move's delta began at
+the target, its copy chunks are refused (ownership.py, `Import`).
 The first element tells them from client commands (whose first element is
 the command format version, 1). `fence` is the scheduler's fencing token
 (fencing.py; absent: 0): a command with a smaller token than the group has
@@ -32,7 +35,7 @@ SHARD_FORMAT = 16
 
 class ShardOp(enum.IntEnum):
     IMPORT_BEGIN = 1      # payload: (source, ranges)
-    INGEST = 2            # payload: (puts [(key, value)], deletes [key], sessions [(client_id, record)])
+    INGEST = 2            # payload: (puts [(key, value)], deletes [key], sessions [(client_id, record)][, delta])
     IMPORT_ACTIVATE = 3   # payload: epoch
     IMPORT_ABORT = 4      # payload: None
     EXPORT_BEGIN = 5      # payload: (target, ranges)
@@ -52,6 +55,7 @@ class ShardCommand:
     puts: tuple[tuple[bytes, bytes], ...] = ()
     deletes: tuple[bytes, ...] = ()
     sessions: tuple[tuple[int, bytes], ...] = ()
+    delta: bool = False                             # INGEST: part of the delta (else a copy chunk)
     fence: int = 0                                  # the scheduler's fencing token (fencing.py)
 
     def encode(self) -> bytes:
@@ -59,7 +63,8 @@ class ShardCommand:
         if op in (ShardOp.IMPORT_BEGIN, ShardOp.EXPORT_BEGIN):
             payload: object = (self.peer, self.ranges.to_wire())
         elif op is ShardOp.INGEST:
-            payload = ([list(p) for p in self.puts], list(self.deletes), [list(s) for s in self.sessions])
+            chunk = ([list(p) for p in self.puts], list(self.deletes), [list(s) for s in self.sessions])
+            payload = chunk + (True,) if self.delta else chunk
         elif op in (ShardOp.IMPORT_ACTIVATE, ShardOp.EXPORT_FINISH):
             payload = self.epoch
         else:
@@ -105,7 +110,12 @@ def _command_from_fields(op: object, move_id: object, payload: object) -> ShardC
                 raise CommandError("shard command: group must be an integer")
             return ShardCommand(op, move_id, peer=peer, ranges=RangeSet.from_wire(ranges))
         if op is ShardOp.INGEST:
-            puts, deletes, sessions = payload
+            if type(payload) is not tuple or len(payload) not in (3, 4):
+                raise CommandError("ingest: expected (puts, deletes, sessions[, delta])")
+            puts, deletes, sessions = payload[:3]
+            delta = payload[3] if len(payload) == 4 else False
+            if type(delta) is not bool:
+                raise CommandError("ingest: the delta flag must be a boolean")
             if not all(len(p) == 2 and all(type(x) is bytes for x in p) for p in puts):
                 raise CommandError("ingest: puts must be (key, value) byte pairs")
             if not all(type(k) is bytes and k for k in deletes):
@@ -119,7 +129,7 @@ def _command_from_fields(op: object, move_id: object, payload: object) -> ShardC
                 except (ValueError, StorageError) as exc:
                     raise CommandError(f"ingest: bad session record: {exc}") from None
             return ShardCommand(op, move_id, puts=tuple(tuple(p) for p in puts), deletes=tuple(deletes),
-                                sessions=tuple(tuple(s) for s in sessions))
+                                sessions=tuple(tuple(s) for s in sessions), delta=delta)
         if op in (ShardOp.IMPORT_ACTIVATE, ShardOp.EXPORT_FINISH):
             if type(payload) is not int or payload < 1:
                 raise CommandError("shard command: epoch must be a positive integer")

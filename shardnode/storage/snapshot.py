@@ -58,6 +58,7 @@ from .engine import (
     encode_clock,
     new_batch,
 )
+from .position_index import index_key
 
 CHUNK_FORMAT_VERSION = 1
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -478,16 +479,18 @@ class SnapshotStaging:
 
 
 def move_staged_into_place(engine: Engine) -> int:
-    """Install step: replace kv, sessions and the shard family with the staged records; return
+    """Install step: replace kv, sessions and the shard family with the staged records, and
+    the position index with theirs (position_index.py); return
     the staged clock. Several unsynced batches (the state may be large): the
     caller holds a synced "installing" marker, so a crash in here is redone
     from the start on reopen, and the staging is only dropped by the final
     synced batch. Idempotent."""
-    kv, sessions, shard = engine.kv, engine.sessions, engine.shard
+    kv, sessions, shard, index = engine.kv, engine.sessions, engine.shard, engine.position
     batch = new_batch()
     engine.delete_all(batch, kv)
     engine.delete_all(batch, sessions)
     engine.delete_all(batch, shard)
+    engine.delete_all(batch, index)
     engine.write(batch, sync=False)
     targets: dict[int, Column] = {TAG_KV: kv, TAG_SESSIONS: sessions, TAG_SHARD: shard}
     clock_ms = 0
@@ -504,6 +507,8 @@ def move_staged_into_place(engine: Engine) -> int:
                 clock_ms = decode_clock(value)
         else:
             batch.put(key, value, targets[tag].handle)
+            if tag == TAG_KV:
+                batch.put(index_key(key), b"", index.handle)
             size += len(key) + len(value)
             if size >= _INSTALL_BATCH_BYTES:
                 engine.write(batch, sync=False)

@@ -27,10 +27,14 @@ event loop keeps stepping the core, which reads through the Storage methods,
 and serving get(). The in-memory log view is therefore swapped under a short
 lock once a batch is durable; writers (persist, compact, staging, install)
 are serialized by another; the state machine (apply, get, snapshot capture,
-install) by a third. Lock order: _write_lock → _staging_lock → _sm_lock →
-_view_lock. The Ready contract already orders persist() before apply();
-outside an install they write disjoint keys, and an install holds the
-state-machine lock so that no reader sees a half-replaced state.
+install) by a third. Lock order: _scan_lock → _write_lock → _staging_lock →
+_sm_lock → _view_lock. The Ready contract already orders persist() before
+apply(); outside an install they write disjoint keys, and an install holds
+the state-machine lock so that no reader sees a half-replaced state.
+A move's export reads (export_scan, export_delta) take the state-machine
+lock only to open their cut of the state (iterators and a snapshot), then
+read it without it, holding only _scan_lock, which close() takes to wait
+for them (export_reads.py).
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ import msgpack
 
 from ..keyspace import RangeSet, stable_hash
 from .commands import Command, CommandError, CommandOp, command_from_fields
+from . import position_index
+from .export_reads import DeltaPage, delta_page, scan_page
 from .engine import (
     SHARD_STATE,
     dirty_key,
@@ -109,7 +115,7 @@ from .engine import (
     session_key,
 )
 from . import fencing
-from .ownership import Export, ShardState
+from .ownership import Export, Import, ShardState
 from .shard_commands import SHARD_FORMAT, ShardCommand, ShardOp, ShardResult, shard_command_from_fields
 from .snapshot import (
     CapturedSnapshot,
@@ -183,6 +189,8 @@ class ReplicaStore:
         self._staging_lock = threading.RLock()
         self._sm_lock = threading.RLock()
         self._view_lock = threading.Lock()
+        # Held while an export page reads its cut of the state (close() waits for it).
+        self._scan_lock = threading.RLock()
         # Log view (guarded by _view_lock).
         self._hard_state: HardState = EMPTY_HARD_STATE
         self._snapshot_index = 0
@@ -205,6 +213,9 @@ class ReplicaStore:
         # stay until persist() installs it, whatever streams arrive meanwhile.
         self._handed_over: tuple[int, int] | None = None
         self._node_id: int | None = None
+        # A store written before the position index existed gets it now (once).
+        if position_index.ensure_built(engine):
+            log.info("storage.position_index_built", extra={"path": engine.path})
 
     @classmethod
     def open(
@@ -348,7 +359,7 @@ class ReplicaStore:
 
     def close(self) -> None:
         """Release the database (idempotent). Open snapshot readers fail after."""
-        with self._write_lock, self._staging_lock, self._sm_lock:
+        with self._scan_lock, self._write_lock, self._staging_lock, self._sm_lock:
             if self._closed:
                 return
             self._closed = True
@@ -782,31 +793,33 @@ class ReplicaStore:
                 if sequence < session.last_sequence:
                     return ApplyResult(index, client_id, sequence, False, None, duplicate=True, stale=True)
         key = command.key
-        if not shard.accepts(key):
+        position = stable_hash(key)
+        if not shard.accepts_position(position):
             # Checked here, at apply, by every replica alike: a write routed
             # with an old map can never land in a group that no longer owns
             # its key. Not recorded in the session: it may be sent again, to
             # the owner.
             return ApplyResult(index, client_id, sequence, False, None, wrong_group=True)
         old_value = pending.get(key)
+        existed = old_value is not None
         swapped = False
         if command.op is CommandOp.PUT:
-            pending.put(key, command.value)
+            pending.put(key, command.value, existed=existed, position=position)
         elif command.op is CommandOp.CAS:
             swapped = old_value == command.expected and all(
                 shard.accepts(guard_key) and pending.get(guard_key) == guard_value
                 for guard_key, guard_value in command.guards)
             if swapped:
-                pending.put(key, command.value)
-        elif old_value is not None:
-            pending.put(key, None)
+                pending.put(key, command.value, existed=existed, position=position)
+        elif existed:
+            pending.put(key, None, existed=True, position=position)
         if shard.exports and (command.op is not CommandOp.CAS or swapped):
-            for move_id in shard.dirty_moves(key):
+            for move_id in shard.dirty_moves(position):
                 pending.batch.put(dirty_key(move_id, key), b"", self._engine.shard.handle)
-        existed = old_value is not None
         if client_id:
             pending.put_session(client_id, SessionRecord(sequence, existed, old_value, clock_ms,
-                                                         swapped if command.op is CommandOp.CAS else None))
+                                                         swapped if command.op is CommandOp.CAS else None,
+                                                         position))
         return ApplyResult(index, client_id, sequence, existed, old_value, swapped=swapped)
 
     # --- Moving key space (shard commands) ------------------------------------------------
@@ -845,11 +858,23 @@ class ReplicaStore:
                 return refuse("the metadata group takes no key space")
             if _overlap_sets(shard.owned, command.ranges):
                 return refuse("this group already owns part of the ranges")
-            return ok(replace(shard, imports={**shard.imports, move_id: command.ranges}))
+            others = shard.imported_elsewhere(move_id, command.ranges)
+            if others:
+                # One import per range: a second one could write into the
+                # range behind the first one's delta, or its abort delete
+                # what the first one ingested.
+                return refuse(f"part of the ranges is being imported by move {others[0]}")
+            return ok(replace(shard, imports={**shard.imports, move_id: Import(command.ranges)}))
         if op is ShardOp.INGEST:
-            ranges = shard.imports.get(move_id)
-            if ranges is None:
+            imported = shard.imports.get(move_id)
+            if imported is None:
                 return ok() if done else refuse("no import of this move in progress")
+            if not imported.admits(command.delta):
+                # A page scanned before some key changed could otherwise
+                # overwrite the final value the delta brought (another run
+                # of this move, or a superseded one, still copying).
+                return refuse("a copy chunk after the delta began: another run of this move is ahead of this one")
+            ranges = imported.ranges
             for key, value in command.puts:
                 if stable_hash(key) in ranges:
                     pending.put(key, value)
@@ -861,21 +886,28 @@ class ReplicaStore:
                 current = pending.session(client_id)
                 if current is None or current.last_sequence < incoming.last_sequence:
                     pending.put_session(client_id, incoming)
+            if command.delta and not imported.delta_begun:
+                return ok(replace(shard, imports={**shard.imports, move_id: replace(imported, delta_begun=True)}))
             return ok()
         if op is ShardOp.IMPORT_ACTIVATE:
-            ranges = shard.imports.get(move_id)
-            if ranges is None:
+            imported = shard.imports.get(move_id)
+            if imported is None:
                 return ok() if done else refuse("no import of this move in progress")
             imports = {i: r for i, r in shard.imports.items() if i != move_id}
-            owned = (shard.owned or RangeSet()).union(ranges)
+            owned = (shard.owned or RangeSet()).union(imported.ranges)
             return ok(shard.complete(move_id, owned=owned, imports=imports,
                                      version=max(shard.version, command.epoch)))
         if op is ShardOp.IMPORT_ABORT:
-            ranges = shard.imports.get(move_id)
-            if ranges is None:
+            if done:
                 return ok()
-            self._delete_keys_in(ranges, pending)
-            return ok(replace(shard, imports={i: r for i, r in shard.imports.items() if i != move_id}))
+            imported = shard.imports.get(move_id)
+            if imported is None:
+                # Remembered all the same: a late IMPORT_BEGIN of this move
+                # (a mover that has not heard of the abort) is then a no-op.
+                return ok(shard.complete(move_id))
+            # Only what the import brought: never key space this group owns.
+            self._delete_keys_in(imported.ranges.difference(shard.owned or RangeSet()), pending)
+            return ok(shard.complete(move_id, imports={i: r for i, r in shard.imports.items() if i != move_id}))
         if op is ShardOp.EXPORT_BEGIN:
             if done or move_id in shard.exports:
                 return ok()
@@ -905,23 +937,32 @@ class ReplicaStore:
             return ok(shard.complete(move_id, owned=owned, exports=exports,
                                      version=max(shard.version, command.epoch)))
         if op is ShardOp.EXPORT_ABORT:
+            if done:
+                return ok()
             export = shard.exports.get(move_id)
             if export is None:
-                return ok()
+                # Remembered, as at the target: a late EXPORT_BEGIN is a no-op.
+                return ok(shard.complete(move_id))
             if export.frozen:
                 return refuse("a frozen export can only go forward")
             self._delete_dirty_marks(move_id, pending)
-            return ok(replace(shard, exports={i: e for i, e in shard.exports.items() if i != move_id}))
+            return ok(shard.complete(move_id, exports={i: e for i, e in shard.exports.items() if i != move_id}))
         return refuse(f"unknown shard operation {op!r}")
 
     def _delete_keys_in(self, ranges: RangeSet, pending: _ApplyBatch) -> None:
-        iterator = self._engine.iterator(self._engine.kv)
-        iterator.seek_to_first()
-        while iterator.valid():
-            key = iterator.key()
-            if stable_hash(key) in ranges:
-                pending.put(key, None)
-            iterator.next()
+        """Delete every key in `ranges`: the position index lists them (no
+        scan of the whole store), their kv records go one by one and their
+        index records by one range deletion per range."""
+        engine = self._engine
+        cursor = engine.iterator(engine.position)
+        at_last: list[bytes] = []
+        for record in position_index.records_in(cursor, ranges):
+            pending.forget(position_index.user_key(record))
+            if position_index.at_last_position(record):
+                at_last.append(record)
+        del cursor
+        position_index.delete_ranges(pending.batch, engine, ranges, at_last)
+        # Keys created earlier in this same batch are not in the database's index yet.
         for key, value in list(pending.overlay_items()):
             if value is not None and stable_hash(key) in ranges:
                 pending.put(key, None)
@@ -938,60 +979,45 @@ class ReplicaStore:
 
     def export_scan(self, ranges: RangeSet, after: bytes | None, max_bytes: int) -> tuple[list[tuple[bytes, bytes]],
                                                                                         bytes | None]:
-        """The kv records in `ranges` after key `after` (None: from the start),
-        about max_bytes of them; returns (records, the key to continue after,
-        or None at the end). Reads the live state: the delta of the export
-        corrects whatever changes behind the scan."""
-        with self._sm_lock:
-            self._check_open()
-            iterator = self._engine.iterator(self._engine.kv)
-            if after is None:
-                iterator.seek_to_first()
-            else:
-                iterator.seek(after)
-                if iterator.valid() and iterator.key() == after:
-                    iterator.next()
-            records: list[tuple[bytes, bytes]] = []
-            size = 0
-            last = after
-            while iterator.valid():
-                key = iterator.key()
-                last = key
-                if stable_hash(key) in ranges:
-                    value = iterator.value()
-                    records.append((key, value))
-                    size += len(key) + len(value)
-                    if size >= max_bytes:
-                        return records, last
-                iterator.next()
-            return records, None
+        """The kv records in `ranges` after the cursor `after` (None: from the
+        start), about max_bytes of them, in position order; returns (records,
+        the cursor to continue after, or None at the end). Each page is one
+        cut of the live state, read without holding up reads or applies
+        (export_reads.py): the delta of the export corrects whatever changes
+        behind the scan. ValueError if `after` is not a cursor of this scan."""
+        if after is not None and len(after) < position_index.POSITION_BYTES:
+            raise ValueError(f"not a copy cursor: {after!r}")
+        with self._scan_lock:
+            with self._sm_lock:
+                self._check_open()
+                engine = self._engine
+                index = engine.iterator(engine.position)
+                values = engine.kv.view.snapshot()
+            page = scan_page(index, values, ranges, after, max_bytes)
+            del index, values
+            return page.records, page.next_after
 
-    def export_delta(self, move_id: int) -> tuple[list[tuple[bytes, bytes]], list[bytes], list[tuple[int, bytes]]]:
-        """For a frozen export: every key changed since it began, with its
-        final value (puts) or its absence (deletes), and every client session
-        (the target merges them: exactly-once across the move)."""
-        with self._sm_lock:
-            self._check_open()
-            export = self.shard_state.exports.get(move_id)
-            if export is None or not export.frozen:
-                raise StorageError(f"move {move_id}: no frozen export here")
-            engine = self._engine
-            prefix = dirty_prefix(move_id)
-            puts: list[tuple[bytes, bytes]] = []
-            deletes: list[bytes] = []
-            iterator = engine.iterator(engine.shard)
-            iterator.seek(prefix)
-            kv_get = engine.kv.view.get
-            while iterator.valid() and iterator.key().startswith(prefix):
-                key = iterator.key()[len(prefix):]
-                value = kv_get(key)
-                if value is None:
-                    deletes.append(key)
-                else:
-                    puts.append((key, value))
-                iterator.next()
-            sessions = [(session_client(k), v) for k, v in engine.sessions.view.items()]
-            return puts, deletes, sessions
+    def export_delta(self, move_id: int, after: bytes | None = None, max_bytes: int = 4 << 20) -> DeltaPage:
+        """For a frozen export, one page of its delta after the cursor `after`
+        (None: from the start), about max_bytes: keys changed since it began,
+        with their final value (puts) or their absence (deletes), then the
+        client sessions whose last write touched the moved ranges (the target
+        merges them: exactly-once across the move). StorageError if the
+        export is not here or not frozen, ValueError if `after` is not a
+        cursor of this delta."""
+        with self._scan_lock:
+            with self._sm_lock:
+                self._check_open()
+                export = self.shard_state.exports.get(move_id)
+                if export is None or not export.frozen:
+                    raise StorageError(f"move {move_id}: no frozen export here")
+                engine = self._engine
+                dirty = engine.iterator(engine.shard)
+                values = engine.kv.view.snapshot()
+                sessions = engine.iterator(engine.sessions)
+            page = delta_page(dirty, values, sessions, move_id, export.ranges, after, max_bytes)
+            del dirty, values, sessions
+            return page
 
     def _sweep_sessions(self, cursor: bytes, clock_ms: int, pending: _ApplyBatch) -> bytes:
         """Delete expired sessions among the next few after `cursor` (in key
@@ -1145,13 +1171,15 @@ class _ApplyBatch:
     reads the writes of earlier commands of the same batch (reads go to the
     overlay first, then to the database)."""
 
-    __slots__ = ("batch", "_kv_get", "_kv_handle", "_sessions_get", "_sessions_handle", "_kv", "_sessions")
+    __slots__ = ("batch", "_kv_get", "_kv_handle", "_index_handle", "_sessions_get", "_sessions_handle", "_kv",
+                 "_sessions")
 
     def __init__(self, engine: Engine) -> None:
         self.batch: WriteBatch = new_batch()
         kv, sessions = engine.kv, engine.sessions
         self._kv_get = kv.view.get
         self._kv_handle = kv.handle
+        self._index_handle = engine.position.handle
         self._sessions_get = sessions.view.get
         self._sessions_handle = sessions.handle
         self._kv: dict[bytes, bytes | None] = {}
@@ -1166,13 +1194,29 @@ class _ApplyBatch:
         """The kv writes of this batch so far (key, value or None)."""
         return self._kv.items()
 
-    def put(self, key: bytes, value: bytes | None) -> None:
-        """value None deletes."""
+    def put(self, key: bytes, value: bytes | None, *, existed: bool | None = None,
+            position: int | None = None) -> None:
+        """value None deletes. The position index follows in the same batch:
+        a key created gets its index record, a key deleted loses it.
+        `existed` (whether the key holds a value now, if the caller knows)
+        spares the index write when nothing changes there (an overwrite: the
+        common write costs no more than before); `position`, the key's
+        position when the caller has it."""
         self._kv[key] = value
         if value is None:
             self.batch.delete(key, self._kv_handle)
+            if existed is not False:
+                self.batch.delete(position_index.index_key(key, position), self._index_handle)
         else:
             self.batch.put(key, value, self._kv_handle)
+            if not existed:
+                self.batch.put(position_index.index_key(key, position), b"", self._index_handle)
+
+    def forget(self, key: bytes) -> None:
+        """Delete the kv record of `key` only: the caller deletes its index
+        record itself (by range)."""
+        self._kv[key] = None
+        self.batch.delete(key, self._kv_handle)
 
     def session(self, client_id: int, stored: bytes | None = None) -> SessionRecord | None:
         """The session as of this point of the batch. `stored` is its value in

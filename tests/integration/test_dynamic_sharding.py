@@ -28,9 +28,12 @@ from shardnode.config import ClusterConfig
 from shardnode.errors import RoutersUnreachable
 from shardnode.placement.shard_map import ShardMap
 from shardnode.placement.directory import ShardDirectory
-from shardnode.placement.moves import MOVES_KEY, Phase, decode_moves
+from shardnode.keyspace import RangeSet, stable_hash
+from shardnode.placement.moves import MOVES_KEY, MoveError, MoveRecord, Mover, MoveSuperseded, Phase, decode_moves
+from shardnode.placement.shard_map import Move
 from shardnode.placement.worker_groups import WorkerGroups
-from shardnode.supervisor import ROUTER_PROGRAM, ProcessControl
+from shardnode.storage.export_reads import DeltaPage
+from shardnode.supervisor import ROUTER_PROGRAM, ProcessControl, worker_program
 
 from .ports import write_cluster_toml
 from .supervised import ROOT, SupervisedCluster, start_supervised
@@ -303,3 +306,117 @@ def _killed_group_add_is_finished(cluster: SupervisedCluster, preloaded: dict[st
     assert abs(shard_map.share(new_group) - 1 / len(expected_groups)) < 0.01
     assert not _moves(cluster.cluster)
     assert not _check_all(config, preloaded)
+
+
+# --- A move carried out by a scheduler that is taken over mid-way ------------------------------
+
+LEASE_KEY = b"itest_scheduler_lease"
+
+
+async def _begin_move(cluster: ClusterConfig, move: Move) -> MoveRecord:
+    """Scheduler A (token 5, its lease in the metadata group) plans the move
+    and runs it up to the end of its copy."""
+    directory, groups = ShardDirectory(cluster), WorkerGroups(cluster)
+    try:
+        swapped, _ = await directory.compare_and_set(LEASE_KEY, None, b"scheduler-A")
+        assert swapped
+        mover = Mover(groups, directory, fence=5, guards=((LEASE_KEY, b"scheduler-A"),))
+        (record,) = await mover.plan([move])
+        return await mover.run(record, stop_after=Phase.EXPORTING)
+    finally:
+        await groups.close()
+        await directory.close()
+
+
+async def _take_over_and_finish(cluster: ClusterConfig, record: MoveRecord) -> list[DeltaPage]:
+    """Scheduler B takes the lease (token 6) and fences both groups; A, a
+    zombie now, can change nothing; B freezes, reads the delta in small
+    pages (returned), and finishes the move."""
+    directory, groups = ShardDirectory(cluster), WorkerGroups(cluster)
+    try:
+        swapped, _ = await directory.compare_and_set(LEASE_KEY, b"scheduler-A", b"scheduler-B")
+        assert swapped
+        new = Mover(groups, directory, fence=6, guards=((LEASE_KEY, b"scheduler-B"),))
+        old = Mover(groups, directory, fence=5, guards=((LEASE_KEY, b"scheduler-A"),))
+        await new.fence_groups([record.source, record.target])
+        with pytest.raises(MoveError, match="superseded"):
+            await old.run(record)                       # its freeze is refused by the source
+        with pytest.raises(MoveSuperseded, match="lease"):
+            await old.plan([Move(record.source, record.target, record.ranges)])
+        assert decode_moves(await directory.read(MOVES_KEY)) == [record]
+        frozen = await new.run(record, stop_after=Phase.COPIED)
+        pages: list[DeltaPage] = []
+        after = None
+        while True:
+            page = await groups.delta(record.source, record.move_id, after, 1024)
+            pages.append(page)
+            after = page.next_after
+            if after is None:
+                break
+        await new.run(frozen)
+        return pages
+    finally:
+        await groups.close()
+        await directory.close()
+
+
+def test_a_scheduler_taken_over_mid_move_changes_nothing_and_stale_reads_follow_the_move(
+        cluster: SupervisedCluster) -> None:
+    """A move begun by one scheduler and finished by the next, over real
+    workers: the old one's commands are refused by their fencing token and
+    its metadata writes by its lost lease; the delta comes in pages of the
+    size asked; every key ends at its new owner. One replica of the target
+    is down during the move: stale reads through its host's router, right
+    after it starts again (down, then catching up, refusing the moved keys),
+    are answered at once by the leader."""
+    config = cluster.tmp / "cluster.toml"
+    env = cluster.cluster
+    preloaded = _preload(config, 1500)
+    shard_map = _load_map(env)
+    source, target = 0, 1
+    ranges = RangeSet(list(shard_map.owned_by(source))[::2])
+    moved = [k for k in preloaded if stable_hash(k.encode()) in ranges]
+    leader = _leader_address(cluster, target)
+    lagging = next(r for r in env.group_replicas(target) if r.address != leader)
+    control = ProcessControl(env)
+    control.stop_programs(lagging.host.name, [worker_program(target)])
+    record = asyncio.run(_begin_move(env, Move(source, target, ranges)))
+    # Writes behind the copy (with sessions): the delta carries them.
+    rewritten = {k: f"again-{k}" for k in moved[:300]}
+    with Client.from_config(config, timeout=20.0) as client, ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda item: client.put(*item), rewritten.items()))
+    expected = {**preloaded, **rewritten}
+    pages = asyncio.run(_take_over_and_finish(env, record))
+    delta_keys = sum(len(p.puts) + len(p.deletes) for p in pages)
+    assert len(pages) > 3 and delta_keys == len(rewritten), (len(pages), delta_keys)
+    assert all(sum(len(k) + len(v) for k, v in p.puts) + sum(len(r) for _, r in p.sessions) < 2048 for p in pages)
+    assert sum(len(p.sessions) for p in pages) >= 1
+    final = _wait_for_map(env, lambda m: m.owned_by(target).covers(ranges))
+    assert not _moves(env)
+    # Stale reads at the host whose replica of the target is down (they are
+    # answered by the leader), then again as soon as that replica starts
+    # (down, then catching up and refusing the moved keys for a while).
+    stale_failures: list[str] = []
+
+    def stale_reads(phase: str) -> float:
+        began = time.monotonic()
+        with Client([lagging.host.router_address], timeout=1.5) as client, ThreadPoolExecutor(8) as pool:
+            def read(key: str) -> None:
+                try:
+                    if client.get(key, allow_stale=True) != expected[key].encode():
+                        stale_failures.append(f"{phase} {key}: wrong value")
+                except Exception as exc:         # noqa: BLE001 - every failure is reported
+                    stale_failures.append(f"{phase} {key}: {type(exc).__name__}: {exc}")
+            list(pool.map(read, moved))
+        return time.monotonic() - began
+
+    down_seconds = stale_reads("replica down:")
+    control.start_programs(lagging.host.name, [worker_program(target)])
+    restart_seconds = stale_reads("replica starting:")
+    lost = _check_all(config, expected)
+    print(f"\n[sharding] take-over mid-move: {len(moved)} keys moved, delta {delta_keys} keys in {len(pages)} pages, "
+          f"stale reads: {len(moved)} with the replica down ({down_seconds:.1f} s), {len(moved)} as it starts "
+          f"({restart_seconds:.1f} s), {len(stale_failures)} failed; "
+          f"keys checked {len(expected)}, lost {len(lost)}; map epoch {final.epoch}")
+    assert not stale_failures, stale_failures[:5]
+    assert not lost, lost[:5]

@@ -14,9 +14,10 @@ from dataclasses import replace
 
 import pytest
 
-from shardnode.placement.moves import MoveProgress, Mover, Phase
-from shardnode.storage.ownership import ShardState
-from shardnode.storage.shard_commands import ShardCommand, ShardOp
+from shardnode.placement.moves import MOVES_KEY, MoveProgress, Mover, Phase, decode_moves, encode_moves
+from shardnode.storage import export_reads, fencing
+from shardnode.storage.ownership import Import, ShardState
+from shardnode.storage.shard_commands import ShardOp
 from shardnode.storage.store import ReplicaStore
 
 from .moves import Scenario, run_seed
@@ -51,9 +52,12 @@ def test_replay_is_deterministic() -> None:
 def test_the_seeds_exercise_every_phase_and_fault() -> None:
     """The default run reaches what it claims to test: crashes in every
     phase, aborts, restarts, retries answered by their session, stale
-    routes, and completed moves of each workload."""
+    routes, completed moves of each workload, second runs of a move and
+    scheduler take-overs (runs stopped because another went on, zombies'
+    commands refused by their token), moves planned again after an abort."""
     crashes: dict[str, int] = {}
-    totals = {"completed": 0, "aborts": 0, "restarts": 0, "retries": 0, "wrong_group": 0}
+    totals = {"completed": 0, "aborts": 0, "restarts": 0, "retries": 0, "wrong_group": 0, "rivals": 0,
+              "takeovers": 0, "retried": 0, "superseded": 0, "fenced": 0}
     workloads: set[str] = set()
     for seed in range(START, START + min(SEEDS, 25)):
         result = run_seed(seed)
@@ -65,10 +69,15 @@ def test_the_seeds_exercise_every_phase_and_fault() -> None:
         totals["restarts"] += result.restarts
         totals["retries"] += result.retries_answered
         totals["wrong_group"] += result.wrong_group
+        totals["rivals"] += result.rivals
+        totals["takeovers"] += result.takeovers
+        totals["retried"] += result.retried_moves
+        totals["superseded"] += result.superseded
+        totals["fenced"] += result.fenced
         workloads.update(Scenario.from_seed(seed).rounds)
-    assert {phase.name for phase in Phase} <= set(crashes), crashes
+    assert {phase.name for phase in Phase} | {"fence", "abort"} <= set(crashes), crashes
     assert all(totals.values()), totals
-    assert workloads == {"add", "remove", "random"}
+    assert workloads == {"add", "remove", "random", "race", "retry"}
 
 
 # --- Broken variants: each must be caught ----------------------------------------------------
@@ -87,15 +96,15 @@ def _delta_read_without_freeze(monkeypatch: pytest.MonkeyPatch) -> None:
     what a mover that ships before freezing would get."""
     original = ReplicaStore.export_delta
 
-    def export_delta(self: ReplicaStore, move_id: int):  # type: ignore[no-untyped-def]
+    def export_delta(self: ReplicaStore, move_id: int, *args):  # type: ignore[no-untyped-def]
         shard = self.shard_state
         export = shard.exports.get(move_id)
         if export is None or export.frozen:
-            return original(self, move_id)
+            return original(self, move_id, *args)
         saved = self._shard
         self._shard = replace(shard, exports={**shard.exports, move_id: replace(export, frozen=True)})
         try:
-            return original(self, move_id)
+            return original(self, move_id, *args)
         finally:
             self._shard = saved
 
@@ -107,14 +116,13 @@ class ShipsBeforeFreezing(Mover):
     still serves the range; the freeze comes last."""
 
     async def run(self, record, *, stop_after=None):  # type: ignore[no-untyped-def]
-        if record.phase is Phase.COPIED:
+        if record.phase is Phase.COPIED and not record.aborting:
             shard_map = await self.directory.load_map()
-            record = replace(record, epoch=shard_map.epoch + 1)
             await self._ship_delta(record, MoveProgress())
-            await self.groups.shard(record.target, ShardCommand(ShardOp.IMPORT_ACTIVATE, record.move_id,
-                                                                epoch=record.epoch))
-            await self.groups.shard(record.source, ShardCommand(ShardOp.EXPORT_FREEZE, record.move_id))
-            record = await self._record(replace(record, phase=Phase.ACTIVATED))
+            await self.groups.shard(record.target, self._command(ShardOp.IMPORT_ACTIVATE, record.move_id,
+                                                                 epoch=shard_map.epoch + 1))
+            await self.groups.shard(record.source, self._command(ShardOp.EXPORT_FREEZE, record.move_id))
+            record = await self._advance(record, phase=Phase.ACTIVATED, epoch=shard_map.epoch + 1)
             if stop_after is not None and record.phase > stop_after:
                 return record
         return await super().run(record, stop_after=stop_after)
@@ -126,13 +134,23 @@ def test_shipping_the_delta_before_the_freeze_is_caught(monkeypatch: pytest.Monk
     assert violation.startswith(("single owner", "linearizability")), violation
 
 
+async def _delta_pages(mover: Mover, record):  # type: ignore[no-untyped-def]
+    pages, after = [], None
+    while True:
+        page = await mover.groups.delta(record.source, record.move_id, after, 1 << 20)
+        pages.append(page)
+        after = page.next_after
+        if after is None:
+            return pages
+
+
 class ShipsOnlySessions(Mover):
     """Broken: the delta carries the sessions but not the keys changed since
     the export began."""
 
     async def _ship_delta(self, record, progress):  # type: ignore[no-untyped-def]
-        _, _, sessions = await self.groups.delta(record.source, record.move_id)
-        await self._ingest(record, sessions=sessions)
+        for page in await _delta_pages(self, record):
+            await self._ingest(record, sessions=page.sessions, delta=True)
 
 
 def test_a_delta_without_the_dirty_keys_is_caught() -> None:
@@ -144,8 +162,8 @@ class ShipsNoSessions(Mover):
     """Broken: the delta carries the keys but not the client sessions."""
 
     async def _ship_delta(self, record, progress):  # type: ignore[no-untyped-def]
-        puts, deletes, _ = await self.groups.delta(record.source, record.move_id)
-        await self._ingest(record, puts=puts, deletes=deletes)
+        for page in await _delta_pages(self, record):
+            await self._ingest(record, puts=page.puts, deletes=page.deletes, delta=True)
 
 
 def test_sessions_left_behind_are_caught() -> None:
@@ -157,7 +175,7 @@ class FlipsBeforeActivating(Mover):
     """Broken: the map names the target before the target serves the range."""
 
     async def run(self, record, *, stop_after=None):  # type: ignore[no-untyped-def]
-        if record.phase is Phase.FROZEN:
+        if record.phase is Phase.FROZEN and not record.aborting:
             await self._flip(record)
         return await super().run(record, stop_after=stop_after)
 
@@ -172,8 +190,8 @@ class FinishesBeforeFlipping(Mover):
 
     async def run(self, record, *, stop_after=None):  # type: ignore[no-untyped-def]
         if record.phase is Phase.ACTIVATED:
-            await self.groups.shard(record.source, ShardCommand(ShardOp.EXPORT_FINISH, record.move_id,
-                                                                epoch=record.epoch))
+            await self.groups.shard(record.source, self._command(ShardOp.EXPORT_FINISH, record.move_id,
+                                                                 epoch=record.epoch))
         return await super().run(record, stop_after=stop_after)
 
 
@@ -190,6 +208,9 @@ class _AcceptsEverything:
         self._shard = shard
 
     def accepts(self, key: bytes) -> bool:
+        return True
+
+    def accepts_position(self, position: int) -> bool:
         return True
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
@@ -210,5 +231,72 @@ def test_skipping_the_ownership_check_at_apply_is_caught(monkeypatch: pytest.Mon
 def test_serving_a_frozen_range_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
     # Broken: a group serves what it owns or exports, frozen or not.
     monkeypatch.setattr(ShardState, "accepts", lambda self, key: self.owned is None or self.owned.contains_key(key))
+    monkeypatch.setattr(ShardState, "accepts_position",
+                        lambda self, position: self.owned is None or position in self.owned)
     seed, violation = _first_violation()
     assert violation.startswith(("single owner", "linearizability")), violation
+
+
+# --- Broken fencing, ordering and bookkeeping of concurrent movers ---------------------------
+
+
+def test_a_fencing_token_not_checked_at_apply_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken: groups apply a deposed scheduler's commands (a zombie's)."""
+    monkeypatch.setattr(fencing, "admits", lambda group_fence, fence: True)
+    seed, violation = _first_violation()
+    assert violation.startswith("fencing"), violation
+
+
+def test_a_copy_chunk_admitted_after_the_delta_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken: a page another run scanned before a change lands after the
+    delta that carried the change (the lost write, the resurrected key)."""
+    monkeypatch.setattr(Import, "admits", lambda self, delta: True)
+    seed, violation = _first_violation()
+    assert violation.startswith(("linearizability", "end:")), violation
+
+
+class RewritesRecordsBlindly(Mover):
+    """Broken: a mover that writes its record without checking it is still
+    the one it holds (the old `_record`/`_forget`): a stale run re-adds a
+    finished move, moves an advanced one back, or flips a map it should not."""
+
+    async def _expect(self, record):  # type: ignore[no-untyped-def]
+        return await self.directory.read(MOVES_KEY)
+
+    async def _replace(self, record, new):  # type: ignore[no-untyped-def]
+        while True:
+            raw = await self.directory.read(MOVES_KEY)
+            records = [r for r in decode_moves(raw) if r.move_id != record.move_id]
+            if new is not None:
+                records.append(new)
+            swapped, _ = await self.directory.compare_and_set(MOVES_KEY, raw, encode_moves(records),
+                                                              guards=self.guards)
+            if swapped:
+                return new
+
+
+def test_a_mover_rewriting_its_record_unchecked_is_caught() -> None:
+    # Caught when the stale run goes on: a step of its recorded move is
+    # refused, its finished move comes back in the records, or its flip
+    # names a group that does not serve the range.
+    seed, violation = _first_violation(RewritesRecordsBlindly)
+    assert violation.startswith(("move refused", "end:", "map never runs ahead", "linearizability",
+                                 "single owner")), violation
+
+
+def test_two_imports_of_one_range_admitted_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken: a move planned again after an abort imports the range while
+    the aborted one's import is still there."""
+    monkeypatch.setattr(ShardState, "imported_elsewhere", lambda self, move_id, ranges: [])
+    seed, violation = _first_violation()
+    assert violation.startswith(("linearizability", "end:")), violation
+
+
+def test_a_delta_without_the_sessions_its_keys_need_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Broken: the delta picks sessions by the wrong key (those whose last
+    write stays behind), so a retry of a write to a moved key is applied
+    again at the target."""
+    monkeypatch.setattr(export_reads, "session_needed",
+                        lambda record, ranges: record.position is not None and record.position not in ranges)
+    seed, violation = _first_violation()
+    assert violation.startswith("exactly-once"), violation

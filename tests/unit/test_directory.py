@@ -15,7 +15,7 @@ from shardnode.proto import worker_pb2 as wpb
 from shardnode.proto import worker_pb2_grpc as wpb_grpc
 from shardnode.placement.shard_map import ShardMapConflict
 from shardnode.placement import MapConflict, MetadataUnavailable, ShardDirectory, initial_map
-from shardnode.placement.directory import SHARD_MAP_KEY
+from shardnode.placement.directory import SHARD_MAP_KEY, GuardFailed
 
 Op = wpb.Operation
 Status = wpb.ExecuteResponse
@@ -60,6 +60,7 @@ class FakeMetaWorker(wpb_grpc.WorkerServicer):
                 results.append(seen[1])
                 continue
             matches = before is None if op.expected_absent else before == op.expected
+            matches = matches and all(store.get(g.key) == (None if g.absent else g.value) for g in op.guards)
             if matches:
                 store[op.key] = op.value
             result = wpb.OperationResult(existed=before is not None, value=before or b"", swapped=matches)
@@ -196,6 +197,25 @@ def test_the_map_starts_as_cluster_tomls_and_changes_by_compare_and_set() -> Non
         three = reordered.without_group(3)
         assert await directory.update_map(reordered, three) == three
         assert await directory.load_map() == three
+
+    asyncio.run(_with_cluster(body))
+
+
+def test_a_guarded_map_change_happens_only_while_its_guards_hold() -> None:
+    async def body(cluster: FakeCluster, directory: ShardDirectory) -> None:
+        initial = initial_map(cluster.config)
+        cluster.store[b"lease"] = b"A/1"
+        added = initial.with_group(2, ("h1", "h2", "h3"))
+        assert await directory.update_map(initial, added, guards=((b"lease", b"A/1"),)) == added
+        cluster.store[b"lease"] = b"B/2"                         # the lease is taken over
+        with pytest.raises(GuardFailed):
+            await directory.update_map(added, added.with_group(3, ("h1",)), guards=((b"lease", b"A/1"),))
+        assert cluster.store[SHARD_MAP_KEY] == added.encode()
+        # A guard that fails before the first map is written: still GuardFailed, nothing written.
+        del cluster.store[SHARD_MAP_KEY]
+        with pytest.raises(GuardFailed):
+            await directory.update_map(initial, added, guards=((b"lease", b"A/1"),))
+        assert SHARD_MAP_KEY not in cluster.store
 
     asyncio.run(_with_cluster(body))
 

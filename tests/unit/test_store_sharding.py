@@ -107,11 +107,14 @@ def test_a_whole_move_with_writes_deletes_and_a_retry_across_it(groups) -> None:
     assert source.shard(ShardOp.EXPORT_FREEZE).ok
     assert source.put(moving[4], b"late").wrong_group
     assert not source.store.owns(moving[4]) and source.store.owns(staying[0])
-    puts, deletes, sessions = source.store.export_delta(MOVE)
+    delta = source.store.export_delta(MOVE)
+    puts, deletes, sessions = delta.puts, delta.deletes, delta.sessions
+    assert delta.next_after is None
     assert (moving[0], b"new") in puts and moving[1] in deletes
     assert any(client == 9 for client, _ in sessions)
     assert target.put(moving[0], b"too early").wrong_group      # importing: not served yet
-    assert target.shard(ShardOp.INGEST, puts=tuple(puts), deletes=tuple(deletes), sessions=tuple(sessions)).ok
+    assert target.shard(ShardOp.INGEST, puts=tuple(puts), deletes=tuple(deletes), sessions=tuple(sessions),
+                        delta=True).ok
     assert target.shard(ShardOp.IMPORT_ACTIVATE, epoch=2).ok
     assert source.shard(ShardOp.EXPORT_FINISH, epoch=2).ok
     # The target has the final state: the change, the deletion, the rest.
@@ -196,7 +199,7 @@ def test_ownership_and_the_dirty_set_survive_a_restart_and_travel_in_snapshots(g
     assert receiver.store.shard_state == state
     receiver.index = receiver.store.applied_index
     receiver.shard(ShardOp.EXPORT_FREEZE)
-    assert receiver.store.export_delta(MOVE)[0] == [(key, b"dirty")]
+    assert receiver.store.export_delta(MOVE).puts == [(key, b"dirty")]
     path = source.store.path
     source.store.close()
     reopened = ReplicaStore.open(path)
@@ -204,3 +207,195 @@ def test_ownership_and_the_dirty_set_survive_a_restart_and_travel_in_snapshots(g
         assert reopened.shard_state == state
     finally:
         reopened.close()
+
+
+# --- Two runs of one move, aborts, and what a delta carries ----------------------------------
+
+
+def _begin(source: Group, target: Group, move_id: int = MOVE, ranges: RangeSet = HIGH) -> None:
+    assert target.apply(ShardCommand(ShardOp.IMPORT_BEGIN, move_id, peer=0, ranges=ranges).encode()).ok
+    assert source.apply(ShardCommand(ShardOp.EXPORT_BEGIN, move_id, peer=1, ranges=ranges).encode()).ok
+
+
+def _full_delta(store: ReplicaStore, move_id: int = MOVE, max_bytes: int = 1 << 20):  # type: ignore[no-untyped-def]
+    puts, deletes, sessions, pages, after = [], [], [], 0, None
+    while True:
+        page = store.export_delta(move_id, after, max_bytes)
+        puts += page.puts
+        deletes += page.deletes
+        sessions += page.sessions
+        pages += 1
+        after = page.next_after
+        if after is None:
+            return puts, deletes, sessions, pages
+
+
+@pytest.mark.parametrize("change", ["rewrite", "delete"])
+def test_a_copy_page_of_another_run_after_the_delta_is_refused(groups, change: str) -> None:  # type: ignore[no-untyped-def]
+    """Mover B scans a page holding k=v1; a client changes k (acknowledged);
+    mover A freezes and ships the delta; B's page then reaches the target.
+    It must not land: k would go back to v1 (or come back from its deletion)."""
+    source, target = groups("s", LOW.union(HIGH)), groups("t", RangeSet())
+    key = keys_in(HIGH, 1)[0]
+    source.put(key, b"v1")
+    _begin(source, target)
+    b_page, _ = source.store.export_scan(HIGH, None, 1 << 20)          # mover B's page
+    if change == "rewrite":
+        source.put(key, b"v2", client_id=3, sequence=1)
+    else:
+        source.delete(key)
+    assert source.shard(ShardOp.EXPORT_FREEZE).ok                       # mover A
+    puts, deletes, sessions, _ = _full_delta(source.store)
+    assert target.shard(ShardOp.INGEST, puts=tuple(puts), deletes=tuple(deletes), sessions=tuple(sessions),
+                        delta=True).ok
+    late = target.shard(ShardOp.INGEST, puts=tuple(b_page))             # mover B's copy chunk
+    assert not late.ok and "delta" in late.message
+    assert target.shard(ShardOp.IMPORT_ACTIVATE, epoch=2).ok
+    assert target.store.get(key) == (b"v2" if change == "rewrite" else None)
+    # Delta chunks of either run still apply (the same final state), and
+    # after the activation every late chunk is a no-op.
+    assert target.shard(ShardOp.INGEST, puts=tuple(b_page)).ok
+    assert target.store.get(key) == (b"v2" if change == "rewrite" else None)
+
+
+def test_one_import_per_range(groups) -> None:  # type: ignore[no-untyped-def]
+    """A second move importing the same range is refused until the first is
+    gone: its abort could otherwise delete what the second one brought."""
+    source, target = groups("s", LOW.union(HIGH)), groups("t", RangeSet())
+    key = keys_in(HIGH, 1)[0]
+    source.put(key, b"v")
+    assert target.shard(ShardOp.IMPORT_BEGIN, peer=0, ranges=HIGH).ok                 # move 77, then left
+    second = target.apply(ShardCommand(ShardOp.IMPORT_BEGIN, 78, peer=0, ranges=HIGH).encode())
+    assert not second.ok and "imported by move 77" in second.message
+    part = RangeSet([KeyRange(SPACE // 2 + 10, SPACE // 2 + 20)])
+    assert not target.apply(ShardCommand(ShardOp.IMPORT_BEGIN, 79, peer=0, ranges=part).encode()).ok
+    assert target.shard(ShardOp.IMPORT_ABORT).ok
+    _begin(source, target, 78)
+    assert target.apply(ShardCommand(ShardOp.INGEST, 78, puts=((key, b"v"),)).encode()).ok
+    assert source.apply(ShardCommand(ShardOp.EXPORT_FREEZE, 78).encode()).ok
+    assert target.apply(ShardCommand(ShardOp.INGEST, 78, delta=True).encode()).ok
+    assert target.apply(ShardCommand(ShardOp.IMPORT_ACTIVATE, 78, epoch=2).encode()).ok
+    assert target.shard(ShardOp.IMPORT_ABORT).ok                                      # late: a no-op
+    assert target.store.get(key) == b"v" and target.store.owns(key)
+
+
+def test_an_aborted_move_is_remembered_at_both_ends(groups) -> None:  # type: ignore[no-untyped-def]
+    """After an abort, a late step of the aborted move (a mover that did not
+    hear of it) starts nothing again."""
+    source, target = groups("s", LOW.union(HIGH)), groups("t", RangeSet())
+    key = keys_in(HIGH, 1)[0]
+    source.put(key, b"v")
+    _begin(source, target)
+    assert source.shard(ShardOp.EXPORT_ABORT).ok and target.shard(ShardOp.IMPORT_ABORT).ok
+    before_s, before_t = source.store.shard_state, target.store.shard_state
+    assert MOVE in before_s.completed and MOVE in before_t.completed
+    _begin(source, target)                                      # late steps: no-ops
+    assert target.shard(ShardOp.INGEST, puts=((key, b"stale"),)).ok
+    assert source.shard(ShardOp.EXPORT_FREEZE).ok
+    assert source.store.shard_state == before_s and target.store.shard_state == before_t
+    assert target.store.get(key) is None and not source.put(key, b"w").wrong_group
+    # An abort that reaches a group before the move began there is remembered too.
+    other = groups("o", RangeSet())
+    assert other.apply(ShardCommand(ShardOp.IMPORT_ABORT, 90).encode()).ok
+    assert other.apply(ShardCommand(ShardOp.IMPORT_BEGIN, 90, peer=0, ranges=HIGH).encode()).ok
+    assert other.store.shard_state.imports == {}
+
+
+def test_an_import_abort_never_deletes_owned_key_space(groups, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Even over a state where an import overlaps what the group owns (one
+    admitted before imports were checked for overlaps), the abort deletes
+    only what the group does not own."""
+    from shardnode.storage.engine import SHARD_STATE, new_batch
+    from shardnode.storage.ownership import Import
+
+    target = groups("t", HIGH)
+    owned_key = keys_in(HIGH, 1)[0]
+    target.put(owned_key, b"mine")
+    imported_key = keys_in(LOW, 1)[0]
+    engine = target.store._engine
+    state = ShardState(owned=HIGH, imports={MOVE: Import(LOW.union(HIGH))})
+    batch = new_batch()
+    batch.put(SHARD_STATE, state.encode(), engine.shard.handle)
+    engine.write(batch, sync=True)
+    target.store._load_shard_state()
+    assert target.shard(ShardOp.INGEST, puts=((imported_key, b"theirs"),)).ok
+    assert target.shard(ShardOp.IMPORT_ABORT).ok
+    assert target.store.get(owned_key) == b"mine"
+    assert target.store.get(imported_key) is None
+
+
+def test_the_delta_carries_the_sessions_its_keys_need_and_no_others(groups) -> None:  # type: ignore[no-untyped-def]
+    from shardnode.storage.engine import SessionRecord, encode_session, new_batch, session_key
+
+    source, target = groups("s", LOW.union(HIGH)), groups("t", RangeSet())
+    moving, staying = keys_in(HIGH, 3), keys_in(LOW, 2)
+    source.put(moving[0], b"before", client_id=1, sequence=1)       # before the export: not dirty
+    source.put(staying[0], b"x", client_id=2, sequence=1)
+    source.put(moving[1], b"y", client_id=2, sequence=2)            # client 2's last write: moving
+    source.put(moving[2], b"z", client_id=3, sequence=1)
+    source.put(staying[1], b"w", client_id=3, sequence=2)           # client 3's last write: staying
+    old = SessionRecord(4, True, b"old", 1_000)                      # a record of the previous release
+    batch = new_batch()
+    batch.put(session_key(4), encode_session(old), source.store._engine.sessions.handle)
+    source.store._engine.write(batch, sync=False)
+    _begin(source, target)
+    assert source.shard(ShardOp.EXPORT_FREEZE).ok
+    _, _, sessions, _ = _full_delta(source.store)
+    assert sorted(client for client, _ in sessions) == [1, 2, 4]
+    # Exactly-once across the move, for the write made before the export began.
+    copied, _ = source.store.export_scan(HIGH, None, 1 << 20)
+    assert target.shard(ShardOp.INGEST, puts=tuple(copied)).ok
+    assert target.shard(ShardOp.INGEST, sessions=tuple(sessions), delta=True).ok
+    assert target.shard(ShardOp.IMPORT_ACTIVATE, epoch=2).ok
+    again = target.put(moving[0], b"before", client_id=1, sequence=1)
+    assert again.duplicate and not again.existed
+    assert target.store.get(moving[0]) == b"before"
+
+
+def test_the_delta_comes_in_pages(groups) -> None:  # type: ignore[no-untyped-def]
+    source = groups("s", LOW.union(HIGH))
+    moving = keys_in(HIGH, 120)
+    for key in moving[:60]:
+        source.put(key, b"old")
+    assert source.shard(ShardOp.EXPORT_BEGIN, peer=1, ranges=HIGH).ok
+    for i, key in enumerate(moving[30:]):
+        source.put(key, b"new-%d" % i, client_id=100 + i, sequence=1)
+    for key in moving[30:40]:
+        source.delete(key)
+    assert source.shard(ShardOp.EXPORT_FREEZE).ok
+    whole = source.store.export_delta(MOVE, None, 1 << 30)
+    assert whole.next_after is None
+    puts, deletes, sessions, pages = _full_delta(source.store, max_bytes=200)
+    assert pages > 10
+    assert sorted(puts) == sorted(whole.puts) and len(puts) == 80
+    assert sorted(deletes) == sorted(whole.deletes) == sorted(moving[30:40])
+    assert sorted(sessions) == sorted(whole.sessions) and len(sessions) == 90
+
+
+def test_formats_old_and_new_records_decode() -> None:
+    import msgpack
+
+    from shardnode.storage.engine import SessionRecord, decode_session, encode_session
+    from shardnode.storage.ownership import Import
+    from shardnode.storage.shard_commands import shard_command_from_fields
+
+    with_position = SessionRecord(3, True, b"old", 9, None, 12345)
+    assert decode_session(encode_session(with_position)) == with_position
+    cas = SessionRecord(3, False, None, 9, True, 7)
+    assert decode_session(encode_session(cas)) == cas
+    assert decode_session(msgpack.packb((3, False, None, 9))).position is None          # first format
+    assert decode_session(msgpack.packb((3, False, None, 9, True))).swapped is True      # with swapped
+    with pytest.raises(ValueError):
+        decode_session(msgpack.packb((3, False, None, 9, None, -1)))
+    # An INGEST says whether it is part of the delta; the old 3-element payload is a copy chunk.
+    delta = ShardCommand(ShardOp.INGEST, 4, puts=((b"k", b"v"),), delta=True)
+    fields = msgpack.unpackb(delta.encode(), use_list=False, raw=False)
+    assert shard_command_from_fields(fields) == delta
+    copy = ShardCommand(ShardOp.INGEST, 4, puts=((b"k", b"v"),))
+    assert len(msgpack.unpackb(copy.encode(), use_list=False, raw=False)[3]) == 3
+    # Ownership of the previous format: an import was its ranges alone.
+    previous = msgpack.packb((2, HIGH.to_wire(), 3, {}, {9: LOW.to_wire()}, [1], 4), use_bin_type=True)
+    state = ShardState.decode(previous)
+    assert state.imports == {9: Import(LOW)} and state.fence == 4
+    begun = ShardState(owned=HIGH, imports={9: Import(LOW, delta_begun=True)})
+    assert ShardState.decode(begun.encode()) == begun
