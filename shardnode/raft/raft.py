@@ -531,17 +531,24 @@ class Raft:
                 return True
             self._send_notice(m, NoticeReason.REMOVED, 0)
             return False
-        if m.incarnation:
-            bound = tracker.incarnations.get(sender, 0)
-            if bound and bound != m.incarnation:
-                self._send_notice(m, NoticeReason.REINCARNATED, bound)
-                progress = tracker.progress.get(sender)
-                if self.role is StateRole.LEADER and progress is not None and sender != self.id:
-                    progress.forget()
-                return False
-            if not bound and sender in tracker.progress:
-                self.heard_incarnations[sender] = m.incarnation
+        if not m.incarnation:
+            return True
+        bound = self._other_incarnation_bound(m)
+        if bound:
+            self._send_notice(m, NoticeReason.REINCARNATED, bound)
+            progress = tracker.progress.get(sender)
+            if self.role is StateRole.LEADER and progress is not None and sender != self.id:
+                progress.forget()
+            return False
+        if sender in tracker.progress and sender not in tracker.incarnations:
+            self.heard_incarnations[sender] = m.incarnation
         return True
+
+    def _other_incarnation_bound(self, m: Message) -> int:
+        """The incarnation bound to the sender's id if it is not the one the
+        message carries, else 0."""
+        bound = self.tracker.incarnations.get(m.from_, 0)
+        return bound if bound and bound != m.incarnation else 0
 
     def _send_notice(self, m: Message, reason: NoticeReason, bound: int) -> None:
         if m.type is MT.NOTICE:
@@ -917,7 +924,16 @@ class Raft:
         )
 
     def _handle_heartbeat(self, m: Message) -> None:
-        self.log.commit_to(m.commit)
+        if m.commit <= self.log.last_index():
+            self.log.commit_to(m.commit)
+        elif m.commit > self.log.committed:
+            # The leader believes we hold its log up to m.commit, and we hold
+            # less: our log was lost (a wiped disk under our id; etcd panics
+            # here). Committing what we do hold could commit entries that are
+            # not the leader's, so only an append (which checks that logs
+            # match) moves our commit index now.
+            log.warning("raft.commit_beyond_log", extra={"node": self.id, "term": self.term, "peer": m.from_,
+                                                         "commit": m.commit, "last_index": self.log.last_index()})
         self._send(Message(MT.HEARTBEAT_RESP, to=m.from_, from_=self.id, term=self.term, context=m.context))
 
     def _handle_snapshot(self, m: Message) -> None:
