@@ -480,7 +480,7 @@ def conf_state_from_fields(fields: object) -> ConfState:
         if type(ids) is not tuple or not all(type(i) is int and 0 < i <= U64_MAX for i in ids):
             raise ValueError("conf state: node ids must be positive integers")
     members: tuple[Member, ...] = ()
-    if len(fields) == 5:
+    if len(fields) >= 5:
         raw_members = fields[4]
         if type(raw_members) is not tuple:
             raise ValueError("conf state: members must be an array")
