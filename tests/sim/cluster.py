@@ -43,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shardnode.raft import (
+    CompactedError,
     ConfChange,
     ConfState,
     EntryType,
@@ -52,6 +53,7 @@ from shardnode.raft import (
     ProposalDropped,
     NoticeReason,
     StateRole,
+    UnavailableError,
     confchange,
 )
 from shardnode.testing.linearizability import HistoryRecorder, OpKind, check_history
@@ -93,8 +95,9 @@ class Scenario:
     @classmethod
     def from_seed(cls, seed: int, profile: str = "default") -> "Scenario":
         """The scenario of a seed. Profiles (for the broken-variant tests):
-        "default" (what CI runs), "static" (no membership change: exactly
-        the scenarios from before membership changes were simulated),
+        "default" (what CI runs), "static" (no membership change and no
+        lost disk: the scenarios from before membership changes were
+        simulated, with the leaders' bindings of incarnations),
         "membership" (many changes, each often followed by a leader fault),
         "wipe" (many lost disks among crashes and partitions, no change)."""
         if profile not in PROFILES:
@@ -138,7 +141,7 @@ class Scenario:
             profile=profile,
         )
         if profile == "static":
-            scenario = replace(scenario, membership_events=0)
+            scenario = replace(scenario, membership_events=0, wipe_weight=0)
         elif profile == "wipe":
             # Lost disks among crashes and partitions, no membership change:
             # where a Raft that counted a new life under an old id loses data.
@@ -470,9 +473,12 @@ class Simulation:
     def _bind_incarnations(self, node: SimNode) -> None:
         """What the worker's driver does after each Ready: a leader proposes
         binding one member's incarnation it knows (the core refuses while
-        another change is in flight)."""
+        another change is in flight; that is checked here too, so that a
+        broken core without the rule does not make a leader propose the same
+        binding after every Ready)."""
         unbound = node.rawnode.incarnations_to_bind()
-        if not unbound:
+        raft = node.rawnode.raft
+        if not unbound or raft.pending_conf_index > raft.log.applied:
             return
         node_id, incarnation = unbound[0]
         try:
@@ -700,8 +706,12 @@ class Simulation:
         - everything on its disk is committed: a lost disk whose
           acknowledgement was still to be counted loses that entry's copy
           before the commit (Raft cannot tell);
-        - the voters that remain, without the lost ones, are still a majority.
+        - the voters that remain, without the lost ones, are still a majority,
+          and no membership change is in flight (one that removes a voter
+          could leave the lost one in a smaller majority).
         """
+        if self._change_in_flight():
+            return []
         membership = self.checker.membership
         lost_voters = len(membership.voters & self.lost)
         spare = len(membership.voters) - membership.quorum()
@@ -717,6 +727,23 @@ class Simulation:
             if all(self._applied_conf(other).incarnation_of(node.id) == node.incarnation for other in others):
                 candidates.append(node)
         return candidates
+
+    def _change_in_flight(self) -> bool:
+        """Whether some node holds a configuration change beyond the committed log."""
+        committed = len(self.checker.committed)
+        for node in self.nodes.values():
+            log = node.rawnode.raft.log if node.alive else node.disk
+            last = log.last_index()
+            if last <= committed:
+                continue
+            lo = max(committed + 1, log.first_index())
+            try:
+                entries = log.slice(lo, last + 1) if node.alive else log.entries(lo, last + 1)
+            except (CompactedError, UnavailableError):
+                return True
+            if any(entry.type is EntryType.CONF_CHANGE for entry in entries):
+                return True
+        return False
 
     @staticmethod
     def _applied_conf(node: SimNode) -> ConfState:

@@ -160,9 +160,11 @@ def test_promoting_a_learner_that_has_not_caught_up_is_caught(monkeypatch: pytes
 def test_promoting_a_learner_that_has_not_caught_up_loses_committed_data(monkeypatch: pytest.MonkeyPatch) -> None:
     # With the early warning (durable commit) off, the same bug runs on until
     # a leader is elected without entries that were committed.
+    # It may also stall a group first (a promoted voter that holds nothing
+    # counts toward every quorum): those seeds are passed over.
     _promote_learners_before_they_caught_up(monkeypatch)
     monkeypatch.setattr(SafetyChecker, "check_durable_commit", False)
-    seed, violation = _first_violation(profile="membership")
+    seed, violation = _first_violation(profile="membership", kinds=_LOSS)
     assert any(kind in violation for kind in _LOSS), violation
 
 
