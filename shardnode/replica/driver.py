@@ -184,6 +184,8 @@ class ReplicaDriver:
         self._tasks.append(asyncio.create_task(self._ready_loop(), name=f"ready-g{self.group}"))
         self.fail_stop.watch(self._tasks[0], "the tick loop")
         self.fail_stop.watch(self._tasks[1], "the ready loop")
+        if self.group == METADATA_GROUP:
+            self._learn_cluster_identity()
         self._wake.set()
         log.info(
             "replica.started",
@@ -448,7 +450,10 @@ class ReplicaDriver:
         identity = self.store.identity
         if identity.cluster_id and identity.group_incarnation:
             return
-        raw = self.store.get(INITIAL_PLACEMENT_KEY)
+        try:
+            raw = self.store.get(INITIAL_PLACEMENT_KEY)
+        except StoreBusy:
+            return  # a snapshot is being installed: after the next apply
         if raw is None:
             return
         try:

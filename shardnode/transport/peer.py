@@ -582,7 +582,7 @@ class RaftTransport:
                 self._links[peer] = link
                 if self._started:
                     self._start_link(link)
-        self._max_known = max(self.node_id, *self._links, *self._removed)
+        self._max_known = max((self.node_id, *self._links, *self._removed))
 
     def _start_link(self, link: _PeerLink) -> None:
         if link.task is None:

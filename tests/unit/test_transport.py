@@ -435,7 +435,7 @@ def test_strangers_of_another_cluster_or_group_life_are_refused_and_incarnations
             # A node that learns its ids later (the metadata group's replicas) says them from then on.
             a.transport.set_identity(0xC3, 0x61)
             a.transport.send([heartbeat(1, 2, 11)])
-            await until(lambda: b.transport.stats.rejected_frames["wrong_cluster_id"] == 2)
+            await until(lambda: b.transport.stats.rejected_frames["wrong_cluster_id"] >= 2)
             assert [m.commit for m in b.received] == [1, 10]
 
     run(main())
