@@ -200,7 +200,7 @@ def test_routers_keep_routing_with_the_last_map_without_the_metadata_group(clust
     process = cluster.processes[("h1", "worker-g2")]
     assert process.wait(timeout=60) != 0
     lines = [line for line in (cluster.tmp / "h1-worker-g2.log").read_text().splitlines()
-             if "worker.shard_map_unavailable" in line]
+             if "worker.metadata_unavailable" in line]
     assert len(lines) == 1 and "metadata group" in lines[0]
     assert not config.worker_data_dir("h1", 2).exists()
     cluster.processes.pop(("h1", "worker-g2"))
