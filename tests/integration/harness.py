@@ -63,6 +63,8 @@ class WorkerGroup:
     name: str = "itest"
     # The module run as a worker: a test may run a deliberately broken variant.
     worker_module: str = "worker"
+    # The source tree the workers run (a benchmark may compare another one).
+    source_tree: Path = ROOT
     tls: bool = False
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     meta_processes: dict[str, subprocess.Popen] = field(default_factory=dict)
@@ -91,12 +93,12 @@ class WorkerGroup:
 
     def _spawn(self, host: str, group: str, log_path: Path) -> subprocess.Popen:
         log = open(log_path, "ab")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=str(self.source_tree))
         try:
             return subprocess.Popen(
                 [sys.executable, "-m", self.worker_module if group == "0" else "worker", "--config",
                  str(self.config_path), "--host", host, "--group", group],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                cwd=self.source_tree, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
             )
         finally:
             log.close()
