@@ -52,21 +52,10 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class TreeGroup(WorkerGroup):
-    """A WorkerGroup whose workers run the code of another source tree."""
+    """A WorkerGroup whose workers (and metadata group) run the code of another source tree."""
 
     def __init__(self, tmp: Path, tree: Path, **kwargs) -> None:
-        self.tree = tree
-        super().__init__(tmp, **kwargs)
-
-    def start(self, host: str) -> None:
-        log = open(self.tmp / f"{host}.log", "ab")
-        env = dict(os.environ, PYTHONPATH=str(self.tree))
-        self.processes[host] = subprocess.Popen(
-            [sys.executable, "-m", self.worker_module, "--config", str(self.config_path), "--host", host,
-             "--group", "0"],
-            cwd=self.tree, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-        )
-        log.close()
+        super().__init__(tmp, source_tree=tree, **kwargs)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -14,6 +14,7 @@ NOT_SERVING and calls `exit_now()`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 import logging
 import os
 import traceback
@@ -63,15 +64,23 @@ class FailStop:
         task.add_done_callback(done)
 
 
-async def run_until_stop_or_fault(stop: asyncio.Event, fail_stop: FailStop, health, services: tuple[str, ...]) -> None:
+async def run_until_stop_or_fault(stop: asyncio.Event, fail_stop: FailStop, health, services: tuple[str, ...],
+                                  before_exit: Callable[[], object] | None = None) -> None:
     """Return when a clean stop is asked (`stop` set). On a fault instead, turn
-    every gRPC health `services` entry NOT_SERVING and exit the process."""
+    every gRPC health `services` entry NOT_SERVING, call `before_exit` (it
+    must not touch the failing store: the worker counts the failure in a
+    small file of its own) and exit the process."""
     stopped = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(fail_stop.tripped.wait())
     await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
     if fail_stop.failed:
         for service in services:
             await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if before_exit is not None:
+            try:
+                before_exit()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
         exit_now(EXIT_FAIL_STOP)
     failed.cancel()
     fail_stop.stopping = True

@@ -25,4 +25,6 @@ def conf_from_status(status: pb.StatusResponse) -> ConfState:
     voters = tuple(sorted(m.node_id for m in status.members if not m.learner))
     learners = tuple(sorted(m.node_id for m in status.members if m.learner))
     members = tuple(Member(m.node_id, m.host, m.address) for m in sorted(status.members, key=lambda m: m.node_id))
-    return ConfState(voters=voters, learners=learners, removed=tuple(sorted(status.removed)), members=members)
+    incarnations = tuple(sorted((m.node_id, m.incarnation) for m in status.members if m.incarnation))
+    return ConfState(voters=voters, learners=learners, removed=tuple(sorted(status.removed)), members=members,
+                     incarnations=incarnations)

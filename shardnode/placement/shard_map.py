@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from ..keyspace import SPACE, KeyRange, KeySpaceError, RangeSet, stable_hash
+from ..storage.incarnation import random_id
 
 __all__ = ["SPACE", "KeyRange", "KeySpaceError", "Move", "RangeSet", "ShardMap", "ShardMapConflict", "ShardMapError",
            "initial_ownership", "stable_hash"]
@@ -58,6 +59,11 @@ class ShardMap:
     # Groups removed from the cluster: their numbers are never used again
     # (their replicas' tombstones would stop a new group of that number).
     retired: tuple[int, ...] = ()
+    # The incarnation of each group created online (random, made when it was
+    # placed): its replicas refuse frames of another life of the group
+    # (docs/security.md). Groups of cluster.toml have theirs in the
+    # cluster's recorded initial placement.
+    incarnations: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.epoch < 1:
@@ -94,7 +100,8 @@ class ShardMap:
 
     @classmethod
     def _normalized(cls, epoch: int, starts: list[int], owners: list[int], groups: Iterable[int],
-                    placements: dict[int, tuple[str, ...]], retired: tuple[int, ...] = ()) -> ShardMap:
+                    placements: dict[int, tuple[str, ...]], retired: tuple[int, ...] = (),
+                    incarnations: dict[int, int] | None = None) -> ShardMap:
         merged_starts: list[int] = []
         merged_owners: list[int] = []
         for start, owner in sorted(zip(starts, owners)):
@@ -105,7 +112,7 @@ class ShardMap:
             merged_starts.append(start)
             merged_owners.append(owner)
         return cls(epoch, tuple(merged_starts), tuple(merged_owners), tuple(sorted(set(groups))), dict(placements),
-                   retired)
+                   retired, dict(incarnations or {}))
 
     # --- Lookups --------------------------------------------------------------
 
@@ -131,19 +138,25 @@ class ShardMap:
 
     # --- Changes (each returns a new map with epoch + 1) ----------------------
 
-    def with_group(self, group: int, hosts: tuple[str, ...]) -> ShardMap:
-        """A new, empty group placed on `hosts`."""
+    def with_group(self, group: int, hosts: tuple[str, ...], incarnation: int | None = None) -> ShardMap:
+        """A new, empty group placed on `hosts`, with its incarnation (default: a new random one)."""
         if group in self.groups or group in self.retired:
             raise ShardMapError(f"group {group} exists or existed")
+        if incarnation is None:
+            incarnation = random_id()
+        if not 0 < incarnation < 1 << 63:
+            raise ShardMapError(f"a group's incarnation is a positive 63-bit integer, not {incarnation}")
         return ShardMap(self.epoch + 1, self.starts, self.owners, tuple(sorted({*self.groups, group})),
-                        {**self.placements, group: tuple(hosts)}, self.retired)
+                        {**self.placements, group: tuple(hosts)}, self.retired,
+                        {**self.incarnations, group: incarnation})
 
     def without_group(self, group: int) -> ShardMap:
         if self.owned_by(group):
             raise ShardMapError(f"group {group} still owns key space")
         placements = {g: h for g, h in self.placements.items() if g != group}
+        incarnations = {g: i for g, i in self.incarnations.items() if g != group}
         return ShardMap(self.epoch + 1, self.starts, self.owners, tuple(g for g in self.groups if g != group),
-                        placements, tuple(sorted({*self.retired, group})))
+                        placements, tuple(sorted({*self.retired, group})), incarnations)
 
     def with_move(self, move: Move) -> ShardMap:
         """`move.ranges` (all owned by move.source) now belong to move.target."""
@@ -154,7 +167,8 @@ class ShardMap:
         cuts = sorted({*self.starts, *(r.start for r in move.ranges), *(r.end for r in move.ranges if r.end < SPACE)})
         moving = move.ranges
         owners = [move.target if start in moving else self._owner_at(start) for start in cuts]
-        return self._normalized(self.epoch + 1, cuts, owners, self.groups, self.placements, self.retired)
+        return self._normalized(self.epoch + 1, cuts, owners, self.groups, self.placements, self.retired,
+                                self.incarnations)
 
     def _owner_at(self, position: int) -> int:
         return self.owners[bisect.bisect_right(self.starts, position) - 1]
@@ -195,11 +209,13 @@ class ShardMap:
     # --- Wire format (the metadata group's value) --------------------------------
 
     def encode(self) -> bytes:
-        return msgpack.packb(
-            (MAP_FORMAT_VERSION, self.epoch, list(self.starts), list(self.owners), list(self.groups),
-             {g: list(self.placements[g]) for g in sorted(self.placements)}, list(self.retired)),
-            use_bin_type=True,
-        )
+        fields: tuple = (MAP_FORMAT_VERSION, self.epoch, list(self.starts), list(self.owners), list(self.groups),
+                         {g: list(self.placements[g]) for g in sorted(self.placements)}, list(self.retired))
+        if self.incarnations:
+            # An eighth field only when a group has one: a map without keeps
+            # the bytes an earlier version reads.
+            fields += ({g: self.incarnations[g] for g in sorted(self.incarnations)},)
+        return msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes) -> ShardMap:
@@ -207,10 +223,14 @@ class ShardMap:
             fields = msgpack.unpackb(data, raw=False, strict_map_key=False)
         except Exception as exc:  # msgpack raises several unrelated types on garbage
             raise ShardMapError(f"shard map: not msgpack: {exc}") from None
-        if not isinstance(fields, list) or len(fields) not in (6, 7) or fields[0] != MAP_FORMAT_VERSION:
+        if not isinstance(fields, list) or len(fields) not in (6, 7, 8) or fields[0] != MAP_FORMAT_VERSION:
             raise ShardMapError("shard map: unknown format")
         _, epoch, starts, owners, groups, placements = fields[:6]
-        retired = fields[6] if len(fields) == 7 else []
+        retired = fields[6] if len(fields) >= 7 else []
+        incarnations = fields[7] if len(fields) == 8 else {}
+        if not isinstance(incarnations, dict) or not all(
+                type(g) is int and type(i) is int and 0 < i < 1 << 63 for g, i in incarnations.items()):
+            raise ShardMapError("shard map: group incarnations must map groups to positive integers")
         if not isinstance(retired, list) or not all(type(g) is int for g in retired):
             raise ShardMapError("shard map: retired groups must be integers")
         if not (type(epoch) is int and all(isinstance(x, list) for x in (starts, owners, groups))
@@ -221,7 +241,7 @@ class ShardMap:
         if not all(isinstance(h, list) and all(isinstance(n, str) for n in h) for h in placements.values()):
             raise ShardMapError("shard map: placements must be lists of host names")
         return cls(epoch, tuple(starts), tuple(owners), tuple(groups), {g: tuple(h) for g, h in placements.items()},
-                   tuple(retired))
+                   tuple(retired), dict(incarnations))
 
 
 def initial_ownership(groups: int, virtual_nodes: int, group: int, *, metadata: bool = False) -> RangeSet | None:

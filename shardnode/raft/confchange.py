@@ -9,6 +9,10 @@ configuration, so each rule gives the same answer everywhere):
   removed, or absent -> learner -> removed. New members join as learners
   (ADD_LEARNER_NODE), are promoted (ADD_NODE) once caught up, and a removed
   id never comes back (ids are never reused: a rejoining host gets new ones).
+- A member's binding moves forward too: unbound -> bound to one incarnation
+  (BIND_INCARNATION), for the rest of its life. The first binding wins; a
+  later one (for the same or another incarnation) is a no-op. A removed id
+  loses its binding with its membership.
 - Because the life cycle only moves forward, applying a change whose effect
   is already in the configuration is a no-op. That is what lets a node start
   from a configuration newer than its log (a snapshot carrying the leader's
@@ -68,7 +72,15 @@ def check(conf: ConfState, change: ConfChange) -> None:
             raise InvalidConfChange(f"node {node_id} is not a member of the group")
         if voters == {node_id}:
             raise InvalidConfChange(f"node {node_id} is the last voter; a group cannot remove it")
-    else:  # pragma: no cover - ConfChangeType has three members
+    elif change.type is ConfChangeType.BIND_INCARNATION:
+        if node_id not in conf.ids():
+            raise InvalidConfChange(f"node {node_id} is not a member of the group")
+        if change.incarnation <= 0:
+            raise InvalidConfChange(f"node {node_id}: an incarnation must be positive, got {change.incarnation}")
+        bound = conf.incarnation_of(node_id)
+        if bound:
+            raise InvalidConfChange(f"node {node_id} is already bound to incarnation {bound:x}; the first binding wins")
+    else:  # pragma: no cover - ConfChangeType has four members
         raise InvalidConfChange(f"unknown change type {change.type!r}")
 
 
@@ -80,6 +92,7 @@ def apply(conf: ConfState, change: ConfChange) -> ConfState:
     learners = set(conf.learners)
     removed = set(conf.removed)
     members = {m.node_id: m for m in conf.members}
+    incarnations = dict(conf.incarnations)
     if change.type is ConfChangeType.ADD_LEARNER_NODE:
         learners.add(node_id)
         if change.host or change.address:
@@ -87,17 +100,21 @@ def apply(conf: ConfState, change: ConfChange) -> ConfState:
     elif change.type is ConfChangeType.ADD_NODE:
         learners.discard(node_id)
         voters.add(node_id)
+    elif change.type is ConfChangeType.BIND_INCARNATION:
+        incarnations[node_id] = change.incarnation
     else:
         voters.discard(node_id)
         learners.discard(node_id)
         removed.add(node_id)
         members.pop(node_id, None)
+        incarnations.pop(node_id, None)
     return ConfState(
         voters=tuple(sorted(voters)),
         learners=tuple(sorted(learners)),
         voters_outgoing=conf.voters_outgoing,
         removed=tuple(sorted(removed)),
         members=tuple(members[i] for i in sorted(members)),
+        incarnations=tuple(sorted(incarnations.items())),
     )
 
 
@@ -112,6 +129,10 @@ def already_applied(conf: ConfState, change: ConfChange) -> bool:
         return node_id in conf.ids()
     if change.type is ConfChangeType.ADD_NODE:
         return node_id in conf.voters
+    if change.type is ConfChangeType.BIND_INCARNATION:
+        # The same binding again is a replay; another incarnation for a bound
+        # id is a race the first binding won (worth a warning).
+        return conf.incarnation_of(node_id) == change.incarnation
     return False
 
 

@@ -26,6 +26,10 @@ class Config:
     max_inflight_msgs: int = 256
     check_quorum: bool = True
     pre_vote: bool = True
+    # This node's incarnation: the life of its store, random, made when the
+    # store was created (0: unknown, never bound). A leader proposes binding
+    # its own and each member's it hears from (docs/raft.md, Incarnations).
+    incarnation: int = 0
 
     def __post_init__(self) -> None:
         if self.id <= 0:
@@ -40,3 +44,5 @@ class Config:
             raise ConfigError("max_size_per_msg: must be positive")
         if self.applied < 0:
             raise ConfigError("applied: must not be negative")
+        if self.incarnation < 0:
+            raise ConfigError("incarnation: must not be negative (0 means unknown)")

@@ -38,6 +38,12 @@ class MessageType(enum.IntEnum):
     TIMEOUT_NOW = 20     # leadership transfer: campaign now, skipping pre-vote
     READ_INDEX = 21
     READ_INDEX_RESP = 22
+    # "I do not recognise you": the answer to a message from a removed id, or
+    # from a member whose incarnation is not the one the group bound to its
+    # id. `context` names the reason (NoticeReason), `index` the incarnation
+    # bound to the recipient's id (REINCARNATED). Term 0: it is no part of
+    # any election or replication round.
+    NOTICE = 23
 
 
 LOCAL_MESSAGES = frozenset(
@@ -111,6 +117,12 @@ class ConfState:
       core never enters one (single-server changes only); if a snapshot
       carries one, decisions need a majority of both halves, which is safe
       (see confchange.py).
+    - `incarnations`: (node_id, incarnation) pairs, sorted by node id: the
+      life of a member's store that the group bound to its id
+      (BIND_INCARNATION). A message from a bound member that carries another
+      incarnation comes from a process that lost that member's disk (its
+      votes and acknowledgements are forgotten) and is never counted.
+      Members not bound yet are absent (incarnation unknown: not checked).
 
     A node's ConfState only moves forward along each id's life cycle
     (absent -> learner -> voter -> removed), which is what makes replaying
@@ -122,6 +134,7 @@ class ConfState:
     voters_outgoing: tuple[int, ...] = ()
     removed: tuple[int, ...] = ()
     members: tuple[Member, ...] = ()
+    incarnations: tuple[tuple[int, int], ...] = ()
 
     def ids(self) -> frozenset[int]:
         """Every current member: voters (both halves) and learners."""
@@ -132,6 +145,13 @@ class ConfState:
             if member.node_id == node_id:
                 return member
         return None
+
+    def incarnation_of(self, node_id: int) -> int:
+        """The incarnation bound to `node_id`, 0 if none is bound."""
+        for bound_id, incarnation in self.incarnations:
+            if bound_id == node_id:
+                return incarnation
+        return 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -185,12 +205,45 @@ class Message:
     reject: bool = False
     reject_hint: int = 0
     context: bytes = b""
+    # The sender's incarnation (the life of its store), 0 if unknown. The
+    # transport stamps it on receipt from the frame that carried the message
+    # (the core does not set it on what it sends: one per frame, not per
+    # message); a message whose `from_` is not the frame's sender (a
+    # forwarded TRANSFER_LEADER) carries 0.
+    incarnation: int = 0
+
+
+class NoticeReason(enum.Enum):
+    """Why a node does not recognise a sender (the context of a NOTICE)."""
+
+    REMOVED = "removed"              # the sender's id was removed from the group
+    REINCARNATED = "reincarnated"    # the group bound another incarnation to the sender's id
+
+    @classmethod
+    def parse(cls, context: bytes) -> "NoticeReason | None":
+        try:
+            return cls(context.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+
+
+@dataclass(slots=True, frozen=True)
+class Notice:
+    """A member told this node that it is not recognised: its id was
+    removed, or another incarnation is bound to it (`bound_incarnation`).
+    Either way this node never campaigns again; its driver decides what to
+    do (docs/membership.md: retire, or refuse to serve a lost disk)."""
+
+    from_node: int
+    reason: NoticeReason
+    bound_incarnation: int = 0
 
 
 class ConfChangeType(enum.IntEnum):
     ADD_NODE = 0            # promote a learner to voter (new members join as learners)
     REMOVE_NODE = 1         # remove a voter or a learner, for good
     ADD_LEARNER_NODE = 2    # add a new member as a learner
+    BIND_INCARNATION = 3    # bind a member's id to the incarnation of its store (the first binding wins)
 
 
 # First byte of the current ConfChange encoding. The first encoding began with
@@ -203,10 +256,11 @@ class ConfChange:
     """A single-server change, carried in an EntryType.CONF_CHANGE entry.
 
     `host` and `address` say how to reach an added member (every replica
-    records them in its ConfState). Build one with `add_learner`, `promote`
-    or `remove`; propose it with RawNode.propose_conf_change, and apply it
-    with RawNode.apply_conf_change when its entry is committed (see
-    docs/raft.md, Membership).
+    records them in its ConfState); `incarnation` is what BIND_INCARNATION
+    binds. Build one with `add_learner`, `promote`, `remove` or `bind`;
+    propose it with RawNode.propose_conf_change, and apply it with
+    RawNode.apply_conf_change when its entry is committed (see docs/raft.md,
+    Membership).
     """
 
     type: ConfChangeType
@@ -214,6 +268,7 @@ class ConfChange:
     context: bytes = b""
     host: str = ""
     address: str = ""
+    incarnation: int = 0
 
     @classmethod
     def add_learner(cls, node_id: int, host: str = "", address: str = "") -> "ConfChange":
@@ -227,9 +282,17 @@ class ConfChange:
     def remove(cls, node_id: int) -> "ConfChange":
         return cls(ConfChangeType.REMOVE_NODE, node_id)
 
+    @classmethod
+    def bind(cls, node_id: int, incarnation: int) -> "ConfChange":
+        return cls(ConfChangeType.BIND_INCARNATION, node_id, incarnation=incarnation)
+
     def encode(self) -> bytes:
-        body = msgpack.packb((int(self.type), self.node_id, self.host, self.address, self.context), use_bin_type=True)
-        return bytes([_CONF_CHANGE_V2]) + body
+        fields: tuple = (int(self.type), self.node_id, self.host, self.address, self.context)
+        if self.incarnation:
+            # A sixth field only when there is one: the other changes keep the
+            # five-field form that earlier versions decode.
+            fields += (self.incarnation,)
+        return bytes([_CONF_CHANGE_V2]) + msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes) -> "ConfChange":
@@ -241,21 +304,34 @@ class ConfChange:
                 fields = msgpack.unpackb(data[1:], use_list=False, raw=False)
             except Exception as exc:
                 raise ValueError(f"conf change entry undecodable ({exc})") from None
-            if type(fields) is not tuple or len(fields) != 5:
-                raise ValueError("conf change entry: expected (type, node_id, host, address, context)")
-            change_type, node_id, host, address, context = fields
+            if type(fields) is not tuple or len(fields) not in (5, 6):
+                raise ValueError("conf change entry: expected (type, node_id, host, address, context[, incarnation])")
+            change_type, node_id, host, address, context = fields[:5]
+            incarnation = fields[5] if len(fields) == 6 else 0
             if type(change_type) is not int or type(node_id) is not int or node_id < 0:
                 raise ValueError("conf change entry: type and node id must be integers")
             if type(host) is not str or type(address) is not str or type(context) is not bytes:
                 raise ValueError("conf change entry: host and address must be strings, context bytes")
-            return cls(ConfChangeType(change_type), node_id, context, host, address)
+            if type(incarnation) is not int or incarnation < 0:
+                raise ValueError("conf change entry: the incarnation must be a non-negative integer")
+            try:
+                kind = ConfChangeType(change_type)
+            except ValueError:
+                raise ValueError(f"conf change entry: unknown change type {change_type}") from None
+            return cls(kind, node_id, context, host, address, incarnation)
         # The first encoding: type byte, 8-byte big-endian node id, context.
         if len(data) < 9:
             raise ValueError(f"conf change entry too short ({len(data)} bytes)")
-        return cls(ConfChangeType(data[0]), int.from_bytes(data[1:9], "big"), bytes(data[9:]))
+        try:
+            kind = ConfChangeType(data[0])
+        except ValueError:
+            raise ValueError(f"conf change entry: unknown change type {data[0]}") from None
+        return cls(kind, int.from_bytes(data[1:9], "big"), bytes(data[9:]))
 
     def describe(self) -> str:
         where = f" ({self.host} {self.address})" if self.host or self.address else ""
+        if self.type is ConfChangeType.BIND_INCARNATION:
+            where = f" to incarnation {self.incarnation:x}"
         return f"{self.type.name} {self.node_id}{where}"
 
 

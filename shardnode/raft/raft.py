@@ -19,7 +19,14 @@ Safety-relevant choices, each checked by the simulation in tests/sim:
   before the leader has applied an entry of its own term, validated when
   proposed; a configuration takes effect when its entry is applied; a leader
   that applies its own removal steps down; a removed id can neither campaign
-  nor be heard (its messages are dropped).
+  nor be heard (its messages are dropped, and answered with a NOTICE).
+- Incarnations: a member's id is bound to the incarnation of its store (the
+  first binding the group commits). A message from a bound member carrying
+  another incarnation comes from a process that lost that member's disk, and
+  so its vote and its log: it is dropped before anything in it is looked at
+  (a forgotten vote is never counted, a wiped log never counts toward a
+  commit), and answered with a NOTICE. A node told so (or told it was
+  removed) never campaigns again.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from .messages import (
     HardState,
     Message,
     MessageType,
+    Notice,
+    NoticeReason,
     ReadState,
     Snapshot,
     SoftState,
@@ -79,6 +88,7 @@ def vote_response_type(vote_type: MessageType) -> MessageType:
 class Raft:
     def __init__(self, config: Config, storage: Storage, rng: random.Random) -> None:
         self.id = config.id
+        self.incarnation = config.incarnation
         self.log = RaftLog(storage, config.max_committed_size_per_ready)
         self.rng = rng
         self.election_timeout = config.election_tick
@@ -114,6 +124,12 @@ class Raft:
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         self.randomized_election_timeout = self.election_timeout
+        # Member id -> the incarnation its last message carried, for members
+        # the group has not bound yet (a leader proposes the bindings).
+        self.heard_incarnations: dict[int, int] = {}
+        # Set when a member told us we are not recognised: removed, or
+        # another incarnation is bound to our id. Then we never campaign.
+        self.notice: Notice | None = None
 
         hard_state, conf_state = storage.initial_state()
         self.tracker.apply_conf_state(conf_state, self.log.last_index() + 1)
@@ -146,9 +162,12 @@ class Raft:
         self.vote = hard_state.vote
 
     def promotable(self) -> bool:
-        """Whether this node may campaign: a voter, not in the middle of installing a snapshot."""
+        """Whether this node may campaign: a voter, not in the middle of
+        installing a snapshot, and not told by a member that it is removed or
+        not the incarnation bound to its id."""
         progress = self.tracker.progress.get(self.id)
-        return progress is not None and not progress.is_learner and self.log.unstable.snapshot is None
+        return (progress is not None and not progress.is_learner and self.log.unstable.snapshot is None
+                and self.notice is None)
 
     # --- Sending ----------------------------------------------------------------
 
@@ -439,18 +458,10 @@ class Raft:
     def step(self, m: Message) -> None:
         """Process one message. Raises ProposalDropped for a PROPOSE (or a local
         READ_INDEX) this node cannot take."""
-        if (
-            m.from_ in self.tracker.removed
-            and m.type not in LOCAL_MESSAGES
-            and not (m.type is MT.TIMEOUT_NOW and m.term <= self.term)
-        ):
-            # A removed member never disrupts the group again: whatever it
-            # sends (a campaign at a higher term, a stale leader's appends) is
-            # dropped before its term can touch ours. The one exception is the
-            # TIMEOUT_NOW a leader sends as it steps down after its own
-            # removal (we may have applied the removal first), at a term we
-            # already have: it only starts an ordinary election, which needs
-            # our log to win votes.
+        if m.type not in LOCAL_MESSAGES and not self._recognises(m):
+            return
+        if m.type is MT.NOTICE:
+            self._handle_notice(m)
             return
         if m.term == 0:
             pass  # local message, or a forwarded READ_INDEX
@@ -487,6 +498,95 @@ class Raft:
             self._handle_vote_request(m)
         else:
             self._step_role(m)
+
+    def _recognises(self, m: Message) -> bool:
+        """Whether a peer's message may be looked at; if not, it is dropped
+        before its term can touch ours, and the sender is told why.
+
+        - A node that applied its own removal is out of the group: it hears
+          nothing (a process that lost another member's disk must not find a
+          voter here).
+        - A removed member never disrupts the group again: whatever it sends
+          (a campaign at a higher term, a stale leader's appends) is dropped
+          and answered with a NOTICE, so that it learns its removal even if
+          it missed the commit. The one exception is the TIMEOUT_NOW a leader
+          sends as it steps down after its own removal (we may have applied
+          the removal first), at a term we already have: it only starts an
+          ordinary election, which needs our log to win votes.
+        - A bound member whose message carries another incarnation lost its
+          disk: its vote and its acknowledgements were forgotten with it, so
+          nothing it sends counts; it is told (NOTICE), and what a leader
+          knew of its log is forgotten too (Progress.forget). An unknown
+          incarnation (0) is not checked.
+
+        Invariant: no message from a removed id, nor from an incarnation other
+        than the one bound to its id, ever reaches the role step functions.
+        """
+        sender = m.from_
+        if self.is_removed():
+            return False
+        tracker = self.tracker
+        if sender in tracker.removed:
+            if m.type is MT.TIMEOUT_NOW and m.term <= self.term:
+                return True
+            self._send_notice(m, NoticeReason.REMOVED, 0)
+            return False
+        if not m.incarnation:
+            return True
+        bound = self._other_incarnation_bound(m)
+        if bound:
+            self._send_notice(m, NoticeReason.REINCARNATED, bound)
+            progress = tracker.progress.get(sender)
+            if self.role is StateRole.LEADER and progress is not None and sender != self.id:
+                progress.forget()
+            return False
+        if sender in tracker.progress and sender not in tracker.incarnations:
+            self.heard_incarnations[sender] = m.incarnation
+        return True
+
+    def _other_incarnation_bound(self, m: Message) -> int:
+        """The incarnation bound to the sender's id if it is not the one the
+        message carries, else 0."""
+        bound = self.tracker.incarnations.get(m.from_, 0)
+        return bound if bound and bound != m.incarnation else 0
+
+    def _send_notice(self, m: Message, reason: NoticeReason, bound: int) -> None:
+        if m.type is MT.NOTICE:
+            return  # never answer a notice with a notice
+        log.debug("raft.notice_sent", extra={"node": self.id, "peer": m.from_, "reason": reason.value})
+        self._send(Message(MT.NOTICE, to=m.from_, from_=self.id, index=bound, context=reason.value.encode()))
+
+    def _handle_notice(self, m: Message) -> None:
+        """A member does not recognise us. Kept (the first one) for the
+        driver, and from now on we never campaign: our id is removed, or the
+        group counts another incarnation's promises under it. A notice meant
+        for another incarnation of our id (the one bound is ours, or we never
+        said which we are) changes nothing."""
+        reason = NoticeReason.parse(m.context)
+        if reason is None or self.notice is not None:
+            return
+        if reason is NoticeReason.REINCARNATED and (not self.incarnation or m.index == self.incarnation):
+            return
+        self.notice = Notice(m.from_, reason, m.index)
+        log.warning("raft.not_recognised", extra={"node": self.id, "term": self.term, "peer": m.from_,
+                                                   "reason": reason.value})
+        if self.role is not StateRole.FOLLOWER:
+            self.become_follower(self.term, NONE)
+
+    def incarnations_to_bind(self) -> tuple[tuple[int, int], ...]:
+        """On the leader: (node id, incarnation) of members the group has not
+        bound yet whose incarnation is known (its own, and those it heard
+        from), in id order; the driver proposes ConfChange.bind for them one
+        at a time (as it does promotions). Empty on any other node."""
+        if self.role is not StateRole.LEADER:
+            return ()
+        heard = dict(self.heard_incarnations)
+        if self.incarnation:
+            heard[self.id] = self.incarnation
+        bound = self.tracker.incarnations
+        members = self.tracker.progress
+        return tuple(sorted((node_id, incarnation) for node_id, incarnation in heard.items()
+                            if node_id in members and node_id not in bound))
 
     def _handle_vote_request(self, m: Message) -> None:
         can_vote = (
@@ -824,7 +924,16 @@ class Raft:
         )
 
     def _handle_heartbeat(self, m: Message) -> None:
-        self.log.commit_to(m.commit)
+        if m.commit <= self.log.last_index():
+            self.log.commit_to(m.commit)
+        elif m.commit > self.log.committed:
+            # The leader believes we hold its log up to m.commit, and we hold
+            # less: our log was lost (a wiped disk under our id; etcd panics
+            # here). Committing what we do hold could commit entries that are
+            # not the leader's, so only an append (which checks that logs
+            # match) moves our commit index now.
+            log.warning("raft.commit_beyond_log", extra={"node": self.id, "term": self.term, "peer": m.from_,
+                                                         "commit": m.commit, "last_index": self.log.last_index()})
         self._send(Message(MT.HEARTBEAT_RESP, to=m.from_, from_=self.id, term=self.term, context=m.context))
 
     def _handle_snapshot(self, m: Message) -> None:

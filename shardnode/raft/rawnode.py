@@ -39,6 +39,7 @@ from .messages import (
     HardState,
     Message,
     MessageType,
+    Notice,
     ReadState,
     Snapshot,
     SoftState,
@@ -110,6 +111,7 @@ class Status:
     progress: dict[int, PeerStatus]        # filled on the leader only
     conf_state: ConfState = ConfState()    # the applied configuration
     removed: bool = False                  # this node applied its own removal
+    notice: Notice | None = None           # a member does not recognise this node (RawNode.notice)
 
 
 class RawNode:
@@ -135,8 +137,10 @@ class RawNode:
         process may produce them."""
         if message.type in LOCAL_MESSAGES:
             raise RaftError(f"{message.type.name} is a local message and cannot come from a peer")
-        if message.type in RESPONSE_MESSAGES and message.from_ not in self.raft.tracker.progress:
-            return  # a response from a node that is not (or no longer) a member
+        tracker = self.raft.tracker
+        if (message.type in RESPONSE_MESSAGES and message.from_ not in tracker.progress
+                and message.from_ not in tracker.removed):
+            return  # a response from a node that never was a member (a removed one is told: Raft.step)
         self.raft.step(message)
 
     def propose(self, data: bytes) -> Proposal:
@@ -205,6 +209,23 @@ class RawNode:
         """Whether this node applied its own removal (it will never campaign
         again; its driver may stop it and delete its data)."""
         return self.raft.is_removed()
+
+    @property
+    def notice(self) -> Notice | None:
+        """Set once a member told this node it does not recognise it: its id
+        was removed (it may have missed the commit of its removal), or the
+        group bound another incarnation to its id (this node's store is not
+        the one whose votes and log the group counted). The node never
+        campaigns again; its driver decides the rest (a worker checks a
+        removal with the group and retires; a reincarnation refuses to serve)."""
+        return self.raft.notice
+
+    def incarnations_to_bind(self) -> tuple[tuple[int, int], ...]:
+        """On the leader: (node id, incarnation) of members whose incarnation
+        it knows and the group has not bound; the driver proposes
+        ConfChange.bind for the first (one change in flight at a time, as for
+        promotions). Empty on any other node."""
+        return self.raft.incarnations_to_bind()
 
     def report_unreachable(self, node_id: int) -> None:
         self.raft.step(Message(MessageType.UNREACHABLE, from_=node_id))
@@ -305,4 +326,5 @@ class RawNode:
             progress=progress,
             conf_state=raft.tracker.conf_state(),
             removed=raft.is_removed(),
+            notice=raft.notice,
         )

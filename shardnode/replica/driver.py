@@ -47,6 +47,7 @@ from ..raft import (
     StateRole,
 )
 from ..failstop import FailStop, describe
+from ..placement.initial_placement import INITIAL_PLACEMENT_KEY, InitialPlacement
 from ..placement.shard_map import initial_ownership
 from ..futures import settle
 from ..storage import ApplyResult, Command, ReplicaStore, StorageFault, StoreBusy, encode_command
@@ -116,6 +117,7 @@ class ReplicaDriver:
         self.member_hosts: dict[int, str] = {}
         self._follow_membership(store.conf_state)
         timing = cluster.timing
+        identity = store.identity
         config = Config(
             id=self.node_id,
             election_tick=timing.election_ticks,
@@ -123,6 +125,7 @@ class ReplicaDriver:
             applied=store.applied_index,
             max_size_per_msg=1 << 20,
             max_inflight_msgs=256,
+            incarnation=identity.incarnation,
         )
         self.node = RawNode(config, store, rng)
         self.transport = RaftTransport(
@@ -130,6 +133,10 @@ class ReplicaDriver:
             group=self.group,
             node_id=self.node_id,
             peers={nid: addr for nid, addr in self.addresses.items() if nid != self.node_id},
+            removed=store.conf_state.removed,
+            cluster_id=identity.cluster_id,
+            group_incarnation=identity.group_incarnation,
+            incarnation=identity.incarnation,
             deliver=self._on_messages,
             on_unreachable=self._on_unreachable,
             on_snapshot=self._on_snapshot_stream,
@@ -162,6 +169,10 @@ class ReplicaDriver:
         # Set once this replica applied its own removal: it serves nothing
         # more, and its process retires its data and exits.
         self.removed = asyncio.Event()
+        # Set when a member told this replica it does not recognise it
+        # (RawNode.notice: removed, or another incarnation is bound to its
+        # id); its process decides (server.py).
+        self.disowned = asyncio.Event()
         # Tripped by any fault of the essential work (persist, apply, the
         # ready and tick loops, a broken invariant): from then on this
         # replica acknowledges nothing, and its process exits.
@@ -175,6 +186,8 @@ class ReplicaDriver:
         self._tasks.append(asyncio.create_task(self._ready_loop(), name=f"ready-g{self.group}"))
         self.fail_stop.watch(self._tasks[0], "the tick loop")
         self.fail_stop.watch(self._tasks[1], "the ready loop")
+        if self.group == METADATA_GROUP:
+            self._learn_cluster_identity()
         self._wake.set()
         log.info(
             "replica.started",
@@ -356,7 +369,8 @@ class ReplicaDriver:
     def _on_conf_state(self, conf: ConfState) -> None:
         """The applied configuration changed: follow it in the transport."""
         self._follow_membership(conf)
-        self.transport.update_peers({nid: a for nid, a in self.addresses.items() if nid != self.node_id})
+        self.transport.update_peers({nid: a for nid, a in self.addresses.items() if nid != self.node_id},
+                                    removed=conf.removed)
         if self.node.removed and not self.removed.is_set():
             log.info("replica.removed", extra={**self._log_extra, "term": self.node.raft.term})
             self.removed.set()
@@ -414,6 +428,53 @@ class ReplicaDriver:
         horizon = time.monotonic() - timing.election_ticks * timing.tick_seconds
         return {node_id for node_id, at in self._last_heard.items() if at >= horizon}
 
+    def _bind_incarnations(self) -> None:
+        """A leader binds each member's incarnation once it knows it (its own,
+        and those it hears): one change at a time, as promotions (the core
+        refuses a second while one is in flight). From then on whatever
+        another life of that member's id sends is never counted."""
+        unbound = self.node.incarnations_to_bind()
+        if not unbound:
+            return
+        node_id, incarnation = unbound[0]
+        try:
+            self.node.propose_conf_change(ConfChange.bind(node_id, incarnation))
+        except (ProposalDropped, InvalidConfChange):
+            return  # a change is in flight: next Ready
+        log.info("replica.binding", extra={**self._log_extra, "peer": node_id, "incarnation": f"{incarnation:x}"})
+        self._wake.set()
+
+    def _notice_received(self) -> None:
+        notice = self.node.notice
+        if notice is None or self.disowned.is_set():
+            return
+        log.warning("replica.not_recognised", extra={**self._log_extra, "peer": notice.from_node,
+                                                     "reason": notice.reason.value})
+        self.disowned.set()
+
+    def _learn_cluster_identity(self) -> None:
+        """The metadata group's replicas start before the cluster's initial
+        placement is recorded (in their own state machine): once it is, they
+        know the cluster's id and their group's incarnation."""
+        identity = self.store.identity
+        if identity.cluster_id and identity.group_incarnation:
+            return
+        try:
+            raw = self.store.get(INITIAL_PLACEMENT_KEY)
+        except StoreBusy:
+            return  # a snapshot is being installed: after the next apply
+        if raw is None:
+            return
+        try:
+            placement = InitialPlacement.decode(raw)
+        except ValueError as exc:
+            log.warning("replica.initial_placement_unreadable", extra={**self._log_extra, "error": str(exc)})
+            return
+        identity = self.store.record_identity(placement.cluster_id, placement.meta_incarnation)
+        self.transport.set_identity(identity.cluster_id, identity.group_incarnation)
+        log.info("replica.identity_learned", extra={**self._log_extra, "cluster_id": f"{identity.cluster_id:x}",
+                                                    "group_incarnation": f"{identity.group_incarnation:x}"})
+
     def _promote_caught_up_learners(self) -> None:
         """A leader promotes a learner as soon as it has caught up (one change
         at a time: the core refuses a second one while the first is in flight)."""
@@ -447,6 +508,8 @@ class ReplicaDriver:
                 # replica can no longer be trusted to answer correctly.
                 self._fault(exc, f"stepping a {message.type.name} from {message.from_}")
                 raise
+        if node.notice is not None:
+            self._notice_received()
         self._wake.set()
 
     def _on_unreachable(self, peer: int) -> None:
@@ -549,7 +612,10 @@ class ReplicaDriver:
         # synced write: on the persist thread, so the loop keeps ticking).
         node.advance(ready)
         if self._role is StateRole.LEADER:
+            self._bind_incarnations()
             self._promote_caught_up_learners()
+        if self.group == METADATA_GROUP and ready.committed_entries:
+            self._learn_cluster_identity()
         store = self.store
         if ready.committed_entries and store.applied_index - store.first_index() >= self.cluster.snapshot_threshold:
             compacted = await asyncio.get_running_loop().run_in_executor(

@@ -172,6 +172,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         status = driver.node.status()
         stats = driver.stats
         conf = driver.node.conf_state()
+        identity = driver.store.identity
         role = status.role.name.lower()
         if driver.node_id in conf.learners:
             role = "learner"
@@ -199,6 +200,9 @@ class WorkerService(pb_grpc.WorkerServicer):
             snapshot_receive_seconds=stats.snapshot_receive_seconds,
             members=_members(conf, driver),
             removed=list(conf.removed),
+            cluster_id=identity.cluster_id,
+            group_incarnation=identity.group_incarnation,
+            incarnation=identity.incarnation,
         )
 
     async def TransferLeader(self, request: pb.TransferLeaderRequest, context) -> pb.TransferLeaderResponse:
@@ -377,7 +381,8 @@ _WRONG_GROUP = pb.OperationResult(wrong_group=True)
 def _members(conf: ConfState, driver: ReplicaDriver) -> list[pb.Member]:
     return [
         pb.Member(node_id=node_id, host=driver.member_hosts.get(node_id, ""),
-                  address=driver.addresses.get(node_id, ""), learner=node_id in conf.learners)
+                  address=driver.addresses.get(node_id, ""), learner=node_id in conf.learners,
+                  incarnation=conf.incarnation_of(node_id))
         for node_id in sorted(conf.ids())
     ]
 

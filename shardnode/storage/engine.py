@@ -462,26 +462,34 @@ def decode_hard_state(data: bytes) -> HardState:
 
 def conf_state_fields(conf_state: ConfState) -> tuple:
     """The msgpack shape: (voters, learners, voters_outgoing, removed,
-    members as (node_id, host, address) triples). The first format had only
-    the first three; conf_state_from_fields reads both."""
-    return (
+    members as (node_id, host, address) triples, incarnations as (node_id,
+    incarnation) pairs). The first format had only the first three, the
+    second no incarnations; conf_state_from_fields reads all three (a
+    configuration written before incarnations has none bound). The sixth
+    field is written only when a member is bound, so a configuration without
+    bindings keeps the bytes an earlier version reads."""
+    fields: tuple = (
         tuple(conf_state.voters),
         tuple(conf_state.learners),
         tuple(conf_state.voters_outgoing),
         tuple(conf_state.removed),
         tuple((m.node_id, m.host, m.address) for m in conf_state.members),
     )
+    if conf_state.incarnations:
+        fields += (tuple(conf_state.incarnations),)
+    return fields
 
 
 def conf_state_from_fields(fields: object) -> ConfState:
     """ConfState from its msgpack shape (either format); ValueError if it is not one."""
-    if type(fields) is not tuple or len(fields) not in (3, 5):
-        raise ValueError("conf state: expected (voters, learners, voters_outgoing[, removed, members])")
+    if type(fields) is not tuple or len(fields) not in (3, 5, 6):
+        raise ValueError("conf state: expected (voters, learners, voters_outgoing[, removed, members"
+                         "[, incarnations]])")
     for ids in fields[:4]:
         if type(ids) is not tuple or not all(type(i) is int and 0 < i <= U64_MAX for i in ids):
             raise ValueError("conf state: node ids must be positive integers")
     members: tuple[Member, ...] = ()
-    if len(fields) == 5:
+    if len(fields) >= 5:
         raw_members = fields[4]
         if type(raw_members) is not tuple:
             raise ValueError("conf state: members must be an array")
@@ -498,12 +506,22 @@ def conf_state_from_fields(fields: object) -> ConfState:
                 raise ValueError("conf state: a member must be (node_id, host, address)")
             parsed.append(Member(*member))
         members = tuple(parsed)
+    incarnations: tuple[tuple[int, int], ...] = ()
+    if len(fields) == 6:
+        raw_bindings = fields[5]
+        if type(raw_bindings) is not tuple or not all(
+            type(pair) is tuple and len(pair) == 2 and all(type(v) is int and 0 < v <= U64_MAX for v in pair)
+            for pair in raw_bindings
+        ):
+            raise ValueError("conf state: incarnations must be (node_id, incarnation) pairs of positive integers")
+        incarnations = tuple(sorted(raw_bindings))
     return ConfState(
         voters=fields[0],
         learners=fields[1],
         voters_outgoing=fields[2],
-        removed=fields[3] if len(fields) == 5 else (),
+        removed=fields[3] if len(fields) >= 5 else (),
         members=members,
+        incarnations=incarnations,
     )
 
 

@@ -49,8 +49,9 @@ def admits(group_fence: int, fence: int) -> bool:
     return fence >= group_fence
 
 
-def admits_membership_change(group_fence: int, fence: int, *, promotion: bool) -> bool:
-    """Whether a committed membership change may take effect: promotions of
-    caught-up learners (the leader's own, token 0) always may — they only
-    follow an ADD_LEARNER that was admitted — anything else by its token."""
-    return promotion or admits(group_fence, fence)
+def admits_membership_change(group_fence: int, fence: int, *, leaders_own: bool) -> bool:
+    """Whether a committed membership change may take effect. The leader's
+    own changes (token 0) always may: a promotion of a caught-up learner only
+    follows an ADD_LEARNER that was admitted, and binding a member's
+    incarnation changes no member. Anything else by its token."""
+    return leaders_own or admits(group_fence, fence)

@@ -115,6 +115,8 @@ from .engine import (
     session_key,
 )
 from . import fencing
+from . import incarnation
+from .incarnation import StoreIdentity
 from .ownership import Export, Import, ShardState
 from .shard_commands import SHARD_FORMAT, ShardCommand, ShardOp, ShardResult, shard_command_from_fields
 from .snapshot import (
@@ -213,6 +215,7 @@ class ReplicaStore:
         # stay until persist() installs it, whatever streams arrive meanwhile.
         self._handed_over: tuple[int, int] | None = None
         self._node_id: int | None = None
+        self._identity = StoreIdentity(0)
         # A store written before the position index existed gets it now (once).
         if position_index.ensure_built(engine):
             log.info("storage.position_index_built", extra={"path": engine.path})
@@ -258,6 +261,7 @@ class ReplicaStore:
             version = meta.get(META_FORMAT)
         if version != bytes((FORMAT_VERSION,)):
             raise CorruptionError(f"unsupported storage format {version!r}")
+        self._identity = incarnation.load(self._engine)
         raw = meta.get(META_SELF)
         self._node_id = int.from_bytes(raw, "big") if raw is not None else None
         raw = meta.get(META_HARD_STATE)
@@ -296,6 +300,7 @@ class ReplicaStore:
         batch.put(META_APPLY_STATE, encode_apply_state(ApplyState()), meta)
         if node_id is not None:
             batch.put(META_SELF, node_id.to_bytes(8, "big"), meta)
+        incarnation.put_new_incarnation(batch, meta)
         batch.put(META_FORMAT, bytes((FORMAT_VERSION,)), meta)  # last: its presence means "initialized"
         self._engine.write(batch, sync=True)
 
@@ -319,14 +324,16 @@ class ReplicaStore:
         """Whether the committed CONF_CHANGE entry `data` may take effect
         now: its fencing token is not smaller than the group's (fencing.py).
         Asked by the driver just before it applies that entry, so the answer
-        is the same on every replica. Promotions (the leader's own, token 0)
-        always may: they only follow an admitted ADD_LEARNER."""
+        is the same on every replica. Promotions and incarnation bindings
+        (the leader's own, token 0) always may: a promotion only follows an
+        admitted ADD_LEARNER, and a binding changes no member."""
         try:
             change = ConfChange.decode(data)
         except ValueError:
             return True         # undecodable: the core applies it as a no-op
-        return fencing.admits_membership_change(self.shard_state.fence, fencing.conf_change_fence(change.context),
-                                                promotion=change.type is ConfChangeType.ADD_NODE)
+        return fencing.admits_membership_change(
+            self.shard_state.fence, fencing.conf_change_fence(change.context),
+            leaders_own=change.type in (ConfChangeType.ADD_NODE, ConfChangeType.BIND_INCARNATION))
 
     def owns(self, key: bytes) -> bool:
         """Whether the state machine serves `key` now (reads check this after
@@ -379,6 +386,19 @@ class ReplicaStore:
     def path(self) -> str:
         """The database directory."""
         return self._engine.path
+
+    @property
+    def identity(self) -> StoreIdentity:
+        """This store's incarnation, and its cluster's id and group's
+        incarnation as far as known (storage/incarnation.py)."""
+        return self._identity
+
+    def record_identity(self, cluster_id: int, group_incarnation: int) -> StoreIdentity:
+        """Durably record the cluster id and group incarnation, where unknown."""
+        with self._write_lock:
+            self._check_open()
+            self._identity = incarnation.record(self._engine, self._identity, cluster_id, group_incarnation)
+            return self._identity
 
     def __enter__(self) -> ReplicaStore:
         return self

@@ -3,16 +3,27 @@
 A frame is one batch of messages from one node to another. Everything is a
 positional msgpack array (no field names on the wire), version first:
 
-    frame    = [version, cluster: str, group, from_node, to_node, [message, ...]]
+    frame    = [2, cluster: str, group, from_node, to_node,
+                cluster_id, group_incarnation, sender_incarnation, [message, ...]]
     message  = [type, to, from_, term, log_term, index, entries, commit,
                 snapshot, reject: bool, reject_hint, context: bin]
     entries  = [term, index, type, data: bin, term, index, type, data, ...]
     snapshot = nil | [index, term, voters, learners, voters_outgoing, data: bin,
-                      removed, members]
+                      removed, members, incarnations]
     members  = [node_id, host: str, address: str, node_id, host, address, ...]
+    incarnations = [node_id, incarnation, node_id, incarnation, ...]
 
-The first version of a snapshot array stopped at `data` (6 fields); it still
-decodes, with no removed ids and no member addresses.
+The header says who is talking (docs/security.md): the cluster's id (random,
+made at its first start), the group's incarnation (random, made when the
+group was placed) and the sender's incarnation (the life of its store); 0 is
+"unknown". The receiver refuses a frame from another cluster or another life
+of the group when both sides know theirs, and stamps the sender's
+incarnation on each message whose `from_` is the frame's sender (the Raft
+core checks it against the group's bindings).
+
+Earlier shapes still decode: a version-1 frame `[1, cluster, group,
+from_node, to_node, [message, ...]]` (every id unknown), and snapshot arrays
+of 6 fields (no removed ids, no member addresses) or 8 (no incarnations).
 
 Entries are one flat array, four items per entry: it saves an array header
 per entry, and lets the decoder check each column (all terms, all indexes,
@@ -60,7 +71,9 @@ __all__ = [
     "join_frame",
 ]
 
-FRAME_VERSION = 1
+FRAME_VERSION = 2
+# The first version: no identity in the header (decoded as "unknown").
+_FRAME_VERSION_1 = 1
 
 # Every integer on the wire (ids, terms, indexes, hints) is in [0, 2**63):
 # what a signed 64-bit field elsewhere (RocksDB keys, protobuf) can hold.
@@ -75,9 +88,11 @@ _INT_TYPE = frozenset({int})
 _BYTES_TYPE = frozenset({bytes})
 
 _MESSAGE_FIELDS = 12
-_SNAPSHOT_FIELDS = 8
+_SNAPSHOT_FIELDS = 9
+_SNAPSHOT_FIELDS_V2 = 8
 _SNAPSHOT_FIELDS_V1 = 6
-_FRAME_FIELDS = 6
+_FRAME_FIELDS = 9
+_FRAME_FIELDS_V1 = 6
 
 _packb = msgpack.packb
 
@@ -96,13 +111,18 @@ class FrameError(ValueError):
 
 @dataclass(slots=True, frozen=True)
 class Frame:
-    """A batch of Raft messages from `from_node` to `to_node` of one group."""
+    """A batch of Raft messages from `from_node` to `to_node` of one group,
+    with who sent it: the cluster's id, the group's incarnation and the
+    sender's incarnation (0: unknown, as in a version-1 frame)."""
 
     cluster: str
     group: int
     from_node: int
     to_node: int
     messages: tuple[Message, ...]
+    cluster_id: int = 0
+    group_incarnation: int = 0
+    incarnation: int = 0
 
 
 # --------------------------------------------------------------------- encode
@@ -137,6 +157,7 @@ def encode_message(message: Message) -> bytes:
             snapshot.data,
             conf_state.removed,
             [field for m in conf_state.members for field in (m.node_id, m.host, m.address)],
+            [value for pair in conf_state.incarnations for value in pair],
         )
     return _packb(
         (
@@ -156,9 +177,12 @@ def encode_message(message: Message) -> bytes:
     )
 
 
-def frame_prefix(cluster: str, group: int, from_node: int, to_node: int) -> bytes:
-    """The constant start of every frame between two nodes (computed once per peer)."""
-    return b"\x96" + _packb(FRAME_VERSION) + _packb(cluster) + _packb(group) + _packb(from_node) + _packb(to_node)
+def frame_prefix(cluster: str, group: int, from_node: int, to_node: int, *, cluster_id: int = 0,
+                 group_incarnation: int = 0, incarnation: int = 0) -> bytes:
+    """The constant start of every frame between two nodes (computed once per
+    peer, and again when this node learns its cluster's or group's id)."""
+    return (b"\x99" + _packb(FRAME_VERSION) + _packb(cluster) + _packb(group) + _packb(from_node) + _packb(to_node)
+            + _packb(cluster_id) + _packb(group_incarnation) + _packb(incarnation))
 
 
 # The most bytes `join_frame` adds to the prefix and the messages (an array32 header).
@@ -180,7 +204,8 @@ def join_frame(prefix: bytes, encoded_messages: Sequence[bytes]) -> bytes:
 def encode_frame(frame: Frame) -> bytes:
     """Encode a whole frame (see `frame_prefix` / `join_frame` for the incremental way)."""
     return join_frame(
-        frame_prefix(frame.cluster, frame.group, frame.from_node, frame.to_node),
+        frame_prefix(frame.cluster, frame.group, frame.from_node, frame.to_node, cluster_id=frame.cluster_id,
+                     group_incarnation=frame.group_incarnation, incarnation=frame.incarnation),
         [encode_message(message) for message in frame.messages],
     )
 
@@ -197,7 +222,8 @@ def decode_frame(data: bytes, *, max_bytes: int = 64 << 20) -> Frame:
     only there, and every message's `to` and `from_` equal to the frame's
     nodes. One exception: a TRANSFER_LEADER forwarded by a follower carries
     the transferee in `from_` (that is how the core names it), so its `from_`
-    may be any node.
+    may be any node (and its incarnation is left unknown: it is not the
+    sender's). A version-1 frame decodes with every id unknown (0).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise FrameError(f"a frame is bytes, not {type(data).__name__}")
@@ -211,11 +237,22 @@ def decode_frame(data: bytes, *, max_bytes: int = 64 << 20) -> Frame:
     except Exception as exc:  # msgpack raises ValueError subclasses; be total at the boundary
         raise FrameError(f"not msgpack: {exc}") from None
 
-    if type(decoded) is not list or len(decoded) != _FRAME_FIELDS:
+    if type(decoded) is not list or not decoded:
         raise FrameError(f"a frame is an array of {_FRAME_FIELDS} fields")
-    version, cluster, group, from_node, to_node, raw_messages = decoded
-    if type(version) is not int or version != FRAME_VERSION:
+    version = decoded[0]
+    if type(version) is not int or version not in (FRAME_VERSION, _FRAME_VERSION_1):
         raise FrameError(f"unsupported frame version {version!r} (this node speaks {FRAME_VERSION})")
+    if version == _FRAME_VERSION_1:
+        if len(decoded) != _FRAME_FIELDS_V1:
+            raise FrameError(f"a version-1 frame is an array of {_FRAME_FIELDS_V1} fields")
+        _, cluster, group, from_node, to_node, raw_messages = decoded
+        cluster_id = group_incarnation = incarnation = 0
+    else:
+        if len(decoded) != _FRAME_FIELDS:
+            raise FrameError(f"a frame is an array of {_FRAME_FIELDS} fields")
+        _, cluster, group, from_node, to_node, cluster_id, group_incarnation, incarnation, raw_messages = decoded
+        if not _are_u63((cluster_id, group_incarnation, incarnation)):
+            raise FrameError("cluster id, group incarnation and sender incarnation must be integers in [0, 2**63)")
     if type(cluster) is not str:
         raise FrameError("cluster name is not a string")
     if not _are_u63((group, from_node, to_node)):
@@ -224,8 +261,8 @@ def decode_frame(data: bytes, *, max_bytes: int = 64 << 20) -> Frame:
         raise FrameError("node id 0 names no node", "bad_id")
     if type(raw_messages) is not list:
         raise FrameError("messages is not an array")
-    messages = tuple([_decode_message(fields, from_node, to_node) for fields in raw_messages])
-    return Frame(cluster, group, from_node, to_node, messages)
+    messages = tuple([_decode_message(fields, from_node, to_node, incarnation) for fields in raw_messages])
+    return Frame(cluster, group, from_node, to_node, messages, cluster_id, group_incarnation, incarnation)
 
 
 def _are_u63(values: Sequence[object]) -> bool:
@@ -245,7 +282,7 @@ def _is_u63_column(column: list[object]) -> bool:
     )
 
 
-def _decode_message(fields: object, from_node: int, to_node: int) -> Message:
+def _decode_message(fields: object, from_node: int, to_node: int, incarnation: int) -> Message:
     if type(fields) is not list or len(fields) != _MESSAGE_FIELDS:
         raise FrameError(f"a message is an array of {_MESSAGE_FIELDS} fields")
     (
@@ -286,7 +323,8 @@ def _decode_message(fields: object, from_node: int, to_node: int) -> Message:
     else:
         snapshot = None
     return Message(
-        message_type, to, from_, term, log_term, index, entries, commit, snapshot, reject, reject_hint, context
+        message_type, to, from_, term, log_term, index, entries, commit, snapshot, reject, reject_hint, context,
+        incarnation if from_ == from_node else 0,
     )
 
 
@@ -343,8 +381,18 @@ def _decode_members(raw: object) -> tuple[Member, ...]:
     return tuple(members)
 
 
+def _decode_incarnations(raw: object) -> tuple[tuple[int, int], ...]:
+    if type(raw) is not list or len(raw) % 2:
+        raise FrameError("snapshot incarnations must be an array of (node_id, incarnation) pairs")
+    if raw and not _is_u63_column(raw):
+        raise FrameError("snapshot incarnations must be integers in [0, 2**63)")
+    if 0 in raw:
+        raise FrameError("snapshot incarnations hold a 0 (no node, or no incarnation)", "bad_id")
+    return tuple(sorted(zip(raw[0::2], raw[1::2])))  # type: ignore[arg-type]
+
+
 def _decode_snapshot(raw: object) -> Snapshot:
-    if type(raw) is not list or len(raw) not in (_SNAPSHOT_FIELDS, _SNAPSHOT_FIELDS_V1):
+    if type(raw) is not list or len(raw) not in (_SNAPSHOT_FIELDS, _SNAPSHOT_FIELDS_V2, _SNAPSHOT_FIELDS_V1):
         raise FrameError(f"a SNAP message needs a snapshot array of {_SNAPSHOT_FIELDS} fields")
     index, term, voters, learners, voters_outgoing, data = raw[:_SNAPSHOT_FIELDS_V1]
     if not _are_u63((index, term)):
@@ -353,14 +401,18 @@ def _decode_snapshot(raw: object) -> Snapshot:
         raise FrameError("snapshot data is not bytes")
     removed: tuple[int, ...] = ()
     members: tuple[Member, ...] = ()
-    if len(raw) == _SNAPSHOT_FIELDS:
+    incarnations: tuple[tuple[int, int], ...] = ()
+    if len(raw) >= _SNAPSHOT_FIELDS_V2:
         removed = _decode_ids(raw[6], "removed")
         members = _decode_members(raw[7])
+    if len(raw) == _SNAPSHOT_FIELDS:
+        incarnations = _decode_incarnations(raw[8])
     conf_state = ConfState(
         _decode_ids(voters, "voters"),
         _decode_ids(learners, "learners"),
         _decode_ids(voters_outgoing, "voters_outgoing"),
         removed,
         members,
+        incarnations,
     )
     return Snapshot(SnapshotMetadata(index, term, conf_state), data)

@@ -24,15 +24,34 @@ local subchannel pool), so that a long transfer shares neither the stream nor
 the HTTP/2 flow-control window with heartbeats.
 
 Inbound, every frame is decoded and checked (codec validation, then cluster,
-group, recipient and sender; with TLS, the sender's certificate must be that
-of the host the sending node id belongs to) before anything is delivered;
-snapshot chunks are checked against their header (`check_chunk`) before the
-receiver sees them. A rejected frame
-closes that stream with INVALID_ARGUMENT (details name the reason); the sender
-logs it and reconnects with backoff. Closing rather than skipping is
-deliberate: a stream that carried one bad frame cannot be trusted to be in
-sync, and a misconfigured peer (wrong cluster name, removed member) sees the
-reason in its own logs instead of talking into the void.
+group, recipient, the cluster's id and the group's incarnation when both
+sides know theirs, and the sender; with TLS, a member's frames must come
+with the certificate of its host) before anything is delivered; snapshot
+chunks are checked against their header (`check_chunk`) before the
+receiver sees them. A rejected frame closes that stream with
+INVALID_ARGUMENT (details name the reason); the sender logs it and
+reconnects with backoff. Closing rather than skipping is deliberate: a
+stream that carried one bad frame cannot be trusted to be in sync, and a
+misconfigured peer (wrong cluster name, a stranger) sees the reason in its
+own logs instead of talking into the void.
+
+Who may send: a member of the configuration this node applied; a removed
+member (its messages reach the Raft core, which answers each with a NOTICE:
+that is how a removed member that missed its removal learns it); and an id
+above every id this node knows (ids only grow: a member added by a change
+this node has not applied yet, perhaps the leader that would bring it that
+change). Anyone else is a stranger (`unknown_sender`).
+
+Replies without a link: a message for a peer this node has no link to (a
+removed member, a member not applied yet) goes back on the stream that peer
+opened to this node, if there is one: the server writes it as a response
+frame after the next frame that peer sends (pings come every
+`ping_interval`), and the peer's sender delivers it like any frame.
+
+A link that retires (its peer left the configuration) first sends what is
+queued for it, for at most `RETIRE_DRAIN_SECONDS`: the append that commits a
+member's removal is queued in the same apply that retires its link, and is
+how that member learns it was removed.
 """
 
 from __future__ import annotations
@@ -90,6 +109,10 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 _PING = b""  # the empty response that answers a ping
+#: A retiring link sends what is queued for its peer for at most this long.
+RETIRE_DRAIN_SECONDS = 2.0
+#: Frames waiting to go back on one inbound stream (the oldest are dropped beyond).
+MAX_REPLY_FRAMES = 1024
 
 
 @dataclass(slots=True, frozen=True)
@@ -142,11 +165,14 @@ class TransportStats:
     dropped_by_reason: Counter[str] = field(default_factory=Counter)
     received_messages: Counter[int] = field(default_factory=Counter)
     received_frames: Counter[int] = field(default_factory=Counter)
+    # Messages sent back on a peer's inbound stream (no link to it), by peer.
+    replied_messages: Counter[int] = field(default_factory=Counter)
     # Inbound frames refused: malformed, too_large, unknown_type, bad_id, bad_entries
-    # (codec), wrong_cluster, wrong_group, wrong_recipient, unknown_sender, unknown_node
-    # (a TRANSFER_LEADER naming a non-member), wrong_identity (a certificate not of the
-    # sender's host), bad_snapshot_header, snapshot_mismatch (a chunk not of its
-    # header's snapshot, or over max_frame_bytes), closed.
+    # (codec), wrong_cluster, wrong_group, wrong_cluster_id, wrong_group_incarnation (a
+    # stranger: another cluster, or another life of the group), wrong_recipient,
+    # unknown_sender, unknown_node (a TRANSFER_LEADER naming a non-member), wrong_identity
+    # (a certificate not of the sender's host), bad_snapshot_header, snapshot_mismatch (a
+    # chunk not of its header's snapshot, or over max_frame_bytes), closed.
     rejected_frames: Counter[str] = field(default_factory=Counter)
     reconnects: Counter[int] = field(default_factory=Counter)  # streams opened after the first, per peer
     snapshots_sent: Counter[int] = field(default_factory=Counter)
@@ -273,6 +299,10 @@ class RaftTransport:
         check_chunk: Callable[[SnapshotHeader, bytes], str | None] | None = None,
         connect: Callable[[str, Sequence[tuple[str, Any]]], grpc.aio.Channel] = _insecure_channel,
         peer_names: Mapping[int, str] | None = None,
+        removed: Iterable[int] = (),
+        cluster_id: int = 0,
+        group_incarnation: int = 0,
+        incarnation: int = 0,
         max_queue_messages: int = 10_000,
         max_queue_bytes: int = 64 << 20,
         max_frame_bytes: int = 8 << 20,
@@ -289,6 +319,14 @@ class RaftTransport:
         self.cluster = cluster
         self.group = group
         self.node_id = node_id
+        # Who this node is (frame version 2): 0 is unknown, and unknown ids are not checked.
+        self.cluster_id = cluster_id
+        self.group_incarnation = group_incarnation
+        self.incarnation = incarnation
+        self._removed: frozenset[int] = frozenset(removed)
+        self._max_known = node_id
+        # Peer id -> frames to write back on the stream it opened to us (see the module docstring).
+        self._replies: dict[int, deque[bytes]] = {}
         self._deliver = deliver
         self._on_unreachable = on_unreachable
         self._on_snapshot = on_snapshot
@@ -369,15 +407,35 @@ class RaftTransport:
         finally:
             self._closed.set()
 
-    def update_peers(self, peers: Mapping[int, str]) -> None:
-        """Membership changed: start senders for new peers, stop those of removed ones.
+    def update_peers(self, peers: Mapping[int, str], removed: Iterable[int] | None = None) -> None:
+        """Membership changed: start senders for new peers, retire those of
+        removed ones (after sending what is queued for them).
 
-        A removed node is a stranger from now on: its frames are refused.
-        A peer whose address changed gets a new link (its queue is dropped).
+        `removed`: the ids the group removed; their frames are still handed
+        over (the core answers each with a NOTICE), any other id that is no
+        peer and not above every known id is a stranger. A peer whose address
+        changed gets a new link (its queue is dropped).
         """
         if self._closing:
             return
+        if removed is not None:
+            self._removed = frozenset(removed)
         self._set_links(peers)
+
+    def set_identity(self, cluster_id: int, group_incarnation: int) -> None:
+        """This node learned its cluster's id or its group's incarnation (the
+        metadata group's replicas learn them after they start): frames carry
+        them from now on, and frames that name others are refused."""
+        if (cluster_id, group_incarnation) == (self.cluster_id, self.group_incarnation):
+            return
+        self.cluster_id, self.group_incarnation = cluster_id, group_incarnation
+        for link in self._links.values():
+            link.prefix = self._prefix(link.peer)
+            link.ping = join_frame(link.prefix, ())
+
+    def _prefix(self, peer: int) -> bytes:
+        return frame_prefix(self.cluster, self.group, self.node_id, peer, cluster_id=self.cluster_id,
+                            group_incarnation=self.group_incarnation, incarnation=self.incarnation)
 
     # ------------------------------------------------------------ sending
 
@@ -396,6 +454,8 @@ class RaftTransport:
         for message in messages:
             link = links.get(message.to)
             if link is None or self._closing:
+                if not self._closing and self._reply(message):
+                    continue
                 self._drop(message.to, "closed" if self._closing else "unknown_peer", message)
                 continue
             if message.type in LOCAL_MESSAGES or (
@@ -421,6 +481,25 @@ class RaftTransport:
             link.queue.append(encoded)
             link.queued_bytes += size
             link.wakeup.set()
+
+    def _reply(self, message: Message) -> bool:
+        """Queue `message` on the stream its recipient opened to us (we have no
+        link to it); False if there is none."""
+        replies = self._replies.get(message.to)
+        if replies is None or message.from_ != self.node_id or message.type in LOCAL_MESSAGES:
+            return False
+        try:
+            frame = join_frame(self._prefix(message.to), [encode_message(message)])
+        except (TypeError, ValueError, OverflowError):
+            return False
+        if len(frame) > self._max_frame_bytes:
+            return False
+        if len(replies) >= MAX_REPLY_FRAMES:
+            replies.popleft()
+            self._drop(message.to, "queue_full")
+        replies.append(frame)
+        self.stats.replied_messages[message.to] += 1
+        return True
 
     async def send_snapshot(
         self,
@@ -499,10 +578,11 @@ class RaftTransport:
                 self._retire_link(link)
         for peer, address in wanted.items():
             if peer not in self._links:
-                link = _PeerLink(peer, address, frame_prefix(self.cluster, self.group, self.node_id, peer))
+                link = _PeerLink(peer, address, self._prefix(peer))
                 self._links[peer] = link
                 if self._started:
                     self._start_link(link)
+        self._max_known = max((self.node_id, *self._links, *self._removed))
 
     def _start_link(self, link: _PeerLink) -> None:
         if link.task is None:
@@ -512,15 +592,24 @@ class RaftTransport:
 
     def _retire_link(self, link: _PeerLink) -> None:
         del self._links[link.peer]
-        self._drop_queue(link, "peer_removed")
         if link.task is None:
+            self._drop_queue(link, "peer_removed")
             return
-        link.task.cancel()
 
         async def retire() -> None:
-            await asyncio.gather(link.task, return_exceptions=True)  # type: ignore[arg-type]
-            if link.channel is not None:
-                await link.channel.close()
+            # What is queued still goes (the commit of the peer's own removal
+            # may be in it), then the link stops.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + RETIRE_DRAIN_SECONDS
+            try:
+                while link.queue and loop.time() < deadline and not link.task.done():  # type: ignore[union-attr]
+                    await asyncio.sleep(0.01)
+            finally:
+                link.task.cancel()  # type: ignore[union-attr]
+                await asyncio.gather(link.task, return_exceptions=True)  # type: ignore[arg-type]
+                self._drop_queue(link, "peer_removed")
+                if link.channel is not None:
+                    await link.channel.close()
 
         task = asyncio.get_running_loop().create_task(retire(), name=f"raft-transport retire {link.peer}")
         self._background.add(task)
@@ -623,8 +712,10 @@ class RaftTransport:
         try:
             async with asyncio.timeout(timing.connect_timeout):
                 await call.write(link.ping)
-                if await call.read() is grpc.aio.EOF:
+                response = await call.read()
+                if response is grpc.aio.EOF:
                     raise _StreamEnded("closed by the peer during the handshake")
+                self._on_response(link, response)
             self._link_established(link)
             link.last_ack = loop.time()
             reader = loop.create_task(self._read_acks(link, call), name=f"raft-transport acks {link.peer}")
@@ -681,6 +772,24 @@ class RaftTransport:
             if response is grpc.aio.EOF:
                 return "closed by the peer"
             link.last_ack = loop.time()
+            self._on_response(link, response)
+
+    def _on_response(self, link: _PeerLink, response: bytes) -> None:
+        """An answer on our stream to `link.peer`: a ping's ack, or frames the
+        peer sent back this way (it has no link to us: we are not, or no
+        longer, a member in its configuration). Checked as any frame, and
+        from that peer only."""
+        if response == _PING:
+            return
+        checked = self._check(response, link.address, None, reply_from=link.peer)
+        if isinstance(checked, Frame) and checked.messages:
+            self.stats.received_frames[checked.from_node] += 1
+            self.stats.received_messages[checked.from_node] += len(checked.messages)
+            try:
+                self._deliver(list(checked.messages))
+            except Exception:
+                self._limited.log(logging.ERROR, "deliver", "transport.deliver_failed",
+                                  extra=self._extra(checked.from_node), exc_info=True)
 
     def _take_frame(self, link: _PeerLink) -> tuple[bytes, int]:
         """Everything queued for the peer, up to max_frame_bytes, as one frame."""
@@ -698,9 +807,12 @@ class RaftTransport:
 
     # ------------------------------------------------------------ receiving
 
-    def _check(self, data: bytes, peer_address: str, peer_name: str | None = None) -> Frame | tuple[str, str]:
+    def _check(self, data: bytes, peer_address: str, peer_name: str | None = None,
+               reply_from: int | None = None) -> Frame | tuple[str, str]:
         """The frame if it may be delivered, else (reason, details); counts and logs a refusal.
-        `peer_name` is the CN of the caller's certificate (TLS only)."""
+        `peer_name` is the CN of the caller's certificate (TLS only); `reply_from`: the frame
+        came back on our own stream to that peer (it must be from it; the channel checked
+        its certificate)."""
         if self._closing:
             reason, details = "closed", "transport closed"
         else:
@@ -709,19 +821,33 @@ class RaftTransport:
             except FrameError as exc:
                 reason, details = exc.reason, str(exc)
             else:
+                sender = frame.from_node
                 if frame.cluster != self.cluster:
                     reason, details = "wrong_cluster", f"cluster {frame.cluster!r}, this is {self.cluster!r}"
                 elif frame.group != self.group:
                     reason, details = "wrong_group", f"group {frame.group}, this is group {self.group}"
+                elif frame.cluster_id and self.cluster_id and frame.cluster_id != self.cluster_id:
+                    reason, details = "wrong_cluster_id", (f"a stranger: cluster id {frame.cluster_id:x}, this "
+                                                           f"cluster's is {self.cluster_id:x}")
+                elif (frame.group_incarnation and self.group_incarnation
+                      and frame.group_incarnation != self.group_incarnation):
+                    reason, details = "wrong_group_incarnation", (
+                        f"a stranger: group {self.group} incarnation {frame.group_incarnation:x}, this group's "
+                        f"is {self.group_incarnation:x} (another life of the group)")
                 elif frame.to_node != self.node_id:
                     reason, details = "wrong_recipient", f"frame for node {frame.to_node}, this is node {self.node_id}"
-                elif frame.from_node not in self._links:
-                    reason, details = "unknown_sender", f"node {frame.from_node} is not a member of group {self.group}"
-                elif self._peer_names is not None and self._peer_names.get(frame.from_node) != peer_name:
-                    reason, details = "wrong_identity", (f"frames from node {frame.from_node} need the certificate "
-                                                         f"of {self._peer_names.get(frame.from_node)!r}, "
-                                                         f"not {peer_name!r}")
-                elif any(m.from_ != frame.from_node and m.from_ != self.node_id and m.from_ not in self._links
+                elif reply_from is not None and sender != reply_from:
+                    reason, details = "wrong_identity", f"node {sender} answered on the stream to node {reply_from}"
+                elif not self._may_send(sender):
+                    reason, details = "unknown_sender", f"node {sender} is not a member of group {self.group}"
+                elif (reply_from is None and self._peer_names is not None and sender in self._links
+                      and self._peer_names.get(sender) != peer_name):
+                    # A member's frames come with its host's certificate; a removed id
+                    # or one not applied yet has none known here (the gatekeeper took
+                    # a host of the cluster only).
+                    reason, details = "wrong_identity", (f"frames from node {sender} need the certificate "
+                                                         f"of {self._peer_names.get(sender)!r}, not {peer_name!r}")
+                elif any(m.from_ != sender and m.from_ != self.node_id and m.from_ not in self._links
                          for m in frame.messages):
                     # Only a forwarded TRANSFER_LEADER may name another sender (codec), and only a member.
                     reason, details = "unknown_node", f"a message names a node that is not in group {self.group}"
@@ -729,6 +855,11 @@ class RaftTransport:
                     return frame
         self._reject(reason, details, peer_address)
         return reason, details
+
+    def _may_send(self, sender: int) -> bool:
+        """A member, a removed one (the core tells it so), or an id above every
+        id we know (a member added by a change not applied here yet)."""
+        return sender in self._links or sender in self._removed or sender > self._max_known
 
     def _reject(self, reason: str, details: str, peer_address: str) -> None:
         self.stats.rejected_frames[reason] += 1
@@ -742,26 +873,38 @@ class RaftTransport:
     async def _serve_messages(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         peer_address = context.peer()
         peer_name = peer_common_name(context) if self._peer_names is not None else None
-        async for data in requests:
-            checked = self._check(data, peer_address, peer_name)
-            if not isinstance(checked, Frame):
-                await _abort(context, checked)
-            if not checked.messages:
-                await context.write(_PING)
-                continue
-            self.stats.received_frames[checked.from_node] += 1
-            self.stats.received_messages[checked.from_node] += len(checked.messages)
-            try:
-                self._deliver(list(checked.messages))
-            except Exception:
-                # The driver's problem, not the peer's: keep the stream.
-                self._limited.log(
-                    logging.ERROR,
-                    "deliver",
-                    "transport.deliver_failed",
-                    extra=self._extra(checked.from_node),
-                    exc_info=True,
-                )
+        sender: int | None = None
+        replies: deque[bytes] = deque()
+        try:
+            async for data in requests:
+                checked = self._check(data, peer_address, peer_name)
+                if not isinstance(checked, Frame):
+                    await _abort(context, checked)
+                if sender is None:
+                    # Messages for this peer that have no link go back on this stream.
+                    sender = checked.from_node
+                    self._replies[sender] = replies
+                if checked.messages:
+                    self.stats.received_frames[checked.from_node] += 1
+                    self.stats.received_messages[checked.from_node] += len(checked.messages)
+                    try:
+                        self._deliver(list(checked.messages))
+                    except Exception:
+                        # The driver's problem, not the peer's: keep the stream.
+                        self._limited.log(
+                            logging.ERROR,
+                            "deliver",
+                            "transport.deliver_failed",
+                            extra=self._extra(checked.from_node),
+                            exc_info=True,
+                        )
+                while replies:
+                    await context.write(replies.popleft())
+                if not checked.messages:
+                    await context.write(_PING)
+        finally:
+            if sender is not None and self._replies.get(sender) is replies:
+                del self._replies[sender]
 
     async def _serve_snapshot(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
         peer_address = context.peer()

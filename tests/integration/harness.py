@@ -50,7 +50,10 @@ def signal_and_wait(process: subprocess.Popen, sig: int) -> int:
 
 @dataclass
 class WorkerGroup:
-    """One Raft group of `size` worker processes (group 0 of a 1-group cluster)."""
+    """One Raft group of `size` worker processes (group 0 of a 1-group cluster),
+    and the cluster's metadata group (its workers on the first hosts, started
+    with the first worker): a group's first start bootstraps with the
+    placement recorded there (shardnode/replica/identity.py)."""
 
     tmp: Path
     size: int = 3
@@ -60,8 +63,11 @@ class WorkerGroup:
     name: str = "itest"
     # The module run as a worker: a test may run a deliberately broken variant.
     worker_module: str = "worker"
+    # The source tree the workers run (a benchmark may compare another one).
+    source_tree: Path = ROOT
     tls: bool = False
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    meta_processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,14 +88,33 @@ class WorkerGroup:
     # --- Processes ---------------------------------------------------------------
 
     def start(self, host: str) -> None:
-        log = open(self.tmp / f"{host}.log", "ab")
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.processes[host] = subprocess.Popen(
-            [sys.executable, "-m", self.worker_module, "--config", str(self.config_path), "--host", host,
-             "--group", "0"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-        )
-        log.close()
+        self.start_metadata_group()
+        self.processes[host] = self._spawn(host, "0", self.tmp / f"{host}.log")
+
+    def _spawn(self, host: str, group: str, log_path: Path) -> subprocess.Popen:
+        log = open(log_path, "ab")
+        env = dict(os.environ, PYTHONPATH=str(self.source_tree))
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-m", self.worker_module if group == "0" else "worker", "--config",
+                 str(self.config_path), "--host", host, "--group", group],
+                cwd=self.source_tree, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+            )
+        finally:
+            log.close()
+
+    def meta_hosts(self) -> list[str]:
+        return [r.host.name for r in self.config.meta_group_replicas()]
+
+    def start_metadata_group(self) -> None:
+        """Every metadata group worker that does not run (on the first hosts)."""
+        for host in self.meta_hosts():
+            if host not in self.meta_processes:
+                self.meta_processes[host] = self._spawn(host, "meta", self.tmp / f"{host}-meta.log")
+
+    def kill_meta(self, host: str, sig: int = signal.SIGKILL) -> int | None:
+        process = self.meta_processes.pop(host, None)
+        return None if process is None else signal_and_wait(process, sig)
 
     def start_all(self) -> None:
         for host in self.hosts:
@@ -104,6 +129,8 @@ class WorkerGroup:
     def stop_all(self) -> None:
         for host in list(self.processes):
             self.kill(host, signal.SIGKILL)
+        for host in list(self.meta_processes):
+            self.kill_meta(host)
 
     def log_tail(self, lines: int = 40) -> str:
         out = []

@@ -60,6 +60,7 @@ class LazyGroup:
         disks drop everything not fsynced."""
         for host in hosts:
             self.group.kill(host, signal.SIGKILL)
+            self.group.kill_meta(host)      # everything on the host dies (restart() starts it again)
         for host in hosts:
             self.disks[host].power_loss()
             self.power_losses += 1

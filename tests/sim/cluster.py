@@ -13,6 +13,15 @@ number of ticks (liveness). Safety invariants are checked after every event
 (invariants.py); at the end the clients' history is checked for
 linearizability.
 
+Some scenarios also wipe a node's disk: it comes back with an empty disk
+and a new incarnation, bootstrapped with its first configuration under its
+old id (what a worker without the start rules of identity.py would do). The
+Raft core must never count what that new life sends under the old id (the
+binding of ids to incarnations, docs/raft.md); the transport follows the
+applied membership as the worker's does; a node told it is another
+incarnation of a bound id leaves for good (as the worker does), and the
+operator removes it when it changes the membership.
+
 Most scenarios also change the group's membership during the fault phase,
 as an operator and the worker would: add a learner (a new node, with a new
 id, started from the configuration that adds it), promote a learner once
@@ -34,6 +43,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from shardnode.raft import (
+    CompactedError,
     ConfChange,
     ConfState,
     EntryType,
@@ -41,19 +51,26 @@ from shardnode.raft import (
     Message,
     MessageType,
     ProposalDropped,
+    NoticeReason,
     StateRole,
+    UnavailableError,
     confchange,
 )
 from shardnode.testing.linearizability import HistoryRecorder, OpKind, check_history
 
 from .invariants import Membership, SafetyChecker, SafetyViolation
 from .network import NetworkFaults, SimNetwork
-from .node import LOST, NodeParams, PendingWrite, SimNode, encode_command
+from .node import LOST, NodeParams, PendingWrite, SimNode, encode_command, transport_delivers, transport_sends
 
 TICK_INTERVAL = 10          # time units between two ticks of a node
 LIVENESS_TICKS = 300        # after healing, a leader and a commit must come within this
 TRACE_LINES = 400           # how much of the trace a failure report shows
 OPERATOR_TICKS = 4          # how often the operator promotes caught-up learners and follows its plans
+# Events one run may handle: ten times the busiest seed of every profile. A
+# broken core can make two nodes answer each other forever (a storm of
+# appends and rejections, multiplied by duplicated messages): that is a
+# failure of the seed, not a test that never ends.
+MAX_EVENTS = 400_000
 
 
 @dataclass(slots=True)
@@ -64,7 +81,7 @@ class Scenario:
     faults: NetworkFaults
     fault_ticks: int
     fault_events: int
-    fault_weights: tuple[int, ...]
+    fault_weights: tuple[int, ...]      # of every fault but "wipe" (wipe_weight)
     clients: int
     keys: int
     client_timeout_ticks: int
@@ -72,14 +89,17 @@ class Scenario:
     max_new_nodes: int = 0          # nodes that may join (each with a new id)
     eager_change_rate: float = 0.0  # chance a new leader tries a change at once
     fault_after_change: float = 0.0  # chance a proposed change is followed by a leader fault
+    wipe_weight: int = 0            # weight of "wipe" among the faults (0: no disk is ever lost)
     profile: str = "default"
 
     @classmethod
     def from_seed(cls, seed: int, profile: str = "default") -> "Scenario":
         """The scenario of a seed. Profiles (for the broken-variant tests):
-        "default" (what CI runs), "static" (no membership change: exactly
-        the scenarios from before membership changes were simulated),
-        "membership" (many changes, each often followed by a leader fault)."""
+        "default" (what CI runs), "static" (no membership change and no
+        lost disk: the scenarios from before membership changes were
+        simulated, with the leaders' bindings of incarnations),
+        "membership" (many changes, each often followed by a leader fault),
+        "wipe" (many lost disks among crashes and partitions, no change)."""
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})")
         rng = random.Random(seed)
@@ -105,7 +125,7 @@ class Scenario:
             fault_ticks=rng.randint(80, 300),
             fault_events=rng.randint(2, 30),
             # Some scenarios are crash storms, some are network chaos.
-            fault_weights=tuple(rng.choice([0, 1, 3]) + (1 if i == 6 else 0) for i in range(len(_FAULTS))),
+            fault_weights=tuple(rng.choice([0, 1, 3]) + (1 if i == 6 else 0) for i in range(len(_FAULTS) - 1)),
             clients=rng.randint(2, 5),
             keys=rng.randint(1, 3),
             client_timeout_ticks=rng.randint(15, 40),
@@ -115,10 +135,18 @@ class Scenario:
             max_new_nodes=rng.randint(1, 4),
             eager_change_rate=rng.choice([0.0, 0.3, 0.8]),
             fault_after_change=rng.choice([0.0, 0.2, 0.5]),
+            # Drawn after everything else, so that a scenario without wipes
+            # is exactly what it was before wipes were simulated.
+            wipe_weight=rng.choice([0, 0, 1, 2]),
             profile=profile,
         )
         if profile == "static":
-            scenario = replace(scenario, membership_events=0)
+            scenario = replace(scenario, membership_events=0, wipe_weight=0)
+        elif profile == "wipe":
+            # Lost disks among crashes and partitions, no membership change:
+            # where a Raft that counted a new life under an old id loses data.
+            scenario = replace(scenario, membership_events=0, wipe_weight=4, fault_events=rng.randint(15, 40),
+                               fault_weights=tuple(max(w, 1) for w in scenario.fault_weights))
         elif profile == "membership":
             scenario = replace(
                 scenario,
@@ -138,7 +166,7 @@ class Scenario:
             f"weights={dict(zip(_FAULTS, self.fault_weights))} "
             f"clients={self.clients} keys={self.keys} membership={self.membership_events} "
             f"new_nodes<={self.max_new_nodes} eager={self.eager_change_rate} "
-            f"fault_after_change={self.fault_after_change}"
+            f"fault_after_change={self.fault_after_change} wipe={self.wipe_weight}"
         )
 
 
@@ -198,6 +226,11 @@ class Simulation:
         voters = tuple(range(1, scenario.node_count + 1))
         initial = ConfState(voters=voters)
         self.nodes = {i: SimNode(i, initial, scenario.params, scenario.seed) for i in voters}
+        # Ids whose disk was wiped: the life running under them now is not the
+        # one the group bound, and never will be (the operator removes them).
+        self.lost: set[int] = set()
+        # Nodes that left for good: told they are another incarnation of a bound id.
+        self.retired: set[int] = set()
         self.network = SimNetwork(self.rng, NetworkFaults(**_fields(scenario.faults)))
         self.checker = SafetyChecker(self.nodes, Membership.of(initial))
         self.next_node_id = scenario.node_count + 1
@@ -283,8 +316,12 @@ class Simulation:
             self._at(OPERATOR_TICKS * TICK_INTERVAL, "operator", None)
         self._at(fault_end, "heal", None)
         deadline = fault_end + LIVENESS_TICKS * TICK_INTERVAL
+        handled = 0
         while self._heap:
             time, _, kind, payload = heapq.heappop(self._heap)
+            handled += 1
+            if handled > MAX_EVENTS:
+                raise SafetyViolation(f"livelock: {MAX_EVENTS} events by time {time} without an end (a message storm)")
             if time > deadline:
                 raise SafetyViolation(f"liveness: no leader committed a new entry within {LIVENESS_TICKS} ticks of healing")
             self.now = time
@@ -334,6 +371,10 @@ class Simulation:
         node = self.nodes.get(message.to)
         if node is None or not node.alive:
             return
+        if not transport_delivers(node, message):
+            if self.tracing:
+                self._log(f"n{message.from_}->n{message.to} refused (a stranger) {_fmt_message(message)}")
+            return
         if self.tracing:
             self._log(f"n{message.from_}->n{message.to} {_fmt_message(message)}")
         before = node.rawnode.raft.role
@@ -348,6 +389,14 @@ class Simulation:
 
     def _after_input(self, node: SimNode) -> None:
         self.checker.after_step(node)
+        notice = node.rawnode.notice
+        if notice is not None and notice.reason is NoticeReason.REINCARNATED and node.alive:
+            # What the worker does: its store is not the one the group bound
+            # to its id; it leaves a tombstone and stays down.
+            self._log(f"n{node.id} told by n{notice.from_node} it is not the bound incarnation: it leaves for good")
+            self.retired.add(node.id)
+            self._crash(node)
+            return
         raft = node.rawnode.raft
         if self.membership_active and raft.role is StateRole.LEADER and raft.term not in self.eager_terms:
             # A new leader: sometimes try a change at once, before it has
@@ -417,8 +466,26 @@ class Simulation:
         node.rawnode.advance(ready)
         node.in_flight_ready = None
         node.maybe_compact()
+        self._bind_incarnations(node)
         self.checker.after_step(node)
         self._drive(node)
+
+    def _bind_incarnations(self, node: SimNode) -> None:
+        """What the worker's driver does after each Ready: a leader proposes
+        binding one member's incarnation it knows (the core refuses while
+        another change is in flight; that is checked here too, so that a
+        broken core without the rule does not make a leader propose the same
+        binding after every Ready)."""
+        unbound = node.rawnode.incarnations_to_bind()
+        raft = node.rawnode.raft
+        if not unbound or raft.pending_conf_index > raft.log.applied:
+            return
+        node_id, incarnation = unbound[0]
+        try:
+            node.rawnode.propose_conf_change(ConfChange.bind(node_id, incarnation))
+        except (ProposalDropped, InvalidConfChange):
+            return
+        self._log(f"n{node.id} proposes to bind n{node_id} to incarnation {incarnation:x}")
 
     def _apply_entries(self, node: SimNode, entries) -> None:
         for entry in entries:
@@ -444,6 +511,9 @@ class Simulation:
 
     def _send_messages(self, node: SimNode, messages) -> None:
         for message in messages:
+            if not transport_sends(node, message, self.nodes):
+                continue  # no link to a node that is not a member (as the worker's transport)
+            message = node.stamp(message)
             self.checker.on_message_sent(message)
             delays = self.network.deliveries(message)
             for delay in delays:
@@ -471,7 +541,7 @@ class Simulation:
             self._finish_unknown(handle)
 
     def _restart(self, node: SimNode) -> None:
-        if node.alive:
+        if node.alive or node.id in self.retired:
             return
         node.start()
         self.checker.on_restart(node)
@@ -564,7 +634,8 @@ class Simulation:
         rng = self.rng
         ids = list(self.nodes)
         if choice is None:
-            choice = rng.choices(_FAULTS, weights=self.scenario.fault_weights)[0]
+            # "wipe" (the last fault) has a weight of its own, drawn last (Scenario.from_seed).
+            choice = rng.choices(_FAULTS, weights=(*self.scenario.fault_weights, self.scenario.wipe_weight))[0]
         if choice == "partition":
             rng.shuffle(ids)
             cut = rng.randint(1, len(ids) - 1)
@@ -605,6 +676,16 @@ class Simulation:
                 else:
                     downtime = rng.randint(1, 40) * TICK_INTERVAL
                 self._at(self.now + downtime, "restart", node.id)
+        elif choice == "wipe":
+            candidates = self._wipe_candidates()
+            if candidates:
+                node = rng.choice(candidates)
+                if node.alive:
+                    self._crash(node)
+                node.wipe()
+                self.lost.add(node.id)
+                self._log(f"FAULT n{node.id} loses its disk: it comes back empty, incarnation {node.incarnation:x}")
+                self._at(self.now + rng.randint(1, 3 * TICK_INTERVAL), "restart", node.id)
         elif choice == "transfer":
             leader = self._leader()
             if leader is not None:
@@ -612,6 +693,67 @@ class Simulation:
                 self._log(f"FAULT transfer leadership n{leader.id} -> n{target}")
                 leader.rawnode.transfer_leader(target)
                 self._after_input(leader)
+
+    def _wipe_candidates(self) -> list[SimNode]:
+        """Nodes whose disk may be lost now with the group still safe and live
+        (docs/raft.md, Incarnations: what the binding protects and what it
+        cannot):
+
+        - every other node (not retired) has applied the binding of the
+          node's incarnation: before that, a node that never heard of it would
+          count the new life's vote (the worker's start rules keep a wiped
+          disk from running then; the simulation plays the unprotected worker);
+        - everything on its disk is committed: a lost disk whose
+          acknowledgement was still to be counted loses that entry's copy
+          before the commit (Raft cannot tell);
+        - the voters that remain, without the lost ones, are still a majority,
+          and no membership change is in flight (one that removes a voter
+          could leave the lost one in a smaller majority).
+        """
+        if self._change_in_flight():
+            return []
+        membership = self.checker.membership
+        lost_voters = len(membership.voters & self.lost)
+        spare = len(membership.voters) - membership.quorum()
+        candidates = []
+        for node in self.nodes.values():
+            if node.id in self.lost or node.id not in membership.members():
+                continue
+            if node.id in membership.voters and lost_voters + 1 > spare:
+                continue
+            if node.disk.last_index() > len(self.checker.committed):
+                continue
+            others = [n for n in self.nodes.values() if n is not node and n.id not in self.retired]
+            if all(self._applied_conf(other).incarnation_of(node.id) == node.incarnation for other in others):
+                candidates.append(node)
+        return candidates
+
+    def _change_in_flight(self) -> bool:
+        """Whether some node holds a configuration change beyond the committed log."""
+        committed = len(self.checker.committed)
+        for node in self.nodes.values():
+            log = node.rawnode.raft.log if node.alive else node.disk
+            last = log.last_index()
+            if last <= committed:
+                continue
+            lo = max(committed + 1, log.first_index())
+            try:
+                entries = log.slice(lo, last + 1) if node.alive else log.entries(lo, last + 1)
+            except (CompactedError, UnavailableError):
+                return True
+            if any(entry.type is EntryType.CONF_CHANGE for entry in entries):
+                return True
+        return False
+
+    @staticmethod
+    def _applied_conf(node: SimNode) -> ConfState:
+        return node.rawnode.conf_state() if node.alive else node.disk.initial_state()[1]
+
+    def _keeps_live_majority(self, conf: ConfState, removed: int) -> bool:
+        """Whether removing `removed` leaves a configuration whose voters,
+        without those that lost their disk, are still a majority of it."""
+        voters = set(conf.voters) - {removed}
+        return len(voters - self.lost) >= len(voters) // 2 + 1
 
     # --- Membership ------------------------------------------------------------------------------
 
@@ -632,7 +774,8 @@ class Simulation:
             for second in self.rng.sample(("add_learner", "promote", "remove_follower"), 2):
                 self._simple_change(leader, second)
         elif kind == "remove_leader":
-            if len(leader.rawnode.conf_state().voters) <= 2:
+            conf = leader.rawnode.conf_state()
+            if len(conf.voters) <= 2 or not self._keeps_live_majority(conf, leader.id):
                 return
             if self.rng.random() < 0.5:
                 self._propose_change(leader, ConfChange.remove(leader.id), "remove the leader itself")
@@ -648,6 +791,8 @@ class Simulation:
         elif kind == "replace":
             voters = leader.rawnode.conf_state().voters
             old = self.rng.choice(voters)
+            if old in self.lost:
+                return  # the operator removes a lost one first (_operator)
             new = self._add_learner(leader)
             if new is not None:
                 self._log(f"MEMBERSHIP plan: replace n{old} by n{new}")
@@ -665,6 +810,7 @@ class Simulation:
                 self._propose_change(leader, ConfChange.promote(node_id), f"promote n{node_id}")
         elif kind == "remove_follower":
             followers = [v for v in conf.voters if v != leader.id] if len(conf.voters) > 2 else []
+            followers = [v for v in followers if self._keeps_live_majority(conf, v)]
             # Sometimes a learner: a join abandoned before promotion.
             candidates = followers + list(conf.learners)
             if candidates:
@@ -749,6 +895,11 @@ class Simulation:
         if leader is None:
             return
         conf = leader.rawnode.conf_state()
+        lost = sorted(self.lost & conf.ids())
+        if lost and (len(conf.voters) > 2 or lost[0] in conf.learners):
+            # `shardnode start --new` for a lost disk: the old id goes first.
+            self._propose_change(leader, ConfChange.remove(lost[0]), f"remove n{lost[0]} (its disk was lost)")
+            return
         for plan in list(self.plans):
             if plan.stage == "promote":
                 if plan.new in conf.removed:
@@ -770,7 +921,7 @@ class Simulation:
                         leader.rawnode.transfer_leader(target)
                         self._after_input(leader)
                     return
-                if len(conf.voters) > 2 or plan.old in conf.learners:
+                if (len(conf.voters) > 2 and self._keeps_live_majority(conf, plan.old)) or plan.old in conf.learners:
                     if self._propose_change(leader, ConfChange.remove(plan.old), f"remove n{plan.old} (plan)"):
                         self.plans.remove(plan)
                 return
@@ -804,8 +955,9 @@ class Simulation:
         else:
             leader_id, index, term = probe
             # Every member of the final configuration (voters and learners)
-            # must apply it; removed nodes and nodes that never joined need not.
-            members = [self.nodes[i] for i in self.checker.membership.members() if i in self.nodes]
+            # must apply it; removed nodes, nodes that never joined and ids
+            # whose disk was lost (a life the group does not count) need not.
+            members = [self.nodes[i] for i in self.checker.membership.members() - self.lost if i in self.nodes]
             if all(n.applied_index >= index for n in members):
                 if self.checker.committed[index - 1].term == term:
                     self._log("LIVENESS ok: probe applied on every node")
@@ -819,7 +971,7 @@ class Simulation:
         return False
 
 
-_FAULTS = ("partition", "isolate_leader", "bridge", "one_way", "heal_net", "crash", "crash_leader", "transfer")
+_FAULTS = ("partition", "isolate_leader", "bridge", "one_way", "heal_net", "crash", "crash_leader", "transfer", "wipe")
 
 
 def _change_kind(before: Membership, after: Membership) -> str:
@@ -856,10 +1008,12 @@ def _fmt_message(m: Message) -> str:
         text += f" commit={m.commit}"
     elif t in (MessageType.READ_INDEX_RESP,):
         text += f" index={m.index}"
+    elif t is MessageType.NOTICE:
+        text += f" {m.context.decode(errors='replace')}" + (f" bound={m.index:x}" if m.index else "")
     return text
 
 
-PROFILES = ("default", "static", "membership")
+PROFILES = ("default", "static", "membership", "wipe")
 
 
 def run_seed(seed: int, trace: bool = False, profile: str = "default") -> SimResult:

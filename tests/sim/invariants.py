@@ -1,7 +1,10 @@
 """Safety invariants of Raft, checked incrementally after every simulated step.
 
 - Election safety: at most one leader per term, ever.
-- Vote safety: a node grants at most one vote per term.
+- Vote safety: a node grants at most one vote per term in each life of its
+  disk (a wiped disk forgot its vote: a new life's vote is another voter's,
+  which the group must never count under the old one's id; whether it does
+  shows in election safety and in the commit checks).
 - Log matching: an (index, term) pair names one entry, with one predecessor
   term, in every log that holds it (so equal pairs imply equal prefixes).
 - Durable commit: when an entry is first committed, a majority of the voters
@@ -79,7 +82,7 @@ class Membership:
             return Membership(self.voters | {node}, self.learners - {node}, self.removed)
         if change.type is ConfChangeType.REMOVE_NODE and node in self.members() and self.voters != {node}:
             return Membership(self.voters - {node}, self.learners - {node}, self.removed | {node})
-        return self
+        return self  # a binding (SafetyChecker.bindings) or a no-op
 
 
 @dataclass
@@ -90,7 +93,7 @@ class SafetyChecker:
     # same bug then loses committed data (caught by the checks that follow).
     check_durable_commit: ClassVar[bool] = True
     leaders_by_term: dict[int, int] = field(default_factory=dict)
-    votes_granted: dict[tuple[int, int], int] = field(default_factory=dict)
+    votes_granted: dict[tuple[int, int, int], int] = field(default_factory=dict)
     # (index, term) -> (data, type, term of the previous entry)
     entries_seen: dict[tuple[int, int], tuple[bytes, int, int]] = field(default_factory=dict)
     committed: list[Entry] = field(default_factory=list)     # committed[i-1] is entry i
@@ -99,6 +102,8 @@ class SafetyChecker:
     # order; the first is the initial configuration at index 0.
     configurations: list[tuple[int, Membership]] = field(default_factory=list)
     noop_conf_changes: int = 0
+    # Committed bindings: node id -> (incarnation, index of the entry); the first wins.
+    bindings: dict[int, tuple[int, int]] = field(default_factory=dict)
     checks: int = 0
 
     def __post_init__(self) -> None:
@@ -139,7 +144,7 @@ class SafetyChecker:
 
     def on_message_sent(self, message: Message) -> None:
         if message.type is MessageType.VOTE_RESP and not message.reject:
-            key = (message.from_, message.term)
+            key = (message.from_, message.incarnation, message.term)
             previous = self.votes_granted.setdefault(key, message.to)
             if previous != message.to:
                 self._fail(
@@ -209,9 +214,23 @@ class SafetyChecker:
                 after = self.membership.after(entry)
                 if after != self.membership:
                     self.configurations.append((index, after))
-                else:
+                elif not self._binds(entry, index):
                     # Refused at apply time on every replica: no configuration change.
                     self.noop_conf_changes += 1
+
+    def _binds(self, entry: Entry, index: int) -> bool:
+        """Record a committed binding (the first of a member wins); whether
+        `entry` was one that took effect."""
+        try:
+            change = ConfChange.decode(entry.data)
+        except ValueError:
+            return False
+        node = change.node_id
+        if (change.type is not ConfChangeType.BIND_INCARNATION or change.incarnation <= 0
+                or node not in self.membership.members() or node in self.bindings):
+            return False
+        self.bindings[node] = (change.incarnation, index)
+        return True
 
     def _check_leader_completeness(self, node: SimNode) -> None:
         raft_log = node.rawnode.raft.log

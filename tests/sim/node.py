@@ -8,9 +8,20 @@ rebuilds from the disk alone, replaying committed entries after the last
 snapshot.
 
 Configuration changes are applied to the core when their entry is applied
-(RawNode.apply_conf_change_entry), as the worker does. A node that joins the
-group starts from the configuration that adds it (its `initial_conf`), with
-an empty log: older changes replay over it as no-ops.
+(RawNode.apply_conf_change_entry), as the worker does, and the configuration
+applied is kept on the disk (as the worker's store keeps it with its applied
+index): a restarted node knows at once which members and bindings it had
+applied. A node that joins the group starts from the configuration that adds
+it (its `initial_conf`), with an empty log: older changes replay over it as
+no-ops.
+
+Each life of a node's disk has its own incarnation, drawn from the seed. A
+wiped disk (`wipe`) is a new life: an empty disk bootstrapped with the
+node's `initial_conf` under its old id, which is what a worker without the
+start rules of shardnode/replica/identity.py would do. Messages leave a node
+stamped with its incarnation (as the worker's transport stamps each frame),
+and travel only where the worker's transport lets them (`transport_sends`,
+`transport_delivers`).
 """
 
 from __future__ import annotations
@@ -25,7 +36,10 @@ from shardnode.raft import (
     ConfState,
     Entry,
     EntryType,
+    HardState,
     MemoryStorage,
+    Message,
+    MessageType,
     Proposal,
     RawNode,
     Ready,
@@ -54,6 +68,49 @@ class NodeParams:
     check_quorum: bool = True
 
 
+class SimDisk(MemoryStorage):
+    """A node's disk: the log, hard state and snapshot, and the configuration
+    the node applied (the worker's store records it with its applied index,
+    so a restart starts from it, not from the snapshot's older one)."""
+
+    def __init__(self, conf_state: ConfState) -> None:
+        super().__init__(conf_state)
+        self.applied_conf: ConfState | None = None
+
+    def initial_state(self) -> tuple[HardState, ConfState]:
+        hard_state, conf_state = super().initial_state()
+        return hard_state, self.applied_conf if self.applied_conf is not None else conf_state
+
+    def apply_snapshot(self, snapshot: Snapshot) -> None:
+        super().apply_snapshot(snapshot)
+        self.applied_conf = snapshot.metadata.conf_state
+
+
+def transport_sends(node: "SimNode", message: Message, nodes: dict[int, "SimNode"]) -> bool:
+    """Whether the worker's transport would send `message`: over its link to
+    each member of the configuration the node applied, or back on the stream
+    the recipient opened to this node (it has this node among its members and
+    runs): how a removed member gets its NOTICE, and how a node answers a
+    member it has not applied yet."""
+    if message.to in node.rawnode.raft.tracker.progress:    # the members: voters and learners
+        return True
+    peer = nodes.get(message.to)
+    return peer is not None and peer.alive and node.id in peer.rawnode.raft.tracker.progress
+
+
+def transport_delivers(node: "SimNode", message: Message) -> bool:
+    """Whether the worker's transport would hand `message` to the core: it
+    comes from a member of the configuration the node applied, from a
+    removed one (the core tells it so), or from an id above every id the
+    node knows (ids only grow: a member added by a change it has not applied
+    yet, perhaps the leader that would bring it). Anyone else is a stranger."""
+    tracker = node.rawnode.raft.tracker
+    sender = message.from_
+    if sender in tracker.progress or sender in tracker.removed:
+        return True
+    return sender > max(node.id, max(tracker.progress, default=0), max(tracker.removed, default=0))
+
+
 @dataclass(slots=True)
 class PendingWrite:
     handle: int
@@ -66,7 +123,7 @@ class SimNode:
     initial_conf: ConfState
     params: NodeParams
     seed: int
-    disk: MemoryStorage = field(init=False)
+    disk: SimDisk = field(init=False)
     alive: bool = field(default=False, init=False)
     rawnode: RawNode | None = field(default=None, init=False)
     kv: dict[bytes, bytes] = field(default_factory=dict, init=False)
@@ -81,9 +138,35 @@ class SimNode:
     pending_reads: dict[bytes, int] = field(default_factory=dict, init=False)
     ready_reads: list[tuple[int, int]] = field(default_factory=list, init=False)   # (index, handle)
     restarts: int = field(default=0, init=False)
+    # The life of the disk: 0 for the first, +1 for each wipe; each has its own incarnation.
+    lives: int = field(default=0, init=False)
+    incarnation: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        self.disk = MemoryStorage(self.initial_conf)
+        self.disk = SimDisk(self.initial_conf)
+        self.incarnation = self._draw_incarnation()
+
+    def _draw_incarnation(self) -> int:
+        return random.Random((self.seed * 7_919 + self.id) * 104_729 + self.lives).getrandbits(63) | 1
+
+    def wipe(self) -> None:
+        """The disk is lost (the node is down): the next start is a new life,
+        bootstrapped with `initial_conf` under the same id, a new incarnation."""
+        assert not self.alive, "wipe a node that is down"
+        self.lives += 1
+        self.disk = SimDisk(self.initial_conf)
+        self.incarnation = self._draw_incarnation()
+
+    def stamp(self, message: Message) -> Message:
+        """`message` as it leaves this node: with this node's incarnation when
+        it is the sender (a forwarded message carries none: the transport
+        stamps only the frame's sender's)."""
+        incarnation = self.incarnation if message.from_ == self.id else 0
+        if message.incarnation == incarnation:
+            return message
+        m = message
+        return Message(m.type, m.to, m.from_, m.term, m.log_term, m.index, m.entries, m.commit, m.snapshot,
+                       m.reject, m.reject_hint, m.context, incarnation)
 
     # --- Lifecycle ---------------------------------------------------------------
 
@@ -98,6 +181,7 @@ class SimNode:
             max_inflight_msgs=self.params.max_inflight_msgs,
             pre_vote=self.params.pre_vote,
             check_quorum=self.params.check_quorum,
+            incarnation=self.incarnation,
         )
         # Each incarnation gets its own deterministic stream of randomness.
         rng = random.Random(self.seed * 1_000_003 + self.id * 101 + self.restarts)
@@ -165,7 +249,7 @@ class SimNode:
         self.applied_index = entry.index
         pending = self.pending_writes.pop(entry.index, None)
         if entry.type is EntryType.CONF_CHANGE:
-            self.rawnode.apply_conf_change_entry(entry)
+            self.disk.applied_conf = self.rawnode.apply_conf_change_entry(entry)
             return None if pending is None else (pending.handle, _LOST)
         if not entry.data:
             return None if pending is None else (pending.handle, _LOST)

@@ -2,6 +2,7 @@
 
     python -m tests.sim.run --seed 1234 --trace     # replay one seed with its full trace
     python -m tests.sim.run --seeds 0:500           # a range, summary per failure
+    python -m tests.sim.run --seed 22 --profile wipe --variant no-incarnation-check   # a broken core's failure
 """
 
 from __future__ import annotations
@@ -11,7 +12,15 @@ import sys
 import time
 from collections import Counter
 
+from shardnode.raft.raft import Raft
+
 from .cluster import PROFILES, Scenario, run_seed
+
+#: Deliberately broken cores (tests/sim/test_broken_variants.py), to replay their failures.
+VARIANTS = {
+    # The core does not check incarnations: a wiped disk's new life is counted under the old id.
+    "no-incarnation-check": lambda: setattr(Raft, "_other_incarnation_bound", lambda self, m: 0),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", action="store_true", help="print the whole trace of each run")
     parser.add_argument("--profile", default="default", choices=PROFILES,
                         help="scenario profile (default: what CI runs)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), help="run a deliberately broken core")
     args = parser.parse_args(argv)
+    if args.variant:
+        VARIANTS[args.variant]()
     if args.seed is not None:
         seeds = range(args.seed, args.seed + 1)
     else:

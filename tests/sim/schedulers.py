@@ -329,7 +329,7 @@ class SchedulerSimulation:
             self.log(f"g{group.number}: {change.describe()} from {proposal.sender}: retry (a change in flight)")
             return
         if self.variant.fence_at_proposal and not fencing.admits_membership_change(
-                group.fence, proposal.fence, promotion=change.type is ConfChangeType.ADD_NODE):
+                group.fence, proposal.fence, leaders_own=change.type is ConfChangeType.ADD_NODE):
             self.counts["fenced_at_proposal"] += 1
             self.log(f"g{group.number}: {change.describe()} from {proposal.sender}: fenced ({proposal.fence} < "
                      f"{group.fence})")
@@ -360,7 +360,7 @@ class SchedulerSimulation:
             self.log(f"g{group.number}: FENCE {proposal.fence} applied")
             return
         if self.variant.fence_at_apply and not fencing.admits_membership_change(
-                group.fence, proposal.fence, promotion=change.type is ConfChangeType.ADD_NODE):
+                group.fence, proposal.fence, leaders_own=change.type is ConfChangeType.ADD_NODE):
             self.counts["fenced_at_apply"] += 1
             self.log(f"g{group.number}: {change.describe()} fenced at apply")
             return

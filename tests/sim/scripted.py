@@ -3,23 +3,29 @@ etcd's datadriven tests): the test decides which message is delivered when,
 which links are cut, who crashes; the same safety checker as the random
 simulation runs after every step. Every event is written to `transcript`, so
 a failing test shows a short readable story.
+
+Messages travel as the worker's transport carries them (node.py:
+`transport_sends`, `transport_delivers`), stamped with their sender's
+incarnation. With `bind=True` a leader proposes the bindings of members'
+incarnations after each Ready, as the worker's driver does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from shardnode.raft import ConfChange, ConfState, Message, StateRole, confchange
+from shardnode.raft import ConfChange, ConfState, InvalidConfChange, Message, ProposalDropped, StateRole, confchange
 
 from .cluster import _fmt_message
 from .invariants import Membership, SafetyChecker
-from .node import NodeParams, SimNode, encode_command
+from .node import NodeParams, SimNode, encode_command, transport_delivers, transport_sends
 
 
 class ScriptedCluster:
-    def __init__(self, size: int, params: NodeParams | None = None) -> None:
+    def __init__(self, size: int, params: NodeParams | None = None, *, bind: bool = False) -> None:
         voters = tuple(range(1, size + 1))
         initial = ConfState(voters=voters)
+        self.bind = bind
         self.params = params or NodeParams(election_tick=10, heartbeat_tick=1, max_inflight_msgs=256)
         self.nodes = {i: SimNode(i, initial, self.params, seed=i) for i in voters}
         self.checker = SafetyChecker(self.nodes, Membership.of(initial))
@@ -60,6 +66,13 @@ class ScriptedCluster:
         self.queue = [m for m in self.queue if m.from_ != node_id and m.to != node_id]
         self.note(f"crash n{node_id}")
 
+    def wipe(self, node_id: int) -> None:
+        """The node (down) loses its disk: it will start empty, under the
+        same id, with its first configuration and a new incarnation."""
+        node = self.nodes[node_id]
+        node.wipe()
+        self.note(f"n{node_id} loses its disk (new incarnation {node.incarnation:x})")
+
     def restart(self, node_id: int) -> None:
         node = self.nodes[node_id]
         node.start()
@@ -79,6 +92,9 @@ class ScriptedCluster:
             if ready.snapshot is not None:
                 node.install_snapshot(ready.snapshot)
             for message in ready.messages:
+                if not transport_sends(node, message, self.nodes):
+                    continue
+                message = node.stamp(message)
                 self.checker.on_message_sent(message)
                 self.queue.append(message)
             for entry in ready.committed_entries:
@@ -86,7 +102,20 @@ class ScriptedCluster:
                 node.apply(entry)
             node.rawnode.advance(ready)
             node.maybe_compact()
+            if self.bind:
+                self._bind_one(node)
             self.checker.after_step(node)
+
+    def _bind_one(self, node: SimNode) -> None:
+        unbound = node.rawnode.incarnations_to_bind()
+        if not unbound:
+            return
+        node_id, incarnation = unbound[0]
+        try:
+            node.rawnode.propose_conf_change(ConfChange.bind(node_id, incarnation))
+        except (ProposalDropped, InvalidConfChange):
+            return
+        self.note(f"n{node.id} proposes to bind n{node_id} to incarnation {incarnation:x}")
 
     def step(self, node_id: int, action: Callable[[SimNode], None], what: str) -> None:
         node = self.nodes[node_id]
@@ -104,6 +133,9 @@ class ScriptedCluster:
         target = self.nodes[message.to]
         if (message.from_, message.to) in self.cut or not target.alive:
             self.note(f"  drop n{message.from_}->n{message.to} {_fmt_message(message)}")
+            return message
+        if not transport_delivers(target, message):
+            self.note(f"  refused (a stranger) n{message.from_}->n{message.to} {_fmt_message(message)}")
             return message
         self.step(message.to, lambda n: n.rawnode.step(message), f"<- n{message.from_} {_fmt_message(message)}")
         return message

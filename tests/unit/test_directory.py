@@ -191,7 +191,8 @@ def test_the_map_starts_as_cluster_tomls_and_changes_by_compare_and_set() -> Non
         # One map, one encoding: placements built in another order give the same bytes.
         two = added.with_group(3, ("h2",))
         reordered = type(two)(two.epoch, two.starts, two.owners, two.groups,
-                              dict(reversed(list(two.placements.items()))))
+                              dict(reversed(list(two.placements.items()))), two.retired,
+                              dict(reversed(list(two.incarnations.items()))))
         assert reordered == two and reordered.encode() == two.encode()
         await directory.update_map(added, two)
         three = reordered.without_group(3)

@@ -128,6 +128,7 @@ def test_membership_changes_are_fenced_by_the_same_token(log: Log) -> None:
     assert not log.store.admits_conf_change(stale.encode())
     assert not log.store.admits_conf_change(ConfChange.remove(2).encode())        # unfenced, after a token
     assert log.store.admits_conf_change(ConfChange.promote(4).encode())           # the leader's own promotion
+    assert log.store.admits_conf_change(ConfChange.bind(4, 77).encode())          # the leader's own binding
     assert fencing.conf_change_fence(b"garbage") == 0
 
 

@@ -108,6 +108,26 @@ def test_the_map_round_trips_and_garbage_is_refused() -> None:
             ShardMap.decode(garbage)
 
 
+def test_a_group_created_online_gets_an_incarnation_that_travels_with_the_map() -> None:
+    import msgpack
+
+    base = ShardMap.build(3, 16)
+    named = base.with_group(7, ("h1", "h2", "h3"), incarnation=0x6A)
+    assert named.incarnations == {7: 0x6A}
+    drawn = base.with_group(7, ("h1", "h2", "h3"))                 # the call as it was: a random one
+    assert 0 < drawn.incarnations[7] < 1 << 63 and drawn.incarnations[7] != base.with_group(7, ("h1",)).incarnations[7]
+    assert ShardMap.decode(named.encode()) == named
+    moved = named.with_move(base.plan_add(7)[0])
+    assert moved.incarnations == {7: 0x6A}
+    assert named.without_group(7).incarnations == {}, "a removed group's incarnation goes with it"
+    # A map written before incarnations (seven fields) still decodes, with none.
+    seven = msgpack.packb(msgpack.unpackb(named.encode(), strict_map_key=False)[:7])
+    assert ShardMap.decode(seven).incarnations == {}
+    assert len(msgpack.unpackb(base.encode(), strict_map_key=False)) == 7, "no incarnation: the old bytes"
+    with pytest.raises(ShardMapError):
+        base.with_group(7, ("h1",), incarnation=0)
+
+
 def msgpack_bad() -> bytes:
     import msgpack
     return msgpack.packb([1, 1, [5], [0], [0], {}])     # ranges do not start at 0

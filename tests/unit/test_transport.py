@@ -278,7 +278,8 @@ def _frame_bytes(cluster: str = CLUSTER, group: int = GROUP, from_node: int = 1,
 BAD_FRAMES = {
     "wrong_cluster": _frame_bytes(cluster="other-cluster"),
     "wrong_group": _frame_bytes(group=GROUP + 1),
-    "unknown_sender": _frame_bytes(from_node=9),
+    # Below the highest id the receiver knows, and neither a member nor removed.
+    "unknown_sender": _frame_bytes(from_node=3),
     "wrong_recipient": _frame_bytes(to_node=3),
     "malformed": b"\x00garbage\xff\xfe" * 10,
 }
@@ -309,7 +310,7 @@ async def _raw_stream(address: str, frames: list[bytes], acks: int = 0) -> tuple
 def test_bad_frames_are_rejected_counted_and_the_server_keeps_serving(caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         async with AsyncExitStack() as stack:
-            members = await start_members(stack, [1, 2, 3])
+            members = await start_members(stack, [1, 2, 4])
             a, b = members[1], members[2]
             for reason, data in BAD_FRAMES.items():
                 for _ in range(3):
@@ -325,7 +326,7 @@ def test_bad_frames_are_rejected_counted_and_the_server_keeps_serving(caplog: py
             assert [m.commit for m in b.received] == [77]
             # And the real transports still talk.
             a.transport.send([heartbeat(1, 2, 78)])
-            members[3].transport.send([heartbeat(3, 2, 79)])
+            members[4].transport.send([heartbeat(4, 2, 79)])
             await until(lambda: len(b.received) == 3)
             # Rate-limited: one warning per reason, however many frames.
             warnings = [r for r in caplog.records if r.levelno == logging.WARNING
@@ -361,6 +362,96 @@ def test_frames_from_a_removed_member_are_refused() -> None:
             await until(lambda: [m.commit for m in b.received] == [1, 5], what="node 1 reconnects")
             assert a.unreachable == [2], "one report for the whole refusal"
             assert a.transport.stats.reconnects[2] == 1
+
+    run(main())
+
+
+def test_a_removed_member_is_heard_and_answered_on_its_own_stream() -> None:
+    """Node 1 was removed (node 2 applied it; node 1 did not): its frames
+    reach node 2's core, and what the core answers (a NOTICE) goes back on the
+    stream node 1 opened, though node 2 has no link to it any more."""
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            members = await start_members(stack, [1, 2, 3])
+            a, b, c = members.values()
+            b.transport.update_peers({3: c.address}, removed=[1])
+            a.transport.send([heartbeat(1, 2, 1)])
+            await until(lambda: [m.commit for m in b.received] == [1], what="a removed member's frame delivered")
+            notice = Message(MessageType.NOTICE, to=1, from_=2, context=b"removed")
+            b.transport.send([notice])
+            assert b.transport.stats.replied_messages[1] == 1
+            await until(lambda: a.from_(2) == [notice], what="the answer on node 1's own stream")
+            assert not b.transport.stats.rejected_frames
+            # Without an open stream from it there is nowhere to answer: dropped.
+            b.transport.send([Message(MessageType.NOTICE, to=9, from_=2, context=b"removed")])
+            assert b.transport.stats.dropped_by_reason["unknown_peer"] == 1
+
+    run(main())
+
+
+def test_an_id_above_every_known_one_is_a_member_not_applied_yet() -> None:
+    """Node 4 joined by a change node 2 has not applied (ids only grow): its
+    frames are delivered, and node 2 answers on node 4's stream. An unknown
+    id below the highest known one is a stranger."""
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            ports = {n: free_port() for n in (1, 2, 4)}
+            members = await start_members(stack, [1, 2, 4], ports=ports)
+            b, d = members[2], members[4]
+            b.transport.update_peers({1: members[1].address})     # node 2 knows nodes 1 and 2 only
+            d.transport.send([heartbeat(4, 2, 7)])
+            await until(lambda: [m.commit for m in b.received] == [7])
+            b.transport.send([Message(MessageType.HEARTBEAT_RESP, to=4, from_=2, term=3)])
+            await until(lambda: [m.type for m in d.from_(2)] == [MessageType.HEARTBEAT_RESP])
+            code, details, _ = await _raw_stream(b.address, [_frame_bytes(from_node=1, to_node=2)])
+            assert code is grpc.StatusCode.OK
+            b.transport.update_peers({4: d.address})               # node 1 is neither member nor removed now
+            code, details, _ = await _raw_stream(b.address, [_frame_bytes(from_node=1, to_node=2)])
+            assert code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith("unknown_sender")
+
+    run(main())
+
+
+def test_strangers_of_another_cluster_or_group_life_are_refused_and_incarnations_stamped() -> None:
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            members = await start_members(stack, [1, 2], cluster_id=0xC1, group_incarnation=0x61, incarnation=0x11)
+            a, b = members[1], members[2]
+            a.transport.send([heartbeat(1, 2, 1)])
+            await until(lambda: len(b.received) == 1)
+            assert b.received[0].incarnation == 0x11
+            for reason, overrides in (("wrong_cluster_id", {"cluster_id": 0xC2, "group_incarnation": 0x61}),
+                                      ("wrong_group_incarnation", {"cluster_id": 0xC1, "group_incarnation": 0x62})):
+                frame = encode_frame(Frame(CLUSTER, GROUP, 1, 2, (heartbeat(1, 2, 9),), **overrides))
+                code, details, _ = await _raw_stream(b.address, [frame])
+                assert code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith(reason), details
+                assert "a stranger" in details
+            # Unknown ids (0, a version-1 frame) are not checked.
+            unknown = encode_frame(Frame(CLUSTER, GROUP, 1, 2, (heartbeat(1, 2, 10),)))
+            code, _, _ = await _raw_stream(b.address, [unknown])
+            assert code is grpc.StatusCode.OK
+            await until(lambda: [m.commit for m in b.received] == [1, 10])
+            assert b.received[1].incarnation == 0
+            # A node that learns its ids later (the metadata group's replicas) says them from then on.
+            a.transport.set_identity(0xC3, 0x61)
+            a.transport.send([heartbeat(1, 2, 11)])
+            await until(lambda: b.transport.stats.rejected_frames["wrong_cluster_id"] >= 2)
+            assert [m.commit for m in b.received] == [1, 10]
+
+    run(main())
+
+
+def test_a_retiring_link_first_sends_what_is_queued_for_its_peer() -> None:
+    """The append that commits a member's removal is queued in the same apply
+    that retires its link: it still goes."""
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            members = await start_members(stack, [1, 2, 3])
+            a, c = members[1], members[3]
+            a.transport.send([heartbeat(1, 3, i) for i in range(50)])
+            a.transport.update_peers({2: members[2].address}, removed=[3])
+            await until(lambda: len(c.from_(1)) == 50, what="the queue drained to the removed peer")
+            assert a.transport.stats.dropped_by_reason["peer_removed"] == 0
 
     run(main())
 

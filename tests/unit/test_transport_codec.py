@@ -110,6 +110,48 @@ def test_incremental_encoding_equals_whole_frame_encoding(count: int) -> None:
     assert decode_frame(encoded) == frame
 
 
+# --- Who is talking: frame version 2 ---------------------------------------------------------
+
+IDS = {"cluster_id": 0x5EED_0001, "group_incarnation": 0x6A0F, "incarnation": MAX}
+
+
+def test_the_frame_header_carries_the_cluster_group_and_sender_identity() -> None:
+    message = Message(MessageType.HEARTBEAT, to=2, from_=1, term=3, commit=7)
+    frame = Frame("cluster-a", 7, 1, 2, (message,), **IDS)
+    decoded = decode_frame(encode_frame(frame))
+    assert (decoded.cluster_id, decoded.group_incarnation, decoded.incarnation) == tuple(IDS.values())
+    # The sender's incarnation is stamped on each of its messages (one per frame on the wire).
+    assert decoded.messages == (Message(MessageType.HEARTBEAT, to=2, from_=1, term=3, commit=7,
+                                        incarnation=IDS["incarnation"]),)
+    prefix = frame_prefix("cluster-a", 7, 1, 2, **IDS)
+    assert join_frame(prefix, [encode_message(message)]) == encode_frame(frame)
+
+
+def test_a_forwarded_message_does_not_carry_the_forwarders_incarnation() -> None:
+    # A follower forwards TRANSFER_LEADER with from_ = the transferee: the
+    # frame's incarnation is the follower's, not the transferee's.
+    frame = Frame("cluster-a", 7, 1, 2, (Message(MessageType.TRANSFER_LEADER, to=2, from_=3, term=4),), **IDS)
+    assert decode_frame(encode_frame(frame)).messages[0].incarnation == 0
+
+
+def test_a_version_1_frame_still_decodes_with_every_id_unknown() -> None:
+    message = _full_message(MessageType.APP)
+    v1 = msgpack.packb([1, "cluster-a", 7, 1, 2, [msgpack.unpackb(encode_message(message))]])
+    decoded = decode_frame(v1)
+    assert decoded == _frame(message)
+    assert (decoded.cluster_id, decoded.group_incarnation, decoded.incarnation) == (0, 0, 0)
+
+
+def test_snapshot_bindings_round_trip_and_earlier_snapshot_shapes_decode() -> None:
+    bound = Snapshot(SnapshotMetadata(120, 7, ConfState(voters=(1, 2, 3), incarnations=((1, 11), (3, MAX)))), b"d")
+    frame = _frame(Message(MessageType.SNAP, to=2, from_=1, term=7, snapshot=bound))
+    assert decode_frame(encode_frame(frame)).messages[0].snapshot == bound
+    eight = [120, 7, [1, 2, 3], [], [], b"d", [9], [4, "h4", "127.0.0.4:1"]]
+    message = _message_fields(type=int(MessageType.SNAP), entries=[], snapshot=eight)
+    conf = decode_frame(_raw(_frame_fields(messages=[message]))).messages[0].snapshot.metadata.conf_state
+    assert conf.removed == (9,) and conf.members == (Member(4, "h4", "127.0.0.4:1"),) and conf.incarnations == ()
+
+
 def test_encoding_is_compact() -> None:
     heartbeat = Message(MessageType.HEARTBEAT, to=2, from_=1, term=3, commit=1000)
     assert len(encode_message(heartbeat)) <= 16
@@ -148,7 +190,8 @@ def _message_fields(**overrides) -> list:
 
 
 def _frame_fields(messages: list | None = None, **overrides) -> list:
-    fields = {"version": FRAME_VERSION, "cluster": "c", "group": 7, "from": 1, "to": 2}
+    fields = {"version": FRAME_VERSION, "cluster": "c", "group": 7, "from": 1, "to": 2,
+              "cluster_id": 0, "group_incarnation": 0, "incarnation": 0}
     fields.update(overrides)
     return [*fields.values(), [_message_fields()] if messages is None else messages]
 
@@ -167,7 +210,12 @@ REJECTED = {
     "not an array": _raw(1),
     "short frame": _raw(_frame_fields()[:5]),
     "long frame": _raw([*_frame_fields(), 0]),
-    "wrong version": _raw(_frame_fields(version=2)),
+    "wrong version": _raw(_frame_fields(version=3)),
+    "version 1 with identity": _raw(_frame_fields(version=1)),
+    "version 2 without identity": _raw([FRAME_VERSION, "c", 7, 1, 2, []]),
+    "negative cluster id": _raw(_frame_fields(cluster_id=-1)),
+    "incarnation too large": _raw(_frame_fields(incarnation=1 << 63)),
+    "group incarnation as bytes": _raw(_frame_fields(group_incarnation=b"\x01")),
     "bool version": _raw(_frame_fields(version=True)),
     "cluster as bytes": _raw(_frame_fields(cluster=b"c")),
     "negative group": _raw(_frame_fields(group=-1)),
@@ -205,6 +253,12 @@ REJECTED = {
     ),
     "snapshot learners not array": _raw(
         _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), entries=[], snapshot=[5, 2, [1], 4, [], b""])])
+    ),
+    "snapshot incarnations odd": _raw(
+        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[*GOOD_SNAPSHOT, [], [], [4]])])
+    ),
+    "snapshot incarnations not ints": _raw(
+        _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[*GOOD_SNAPSHOT, [], [], [4, "x"]])])
     ),
     "snapshot of 7 fields": _raw(
         _frame_fields(messages=[_message_fields(type=int(MessageType.SNAP), snapshot=[*GOOD_SNAPSHOT, []])])

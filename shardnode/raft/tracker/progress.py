@@ -74,6 +74,15 @@ class Progress:
         self._reset_state(ProgressState.REPLICATE)
         self.next_index = self.match + 1
 
+    def forget(self) -> None:
+        """The follower lost its disk (another incarnation answers for its
+        id): nothing it acknowledged can be counted on, and it is not heard.
+        Lowering `match` never lowers a commit index (commits only move up)."""
+        self._reset_state(ProgressState.PROBE)
+        self.match = 0
+        self.next_index = 1
+        self.recent_active = False
+
     def become_snapshot(self, snapshot_index: int) -> None:
         self._reset_state(ProgressState.SNAPSHOT)
         self.pending_snapshot = snapshot_index

@@ -10,7 +10,7 @@ from .progress import Progress
 
 
 class ProgressTracker:
-    __slots__ = ("voters", "learners", "removed", "members", "progress", "votes", "max_inflight")
+    __slots__ = ("voters", "learners", "removed", "members", "incarnations", "progress", "votes", "max_inflight")
 
     def __init__(self, max_inflight: int) -> None:
         self.voters = JointConfig()
@@ -18,6 +18,8 @@ class ProgressTracker:
         # Ids removed for good, and the addresses of members (see ConfState).
         self.removed: frozenset[int] = frozenset()
         self.members: tuple[Member, ...] = ()
+        # Member id -> the incarnation the group bound to it (see ConfState).
+        self.incarnations: dict[int, int] = {}
         self.progress: dict[int, Progress] = {}
         self.votes: dict[int, bool] = {}
         self.max_inflight = max_inflight
@@ -29,6 +31,7 @@ class ProgressTracker:
             voters_outgoing=tuple(sorted(self.voters.outgoing)),
             removed=tuple(sorted(self.removed)),
             members=self.members,
+            incarnations=tuple(sorted(self.incarnations.items())),
         )
 
     def apply_conf_state(self, conf_state: ConfState, next_index: int) -> None:
@@ -37,6 +40,7 @@ class ProgressTracker:
         self.learners = frozenset(conf_state.learners)
         self.removed = frozenset(conf_state.removed)
         self.members = tuple(conf_state.members)
+        self.incarnations = dict(conf_state.incarnations)
         self.progress = {}
         for node_id in self.voters.ids() | self.learners:
             self.progress[node_id] = Progress(next_index, self.max_inflight, node_id in self.learners)
