@@ -93,9 +93,14 @@ log = logging.getLogger("shardnode.replica.identity")
 
 #: How long a starting worker asks its group about its membership.
 OBSERVE_TIMEOUT = 1.5
-#: How long a starting worker asks the metadata group for the shard map or
-#: the initial placement (then it exits non-zero and is started again).
+#: How long a starting worker of a group created online asks the metadata
+#: group for the shard map (then it exits non-zero and is started again).
 MAP_TIMEOUT = 5.0
+#: How long a first start asks the metadata group for the recorded initial
+#: placement: at the cluster's first start the metadata group starts at the
+#: same moment and may need a while to elect (a loaded machine: ten seconds),
+#: and waiting costs less than exiting and being started again.
+RECORD_TIMEOUT = 30.0
 #: How long a starting worker asks whether its group was removed.
 REMOVED_CHECK_TIMEOUT = 1.0
 #: How long a worker with a store that does not know its cluster's id asks
@@ -276,7 +281,7 @@ async def _bootstrap_recorded(cluster: ClusterConfig, host_name: str, group: int
     """Rule 5 for a group of cluster.toml: the placement recorded at the
     cluster's first start (MetadataUnavailable if the metadata group does
     not answer)."""
-    directory = ShardDirectory(cluster, host_name, timeout=MAP_TIMEOUT)
+    directory = ShardDirectory(cluster, host_name, timeout=RECORD_TIMEOUT)
     try:
         placement = await load_or_record(directory, cluster)
     finally:

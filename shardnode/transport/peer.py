@@ -884,6 +884,10 @@ class RaftTransport:
                     # Messages for this peer that have no link go back on this stream.
                     sender = checked.from_node
                     self._replies[sender] = replies
+                if sender in self._removed:
+                    # Never applied (the core drops it and answers with a notice), but seen.
+                    self._limited.log(logging.INFO, f"removed {sender}", "transport.removed_member_heard",
+                                      extra=self._extra(sender))
                 if checked.messages:
                     self.stats.received_frames[checked.from_node] += 1
                     self.stats.received_messages[checked.from_node] += len(checked.messages)
