@@ -42,8 +42,9 @@ __all__ = ["AsyncClient", "BlockingCall"]
 
 BatchOperation = kv_pb2.BatchOperation
 _OK = 0
-#: How much earlier than the operation's deadline the router is asked to answer (at most).
-ROUTER_MARGIN = 0.1
+#: How much earlier than the operation's deadline the router is asked to
+#: answer, at most (a tenth of the time left, up to this).
+ROUTER_MARGIN = 0.5
 #: What a pipe's operation gets when the client's own deadline passes first.
 _NO_ANSWER = kv_pb2.BatchResult(code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0], message="no answer before the deadline")
 #: (result, payload) of one attempt: the payload is the result itself for
@@ -402,10 +403,10 @@ class BlockingCall:
 
 
 def _router_timeout_ms(remaining: float) -> int:
-    """The deadline the router is given: a little before ours (up to 100 ms,
-    a tenth of the time left), so that its answer, and the reason it gives
-    (no quorum in group N, ...), arrives before our own deadline ends the
-    attempt even on a loaded machine."""
+    """The deadline the router is given: a little before ours (a tenth of the
+    time left, up to half a second), so that its answer, and the reason it
+    gives (no quorum in group N, ...), arrives before our own deadline ends
+    the attempt even on a loaded machine, whose stalls last a few hundred ms."""
     return max(1, math.ceil((remaining - min(ROUTER_MARGIN, remaining / 10)) * 1000))
 
 

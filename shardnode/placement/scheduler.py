@@ -183,6 +183,13 @@ class Scheduler:
             await work
         except LeaseLost as exc:
             log.warning("placement.lease_lost", extra={"holder": self.lease.holder, "error": str(exc)})
+        except asyncio.CancelledError:
+            if not work.cancelled() or _being_cancelled():
+                raise               # we are cancelled ourselves (the command's deadline, a shutdown)
+            # The renewal found the lease taken over and stopped the work: the
+            # new holder goes on with it; the caller goes back to watching.
+            log.warning("placement.lease_lost", extra={"holder": self.lease.holder,
+                                                       "error": "taken over while the work ran"})
         finally:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
@@ -273,3 +280,9 @@ class Scheduler:
         log.warning("placement.taking_over", extra={"holder": self.lease.holder, "token": self.lease.token})
         await self._drive(until=None)
         return True
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task itself has been asked to stop."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

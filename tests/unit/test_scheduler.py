@@ -197,6 +197,40 @@ def test_a_killed_command_is_carried_on_from_its_work_and_the_zombie_changes_not
     run(scenario())
 
 
+def test_a_command_whose_lease_is_taken_over_mid_work_goes_on_watching() -> None:
+    """The holder's renewal finds the lease taken (it was paused past its
+    expiry): its work is stopped, and the command follows the new holder to
+    the intent's end instead of dying of the cancellation (seen in CI: the
+    CLI exited 1 with a CancelledError)."""
+    async def scenario() -> None:
+        meta, clock = InMemoryMetadata(), Clock()
+        gate, running = asyncio.Event(), asyncio.Event()
+
+        async def slow(run: Execution) -> Outcome:
+            running.set()
+            await gate.wait()
+            await run.say(f"finished by {run.scheduler.lease.holder}")
+            return Outcome("ok")
+
+        first = Scheduler(cluster(), meta, {IntentKind.REBALANCE: slow}, holder="a",
+                          lease=SchedulerLease(meta, "a", duration=0.3, clock=clock))
+        intent, _ = await first.submit(IntentKind.REBALANCE, {})
+        lines: list[str] = []
+        deposed = asyncio.create_task(first.run_until_finished(intent.intent_id, on_line=lines.append))
+        await running.wait()
+        clock.now += 60                                  # a's lease ran out while it was paused
+        second = Scheduler(cluster(), meta, {IntentKind.REBALANCE: slow}, holder="b",
+                           lease=SchedulerLease(meta, "b", duration=0.3, clock=clock))
+        assert await second.lease.acquire()
+        await asyncio.sleep(0.3)                         # a's renewal finds out and stops a's work
+        gate.set()
+        await second._drive(until=intent.intent_id)
+        finished = await asyncio.wait_for(deposed, 10)
+        assert finished.state is IntentState.DONE and lines == ["finished by b"], lines
+
+    run(scenario())
+
+
 def test_a_waiting_command_follows_the_holder_and_prints_its_lines() -> None:
     async def scenario() -> None:
         meta = InMemoryMetadata()
