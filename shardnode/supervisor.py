@@ -526,6 +526,26 @@ class ProcessControl:
             for name in names:
                 rpc.call("startProcess", name, False, ok_faults=(_ALREADY_STARTED,))
 
+    def kill_programs(self, host_name: str, names: Iterable[str]) -> None:
+        """SIGKILL these programs of one host at once (a crash), and keep
+        them down until started again."""
+        names = tuple(names)
+        with self._session(self.cluster.host(host_name)) as rpc:
+            self._kill(rpc, names)
+            self._settle_stopped(rpc, names, kill=True)
+
+    def signal_programs(self, host_name: str, names: Iterable[str], signal_name: str) -> tuple[str, ...]:
+        """Send a signal ("STOP", "CONT", "KILL", ...) to these programs of one
+        host through its supervisord, as they are (a program not running is
+        skipped). Returns the programs signalled. A KILLed program is
+        restarted by supervisord (autorestart), as after a crash."""
+        signalled = []
+        with self._session(self.cluster.host(host_name)) as rpc:
+            for name in names:
+                if rpc.call("signalProcess", name, signal_name, ok_faults=(_NOT_RUNNING,)) is not None:
+                    signalled.append(name)
+        return tuple(signalled)
+
     def status(self, host_name: str) -> dict[str, str]:
         """Program name → supervisord state name, for one host."""
         return {name: info.state for name, info in self.processes(host_name).items()}
