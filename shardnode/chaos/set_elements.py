@@ -16,7 +16,7 @@ class SetAttempt:
     """One insert of a new element: a put of `value` to a key no one wrote
     before (`set/<run-id>/<n>`). `previous` is the value the put returned
     (meaningful only when `outcome` is OK): for a new element it must be
-    None."""
+    None. `end` is None for an insert still in flight (outcome UNKNOWN)."""
 
     client_id: int
     key: bytes
@@ -24,7 +24,7 @@ class SetAttempt:
     outcome: Outcome
     previous: bytes | None
     start: float
-    end: float
+    end: float | None
 
 
 @dataclass(slots=True, frozen=True)

@@ -329,15 +329,19 @@ class SetWorkload(_Workload):
         self._element_lock = threading.Lock()
         self._next_element = 0
         self._attempts: list[SetAttempt] = []
+        # Inserts sent and not answered yet, by element number: every number
+        # handed out is an attempt, so the read-back never takes one for a
+        # never-attempted probe.
+        self._in_flight: dict[int, SetAttempt] = {}
 
     def element_key(self, number: int) -> bytes:
         return f"set/{self.run_id}/{number}".encode()
 
     def attempts(self) -> tuple[SetAttempt, ...]:
-        """Every insert so far, with its outcome (those still in flight are
-        not included: `stop()` first)."""
+        """Every insert so far, with its outcome; one still in flight (a
+        client stuck past `stop()`) counts as unknown, with no end."""
         with self._element_lock:
-            return tuple(self._attempts)
+            return tuple(self._attempts) + tuple(self._in_flight.values())
 
     def read_back(self, timeout: float = 60.0, probes: int = 16) -> SetReadback:
         """After `stop()`, once the cluster has healed: read every element
@@ -350,22 +354,24 @@ class SetWorkload(_Workload):
         return SetReadback(values=values, unreadable=frozenset(k for k in keys if k not in values))
 
     def _one_operation(self, client: Client, client_id: int, sequence: int, rng: random.Random) -> None:
+        start = self.log.clock()
         with self._element_lock:
             number = self._next_element
             self._next_element += 1
-        key = self.element_key(number)
-        value = f"{self.run_id}/element/{number}".encode()
+            key = self.element_key(number)
+            value = f"{self.run_id}/element/{number}".encode()
+            self._in_flight[number] = SetAttempt(client_id, key, value, Outcome.UNKNOWN, None, start, None)
         logged = self.log.begin(client_id, Action.INSERT, key)
-        start = self.log.clock()
         previous: bytes | None = None
         try:
             previous = client.put(key, value)
             outcome = Outcome.OK
         except ShardnodeError as exc:
             outcome = write_outcome(exc)
-        end = self.log.clock()
         self.log.finish(logged, outcome)
+        end = self.log.clock()
         with self._element_lock:
+            del self._in_flight[number]
             self._attempts.append(SetAttempt(client_id, key, value, outcome, previous, start, end))
 
 

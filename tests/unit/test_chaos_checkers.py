@@ -5,6 +5,7 @@ unknown outcomes included; availability and the time to resume writes."""
 
 from __future__ import annotations
 
+import random
 import threading
 
 import pytest
@@ -313,3 +314,67 @@ def test_hot_keys_cover_every_group_of_the_shard_map_and_runs_do_not_share_keys(
         SetWorkload([], clients=1)
     with pytest.raises(ValueError):
         SetWorkload(["127.0.0.1:1"], clients=0)
+
+
+class _FakeClient:
+    """Answers puts and gets from a dict, or raises the error it is given;
+    `hold` blocks puts until set."""
+
+    def __init__(self, error: ShardnodeError | None = None) -> None:
+        self.data: dict[bytes, bytes] = {}
+        self.error = error
+        self.hold = threading.Event()
+        self.hold.set()
+
+    def put(self, key: bytes, value: bytes) -> bytes | None:
+        self.hold.wait(5)
+        if self.error is not None:
+            raise self.error
+        previous = self.data.get(key)
+        self.data[key] = value
+        return previous
+
+    def get(self, key: bytes) -> bytes | None:
+        if self.error is not None:
+            raise self.error
+        return self.data.get(key)
+
+
+def test_the_register_workload_records_each_outcome_as_the_checkers_expect() -> None:
+    load = RegisterWorkload(["127.0.0.1:1"], run_id="r", read_fraction=0.5, fresh_fraction=0.5)
+    rng = random.Random(3)
+    fine = _FakeClient()
+    for sequence in range(1, 41):
+        load._one_operation(fine, 1, sequence, rng)      # type: ignore[arg-type]
+    for error, sequence in ((DeadlineExceeded("late"), 41), (RoutersUnreachable("nobody"), 42)):
+        failing = _FakeClient(error)
+        while True:     # until the RNG picks a put
+            before = len(load.log)
+            load._one_operation(failing, 1, sequence, rng)  # type: ignore[arg-type]
+            if load.log.operations()[before].action is Action.PUT:
+                break
+    history = load.history()
+    outcomes = [op.outcome for op in load.log.operations()]
+    # The unknown put stays in the history without an end; the failed put and failed gets are left out.
+    assert sum(op.return_time is None for op in history) == 1
+    assert outcomes.count(Outcome.UNKNOWN) == 1 and outcomes.count(Outcome.FAILED) >= 1
+    assert len({op.value for op in history if op.value is not None}) == sum(op.value is not None for op in history)
+    assert check_registers(history, log=load.log).valid
+
+
+def test_an_insert_still_in_flight_counts_as_unknown_not_as_a_probe() -> None:
+    elements = SetWorkload(["127.0.0.1:1"], run_id="r")
+    stuck = _FakeClient()
+    stuck.hold.clear()
+    thread = threading.Thread(target=elements._one_operation, args=(stuck, 1001, 1, random.Random(0)))
+    thread.start()
+    while not elements.attempts():
+        threading.Event().wait(0.01)
+    (pending,) = elements.attempts()
+    assert (pending.key, pending.outcome, pending.end) == (b"set/r/0", Outcome.UNKNOWN, None)
+    # Applied meanwhile and read back present: recovered, not a phantom.
+    assert check_set(elements.attempts(), SetReadback({b"set/r/0": b"r/element/0"})).figures["recovered"] == 1
+    stuck.hold.set()
+    thread.join()
+    (done,) = elements.attempts()
+    assert done.outcome is Outcome.OK and done.end is not None
