@@ -5,9 +5,17 @@
   namespace with its own address, on a bridge of its own;
 - `network_faults`: partitions and one-way cuts (nftables), delay, jitter,
   loss and reordering (tc netem) between those hosts, always healed;
-- `workloads`: the register workload (linearizability) and the set workload
-  (every acknowledged insert present, nothing duplicated), with availability
-  measured per fault window;
+- `operations`: the log of every client operation (what, which key, start,
+  end, ok / failed / unknown), from which availability is measured;
+- `workloads`: the register workload (puts and gets on hot keys of every
+  group, recorded for the linearizability checker) and the set workload
+  (Jepsen's set: unique inserts, read back once the cluster has healed);
+  `set_elements`: what the set workload records and reads back;
+- `checkers`: the register checker (linearizable key by key, every write
+  applied at most once) and the set checker (every acknowledged insert
+  present, no phantom, no failed insert present), as anomalies;
+- `availability`: the share of operations that succeeded in each fault
+  window, and how long after a moment writes succeeded again;
 - `nemesis`: a seeded schedule of bounded faults, each logged with its start
   and its end: partitions, delay, pauses, kills, power loss, shape changes;
 - `runner`: one chaos run, its verdict per fault kind.
