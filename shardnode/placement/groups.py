@@ -304,11 +304,14 @@ class GroupAdmin:
                        cancelled: Callable[[], Awaitable[bool]]) -> None:
         """Run the moves side by side. On a cancel before a move's freeze it
         is rolled back; from its freeze on it can only finish."""
+        # Every phase of a move is its own Mover.run, with its own progress
+        # (the copy's keys in one, the delta's in another): all are summed.
+        # Held here, each progress keeps its id for the whole change.
         totals: dict[int, MoveProgress] = {}
         original = self.mover.on_progress
 
         def track(record: MoveRecord, progress: MoveProgress) -> None:
-            totals[record.move_id] = progress
+            totals[id(progress)] = progress
             original(record, progress)
 
         async def run(record: MoveRecord) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import subprocess
 import sys
 import threading
@@ -172,6 +173,9 @@ def test_group_add_under_load_with_a_worker_killed_mid_move_and_a_router_down(cl
           f"keys_checked={checked + len(preloaded)} lost={len(lost) + len(lost_preloaded)}; "
           f"new group {new_group} holds {counts[new_group] / len(preloaded):.1%} of the keys; {out.strip()}")
     assert not lost and not lost_preloaded, (lost[:5], lost_preloaded[:5])
+    # The summary counts what every phase moved (it once showed only the last phase's: "0 keys").
+    summary = re.search(r"([\d,]+) keys \([\d,]+ bytes\) copied and ([\d,]+) caught up", out)
+    assert summary and sum(int(n.replace(",", "")) for n in summary.groups()) > 0, out
     assert shard_map.groups == (0, 1, 2, 3, 4) and new_group == 4
     assert abs(shard_map.share(4) - 0.2) < 0.01
     assert 0.15 < counts[4] / len(preloaded) < 0.25
