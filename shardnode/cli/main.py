@@ -199,6 +199,8 @@ def _register_admin(commands: Any, common: argparse.ArgumentParser) -> None:
     admin.register(commands, parents=[common])
     from . import groups
     groups.register(commands, parents=[common])
+    from . import chaos
+    chaos.register(commands, parents=[common])
 
 
 # --- Commands ----------------------------------------------------------------------------------
