@@ -281,6 +281,7 @@ class AsyncClient(ClientSettings):
         index = self._preferred if first is None else first[0]
         tried_since_backoff: set[int] = set()
         refused: set[int] = set()  # routers whose last attempt found nothing listening
+        reached = ""               # a router an attempt may have reached (a write may have been applied there)
         backoff = BACKOFF_MIN
         last_error = ""
         cause: Cause | None = None   # the last failure a router explained (no quorum in group N…)
@@ -328,12 +329,20 @@ class AsyncClient(ClientSettings):
                 if len(refused) == count and await asyncio.get_running_loop().run_in_executor(
                         None, all_refuse, self._routers, deadline):
                     # Nothing listens anywhere: waiting out the deadline would not help.
+                    if write and reached:
+                        # An earlier attempt got further (the router died after, or
+                        # while, applying it): not "nothing was written".
+                        raise Unavailable(
+                            f"{op}: every router refuses the connection now ({', '.join(self._routers)}), "
+                            f"after an earlier attempt reached {reached}; the write's outcome is unknown "
+                            "(it may or may not have been applied)")
                     raise RoutersUnreachable(
                         f"{op}: every router refused the connection ({', '.join(self._routers)}); "
                         "is the cluster running? (`make run` starts the local one)"
                         + ("; nothing was written" if write else ""), routers=self._routers)
             else:
                 refused.discard(index)
+                reached = router
             if code in TRY_ELSEWHERE:
                 timed_out = False
                 index = (index + 1) % count

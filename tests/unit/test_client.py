@@ -701,6 +701,21 @@ def test_every_router_refusing_fails_fast_and_says_so(make_client: Callable[...,
     assert "make run" in str(info.value) and "nothing was written" in str(info.value)
 
 
+def test_a_write_that_reached_a_router_before_every_router_refused_has_an_unknown_outcome(
+        router: FakeRouter, make_client: Callable[..., Client]) -> None:
+    """The router applies the write and dies before it answers; from then on
+    every router refuses. That is not "nothing was written"
+    (RoutersUnreachable): the outcome is unknown (found while building the
+    chaos workloads, which count RoutersUnreachable as not applied)."""
+    router.faults.append("crash")
+    kv = make_client([router.address], timeout=3.0)
+    with pytest.raises(Unavailable) as info:
+        kv.put(b"k", b"v")
+    assert not isinstance(info.value, RoutersUnreachable), info.value
+    assert "may or may not have been applied" in str(info.value)
+    assert router.store.data.get(b"k") == b"v"             # it was applied
+
+
 def test_a_router_that_answers_is_not_counted_as_refused(
         router: FakeRouter, make_client: Callable[..., Client]) -> None:
     router.default_fault = "unavailable"
