@@ -99,7 +99,8 @@ class Scenario:
         lost disk: the scenarios from before membership changes were
         simulated, with the leaders' bindings of incarnations),
         "membership" (many changes, each often followed by a leader fault),
-        "wipe" (many lost disks among crashes and partitions, no change)."""
+        "wipe" (many lost disks among crashes and partitions, no change),
+        "crashes" (crash storms among partitions, no change, no lost disk)."""
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})")
         rng = random.Random(seed)
@@ -147,6 +148,15 @@ class Scenario:
             # where a Raft that counted a new life under an old id loses data.
             scenario = replace(scenario, membership_events=0, wipe_weight=4, fault_events=rng.randint(15, 40),
                                fault_weights=tuple(max(w, 1) for w in scenario.fault_weights))
+        elif profile == "crashes":
+            # Crash storms (of any node and of leaders) among partitions, no
+            # change and no lost disk: where a node that forgets what it
+            # persisted (its vote, its log) is found quickly.
+            weights = list(scenario.fault_weights)
+            weights[_FAULTS.index("crash")] = weights[_FAULTS.index("crash_leader")] = 4
+            weights[_FAULTS.index("partition")] = max(weights[_FAULTS.index("partition")], 1)
+            scenario = replace(scenario, membership_events=0, wipe_weight=0, fault_events=rng.randint(15, 40),
+                               fault_weights=tuple(weights))
         elif profile == "membership":
             scenario = replace(
                 scenario,
@@ -1013,7 +1023,7 @@ def _fmt_message(m: Message) -> str:
     return text
 
 
-PROFILES = ("default", "static", "membership", "wipe")
+PROFILES = ("default", "static", "membership", "wipe", "crashes")
 
 
 def run_seed(seed: int, trace: bool = False, profile: str = "default") -> SimResult:
