@@ -189,7 +189,7 @@ class NamespaceNetwork:
     network), never anything else. Stop the cluster's processes first; this
     is the last resort."""
 
-    def __init__(self, name: str, hosts: Sequence[str]) -> None:
+    def __init__(self, name: str, hosts: Sequence[str], subnet: str | None = None) -> None:
         if not _NETWORK_NAME.fullmatch(name):
             raise ValueError(f"network name {name!r}: 2..12 lowercase letters and digits, starting with a letter "
                              "(it names the interface NAME-rt, and interface names are at most 15 characters)")
@@ -202,6 +202,14 @@ class NamespaceNetwork:
             if not is_namespace_name(f"{name}-{host}"):
                 raise ValueError(f"host name {host!r} cannot be part of a namespace name "
                                  "(letters, digits, '_', '.', '-')")
+        # A subnet asked for (a cluster whose data records its hosts' addresses starts again on
+        # the same ones); None: any free one.
+        self._wanted: ipaddress.IPv4Network | None = None
+        if subnet is not None:
+            wanted = ipaddress.ip_network(subnet)
+            if not isinstance(wanted, ipaddress.IPv4Network) or wanted.prefixlen != 24:
+                raise ValueError(f"subnet {subnet}: an IPv4 /24 is needed (hosts .1 up, this namespace .254)")
+            self._wanted = wanted
         self.name = name
         self.hosts = hosts
         self.bridge_namespace = f"{name}_bridge"
@@ -313,7 +321,14 @@ class NamespaceNetwork:
                 raise ValueError(f"network name {self.name!r} is in use (namespaces {taken or 'recorded'})")
             if _link_exists(self.root_interface):
                 raise ValueError(f"network name {self.name!r} is in use (interface {self.root_interface} exists)")
-            self._subnet = _free_subnet(self.name, [ipaddress.ip_network(r.subnet) for r in _all_records()])
+            reserved = [ipaddress.ip_network(r.subnet) for r in _all_records()]
+            if self._wanted is None:
+                self._subnet = _free_subnet(self.name, reserved)
+            else:
+                clash = next((n for n in reserved + _root_networks() if n.overlaps(self._wanted)), None)
+                if clash is not None:
+                    raise ValueError(f"subnet {self._wanted} is in use here ({clash} overlaps it)")
+                self._subnet = self._wanted
             NetworkRecord(
                 name=self.name, creator_pid=os.getpid(), creator_start=_start_time(os.getpid()) or 0,
                 subnet=str(self._subnet), bridge_namespace=self.bridge_namespace,
