@@ -105,7 +105,8 @@ def _run_in_namespaces(args: argparse.Namespace) -> int:
         try:
             network.create()
         except ValueError as exc:
-            raise ValueError(f"{exc}: the data in {_shown(data_dir)} was made there (`make reset` deletes it)") from None
+            raise ValueError(f"{exc}: the data in {_shown(data_dir)} was made there "
+                             "(`make reset` deletes it)") from None
         data_dir.mkdir(parents=True, exist_ok=True)
         subnet_file.write_text(f"{network.subnet}\n")
         config_path = write_namespaced_config(source_path, out / NAMESPACED_CONFIG, network, data_dir=data_dir)

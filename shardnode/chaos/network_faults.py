@@ -165,7 +165,8 @@ class NetworkFaults:
         outside = [name for name, host in hosts.items() if host.namespace is None]
         if outside:
             raise ValueError(f"network faults need every host in a namespace of its own; "
-                             f"{', '.join(outside)} has none (the namespace mode: docs/testing.md)")
+                             f"{', '.join(outside)} {'has' if len(outside) == 1 else 'have'} none "
+                             "(the namespace mode: docs/testing.md)")
         for host in hosts.values():
             if not isinstance(ipaddress.ip_address(host.address), ipaddress.IPv4Address):
                 raise ValueError(f"host {host.name}: {host.address} is not an IPv4 address")
