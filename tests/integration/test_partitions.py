@@ -14,10 +14,18 @@ tests/integration/workload.py through its routers while, in turn:
 - random loss on every host (nftables; on any kernel), and netem delay, jitter, loss
   and reordering on every host (where the kernel has netem).
 
-Each fault holds a few seconds, then everything is healed, and the test measures the
-seconds until a write succeeds (printed, with the writes acknowledged during the
-fault). At the end of each, the history is linearizable and every acknowledged key
-reads back. Clients are in the root namespace: partitions never cut them off.
+Every fault leaves a majority of group 0 connected and every router reachable by the
+clients (they are in the root namespace: partitions never cut them off), so a write
+must succeed within AVAILABLE_WITHIN_SECONDS of the fault; the fault is held a few
+seconds, everything is healed, and a write must succeed again within
+RESUME_WITHIN_SECONDS. Both times are printed, with the writes acknowledged during
+the fault. At the end of each, the history is linearizable and every acknowledged key
+reads back.
+
+Before routers abandoned calls to replicas their probe cannot reach
+(routing/forwarder.py), a router whose cached leader was cut off waited for the
+load's 8 s deadlines, and no write succeeded for 7 to 8 s into the halves, isolated
+leader and one-way faults (tests/unit/test_forwarder_unreachable.py).
 """
 
 from __future__ import annotations
@@ -44,7 +52,11 @@ pytestmark = [requires_namespaces, pytest.mark.xdist_group("netns"), pytest.mark
 
 HOSTS = ["h1", "h2", "h3", "h4", "h5"]
 FAULT_SECONDS = 4.0
-# A write must succeed this soon after the heal, or the cluster did not recover.
+# A write must succeed this soon into the fault (the fault is held until it does): about 1 s
+# here (an election, and a router's probe finding the old leader unreachable); 7 to 8 s when
+# routers waited out their calls to a cut-off leader ...
+AVAILABLE_WITHIN_SECONDS = 5.0
+# ... and this soon after the heal, or the cluster did not recover.
 RESUME_WITHIN_SECONDS = 30.0
 
 _results: list[str] = []
@@ -154,10 +166,11 @@ def _run_fault(cluster: NamespacedCluster, kind: str, apply: Callable[[NetworkFa
         before = len(load.acked)
         applied = time.monotonic()
         apply(cluster.faults, roles)
-        # A majority stays connected in every fault here: writes should go on during it.
-        available = _first_write(cluster.config, applied, applied + seconds, f"{kind}-probe")
+        available = _first_write(cluster.config, applied, applied + AVAILABLE_WITHIN_SECONDS, f"{kind}-probe")
+        assert available is not None, f"no write succeeded within {AVAILABLE_WITHIN_SECONDS:g} s into the fault"
         time.sleep(max(0.0, applied + seconds - time.monotonic()))
         during = len(load.acked) - before
+        held = time.monotonic() - applied
         cluster.faults.heal()
         healed = time.monotonic()
         resumed = _first_write(cluster.config, healed, healed + RESUME_WITHIN_SECONDS, f"{kind}-probe")
@@ -170,8 +183,7 @@ def _run_fault(cluster: NamespacedCluster, kind: str, apply: Callable[[NetworkFa
         cluster.faults.heal()
     checked, lost = load.verify()
     assert checked > 0 and not lost, f"{kind}: {len(lost)} acknowledged keys lost, e.g. {lost[:5]}"
-    during_fault = "none" if available is None else f"{available:.2f} s"
-    line = (f"{kind:16} leader {roles.leader}: first write {during_fault} into the {seconds:g} s fault, "
+    line = (f"{kind:16} leader {roles.leader}: first write {available:.2f} s into the fault ({held:.1f} s), "
             f"{during} fresh keys acknowledged during it; writes resumed {resumed:.2f} s after the heal; "
             f"{checked} keys checked")
     _results.append(line)
