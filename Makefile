@@ -12,12 +12,13 @@ PROTO_OUT := shardnode/proto
 READY_TIMEOUT ?= 120
 DATA_DIR := data
 
-.PHONY: help setup proto run reset test sim-soak bench bench-etcd clean
+.PHONY: help setup proto run run-netns reset test sim-soak bench bench-etcd clean
 
 # `make help` prints these lines:
 ## help: this list
 ## setup: create .venv with the pinned dependencies and generate the protobuf code
 ## run: start the default local cluster in the foreground (Ctrl-C stops it)
+## run-netns: the same with each host in its own network namespace (root; ip, nft, tc; docs/testing.md)
 ## reset: delete the local cluster's data and logs (data/); the cluster must be stopped
 ## test: run every test (unit, simulation, integration; a few minutes)
 ## sim-soak: a longer simulation soak (Raft core and key-space moves): SIM_SEEDS=20000 by default
@@ -27,7 +28,7 @@ DATA_DIR := data
 help:
 	@echo "make TARGET, where TARGET is one of:"
 	@sed -nE 's/^## ([a-z-]+): (.*)/  \1\t\2/p' $(MAKEFILE_LIST) | expand -t 14
-	@echo "Variables: READY_TIMEOUT=$(READY_TIMEOUT) (make run), SIM_SEEDS (make sim-soak), PYTHON=$(PYTHON)"
+	@echo "Variables: READY_TIMEOUT=$(READY_TIMEOUT) (make run, run-netns), SIM_SEEDS (make sim-soak), PYTHON=$(PYTHON)"
 
 setup: $(STAMP) proto
 
@@ -58,12 +59,20 @@ $(PROTO_OUT)/.generated: $(PROTO_SRC)
 run: setup
 	@exec $(PY) scripts/run_cluster.py --config etc/cluster.toml --out etc --ready-timeout $(READY_TIMEOUT)
 
-# Data and logs of every host of the default cluster; refused while it runs.
+# `make run` with each host in its own network namespace (docs/testing.md, "Hosts in network
+# namespaces"): the network is created first, etc/cluster-netns.toml written from etc/cluster.toml
+# (data in data/netns, supervisord files in etc/netns), and the network removed when it stops.
+run-netns: setup
+	@exec $(PY) scripts/run_cluster.py --namespaces --config etc/cluster.toml --out etc --ready-timeout $(READY_TIMEOUT)
+
+# Data and logs of every host of the default cluster (and of its namespaced run); refused while one runs.
 reset:
-	@if [ -f $(DATA_DIR)/supervisord.pid ] && kill -0 "$$(cat $(DATA_DIR)/supervisord.pid)" 2>/dev/null; then \
-		echo "make reset: the cluster is running (supervisord pid $$(cat $(DATA_DIR)/supervisord.pid)): stop it first (Ctrl-C)" >&2; \
-		exit 1; \
-	fi
+	@for pidfile in $(DATA_DIR)/supervisord.pid $(DATA_DIR)/netns/supervisord.pid; do \
+		if [ -f $$pidfile ] && kill -0 "$$(cat $$pidfile)" 2>/dev/null; then \
+			echo "make reset: the cluster is running (supervisord pid $$(cat $$pidfile)): stop it first (Ctrl-C)" >&2; \
+			exit 1; \
+		fi; \
+	done
 	rm -rf $(DATA_DIR)
 
 test: setup

@@ -2,28 +2,52 @@
 # System packages the test suite can use but does not require.
 #
 # fuse3 (libfuse3 + fusermount3) lets tests/unit/test_lazyfs.py and the power-loss
-# integration tests mount shardnode.testing.lazyfs. Without it those tests skip, so this
-# script never fails: it installs what it can and says in one line what will be skipped.
-# It is quick when everything is present (no apt call at all), so `make test` can run it
-# every time.
+# integration tests mount shardnode.testing.lazyfs.
+# nftables (nft) and iproute2 (ip, tc) let the namespace-mode tests put each host in its
+# own network namespace and cut or slow the links between them
+# (tests/integration/test_partitions.py, docs/testing.md "Hosts in network namespaces").
+#
+# Without them those tests skip, so this script never fails: it installs what it can and
+# says in one line per package what will be skipped. It is quick when everything is present
+# (no apt call at all), so `make test` can run it every time.
 
-if command -v fusermount3 >/dev/null 2>&1; then
-    exit 0
-fi
+missing=""
+command -v fusermount3 >/dev/null 2>&1 || missing="$missing fuse3"
+command -v nft >/dev/null 2>&1 || missing="$missing nftables"
+{ command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1; } || missing="$missing iproute2"
+[ -n "$missing" ] || exit 0
 
-skip_notice() {
-    echo "install-test-deps: fuse3 not installed ($1); the power-loss (lazyfs) tests will be skipped"
+skipped() {
+    # $1: package, $2: why it is not installed
+    case "$1" in
+        fuse3) what="the power-loss (lazyfs) tests" ;;
+        *) what="the namespace-mode (network fault) tests" ;;
+    esac
+    echo "install-test-deps: $1 not installed ($2); $what will be skipped"
+}
+
+give_up() {
+    for package in $missing; do skipped "$package" "$1"; done
     exit 0
 }
 
-[ "$(id -u)" = 0 ] || skip_notice "not root"
-command -v apt-get >/dev/null 2>&1 || skip_notice "no apt-get"
+[ "$(id -u)" = 0 ] || give_up "not root"
+command -v apt-get >/dev/null 2>&1 || give_up "no apt-get"
 
 export DEBIAN_FRONTEND=noninteractive
 # The package lists may be missing or stale (fresh containers): update only if needed.
-if ! apt-get install -y -qq fuse3 >/dev/null 2>&1; then
-    apt-get update -qq >/dev/null 2>&1 || skip_notice "apt-get update failed"
-    apt-get install -y -qq fuse3 >/dev/null 2>&1 || skip_notice "apt-get install fuse3 failed"
+# shellcheck disable=SC2086  # $missing is a list of package names
+if ! apt-get install -y -qq $missing >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null 2>&1 || give_up "apt-get update failed"
+    for package in $missing; do
+        apt-get install -y -qq "$package" >/dev/null 2>&1
+    done
 fi
-command -v fusermount3 >/dev/null 2>&1 || skip_notice "fusermount3 still missing after install"
+for package in $missing; do
+    case "$package" in
+        fuse3) command -v fusermount3 >/dev/null 2>&1 ;;
+        nftables) command -v nft >/dev/null 2>&1 ;;
+        iproute2) command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 ;;
+    esac || skipped "$package" "apt-get install $package failed"
+done
 exit 0

@@ -2,7 +2,7 @@
 """`make run`: the default local cluster in the foreground, with one line
 when it is ready.
 
-    python scripts/run_cluster.py [--config etc/cluster.toml] [--ready-timeout 120]
+    python scripts/run_cluster.py [--config etc/cluster.toml] [--ready-timeout 120] [--namespaces]
 
 Generates etc/supervisord.conf and etc/hosts/HOST.conf (as
 scripts/gen_supervisor_conf.py does), runs `supervisord -c
@@ -18,6 +18,14 @@ errors, a program that gave up); all of them are in data/supervisord.log.
 Ctrl-C reaches supervisord (same process group) and stops every host
 cleanly; SIGTERM to this script is passed on to supervisord. The exit status
 is supervisord's.
+
+`--namespaces` (`make run-netns`) runs each host in its own network
+namespace (docs/testing.md, "Hosts in network namespaces"; root, ip, nft and
+tc): it creates the namespaces and their bridge, writes CONFIG's namespaced
+copy to etc/cluster-netns.toml (data in DATA_DIR/netns, supervisord files in
+OUT/netns), runs that cluster as above, and removes the network when it
+exits, however it exits (Ctrl-C, SIGTERM, a failure); a network left by a
+run that was killed is removed at the next start.
 """
 
 from __future__ import annotations
@@ -43,6 +51,9 @@ from shardnode.errors import ShardnodeError  # noqa: E402
 from shardnode.supervisor import local_cluster_config  # noqa: E402
 
 PROG = "make run"
+PROG_NAMESPACES = "make run-netns"
+#: Where --namespaces writes the namespaced copy of the configuration (gitignored).
+NAMESPACED_CONFIG = "cluster-netns.toml"
 DEFAULT_READY_TIMEOUT = 120.0
 # supervisord console lines worth showing: anything but INFO, and programs that died or gave up.
 _WORTH_SHOWING = re.compile(r" (WARN|ERRO|CRIT) |gave up|FATAL|exited: ")
@@ -55,23 +66,83 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="etc", help="where the supervisord files go (default etc)")
     parser.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT, metavar="SECONDS",
                         help=f"say the cluster is not ready after this long (default {DEFAULT_READY_TIMEOUT:g})")
+    parser.add_argument("--namespaces", action="store_true",
+                        help="each host in its own network namespace (needs root, ip, nft and tc); the namespaced "
+                             f"configuration goes to OUT/{NAMESPACED_CONFIG}")
     args = parser.parse_args(argv)
+    if args.namespaces:
+        return _run_in_namespaces(args)
+    return _run(args, Path(args.config).absolute(), Path(args.out).absolute(), PROG)
 
+
+def _run_in_namespaces(args: argparse.Namespace) -> int:
+    """`_run` on the namespaced copy of the configuration, inside a network
+    that exists exactly as long as this function runs."""
+    from shardnode.chaos.commands import NetworkCommandError
+    from shardnode.chaos.namespaced_config import write_namespaced_config
+    from shardnode.chaos.namespaces import NamespaceNetwork, cleanup_leftovers, namespaces_unavailable, unique_name
+
+    reason = namespaces_unavailable()
+    if reason is not None:
+        print(f"{PROG_NAMESPACES}: {reason}", file=sys.stderr)
+        return 2
+    source_path = Path(args.config).absolute()
+    out = Path(args.out).absolute()
     try:
-        config_path = Path(args.config).absolute()
+        source = ClusterConfig.load(source_path)
+        # A worker's data records its peers' addresses: the namespaced cluster keeps data of its
+        # own, and starts again on the subnet that data was made on.
+        data_dir = source.data_dir / "netns"
+        subnet_file = data_dir / "subnet"
+        subnet = subnet_file.read_text().strip() if subnet_file.is_file() else None
+        for name in cleanup_leftovers():
+            print(f"{PROG_NAMESPACES}: removed network {name}, left by a run that was killed", flush=True)
+        network = NamespaceNetwork(unique_name(), [h.name for h in source.hosts], subnet=subnet)
+    except (ConfigError, ValueError, NetworkCommandError) as exc:
+        print(f"{PROG_NAMESPACES}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        try:
+            network.create()
+        except ValueError as exc:
+            raise ValueError(f"{exc}: the data in {_shown(data_dir)} was made there "
+                             "(`make reset` deletes it)") from None
+        data_dir.mkdir(parents=True, exist_ok=True)
+        subnet_file.write_text(f"{network.subnet}\n")
+        config_path = write_namespaced_config(source_path, out / NAMESPACED_CONFIG, network, data_dir=data_dir)
+        print(f"{PROG_NAMESPACES}: network {network.name}: hosts on {network.subnet} "
+              f"({', '.join(f'{h} {network.address(h)}' for h in network.hosts)}), this namespace on "
+              f"{network.root_address}", flush=True)
+        return _run(args, config_path, out / "netns", PROG_NAMESPACES)
+    except (ConfigError, ValueError, NetworkCommandError) as exc:
+        print(f"{PROG_NAMESPACES}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        # Ctrl-C, SIGTERM (forwarded, then supervisord's exit), a failure: the network goes.
+        try:
+            network.destroy()
+        except NetworkCommandError as exc:
+            print(f"{PROG_NAMESPACES}: network {network.name} not fully removed ({exc}); the next "
+                  f"`{PROG_NAMESPACES}` removes what is left", file=sys.stderr, flush=True)
+        else:
+            print(f"{PROG_NAMESPACES}: network {network.name} removed", flush=True)
+
+
+def _run(args: argparse.Namespace, config_path: Path, out: Path, prog: str) -> int:
+    try:
         cluster = ClusterConfig.load(config_path)
         top = local_cluster_config(cluster, python=sys.executable, config_path=config_path,
-                                   project_root=PROJECT_ROOT, out_dir=Path(args.out).absolute())
+                                   project_root=PROJECT_ROOT, out_dir=out)
     except ConfigError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"{PROG}: cannot write {exc.filename or args.out}: {exc.strerror}", file=sys.stderr)
+        print(f"{prog}: cannot write {exc.filename or out}: {exc.strerror}", file=sys.stderr)
         return 2
 
     data = _shown(cluster.data_dir)
     shape = f"{len(cluster.hosts)} hosts, {cluster.groups} groups of {cluster.replicas} replicas"
-    print(f"{PROG}: starting {cluster.name} ({shape}) under supervisord -c {_shown(top)}; "
+    print(f"{prog}: starting {cluster.name} ({shape}) under supervisord -c {_shown(top)}; "
           f"logs in {data}/HOST/logs/", flush=True)
 
     supervisord = subprocess.Popen(
@@ -92,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     watcher = threading.Thread(target=_watch, args=(cluster, config_path, args.ready_timeout, started, stopping,
-                                                    supervisord), daemon=True, name="ready")
+                                                    supervisord, prog), daemon=True, name="ready")
     watcher.start()
     assert supervisord.stdout is not None
     for line in supervisord.stdout:
@@ -101,15 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     code = supervisord.wait()
     stopping.set()
     if code == 0:
-        print(f"{PROG}: {cluster.name} stopped (data kept in {data}/; `make reset` deletes it)", flush=True)
+        print(f"{prog}: {cluster.name} stopped (data kept in {data}/; `make reset` deletes it)", flush=True)
     else:
-        print(f"{PROG}: supervisord exited with status {code}; see {data}/supervisord.log", file=sys.stderr,
+        print(f"{prog}: supervisord exited with status {code}; see {data}/supervisord.log", file=sys.stderr,
               flush=True)
     return code
 
 
 def _watch(cluster: ClusterConfig, config_path: Path, ready_timeout: float, started: float,
-           stopping: threading.Event, supervisord: subprocess.Popen) -> None:
+           stopping: threading.Event, supervisord: subprocess.Popen, prog: str = PROG) -> None:
     """Print the ready line once every group has a leader and a quorum (and
     the not-ready line if that takes longer than `ready_timeout`)."""
     data = _shown(cluster.data_dir)
@@ -129,15 +200,15 @@ def _watch(cluster: ClusterConfig, config_path: Path, ready_timeout: float, star
                 if not warned:
                     warned = True
                     reason = str(exc).split(": ", 1)[1] if ": " in str(exc) else str(exc)
-                    print(f"{PROG}: {cluster.name} is not ready after {time.monotonic() - started:.0f} s: {reason}. "
+                    print(f"{prog}: {cluster.name} is not ready after {time.monotonic() - started:.0f} s: {reason}. "
                           f"It keeps running and trying; {hints}", flush=True)
                 continue
             except ShardnodeError as exc:      # should not happen: wait_ready absorbs these
-                print(f"{PROG}: cannot watch the cluster: {exc}", file=sys.stderr, flush=True)
+                print(f"{prog}: cannot watch the cluster: {exc}", file=sys.stderr, flush=True)
                 return
             if stopping.is_set():
                 return
-            print(f"{PROG}: {cluster.name} is ready ({time.monotonic() - started:.1f} s): all {len(status.groups)} "
+            print(f"{prog}: {cluster.name} is ready ({time.monotonic() - started:.1f} s): all {len(status.groups)} "
                   f"groups have a leader. {hints[0].upper()}{hints[1:]}", flush=True)
             return
 

@@ -29,6 +29,17 @@ from pathlib import Path
 from typing import Any
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# A network namespace name as `ip netns` accepts it (a file under /run/netns:
+# no '/', not '.' or '..', at most 255 bytes), narrowed to characters that
+# need no quoting in a supervisord command line.
+_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$")
+
+
+def is_namespace_name(name: str) -> bool:
+    """Whether `name` is a network namespace name `[[host]] namespace` accepts:
+    letters, digits, '_', '.', '-', starting with a letter or a digit, at
+    most 255 characters."""
+    return bool(_NAMESPACE.fullmatch(name))
 
 
 #: The configuration the command line uses when --config is not given.
@@ -84,6 +95,10 @@ class HostConfig:
     node_id: int                   # position in the [[host]] list + 1
     standby: bool = False          # holds no replica at first; joins groups with `shardnode start --new`
     max_groups: int = 16           # [cluster] max_groups: the metadata group's worker port comes after the data groups'
+    # The network namespace the host's processes run in when the whole cluster runs on this
+    # machine (the namespace mode, docs/testing.md): `local_cluster_config` starts the host's
+    # supervisord with `ip netns exec NAMESPACE`. None: the machine's own network.
+    namespace: str | None = None
 
     def worker_port(self, group: int) -> int:
         if group == METADATA_GROUP:
@@ -343,14 +358,19 @@ class ClusterConfig:
                     node_id=i + 1,
                     standby=fields.boolean(host_raw, f"{label}.standby", default=False),
                     max_groups=max_groups,
+                    namespace=_namespace(fields, host_raw, label),
                 )
             )
             fields.no_extra(host_raw, label, {
                 "name", "address", "router_port", "worker_port_base", "metrics_port", "supervisor_port", "standby",
+                "namespace",
             })
         names = [h.name for h in hosts]
         if len(set(names)) != len(names):
             raise ConfigError(f"{where}host: host names must be unique")
+        namespaces = [h.namespace for h in hosts if h.namespace is not None]
+        if len(set(namespaces)) != len(namespaces):
+            raise ConfigError(f"{where}host: two hosts share one namespace (each host has its own network)")
         active = [h for h in hosts if not h.standby]
         if replicas > len(active):
             raise ConfigError(f"{where}cluster.replicas: {replicas} replicas need at least as many hosts that are not "
@@ -392,6 +412,17 @@ class ClusterConfig:
             max_groups=max_groups,
             meta_replicas=meta_replicas,
         )
+
+
+def _namespace(fields: "_Fields", host_raw: dict[str, Any], label: str) -> str | None:
+    """`[[host]] namespace`: unset, or a legal network namespace name."""
+    if "namespace" not in host_raw:
+        return None
+    value = fields.string(host_raw, f"{label}.namespace")
+    if not is_namespace_name(value):
+        raise fields._fail(f"{label}.namespace", f"{value!r} is not a network namespace name (letters, digits, "
+                                                 "'_', '.', '-', starting with a letter or a digit, at most 255)")
+    return value
 
 
 def _meta_replicas(fields: "_Fields", cluster: dict[str, Any], active_hosts: int, where: str) -> int:

@@ -18,7 +18,10 @@ address them:
 writes one per host plus a top-level file whose programs are those per-host
 supervisords, so that one ``supervisord -c etc/supervisord.conf`` runs every
 host of the configuration on this machine, each still with its own supervisord
-on its own address: the exact shape of a multi-host deployment.
+on its own address: the exact shape of a multi-host deployment. A host with a
+``namespace`` (the namespace mode, shardnode.chaos.namespaces) has its
+supervisord started with ``ip netns exec NAMESPACE``, so that everything of
+that host runs in its own network namespace.
 
 ``ProcessControl`` stops and starts a server (a whole host, given its router
 address, or one worker, given its worker address) through the supervisord of
@@ -31,6 +34,7 @@ from __future__ import annotations
 import http.client
 import os
 import shlex
+import shutil
 import socket
 import sys
 import time
@@ -276,10 +280,15 @@ def local_cluster_config(
     ]
     for host in cluster.hosts:
         host_conf = hosts_dir / f"{host.name}.conf"
+        # -s: the host's supervisord already writes its own logfile.
+        command = f"{supervisord} -n -s -c {shlex.quote(str(host_conf))}"
+        if host.namespace is not None:
+            # The namespace mode: the host's supervisord, and so its router and workers, run in the
+            # host's network namespace. `ip netns exec` execs it: its pid is supervisord's.
+            command = f"{_ip_command()} netns exec {shlex.quote(host.namespace)} {command}"
         lines += [
             f"[program:{host.name}]",
-            # -s: the host's supervisord already writes its own logfile.
-            f"command={_value(f'{supervisord} -n -s -c {shlex.quote(str(host_conf))}')}",
+            f"command={_value(command)}",
             f"directory={_value(project_root)}",
             "autostart=true",
             "autorestart=true",
@@ -348,6 +357,11 @@ def _supervisord_command(python: Path) -> str:
     if script.is_file() and os.access(script, os.X_OK):
         return shlex.quote(str(script))
     return f"{shlex.quote(str(python))} -m supervisor.supervisord"
+
+
+def _ip_command() -> str:
+    # supervisord's PATH may lack /usr/sbin (not root's login PATH): name it in full when found.
+    return shlex.quote(shutil.which("ip") or "ip")
 
 
 def _write(path: Path, text: str) -> None:

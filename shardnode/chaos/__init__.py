@@ -3,6 +3,8 @@
 
 - `namespaces`: the namespace mode, each host of a cluster in its own network
   namespace with its own address, on a bridge of its own;
+- `namespaced_config`: the copy of a cluster.toml whose hosts live in those
+  namespaces;
 - `network_faults`: partitions and one-way cuts (nftables), delay, jitter,
   loss and reordering (tc netem) between those hosts, always healed;
 - `operations`: the log of every client operation (what, which key, start,
@@ -16,6 +18,7 @@
   present, no phantom, no failed insert present), as anomalies;
 - `availability`: the share of operations that succeeded in each fault
   window, and how long after a moment writes succeeded again;
+- `commands`: running `ip`, `nft` and `tc`, with errors that name the command;
 - `nemesis`: a seeded schedule of bounded faults, each logged with its start
   and its end: partitions, delay, pauses, kills, power loss, shape changes;
 - `runner`: one chaos run, its verdict per fault kind.

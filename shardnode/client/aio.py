@@ -311,6 +311,12 @@ class AsyncClient(ClientSettings):
                 return payload
             if self._closed:
                 raise ShardnodeError("the client is closed")
+            if self._preferred == index:
+                # The next call starts at another router. This one may be cut off from the
+                # group's leader by the network: it then holds each operation until (almost)
+                # the deadline, leaving no time to try another, and a client that kept
+                # starting there would fail every call for as long as the cut lasts.
+                self._preferred = (index + 1) % count
             code = CODES.get(result.code, grpc.StatusCode.UNKNOWN)
             details = result.message
             if code == grpc.StatusCode.INVALID_ARGUMENT:

@@ -5,6 +5,11 @@ Operations that wait at the same time travel together in one Execute call
 worker proposes them as one batch. The forwarder caches the group's leader,
 follows NOT_LEADER hints, and on UNAVAILABLE or a broken connection tries the
 other replicas with a short backoff, until each operation's own deadline.
+A call to a replica that the group monitor's latest probe found unreachable
+is abandoned and its operations sent elsewhere at once (`observe`): a
+replica cut off by the network (packets dropped, nothing refused) would
+otherwise hold its call, and every operation of the group queued behind it,
+until the call's deadline.
 
 Outcomes:
 - a result: the operation was applied (or read) exactly once;
@@ -129,6 +134,9 @@ class GroupForwarder:
         self._last_error: dict[bool, tuple[ShardnodeError, float]] = {}
         self.view: GroupView | None = None      # the group monitor's last probe
         self.stats = ForwarderStats(errors={})
+        # Execute calls in flight, by the node they went to; those abandoned by `observe`.
+        self._calls: dict[int, set[grpc.aio.UnaryUnaryCall]] = {}
+        self._abandoned: set[grpc.aio.UnaryUnaryCall] = set()
 
     def _follow(self, members: tuple[Replica, ...]) -> None:
         """Route to these members (the group's live membership)."""
@@ -143,12 +151,27 @@ class GroupForwarder:
     def observe(self, view: "GroupView") -> None:
         """The group monitor's latest probe: the membership it found (the
         group's own, which changes as members join and leave), and the
-        leader it found fills an empty cache."""
+        leader it found fills an empty cache.
+
+        Calls in flight to a replica that did not answer the probe are
+        abandoned (their operations are retried elsewhere at once), and a
+        cached leader that did not answer gives way to the leader the probe
+        found: with packets dropped rather than refused, nothing else ends
+        such a call before its deadline. Abandoning a call that was only
+        slow costs a retry, which the worker's sessions make harmless (a
+        write is applied once; its retry gets the first answer)."""
         self.view = view
         self.membership_changed = view.replicas != self.members
         if self.membership_changed:
             self._follow(view.replicas)
-        if self.leader is None and view.leader_id in self.replicas:
+        unreachable = {self.by_address[a] for a in view.unreachable if a in self.by_address}
+        for node_id in unreachable:
+            for call in self._calls.get(node_id, ()):
+                self._abandoned.add(call)
+                call.cancel()
+        if self.leader in unreachable:
+            self.leader = None
+        if self.leader is None and view.leader_id in self.replicas and view.leader_id not in unreachable:
             self.leader = view.leader_id
 
     def failure(self, waiting: _Waiting, allow_stale: bool) -> ShardnodeError:
@@ -212,14 +235,21 @@ class GroupForwarder:
             return self.local
         if self.leader is not None:
             return self.leader
-        # No leader known: walk the replicas.
-        node_id = self._order[0]
-        self._order.append(self._order.pop(0))
+        # No leader known: walk the replicas, those that answered the last probe first
+        # (a call to one that did not would wait for the next probe to be abandoned).
+        unreachable = set(self.view.unreachable) if self.view is not None else set()
+        for _ in range(len(self._order)):
+            node_id = self._order[0]
+            self._order.append(self._order.pop(0))
+            if self.replicas[node_id] not in unreachable:
+                return node_id
         return node_id
 
     async def _send(self, batch: list[_Waiting], allow_stale: bool) -> None:
         retry: list[_Waiting] = []
         to_leader: list[_Waiting] = []      # stale reads this host's replica could not serve
+        call: grpc.aio.UnaryUnaryCall | None = None
+        target = 0
         try:
             batch = self._expire(batch, allow_stale)
             if not batch:
@@ -235,8 +265,24 @@ class GroupForwarder:
             )
             self.stats.calls += 1
             self.stats.operations += len(batch)
+            call = self.channels.stub(self.replicas[target]).Execute(request, timeout=timeout)
+            in_flight = self._calls.setdefault(target, set())
+            in_flight.add(call)
             try:
-                response = await self.channels.stub(self.replicas[target]).Execute(request, timeout=timeout)
+                response = await call
+            except asyncio.CancelledError:
+                if call not in self._abandoned:
+                    raise
+                # `observe`: the monitor found the replica unreachable.
+                self._count("ABANDONED")
+                self._failed(allow_stale, Unavailable(
+                    f"group {self.group}: replica {self.replicas.get(target, target)} unreachable "
+                    "(no answer to the router's probe)"))
+                if allow_stale:
+                    to_leader = batch
+                    return
+                retry = batch
+                return
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 self._count(code.name)
@@ -265,6 +311,9 @@ class GroupForwarder:
                 _resolve(waiting.future, Unavailable(f"group {self.group}: internal error: {exc}"))
         finally:
             self._in_flight -= 1
+            if call is not None:
+                self._calls.get(target, set()).discard(call)
+                self._abandoned.discard(call)
             if to_leader:
                 self._queues[False][:0] = to_leader
                 self.pump(False)

@@ -597,6 +597,26 @@ def test_fails_over_when_a_router_dies_and_comes_back(
     assert a.store.violations == []
 
 
+def test_a_router_that_failed_a_call_is_not_where_the_next_one_starts(
+        make_router: Callable[..., FakeRouter], make_client: Callable[..., Client]) -> None:
+    """A router cut off from a group's leader by a partition holds each operation until
+    the deadline (it keeps trying the group): no time is left to try another router
+    within that call. The next call must start elsewhere, or a client whose first
+    router is on the wrong side fails every call while the partition lasts
+    (tests/integration/test_partitions.py)."""
+    cut_off = make_router()
+    serving = make_router(cut_off.store)
+    cut_off.default_fault = "hang"
+    kv = make_client([cut_off.address, serving.address], first=0, timeout=0.5)
+    with pytest.raises(DeadlineExceeded):
+        kv.put(b"k", b"v1")
+    hung = cut_off.total_calls
+    assert hung >= 1 and serving.total_calls == 0
+    assert kv.put(b"k", b"v2") is None                      # the hung write was never applied
+    assert kv.get(b"k") == b"v2"
+    assert cut_off.total_calls == hung and serving.total_calls == 2
+
+
 def test_retry_after_a_lost_response_reuses_the_session_and_returns_the_original_old_value(
         make_router: Callable[..., FakeRouter], make_client: Callable[..., Client]) -> None:
     a = make_router()
