@@ -79,6 +79,7 @@ class Nemesis:
     control: ProcessControl
     network: object | None = None
     disks: dict[str, Callable[[], object]] = field(default_factory=dict)
+    netem: bool = True
     records: list[FaultRecord] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _undo: dict[int, Callable[[], None]] = field(default_factory=dict)
@@ -220,10 +221,20 @@ class Nemesis:
         hosts = [h.name for h in self._hosts(fault)]
         if fault.variant == "delay-one":
             hosts = hosts[:1]
+        record.targets = tuple(hosts)
+        if not self.netem:
+            # No netem in this kernel: random loss with nftables (the schedule draws nothing else).
+            for host in hosts:
+                network.drop_randomly(host, fault.loss_percent)
+            record.note = f"random loss {fault.loss_percent:g}% (nftables; no netem here)"
+
+            def stop_loss() -> None:
+                for host in hosts:
+                    network.drop_randomly(host, 0)
+            return stop_loss
         for host in hosts:
             network.shape(host, delay_ms=fault.delay_ms, jitter_ms=fault.jitter_ms,
                           loss_percent=fault.loss_percent, reorder_percent=fault.reorder_percent)
-        record.targets = tuple(hosts)
         record.note = (f"delay {fault.delay_ms} ms, jitter {fault.jitter_ms} ms, loss {fault.loss_percent:g}%, "
                        f"reorder {fault.reorder_percent:g}%")
 

@@ -133,7 +133,7 @@ def run_chaos(settings: ChaosSettings, on_line: Callable[[str], None] = lambda l
     host → power loss, where hosts run on lazyfs (default: found by their
     control sockets)."""
     cluster = ClusterConfig.load(settings.config_path)
-    if network is None and all(getattr(h, "namespace", None) for h in cluster.hosts):
+    if network is None and all(h.namespace for h in cluster.hosts):
         from .network_faults import NetworkFaults
         network = NetworkFaults(cluster)
     needs_network = [k.value for k in settings.kinds if k in NETWORK_KINDS]
@@ -146,10 +146,18 @@ def run_chaos(settings: ChaosSettings, on_line: Callable[[str], None] = lambda l
                          "(docs/testing.md, \"Power loss\"); choose from partition,delay,pause,kill,shape here")
     _ready_or_refuse(settings.config_path)
 
-    schedule = plan(settings.seed, settings.kinds, settings.duration, len(cluster.hosts), cluster.groups)
+    netem = True
+    if FaultKind.DELAY in settings.kinds:
+        from .network_faults import netem_unavailable
+        reason = netem_unavailable()
+        netem = reason is None
+        if reason is not None:
+            on_line(f"chaos: delay faults are random loss only (nftables): {reason}")
+    schedule = plan(settings.seed, settings.kinds, settings.duration, len(cluster.hosts), cluster.groups,
+                    netem=netem)
     on_line(f"chaos: seed {settings.seed}, {len(schedule)} faults planned over {settings.duration:g} s "
             f"({', '.join(k.value for k in settings.kinds)})")
-    nemesis = Nemesis(cluster, settings.config_path, ProcessControl(cluster), network, disks)
+    nemesis = Nemesis(cluster, settings.config_path, ProcessControl(cluster), network, disks, netem=netem)
     operations = OperationLog()
     registers = RegisterWorkload(settings.config_path, clients=settings.clients, seed=settings.seed,
                                  log=operations)

@@ -92,9 +92,16 @@ def parse_kinds(text: str) -> tuple[FaultKind, ...]:
     return tuple(kind for kind in ALL_KINDS if kind in chosen)
 
 
+#: The delay variant that needs no netem (random loss with nftables): the
+#: only one drawn where the kernel has no netem qdisc.
+LOSS_ONLY = "lossy-all"
+
+
 def plan(seed: int, kinds: tuple[FaultKind, ...], duration: float, host_count: int,
-         groups: int) -> list[PlannedFault]:
-    """The schedule of a run of `duration` seconds, sorted by start."""
+         groups: int, netem: bool = True) -> list[PlannedFault]:
+    """The schedule of a run of `duration` seconds, sorted by start.
+    `netem`: whether delay, jitter and reordering can be made here (else
+    every delay fault is random loss)."""
     rng = random.Random(seed)
     faults: list[PlannedFault] = []
     track = [kind for kind in kinds if kind is not FaultKind.SHAPE]
@@ -105,7 +112,7 @@ def plan(seed: int, kinds: tuple[FaultKind, ...], duration: float, host_count: i
         if at + length > end:
             break
         kind = rng.choice(track)
-        faults.append(_draw(rng, kind, at, length, host_count, groups))
+        faults.append(_draw(rng, kind, at, length, host_count, groups, netem))
         at += length + round(rng.uniform(*QUIET_SECONDS), 2)
     if FaultKind.SHAPE in kinds:
         shape_rng = random.Random(seed * 7919 + 1)   # its own stream: adding a kind keeps the other track
@@ -114,22 +121,28 @@ def plan(seed: int, kinds: tuple[FaultKind, ...], duration: float, host_count: i
             hold = round(shape_rng.uniform(*SHAPE_HOLD_SECONDS), 2)
             if at + hold > end:
                 break
-            faults.append(_draw(shape_rng, FaultKind.SHAPE, at, hold, host_count, groups))
+            faults.append(_draw(shape_rng, FaultKind.SHAPE, at, hold, host_count, groups, netem))
             at += hold + round(shape_rng.uniform(*SHAPE_GAP_SECONDS), 2)
     return sorted(faults, key=lambda f: f.at)
 
 
 def _draw(rng: random.Random, kind: FaultKind, at: float, length: float, host_count: int,
-          groups: int) -> PlannedFault:
+          groups: int, netem: bool) -> PlannedFault:
     variant = rng.choice(VARIANTS[kind])
+    if kind is FaultKind.DELAY and not netem:
+        variant = LOSS_ONLY         # (drawn all the same: the rest of the schedule stays as it is)
     order = list(range(host_count))
     rng.shuffle(order)
     group = rng.randrange(groups)
     fault = PlannedFault(kind, variant, round(at, 2), length, tuple(order), group)
     if kind is FaultKind.DELAY:
+        # Every figure is drawn whatever the variant, so that the stream (and
+        # the rest of the schedule) does not depend on it.
+        delay_ms, jitter_ms = rng.choice((20, 50, 100, 200)), rng.choice((0, 10, 50))
+        loss_percent, reorder_percent = rng.choice((1.0, 5.0, 10.0)), rng.choice((10.0, 25.0))
         fault = PlannedFault(kind, variant, fault.at, length, fault.hosts, group,
-                             delay_ms=rng.choice((20, 50, 100, 200)),
-                             jitter_ms=rng.choice((0, 10, 50)),
-                             loss_percent=rng.choice((0.0, 1.0, 5.0, 10.0)) if variant != "delay-one" else 0.0,
-                             reorder_percent=rng.choice((10.0, 25.0)) if variant == "reorder-all" else 0.0)
+                             delay_ms=0 if variant == LOSS_ONLY else delay_ms,
+                             jitter_ms=0 if variant == LOSS_ONLY else jitter_ms,
+                             loss_percent=loss_percent if variant in (LOSS_ONLY, "delay-all") else 0.0,
+                             reorder_percent=reorder_percent if variant == "reorder-all" else 0.0)
     return fault

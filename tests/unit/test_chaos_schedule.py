@@ -49,3 +49,13 @@ def test_fault_kinds_are_parsed_in_our_order_and_unknown_ones_named() -> None:
         parse_kinds("kill,flood")
     with pytest.raises(ValueError, match="none given"):
         parse_kinds(" , ")
+
+
+def test_without_netem_every_delay_fault_is_random_loss_and_the_rest_stays() -> None:
+    kinds = (FaultKind.DELAY, FaultKind.KILL, FaultKind.SHAPE)
+    with_netem = plan(11, kinds, 600, host_count=5, groups=2)
+    without = plan(11, kinds, 600, host_count=5, groups=2, netem=False)
+    delays = [f for f in without if f.kind is FaultKind.DELAY]
+    assert delays and all(f.variant == "lossy-all" and f.loss_percent >= 1.0 for f in delays)
+    assert [(f.kind, f.at, f.duration, f.hosts) for f in with_netem] == \
+        [(f.kind, f.at, f.duration, f.hosts) for f in without]
