@@ -19,7 +19,10 @@
 - `availability`: the share of operations that succeeded in each fault
   window, and how long after a moment writes succeeded again;
 - `commands`: running `ip`, `nft` and `tc`, with errors that name the command;
-- `nemesis`: a seeded schedule of bounded faults, each logged with its start
-  and its end: partitions, delay, pauses, kills, power loss, shape changes;
+- `schedule`: a run's faults drawn from its seed (two tracks: one network or
+  process fault at a time, and shape changes beside them);
+- `nemesis`: carries the schedule out, each fault bounded, logged with its
+  start and its end, and healed: partitions, delay or loss, pauses, kills,
+  power loss, shape changes;
 - `runner`: one chaos run, its verdict per fault kind.
 """
