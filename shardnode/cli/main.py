@@ -10,6 +10,7 @@
                        group has no quorum; --wait SECONDS waits until every group has one
     bench              YCSB-style benchmark (shardnode bench --help)
     die/start/leave/member/...  process control and cluster shape (shardnode/cli/admin.py)
+    chaos              workloads, a seeded nemesis and checkers (shardnode/cli/chaos.py)
 
 Exit status: 0 success, 1 `get` found no value or `status` found a group
 without quorum, 2 error (one line on stderr, "shardnode: ...", never a
