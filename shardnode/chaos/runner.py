@@ -170,7 +170,7 @@ def run_chaos(settings: ChaosSettings, on_line: Callable[[str], None] = lambda l
     faults_done = threading.Thread(target=nemesis.run, args=(schedule, began, stop), name="nemesis", daemon=True)
     try:
         faults_done.start()
-        _report_progress(nemesis, began, settings.duration, on_line, faults_done)
+        _report_progress(nemesis, began, settings.duration, on_line)
     finally:
         stop.set()
         faults_done.join()
@@ -189,10 +189,10 @@ def run_chaos(settings: ChaosSettings, on_line: Callable[[str], None] = lambda l
                        recovered, note)
 
 
-def _report_progress(nemesis: Nemesis, began: float, duration: float, on_line: Callable[[str], None],
-                     faults: threading.Thread) -> None:
+def _report_progress(nemesis: Nemesis, began: float, duration: float, on_line: Callable[[str], None]) -> None:
     shown = 0
-    while faults.is_alive() and time.monotonic() - began < duration:
+    # The workloads run for the whole duration, also after the schedule's last fault.
+    while time.monotonic() - began < duration:
         time.sleep(0.5)
         records = list(nemesis.records)
         for record in records[shown:]:

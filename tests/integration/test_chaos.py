@@ -8,6 +8,7 @@ before anything is injected."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,9 +23,9 @@ from shardnode.errors import ShardnodeError
 from .ports import write_cluster_toml
 from .supervised import ROOT, SupervisedCluster, start_supervised
 
-pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("chaos")]
-
-DURATION = 45
+#: CHAOS_SECONDS=N runs longer (the timeouts grow with it).
+DURATION = int(os.environ.get("CHAOS_SECONDS", "45"))
+pytestmark = [pytest.mark.xdist_group("chaos"), pytest.mark.timeout(420 + 2 * DURATION)]
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def cluster(tmp_path: Path) -> Iterator[SupervisedCluster]:
         yield env
 
 
-def _chaos(env: SupervisedCluster, *args: str, timeout: float = 360) -> subprocess.CompletedProcess:
+def _chaos(env: SupervisedCluster, *args: str, timeout: float = 360 + 2 * DURATION) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "shardnode.cli", "--config", str(env.tmp / "cluster.toml"),
                            "chaos", *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 

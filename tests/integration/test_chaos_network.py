@@ -7,6 +7,7 @@ the network left behind (the fixture checks)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,9 +19,9 @@ from .namespaced import NamespacedCluster, requires_namespaces, start_namespaced
 from .ports import write_cluster_toml
 from .supervised import ROOT
 
-pytestmark = [requires_namespaces, pytest.mark.xdist_group("netns"), pytest.mark.timeout(420)]
-
-DURATION = 40
+#: CHAOS_SECONDS=N runs longer (the timeouts grow with it).
+DURATION = int(os.environ.get("CHAOS_SECONDS", "40"))
+pytestmark = [requires_namespaces, pytest.mark.xdist_group("netns"), pytest.mark.timeout(420 + 2 * DURATION)]
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_chaos_partitions_and_loss_find_no_anomaly(cluster: NamespacedCluster) -
     done = subprocess.run([sys.executable, "-m", "shardnode.cli", "--config", str(cluster.config), "chaos",
                            "--duration", str(DURATION), "--faults", "partition,delay", "--seed", "2",
                            "--clients", "4", "--json"],
-                          capture_output=True, text=True, timeout=360, cwd=ROOT)
+                          capture_output=True, text=True, timeout=360 + 2 * DURATION, cwd=ROOT)
     assert done.stdout, done.stderr[-3000:]
     report = json.loads(done.stdout)
     print(f"\n[chaos-net] {report['seconds']} s, {report['operations']} operations, exit {done.returncode}")
