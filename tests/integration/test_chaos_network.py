@@ -20,7 +20,7 @@ from .ports import write_cluster_toml
 from .supervised import ROOT
 
 #: CHAOS_SECONDS=N runs longer (the timeouts grow with it).
-DURATION = int(os.environ.get("CHAOS_SECONDS", "40"))
+DURATION = int(os.environ.get("CHAOS_SECONDS", "30"))
 pytestmark = [requires_namespaces, pytest.mark.xdist_group("netns"), pytest.mark.timeout(420 + 2 * DURATION)]
 
 
@@ -33,7 +33,7 @@ def cluster(tmp_path: Path) -> Iterator[NamespacedCluster]:
 
 def test_chaos_partitions_and_loss_find_no_anomaly(cluster: NamespacedCluster) -> None:
     done = subprocess.run([sys.executable, "-m", "shardnode.cli", "--config", str(cluster.config), "chaos",
-                           "--duration", str(DURATION), "--faults", "partition,delay", "--seed", "2",
+                           "--duration", str(DURATION), "--faults", "partition,delay", "--seed", "11",
                            "--clients", "4", "--json"],
                           capture_output=True, text=True, timeout=360 + 2 * DURATION, cwd=ROOT)
     assert done.stdout, done.stderr[-3000:]
