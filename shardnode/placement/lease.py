@@ -166,9 +166,18 @@ class SchedulerLease:
         """Extend the lease; LeaseLost if it is no longer ours."""
         if not self.held:
             raise LeaseLost("the scheduler's lease is not held")
-        if not await self._renew(self._stored):
-            self._stored = None
-            raise LeaseLost(f"the scheduler's lease (token {self.token}) was taken over")
+        if await self._renew(self._stored):
+            return
+        # Our last renewal may have landed without our hearing it (its answer
+        # lost to a timeout): the stored lease is then still ours, with our
+        # holder and token, only newer than what we remember.
+        raw = await self.directory.read(LEASE_KEY)
+        current = LeaseState.decode(raw)
+        if current is not None and current.holder == self.holder and current.token == self.token \
+                and await self._renew(raw):
+            return
+        self._stored = None
+        raise LeaseLost(f"the scheduler's lease (token {self.token}) was taken over")
 
     async def _renew(self, raw: bytes | None) -> bool:
         renewed = LeaseState(self.holder, self.token, self._now_ms() + int(self.duration * 1000)).encode()

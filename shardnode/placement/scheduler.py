@@ -200,16 +200,18 @@ class Scheduler:
         return current.progress_count if current is not None and echoed["count"] else 0
 
     async def _renew_until(self, work: asyncio.Task) -> None:
-        try:
-            while not work.done():
-                await asyncio.sleep(self.lease.duration / 3)
+        while not work.done():
+            await asyncio.sleep(self.lease.duration / 3)
+            try:
                 await self.lease.renew()
-        except LeaseLost:
-            work.cancel()
-        except ShardnodeError as exc:
-            # The metadata group did not answer: the lease may run out; the
-            # work's own guarded writes will tell.
-            log.warning("placement.lease_renewal_failed", extra={"error": str(exc)})
+            except LeaseLost:
+                work.cancel()
+                return
+            except ShardnodeError as exc:
+                # The metadata group did not answer this time: try again at the
+                # next period (the lease has two more before it runs out; if it
+                # does, the work's own guarded writes are refused and tell).
+                log.warning("placement.lease_renewal_failed", extra={"error": str(exc)})
 
     async def _work(self, until: int | None, echo_for: Callable[[Intent], Line]) -> None:
         if self.prepare is not None:

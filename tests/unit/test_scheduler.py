@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from shardnode.config import ClusterConfig
+from shardnode.errors import ShardnodeError
 from shardnode.placement.intents import IntentBook, IntentKind, IntentState, ShapeRefused
 from shardnode.placement.lease import (FENCE_KEY, LEASE_KEY, LeaseLost, LeaseState, SchedulerLease, decode_fence,
                                       encode_fence)
@@ -57,6 +58,66 @@ def test_one_holder_at_a_time_and_a_take_over_raises_the_token() -> None:
         await b.release()
         assert LeaseState.decode(meta.values[LEASE_KEY]).expired(int(clock.now * 1000))
         assert await a.acquire() and a.token == 3        # released: no need to wait for the expiry
+
+    run(scenario())
+
+
+def test_a_renewal_that_timed_out_but_landed_does_not_lose_the_lease() -> None:
+    """The metadata group applied a renewal whose answer was lost (a
+    timeout on a loaded machine): the next renewal finds its own newer
+    lease, not a rival's, and keeps it (it used to raise LeaseLost)."""
+    async def scenario() -> None:
+        meta, clock = InMemoryMetadata(), Clock()
+        lease = SchedulerLease(meta, "a", duration=8.0, clock=clock)
+        assert await lease.acquire()
+        landed = meta.compare_and_set
+
+        async def applied_then_timed_out(*args, **kwargs):  # type: ignore[no-untyped-def]
+            await landed(*args, **kwargs)
+            raise ShardnodeError("the metadata group did not answer in time")
+
+        meta.compare_and_set = applied_then_timed_out   # type: ignore[method-assign]
+        clock.now += 2
+        with pytest.raises(ShardnodeError):
+            await lease.renew()
+        meta.compare_and_set = landed                   # type: ignore[method-assign]
+        clock.now += 2
+        await lease.renew()
+        assert lease.held and LeaseState.decode(meta.values[LEASE_KEY]).holder == "a"
+
+    run(scenario())
+
+
+def test_the_renewal_task_outlives_a_renewal_that_failed() -> None:
+    """One renewal that fails (the metadata group slow for a moment) must not
+    end the renewals: the lease would run out under a holder still working,
+    and a router would take over and fence it out (seen in a long chaos run:
+    the lease went from holder to holder and a group remove never finished)."""
+    async def scenario() -> None:
+        meta = InMemoryMetadata()
+        failures = {"left": 1}
+
+        async def slow(run: Execution) -> Outcome:
+            await asyncio.sleep(1.0)            # several renewal periods
+            return Outcome("ok")
+
+        scheduler = Scheduler(cluster(), meta, {IntentKind.REBALANCE: slow}, holder="a",
+                              lease=SchedulerLease(meta, "a", duration=0.3))
+        renew = scheduler.lease.renew
+        renewals = {"count": 0}
+
+        async def flaky_renew() -> None:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise ShardnodeError("the metadata group did not answer in time")
+            renewals["count"] += 1
+            await renew()
+
+        scheduler.lease.renew = flaky_renew            # type: ignore[method-assign]
+        intent, _ = await scheduler.submit(IntentKind.REBALANCE, {})
+        finished = await scheduler.run_until_finished(intent.intent_id)
+        assert finished.state is IntentState.DONE
+        assert renewals["count"] >= 3, renewals      # it went on renewing after the failure
 
     run(scenario())
 
