@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from shardnode.cli.ready import NotReady, wait_ready
 from shardnode.client import Client
-from shardnode.errors import ShardnodeError
 
 from .ports import write_cluster_toml
 from .supervised import ROOT, SupervisedCluster, start_supervised
@@ -32,7 +32,18 @@ pytestmark = [pytest.mark.xdist_group("chaos"), pytest.mark.timeout(420 + 2 * DU
 def cluster(tmp_path: Path) -> Iterator[SupervisedCluster]:
     config = write_cluster_toml(tmp_path, name="chaos", hosts=5, groups=2, replicas=5)
     with start_supervised(tmp_path, config) as env:
+        _wait_ready(env)
         yield env
+
+
+def _wait_ready(env: SupervisedCluster) -> None:
+    """Every group led (the command refuses a cluster that is not ready
+    within 30 s; a loaded CI machine can take longer to start one)."""
+    with Client.from_config(env.tmp / "cluster.toml", timeout=5.0) as client:
+        try:
+            wait_ready(client, 120.0)
+        except NotReady as exc:
+            raise AssertionError(f"{exc}\n{env.log_tail()}") from None
 
 
 def _chaos(env: SupervisedCluster, *args: str, timeout: float = 360 + 2 * DURATION) -> subprocess.CompletedProcess:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from shardnode.cli.ready import NotReady, wait_ready
+from shardnode.client import Client
 from shardnode.testing.lazyfs import lazyfs_unavailable, mounted_lazyfs
 
 from .ports import write_cluster_toml
@@ -40,7 +42,13 @@ def cluster(tmp_path: Path) -> Iterator[SupervisedCluster]:
         for host in ("h1", "h2", "h3"):
             stack.enter_context(mounted_lazyfs(tmp_path / "data" / host))
         # Every process is killed (by pid) before the disks are unmounted (LIFO).
-        yield stack.enter_context(start_supervised(tmp_path, config))
+        env = stack.enter_context(start_supervised(tmp_path, config))
+        with Client.from_config(env.tmp / "cluster.toml", timeout=5.0) as client:
+            try:
+                wait_ready(client, 120.0)   # the command itself waits 30 s: a loaded machine takes longer
+            except NotReady as exc:
+                raise AssertionError(f"{exc}\n{env.log_tail()}") from None
+        yield env
 
 
 def test_power_loss_of_one_host_at_a_time_under_chaos_loses_nothing(cluster: SupervisedCluster) -> None:
