@@ -262,6 +262,11 @@ class ClusterConfig:
         """Where a host's router keeps the last shard map it learned."""
         return self.data_dir / host_name / "shard_map"
 
+    def held_down_file(self, host_name: str) -> Path:
+        """Where a host's router keeps the worker programs stopped on purpose
+        (they stay down until started: routing/processes.py)."""
+        return self.data_dir / host_name / "held_down"
+
     # --- Loading ---------------------------------------------------------------
 
     @classmethod

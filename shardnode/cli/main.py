@@ -353,6 +353,7 @@ def group_dict(group: kv_pb2.GroupStatus) -> dict[str, Any]:
                 "health": replica_health(r),
                 "process_state": r.process_state,
                 "restarts": r.restarts,
+                "process_problem": r.process_problem,
             }
             for r in group.replicas
         ],
@@ -368,6 +369,10 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
     if status.HasField("metadata_group"):
         caption += "; metadata group: " + ("quorum" if status.metadata_group.has_quorum else "NO QUORUM (no change "
                                                                                               "of shape possible)")
+    problems = [f"{r.host} group {g.name or g.group}: {r.process_problem}"
+                for g in every_group(status) for r in g.replicas if r.process_problem]
+    if problems:
+        caption += "\nNOT RUNNING: " + "\nNOT RUNNING: ".join(problems)
     table = Table(title=f"{status.cluster} (router {status.router_host}, shard map epoch {status.shard_map_epoch})",
                   caption=caption)
     for column, justify in (("group", "right"), ("share", "right"), ("host", "left"), ("node", "right"), ("role", "left"),

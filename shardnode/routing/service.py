@@ -78,10 +78,10 @@ class KVService(pb_grpc.KVServicer):
         self._draining = asyncio.Event()
         self._reroutes: set[asyncio.Task[None]] = set()      # operations being routed again (keys that moved)
         self.monitor = GroupMonitor(cluster, channels, self.forwarders)
-        self.processes = ProcessWatch(cluster, host_name)
+        self.processes = ProcessWatch(cluster, host_name, wanted=self.held_groups,
+                                      held_down_file=cluster.held_down_file(host_name))
         # The scheduler acts only where supervisord runs (it starts and stops workers).
         self.scheduler_watch = SchedulerWatch(cluster, host_name, supervised=lambda: self.processes.supervised)
-        self.processes.want(self._worker_groups(self.shard_map))
         if metrics is not None:
             metrics.watch(self.forwarders, self.processes, lambda: self.shard_map.epoch)
 
@@ -122,14 +122,21 @@ class KVService(pb_grpc.KVServicer):
         self.shard_map = new
         for group in [g for g in self.forwarders if g not in new.groups]:
             del self.forwarders[group]
-        self.processes.want(self._worker_groups(new))
 
-    def _worker_groups(self, shard_map: ShardMap) -> set[int]:
-        """The data groups whose workers should run on this host: those it
-        has data of, or that the map places here."""
-        return {g for g in shard_map.groups
+    def held_groups(self) -> set[int]:
+        """The groups whose workers should run on this host (its process
+        watch starts them): the data groups of the live map that list a
+        replica here in their live membership, that the map places here, or
+        that have data here; and the metadata group where it has a replica."""
+        shard_map = self.shard_map
+        held = {g for g in shard_map.groups
                 if self.host_name in shard_map.placements.get(g, ())
+                or (g in self.forwarders and self.forwarders[g].local is not None)
                 or self.cluster.worker_data_dir(self.host_name, g).exists()}
+        if any(r.host.name == self.host_name for r in self.cluster.meta_group_replicas()) \
+                or self.cluster.worker_data_dir(self.host_name, METADATA_GROUP).exists():
+            held.add(METADATA_GROUP)
+        return held
 
     # --- Helpers ------------------------------------------------------------------------
 
@@ -447,7 +454,8 @@ class KVService(pb_grpc.KVServicer):
         return pb.ProcessesResponse(
             host=self.host_name, supervised=watch.supervised,
             processes=[pb.ProcessInfo(program=p.program, state=p.state, restarts=p.restarts,
-                                      uptime_seconds=p.uptime, exit_status=p.exit_status)
+                                      uptime_seconds=p.uptime, exit_status=p.exit_status,
+                                      held_down=p.held_down, problem=p.problem)
                        for p in sorted(watch.programs.values(), key=lambda p: p.program)],
         )
 
@@ -478,6 +486,7 @@ class KVService(pb_grpc.KVServicer):
                 process = processes.get((replica.host, worker_program(group.group)))
                 if process is not None:
                     replica.process_state, replica.restarts = process.state, process.restarts
+                    replica.process_problem = process.problem
         return pb.StatusResponse(
             cluster=self.cluster.name,
             router_host=self.host_name,

@@ -98,6 +98,18 @@ def test_status_json(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert groups[0]["replicas"][2]["lag"] == 2
 
 
+def test_status_names_a_replica_whose_worker_does_not_run(router: FakeRouter, config: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    problem = "supervisord gave up starting it (FATAL); see its log"
+    router.status_response.groups[1].replicas[1].process_state = "FATAL"
+    router.status_response.groups[1].replicas[1].process_problem = problem
+    code, out, _ = run(capsys, "--config", config, "status", "--json")
+    assert json.loads(out)["groups"][1]["replicas"][1]["process_problem"] == problem
+    code, out, _ = run(capsys, "--config", config, "status")
+    host = router.status_response.groups[1].replicas[1].host
+    assert f"NOT RUNNING: {host} group 1: {problem}" in " ".join(out.split())
+
+
 @pytest.mark.parametrize(
     "argv, expected",
     [
