@@ -379,6 +379,9 @@ class Target:
     host: HostConfig
     programs: tuple[str, ...]
     whole_host: bool = False
+    #: After `stop`: the programs that were running (or starting, or backing
+    #: off) and were stopped — a host has a program for every possible group.
+    stopped: tuple[str, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -465,6 +468,9 @@ class ProcessControl:
         """
         target = self.resolve(server)
         with self._session(target.host) as rpc:
+            states = {info["name"]: info["statename"] for info in rpc.call("getAllProcessInfo")}
+            target = replace(target, stopped=tuple(p for p in target.programs
+                                                   if states.get(p) in _RUNNING_STATES))
             if clean:
                 for name in target.programs:
                     rpc.call("stopProcess", name, False, ok_faults=(_NOT_RUNNING,))

@@ -123,6 +123,8 @@ def _die(args: argparse.Namespace) -> int:
     def run() -> str:
         target = _control(args).stop(args.server, clean=args.clean)
         how = "stopped cleanly" if args.clean else "killed"
+        if not target.stopped:
+            how = "was not running"
         return f"{_describe(target, args.server)} {how}; it stays down until `shardnode start {args.server}`"
 
     return _guarded(run)
@@ -275,7 +277,7 @@ def _admin(args: argparse.Namespace, progress: bool = True) -> MembershipAdmin:
 
 def _describe(target: Target, server: str) -> str:
     if target.whole_host:
-        return f"host {target.host.name} ({server}: {', '.join(target.programs)})"
+        return f"host {target.host.name} ({server}" + (f": {', '.join(target.stopped)})" if target.stopped else ")")
     return f"{target.programs[0]} on {target.host.name} ({server})"
 
 

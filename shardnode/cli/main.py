@@ -388,9 +388,7 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
                 cells = [r.role or "?", str(r.term), str(r.commit_index), str(r.applied_index), str(r.lag)]
             else:
                 cells = ["-", "-", "-", "-", "-"]
-            process = r.process_state or "?"
-            if r.restarts:
-                process += f" ({r.restarts} restarts)"
+            process = process_label(r.process_state, r.restarts)
             share = "-" if group.name == "meta" else _share(group.share)
             table.add_row(group_label if i == 0 else "", share if i == 0 else "", r.host, str(r.node_id), *cells, replica_health(r), process,
                           style=style or None, end_section=i == len(group.replicas) - 1)
@@ -398,6 +396,21 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
 
 
 # --- Helpers ----------------------------------------------------------------------------------------
+
+
+#: supervisord's state of a replica's program, as the status table says it.
+PROCESS_WORDS = {"RUNNING": "running", "STARTING": "starting", "BACKOFF": "backing off", "FATAL": "fatal",
+                 "STOPPED": "stopped", "STOPPING": "stopping", "EXITED": "exited", "": "unknown"}
+
+
+def process_label(state: str, restarts: int) -> str:
+    """The status table's process column: the program's state (from its
+    host's router, else its supervisord; "unknown" when neither answers) and
+    how often it was restarted after an unexpected end."""
+    label = PROCESS_WORDS.get(state, state.lower())
+    if restarts:
+        label += f" ({restarts} restart{'s' if restarts != 1 else ''})"
+    return label
 
 
 def _share(fraction: float) -> str:

@@ -149,7 +149,7 @@ class _ProcessCollector:
 
     def collect(self) -> Iterator[Metric]:
         restarts = CounterMetricFamily("raft_process_restarts", "Times a program of this host was started again "
-                                       "(fail-stop, crash, or an operator), since the router started.",
+                                       "after it ended unexpectedly (fail-stop, crash), since the router started.",
                                        labels=["program"])
         state = GaugeMetricFamily("raft_process_state", "1 for the supervisord state each program of this host is "
                                   "in (BACKOFF: crash-looping).", labels=["program", "state"])

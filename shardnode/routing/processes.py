@@ -6,8 +6,10 @@ A worker that fails stop (docs/worker.md, "Failure model") exits 70 and is
 restarted by supervisord; one whose disk keeps failing crash-loops with a
 growing back-off (state BACKOFF). Operators see that here: the router asks
 its supervisord every `interval` seconds (XML-RPC on the host's address)
-and counts a restart whenever a program was spawned again since the last
-look (its start time changed). The counts feed the metrics page
+and counts a restart whenever a program was spawned again after it ended
+without being asked to (its start time changed since a look that saw it
+running or backing off); a first start, or a start after a stop or an exit
+0, is not a restart. The counts feed the metrics page
 (`raft_process_restarts_total`, `raft_process_state`) and `shardnode status`
 (the `Processes` RPC, which every router answers for its host).
 
@@ -65,6 +67,10 @@ RETRY_FIRST_SECONDS = 5.0
 RETRY_MAX_SECONDS = 300.0
 
 _UP = frozenset({"STARTING", "RUNNING"})
+#: A program last seen in one of these states and spawned again since was
+#: restarted (it ended without being asked to); from STOPPED or an exit 0 it
+#: was started.
+_ENDED_UNEXPECTEDLY = frozenset({"STARTING", "RUNNING", "BACKOFF", "FATAL"})
 
 
 @dataclass(slots=True)
@@ -73,7 +79,7 @@ class ProgramState:
     state: str = ""
     pid: int = 0
     started_at: float = 0.0        # supervisord's start time of the current (or last) spawn
-    restarts: int = 0              # spawns seen after the first one, since this router started
+    restarts: int = 0              # spawns after an unexpected end (crash, fail-stop), since this router started
     exit_status: int = 0
     seen_at: float = 0.0           # time.monotonic() of the last look
     held_down: bool = False        # stopped on purpose: stays down until started
@@ -179,10 +185,16 @@ class ProcessWatch(OwnedTask):
                 program = self.programs[info.name] = ProgramState(
                     info.name, started_at=info.started_at, held_down=info.name in self.held.names)
             elif info.started_at and info.started_at != program.started_at:
-                program.restarts += 1
+                # A restart is a spawn after an end nobody asked for (a crash,
+                # a fail-stop, a too-quick exit); not a program's first start,
+                # nor a start after a stop or after an exit 0.
+                if program.started_at and (program.state in _ENDED_UNEXPECTEDLY
+                                           or (program.state == "EXITED" and program.exit_status != 0)):
+                    program.restarts += 1
+                    log.info("router.program_restarted", extra={
+                        "program": info.name, "restarts": program.restarts, "state": info.state,
+                        "exit_status": info.exitstatus})
                 program.started_at = info.started_at
-                log.info("router.program_restarted", extra={"program": info.name, "restarts": program.restarts,
-                                                            "state": info.state, "exit_status": info.exitstatus})
             if info.state in _UP:
                 self._hold(program, False)
             if info.state == "RUNNING":

@@ -19,7 +19,7 @@ from ..proto import kv_pb2 as pb
 from ..proto import kv_pb2_grpc as pb_grpc
 from ..proto import worker_pb2 as wpb
 from ..placement.shard_map import ShardMap
-from ..supervisor import worker_program
+from ..supervisor import ProcessControl, worker_program
 from .forwarder import ChannelPool, GroupForwarder
 from .map_follower import MapFollower
 from .metrics import RouterMetrics
@@ -78,6 +78,8 @@ class KVService(pb_grpc.KVServicer):
         self._draining = asyncio.Event()
         self._reroutes: set[asyncio.Task[None]] = set()      # operations being routed again (keys that moved)
         self.monitor = GroupMonitor(cluster, channels, self.forwarders)
+        # Asks other hosts' supervisords for `status` when their router is down.
+        self._status_control = ProcessControl(cluster, rpc_timeout=STATUS_TIMEOUT)
         self.processes = ProcessWatch(cluster, host_name, wanted=self.held_groups,
                                       held_down_file=cluster.held_down_file(host_name))
         # The scheduler acts only where supervisord runs (it starts and stops workers).
@@ -470,10 +472,23 @@ class KVService(pb_grpc.KVServicer):
                 return await pb_grpc.KVStub(self.channels.channel(host.router_address)).Processes(
                     pb.ProcessesRequest(), timeout=STATUS_TIMEOUT)
             except grpc.aio.AioRpcError:
-                return None
+                # Its router is down (a host killed with `die`): its
+                # supervisord still says what its programs are doing.
+                return await asyncio.to_thread(self._supervisord_processes, host.name)
 
         answers = await asyncio.gather(*(ask(h) for h in self.cluster.hosts))
         return {(a.host, p.program): p for a in answers if a is not None for p in a.processes}
+
+    def _supervisord_processes(self, host_name: str) -> pb.ProcessesResponse | None:
+        """A host's programs from its supervisord, when its router does not
+        answer (restarts unknown: 0); None if the supervisord does not answer
+        either, or this router may not ask it."""
+        try:
+            infos = self._status_control.processes(host_name)
+        except (ShardnodeError, OSError):
+            return None
+        return pb.ProcessesResponse(host=host_name, supervised=True, processes=[
+            pb.ProcessInfo(program=i.name, state=i.state, exit_status=i.exitstatus) for i in infos.values()])
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         shard_map = self.shard_map

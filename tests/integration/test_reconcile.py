@@ -2,10 +2,13 @@
 two hosts of three (the metadata group loses its quorum) and their start,
 the replicas of a group created online come back on both — on one through
 `shardnode start`, on the other through its router alone (a start that
-named only cluster.toml's groups, as `shardnode start` did)."""
+named only cluster.toml's groups, as `shardnode start` did). Also point 5:
+`die` names the programs it stopped, `status` shows a killed host's
+programs as its supervisord does."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -40,6 +43,13 @@ def test_a_group_created_online_comes_back_on_hosts_restarted_without_the_metada
         for host in (h1, h2):
             died = _shardnode(config, "die", host.router_address)
             assert died.returncode == 0, died.stderr
+            # Only the programs that ran (the host has one for every possible group: 0..2).
+            assert f"({host.router_address}: router, worker-meta, worker-g0, worker-g1) killed" in died.stdout, \
+                died.stdout
+        # A killed host's replicas: `stopped`, as its supervisord says (its router is down).
+        status = _shardnode(config, "status", "--json")
+        replicas = [r for g in json.loads(status.stdout)["groups"] for r in g["replicas"] if r["host"] in ("h1", "h2")]
+        assert {r["process_state"] for r in replicas} == {"STOPPED"}, status.stdout
         # h1 as a start that names only cluster.toml's group: its router brings group 1 back.
         env.control.start(h1.router_address, groups=[0])
         # h2 with `shardnode start`, while the metadata group has no quorum.

@@ -169,3 +169,42 @@ def test_a_crash_looping_worker_is_reported_and_left_to_supervisord(cluster: Clu
     supervisord.set("worker-g0", "BACKOFF", exitstatus=70)
     assert look(watch, supervisord, 1.0) == []
     assert watch.programs["worker-g0"].problem.startswith("crash-looping")
+
+
+def test_restarts_count_unexpected_ends_not_starts(cluster: ClusterConfig) -> None:
+    """Issue 23: every replica of a new group showed `RUNNING (1 restarts)`
+    after its one spawn."""
+    supervisord = FakeSupervisord()
+    supervisord.spawn("router")
+    supervisord.set("worker-g4", "STOPPED")              # a group created online: never started
+    watch = make_watch(cluster, supervisord, set())
+    look(watch, supervisord, 0.0)
+    supervisord.spawn("worker-g4")                       # its first start
+    look(watch, supervisord, 1.0)
+    assert watch.programs["worker-g4"].restarts == 0
+    supervisord.set("worker-g4", "STOPPED")              # `die`, then `start`: started, not restarted
+    look(watch, supervisord, 2.0)
+    supervisord.spawn("worker-g4")
+    look(watch, supervisord, 3.0)
+    assert watch.programs["worker-g4"].restarts == 0
+    supervisord.spawn("worker-g4")                       # it crashed and supervisord spawned it again
+    look(watch, supervisord, 4.0)
+    supervisord.set("worker-g4", "BACKOFF", exitstatus=70)
+    look(watch, supervisord, 5.0)
+    supervisord.spawn("worker-g4")                       # out of the back-off
+    look(watch, supervisord, 6.0)
+    assert watch.programs["worker-g4"].restarts == 2
+    supervisord.set("worker-g4", "EXITED", exitstatus=0)  # exit 0, then started by someone
+    look(watch, supervisord, 7.0)
+    supervisord.spawn("worker-g4")
+    look(watch, supervisord, 8.0)
+    assert watch.programs["worker-g4"].restarts == 2
+
+
+def test_the_status_table_names_program_states() -> None:
+    from shardnode.cli.main import process_label
+
+    assert [process_label(s, 0) for s in ("RUNNING", "STOPPED", "BACKOFF", "FATAL", "EXITED", "")] == \
+        ["running", "stopped", "backing off", "fatal", "exited", "unknown"]
+    assert process_label("RUNNING", 1) == "running (1 restart)"
+    assert process_label("BACKOFF", 3) == "backing off (3 restarts)"
