@@ -44,11 +44,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from .client import Client
+# rich and the client are imported where they are used: `shardnode --help`
+# builds this command's parser from the names below without them.
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .client import Client
 from .errors import RoutersUnreachable
 
 __all__ = [
@@ -348,6 +352,8 @@ def run_bench(make_client: Callable[[], Client], config: BenchConfig, *,
               progress: bool = False, console: Console | None = None) -> BenchResult:
     """Run one workload for its time limit (`load`: until every key is in,
     unless a duration was given). Ctrl-C stops it early; the result says so."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     seed = config.seed if config.seed is not None else int.from_bytes(os.urandom(4), "big")
     zetan = zeta(config.keys, ZIPFIAN_THETA) if config.distribution == "zipfian" else None
     stop = threading.Event()
@@ -411,6 +417,8 @@ def run_bench(make_client: Callable[[], Client], config: BenchConfig, *,
 
 def render_summary(result: BenchResult) -> Table:
     """The summary table: per operation, throughput and latency percentiles."""
+    from rich.table import Table
+
     config = result.config
     keys = "in order" if config.workload == "load" else config.distribution
     title = (f"workload {config.workload}: {config.clients} clients, {config.keys:,} keys ({keys}), "

@@ -24,12 +24,17 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from ..config import ClusterConfig, ConfigError, default_config_path
 from ..errors import ShardnodeError
 from ..placement.intents import IntentKind
-from ..placement.membership import GroupState, MembershipAdmin
-from ..placement.shape_change import request_change
-from ..supervisor import ProcessControl, Target, host_config
+
+# The control plane is imported by the commands that use it: `shardnode --help`
+# and the data commands start without it.
+if TYPE_CHECKING:
+    from ..placement.membership import GroupState, MembershipAdmin
+    from ..supervisor import ProcessControl, Target
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -169,6 +174,8 @@ def _member_remove(args: argparse.Namespace) -> int:
 
 def _rebalance(args: argparse.Namespace) -> int:
     from ..placement.balance import ClusterView, Rebalancer, describe_counts, plan, router_groups, unbalanced
+    from ..placement.membership import MembershipAdmin
+    from ..supervisor import ProcessControl
 
     def shape(view: ClusterView) -> str:
         return (f"replicas per host: {describe_counts(view.replica_counts())}; "
@@ -200,6 +207,9 @@ def _change(args: argparse.Namespace, kind: IntentKind, change_args: dict):  # t
     """Record the change as an intent and carry it out (or follow whoever
     does), printing its progress; the finished intent (ShapeRefused if it
     failed or was cancelled)."""
+    from ..placement.shape_change import request_change
+    from ..supervisor import ProcessControl
+
     cluster = ClusterConfig.load(_config_path(args))
     return request_change(cluster, kind, change_args, control=ProcessControl(cluster),
                           on_line=lambda line: print(line, flush=True))
@@ -240,6 +250,8 @@ def membership_lines(groups: list[GroupState]) -> list[str]:
 
 
 def _supervisor_conf(args: argparse.Namespace) -> int:
+    from ..supervisor import host_config
+
     def run() -> str | None:
         config_path = Path(_config_path(args)).absolute()
         cluster = ClusterConfig.load(config_path)
@@ -266,10 +278,15 @@ def _config_path(args: argparse.Namespace) -> str:
 
 
 def _control(args: argparse.Namespace) -> ProcessControl:
+    from ..supervisor import ProcessControl
+
     return ProcessControl(ClusterConfig.load(_config_path(args)))
 
 
 def _admin(args: argparse.Namespace, progress: bool = True) -> MembershipAdmin:
+    from ..placement.membership import MembershipAdmin
+    from ..supervisor import ProcessControl
+
     cluster = ClusterConfig.load(_config_path(args))
     return MembershipAdmin(cluster, ProcessControl(cluster),
                            progress=(lambda line: print(line, flush=True)) if progress else None)

@@ -18,9 +18,7 @@ from collections.abc import Sequence
 
 from ..config import ClusterConfig, ConfigError, default_config_path
 from ..errors import ShardnodeError
-from ..placement.groups import GroupChangeReport
 from ..placement.intents import IntentKind
-from ..placement.shape_change import cancel, pending_work, request_change
 
 
 def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
@@ -81,6 +79,8 @@ def _remove(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, kind: IntentKind, change_args: dict) -> int:
+    from ..placement.groups import GroupChangeReport
+    from ..placement.shape_change import request_change
     from ..supervisor import ProcessControl
 
     def line(text: str) -> None:
@@ -101,6 +101,8 @@ def _run(args: argparse.Namespace, kind: IntentKind, change_args: dict) -> int:
 
 
 def _pending(args: argparse.Namespace) -> int:
+    from ..placement.shape_change import pending_work
+
     try:
         intents, moves, lease = pending_work(_cluster(args))
     except (ConfigError, ShardnodeError) as exc:
@@ -144,6 +146,8 @@ def _pending(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
+    from ..placement.shape_change import cancel
+
     try:
         intent = cancel(_cluster(args), args.intent)
     except (ConfigError, ShardnodeError) as exc:

@@ -2,10 +2,10 @@
 
     shardnode [--config etc/cluster.toml] [--timeout 10] COMMAND ...
 
-    put KEY VALUE      set KEY; prints the previous value (nothing if it was new)
+    put KEY VALUE      set KEY; prints OK (--prev-kv: then the previous value, if any)
     put KEY --value-file FILE   the value from FILE (`-`: standard input), for large values
-    get KEY            prints the value; prints nothing and exits 1 if KEY is absent
-    delete KEY         remove KEY; prints the previous value (nothing if it was absent)
+    get KEY            writes the value (raw; --output FILE); nothing and exit 1 if KEY is absent
+    delete KEY         remove KEY; prints 1, or 0 if it was absent (--prev-kv: then the previous value)
     status             one row per replica (--json for machine output); exits 1 if a
                        group has no quorum; --wait SECONDS waits until every group has one
     bench              YCSB-style benchmark (shardnode bench --help)
@@ -20,8 +20,8 @@ directory, else the one of the checkout shardnode runs from
 (shardnode.config.default_config_path).
 
 Keys and values on the command line are taken as the bytes the shell passed
-(os.fsencode), so non-UTF-8 arguments round-trip. Values are printed as raw
-bytes followed by a newline.
+(os.fsencode), so non-UTF-8 arguments round-trip. Values are written as raw
+bytes, followed by a newline only when standard output is a terminal.
 
 Admin commands: `shardnode.cli.admin.register(subparsers)` adds sub-parsers;
 each sets `func` (`set_defaults(func=...)`) to a callable taking the parsed
@@ -36,14 +36,18 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import __version__
-from ..client import Client
 from ..config import DEFAULT_CONFIG, ConfigError, default_config_path
 from ..errors import ShardnodeError
-from ..proto import kv_pb2
-from .ready import NotReady, every_group, wait_ready
+
+# Every command starts in well under 0.2 s: the client (gRPC, protobuf,
+# asyncio), rich and the control plane are imported by the commands that use
+# them, not here (measured with `python -X importtime -m shardnode.cli --help`).
+if TYPE_CHECKING:
+    from ..client import Client
+    from ..proto import kv_pb2
 
 PROG = "shardnode"
 DEFAULT_TIMEOUT = 10.0
@@ -125,27 +129,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    put = commands.add_parser("put", parents=[common], help="set a key; prints its previous value",
-                              description="Set KEY to VALUE, or to the bytes of --value-file. Prints the "
-                                          "previous value, or nothing if KEY was new.")
+    put = commands.add_parser("put", parents=[common], help="set a key; prints OK",
+                              description="Set KEY to VALUE, or to the bytes of --value-file. Prints OK (as etcdctl "
+                                          "does); with --prev-kv, then the previous value, if there was one.")
     put.add_argument("key", metavar="KEY")
     put.add_argument("value", metavar="VALUE", nargs="?",
                      help="the value (a command-line argument is limited to 128 KiB: use --value-file beyond)")
     put.add_argument("--value-file", metavar="FILE",
                      help="read the value from FILE, or from standard input if FILE is -")
+    put.add_argument("--prev-kv", action="store_true",
+                     help="after OK, print the previous value (raw, as `get` prints values)")
     put.set_defaults(func=_cmd_put)
 
-    get = commands.add_parser("get", parents=[common], help="print a key's value",
-                              description="Print the value of KEY (linearizable). If KEY is absent, "
-                                          "print nothing and exit with status 1.")
+    get = commands.add_parser("get", parents=[common], help="print a key's value (raw bytes)",
+                              description="Write the value of KEY (linearizable) as the bytes it is: a newline "
+                                          "follows only when standard output is a terminal, so `get K > file` "
+                                          "gives back exactly what `put K --value-file file` stored. If KEY is "
+                                          "absent, write nothing and exit with status 1.")
     get.add_argument("key", metavar="KEY")
     get.add_argument("--stale", action="store_true",
                      help="allow a possibly stale read from any replica (faster, not linearizable)")
+    get.add_argument("--output", "-o", metavar="FILE",
+                     help="write the value to FILE instead of standard output (nothing is written if KEY is absent)")
     get.set_defaults(func=_cmd_get)
 
-    delete = commands.add_parser("delete", parents=[common], help="remove a key; prints its previous value",
-                                 description="Remove KEY. Prints the previous value, or nothing if KEY was absent.")
+    delete = commands.add_parser("delete", parents=[common], help="remove a key; prints 1 (removed) or 0 (absent)",
+                                 description="Remove KEY. Prints the number of keys removed, 1 or 0 (as etcdctl "
+                                             "does); with --prev-kv, then the previous value, if there was one.")
     delete.add_argument("key", metavar="KEY")
+    delete.add_argument("--prev-kv", action="store_true",
+                        help="after the count, print the previous value (raw, as `get` prints values)")
     delete.set_defaults(func=_cmd_delete)
 
     status = commands.add_parser("status", parents=[common], help="groups, replicas, leaders, lag",
@@ -207,6 +220,8 @@ def _register_admin(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> Client:
+    from ..client import Client
+
     return Client.from_config(args.config, timeout=args.timeout)
 
 
@@ -214,7 +229,8 @@ def _cmd_put(args: argparse.Namespace) -> int:
     value = _value_argument(args)
     with _client(args) as client:
         old = client.put(os.fsencode(args.key), value)
-    if old is not None:
+    _print_line("OK")
+    if args.prev_kv and old is not None:
         _write_value(old)
     return EXIT_OK
 
@@ -224,14 +240,22 @@ def _cmd_get(args: argparse.Namespace) -> int:
         value = client.get(os.fsencode(args.key), allow_stale=args.stale)
     if value is None:
         return EXIT_NOT_FOUND
-    _write_value(value)
+    if args.output is None:
+        _write_value(value)
+        return EXIT_OK
+    try:
+        with open(args.output, "wb") as f:
+            f.write(value)
+    except OSError as exc:
+        raise _UsageError(f"get: cannot write {args.output}: {exc.strerror}") from None
     return EXIT_OK
 
 
 def _cmd_delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         old = client.delete(os.fsencode(args.key))
-    if old is not None:
+    _print_line("0" if old is None else "1")
+    if args.prev_kv and old is not None:
         _write_value(old)
     return EXIT_OK
 
@@ -251,6 +275,8 @@ def _value_argument(args: argparse.Namespace) -> bytes:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from .ready import NotReady, every_group, wait_ready
+
     with _client(args) as client:
         if args.wait is None:
             status = client.status()
@@ -278,7 +304,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             seed=args.seed, client_per_thread=args.client_per_thread)
     except ValueError as exc:
         raise _UsageError(f"bench: {exc}") from None
-    Client.from_config(args.config).close()      # a bad configuration is one error line, not N
+    _client(args).close()      # a bad configuration is one error line, not N
     console = Console(file=sys.stdout)
     progress = not args.no_progress and sys.stdout.isatty()
     result = bench_module.run_bench(lambda: _client(args), config, progress=progress, console=console)
@@ -364,6 +390,8 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
     """A rich Table: one row per replica; the leader bold, a group without quorum red."""
     from rich.table import Table
 
+    from .ready import every_group
+
     with_quorum = sum(1 for g in status.groups if g.has_quorum)
     caption = f"{len(status.groups)} groups, {with_quorum} with quorum"
     if status.HasField("metadata_group"):
@@ -429,14 +457,23 @@ def print_table(table: Any) -> None:
     console.print(table)
 
 
+def _print_line(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def _write_value(value: bytes) -> None:
-    """Print a value as the bytes it is, then a newline."""
+    """Write a value as the bytes it is; a newline after it only when
+    standard output is a terminal (for the prompt), never into a pipe or a
+    file, so that binary values round-trip."""
     sys.stdout.flush()
     buffer = getattr(sys.stdout, "buffer", None)
-    if buffer is None:
-        print(value.decode("utf-8", errors="backslashreplace"))
+    terminal = sys.stdout.isatty()
+    if buffer is None:                  # a text-only stdout (tests capturing it)
+        sys.stdout.write(value.decode("utf-8", errors="backslashreplace") + ("\n" if terminal else ""))
+        sys.stdout.flush()
         return
-    buffer.write(value + b"\n")
+    buffer.write(value + b"\n" if terminal else value)
     buffer.flush()
 
 
