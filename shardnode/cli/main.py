@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read the value from FILE, or from standard input if FILE is -")
     put.add_argument("--prev-kv", action="store_true",
                      help="after OK, print the previous value (raw, as `get` prints values)")
+    _wait_option(put)
     put.set_defaults(func=_cmd_put)
 
     get = commands.add_parser("get", parents=[common], help="print a key's value (raw bytes)",
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow a possibly stale read from any replica (faster, not linearizable)")
     get.add_argument("--output", "-o", metavar="FILE",
                      help="write the value to FILE instead of standard output (nothing is written if KEY is absent)")
+    _wait_option(get)
     get.set_defaults(func=_cmd_get)
 
     delete = commands.add_parser("delete", parents=[common], help="remove a key; prints 1 (removed) or 0 (absent)",
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("key", metavar="KEY")
     delete.add_argument("--prev-kv", action="store_true",
                         help="after the count, print the previous value (raw, as `get` prints values)")
+    _wait_option(delete)
     delete.set_defaults(func=_cmd_delete)
 
     status = commands.add_parser("status", parents=[common], help="groups, replicas, leaders, lag",
@@ -202,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _wait_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", dest="wait_for_quorum", action="store_true",
+                        help="if the key's group has no quorum, wait for it until --timeout (default: fail at once "
+                             "with 'no quorum in group N', as Redis Cluster answers CLUSTERDOWN)")
+
+
 def _register_admin(commands: Any, common: argparse.ArgumentParser) -> None:
     try:
         from . import admin
@@ -222,7 +231,8 @@ def _register_admin(commands: Any, common: argparse.ArgumentParser) -> None:
 def _client(args: argparse.Namespace) -> Client:
     from ..client import Client
 
-    return Client.from_config(args.config, timeout=args.timeout)
+    return Client.from_config(args.config, timeout=args.timeout,
+                              wait_for_quorum=getattr(args, "wait_for_quorum", False))
 
 
 def _cmd_put(args: argparse.Namespace) -> int:

@@ -119,7 +119,8 @@ class KVService(pb_grpc.KVServicer):
             placed = self.cluster.placed_replicas(group, new.placements.get(group, ()))
             if placed:
                 # Not probed here (its workers may still be starting): the monitor does within a second.
-                forwarder.observe(GroupView(group, placed, (None,) * len(placed), time.monotonic()))
+                forwarder.observe(GroupView(group, placed, (None,) * len(placed), time.monotonic(),
+                                            placeholder=True))
             self.forwarders[group] = forwarder
         self.shard_map = new
         for group in [g for g in self.forwarders if g not in new.groups]:
@@ -156,7 +157,8 @@ class KVService(pb_grpc.KVServicer):
         if len(value) > self.cluster.max_value_bytes:
             raise InvalidArgument(f"value must be at most {self.cluster.max_value_bytes} bytes (got {len(value)})")
 
-    async def _execute(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False) -> wpb.OperationResult:
+    async def _execute(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False,
+                       wait_for_quorum: bool = False) -> wpb.OperationResult:
         """Validate, route and forward one operation; raises the error tree."""
         began = time.perf_counter()
         group: int | None = None      # unknown for a request refused before routing
@@ -170,7 +172,8 @@ class KVService(pb_grpc.KVServicer):
                 shard_map = self.shard_map
                 group = shard_map.group_for(operation.key)
                 operation.shard_epoch = shard_map.epoch
-                result = await self._forward(self.forwarders[group], operation, deadline, allow_stale)
+                result = await self._forward(self.forwarders[group], operation, deadline, allow_stale,
+                                             wait_for_quorum)
                 if not result.wrong_group:
                     return result
                 if allow_stale:
@@ -213,9 +216,9 @@ class KVService(pb_grpc.KVServicer):
             pause = min(pause * 2, REDIRECT_PAUSE_MAX)
 
     async def _forward(self, forwarder: GroupForwarder, operation: wpb.Operation, deadline: float,
-                       allow_stale: bool) -> wpb.OperationResult:
+                       allow_stale: bool, wait_for_quorum: bool) -> wpb.OperationResult:
         if operation.kind == WOp.GET:
-            return await forwarder.submit(operation, deadline, allow_stale)
+            return await forwarder.submit(operation, deadline, allow_stale, wait_for_quorum)
         session = None
         if operation.client_id == 0:
             session = self.sessions.acquire()
@@ -223,7 +226,7 @@ class KVService(pb_grpc.KVServicer):
         elif operation.sequence == 0:
             raise InvalidArgument("a session needs a sequence number starting at 1")
         try:
-            result = await forwarder.submit(operation, deadline)
+            result = await forwarder.submit(operation, deadline, wait_for_quorum=wait_for_quorum)
         finally:
             if session is not None:
                 # Known outcome or not, the next write on this session takes
@@ -243,7 +246,8 @@ class KVService(pb_grpc.KVServicer):
         operation = WOp(kind=WOp.PUT, key=request.key, value=request.value,
                         client_id=request.session.client_id, sequence=request.session.sequence)
         try:
-            result = await self._execute(operation, self._deadline(context))
+            result = await self._execute(operation, self._deadline(context),
+                                         wait_for_quorum=request.wait_for_quorum)
         except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession) as exc:
             await self._abort(context, exc)
         return pb.PutResponse(existed=result.existed, old_value=result.value)
@@ -251,7 +255,8 @@ class KVService(pb_grpc.KVServicer):
     async def Get(self, request: pb.GetRequest, context) -> pb.GetResponse:
         operation = WOp(kind=WOp.GET, key=request.key)
         try:
-            result = await self._execute(operation, self._deadline(context), request.allow_stale)
+            result = await self._execute(operation, self._deadline(context), request.allow_stale,
+                                         request.wait_for_quorum)
         except (InvalidArgument, Unavailable, DeadlineExceeded) as exc:
             await self._abort(context, exc)
         return pb.GetResponse(found=result.existed, value=result.value)
@@ -260,7 +265,8 @@ class KVService(pb_grpc.KVServicer):
         operation = WOp(kind=WOp.DELETE, key=request.key,
                         client_id=request.session.client_id, sequence=request.session.sequence)
         try:
-            result = await self._execute(operation, self._deadline(context))
+            result = await self._execute(operation, self._deadline(context),
+                                         wait_for_quorum=request.wait_for_quorum)
         except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession) as exc:
             await self._abort(context, exc)
         return pb.DeleteResponse(existed=result.existed, old_value=result.value)
@@ -351,7 +357,7 @@ class KVService(pb_grpc.KVServicer):
                 continue
             deadline = self._operation_deadline(op.timeout_ms, now, call_deadline)
             group = self._enqueue(_Queued(answer, slot, op.id, kind, began, session, operation, deadline,
-                                          allow_stale))
+                                          allow_stale, op.wait_for_quorum))
             pumps.add((group, allow_stale))
         for group, allow_stale in pumps:
             self.forwarders[group].pump(allow_stale)
@@ -362,7 +368,8 @@ class KVService(pb_grpc.KVServicer):
         shard_map = self.shard_map
         group = shard_map.group_for(queued.operation.key)
         queued.operation.shard_epoch = shard_map.epoch
-        future = self.forwarders[group].enqueue(queued.operation, queued.deadline, queued.allow_stale)
+        future = self.forwarders[group].enqueue(queued.operation, queued.deadline, queued.allow_stale,
+                                                queued.wait_for_quorum)
         future.add_done_callback(functools.partial(self._answered, queued, group, shard_map))
         return group
 
@@ -559,6 +566,7 @@ class _Queued:
     operation: wpb.Operation
     deadline: float
     allow_stale: bool
+    wait_for_quorum: bool = False
     router_session: bool = False
 
     def __post_init__(self) -> None:

@@ -225,6 +225,19 @@ def test_put_value_file_and_stdin(config: str, router: FakeRouter, tmp_path: Pat
     assert code == 2 and "cannot read" in err
 
 
+def test_data_commands_fail_at_once_without_quorum_unless_told_to_wait(
+        config: str, router: FakeRouter, capsys: pytest.CaptureFixture[str]) -> None:
+    router.default_fault = "no_quorum"
+    for command in (["get", "k"], ["put", "k", "v"], ["delete", "k"]):
+        code, out, err = run(capsys, "--config", config, "--timeout", "30", *command)
+        assert code == 2 and out == "" and err.startswith(f"shardnode: {command[0]}: no quorum in group 3"), err
+        assert "gave up" not in err
+    assert set(router.waited_for_quorum) == {False}
+    code, out, err = run(capsys, "--config", config, "--timeout", "0.5", "get", "k", "--wait")
+    assert code == 2 and "gave up after 0.5 s" in err
+    assert router.waited_for_quorum[-1] is True
+
+
 def _shardnode(config: str, *args: str, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
     return subprocess.run([sys.executable, "-m", "shardnode.cli", "--config", config, *args], cwd=ROOT,
                           stdout=stdout, stderr=subprocess.PIPE, timeout=60)
