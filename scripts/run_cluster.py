@@ -47,6 +47,8 @@ DEFAULT_READY_TIMEOUT = 120.0
 # supervisord console lines worth showing: anything but INFO, and programs that died or gave up.
 _WORTH_SHOWING = re.compile(r" (WARN|ERRO|CRIT) |gave up|FATAL|exited: ")
 _NOISE = ("indicating exit request", "Supervisor is running as root")
+# The top supervisord's line when a host's runner has exited.
+_HOST_STOPPED = re.compile(r" INFO stopped: (\S+) \(exit status (-?\d+)\)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,10 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
     )
     stopping = threading.Event()
+    stop_began: list[float] = []
 
     def forward(signum: int, frame: object) -> None:
         # Ctrl-C already reached supervisord (same process group); a SIGTERM or
         # SIGINT sent to this process alone must reach it too.
+        if not stopping.is_set():
+            stop_began.append(time.monotonic())
+            print(f"{PROG}: stopping {cluster.name}: every host at once, each stopping its router and workers "
+                  "in parallel", flush=True)
         stopping.set()
         if supervisord.poll() is None:
             supervisord.send_signal(signal.SIGTERM)
@@ -95,13 +102,21 @@ def main(argv: list[str] | None = None) -> int:
                                                     supervisord), daemon=True, name="ready")
     watcher.start()
     assert supervisord.stdout is not None
+    hosts = {host.name for host in cluster.hosts}
     for line in supervisord.stdout:
-        if _WORTH_SHOWING.search(line) and not any(noise in line for noise in _NOISE):
+        stopped = _HOST_STOPPED.search(line)
+        if stopped and stopped.group(1) in hosts:
+            # One line per host as it stops (its runner stopped its programs in parallel).
+            after = f" after {time.monotonic() - stop_began[0]:.1f} s" if stop_began else ""
+            status = "" if stopped.group(2) == "0" else f", exit status {stopped.group(2)}"
+            print(f"{PROG}: {stopped.group(1)} stopped{after}{status}", flush=True)
+        elif _WORTH_SHOWING.search(line) and not any(noise in line for noise in _NOISE):
             print(f"supervisord: {line.rstrip()}", flush=True)
     code = supervisord.wait()
     stopping.set()
     if code == 0:
-        print(f"{PROG}: {cluster.name} stopped (data kept in {data}/; `make reset` deletes it)", flush=True)
+        took = f" in {time.monotonic() - stop_began[0]:.1f} s" if stop_began else ""
+        print(f"{PROG}: {cluster.name} stopped{took} (data kept in {data}/; `make reset` deletes it)", flush=True)
     else:
         print(f"{PROG}: supervisord exited with status {code}; see {data}/supervisord.log", file=sys.stderr,
               flush=True)

@@ -56,6 +56,7 @@ __all__ = [
     "host_log_dir",
     "local_cluster_config",
     "worker_program",
+    "STOP_WAIT_SECONDS",
 ]
 
 ROUTER_PROGRAM = "router"
@@ -252,15 +253,16 @@ def local_cluster_config(
 
     supervisord = _supervisord_command(python)
     names = [host.name for host in cluster.hosts]
-    # The top level waits for a host's supervisord to stop its programs one by
-    # one (router, then each worker), each within STOP_WAIT_SECONDS.
-    host_stop_wait = STOP_WAIT_SECONDS * (2 + max(len(cluster.groups_on_host(n)) for n in names)) + 10
+    # Each host's runner stops its programs all at once (each within
+    # STOP_WAIT_SECONDS), then its supervisord: the top level waits that long.
+    host_stop_wait = 3 * STOP_WAIT_SECONDS + 10
     lines = [
         f'{_GENERATED}: the whole cluster "{cluster.name}" on this machine, from {config_path}.',
         "; Do not edit: `make run` regenerates it (scripts/gen_supervisor_conf.py).",
         "; Each program is one host's own supervisord (hosts/HOST.conf), answering XML-RPC on",
-        "; that host's address:supervisor_port, exactly as on a multi-host deployment.",
-        "; Ctrl-C (or SIGTERM) stops them all; each stops its router and workers cleanly first.",
+        "; that host's address:supervisor_port, exactly as on a multi-host deployment, run by",
+        "; shardnode.host_runner, which on SIGTERM stops the host's router and workers all at",
+        "; once (cleanly), then its supervisord. Ctrl-C (or SIGTERM) stops every host at once.",
         "",
         "[supervisord]",
         "nodaemon=true",
@@ -276,18 +278,23 @@ def local_cluster_config(
     ]
     for host in cluster.hosts:
         host_conf = hosts_dir / f"{host.name}.conf"
+        # -s: the host's supervisord already writes its own logfile.
+        runner = (f"{shlex.quote(str(python))} -m shardnode.host_runner --config {shlex.quote(str(config_path))} "
+                  f"--host {shlex.quote(host.name)} -- {supervisord} -n -s -c {shlex.quote(str(host_conf))}")
         lines += [
             f"[program:{host.name}]",
-            # -s: the host's supervisord already writes its own logfile.
-            f"command={_value(f'{supervisord} -n -s -c {shlex.quote(str(host_conf))}')}",
+            f"command={_value(runner)}",
             f"directory={_value(project_root)}",
+            f'environment=PYTHONPATH="{_value(project_root)}"',
             "autostart=true",
             "autorestart=true",
             "startsecs=1",
             f"startretries={HOST_START_RETRIES}",
             "stopsignal=TERM",
             f"stopwaitsecs={host_stop_wait}",
-            "stopasgroup=true",
+            # The runner alone is asked to stop (it stops the host's programs in
+            # parallel, then its supervisord); its whole group is killed if it hangs.
+            "stopasgroup=false",
             "killasgroup=true",
             "redirect_stderr=true",
             f"stdout_logfile={_value(data_dir / host.name / 'supervisord.console.log')}",

@@ -61,12 +61,22 @@ def test_run_says_when_it_is_late_then_ready_and_stops_cleanly(tmp_path: Path) -
         # A router, two workers and a metadata group worker per host (groups created online: none yet).
         assert len(pids) == 3 * (1 + 2 + 1), pids
 
+        stop_began = time.monotonic()
         os.kill(launcher.pid, signal.SIGTERM)                   # as `kill PID` of make run would
         assert launcher.wait(timeout=90) == 0
+        took = time.monotonic() - stop_began
         rest = []
         while (line := _next_line(lines, 10)) is not None:
             rest.append(line)
-        assert rest and rest[-1].startswith("make run: run-itest stopped"), rest
+        assert rest and rest[-1].startswith("make run: run-itest stopped in "), rest
+        # Issue 23: stopping took 24 s and said nothing. Every host stops at once, its programs
+        # in parallel, with one line per host as it stops.
+        assert rest[0].startswith("make run: stopping run-itest: every host at once"), rest
+        assert sorted(line.split()[2] for line in rest if " stopped after " in line) == ["h1", "h2", "h3"], rest
+        for host in cluster.hosts:
+            runner = (tmp_path / "data" / host.name / "supervisord.console.log").read_text()
+            assert f"host {host.name} stopped in " in runner and "4 programs stopped in parallel" in runner, runner
+        print(f"\n[run] stop took {took:.1f} s")
         deadline = time.monotonic() + 10
         while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.1)

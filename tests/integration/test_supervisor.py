@@ -122,6 +122,10 @@ def test_local_cluster_config_files(tmp_path: Path) -> None:
         command = shlex.split(section["command"])
         assert command[-4:] == ["-n", "-s", "-c", str(out / "hosts" / f"{host.name}.conf")]
         assert Path(command[0]).is_absolute()
+        # Run by the host runner, which stops the host's programs in parallel on SIGTERM
+        # (supervisord's own shutdown stops them one by one): only it gets the SIGTERM.
+        assert command[1:7] == ["-m", "shardnode.host_runner", "--config", str(config_path), "--host", host.name]
+        assert section["stopasgroup"] == "false" and section["killasgroup"] == "true"
         # Long enough for the host's supervisord to stop its programs cleanly.
         assert int(section["stopwaitsecs"]) > 10 * 2
         host_conf = _parse((out / "hosts" / f"{host.name}.conf").read_text())
