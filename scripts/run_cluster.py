@@ -40,6 +40,7 @@ from shardnode.cli.ready import NotReady, wait_ready  # noqa: E402
 from shardnode.client import Client  # noqa: E402
 from shardnode.config import ClusterConfig, ConfigError  # noqa: E402
 from shardnode.errors import ShardnodeError  # noqa: E402
+from shardnode.placement.shard_map import ShardMap  # noqa: E402
 from shardnode.supervisor import local_cluster_config  # noqa: E402
 
 PROG = "make run"
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     data = _shown(cluster.data_dir)
-    shape = f"{len(cluster.hosts)} hosts, {cluster.groups} groups of {cluster.replicas} replicas"
+    shape = describe_shape(cluster)
     print(f"{PROG}: starting {cluster.name} ({shape}) under supervisord -c {_shown(top)}; "
           f"logs in {data}/HOST/logs/", flush=True)
 
@@ -152,9 +153,36 @@ def _watch(cluster: ClusterConfig, config_path: Path, ready_timeout: float, star
                 return
             if stopping.is_set():
                 return
-            print(f"{PROG}: {cluster.name} is ready ({time.monotonic() - started:.1f} s): all {len(status.groups)} "
-                  f"groups have a leader. {hints[0].upper()}{hints[1:]}", flush=True)
+            groups = len(status.groups)
+            print(f"{PROG}: {cluster.name} is ready ({time.monotonic() - started:.1f} s): all {groups} data "
+                  f"group{'s' if groups != 1 else ''} and the metadata group have a leader. "
+                  f"{hints[0].upper()}{hints[1:]}", flush=True)
             return
+
+
+def describe_shape(cluster: ClusterConfig) -> str:
+    """The start line's shape, counted as the ready line counts: the data
+    groups of the live shard map (the newest one a router saved, with the
+    groups created online; cluster.toml's before the first start) and the
+    metadata group."""
+    saved = _saved_map(cluster)
+    groups = len(saved.groups) if saved is not None else cluster.groups
+    online = f" ({groups - cluster.groups:+d} since cluster.toml's {cluster.groups})" if groups != cluster.groups else ""
+    return (f"{len(cluster.hosts)} hosts; {groups} data group{'s' if groups != 1 else ''}{online} of "
+            f"{cluster.replicas} replicas and the metadata group of {cluster.meta_replicas}")
+
+
+def _saved_map(cluster: ClusterConfig) -> ShardMap | None:
+    """The newest shard map the hosts' routers saved (data_dir/HOST/shard_map), if any."""
+    newest = None
+    for host in cluster.hosts:
+        try:
+            candidate = ShardMap.decode(cluster.shard_map_file(host.name).read_bytes())
+        except (OSError, ShardnodeError, ValueError):
+            continue
+        if newest is None or candidate.epoch > newest.epoch:
+            newest = candidate
+    return newest
 
 
 def _shown(path: Path) -> str:

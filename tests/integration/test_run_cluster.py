@@ -49,12 +49,14 @@ def test_run_says_when_it_is_late_then_ready_and_stops_cleanly(tmp_path: Path) -
     pids: list[int] = []
     try:
         first = _next_line(lines, 30)
-        assert first.startswith("make run: starting run-itest (3 hosts, 2 groups of 3 replicas)"), first
+        assert first.startswith("make run: starting run-itest (3 hosts; 2 data groups of 3 replicas and the "
+                                "metadata group of 3)"), first
         late = _next_line(lines, 30)
         assert late.startswith("make run: run-itest is not ready after "), late
         assert "It keeps running and trying" in late and "stop: Ctrl-C" in late
         ready = _next_line(lines, 90)
-        assert ready.startswith("make run: run-itest is ready (") and "all 2 groups have a leader" in ready, ready
+        assert ready.startswith("make run: run-itest is ready (") and \
+            "all 2 data groups and the metadata group have a leader" in ready, ready
         assert "Logs: " in ready and "/logs/" in ready and "status: " in ready and "stop: Ctrl-C" in ready
         control = ProcessControl(cluster)
         pids = [info.pid for host in cluster.hosts for info in control.processes(host.name).values() if info.pid]
@@ -105,3 +107,25 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_the_start_line_counts_groups_as_the_ready_line_does(tmp_path: Path) -> None:
+    """Issue 23: the start line said `4 groups of 5 replicas` (cluster.toml's),
+    the ready line `all 5 groups` (the live map's, with a group created
+    online). Both count the live map's data groups, and the metadata group."""
+    import importlib.util
+
+    from shardnode.placement.shard_map import ShardMap
+
+    spec = importlib.util.spec_from_file_location("run_cluster", ROOT / "scripts" / "run_cluster.py")
+    assert spec is not None and spec.loader is not None
+    run_cluster = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_cluster)
+    cluster = ClusterConfig.load(write_cluster_toml(tmp_path, name="lines", hosts=3, groups=2, replicas=3))
+    assert run_cluster.describe_shape(cluster) == "3 hosts; 2 data groups of 3 replicas and the metadata group of 3"
+    live = ShardMap.build(2, cluster.virtual_nodes).with_group(2, ("h1", "h2", "h3"))
+    path = cluster.shard_map_file("h2")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(live.encode())
+    assert run_cluster.describe_shape(cluster) == \
+        "3 hosts; 3 data groups (+1 since cluster.toml's 2) of 3 replicas and the metadata group of 3"
