@@ -144,6 +144,7 @@ class GroupForwarder:
         self._no_majority_since: float | None = None
         self._no_majority_probes = 0
         self._last_ok = 0.0
+        self._served = False        # the group had a quorum (or answered OK) since this router started
 
     def _follow(self, members: tuple[Replica, ...]) -> None:
         """Route to these members (the group's live membership)."""
@@ -167,6 +168,8 @@ class GroupForwarder:
             self.leader = view.leader_id
         if view.placeholder:
             return
+        if view.has_quorum:
+            self._served = True
         if view.reachable_voters < view.majority:
             self._no_majority_probes += 1
             if self._no_majority_since is None:
@@ -182,14 +185,18 @@ class GroupForwarder:
 
     def no_quorum_now(self) -> bool:
         """Whether the group surely has no majority up now, so that an
-        operation that may not wait is answered NoQuorum at once: FAIL_FAST_PROBES
-        probes in a row (a second apart) found fewer than a majority of its
-        voters answering, the last one is recent, and no call to the group
-        succeeded since the first of them (a probe that timed out on a loaded
-        machine is not enough)."""
+        operation that may not wait is answered NoQuorum at once: the group
+        had a quorum since this router started (a cluster still starting is
+        waited for: the router's connections to workers that were not up yet
+        recover only after a back-off), FAIL_FAST_PROBES probes in a row (a
+        second apart) found fewer than a majority of its voters answering,
+        the last one is recent, and no call to the group succeeded since the
+        first of them (a probe that timed out on a loaded machine is not
+        enough)."""
         view = self.view
         since = self._no_majority_since
-        return (view is not None and since is not None and self._no_majority_probes >= FAIL_FAST_PROBES
+        return (self._served and view is not None and since is not None
+                and self._no_majority_probes >= FAIL_FAST_PROBES
                 and time.monotonic() - view.at <= FAIL_FAST_VIEW_AGE and self._last_ok < since)
 
     def _fail_now(self, waiting: _Waiting) -> None:
@@ -335,6 +342,7 @@ class GroupForwarder:
         if status == Status.OK:
             self._backoff = 0.0
             self._last_ok = time.monotonic()
+            self._served = True
             if not allow_stale:
                 self.leader = target
             for waiting, result in zip(batch, response.results):
