@@ -41,7 +41,7 @@ from shardnode.client import Client  # noqa: E402
 from shardnode.config import ClusterConfig, ConfigError  # noqa: E402
 from shardnode.errors import ShardnodeError  # noqa: E402
 from shardnode.placement.shard_map import ShardMap  # noqa: E402
-from shardnode.supervisor import local_cluster_config  # noqa: E402
+from shardnode.supervisor import listeners, local_cluster_config  # noqa: E402
 
 PROG = "make run"
 DEFAULT_READY_TIMEOUT = 120.0
@@ -70,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:
         print(f"{PROG}: cannot write {exc.filename or args.out}: {exc.strerror}", file=sys.stderr)
+        return 2
+
+    taken = listeners(cluster)
+    if taken:
+        # Another cluster (or anything) holds our addresses: starting would only
+        # make our hosts fail, and the watcher might report the other cluster ready.
+        more = f" (and {len(taken) - 1} more of its addresses)" if len(taken) > 1 else ""
+        print(f"{PROG}: {taken[0].describe()}{more}: is another cluster running? Stop it first (Ctrl-C where it "
+              f"runs), or give this one other ports in {_shown(config_path)}", file=sys.stderr, flush=True)
         return 2
 
     data = _shown(cluster.data_dir)

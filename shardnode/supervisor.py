@@ -51,8 +51,10 @@ __all__ = [
     "SupervisorUnavailable",
     "Target",
     "UnknownServer",
+    "Listener",
     "ensure_workers",
     "host_config",
+    "listeners",
     "host_log_dir",
     "local_cluster_config",
     "worker_program",
@@ -716,3 +718,93 @@ class _Session:
             raise SupervisorUnavailable(
                 f"cannot reach the supervisord of host {self.host.name} at {self.address}: {reason}"
             ) from None
+
+
+# --- Who holds a cluster's addresses ------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class Listener:
+    """A process listening on one of a cluster's addresses."""
+
+    address: str
+    port: int
+    role: str              # what the cluster would run there: "host1's router port", ...
+    pid: int | None        # None when it cannot be told (another user's process)
+    command: str           # its command line ("" if unknown)
+
+    def describe(self) -> str:
+        who = f"pid {self.pid} ({self.command})" if self.pid is not None else "another process"
+        return f"{self.address}:{self.port} ({self.role}) is already taken by {who}"
+
+
+def listeners(cluster: ClusterConfig) -> list[Listener]:
+    """The processes that listen on the addresses `cluster` would listen on
+    (router, metrics, supervisord and worker ports of every host): empty when
+    it can start. A TCP connection that is accepted means someone listens;
+    who it is comes from /proc (Linux), when this user may see it."""
+    found = []
+    owners: dict[tuple[str, int], int] | None = None
+    for host in cluster.hosts:
+        ports = [(host.router_port, f"{host.name}'s router port"), (host.metrics_port, f"{host.name}'s metrics port"),
+                 (host.supervisor_port, f"{host.name}'s supervisord port")]
+        ports += [(host.worker_port(g), f"{host.name}'s {worker_program(g)} port") for g in worker_groups(cluster)]
+        for port, role in ports:
+            if not _accepts(host.address, port):
+                continue
+            if owners is None:
+                owners = _listening_pids()
+            pid = owners.get((host.address, port), owners.get(("0.0.0.0", port)))
+            found.append(Listener(host.address, port, role, pid, _command_line(pid) if pid is not None else ""))
+    return found
+
+
+def _accepts(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _listening_pids() -> dict[tuple[str, int], int]:
+    """(IPv4 address, port) -> pid of every listening TCP socket this user can see."""
+    inodes: dict[str, tuple[str, int]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":        # 0A: LISTEN
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            if len(hex_address) == 32:
+                # gRPC listens on IPv6 sockets: an IPv4 address is mapped (::ffff:a.b.c.d), "::" is any.
+                if hex_address == "0" * 32:
+                    hex_address = "00000000"
+                elif hex_address[:24] == "0000000000000000FFFF0000":
+                    hex_address = hex_address[24:]
+                else:
+                    continue
+            address = socket.inet_ntoa(int(hex_address, 16).to_bytes(4, "little"))
+            inodes[fields[9]] = (address, int(hex_port, 16))
+    owners: dict[tuple[str, int], int] = {}
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    owners[inodes[target[8:-1]]] = int(fd_dir.parent.name)
+        except OSError:
+            continue
+    return owners
+
+
+def _command_line(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)

@@ -60,6 +60,18 @@ def test_run_says_when_it_is_late_then_ready_and_stops_cleanly(tmp_path: Path) -
         assert "Logs: " in ready and "/logs/" in ready and "status: " in ready and "stop: Ctrl-C" in ready
         control = ProcessControl(cluster)
         pids = [info.pid for host in cluster.hosts for info in control.processes(host.name).values() if info.pid]
+        # Issue 23: a second `make run` while this one listens said `ready (0.1 s)` for this one while its own
+        # hosts exited with status 2. It refuses, with one line naming the process.
+        second = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "run_cluster.py"), "--config", str(config),
+             "--out", str(tmp_path / "etc2")], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and second.stdout == "", second
+        assert second.stderr.count("\n") == 1, second.stderr
+        h1 = cluster.host("h1")
+        router_pid = control.processes("h1")["router"].pid
+        assert second.stderr.startswith(f"make run: {h1.router_address} (h1's router port) is already taken by pid "
+                                        f"{router_pid} ("), second.stderr
+        assert f"-m router --config {config} --host h1" in second.stderr and "another cluster running" in second.stderr
         # A router, two workers and a metadata group worker per host (groups created online: none yet).
         assert len(pids) == 3 * (1 + 2 + 1), pids
 
