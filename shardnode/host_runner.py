@@ -24,12 +24,17 @@ import sys
 import threading
 import time
 
-from .config import ClusterConfig, ConfigError
-from .errors import ShardnodeError
-from .supervisor import STOP_WAIT_SECONDS, ProcessControl
+from typing import TYPE_CHECKING
+
+# Only what starting the supervisord needs is imported before it starts (a
+# loaded machine starts many hosts at once); the rest when it is time to stop.
+if TYPE_CHECKING:
+    from .supervisor import ProcessControl
 
 #: supervisord's states of a program that is (or may soon be) running.
 _UP = ("STARTING", "RUNNING", "BACKOFF")
+#: How long the runner waits for its supervisord once its programs are down.
+_SUPERVISORD_STOP_SECONDS = 30.0
 
 
 def stop_host_programs(control: ProcessControl, host: str) -> int:
@@ -50,12 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("the supervisord command is missing (after --)")
-    try:
-        cluster = ClusterConfig.load(args.config)
-        cluster.host(args.host)
-    except ConfigError as exc:
-        print(f"host_runner: {exc}", file=sys.stderr)
-        return 2
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -69,15 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     if child.poll() is not None:
         return child.returncode
     began = time.monotonic()
-    control = ProcessControl(cluster, rpc_timeout=2.0, stop_timeout=STOP_WAIT_SECONDS + 5.0)
     try:
-        stopped = stop_host_programs(control, args.host)
-        note = f"{stopped} programs stopped in parallel"
-    except (ShardnodeError, OSError) as exc:
-        note = f"its programs are stopped one by one ({exc})"
-    child.send_signal(signal.SIGTERM)
+        from .config import ClusterConfig, ConfigError
+        from .errors import ShardnodeError
+        from .supervisor import STOP_WAIT_SECONDS, ProcessControl
+
+        try:
+            cluster = ClusterConfig.load(args.config)
+            control = ProcessControl(cluster, rpc_timeout=2.0, stop_timeout=STOP_WAIT_SECONDS + 5.0)
+            stopped = stop_host_programs(control, args.host)
+            note = f"{stopped} programs stopped in parallel"
+        except (ShardnodeError, ConfigError, OSError) as exc:
+            note = f"its programs are stopped one by one ({exc})"
+    finally:
+        child.send_signal(signal.SIGTERM)
     try:
-        code = child.wait(timeout=STOP_WAIT_SECONDS * 3)
+        code = child.wait(timeout=_SUPERVISORD_STOP_SECONDS)
     except subprocess.TimeoutExpired:
         child.kill()
         code = child.wait()
