@@ -152,13 +152,25 @@ def _leave(args: argparse.Namespace) -> int:
 
 
 def _member_list(args: argparse.Namespace) -> int:
+    from ..config import METADATA_GROUP
+
     def run() -> str | None:
         with _admin(args, progress=False) as admin:
-            groups = admin.groups()
+            # The metadata group first: it answers (or not) on its own, and
+            # without it the data groups cannot even be listed.
+            meta = admin.group(METADATA_GROUP)
+            try:
+                groups, unknown = admin.groups(), None
+            except ShardnodeError as exc:
+                groups, unknown = [], exc
         if args.json:
-            print(json.dumps({"groups": [membership_dict(g) for g in groups]}, indent=2))
-            return None
-        return "\n".join(membership_lines(groups))
+            print(json.dumps({"groups": [membership_dict(g) for g in groups],
+                              "metadata_group": membership_dict(meta)}, indent=2))
+        else:
+            print("\n".join(membership_lines([*groups, meta])), flush=True)
+        if unknown is not None:
+            raise unknown
+        return None
 
     return _guarded(run)
 
@@ -183,7 +195,7 @@ def _rebalance(args: argparse.Namespace) -> int:
 
     def run() -> str:
         cluster = ClusterConfig.load(_config_path(args))
-        with MembershipAdmin(cluster, ProcessControl(cluster)) as admin:
+        with MembershipAdmin(cluster, ProcessControl(cluster), request_timeout=_timeout(args)) as admin:
             rebalancer = Rebalancer(admin, lambda: router_groups(cluster, timeout=args.timeout))
             view = rebalancer.read()
             steps = plan(view)
@@ -212,12 +224,16 @@ def _change(args: argparse.Namespace, kind: IntentKind, change_args: dict):  # t
 
     cluster = ClusterConfig.load(_config_path(args))
     return request_change(cluster, kind, change_args, control=ProcessControl(cluster),
-                          on_line=lambda line: print(line, flush=True))
+                          on_line=lambda line: print(line, flush=True), request_timeout=_timeout(args))
 
 
 def membership_dict(state: GroupState) -> dict:
+    from ..config import METADATA_GROUP, group_label
+
     return {
         "group": state.group,
+        "name": group_label(state.group),
+        "kind": "meta" if state.group == METADATA_GROUP else "data",
         "leader_id": state.leader_id,
         "term": state.term,
         "commit_index": state.commit_index,
@@ -233,13 +249,16 @@ def membership_dict(state: GroupState) -> dict:
 
 
 def membership_lines(groups: list[GroupState]) -> list[str]:
+    from ..config import METADATA_GROUP, group_label
+
     lines = []
     for state in groups:
+        name = "metadata group (meta)" if state.group == METADATA_GROUP else f"group {group_label(state.group)}"
         if not state.members:
-            lines.append(f"group {state.group}: no replica answers")
+            lines.append(f"{name}: no replica answers")
             continue
         voters, learners = len(state.voters), len(state.learners)
-        lines.append(f"group {state.group}: {voters} voters, {learners} learners, leader node {state.leader_id or '-'}"
+        lines.append(f"{name}: {voters} voters, {learners} learners, leader node {state.leader_id or '-'}"
                      f", term {state.term}")
         for m in state.members:
             role = "learner" if m.learner else "voter"
@@ -289,7 +308,13 @@ def _admin(args: argparse.Namespace, progress: bool = True) -> MembershipAdmin:
 
     cluster = ClusterConfig.load(_config_path(args))
     return MembershipAdmin(cluster, ProcessControl(cluster),
-                           progress=(lambda line: print(line, flush=True)) if progress else None)
+                           progress=(lambda line: print(line, flush=True)) if progress else None,
+                           request_timeout=_timeout(args))
+
+
+def _timeout(args: argparse.Namespace) -> float:
+    """The deadline of each request (--timeout): the metadata group's calls included."""
+    return float(getattr(args, "timeout", None) or 10.0)
 
 
 def _describe(target: Target, server: str) -> str:

@@ -366,10 +366,14 @@ def status_dict(status: kv_pb2.StatusResponse) -> dict[str, Any]:
 
 
 def group_dict(group: kv_pb2.GroupStatus) -> dict[str, Any]:
-    """One group of the status as JSON-able data ("name": "meta" for the metadata group)."""
+    """One group of the status as JSON-able data ("name": "meta" and "kind":
+    "meta" for the metadata group; "kind": "data" for the others)."""
+    from ..config import METADATA_GROUP
+
     return {
         "group": group.group,
         "name": group.name or str(group.group),
+        "kind": "meta" if group.group == METADATA_GROUP else "data",
         "leader_id": group.leader_id,
         "has_quorum": group.has_quorum,
         "share": group.share,

@@ -157,13 +157,17 @@ class MembershipAdmin:
         guards: tuple[tuple[bytes, bytes | None], ...] = (),
         work: WorkRecord | None = None,
         form_group: Callable[[tuple[str, ...]], Any] | None = None,
+        request_timeout: float = LIVE_GROUPS_TIMEOUT,
     ) -> None:
         """`fence` and `guards`: the scheduler's fencing token and lease
         guard (placement/lease.py), carried by every change; `work`: where a
         change records its durable choices (the scheduler's intent record;
         by default kept in memory); `form_group(hosts)`: creates a group on
-        free hosts (the scheduler's group admin)."""
+        free hosts (the scheduler's group admin); `request_timeout`: how
+        long each call to the metadata group keeps trying (the CLI's
+        --timeout)."""
         self.cluster = cluster
+        self.request_timeout = request_timeout
         self.control = control
         self.launch = launch
         self.progress = progress or (lambda line: None)
@@ -227,7 +231,7 @@ class MembershipAdmin:
         docs/sharding.md). ShapeRefused if the metadata group does not answer:
         a change of shape that missed a group could leave it short."""
         async def load() -> ShardMap:
-            directory = ShardDirectory(self.cluster, self._identity, timeout=LIVE_GROUPS_TIMEOUT)
+            directory = ShardDirectory(self.cluster, self._identity, timeout=self.request_timeout)
             try:
                 return await directory.load_map()
             finally:
@@ -428,7 +432,7 @@ class MembershipAdmin:
         """Compare-and-set the metadata group's free-host list until `change`
         applies to the current one; returns the list written."""
         async def update() -> set[str]:
-            directory = ShardDirectory(self.cluster, self._identity, timeout=LIVE_GROUPS_TIMEOUT)
+            directory = ShardDirectory(self.cluster, self._identity, timeout=self.request_timeout)
             try:
                 while True:
                     raw = await directory.read(FREE_HOSTS_KEY)
