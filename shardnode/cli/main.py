@@ -179,10 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", parents=[common], help="YCSB-style benchmark",
         description="YCSB-style closed-loop benchmark. Workloads: load (insert every key once), "
                     "a (50% read / 50% update), b (95/5), c (read only). Run `load` first. "
-                    "Only successful operations count; errors are reported separately.")
+                    "Only successful operations count; errors are reported separately. The summary says "
+                    "which engine ran, how many callers and over how many connections.")
     bench.add_argument("--workload", choices=list(bench_module.WORKLOADS), default="a")
-    bench.add_argument("--clients", type=_positive_int, default=16, metavar="N",
-                       help="concurrent client threads (default: 16)")
+    bench.add_argument("--engine", choices=list(bench_module.ENGINES), default=None,
+                       help="async (default): the callers are asyncio tasks sharing one AsyncClient, whose "
+                            "concurrent operations are coalesced on one stream per router (what the system can "
+                            "do); threads: threads sharing one blocking Client (what a threaded program of "
+                            "blocking calls gets)")
+    bench.add_argument("--clients", "--callers", dest="clients", type=_positive_int, default=None, metavar="N",
+                       help="concurrent callers (default: 256 with the async engine, 16 with threads)")
     bench.add_argument("--keys", type=_positive_int, default=10_000, metavar="N",
                        help="size of the key space (default: 10000)")
     bench.add_argument("--value-size", type=_non_negative_int, default=100, metavar="BYTES",
@@ -195,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--key-prefix", default="ycsb/", help="prefix of the keys (default: ycsb/)")
     bench.add_argument("--seed", type=int, default=None, help="seed of the key and operation choice")
     bench.add_argument("--client-per-thread", action="store_true",
-                       help="one Client per thread instead of one shared Client")
+                       help="one Client per thread instead of one shared Client (the threads engine)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stdout "
                                                                    "is not a terminal)")
     bench.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -307,17 +313,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from .. import bench as bench_module
 
+    engine = args.engine or ("threads" if args.client_per_thread else "async")
     try:
         config = bench_module.BenchConfig(
-            workload=args.workload, clients=args.clients, keys=args.keys, value_size=args.value_size,
-            duration=args.duration, distribution=args.distribution, key_prefix=args.key_prefix,
-            seed=args.seed, client_per_thread=args.client_per_thread)
+            workload=args.workload, clients=args.clients or bench_module.DEFAULT_CALLERS[engine], keys=args.keys,
+            value_size=args.value_size, duration=args.duration, distribution=args.distribution,
+            key_prefix=args.key_prefix, seed=args.seed, client_per_thread=args.client_per_thread, engine=engine)
     except ValueError as exc:
         raise _UsageError(f"bench: {exc}") from None
     _client(args).close()      # a bad configuration is one error line, not N
     console = Console(file=sys.stdout)
     progress = not args.no_progress and sys.stdout.isatty()
-    result = bench_module.run_bench(lambda: _client(args), config, progress=progress, console=console)
+
+    def async_client():  # type: ignore[no-untyped-def]
+        from ..client import AsyncClient
+
+        return AsyncClient.from_config(args.config, timeout=args.timeout)
+
+    result = bench_module.run_bench(lambda: _client(args), config, progress=progress, console=console,
+                                    make_async_client=async_client)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -368,6 +368,30 @@ def test_bench_json(config: str, router: FakeRouter, capsys: pytest.CaptureFixtu
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["p99.9"] <= latency["max"]
 
 
+def test_bench_uses_the_coalescing_client_by_default_and_says_how(config: str, router: FakeRouter,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 23: `shardnode bench` understated the system 5-14x (32 threads
+    of blocking calls): by default its callers are asyncio tasks sharing one
+    AsyncClient, coalesced on one stream per router; the summary says so."""
+    code, out, err = run(capsys, "--config", config, "bench", "--workload", "c", "--keys", "50",
+                         "--duration", "1", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["engine"], result["callers"], result["connections"]) == ("async", 256, 1)
+    assert result["total"]["ops"] > 0 and router.streams == 1
+    # Concurrent callers' operations share messages.
+    assert len(router.message_sizes) < result["total"]["ops"], (router.message_sizes, result["total"])
+    code, out, err = run(capsys, "--config", config, "bench", "--workload", "c", "--keys", "50",
+                         "--duration", "0.3", "--engine", "threads", "--json")
+    result = json.loads(out)
+    assert (result["engine"], result["callers"], result["connections"]) == ("threads", 16, 1)
+    code, out, _ = run(capsys, "--config", config, "bench", "--workload", "c", "--keys", "50",
+                       "--duration", "0.3", "--callers", "8")
+    assert "8 callers (asyncio tasks, one AsyncClient) over 1 connection" in " ".join(out.split())
+    code, _, err = run(capsys, "--config", config, "bench", "--engine", "async", "--client-per-thread")
+    assert code == 2 and "needs the threads engine" in err
+
+
 def test_bench_load_inserts_every_key_despite_failures_and_no_default_duration(
         config: str, router: FakeRouter, capsys: pytest.CaptureFixture[str]) -> None:
     from shardnode.bench import BenchConfig
