@@ -45,7 +45,6 @@ time from the start until every thread stopped.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import math
 import os
@@ -519,6 +518,8 @@ class _AsyncEngine:
         self.thread = threading.Thread(target=self._run, name="bench-loop", daemon=True)
 
     def _run(self) -> None:
+        import asyncio      # here: `shardnode --help` builds the bench's parser without it
+
         async def main() -> None:
             client = self.make_client()
             try:
