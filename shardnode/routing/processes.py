@@ -13,7 +13,7 @@ running or backing off); a first start, or a start after a stop or an exit
 (`raft_process_restarts_total`, `raft_process_state`) and `shardnode status`
 (the `Processes` RPC, which every router answers for its host).
 
-Reconciliation (docs/worker.md, "Every replica a host holds runs there").
+Reconciliation (docs/router.md, "Every replica a host holds runs there").
 `wanted()` names the groups this host holds: those of the group's live
 membership (the router's probes), of the shard map's placement, and those
 with data here. At every look, a wanted worker that is down is started,
