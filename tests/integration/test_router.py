@@ -124,6 +124,13 @@ def test_a_request_to_a_group_without_quorum_is_answered_at_once_unless_the_call
     key = next(b"f%d" % i for i in range(1000) if ring.group_for(b"f%d" % i) == 0)
     other = next(b"f%d" % i for i in range(1000) if ring.group_for(b"f%d" % i) == 1)
     config = cluster.config
+    # Every router has seen the group served (a router that never has waits instead of failing fast:
+    # at start-up its connections to the workers come up after a back-off).
+    for host in cluster.host_names():
+        deadline = time.monotonic() + 20
+        while not _stub(cluster, host).Status(pb.StatusRequest(), timeout=5).groups[0].has_quorum:
+            assert time.monotonic() < deadline, f"{host}'s router never saw group 0 with a quorum"
+            time.sleep(0.2)
     with Client.from_config(cluster.config_path, timeout=10.0) as client:
         client.put(key, b"1")
         victims = [r.host.name for r in config.group_replicas(0)][1:]
