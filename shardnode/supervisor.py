@@ -281,8 +281,8 @@ def local_cluster_config(
     for host in cluster.hosts:
         host_conf = hosts_dir / f"{host.name}.conf"
         # -s: the host's supervisord already writes its own logfile.
-        runner = (f"{shlex.quote(str(python))} -m shardnode.host_runner --config {shlex.quote(str(config_path))} "
-                  f"--host {shlex.quote(host.name)} -- {supervisord} -n -s -c {shlex.quote(str(host_conf))}")
+        runner = (f"{shlex.quote(str(python))} -m shardnode.host_runner --host {shlex.quote(host.name)} -- "
+                  f"{supervisord} -n -s -c {shlex.quote(str(host_conf))}")
         lines += [
             f"[program:{host.name}]",
             f"command={_value(runner)}",

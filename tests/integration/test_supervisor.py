@@ -124,7 +124,7 @@ def test_local_cluster_config_files(tmp_path: Path) -> None:
         assert Path(command[0]).is_absolute()
         # Run by the host runner, which stops the host's programs in parallel on SIGTERM
         # (supervisord's own shutdown stops them one by one): only it gets the SIGTERM.
-        assert command[1:7] == ["-m", "shardnode.host_runner", "--config", str(config_path), "--host", host.name]
+        assert command[1:6] == ["-m", "shardnode.host_runner", "--host", host.name, "--"]
         assert section["stopasgroup"] == "false" and section["killasgroup"] == "true"
         # Long enough for the host's supervisord to stop its programs cleanly.
         assert int(section["stopwaitsecs"]) > 10 * 2
