@@ -253,18 +253,17 @@ def local_cluster_config(
         if stale.name not in written and _is_generated(stale):
             stale.unlink()
 
-    supervisord = _supervisord_command(python)
     names = [host.name for host in cluster.hosts]
-    # Each host's runner stops its programs all at once (each within
-    # STOP_WAIT_SECONDS), then its supervisord: the top level waits that long.
+    # Each host's supervisord stops its programs all at once, each within
+    # STOP_WAIT_SECONDS: the top level waits that long, and more.
     host_stop_wait = 3 * STOP_WAIT_SECONDS + 10
     lines = [
         f'{_GENERATED}: the whole cluster "{cluster.name}" on this machine, from {config_path}.',
         "; Do not edit: `make run` regenerates it (scripts/gen_supervisor_conf.py).",
         "; Each program is one host's own supervisord (hosts/HOST.conf), answering XML-RPC on",
-        "; that host's address:supervisor_port, exactly as on a multi-host deployment, run by",
-        "; shardnode.host_runner, which on SIGTERM stops the host's router and workers all at",
-        "; once (cleanly), then its supervisord. Ctrl-C (or SIGTERM) stops every host at once.",
+        "; that host's address:supervisor_port, exactly as on a multi-host deployment; it stops",
+        "; its router and workers all at once (shardnode.host_supervisord). Ctrl-C (or SIGTERM)",
+        "; stops every host at once.",
         "",
         "[supervisord]",
         "nodaemon=true",
@@ -280,12 +279,12 @@ def local_cluster_config(
     ]
     for host in cluster.hosts:
         host_conf = hosts_dir / f"{host.name}.conf"
-        # -s: the host's supervisord already writes its own logfile.
-        runner = (f"{shlex.quote(str(python))} -m shardnode.host_runner --host {shlex.quote(host.name)} -- "
-                  f"{supervisord} -n -s -c {shlex.quote(str(host_conf))}")
+        # -s: the host's supervisord already writes its own logfile. It stops
+        # its programs all at once (shardnode.host_supervisord).
+        command = f"{shlex.quote(str(python))} -m shardnode.host_supervisord -n -s -c {shlex.quote(str(host_conf))}"
         lines += [
             f"[program:{host.name}]",
-            f"command={_value(runner)}",
+            f"command={_value(command)}",
             f"directory={_value(project_root)}",
             f'environment=PYTHONPATH="{_value(project_root)}"',
             "autostart=true",
@@ -294,9 +293,7 @@ def local_cluster_config(
             f"startretries={HOST_START_RETRIES}",
             "stopsignal=TERM",
             f"stopwaitsecs={host_stop_wait}",
-            # The runner alone is asked to stop (it stops the host's programs in
-            # parallel, then its supervisord); its whole group is killed if it hangs.
-            "stopasgroup=false",
+            "stopasgroup=true",
             "killasgroup=true",
             "redirect_stderr=true",
             f"stdout_logfile={_value(data_dir / host.name / 'supervisord.console.log')}",
@@ -350,13 +347,6 @@ def _data_dir(cluster: ClusterConfig, project_root: Path | None) -> Path:
     if cluster.data_dir.is_absolute() or project_root is None:
         return cluster.data_dir
     return Path(project_root).absolute() / cluster.data_dir
-
-
-def _supervisord_command(python: Path) -> str:
-    script = python.parent / "supervisord"
-    if script.is_file() and os.access(script, os.X_OK):
-        return shlex.quote(str(script))
-    return f"{shlex.quote(str(python))} -m supervisor.supervisord"
 
 
 def _write(path: Path, text: str) -> None:

@@ -87,9 +87,6 @@ def test_run_says_when_it_is_late_then_ready_and_stops_cleanly(tmp_path: Path) -
         # in parallel, with one line per host as it stops.
         assert rest[0].startswith("make run: stopping run-itest: every host at once"), rest
         assert sorted(line.split()[2] for line in rest if " stopped after " in line) == ["h1", "h2", "h3"], rest
-        for host in cluster.hosts:
-            runner = (tmp_path / "data" / host.name / "supervisord.console.log").read_text()
-            assert f"host {host.name} stopped in " in runner and "4 programs stopped in parallel" in runner, runner
         print(f"\n[run] stop took {took:.1f} s")
         deadline = time.monotonic() + 10
         while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
