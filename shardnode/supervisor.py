@@ -163,6 +163,8 @@ def host_config(
         f"; Programs: {', '.join(programs)}. `shardnode die/start` address them by these names.",
         f"; Before the first start on a new machine: mkdir -p {log_dir}",
         f"; supervisord's XML-RPC on {server} needs the admin credential of {cluster.security.admin_file}.",
+        f"; Run it with `{python} -m shardnode.host_supervisord -n -c THIS_FILE`: supervisord whose shutdown",
+        "; stops every program at once (plain supervisord stops them one by one: tens of seconds).",
         "",
         "[supervisord]",
         "nodaemon=true",
