@@ -1,6 +1,6 @@
 """`shardnode bench` on the default cluster's shape, in a temporary directory.
 
-    .venv/bin/python bench/default_cluster.py [--clients 32] [--workload a] [--duration 10]
+    .venv/bin/python bench/default_cluster.py [--engine async|threads] [--clients N] [--workload a] [--duration 10]
 
 Starts 5 hosts on 127.0.0.1-5 under supervisord with 4 groups of 5
 replicas (etc/cluster.toml's shape, fsync on, 100 ms ticks), loads the key
@@ -103,7 +103,9 @@ def _profile(env, config: Path, out_dir: Path) -> dict:  # type: ignore[no-untyp
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", default="32")
+    parser.add_argument("--engine", default="async", choices=["async", "threads"],
+                        help="shardnode bench's engine (default async: tasks sharing one AsyncClient)")
+    parser.add_argument("--clients", default=None, help="callers (default: the bench's, 256 async, 16 threads)")
     parser.add_argument("--workload", default="a")
     parser.add_argument("--duration", default="10")
     parser.add_argument("--keys", default="10000")
@@ -123,13 +125,13 @@ def main() -> int:
             time.sleep(5)
             idle = _difference(_cpu_by_kind(env), idle_before)
             idle_seconds = time.monotonic() - idle_began
-            loaded = _bench(config, "--workload", "load", "--keys", args.keys, "--clients", "32")
+            loaded = _bench(config, "--workload", "load", "--keys", args.keys)
             if loaded.returncode != 0:
                 print(loaded.stderr, file=sys.stderr)
                 return 1
             before = _cpu_by_kind(env)
-            workload = ("--workload", args.workload, "--clients", args.clients, "--keys", args.keys,
-                        "--duration", args.duration)
+            workload = ("--workload", args.workload, "--engine", args.engine, "--keys", args.keys,
+                        "--duration", args.duration) + (("--clients", args.clients) if args.clients else ())
             if args.profile is not None:
                 with ThreadPoolExecutor(1) as pool:
                     running = pool.submit(_bench, config, *workload)

@@ -29,5 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     return uvloop.run(serve(cluster, args.host))
 
 
+def _exit(code: int) -> None:
+    """Exit once `serve` has closed everything (the logs are flushed here),
+    without the interpreter's finalization, where gRPC's core waited seconds
+    for connections that were going away too (worker/__main__.py)."""
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -48,7 +48,8 @@ from shardnode.cli.ready import NotReady, wait_ready  # noqa: E402
 from shardnode.client import Client  # noqa: E402
 from shardnode.config import ClusterConfig, ConfigError  # noqa: E402
 from shardnode.errors import ShardnodeError  # noqa: E402
-from shardnode.supervisor import local_cluster_config  # noqa: E402
+from shardnode.placement.shard_map import ShardMap  # noqa: E402
+from shardnode.supervisor import listeners, local_cluster_config  # noqa: E402
 
 PROG = "make run"
 PROG_NAMESPACES = "make run-netns"
@@ -58,6 +59,8 @@ DEFAULT_READY_TIMEOUT = 120.0
 # supervisord console lines worth showing: anything but INFO, and programs that died or gave up.
 _WORTH_SHOWING = re.compile(r" (WARN|ERRO|CRIT) |gave up|FATAL|exited: ")
 _NOISE = ("indicating exit request", "Supervisor is running as root")
+# The top supervisord's line when a host's runner has exited.
+_HOST_STOPPED = re.compile(r" INFO stopped: (\S+) \(exit status (-?\d+)\)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +143,17 @@ def _run(args: argparse.Namespace, config_path: Path, out: Path, prog: str) -> i
         print(f"{prog}: cannot write {exc.filename or out}: {exc.strerror}", file=sys.stderr)
         return 2
 
+    taken = listeners(cluster)
+    if taken:
+        # Another cluster (or anything) holds our addresses: starting would only
+        # make our hosts fail, and the watcher might report the other cluster ready.
+        more = f" (and {len(taken) - 1} more of its addresses)" if len(taken) > 1 else ""
+        print(f"{prog}: {taken[0].describe()}{more}: is another cluster running? Stop it first (Ctrl-C where it "
+              f"runs), or give this one other ports in {_shown(config_path)}", file=sys.stderr, flush=True)
+        return 2
+
     data = _shown(cluster.data_dir)
-    shape = f"{len(cluster.hosts)} hosts, {cluster.groups} groups of {cluster.replicas} replicas"
+    shape = describe_shape(cluster)
     print(f"{prog}: starting {cluster.name} ({shape}) under supervisord -c {_shown(top)}; "
           f"logs in {data}/HOST/logs/", flush=True)
 
@@ -150,10 +162,15 @@ def _run(args: argparse.Namespace, config_path: Path, out: Path, prog: str) -> i
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
     )
     stopping = threading.Event()
+    stop_began: list[float] = []
 
     def forward(signum: int, frame: object) -> None:
         # Ctrl-C already reached supervisord (same process group); a SIGTERM or
         # SIGINT sent to this process alone must reach it too.
+        if not stopping.is_set():
+            stop_began.append(time.monotonic())
+            print(f"{prog}: stopping {cluster.name}: every host at once, each stopping its router and workers "
+                  "in parallel", flush=True)
         stopping.set()
         if supervisord.poll() is None:
             supervisord.send_signal(signal.SIGTERM)
@@ -166,13 +183,21 @@ def _run(args: argparse.Namespace, config_path: Path, out: Path, prog: str) -> i
                                                     supervisord, prog), daemon=True, name="ready")
     watcher.start()
     assert supervisord.stdout is not None
+    hosts = {host.name for host in cluster.hosts}
     for line in supervisord.stdout:
-        if _WORTH_SHOWING.search(line) and not any(noise in line for noise in _NOISE):
+        stopped = _HOST_STOPPED.search(line)
+        if stopped and stopped.group(1) in hosts:
+            # One line per host as it stops (its runner stopped its programs in parallel).
+            after = f" after {time.monotonic() - stop_began[0]:.1f} s" if stop_began else ""
+            status = "" if stopped.group(2) == "0" else f", exit status {stopped.group(2)}"
+            print(f"{prog}: {stopped.group(1)} stopped{after}{status}", flush=True)
+        elif _WORTH_SHOWING.search(line) and not any(noise in line for noise in _NOISE):
             print(f"supervisord: {line.rstrip()}", flush=True)
     code = supervisord.wait()
     stopping.set()
     if code == 0:
-        print(f"{prog}: {cluster.name} stopped (data kept in {data}/; `make reset` deletes it)", flush=True)
+        took = f" in {time.monotonic() - stop_began[0]:.1f} s" if stop_began else ""
+        print(f"{prog}: {cluster.name} stopped{took} (data kept in {data}/; `make reset` deletes it)", flush=True)
     else:
         print(f"{prog}: supervisord exited with status {code}; see {data}/supervisord.log", file=sys.stderr,
               flush=True)
@@ -208,9 +233,36 @@ def _watch(cluster: ClusterConfig, config_path: Path, ready_timeout: float, star
                 return
             if stopping.is_set():
                 return
-            print(f"{prog}: {cluster.name} is ready ({time.monotonic() - started:.1f} s): all {len(status.groups)} "
-                  f"groups have a leader. {hints[0].upper()}{hints[1:]}", flush=True)
+            groups = len(status.groups)
+            print(f"{prog}: {cluster.name} is ready ({time.monotonic() - started:.1f} s): all {groups} data "
+                  f"group{'s' if groups != 1 else ''} and the metadata group have a leader. "
+                  f"{hints[0].upper()}{hints[1:]}", flush=True)
             return
+
+
+def describe_shape(cluster: ClusterConfig) -> str:
+    """The start line's shape, counted as the ready line counts: the data
+    groups of the live shard map (the newest one a router saved, with the
+    groups created online; cluster.toml's before the first start) and the
+    metadata group."""
+    saved = _saved_map(cluster)
+    groups = len(saved.groups) if saved is not None else cluster.groups
+    online = f" ({groups - cluster.groups:+d} since cluster.toml's {cluster.groups})" if groups != cluster.groups else ""
+    return (f"{len(cluster.hosts)} hosts; {groups} data group{'s' if groups != 1 else ''}{online} of "
+            f"{cluster.replicas} replicas and the metadata group of {cluster.meta_replicas}")
+
+
+def _saved_map(cluster: ClusterConfig) -> ShardMap | None:
+    """The newest shard map the hosts' routers saved (data_dir/HOST/shard_map), if any."""
+    newest = None
+    for host in cluster.hosts:
+        try:
+            candidate = ShardMap.decode(cluster.shard_map_file(host.name).read_bytes())
+        except (OSError, ShardnodeError, ValueError):
+            continue
+        if newest is None or candidate.epoch > newest.epoch:
+            newest = candidate
+    return newest
 
 
 def _shown(path: Path) -> str:

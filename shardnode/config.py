@@ -277,6 +277,11 @@ class ClusterConfig:
         """Where a host's router keeps the last shard map it learned."""
         return self.data_dir / host_name / "shard_map"
 
+    def held_down_file(self, host_name: str) -> Path:
+        """Where a host's router keeps the worker programs stopped on purpose
+        (they stay down until started: routing/processes.py)."""
+        return self.data_dir / host_name / "held_down"
+
     # --- Loading ---------------------------------------------------------------
 
     @classmethod
@@ -375,7 +380,7 @@ class ClusterConfig:
         if replicas > len(active):
             raise ConfigError(f"{where}cluster.replicas: {replicas} replicas need at least as many hosts that are not "
                               f"standby (have {len(active)})")
-        meta_replicas = _meta_replicas(fields, cluster, len(active), where)
+        meta_replicas = _meta_replicas(fields, cluster, len(active), where, replicas)
         for host in hosts:
             # Data groups 0..max_groups-1, then the metadata group's worker.
             if host.worker_port_base + max_groups > 65535:
@@ -425,12 +430,16 @@ def _namespace(fields: "_Fields", host_raw: dict[str, Any], label: str) -> str |
     return value
 
 
-def _meta_replicas(fields: "_Fields", cluster: dict[str, Any], active_hosts: int, where: str) -> int:
+def _meta_replicas(fields: "_Fields", cluster: dict[str, Any], active_hosts: int, where: str,
+                   replicas: int = 3) -> int:
     """`[cluster] meta_replicas`: 3 or 5, at most the hosts that are not
-    standby. Unset, 3, or every such host when there are fewer (a test
-    cluster of one or two hosts)."""
+    standby. Unset, as many as the data groups have (`replicas`), so that
+    the metadata group survives what they survive: 5 for 5 or more, else 3;
+    at most the hosts that are not standby (every such host when there are
+    fewer than 3: a test cluster of one or two hosts)."""
     if "meta_replicas" not in cluster:
-        return min(3, active_hosts)
+        wanted = min(max(replicas, 3), active_hosts)
+        return 5 if wanted >= 5 else 3 if wanted >= 3 else wanted
     value = fields.integer(cluster, "cluster.meta_replicas", low=3, high=5)
     if value not in (3, 5):
         raise ConfigError(f"{where}cluster.meta_replicas: must be 3 or 5 (got {value})")

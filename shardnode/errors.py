@@ -9,6 +9,7 @@ level they care about:
     │   ├── NoLeader             the key's group has a majority up but no leader yet
     │   └── RoutersUnreachable   every router refused the connection (is the cluster running?)
     ├── DeadlineExceeded         the deadline passed first
+    ├── TLSMismatch              the client and the routers disagree about TLS; nothing was sent
     └── StaleSession             (shardnode.client) a write's session was refused as stale
 
 `NoQuorum`, `NoLeader` and `DeadlineExceeded` carry `group` (the Raft group
@@ -86,3 +87,14 @@ class DeadlineExceeded(ShardnodeError):
     def __init__(self, message: str, group: int | None = None) -> None:
         super().__init__(message)
         self.group = group
+
+
+class TLSMismatch(ShardnodeError):
+    """The client speaks plaintext to routers that require TLS, or TLS to
+    routers that do not (a bare router list for a cluster with
+    [security] tls = true, or another cluster's configuration). Raised at
+    once; nothing was sent, and retrying will not help."""
+
+    def __init__(self, message: str, routers: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.routers = routers

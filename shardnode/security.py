@@ -37,13 +37,15 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from prometheus_client.core import CounterMetricFamily, Metric
 
 from .config import ClusterConfig, SecurityConfig
 from .errors import ShardnodeError
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 __all__ = [
     "ADMIN_METHODS",
@@ -320,6 +322,8 @@ class SecurityCollector:
         self.labels = labels
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily     # servers only: the CLI starts faster without it
+
         names = [*self.labels, "reason"]
         refused = CounterMetricFamily("shardnode_auth_refused", "Calls refused before any handler ran, by reason.",
                                       labels=names)

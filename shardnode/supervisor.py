@@ -55,11 +55,14 @@ __all__ = [
     "SupervisorUnavailable",
     "Target",
     "UnknownServer",
+    "Listener",
     "ensure_workers",
     "host_config",
+    "listeners",
     "host_log_dir",
     "local_cluster_config",
     "worker_program",
+    "STOP_WAIT_SECONDS",
 ]
 
 ROUTER_PROGRAM = "router"
@@ -164,6 +167,8 @@ def host_config(
         f"; Programs: {', '.join(programs)}. `shardnode die/start` address them by these names.",
         f"; Before the first start on a new machine: mkdir -p {log_dir}",
         f"; supervisord's XML-RPC on {server} needs the admin credential of {cluster.security.admin_file}.",
+        f"; Run it with `{python} -m shardnode.host_supervisord -n -c THIS_FILE`: supervisord whose shutdown",
+        "; stops every program at once (plain supervisord stops them one by one: tens of seconds).",
         "",
         "[supervisord]",
         "nodaemon=true",
@@ -254,17 +259,17 @@ def local_cluster_config(
         if stale.name not in written and _is_generated(stale):
             stale.unlink()
 
-    supervisord = _supervisord_command(python)
     names = [host.name for host in cluster.hosts]
-    # The top level waits for a host's supervisord to stop its programs one by
-    # one (router, then each worker), each within STOP_WAIT_SECONDS.
-    host_stop_wait = STOP_WAIT_SECONDS * (2 + max(len(cluster.groups_on_host(n)) for n in names)) + 10
+    # Each host's supervisord stops its programs all at once, each within
+    # STOP_WAIT_SECONDS: the top level waits that long, and more.
+    host_stop_wait = 3 * STOP_WAIT_SECONDS + 10
     lines = [
         f'{_GENERATED}: the whole cluster "{cluster.name}" on this machine, from {config_path}.',
         "; Do not edit: `make run` regenerates it (scripts/gen_supervisor_conf.py).",
         "; Each program is one host's own supervisord (hosts/HOST.conf), answering XML-RPC on",
-        "; that host's address:supervisor_port, exactly as on a multi-host deployment.",
-        "; Ctrl-C (or SIGTERM) stops them all; each stops its router and workers cleanly first.",
+        "; that host's address:supervisor_port, exactly as on a multi-host deployment; it stops",
+        "; its router and workers all at once (shardnode.host_supervisord). Ctrl-C (or SIGTERM)",
+        "; stops every host at once.",
         "",
         "[supervisord]",
         "nodaemon=true",
@@ -280,8 +285,9 @@ def local_cluster_config(
     ]
     for host in cluster.hosts:
         host_conf = hosts_dir / f"{host.name}.conf"
-        # -s: the host's supervisord already writes its own logfile.
-        command = f"{supervisord} -n -s -c {shlex.quote(str(host_conf))}"
+        # -s: the host's supervisord already writes its own logfile. It stops
+        # its programs all at once (shardnode.host_supervisord).
+        command = f"{shlex.quote(str(python))} -m shardnode.host_supervisord -n -s -c {shlex.quote(str(host_conf))}"
         if host.namespace is not None:
             # The namespace mode: the host's supervisord, and so its router and workers, run in the
             # host's network namespace. `ip netns exec` execs it: its pid is supervisord's.
@@ -290,6 +296,7 @@ def local_cluster_config(
             f"[program:{host.name}]",
             f"command={_value(command)}",
             f"directory={_value(project_root)}",
+            f'environment=PYTHONPATH="{_value(project_root)}"',
             "autostart=true",
             "autorestart=true",
             "startsecs=1",
@@ -352,13 +359,6 @@ def _data_dir(cluster: ClusterConfig, project_root: Path | None) -> Path:
     return Path(project_root).absolute() / cluster.data_dir
 
 
-def _supervisord_command(python: Path) -> str:
-    script = python.parent / "supervisord"
-    if script.is_file() and os.access(script, os.X_OK):
-        return shlex.quote(str(script))
-    return f"{shlex.quote(str(python))} -m supervisor.supervisord"
-
-
 def _ip_command() -> str:
     # supervisord's PATH may lack /usr/sbin (not root's login PATH): name it in full when found.
     return shlex.quote(shutil.which("ip") or "ip")
@@ -393,6 +393,9 @@ class Target:
     host: HostConfig
     programs: tuple[str, ...]
     whole_host: bool = False
+    #: After `stop`: the programs that were running (or starting, or backing
+    #: off) and were stopped — a host has a program for every possible group.
+    stopped: tuple[str, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -479,6 +482,9 @@ class ProcessControl:
         """
         target = self.resolve(server)
         with self._session(target.host) as rpc:
+            states = {info["name"]: info["statename"] for info in rpc.call("getAllProcessInfo")}
+            target = replace(target, stopped=tuple(p for p in target.programs
+                                                   if states.get(p) in _RUNNING_STATES))
             if clean:
                 for name in target.programs:
                     rpc.call("stopProcess", name, False, ok_faults=(_NOT_RUNNING,))
@@ -717,3 +723,93 @@ class _Session:
             raise SupervisorUnavailable(
                 f"cannot reach the supervisord of host {self.host.name} at {self.address}: {reason}"
             ) from None
+
+
+# --- Who holds a cluster's addresses ------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class Listener:
+    """A process listening on one of a cluster's addresses."""
+
+    address: str
+    port: int
+    role: str              # what the cluster would run there: "host1's router port", ...
+    pid: int | None        # None when it cannot be told (another user's process)
+    command: str           # its command line ("" if unknown)
+
+    def describe(self) -> str:
+        who = f"pid {self.pid} ({self.command})" if self.pid is not None else "another process"
+        return f"{self.address}:{self.port} ({self.role}) is already taken by {who}"
+
+
+def listeners(cluster: ClusterConfig) -> list[Listener]:
+    """The processes that listen on the addresses `cluster` would listen on
+    (router, metrics, supervisord and worker ports of every host): empty when
+    it can start. A TCP connection that is accepted means someone listens;
+    who it is comes from /proc (Linux), when this user may see it."""
+    found = []
+    owners: dict[tuple[str, int], int] | None = None
+    for host in cluster.hosts:
+        ports = [(host.router_port, f"{host.name}'s router port"), (host.metrics_port, f"{host.name}'s metrics port"),
+                 (host.supervisor_port, f"{host.name}'s supervisord port")]
+        ports += [(host.worker_port(g), f"{host.name}'s {worker_program(g)} port") for g in worker_groups(cluster)]
+        for port, role in ports:
+            if not _accepts(host.address, port):
+                continue
+            if owners is None:
+                owners = _listening_pids()
+            pid = owners.get((host.address, port), owners.get(("0.0.0.0", port)))
+            found.append(Listener(host.address, port, role, pid, _command_line(pid) if pid is not None else ""))
+    return found
+
+
+def _accepts(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _listening_pids() -> dict[tuple[str, int], int]:
+    """(IPv4 address, port) -> pid of every listening TCP socket this user can see."""
+    inodes: dict[str, tuple[str, int]] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != "0A":        # 0A: LISTEN
+                continue
+            hex_address, hex_port = fields[1].split(":")
+            if len(hex_address) == 32:
+                # gRPC listens on IPv6 sockets: an IPv4 address is mapped (::ffff:a.b.c.d), "::" is any.
+                if hex_address == "0" * 32:
+                    hex_address = "00000000"
+                elif hex_address[:24] == "0000000000000000FFFF0000":
+                    hex_address = hex_address[24:]
+                else:
+                    continue
+            address = socket.inet_ntoa(int(hex_address, 16).to_bytes(4, "little"))
+            inodes[fields[9]] = (address, int(hex_port, 16))
+    owners: dict[tuple[str, int], int] = {}
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    owners[inodes[target[8:-1]]] = int(fd_dir.parent.name)
+        except OSError:
+            continue
+    return owners
+
+
+def _command_line(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)

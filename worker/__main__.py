@@ -52,5 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     return runner(serve(cluster, args.host, args.group))
 
 
+def _exit(code: int) -> None:
+    """Exit now that everything durable is closed (the worker's store was
+    closed before `serve` returned; the logs are flushed here), without the
+    interpreter's finalization: there gRPC's core waits for connections to
+    peers that are going away too, 4-6 s per worker when a whole cluster
+    stops at once (measured), which made stopping the local cluster slow."""
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -24,12 +24,17 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from ..config import ClusterConfig, ConfigError, default_config_path
 from ..errors import ShardnodeError
 from ..placement.intents import IntentKind
-from ..placement.membership import GroupState, MembershipAdmin
-from ..placement.shape_change import request_change
-from ..supervisor import ProcessControl, Target, host_config
+
+# The control plane is imported by the commands that use it: `shardnode --help`
+# and the data commands start without it.
+if TYPE_CHECKING:
+    from ..placement.membership import GroupState, MembershipAdmin
+    from ..supervisor import ProcessControl, Target
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -123,6 +128,8 @@ def _die(args: argparse.Namespace) -> int:
     def run() -> str:
         target = _control(args).stop(args.server, clean=args.clean)
         how = "stopped cleanly" if args.clean else "killed"
+        if not target.stopped:
+            how = "was not running"
         return f"{_describe(target, args.server)} {how}; it stays down until `shardnode start {args.server}`"
 
     return _guarded(run)
@@ -145,13 +152,25 @@ def _leave(args: argparse.Namespace) -> int:
 
 
 def _member_list(args: argparse.Namespace) -> int:
+    from ..config import METADATA_GROUP
+
     def run() -> str | None:
         with _admin(args, progress=False) as admin:
-            groups = admin.groups()
+            # The metadata group first: it answers (or not) on its own, and
+            # without it the data groups cannot even be listed.
+            meta = admin.group(METADATA_GROUP)
+            try:
+                groups, unknown = admin.groups(), None
+            except ShardnodeError as exc:
+                groups, unknown = [], exc
         if args.json:
-            print(json.dumps({"groups": [membership_dict(g) for g in groups]}, indent=2))
-            return None
-        return "\n".join(membership_lines(groups))
+            print(json.dumps({"groups": [membership_dict(g) for g in groups],
+                              "metadata_group": membership_dict(meta)}, indent=2))
+        else:
+            print("\n".join(membership_lines([*groups, meta])), flush=True)
+        if unknown is not None:
+            raise unknown
+        return None
 
     return _guarded(run)
 
@@ -167,6 +186,8 @@ def _member_remove(args: argparse.Namespace) -> int:
 
 def _rebalance(args: argparse.Namespace) -> int:
     from ..placement.balance import ClusterView, Rebalancer, describe_counts, plan, router_groups, unbalanced
+    from ..placement.membership import MembershipAdmin
+    from ..supervisor import ProcessControl
 
     def shape(view: ClusterView) -> str:
         return (f"replicas per host: {describe_counts(view.replica_counts())}; "
@@ -174,7 +195,7 @@ def _rebalance(args: argparse.Namespace) -> int:
 
     def run() -> str:
         cluster = ClusterConfig.load(_config_path(args))
-        with MembershipAdmin(cluster, ProcessControl(cluster)) as admin:
+        with MembershipAdmin(cluster, ProcessControl(cluster), request_timeout=_timeout(args)) as admin:
             rebalancer = Rebalancer(admin, lambda: router_groups(cluster, timeout=args.timeout))
             view = rebalancer.read()
             steps = plan(view)
@@ -198,14 +219,21 @@ def _change(args: argparse.Namespace, kind: IntentKind, change_args: dict):  # t
     """Record the change as an intent and carry it out (or follow whoever
     does), printing its progress; the finished intent (ShapeRefused if it
     failed or was cancelled)."""
+    from ..placement.shape_change import request_change
+    from ..supervisor import ProcessControl
+
     cluster = ClusterConfig.load(_config_path(args))
     return request_change(cluster, kind, change_args, control=ProcessControl(cluster),
-                          on_line=lambda line: print(line, flush=True))
+                          on_line=lambda line: print(line, flush=True), request_timeout=_timeout(args))
 
 
 def membership_dict(state: GroupState) -> dict:
+    from ..config import METADATA_GROUP, group_label
+
     return {
         "group": state.group,
+        "name": group_label(state.group),
+        "kind": "meta" if state.group == METADATA_GROUP else "data",
         "leader_id": state.leader_id,
         "term": state.term,
         "commit_index": state.commit_index,
@@ -221,13 +249,16 @@ def membership_dict(state: GroupState) -> dict:
 
 
 def membership_lines(groups: list[GroupState]) -> list[str]:
+    from ..config import METADATA_GROUP, group_label
+
     lines = []
     for state in groups:
+        name = "metadata group (meta)" if state.group == METADATA_GROUP else f"group {group_label(state.group)}"
         if not state.members:
-            lines.append(f"group {state.group}: no replica answers")
+            lines.append(f"{name}: no replica answers")
             continue
         voters, learners = len(state.voters), len(state.learners)
-        lines.append(f"group {state.group}: {voters} voters, {learners} learners, leader node {state.leader_id or '-'}"
+        lines.append(f"{name}: {voters} voters, {learners} learners, leader node {state.leader_id or '-'}"
                      f", term {state.term}")
         for m in state.members:
             role = "learner" if m.learner else "voter"
@@ -238,6 +269,8 @@ def membership_lines(groups: list[GroupState]) -> list[str]:
 
 
 def _supervisor_conf(args: argparse.Namespace) -> int:
+    from ..supervisor import host_config
+
     def run() -> str | None:
         config_path = Path(_config_path(args)).absolute()
         cluster = ClusterConfig.load(config_path)
@@ -264,18 +297,29 @@ def _config_path(args: argparse.Namespace) -> str:
 
 
 def _control(args: argparse.Namespace) -> ProcessControl:
+    from ..supervisor import ProcessControl
+
     return ProcessControl(ClusterConfig.load(_config_path(args)))
 
 
 def _admin(args: argparse.Namespace, progress: bool = True) -> MembershipAdmin:
+    from ..placement.membership import MembershipAdmin
+    from ..supervisor import ProcessControl
+
     cluster = ClusterConfig.load(_config_path(args))
     return MembershipAdmin(cluster, ProcessControl(cluster),
-                           progress=(lambda line: print(line, flush=True)) if progress else None)
+                           progress=(lambda line: print(line, flush=True)) if progress else None,
+                           request_timeout=_timeout(args))
+
+
+def _timeout(args: argparse.Namespace) -> float:
+    """The deadline of each request (--timeout): the metadata group's calls included."""
+    return float(getattr(args, "timeout", None) or 10.0)
 
 
 def _describe(target: Target, server: str) -> str:
     if target.whole_host:
-        return f"host {target.host.name} ({server}: {', '.join(target.programs)})"
+        return f"host {target.host.name} ({server}" + (f": {', '.join(target.stopped)})" if target.stopped else ")")
     return f"{target.programs[0]} on {target.host.name} ({server})"
 
 

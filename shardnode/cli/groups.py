@@ -18,9 +18,7 @@ from collections.abc import Sequence
 
 from ..config import ClusterConfig, ConfigError, default_config_path
 from ..errors import ShardnodeError
-from ..placement.groups import GroupChangeReport
 from ..placement.intents import IntentKind
-from ..placement.shape_change import cancel, pending_work, request_change
 
 
 def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
@@ -81,6 +79,8 @@ def _remove(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, kind: IntentKind, change_args: dict) -> int:
+    from ..placement.groups import GroupChangeReport
+    from ..placement.shape_change import request_change
     from ..supervisor import ProcessControl
 
     def line(text: str) -> None:
@@ -88,7 +88,8 @@ def _run(args: argparse.Namespace, kind: IntentKind, change_args: dict) -> int:
 
     try:
         cluster = _cluster(args)
-        intent = request_change(cluster, kind, change_args, control=ProcessControl(cluster), on_line=line)
+        intent = request_change(cluster, kind, change_args, control=ProcessControl(cluster), on_line=line,
+                                request_timeout=_timeout(args))
     except (ConfigError, ShardnodeError) as exc:
         print(f"shardnode: {exc}", file=sys.stderr)
         return 2
@@ -101,8 +102,10 @@ def _run(args: argparse.Namespace, kind: IntentKind, change_args: dict) -> int:
 
 
 def _pending(args: argparse.Namespace) -> int:
+    from ..placement.shape_change import pending_work
+
     try:
-        intents, moves, lease = pending_work(_cluster(args))
+        intents, moves, lease = pending_work(_cluster(args), _timeout(args))
     except (ConfigError, ShardnodeError) as exc:
         print(f"shardnode: {exc}", file=sys.stderr)
         return 2
@@ -144,8 +147,10 @@ def _pending(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
+    from ..placement.shape_change import cancel
+
     try:
-        intent = cancel(_cluster(args), args.intent)
+        intent = cancel(_cluster(args), args.intent, _timeout(args))
     except (ConfigError, ShardnodeError) as exc:
         print(f"shardnode: {exc}", file=sys.stderr)
         return 2
@@ -155,3 +160,8 @@ def _cancel(args: argparse.Namespace) -> int:
         print(f"intent {intent.intent_id} ({intent.describe()}): cancel requested; the scheduler stops it where it "
               f"safely can (`shardnode group pending` shows the outcome)")
     return 0
+
+
+def _timeout(args: argparse.Namespace) -> float:
+    """The deadline of each request (--timeout): the metadata group's calls included."""
+    return float(getattr(args, "timeout", None) or 10.0)

@@ -2,10 +2,10 @@
 
     shardnode [--config etc/cluster.toml] [--timeout 10] COMMAND ...
 
-    put KEY VALUE      set KEY; prints the previous value (nothing if it was new)
+    put KEY VALUE      set KEY; prints OK (--prev-kv: then the previous value, if any)
     put KEY --value-file FILE   the value from FILE (`-`: standard input), for large values
-    get KEY            prints the value; prints nothing and exits 1 if KEY is absent
-    delete KEY         remove KEY; prints the previous value (nothing if it was absent)
+    get KEY            writes the value (raw; --output FILE); nothing and exit 1 if KEY is absent
+    delete KEY         remove KEY; prints 1, or 0 if it was absent (--prev-kv: then the previous value)
     status             one row per replica (--json for machine output); exits 1 if a
                        group has no quorum; --wait SECONDS waits until every group has one
     bench              YCSB-style benchmark (shardnode bench --help)
@@ -21,8 +21,8 @@ directory, else the one of the checkout shardnode runs from
 (shardnode.config.default_config_path).
 
 Keys and values on the command line are taken as the bytes the shell passed
-(os.fsencode), so non-UTF-8 arguments round-trip. Values are printed as raw
-bytes followed by a newline.
+(os.fsencode), so non-UTF-8 arguments round-trip. Values are written as raw
+bytes, followed by a newline only when standard output is a terminal.
 
 Admin commands: `shardnode.cli.admin.register(subparsers)` adds sub-parsers;
 each sets `func` (`set_defaults(func=...)`) to a callable taking the parsed
@@ -37,14 +37,18 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .. import __version__
-from ..client import Client
 from ..config import DEFAULT_CONFIG, ConfigError, default_config_path
 from ..errors import ShardnodeError
-from ..proto import kv_pb2
-from .ready import NotReady, every_group, wait_ready
+
+# Every command starts in well under 0.2 s: the client (gRPC, protobuf,
+# asyncio), rich and the control plane are imported by the commands that use
+# them, not here (measured with `python -X importtime -m shardnode.cli --help`).
+if TYPE_CHECKING:
+    from ..client import Client
+    from ..proto import kv_pb2
 
 PROG = "shardnode"
 DEFAULT_TIMEOUT = 10.0
@@ -126,27 +130,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    put = commands.add_parser("put", parents=[common], help="set a key; prints its previous value",
-                              description="Set KEY to VALUE, or to the bytes of --value-file. Prints the "
-                                          "previous value, or nothing if KEY was new.")
+    put = commands.add_parser("put", parents=[common], help="set a key; prints OK",
+                              description="Set KEY to VALUE, or to the bytes of --value-file. Prints OK (as etcdctl "
+                                          "does); with --prev-kv, then the previous value, if there was one.")
     put.add_argument("key", metavar="KEY")
     put.add_argument("value", metavar="VALUE", nargs="?",
                      help="the value (a command-line argument is limited to 128 KiB: use --value-file beyond)")
     put.add_argument("--value-file", metavar="FILE",
                      help="read the value from FILE, or from standard input if FILE is -")
+    put.add_argument("--prev-kv", action="store_true",
+                     help="after OK, print the previous value (raw, as `get` prints values)")
+    _wait_option(put)
     put.set_defaults(func=_cmd_put)
 
-    get = commands.add_parser("get", parents=[common], help="print a key's value",
-                              description="Print the value of KEY (linearizable). If KEY is absent, "
-                                          "print nothing and exit with status 1.")
+    get = commands.add_parser("get", parents=[common], help="print a key's value (raw bytes)",
+                              description="Write the value of KEY (linearizable) as the bytes it is: a newline "
+                                          "follows only when standard output is a terminal, so `get K > file` "
+                                          "gives back exactly what `put K --value-file file` stored. If KEY is "
+                                          "absent, write nothing and exit with status 1.")
     get.add_argument("key", metavar="KEY")
     get.add_argument("--stale", action="store_true",
                      help="allow a possibly stale read from any replica (faster, not linearizable)")
+    get.add_argument("--output", "-o", metavar="FILE",
+                     help="write the value to FILE instead of standard output (nothing is written if KEY is absent)")
+    _wait_option(get)
     get.set_defaults(func=_cmd_get)
 
-    delete = commands.add_parser("delete", parents=[common], help="remove a key; prints its previous value",
-                                 description="Remove KEY. Prints the previous value, or nothing if KEY was absent.")
+    delete = commands.add_parser("delete", parents=[common], help="remove a key; prints 1 (removed) or 0 (absent)",
+                                 description="Remove KEY. Prints the number of keys removed, 1 or 0 (as etcdctl "
+                                             "does); with --prev-kv, then the previous value, if there was one.")
     delete.add_argument("key", metavar="KEY")
+    delete.add_argument("--prev-kv", action="store_true",
+                        help="after the count, print the previous value (raw, as `get` prints values)")
+    _wait_option(delete)
     delete.set_defaults(func=_cmd_delete)
 
     status = commands.add_parser("status", parents=[common], help="groups, replicas, leaders, lag",
@@ -164,10 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", parents=[common], help="YCSB-style benchmark",
         description="YCSB-style closed-loop benchmark. Workloads: load (insert every key once), "
                     "a (50% read / 50% update), b (95/5), c (read only). Run `load` first. "
-                    "Only successful operations count; errors are reported separately.")
+                    "Only successful operations count; errors are reported separately. The summary says "
+                    "which engine ran, how many callers and over how many connections.")
     bench.add_argument("--workload", choices=list(bench_module.WORKLOADS), default="a")
-    bench.add_argument("--clients", type=_positive_int, default=16, metavar="N",
-                       help="concurrent client threads (default: 16)")
+    bench.add_argument("--engine", choices=list(bench_module.ENGINES), default=None,
+                       help="async (default): the callers are asyncio tasks sharing one AsyncClient, whose "
+                            "concurrent operations are coalesced on one stream per router (what the system can "
+                            "do); threads: threads sharing one blocking Client (what a threaded program of "
+                            "blocking calls gets)")
+    bench.add_argument("--clients", "--callers", dest="clients", type=_positive_int, default=None, metavar="N",
+                       help="concurrent callers (default: 256 with the async engine, 16 with threads)")
     bench.add_argument("--keys", type=_positive_int, default=10_000, metavar="N",
                        help="size of the key space (default: 10000)")
     bench.add_argument("--value-size", type=_non_negative_int, default=100, metavar="BYTES",
@@ -180,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--key-prefix", default="ycsb/", help="prefix of the keys (default: ycsb/)")
     bench.add_argument("--seed", type=int, default=None, help="seed of the key and operation choice")
     bench.add_argument("--client-per-thread", action="store_true",
-                       help="one Client per thread instead of one shared Client")
+                       help="one Client per thread instead of one shared Client (the threads engine)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar (none either when stdout "
                                                                    "is not a terminal)")
     bench.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -188,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _register_admin(commands, common)
     return parser
+
+
+def _wait_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait", dest="wait_for_quorum", action="store_true",
+                        help="if the key's group has no quorum, wait for it until --timeout (default: fail at once "
+                             "with 'no quorum in group N', as Redis Cluster answers CLUSTERDOWN)")
 
 
 def _register_admin(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -208,14 +236,18 @@ def _register_admin(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client.from_config(args.config, timeout=args.timeout)
+    from ..client import Client
+
+    return Client.from_config(args.config, timeout=args.timeout,
+                              wait_for_quorum=getattr(args, "wait_for_quorum", False))
 
 
 def _cmd_put(args: argparse.Namespace) -> int:
     value = _value_argument(args)
     with _client(args) as client:
         old = client.put(os.fsencode(args.key), value)
-    if old is not None:
+    _print_line("OK")
+    if args.prev_kv and old is not None:
         _write_value(old)
     return EXIT_OK
 
@@ -225,14 +257,22 @@ def _cmd_get(args: argparse.Namespace) -> int:
         value = client.get(os.fsencode(args.key), allow_stale=args.stale)
     if value is None:
         return EXIT_NOT_FOUND
-    _write_value(value)
+    if args.output is None:
+        _write_value(value)
+        return EXIT_OK
+    try:
+        with open(args.output, "wb") as f:
+            f.write(value)
+    except OSError as exc:
+        raise _UsageError(f"get: cannot write {args.output}: {exc.strerror}") from None
     return EXIT_OK
 
 
 def _cmd_delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         old = client.delete(os.fsencode(args.key))
-    if old is not None:
+    _print_line("0" if old is None else "1")
+    if args.prev_kv and old is not None:
         _write_value(old)
     return EXIT_OK
 
@@ -252,6 +292,8 @@ def _value_argument(args: argparse.Namespace) -> bytes:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from .ready import NotReady, every_group, wait_ready
+
     with _client(args) as client:
         if args.wait is None:
             status = client.status()
@@ -272,17 +314,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from .. import bench as bench_module
 
+    engine = args.engine or ("threads" if args.client_per_thread else "async")
     try:
         config = bench_module.BenchConfig(
-            workload=args.workload, clients=args.clients, keys=args.keys, value_size=args.value_size,
-            duration=args.duration, distribution=args.distribution, key_prefix=args.key_prefix,
-            seed=args.seed, client_per_thread=args.client_per_thread)
+            workload=args.workload, clients=args.clients or bench_module.DEFAULT_CALLERS[engine], keys=args.keys,
+            value_size=args.value_size, duration=args.duration, distribution=args.distribution,
+            key_prefix=args.key_prefix, seed=args.seed, client_per_thread=args.client_per_thread, engine=engine)
     except ValueError as exc:
         raise _UsageError(f"bench: {exc}") from None
-    Client.from_config(args.config).close()      # a bad configuration is one error line, not N
+    _client(args).close()      # a bad configuration is one error line, not N
     console = Console(file=sys.stdout)
     progress = not args.no_progress and sys.stdout.isatty()
-    result = bench_module.run_bench(lambda: _client(args), config, progress=progress, console=console)
+
+    def async_client():  # type: ignore[no-untyped-def]
+        from ..client import AsyncClient
+
+        return AsyncClient.from_config(args.config, timeout=args.timeout)
+
+    result = bench_module.run_bench(lambda: _client(args), config, progress=progress, console=console,
+                                    make_async_client=async_client)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -331,10 +381,14 @@ def status_dict(status: kv_pb2.StatusResponse) -> dict[str, Any]:
 
 
 def group_dict(group: kv_pb2.GroupStatus) -> dict[str, Any]:
-    """One group of the status as JSON-able data ("name": "meta" for the metadata group)."""
+    """One group of the status as JSON-able data ("name": "meta" and "kind":
+    "meta" for the metadata group; "kind": "data" for the others)."""
+    from ..config import METADATA_GROUP
+
     return {
         "group": group.group,
         "name": group.name or str(group.group),
+        "kind": "meta" if group.group == METADATA_GROUP else "data",
         "leader_id": group.leader_id,
         "has_quorum": group.has_quorum,
         "share": group.share,
@@ -354,6 +408,7 @@ def group_dict(group: kv_pb2.GroupStatus) -> dict[str, Any]:
                 "health": replica_health(r),
                 "process_state": r.process_state,
                 "restarts": r.restarts,
+                "process_problem": r.process_problem,
             }
             for r in group.replicas
         ],
@@ -364,11 +419,17 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
     """A rich Table: one row per replica; the leader bold, a group without quorum red."""
     from rich.table import Table
 
+    from .ready import every_group
+
     with_quorum = sum(1 for g in status.groups if g.has_quorum)
     caption = f"{len(status.groups)} groups, {with_quorum} with quorum"
     if status.HasField("metadata_group"):
         caption += "; metadata group: " + ("quorum" if status.metadata_group.has_quorum else "NO QUORUM (no change "
                                                                                               "of shape possible)")
+    problems = [f"{r.host} group {g.name or g.group}: {r.process_problem}"
+                for g in every_group(status) for r in g.replicas if r.process_problem]
+    if problems:
+        caption += "\nNOT RUNNING: " + "\nNOT RUNNING: ".join(problems)
     table = Table(title=f"{status.cluster} (router {status.router_host}, shard map epoch {status.shard_map_epoch})",
                   caption=caption)
     for column, justify in (("group", "right"), ("share", "right"), ("host", "left"), ("node", "right"), ("role", "left"),
@@ -384,9 +445,7 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
                 cells = [r.role or "?", str(r.term), str(r.commit_index), str(r.applied_index), str(r.lag)]
             else:
                 cells = ["-", "-", "-", "-", "-"]
-            process = r.process_state or "?"
-            if r.restarts:
-                process += f" ({r.restarts} restarts)"
+            process = process_label(r.process_state, r.restarts)
             share = "-" if group.name == "meta" else _share(group.share)
             table.add_row(group_label if i == 0 else "", share if i == 0 else "", r.host, str(r.node_id), *cells, replica_health(r), process,
                           style=style or None, end_section=i == len(group.replicas) - 1)
@@ -394,6 +453,21 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
 
 
 # --- Helpers ----------------------------------------------------------------------------------------
+
+
+#: supervisord's state of a replica's program, as the status table says it.
+PROCESS_WORDS = {"RUNNING": "running", "STARTING": "starting", "BACKOFF": "backing off", "FATAL": "fatal",
+                 "STOPPED": "stopped", "STOPPING": "stopping", "EXITED": "exited", "": "unknown"}
+
+
+def process_label(state: str, restarts: int) -> str:
+    """The status table's process column: the program's state (from its
+    host's router, else its supervisord; "unknown" when neither answers) and
+    how often it was restarted after an unexpected end."""
+    label = PROCESS_WORDS.get(state, state.lower())
+    if restarts:
+        label += f" ({restarts} restart{'s' if restarts != 1 else ''})"
+    return label
 
 
 def _share(fraction: float) -> str:
@@ -412,14 +486,23 @@ def print_table(table: Any) -> None:
     console.print(table)
 
 
+def _print_line(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def _write_value(value: bytes) -> None:
-    """Print a value as the bytes it is, then a newline."""
+    """Write a value as the bytes it is; a newline after it only when
+    standard output is a terminal (for the prompt), never into a pipe or a
+    file, so that binary values round-trip."""
     sys.stdout.flush()
     buffer = getattr(sys.stdout, "buffer", None)
-    if buffer is None:
-        print(value.decode("utf-8", errors="backslashreplace"))
+    terminal = sys.stdout.isatty()
+    if buffer is None:                  # a text-only stdout (tests capturing it)
+        sys.stdout.write(value.decode("utf-8", errors="backslashreplace") + ("\n" if terminal else ""))
+        sys.stdout.flush()
         return
-    buffer.write(value + b"\n")
+    buffer.write(value + b"\n" if terminal else value)
     buffer.flush()
 
 

@@ -35,9 +35,11 @@ def wait_ready(client: Client, seconds: float, poll: float = 0.25) -> kv_pb2.Sta
             if status.groups and all(g.has_quorum for g in every_group(status)):
                 return status
             last = not_ready_reason(status)
-        if time.monotonic() + poll >= deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             raise NotReady(f"not ready after {seconds:g} s: {last}")
-        time.sleep(poll)
+        # The last look comes at the deadline, not up to a poll before it.
+        time.sleep(min(poll, left))
 
 
 def every_group(status: kv_pb2.StatusResponse) -> list[kv_pb2.GroupStatus]:

@@ -12,7 +12,7 @@ The error classes are re-exported so that callers need one import.
 """
 
 from ..errors import (DeadlineExceeded, InvalidArgument, NoLeader, NoQuorum, NotLeader, RoutersUnreachable,
-                      ShardnodeError, Unavailable)
+                      ShardnodeError, TLSMismatch, Unavailable)
 from .aio import AsyncClient
 from .client import DEFAULT_TIMEOUT, Client, StaleSession
 
@@ -28,5 +28,6 @@ __all__ = [
     "RoutersUnreachable",
     "ShardnodeError",
     "StaleSession",
+    "TLSMismatch",
     "Unavailable",
 ]

@@ -29,11 +29,13 @@ from typing import Any
 import grpc
 
 from ..config import ClusterConfig
-from ..errors import DeadlineExceeded, InvalidArgument, RoutersUnreachable, ShardnodeError, Unavailable
+from ..errors import (DeadlineExceeded, InvalidArgument, NoQuorum, RoutersUnreachable, ShardnodeError, TLSMismatch,
+                      Unavailable)
 from ..proto import kv_pb2, kv_pb2_grpc
 from ..placement.shard_map import ShardMap
 from ..security import aio_channel
-from .common import (BACKOFF_MAX, BACKOFF_MIN, CAUSES, CHANNEL_OPTIONS, CODES, DEADLINE_SLACK, DEFAULT_TIMEOUT, REFUSED,
+from .common import (CONNECTION_FAILED, BACKOFF_MAX, BACKOFF_MIN, CAUSES, CHANNEL_OPTIONS, CODES, DEADLINE_SLACK,
+                     DEFAULT_TIMEOUT, REFUSED, speaks_tls,
                      TRY_ELSEWHERE, Cause, ClientSettings, Key, StaleSession, Value, all_refuse, jitter, status_of)
 from .pipe import RouterPipe
 from .sessions import SessionPool
@@ -62,14 +64,15 @@ class AsyncClient(ClientSettings):
     """
 
     def __init__(self, routers: Sequence[str] | str, *, timeout: float = DEFAULT_TIMEOUT,
-                 cluster: ClusterConfig | None = None) -> None:
-        super().__init__(routers, timeout=timeout, cluster=cluster)
+                 cluster: ClusterConfig | None = None, wait_for_quorum: bool = False) -> None:
+        super().__init__(routers, timeout=timeout, cluster=cluster, wait_for_quorum=wait_for_quorum)
         self._pipes: list[RouterPipe | None] = [None] * len(self._routers)
         self._channels: list[grpc.aio.Channel | None] = [None] * len(self._routers)
         self._closed = False
         self._sessions = SessionPool()
         self._shard_map: ShardMap | None = None     # built on first need (error messages)
         self._retrying: set[asyncio.Task] = set()   # blocking calls past their first attempt
+        self._tls_checked: set[int] = set()        # routers asked whether they speak TLS (speaks_tls)
         self._random = random.Random()      # private: jitter and the first router
         # The router the next call starts with: the last one that answered.
         # Clients start at a random one so that they spread over the routers.
@@ -87,7 +90,8 @@ class AsyncClient(ClientSettings):
     async def get(self, key: Key, *, timeout: float | None = None, allow_stale: bool = False) -> bytes | None:
         """The value of `key`, or None if it is absent. Linearizable unless
         `allow_stale` (then any replica's possibly older value may be read)."""
-        op = BatchOperation(kind=BatchOperation.GET, key=self._key(key), allow_stale=bool(allow_stale))
+        op = BatchOperation(kind=BatchOperation.GET, key=self._key(key), allow_stale=bool(allow_stale),
+                            wait_for_quorum=self._wait_for_quorum)
         result = await self._operation("get", op, self._budget(timeout), write=False)
         return result.value if result.existed else None
 
@@ -114,7 +118,8 @@ class AsyncClient(ClientSettings):
         checked = self._keys(keys)
         budget = self._budget(timeout)
         stale = bool(allow_stale)
-        results = await _all([self._operation("get", BatchOperation(kind=BatchOperation.GET, key=k, allow_stale=stale),
+        results = await _all([self._operation("get", BatchOperation(kind=BatchOperation.GET, key=k, allow_stale=stale,
+                                                                   wait_for_quorum=self._wait_for_quorum),
                                               budget, write=False) for k in checked])
         return [r.value if r.existed else None for r in results]
 
@@ -159,7 +164,8 @@ class AsyncClient(ClientSettings):
         stale = False
         try:
             op = BatchOperation(kind=kind, key=key, value=value,
-                                session=kv_pb2.Session(client_id=slot.client_id, sequence=slot.sequence))
+                                session=kv_pb2.Session(client_id=slot.client_id, sequence=slot.sequence),
+                                wait_for_quorum=self._wait_for_quorum)
             return await self._operation(op_name, op, budget, write=True)
         except StaleSession:
             stale = True
@@ -286,6 +292,11 @@ class AsyncClient(ClientSettings):
         last_error = ""
         cause: Cause | None = None   # the last failure a router explained (no quorum in group N…)
         timed_out = False          # was the last failure a timeout (vs. unavailable)?
+        # Routers that answered at once that the key's group has no quorum
+        # (fail fast): once every router did (or refuses), NoQuorum now.
+        no_quorum: set[int] = set()
+        at_once = False
+        mismatched: set[int] = set()   # routers that speak TLS when we do not, or the reverse
         while True:
             router = self._routers[index]
             if first is not None:
@@ -327,6 +338,10 @@ class AsyncClient(ClientSettings):
             error = CAUSES.get(result.cause)
             if error is not None:
                 cause = Cause(error, details, result.group if result.HasField("group") else None)
+            if error is NoQuorum and not self._wait_for_quorum:
+                no_quorum.add(index)
+            else:
+                no_quorum.discard(index)
             if code == grpc.StatusCode.UNAVAILABLE and REFUSED in details.lower():
                 refused.add(index)
                 # gRPC reports a refusal from its last connection attempt (it waits
@@ -348,7 +363,20 @@ class AsyncClient(ClientSettings):
                         + ("; nothing was written" if write else ""), routers=self._routers)
             else:
                 refused.discard(index)
-                reached = router
+                if code == grpc.StatusCode.UNAVAILABLE and error is None and CONNECTION_FAILED in details \
+                        and index not in self._tls_checked:
+                    # The connection failed without a reason (plaintext to a TLS router
+                    # says "Socket closed"): ask the router whether it speaks TLS.
+                    self._tls_checked.add(index)
+                    speaks = await asyncio.get_running_loop().run_in_executor(
+                        None, speaks_tls, router, max(0.05, min(0.5, deadline - time.monotonic())))
+                    if speaks is not None and speaks != self._uses_tls:
+                        mismatched.add(index)
+                if index not in mismatched:
+                    reached = router
+            if mismatched and len(mismatched | refused) == count:
+                raise TLSMismatch(self._tls_mismatch(op, sorted(self._routers[i] for i in mismatched)),
+                                  routers=self._routers)
             if code in TRY_ELSEWHERE:
                 timed_out = False
                 index = (index + 1) % count
@@ -360,6 +388,9 @@ class AsyncClient(ClientSettings):
             else:
                 unknown = " (the write's outcome is unknown)" if write else ""
                 raise ShardnodeError(f"{op}: {router} answered {code.name}: {details}{unknown}")
+            if no_quorum and len(no_quorum | refused) == count:
+                at_once = True      # every router sees the group without a majority: do not wait for it
+                break
             if index in tried_since_backoff:
                 # Every router had its chance since the last pause: back off.
                 pause = min(jitter(self._random, backoff), deadline - time.monotonic())
@@ -371,13 +402,28 @@ class AsyncClient(ClientSettings):
         unknown = "; the write's outcome is unknown (it may or may not have been applied)" if write else ""
         if cause is not None:
             # A router said why (no quorum in group N, no leader yet, deadline while waiting for group N).
-            raise cause.error(f"{op}: {cause.message}; gave up after {budget:g} s{unknown}", group=cause.group)
+            after = "" if at_once else f"; gave up after {budget:g} s"
+            raise cause.error(f"{op}: {cause.message}{after}{unknown}", group=cause.group)
         detail = f" (last error: {last_error})" if last_error else ""
         group = self._group_of(key)
         if timed_out or not last_error:
             waiting = f" while waiting for group {group}" if group is not None else ""
             raise DeadlineExceeded(f"{op}: deadline of {budget:g} s exceeded{waiting}{unknown}{detail}", group=group)
         raise Unavailable(f"{op}: no router could serve it within {budget:g} s{unknown}{detail}")
+
+    @property
+    def _uses_tls(self) -> bool:
+        return self._cluster is not None and self._cluster.security.tls
+
+    def _tls_mismatch(self, op: str, routers: list[str]) -> str:
+        where = ", ".join(routers)
+        if self._uses_tls:
+            return (f"{op}: this client uses TLS ([security] tls = true in its cluster.toml) but the router at "
+                    f"{where} does not: is it another cluster, or one configured without TLS? Nothing was sent")
+        return (f"{op}: the router at {where} requires TLS and this client connects in plaintext: make the client "
+                "with Client.from_config(PATH) (or kv739_init(PATH)) from the cluster's own cluster.toml, which has "
+                "[security] tls = true and the certificates' location, not from a list of router addresses "
+                "(docs/security.md). Nothing was sent")
 
     def _group_of(self, key: bytes) -> int | None:
         """The group of the key, when the cluster's shape is known."""

@@ -25,7 +25,9 @@ TypeError:
   subclasses name the cause: `RoutersUnreachable` (every router refused the
   connection: raised at once, not at the deadline; nothing was sent),
   `NoQuorum` (the key's group has no majority up: "no quorum in group N: 2
-  of 3 replicas unreachable (...)"), `NoLeader` ("no leader yet in group N").
+  of 3 replicas unreachable (...)"; raised at once, not at the deadline,
+  unless the client was made with `wait_for_quorum=True`), `NoLeader` ("no
+  leader yet in group N").
 - `DeadlineExceeded`: the deadline passed while a router was still working
   on the call ("deadline exceeded while waiting for group N").
 - `StaleSession` (a ShardnodeError): the servers refused a write's session
@@ -89,9 +91,10 @@ class Client(ClientSettings):
     """
 
     def __init__(self, routers: Sequence[str] | str, *, timeout: float = DEFAULT_TIMEOUT,
-                 cluster: ClusterConfig | None = None) -> None:
-        super().__init__(routers, timeout=timeout, cluster=cluster)
-        self._engine = AsyncClient(self._routers, timeout=self._timeout, cluster=cluster)
+                 cluster: ClusterConfig | None = None, wait_for_quorum: bool = False) -> None:
+        super().__init__(routers, timeout=timeout, cluster=cluster, wait_for_quorum=wait_for_quorum)
+        self._engine = AsyncClient(self._routers, timeout=self._timeout, cluster=cluster,
+                                   wait_for_quorum=wait_for_quorum)
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -105,20 +108,22 @@ class Client(ClientSettings):
     def put(self, key: Key, value: Value, *, timeout: float | None = None) -> bytes | None:
         """Set `key` to `value`; returns the previous value, or None if the key
         was absent. Applied exactly once, however often it is retried."""
-        op = BatchOperation(kind=BatchOperation.PUT, key=self._key(key), value=self._value(value))
+        op = BatchOperation(kind=BatchOperation.PUT, key=self._key(key), value=self._value(value),
+                            wait_for_quorum=self._wait_for_quorum)
         result = self._perform([BlockingCall("put", op, self._budget(timeout), True)])[0]
         return result.value if result.existed else None
 
     def get(self, key: Key, *, timeout: float | None = None, allow_stale: bool = False) -> bytes | None:
         """The value of `key`, or None if it is absent. Linearizable unless
         `allow_stale` (then any replica's possibly older value may be read)."""
-        op = BatchOperation(kind=BatchOperation.GET, key=self._key(key), allow_stale=bool(allow_stale))
+        op = BatchOperation(kind=BatchOperation.GET, key=self._key(key), allow_stale=bool(allow_stale),
+                            wait_for_quorum=self._wait_for_quorum)
         result = self._perform([BlockingCall("get", op, self._budget(timeout), False)])[0]
         return result.value if result.existed else None
 
     def delete(self, key: Key, *, timeout: float | None = None) -> bytes | None:
         """Remove `key`; returns the value it had, or None if it was absent."""
-        op = BatchOperation(kind=BatchOperation.DELETE, key=self._key(key))
+        op = BatchOperation(kind=BatchOperation.DELETE, key=self._key(key), wait_for_quorum=self._wait_for_quorum)
         result = self._perform([BlockingCall("delete", op, self._budget(timeout), True)])[0]
         return result.value if result.existed else None
 
@@ -129,7 +134,8 @@ class Client(ClientSettings):
         is checked first (InvalidArgument: nothing was sent). If any fails,
         the first failure in order is raised once all are over."""
         budget = self._budget(timeout)
-        calls = [BlockingCall("put", BatchOperation(kind=BatchOperation.PUT, key=k, value=v), budget, True)
+        calls = [BlockingCall("put", BatchOperation(kind=BatchOperation.PUT, key=k, value=v,
+                                                             wait_for_quorum=self._wait_for_quorum), budget, True)
                  for k, v in self._pairs(pairs)]
         return [r.value if r.existed else None for r in self._perform(calls)]
 
@@ -139,7 +145,8 @@ class Client(ClientSettings):
         linearizable on its own unless `allow_stale`. Failures as put_many."""
         budget = self._budget(timeout)
         stale = bool(allow_stale)
-        calls = [BlockingCall("get", BatchOperation(kind=BatchOperation.GET, key=k, allow_stale=stale), budget, False)
+        calls = [BlockingCall("get", BatchOperation(kind=BatchOperation.GET, key=k, allow_stale=stale,
+                                                             wait_for_quorum=self._wait_for_quorum), budget, False)
                  for k in self._keys(keys)]
         return [r.value if r.existed else None for r in self._perform(calls)]
 

@@ -71,7 +71,7 @@ class ClientSettings:
     the argument checks every call makes before any network traffic."""
 
     def __init__(self, routers: Sequence[str] | str, *, timeout: float = DEFAULT_TIMEOUT,
-                 cluster: ClusterConfig | None = None) -> None:
+                 cluster: ClusterConfig | None = None, wait_for_quorum: bool = False) -> None:
         if isinstance(routers, str):
             routers = [routers]
         addresses: list[str] = []
@@ -84,6 +84,7 @@ class ClientSettings:
         self._routers: tuple[str, ...] = tuple(addresses)
         self._timeout = check_timeout(timeout)
         self._cluster = cluster
+        self._wait_for_quorum = bool(wait_for_quorum)
         if cluster is not None and cluster.security.tls:
             channel_credentials(cluster.security, None)     # missing certificates: one clear error now
         self._max_key_bytes = cluster.max_key_bytes if cluster else DEFAULT_MAX_KEY_BYTES
@@ -104,6 +105,13 @@ class ClientSettings:
     @property
     def timeout(self) -> float:
         return self._timeout
+
+    @property
+    def wait_for_quorum(self) -> bool:
+        """False (the default): an operation on a group that has no majority of
+        its replicas up fails at once with NoQuorum (every router is asked
+        once); True: it waits for the group, until its deadline."""
+        return self._wait_for_quorum
 
     @property
     def cluster(self) -> ClusterConfig | None:
@@ -179,6 +187,8 @@ def cause_of_metadata(exc: grpc.RpcError, details: str) -> tuple[str, int | None
 
 #: How gRPC describes a connection attempt that found nothing listening.
 REFUSED = "connection refused"
+#: How gRPC describes a channel that could not connect (for whatever reason).
+CONNECTION_FAILED = "failed to connect to all addresses"
 _PROBE_TIMEOUT = 0.2
 
 
@@ -234,3 +244,31 @@ def check_address(router: object) -> None:
 
 def jitter(rng: random.Random, backoff: float) -> float:
     return backoff * (0.5 + 0.5 * rng.random())
+
+
+def speaks_tls(router: str, timeout: float) -> bool | None:
+    """Whether the server at `router` answers a TLS handshake (True), speaks
+    something else (False: a plaintext gRPC server), or cannot tell (None:
+    nothing answered in time). The client asks when a router's connection
+    fails without a reason, so that a TLS mismatch is named as such."""
+    import ssl
+
+    host, _, port = router.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE        # only the protocol matters here, not who it is
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw:
+            with context.wrap_socket(raw, do_handshake_on_connect=False) as tls:
+                tls.settimeout(timeout)
+                tls.do_handshake()
+        return True
+    except ssl.SSLError as exc:
+        # A TLS alert (no client certificate, an unknown CA) is a TLS server talking;
+        # a malformed record is a server that does not speak TLS.
+        return "ALERT" in (exc.reason or "").upper() or "HANDSHAKE_FAILURE" in (exc.reason or "").upper()
+    except (ConnectionResetError, BrokenPipeError):
+        return False
+    except OSError:
+        return None

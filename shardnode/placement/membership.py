@@ -48,7 +48,7 @@ from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..replica.shape_policy import MIN_VOTERS
 from ..security import admin_metadata, load_admin_credential, sync_channel
-from ..supervisor import ROUTER_PROGRAM, ProcessControl
+from ..supervisor import ROUTER_PROGRAM, ProcessControl, worker_program
 from .directory import ShardDirectory
 from .group_status import freshest
 from .intents import ShapeRefused
@@ -157,13 +157,17 @@ class MembershipAdmin:
         guards: tuple[tuple[bytes, bytes | None], ...] = (),
         work: WorkRecord | None = None,
         form_group: Callable[[tuple[str, ...]], Any] | None = None,
+        request_timeout: float = LIVE_GROUPS_TIMEOUT,
     ) -> None:
         """`fence` and `guards`: the scheduler's fencing token and lease
         guard (placement/lease.py), carried by every change; `work`: where a
         change records its durable choices (the scheduler's intent record;
         by default kept in memory); `form_group(hosts)`: creates a group on
-        free hosts (the scheduler's group admin)."""
+        free hosts (the scheduler's group admin); `request_timeout`: how
+        long each call to the metadata group keeps trying (the CLI's
+        --timeout)."""
         self.cluster = cluster
+        self.request_timeout = request_timeout
         self.control = control
         self.launch = launch
         self.progress = progress or (lambda line: None)
@@ -227,7 +231,7 @@ class MembershipAdmin:
         docs/sharding.md). ShapeRefused if the metadata group does not answer:
         a change of shape that missed a group could leave it short."""
         async def load() -> ShardMap:
-            directory = ShardDirectory(self.cluster, self._identity, timeout=LIVE_GROUPS_TIMEOUT)
+            directory = ShardDirectory(self.cluster, self._identity, timeout=self.request_timeout)
             try:
                 return await directory.load_map()
             finally:
@@ -237,17 +241,34 @@ class MembershipAdmin:
         except ShardnodeError as exc:
             raise ShapeRefused(f"the live groups are unknown: {exc}") from None
 
-    def _groups_to_restart(self) -> list[int]:
+    def _groups_to_restart(self, host: HostConfig) -> list[int]:
         """The live groups; when the metadata group does not answer (it may
-        be down with the hosts being restarted), cluster.toml's groups: the
-        whole-host start brings the host's metadata replica back too, and its
-        router then starts the workers of groups created online that have
-        data there."""
+        be down with the hosts being restarted), cluster.toml's groups and
+        those whose workers ran on the host before it stopped (groups created
+        online): the whole-host start brings the host's metadata replica
+        back too, and its router then starts any other group the host holds
+        (routing/processes.py)."""
         try:
             return self.live_groups()
         except ShapeRefused as exc:
-            self.progress(f"{exc}; restarting the groups of cluster.toml (the router starts the others)")
-            return list(range(self.cluster.groups))
+            ran = self._groups_that_ran(host)
+            extra = sorted(set(ran) - set(range(self.cluster.groups)))
+            also = f" and {', '.join(map(str, extra))} (created online, ran there before)" if extra else ""
+            self.progress(f"{exc}; restarting the groups of cluster.toml{also}; the host's router starts any other "
+                          f"group it holds")
+            return sorted(set(range(self.cluster.groups)) | set(ran))
+
+    def _groups_that_ran(self, host: HostConfig) -> list[int]:
+        """The data groups whose workers ran on `host` and were stopped (its
+        supervisord's state), [] if that is unknown."""
+        if self.control is None:
+            return []
+        try:
+            processes = self.control.processes(host.name)
+        except (ShardnodeError, OSError):
+            return []
+        return [g for g in range(self.cluster.max_groups)
+                if (info := processes.get(worker_program(g))) is not None and info.state == "STOPPED" and info.started_at]
 
     def _states(self, groups: list[int] | None) -> dict[int, GroupState]:
         """Those groups (a worker address names one), else every live group."""
@@ -291,7 +312,7 @@ class MembershipAdmin:
         `start --new`). Groups that do not answer now are started too: their
         workers find out for themselves."""
         host, groups = self._resolve(server)
-        candidates = self._groups_to_restart() if groups is None else groups
+        candidates = self._groups_to_restart(host) if groups is None else groups
         held, left = [], []
         for group in candidates:
             state = self.group(group)
@@ -411,7 +432,7 @@ class MembershipAdmin:
         """Compare-and-set the metadata group's free-host list until `change`
         applies to the current one; returns the list written."""
         async def update() -> set[str]:
-            directory = ShardDirectory(self.cluster, self._identity, timeout=LIVE_GROUPS_TIMEOUT)
+            directory = ShardDirectory(self.cluster, self._identity, timeout=self.request_timeout)
             try:
                 while True:
                     raw = await directory.read(FREE_HOSTS_KEY)

@@ -42,16 +42,18 @@ def identity(cluster: ClusterConfig) -> str | None:
 
 def request_change(cluster: ClusterConfig, kind: IntentKind, args: dict[str, Any], *, control: Any = None,
                    launch: Launcher | None = None, on_line: Callable[[str], None] = lambda line: None,
-                   timeout: float | None = CHANGE_TIMEOUT, admin_timeout: float = 120.0) -> Intent:
+                   timeout: float | None = CHANGE_TIMEOUT, admin_timeout: float = 120.0,
+                   request_timeout: float = METADATA_TIMEOUT) -> Intent:
     """Record the intent (or attach to the same unfinished one) and carry it
     to its end. Returns the finished intent; ShapeRefused with its outcome if
     it failed or was cancelled; DeadlineExceeded after `timeout` (it goes on
-    without us)."""
+    without us). `request_timeout`: how long each call to the metadata group
+    keeps trying (the CLI's --timeout)."""
     check_arguments(cluster, args)
     hands = ClusterHands(cluster, control=control, launch=launch, timeout=admin_timeout)
 
     async def main() -> Intent:
-        directory = ShardDirectory(cluster, identity(cluster), timeout=METADATA_TIMEOUT)
+        directory = ShardDirectory(cluster, identity(cluster), timeout=request_timeout)
         try:
             scheduler = make_scheduler(hands, directory, holder_name("cli"))
             intent, new = await scheduler.submit(kind, args)
@@ -89,11 +91,12 @@ def check_arguments(cluster: ClusterConfig, args: dict[str, Any]) -> None:
 # --- Seeing and cancelling pending work ---------------------------------------------------------
 
 
-def pending_work(cluster: ClusterConfig) -> tuple[list[Intent], list[MoveRecord], LeaseState | None]:
+def pending_work(cluster: ClusterConfig, request_timeout: float = METADATA_TIMEOUT
+                 ) -> tuple[list[Intent], list[MoveRecord], LeaseState | None]:
     """The intents (unfinished and recent), the moves in progress, and the
     scheduler's lease, as the metadata group has them."""
     async def main() -> tuple[list[Intent], list[MoveRecord], LeaseState | None]:
-        directory = ShardDirectory(cluster, identity(cluster), timeout=METADATA_TIMEOUT)
+        directory = ShardDirectory(cluster, identity(cluster), timeout=request_timeout)
         try:
             intents = await IntentBook(directory).all()
             moves = await Mover(None, directory).records()      # type: ignore[arg-type]
@@ -107,7 +110,7 @@ def pending_work(cluster: ClusterConfig) -> tuple[list[Intent], list[MoveRecord]
 def cancel(cluster: ClusterConfig, intent_id: int) -> Intent:
     """Ask the scheduler to cancel an intent (see IntentBook.cancel)."""
     async def main() -> Intent:
-        directory = ShardDirectory(cluster, identity(cluster), timeout=METADATA_TIMEOUT)
+        directory = ShardDirectory(cluster, identity(cluster), timeout=request_timeout)
         try:
             return await IntentBook(directory).cancel(intent_id)
         finally:

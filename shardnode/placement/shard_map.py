@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import msgpack
 
 from ..keyspace import SPACE, KeyRange, KeySpaceError, RangeSet, stable_hash
-from ..storage.incarnation import random_id
 
 __all__ = ["SPACE", "KeyRange", "KeySpaceError", "Move", "RangeSet", "ShardMap", "ShardMapConflict", "ShardMapError",
            "initial_ownership", "stable_hash"]
@@ -143,6 +142,8 @@ class ShardMap:
         if group in self.groups or group in self.retired:
             raise ShardMapError(f"group {group} exists or existed")
         if incarnation is None:
+            from ..storage.incarnation import random_id     # not at import: clients read maps, never make groups
+
             incarnation = random_id()
         if not 0 < incarnation < 1 << 63:
             raise ShardMapError(f"a group's incarnation is a positive 63-bit integer, not {incarnation}")

@@ -72,7 +72,7 @@ import grpc
 
 from ..config import METADATA_GROUP, ClusterConfig, ConfigError
 from ..errors import ShardnodeError
-from ..placement.directory import ShardDirectory
+from ..placement.directory import MetadataUnavailable, ShardDirectory
 from ..placement.group_status import conf_from_status, freshest
 from ..placement.initial_placement import InitialPlacement, load_or_record
 from ..proto import worker_pb2 as pb
@@ -266,11 +266,28 @@ async def _group_was_removed(cluster: ClusterConfig, host_name: str, group: int)
 
 def _bootstrap_metadata_group(cluster: ClusterConfig, host_name: str, data_dir: Path) -> Identity:
     """Rule 5 for the metadata group: placed by cluster.toml; its ids are
-    learned once its state machine holds the recorded placement (driver)."""
+    learned once its state machine holds the recorded placement (driver).
+
+    Only at the cluster's first start, on a host that holds nothing yet: a
+    host with data of other groups (or a shard map its router saved) has run
+    in this cluster, so the metadata group exists somewhere, perhaps with
+    another membership than cluster.toml gives now (a cluster first started
+    when `meta_replicas` defaulted to 3 has 3 members; the default is now as
+    many as the data groups' replicas). Bootstrapping there would make a
+    second metadata group: the worker waits for the real one to answer
+    (MetadataUnavailable: it exits and is started again)."""
     replicas = cluster.meta_group_replicas()
     mine = [r for r in replicas if r.host.name == host_name]
     if not mine:
         return Identity(Start.NO_REPLICA, reason=f"host {host_name} holds no replica of the metadata group")
+    ran_before = [path.name for path in sorted(data_dir.parent.glob("group-*"))
+                  if path != data_dir and ReplicaStore.exists(path)]
+    if cluster.shard_map_file(host_name).exists():
+        ran_before.append("shard_map")
+    if ran_before:
+        raise MetadataUnavailable(
+            f"the metadata group does not answer, and host {host_name} has run in this cluster before (it has "
+            f"{', '.join(ran_before)}): it joins the metadata group that exists, it never starts a new one")
     conf = ConfState(voters=tuple(r.node_id for r in replicas),
                      members=tuple(Member(r.node_id, r.host.name, r.address) for r in replicas))
     store = ReplicaStore.open(data_dir, initial_conf=conf, node_id=mine[0].node_id, storage=cluster.storage)

@@ -17,6 +17,11 @@ Outcomes:
 - a stale read (allow_stale) goes to this host's replica of the group; if
   that replica is down, unreachable or unavailable, it is read at the leader
   instead (a linearizable read), not retried there until its deadline;
+- fail fast: an operation whose caller does not wait for the quorum
+  (`wait_for_quorum` false, the default of clients) is answered NoQuorum at
+  once while the group monitor's probes show that the group surely has no
+  majority of its replicas up (`no_quorum_now`), as Redis Cluster answers
+  CLUSTERDOWN; the others wait for the group until their deadline;
 - when the operation's deadline comes first (it is answered then, never
   later), the error that says why: NoQuorum ("no quorum in group N: ..."),
   NoLeader ("no leader yet in group N: ..."), as the group monitor last saw
@@ -59,6 +64,10 @@ MAX_IN_FLIGHT = 1
 BACKOFF_MIN = 0.02
 BACKOFF_MAX = 0.5
 MAX_IMMEDIATE_REDIRECTS = 3
+#: Fail fast: this many probes in a row (PROBE_INTERVAL apart) must have found
+#: no majority of the group up, the last one at most FAIL_FAST_VIEW_AGE ago.
+FAIL_FAST_PROBES = 2
+FAIL_FAST_VIEW_AGE = 3.0
 Status = wpb.ExecuteResponse
 
 
@@ -103,6 +112,7 @@ class _Waiting:
     operation: wpb.Operation
     future: asyncio.Future
     deadline: float           # time.monotonic()
+    fail_fast: bool = False   # answered NoQuorum at once while the group has no majority up
     redirects: int = 0        # NOT_LEADER hints followed without a pause
     arrived: float = field(default_factory=time.monotonic)
     timer: asyncio.TimerHandle | None = None    # answers it at its deadline
@@ -137,6 +147,12 @@ class GroupForwarder:
         # Execute calls in flight, by the node they went to; those abandoned by `observe`.
         self._calls: dict[int, set[grpc.aio.UnaryUnaryCall]] = {}
         self._abandoned: set[grpc.aio.UnaryUnaryCall] = set()
+        # Fail fast (no_quorum_now): since when the probes in a row found no
+        # majority up, how many, and the last OK answer of the group.
+        self._no_majority_since: float | None = None
+        self._no_majority_probes = 0
+        self._last_ok = 0.0
+        self._served = False        # the group had a quorum (or answered OK) since this router started
 
     def _follow(self, members: tuple[Replica, ...]) -> None:
         """Route to these members (the group's live membership)."""
@@ -164,6 +180,8 @@ class GroupForwarder:
         self.membership_changed = view.replicas != self.members
         if self.membership_changed:
             self._follow(view.replicas)
+        if view.placeholder:
+            return      # not a probe: no replica was found unreachable, no majority missing
         unreachable = {self.by_address[a] for a in view.unreachable if a in self.by_address}
         for node_id in unreachable:
             for call in self._calls.get(node_id, ()):
@@ -173,6 +191,43 @@ class GroupForwarder:
             self.leader = None
         if self.leader is None and view.leader_id in self.replicas and view.leader_id not in unreachable:
             self.leader = view.leader_id
+        if view.has_quorum:
+            self._served = True
+        if view.reachable_voters < view.majority:
+            self._no_majority_probes += 1
+            if self._no_majority_since is None:
+                self._no_majority_since = view.at
+            if self.no_quorum_now():
+                # What waits for the group and may not wait for its quorum is answered now.
+                for queue in self._queues.values():
+                    for waiting in [w for w in queue if w.fail_fast]:
+                        queue.remove(waiting)
+                        self._fail_now(waiting)
+        else:
+            self._no_majority_probes, self._no_majority_since = 0, None
+
+    def no_quorum_now(self) -> bool:
+        """Whether the group surely has no majority up now, so that an
+        operation that may not wait is answered NoQuorum at once: the group
+        had a quorum since this router started (a cluster still starting is
+        waited for: the router's connections to workers that were not up yet
+        recover only after a back-off), FAIL_FAST_PROBES probes in a row (a
+        second apart) found fewer than a majority of its voters answering,
+        the last one is recent, and no call to the group succeeded since the
+        first of them (a probe that timed out on a loaded machine is not
+        enough)."""
+        view = self.view
+        since = self._no_majority_since
+        return (self._served and view is not None and since is not None
+                and self._no_majority_probes >= FAIL_FAST_PROBES
+                and time.monotonic() - view.at <= FAIL_FAST_VIEW_AGE and self._last_ok < since)
+
+    def _fail_now(self, waiting: _Waiting) -> None:
+        if waiting.timer is not None:
+            waiting.timer.cancel()
+        assert self.view is not None
+        _resolve(waiting.future, NoQuorum(f"{self.view.explain()}; answered at once (the caller may wait for "
+                                          f"the group's quorum instead: wait_for_quorum)", group=self.group))
 
     def failure(self, waiting: _Waiting, allow_stale: bool) -> ShardnodeError:
         """Why `waiting` could not be served before its deadline."""
@@ -195,20 +250,26 @@ class GroupForwarder:
 
     # --- Submitting -----------------------------------------------------------------
 
-    async def submit(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False) -> wpb.OperationResult:
-        future = self.enqueue(operation, deadline, allow_stale)
+    async def submit(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False,
+                     wait_for_quorum: bool = True) -> wpb.OperationResult:
+        future = self.enqueue(operation, deadline, allow_stale, wait_for_quorum)
         self.pump(allow_stale)
         return await future
 
-    def enqueue(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False) -> asyncio.Future:
+    def enqueue(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False,
+                wait_for_quorum: bool = True) -> asyncio.Future:
         """Queue one operation without sending it yet: a caller with many
         operations queues them all, then calls `pump` once, so that they
         leave together in as few Execute calls as the queue allows. The
         future is settled with the result or the error tree, by the
-        deadline at the latest."""
+        deadline at the latest; without `wait_for_quorum`, with NoQuorum as
+        soon as the group surely has no majority up (`no_quorum_now`)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        waiting = _Waiting(operation, future, deadline)
+        waiting = _Waiting(operation, future, deadline, fail_fast=not wait_for_quorum)
+        if waiting.fail_fast and self.no_quorum_now():
+            self._fail_now(waiting)
+            return future
         # Answered at the deadline whatever happens (a call in flight, a backoff):
         # the caller hears why in time, not its own deadline's bare expiry.
         waiting.timer = loop.call_later(max(0.0, deadline - time.monotonic()), self._expire_one, waiting, allow_stale)
@@ -329,6 +390,8 @@ class GroupForwarder:
         status = response.status
         if status == Status.OK:
             self._backoff = 0.0
+            self._last_ok = time.monotonic()
+            self._served = True
             if not allow_stale:
                 self.leader = target
             for waiting, result in zip(batch, response.results):
@@ -377,6 +440,8 @@ class GroupForwarder:
                 continue  # the caller gave up
             if waiting.deadline <= now:
                 _resolve(waiting.future, self.failure(waiting, allow_stale))
+            elif waiting.fail_fast and self.no_quorum_now():
+                self._fail_now(waiting)
             else:
                 alive.append(waiting)
         return alive

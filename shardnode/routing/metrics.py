@@ -26,6 +26,7 @@ from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
 from ..metrics import LATENCY_BUCKETS, merge_families
 from ..security import sync_channel
+from ..supervisor import worker_program
 
 if TYPE_CHECKING:
     from .forwarder import GroupForwarder
@@ -148,16 +149,24 @@ class _ProcessCollector:
 
     def collect(self) -> Iterator[Metric]:
         restarts = CounterMetricFamily("raft_process_restarts", "Times a program of this host was started again "
-                                       "(fail-stop, crash, or an operator), since the router started.",
+                                       "after it ended unexpectedly (fail-stop, crash), since the router started.",
                                        labels=["program"])
         state = GaugeMetricFamily("raft_process_state", "1 for the supervisord state each program of this host is "
                                   "in (BACKOFF: crash-looping).", labels=["program", "state"])
+        not_running = GaugeMetricFamily(
+            "raft_replica_not_running", "1 when this host holds a replica of the group whose worker does not run "
+            "and could not be started (the router retries with a back-off; `shardnode status` says why).",
+            labels=["group"])
+        wanted = {worker_program(g) for g in self.processes.wanted()}
         for program in sorted(self.processes.programs.values(), key=lambda p: p.program):
             restarts.add_metric([program.program], program.restarts)
             for name in self.STATES:
                 state.add_metric([program.program, name], 1 if program.state == name else 0)
+            if program.program in wanted and program.group is not None:
+                not_running.add_metric([group_label(program.group)], 1 if program.problem else 0)
         yield restarts
         yield state
+        yield not_running
 
 
 class _HostCollector:

@@ -19,7 +19,7 @@ from ..proto import kv_pb2 as pb
 from ..proto import kv_pb2_grpc as pb_grpc
 from ..proto import worker_pb2 as wpb
 from ..placement.shard_map import ShardMap
-from ..supervisor import worker_program
+from ..supervisor import ProcessControl, worker_program
 from .forwarder import ChannelPool, GroupForwarder
 from .map_follower import MapFollower
 from .metrics import RouterMetrics
@@ -78,10 +78,12 @@ class KVService(pb_grpc.KVServicer):
         self._draining = asyncio.Event()
         self._reroutes: set[asyncio.Task[None]] = set()      # operations being routed again (keys that moved)
         self.monitor = GroupMonitor(cluster, channels, self.forwarders)
-        self.processes = ProcessWatch(cluster, host_name)
+        # Asks other hosts' supervisords for `status` when their router is down.
+        self._status_control = ProcessControl(cluster, rpc_timeout=STATUS_TIMEOUT)
+        self.processes = ProcessWatch(cluster, host_name, wanted=self.held_groups,
+                                      held_down_file=cluster.held_down_file(host_name))
         # The scheduler acts only where supervisord runs (it starts and stops workers).
         self.scheduler_watch = SchedulerWatch(cluster, host_name, supervised=lambda: self.processes.supervised)
-        self.processes.want(self._worker_groups(self.shard_map))
         if metrics is not None:
             metrics.watch(self.forwarders, self.processes, lambda: self.shard_map.epoch)
 
@@ -117,19 +119,27 @@ class KVService(pb_grpc.KVServicer):
             placed = self.cluster.placed_replicas(group, new.placements.get(group, ()))
             if placed:
                 # Not probed here (its workers may still be starting): the monitor does within a second.
-                forwarder.observe(GroupView(group, placed, (None,) * len(placed), time.monotonic()))
+                forwarder.observe(GroupView(group, placed, (None,) * len(placed), time.monotonic(),
+                                            placeholder=True))
             self.forwarders[group] = forwarder
         self.shard_map = new
         for group in [g for g in self.forwarders if g not in new.groups]:
             del self.forwarders[group]
-        self.processes.want(self._worker_groups(new))
 
-    def _worker_groups(self, shard_map: ShardMap) -> set[int]:
-        """The data groups whose workers should run on this host: those it
-        has data of, or that the map places here."""
-        return {g for g in shard_map.groups
+    def held_groups(self) -> set[int]:
+        """The groups whose workers should run on this host (its process
+        watch starts them): the data groups of the live map that list a
+        replica here in their live membership, that the map places here, or
+        that have data here; and the metadata group where it has a replica."""
+        shard_map = self.shard_map
+        held = {g for g in shard_map.groups
                 if self.host_name in shard_map.placements.get(g, ())
+                or (g in self.forwarders and self.forwarders[g].local is not None)
                 or self.cluster.worker_data_dir(self.host_name, g).exists()}
+        if any(r.host.name == self.host_name for r in self.cluster.meta_group_replicas()) \
+                or self.cluster.worker_data_dir(self.host_name, METADATA_GROUP).exists():
+            held.add(METADATA_GROUP)
+        return held
 
     # --- Helpers ------------------------------------------------------------------------
 
@@ -147,7 +157,8 @@ class KVService(pb_grpc.KVServicer):
         if len(value) > self.cluster.max_value_bytes:
             raise InvalidArgument(f"value must be at most {self.cluster.max_value_bytes} bytes (got {len(value)})")
 
-    async def _execute(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False) -> wpb.OperationResult:
+    async def _execute(self, operation: wpb.Operation, deadline: float, allow_stale: bool = False,
+                       wait_for_quorum: bool = False) -> wpb.OperationResult:
         """Validate, route and forward one operation; raises the error tree."""
         began = time.perf_counter()
         group: int | None = None      # unknown for a request refused before routing
@@ -161,7 +172,8 @@ class KVService(pb_grpc.KVServicer):
                 shard_map = self.shard_map
                 group = shard_map.group_for(operation.key)
                 operation.shard_epoch = shard_map.epoch
-                result = await self._forward(self.forwarders[group], operation, deadline, allow_stale)
+                result = await self._forward(self.forwarders[group], operation, deadline, allow_stale,
+                                             wait_for_quorum)
                 if not result.wrong_group:
                     return result
                 if allow_stale:
@@ -204,9 +216,9 @@ class KVService(pb_grpc.KVServicer):
             pause = min(pause * 2, REDIRECT_PAUSE_MAX)
 
     async def _forward(self, forwarder: GroupForwarder, operation: wpb.Operation, deadline: float,
-                       allow_stale: bool) -> wpb.OperationResult:
+                       allow_stale: bool, wait_for_quorum: bool) -> wpb.OperationResult:
         if operation.kind == WOp.GET:
-            return await forwarder.submit(operation, deadline, allow_stale)
+            return await forwarder.submit(operation, deadline, allow_stale, wait_for_quorum)
         session = None
         if operation.client_id == 0:
             session = self.sessions.acquire()
@@ -214,7 +226,7 @@ class KVService(pb_grpc.KVServicer):
         elif operation.sequence == 0:
             raise InvalidArgument("a session needs a sequence number starting at 1")
         try:
-            result = await forwarder.submit(operation, deadline)
+            result = await forwarder.submit(operation, deadline, wait_for_quorum=wait_for_quorum)
         finally:
             if session is not None:
                 # Known outcome or not, the next write on this session takes
@@ -234,7 +246,8 @@ class KVService(pb_grpc.KVServicer):
         operation = WOp(kind=WOp.PUT, key=request.key, value=request.value,
                         client_id=request.session.client_id, sequence=request.session.sequence)
         try:
-            result = await self._execute(operation, self._deadline(context))
+            result = await self._execute(operation, self._deadline(context),
+                                         wait_for_quorum=request.wait_for_quorum)
         except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession) as exc:
             await self._abort(context, exc)
         return pb.PutResponse(existed=result.existed, old_value=result.value)
@@ -242,7 +255,8 @@ class KVService(pb_grpc.KVServicer):
     async def Get(self, request: pb.GetRequest, context) -> pb.GetResponse:
         operation = WOp(kind=WOp.GET, key=request.key)
         try:
-            result = await self._execute(operation, self._deadline(context), request.allow_stale)
+            result = await self._execute(operation, self._deadline(context), request.allow_stale,
+                                         request.wait_for_quorum)
         except (InvalidArgument, Unavailable, DeadlineExceeded) as exc:
             await self._abort(context, exc)
         return pb.GetResponse(found=result.existed, value=result.value)
@@ -251,7 +265,8 @@ class KVService(pb_grpc.KVServicer):
         operation = WOp(kind=WOp.DELETE, key=request.key,
                         client_id=request.session.client_id, sequence=request.session.sequence)
         try:
-            result = await self._execute(operation, self._deadline(context))
+            result = await self._execute(operation, self._deadline(context),
+                                         wait_for_quorum=request.wait_for_quorum)
         except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession) as exc:
             await self._abort(context, exc)
         return pb.DeleteResponse(existed=result.existed, old_value=result.value)
@@ -342,7 +357,7 @@ class KVService(pb_grpc.KVServicer):
                 continue
             deadline = self._operation_deadline(op.timeout_ms, now, call_deadline)
             group = self._enqueue(_Queued(answer, slot, op.id, kind, began, session, operation, deadline,
-                                          allow_stale))
+                                          allow_stale, op.wait_for_quorum))
             pumps.add((group, allow_stale))
         for group, allow_stale in pumps:
             self.forwarders[group].pump(allow_stale)
@@ -353,7 +368,8 @@ class KVService(pb_grpc.KVServicer):
         shard_map = self.shard_map
         group = shard_map.group_for(queued.operation.key)
         queued.operation.shard_epoch = shard_map.epoch
-        future = self.forwarders[group].enqueue(queued.operation, queued.deadline, queued.allow_stale)
+        future = self.forwarders[group].enqueue(queued.operation, queued.deadline, queued.allow_stale,
+                                                queued.wait_for_quorum)
         future.add_done_callback(functools.partial(self._answered, queued, group, shard_map))
         return group
 
@@ -447,7 +463,8 @@ class KVService(pb_grpc.KVServicer):
         return pb.ProcessesResponse(
             host=self.host_name, supervised=watch.supervised,
             processes=[pb.ProcessInfo(program=p.program, state=p.state, restarts=p.restarts,
-                                      uptime_seconds=p.uptime, exit_status=p.exit_status)
+                                      uptime_seconds=p.uptime, exit_status=p.exit_status,
+                                      held_down=p.held_down, problem=p.problem)
                        for p in sorted(watch.programs.values(), key=lambda p: p.program)],
         )
 
@@ -462,10 +479,23 @@ class KVService(pb_grpc.KVServicer):
                 return await pb_grpc.KVStub(self.channels.channel(host.router_address)).Processes(
                     pb.ProcessesRequest(), timeout=STATUS_TIMEOUT)
             except grpc.aio.AioRpcError:
-                return None
+                # Its router is down (a host killed with `die`): its
+                # supervisord still says what its programs are doing.
+                return await asyncio.to_thread(self._supervisord_processes, host.name)
 
         answers = await asyncio.gather(*(ask(h) for h in self.cluster.hosts))
         return {(a.host, p.program): p for a in answers if a is not None for p in a.processes}
+
+    def _supervisord_processes(self, host_name: str) -> pb.ProcessesResponse | None:
+        """A host's programs from its supervisord, when its router does not
+        answer (restarts unknown: 0); None if the supervisord does not answer
+        either, or this router may not ask it."""
+        try:
+            infos = self._status_control.processes(host_name)
+        except (ShardnodeError, OSError):
+            return None
+        return pb.ProcessesResponse(host=host_name, supervised=True, processes=[
+            pb.ProcessInfo(program=i.name, state=i.state, exit_status=i.exitstatus) for i in infos.values()])
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         shard_map = self.shard_map
@@ -478,6 +508,7 @@ class KVService(pb_grpc.KVServicer):
                 process = processes.get((replica.host, worker_program(group.group)))
                 if process is not None:
                     replica.process_state, replica.restarts = process.state, process.restarts
+                    replica.process_problem = process.problem
         return pb.StatusResponse(
             cluster=self.cluster.name,
             router_host=self.host_name,
@@ -535,6 +566,7 @@ class _Queued:
     operation: wpb.Operation
     deadline: float
     allow_stale: bool
+    wait_for_quorum: bool = False
     router_session: bool = False
 
     def __post_init__(self) -> None:

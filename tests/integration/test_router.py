@@ -110,3 +110,48 @@ def test_a_group_without_quorum_fails_within_the_deadline_then_recovers(cluster:
     cluster.wait_ready()
     stub.Put(pb.PutRequest(key=key, value=b"3"), timeout=10)
     assert stub.Get(pb.GetRequest(key=key), timeout=5).value == b"3"
+
+
+def test_a_request_to_a_group_without_quorum_is_answered_at_once_unless_the_caller_waits(
+        cluster: LocalCluster) -> None:
+    """Issue 23: a request to a group without quorum waited out its whole
+    deadline (10.6 s) although the router knew the majority was gone."""
+    import threading
+
+    from shardnode.client import Client, NoQuorum
+
+    ring = ShardMap.build(cluster.groups, cluster.config.virtual_nodes)
+    key = next(b"f%d" % i for i in range(1000) if ring.group_for(b"f%d" % i) == 0)
+    other = next(b"f%d" % i for i in range(1000) if ring.group_for(b"f%d" % i) == 1)
+    config = cluster.config
+    # Every router has seen the group served (a router that never has waits instead of failing fast:
+    # at start-up its connections to the workers come up after a back-off).
+    for host in cluster.host_names():
+        deadline = time.monotonic() + 20
+        while not _stub(cluster, host).Status(pb.StatusRequest(), timeout=5).groups[0].has_quorum:
+            assert time.monotonic() < deadline, f"{host}'s router never saw group 0 with a quorum"
+            time.sleep(0.2)
+    with Client.from_config(cluster.config_path, timeout=10.0) as client:
+        client.put(key, b"1")
+        victims = [r.host.name for r in config.group_replicas(0)][1:]
+        for host in victims:
+            cluster.kill((host, "worker-g0"), signal.SIGKILL)
+        # Once the routers have seen it (two probes, a second apart): NoQuorum at once.
+        deadline = time.monotonic() + 15
+        while True:
+            began = time.monotonic()
+            try:
+                client.get(key)
+            except NoQuorum as exc:
+                took = time.monotonic() - began
+                if took < 1.0:
+                    assert "answered at once" in str(exc) and exc.group == 0, exc
+                    break
+            assert time.monotonic() < deadline, "the routers never answered at once"
+        client.put(other, b"x")                          # the other group still serves
+    # A caller that waits for the quorum gets its answer once the group is back.
+    with Client.from_config(cluster.config_path, timeout=20.0, wait_for_quorum=True) as waiting:
+        threading.Timer(1.5, cluster.start_worker, args=(victims[0], 0)).start()
+        began = time.monotonic()
+        assert waiting.get(key) == b"1"
+        assert time.monotonic() - began >= 1.0

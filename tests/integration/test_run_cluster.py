@@ -49,24 +49,45 @@ def test_run_says_when_it_is_late_then_ready_and_stops_cleanly(tmp_path: Path) -
     pids: list[int] = []
     try:
         first = _next_line(lines, 30)
-        assert first.startswith("make run: starting run-itest (3 hosts, 2 groups of 3 replicas)"), first
+        assert first.startswith("make run: starting run-itest (3 hosts; 2 data groups of 3 replicas and the "
+                                "metadata group of 3)"), first
         late = _next_line(lines, 30)
         assert late.startswith("make run: run-itest is not ready after "), late
         assert "It keeps running and trying" in late and "stop: Ctrl-C" in late
         ready = _next_line(lines, 90)
-        assert ready.startswith("make run: run-itest is ready (") and "all 2 groups have a leader" in ready, ready
+        assert ready.startswith("make run: run-itest is ready (") and \
+            "all 2 data groups and the metadata group have a leader" in ready, ready
         assert "Logs: " in ready and "/logs/" in ready and "status: " in ready and "stop: Ctrl-C" in ready
         control = ProcessControl(cluster)
         pids = [info.pid for host in cluster.hosts for info in control.processes(host.name).values() if info.pid]
+        # Issue 23: a second `make run` while this one listens said `ready (0.1 s)` for this one while its own
+        # hosts exited with status 2. It refuses, with one line naming the process.
+        second = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "run_cluster.py"), "--config", str(config),
+             "--out", str(tmp_path / "etc2")], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and second.stdout == "", second
+        assert second.stderr.count("\n") == 1, second.stderr
+        h1 = cluster.host("h1")
+        router_pid = control.processes("h1")["router"].pid
+        assert second.stderr.startswith(f"make run: {h1.router_address} (h1's router port) is already taken by pid "
+                                        f"{router_pid} ("), second.stderr
+        assert f"-m router --config {config} --host h1" in second.stderr and "another cluster running" in second.stderr
         # A router, two workers and a metadata group worker per host (groups created online: none yet).
         assert len(pids) == 3 * (1 + 2 + 1), pids
 
+        stop_began = time.monotonic()
         os.kill(launcher.pid, signal.SIGTERM)                   # as `kill PID` of make run would
         assert launcher.wait(timeout=90) == 0
+        took = time.monotonic() - stop_began
         rest = []
         while (line := _next_line(lines, 10)) is not None:
             rest.append(line)
-        assert rest and rest[-1].startswith("make run: run-itest stopped"), rest
+        assert rest and rest[-1].startswith("make run: run-itest stopped in "), rest
+        # Issue 23: stopping took 24 s and said nothing. Every host stops at once, its programs
+        # in parallel, with one line per host as it stops.
+        assert rest[0].startswith("make run: stopping run-itest: every host at once"), rest
+        assert sorted(line.split()[2] for line in rest if " stopped after " in line) == ["h1", "h2", "h3"], rest
+        print(f"\n[run] stop took {took:.1f} s")
         deadline = time.monotonic() + 10
         while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -95,3 +116,25 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_the_start_line_counts_groups_as_the_ready_line_does(tmp_path: Path) -> None:
+    """Issue 23: the start line said `4 groups of 5 replicas` (cluster.toml's),
+    the ready line `all 5 groups` (the live map's, with a group created
+    online). Both count the live map's data groups, and the metadata group."""
+    import importlib.util
+
+    from shardnode.placement.shard_map import ShardMap
+
+    spec = importlib.util.spec_from_file_location("run_cluster", ROOT / "scripts" / "run_cluster.py")
+    assert spec is not None and spec.loader is not None
+    run_cluster = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_cluster)
+    cluster = ClusterConfig.load(write_cluster_toml(tmp_path, name="lines", hosts=3, groups=2, replicas=3))
+    assert run_cluster.describe_shape(cluster) == "3 hosts; 2 data groups of 3 replicas and the metadata group of 3"
+    live = ShardMap.build(2, cluster.virtual_nodes).with_group(2, ("h1", "h2", "h3"))
+    path = cluster.shard_map_file("h2")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(live.encode())
+    assert run_cluster.describe_shape(cluster) == \
+        "3 hosts; 3 data groups (+1 since cluster.toml's 2) of 3 replicas and the metadata group of 3"

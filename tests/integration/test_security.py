@@ -127,6 +127,20 @@ def test_workers_take_no_clients_and_no_strangers(cluster: LocalCluster) -> None
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_a_plaintext_client_is_told_that_the_routers_require_tls(cluster: LocalCluster) -> None:
+    """Issue 23: a plaintext client against a TLS cluster waited its whole
+    deadline, then said `failed to connect to all addresses ... Socket closed`."""
+    from shardnode.client import TLSMismatch
+
+    routers = [h.router_address for h in cluster.config.hosts]
+    began = time.monotonic()
+    with Client(routers, timeout=10.0) as plaintext, pytest.raises(TLSMismatch) as info:
+        plaintext.put("k", "v")
+    assert time.monotonic() - began < 3.0
+    assert "requires TLS and this client connects in plaintext" in str(info.value)
+    assert "Client.from_config" in str(info.value) and "Nothing was sent" in str(info.value)
+
+
 def test_a_host_cannot_speak_for_another_node(cluster: LocalCluster) -> None:
     """h3's own certificate, frames claiming to come from node 2 (h2) with a
     huge term: refused (wrong_identity); h1's term and leader do not move."""

@@ -47,15 +47,18 @@ def assert_one_line_error(err: str) -> None:
 
 
 def test_put_get_delete(config: str, router: FakeRouter, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run(capsys, "--config", config, "put", "k", "v1") == (0, "", "")
-    assert run(capsys, "--config", config, "put", "k", "v2") == (0, "v1\n", "")
-    assert run(capsys, "--config", config, "get", "k") == (0, "v2\n", "")
-    assert run(capsys, "get", "k", "--config", config, "--stale") == (0, "v2\n", "")   # options after the command
-    assert run(capsys, "--config", config, "delete", "k") == (0, "v2\n", "")
-    assert run(capsys, "--config", config, "delete", "k") == (0, "", "")
+    # As etcdctl: `put` says OK (the previous value with --prev-kv), `delete` how many keys it removed.
+    assert run(capsys, "--config", config, "put", "k", "v1") == (0, "OK\n", "")
+    assert run(capsys, "--config", config, "put", "k", "v2") == (0, "OK\n", "")
+    assert run(capsys, "--config", config, "put", "k", "v3", "--prev-kv") == (0, "OK\nv2", "")
+    # Values are raw bytes: no newline when standard output is not a terminal.
+    assert run(capsys, "--config", config, "get", "k") == (0, "v3", "")
+    assert run(capsys, "get", "k", "--config", config, "--stale") == (0, "v3", "")   # options after the command
+    assert run(capsys, "--config", config, "delete", "k", "--prev-kv") == (0, "1\nv3", "")
+    assert run(capsys, "--config", config, "delete", "k") == (0, "0\n", "")
     # Absent: nothing printed, exit 1.
     assert run(capsys, "--config", config, "get", "k") == (1, "", "")
-    assert run(capsys, "--config", config, "put", "ключ", "значение") == (0, "", "")
+    assert run(capsys, "--config", config, "put", "ключ", "значение", "--prev-kv") == (0, "OK\n", "")
     assert router.store.data["ключ".encode()] == "значение".encode()
 
 
@@ -96,6 +99,49 @@ def test_status_json(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert leader["leader"] is True and leader["role"] == "leader" and leader["health"] == "ok"
     assert groups[1]["replicas"][1]["health"] == "down"
     assert groups[0]["replicas"][2]["lag"] == 2
+
+
+def test_status_json_says_which_group_is_the_metadata_group(router: FakeRouter, config: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from shardnode.config import METADATA_GROUP
+
+    router.status_response.metadata_group.CopyFrom(pb_group(METADATA_GROUP, "meta"))
+    status = json.loads(run(capsys, "--config", config, "status", "--json")[1])
+    assert [g["kind"] for g in status["groups"]] == ["data", "data"]
+    assert (status["metadata_group"]["kind"], status["metadata_group"]["name"]) == ("meta", "meta")
+
+
+def pb_group(group: int, name: str):  # type: ignore[no-untyped-def]
+    from shardnode.proto import kv_pb2
+
+    return kv_pb2.GroupStatus(group=group, name=name, leader_id=1, has_quorum=True, replicas=[
+        kv_pb2.ReplicaStatus(host="host1", node_id=1, address="127.0.0.1:50116", reachable=True, role="leader")])
+
+
+def test_admin_commands_honour_timeout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 23: `--timeout 5 group add` took 10.6 s with the metadata group
+    down. Nothing listens here: each command gives up after --timeout."""
+    from tests.integration.ports import write_cluster_toml
+
+    config = str(write_cluster_toml(tmp_path, name="nobody", hosts=3))
+    for command in (["group", "add"], ["group", "pending"], ["member", "list"], ["member", "add", "0", "h1"]):
+        began = time.monotonic()
+        code, _, err = run(capsys, "--config", config, "--timeout", "1", *command)
+        took = time.monotonic() - began
+        assert code == 2 and err.startswith("shardnode: "), (command, err)
+        assert took < 4.0, (command, took)
+
+
+def test_status_names_a_replica_whose_worker_does_not_run(router: FakeRouter, config: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    problem = "supervisord gave up starting it (FATAL); see its log"
+    router.status_response.groups[1].replicas[1].process_state = "FATAL"
+    router.status_response.groups[1].replicas[1].process_problem = problem
+    code, out, _ = run(capsys, "--config", config, "status", "--json")
+    assert json.loads(out)["groups"][1]["replicas"][1]["process_problem"] == problem
+    code, out, _ = run(capsys, "--config", config, "status")
+    host = router.status_response.groups[1].replicas[1].host
+    assert f"NOT RUNNING: {host} group 1: {problem}" in " ".join(out.split())
 
 
 @pytest.mark.parametrize(
@@ -201,13 +247,82 @@ def test_put_value_file_and_stdin(config: str, router: FakeRouter, tmp_path: Pat
     big = bytes(range(256)) * 2048              # 512 KiB: more than one command-line argument may hold
     path = tmp_path / "value.bin"
     path.write_bytes(big)
-    assert run(capsys, "--config", config, "put", "big", "--value-file", str(path)) == (0, "", "")
+    assert run(capsys, "--config", config, "put", "big", "--value-file", str(path)) == (0, "OK\n", "")
     assert router.store.data[b"big"] == big
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"from stdin\n")))
-    assert run(capsys, "--config", config, "put", "small", "--value-file", "-") == (0, "", "")
+    assert run(capsys, "--config", config, "put", "small", "--value-file", "-") == (0, "OK\n", "")
     assert router.store.data[b"small"] == b"from stdin\n"
     code, _, err = run(capsys, "--config", config, "put", "k", "--value-file", str(tmp_path / "missing"))
     assert code == 2 and "cannot read" in err
+
+
+def test_data_commands_fail_at_once_without_quorum_unless_told_to_wait(
+        config: str, router: FakeRouter, capsys: pytest.CaptureFixture[str]) -> None:
+    router.default_fault = "no_quorum"
+    for command in (["get", "k"], ["put", "k", "v"], ["delete", "k"]):
+        code, out, err = run(capsys, "--config", config, "--timeout", "30", *command)
+        assert code == 2 and out == "" and err.startswith(f"shardnode: {command[0]}: no quorum in group 3"), err
+        assert "gave up" not in err
+    assert set(router.waited_for_quorum) == {False}
+    code, out, err = run(capsys, "--config", config, "--timeout", "0.5", "get", "k", "--wait")
+    assert code == 2 and "gave up after 0.5 s" in err
+    assert router.waited_for_quorum[-1] is True
+
+
+def _shardnode(config: str, *args: str, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+    return subprocess.run([sys.executable, "-m", "shardnode.cli", "--config", config, *args], cwd=ROOT,
+                          stdout=stdout, stderr=subprocess.PIPE, timeout=60)
+
+
+def test_binary_values_round_trip_through_the_cli(config: str, router: FakeRouter, tmp_path: Path) -> None:
+    """Issue 23: `put blob --value-file big.bin` (300,000 bytes) then
+    `get blob > out` gave 300,001 bytes; overwriting printed the old value."""
+    blob = (bytes(range(256)) * 1172)[:299_996] + b"\n\x00\xff\n"      # 300,000 bytes, ending in a newline
+    assert len(blob) == 300_000
+    source = tmp_path / "big.bin"
+    source.write_bytes(blob)
+    put = _shardnode(config, "put", "blob", "--value-file", str(source))
+    assert (put.returncode, put.stdout) == (0, b"OK\n"), put.stderr
+    again = _shardnode(config, "put", "blob", "--value-file", str(source))
+    assert again.stdout == b"OK\n"                                   # not the old 300 KB
+    out = tmp_path / "out"
+    with out.open("wb") as f:
+        assert _shardnode(config, "get", "blob", stdout=f).returncode == 0
+    assert out.read_bytes() == blob
+    piped = _shardnode(config, "get", "blob")
+    assert piped.stdout == blob
+    written = tmp_path / "written"
+    got = _shardnode(config, "get", "blob", "--output", str(written))
+    assert (got.returncode, got.stdout) == (0, b"") and written.read_bytes() == blob
+    absent = _shardnode(config, "get", "nothing", "--output", str(tmp_path / "none"))
+    assert absent.returncode == 1 and not (tmp_path / "none").exists()
+
+
+def test_a_value_on_a_terminal_ends_with_a_newline(config: str, router: FakeRouter) -> None:
+    import os
+    import pty
+
+    router.store.data[b"k"] = b"on a terminal"
+    leader, follower = pty.openpty()
+    try:
+        completed = _shardnode(config, "get", "k", stdout=follower)
+        os.close(follower)
+        follower = -1
+        output = b""
+        while True:
+            try:
+                chunk = os.read(leader, 1024)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(leader)
+        if follower != -1:
+            os.close(follower)
+    assert completed.returncode == 0
+    assert output.replace(b"\r\n", b"\n") == b"on a terminal\n"
 
 
 def test_every_command_accepts_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -251,6 +366,30 @@ def test_bench_json(config: str, router: FakeRouter, capsys: pytest.CaptureFixtu
     assert result["total"]["errors"] == 0 and result["read_misses"] == 0
     latency = read["latency_ms"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["p99.9"] <= latency["max"]
+
+
+def test_bench_uses_the_coalescing_client_by_default_and_says_how(config: str, router: FakeRouter,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 23: `shardnode bench` understated the system 5-14x (32 threads
+    of blocking calls): by default its callers are asyncio tasks sharing one
+    AsyncClient, coalesced on one stream per router; the summary says so."""
+    code, out, err = run(capsys, "--config", config, "bench", "--workload", "c", "--keys", "50",
+                         "--duration", "1", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["engine"], result["callers"], result["connections"]) == ("async", 256, 1)
+    assert result["total"]["ops"] > 0 and router.streams == 1
+    # Concurrent callers' operations share messages.
+    assert len(router.message_sizes) < result["total"]["ops"], (router.message_sizes, result["total"])
+    code, out, err = run(capsys, "--config", config, "bench", "--workload", "c", "--keys", "50",
+                         "--duration", "0.3", "--engine", "threads", "--json")
+    result = json.loads(out)
+    assert (result["engine"], result["callers"], result["connections"]) == ("threads", 16, 1)
+    code, out, _ = run(capsys, "--config", config, "bench", "--workload", "c", "--keys", "50",
+                       "--duration", "0.3", "--callers", "8")
+    assert "8 callers (asyncio tasks, one AsyncClient) over 1 connection" in " ".join(out.split())
+    code, _, err = run(capsys, "--config", config, "bench", "--engine", "async", "--client-per-thread")
+    assert code == 2 and "needs the threads engine" in err
 
 
 def test_bench_load_inserts_every_key_despite_failures_and_no_default_duration(
@@ -316,3 +455,25 @@ def test_python_dash_m_runs_the_cli() -> None:
                                env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert completed.returncode == 0, completed.stderr
     assert "status" in completed.stdout and "bench" in completed.stdout
+
+
+def _modules_after(code: str) -> set[str]:
+    completed = subprocess.run([sys.executable, "-c", f"import sys\n{code}\nprint(' '.join(sorted(sys.modules)))"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    return set(completed.stdout.split())
+
+
+def test_the_command_line_starts_without_what_its_command_does_not_need() -> None:
+    """Issue 23: every CLI call cost 0.65 s (`--help` 0.68 s). The parser of
+    every command, and the data commands' client, import only what they use
+    (docs/cli.md has the figures)."""
+    heavy_for_all = {"grpc", "rich", "prometheus_client", "rocksdict", "cryptography", "asyncio", "uvloop",
+                     "shardnode.client", "shardnode.supervisor", "shardnode.placement.membership",
+                     "shardnode.placement.directory", "shardnode.storage", "shardnode.chaos.runner"}
+    parser = _modules_after("from shardnode.cli.main import build_parser\nbuild_parser().parse_args(['status'])")
+    assert not parser & heavy_for_all, sorted(parser & heavy_for_all)
+    client = _modules_after("from shardnode.cli.main import build_parser\nbuild_parser()\n"
+                            "from shardnode.client import Client")
+    heavy_for_data = {"rich", "prometheus_client", "rocksdict", "cryptography", "shardnode.supervisor",
+                      "shardnode.placement.membership", "shardnode.placement.directory", "shardnode.storage"}
+    assert not client & heavy_for_data, sorted(client & heavy_for_data)

@@ -161,6 +161,7 @@ both, to every request on that key. Actions:
         self.streaming = True
         self.streams = 0                        # BatchStream calls opened
         self.message_sizes: list[int] = []      # operations per BatchStream request message
+        self.waited_for_quorum: list[bool] = []  # each stream operation's wait_for_quorum
         self._operations: futures.ThreadPoolExecutor | None = None
 
     @property
@@ -342,6 +343,8 @@ both, to every request on that key. Actions:
 
     def _one(self, op: kv_pb2.BatchOperation, stream: grpc.ServicerContext) -> kv_pb2.BatchResult:
         """One operation of a stream, through its unary handler."""
+        with self._calls_lock:
+            self.waited_for_quorum.append(op.wait_for_quorum)
         context = _OperationContext(stream, op.timeout_ms)
         try:
             if op.kind == kv_pb2.BatchOperation.GET:
@@ -750,13 +753,51 @@ def test_a_router_that_answers_is_not_counted_as_refused(
 def test_a_cause_the_router_names_is_raised_as_its_class(
         router: FakeRouter, make_client: Callable[..., Client]) -> None:
     router.default_fault = "no_quorum"
-    kv = make_client([router.address], timeout=0.4)
+    kv = make_client([router.address], timeout=0.4, wait_for_quorum=True)
     with pytest.raises(NoQuorum) as info:
         kv.put("k", "v")
     assert info.value.group == 3
     message = str(info.value)
     assert message.startswith("put: no quorum in group 3: 2 of 3 replicas unreachable")
     assert "gave up after 0.4 s" in message and "may or may not have been applied" in message
+    assert set(router.waited_for_quorum) == {True}
+
+
+def test_no_quorum_fails_at_once_once_every_router_says_so(make_router: Callable[..., FakeRouter],
+                                                         make_client: Callable[..., Client]) -> None:
+    """Issue 23: a request to a group without quorum waited out its whole
+    deadline although the router knew. By default every router is asked
+    once, then NoQuorum, at once."""
+    a = make_router()
+    b = make_router(a.store)
+    a.default_fault = b.default_fault = "no_quorum"
+    kv = make_client([a.address, b.address], timeout=10.0)
+    began = time.monotonic()
+    with pytest.raises(NoQuorum, match=r"^get: no quorum in group 3: 2 of 3 replicas unreachable") as info:
+        kv.get("k")
+    assert time.monotonic() - began < 2.0
+    assert "gave up" not in str(info.value) and info.value.group == 3
+    assert a.calls["Get"] == 1 and b.calls["Get"] == 1
+    assert set(a.waited_for_quorum) | set(b.waited_for_quorum) == {False}
+    # A router that sees the quorum (another side of a partition) serves it.
+    b.default_fault = None
+    a.store.data[b"k"] = b"v"
+    assert kv.get("k") == b"v"
+
+
+def test_a_tls_client_is_told_that_the_router_does_not_speak_tls(router: FakeRouter, tmp_path: Path) -> None:
+    from shardnode.certs import init_cluster
+    from shardnode.client import TLSMismatch
+
+    path = tmp_path / "cluster.toml"
+    path.write_text(cluster_toml([router.port]) + f'\n[security]\ntls = true\ncerts_dir = "{tmp_path / "certs"}"\n'
+                    f'admin_file = "{tmp_path / "admin"}"\n')
+    init_cluster(ClusterConfig.load(path))
+    began = time.monotonic()
+    with Client.from_config(path, timeout=10.0) as kv, pytest.raises(TLSMismatch, match="does not: is it another"):
+        kv.get("k")
+    assert time.monotonic() - began < 3.0
+    assert router.total_calls == 0
 
 
 def test_hanging_router_gives_deadline_exceeded_within_the_deadline(

@@ -124,6 +124,21 @@ def test_metadata_group_and_groups_created_online() -> None:
     assert cluster.host("h1").worker_port(METADATA_GROUP) == 50106 and len(cluster.meta_group_replicas()) == 5
 
 
+def test_the_metadata_group_has_as_many_replicas_as_the_data_groups_by_default() -> None:
+    """Issue 23: it had 3 where data groups have 5, so losing 2 of 5 hosts
+    stopped every admin command."""
+    assert ClusterConfig.load(ROOT / "etc" / "cluster.toml").meta_replicas == 5
+    assert ClusterConfig.from_dict(_raw(hosts=5, replicas=3, groups=2)).meta_replicas == 3
+    assert ClusterConfig.from_dict(_raw(hosts=7, replicas=7, groups=2)).meta_replicas == 5     # 3 or 5
+    assert ClusterConfig.from_dict(_raw(hosts=4, replicas=4, groups=2)).meta_replicas == 3
+    standby = _raw(hosts=5, replicas=4, groups=2)
+    standby["host"][4]["standby"] = True
+    assert ClusterConfig.from_dict(standby).meta_replicas == 3     # 4 hosts may hold it: an odd 3
+    pinned = _raw(hosts=5, replicas=5, groups=2)
+    pinned["cluster"]["meta_replicas"] = 3
+    assert ClusterConfig.from_dict(pinned).meta_replicas == 3
+
+
 def test_tiny_clusters_default_to_fewer_metadata_replicas() -> None:
     assert ClusterConfig.from_dict(_raw(hosts=1, replicas=1, groups=1)).meta_replicas == 1
     assert ClusterConfig.from_dict(_raw(hosts=2, replicas=1, groups=1)).meta_replicas == 2

@@ -187,3 +187,30 @@ def test_a_renamed_store_left_by_an_interrupted_retirement_is_deleted_first(scen
     (aside / "half" / "000012.sst").write_bytes(b"x" * 10)
     assert scene.start("h1").start is Start.BOOTSTRAP
     assert not aside.exists()
+
+
+def test_the_metadata_group_bootstraps_only_on_a_host_that_holds_nothing_yet(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """meta_replicas now defaults to the data groups' replicas (5 on the
+    default cluster, 3 before). A cluster first started with 3 has them on
+    h1..h3: h4's metadata worker, started with the whole cluster while
+    nobody answers yet, must not bootstrap a second metadata group."""
+    from shardnode.config import METADATA_GROUP
+
+    raw = {"cluster": {"name": "c", "replicas": 5, "groups": 1, "data_dir": str(tmp_path / "data")},
+           "host": [{"name": f"h{i}", "address": f"127.0.0.{i}", "router_port": 50051, "worker_port_base": 50100,
+                     "metrics_port": 9090} for i in range(1, 6)]}
+    cluster = ClusterConfig.from_dict(raw)
+    assert cluster.meta_replicas == 5
+    scene = Scene(cluster, monkeypatch)
+    # h4 has run before: it holds a replica of group 0.
+    conf = ConfState(voters=(4,), members=(Member(4, "h4", cluster.host("h4").worker_address(0)),))
+    ReplicaStore.open(cluster.worker_data_dir("h4", 0), initial_conf=conf, node_id=4).close()
+    with pytest.raises(MetadataUnavailable, match="has run in this cluster before"):
+        scene.start("h4", group=METADATA_GROUP)
+    assert not ReplicaStore.exists(cluster.worker_data_dir("h4", METADATA_GROUP))
+    # A host that holds nothing (the cluster's first start) bootstraps it, with the five members.
+    found = scene.start("h5", group=METADATA_GROUP)
+    assert found.start is Start.BOOTSTRAP
+    with ReplicaStore.open(cluster.worker_data_dir("h5", METADATA_GROUP)) as store:
+        assert store.conf_state.voters == (1, 2, 3, 4, 5)

@@ -64,3 +64,46 @@ def test_a_learner_that_answers_is_left_alone() -> None:
                           control)
     admin._await_promotion(0, 9)
     assert control.ensured == []
+
+
+class HostControl:
+    """A host's supervisord as `restart` sees it, recording starts."""
+
+    def __init__(self, processes: dict) -> None:
+        self.table = processes
+        self.started: list[tuple[str, list[int]]] = []
+
+    def processes(self, host_name: str) -> dict:
+        return self.table
+
+    def start(self, server: str, groups: list[int] | None = None) -> None:
+        self.started.append((server, list(groups or [])))
+
+
+def test_a_host_restarted_without_the_metadata_group_brings_back_its_groups_created_online() -> None:
+    """Issue 23: `die` of two hosts (the metadata group lost its quorum), then
+    `start`: the live groups are unknown, and the start named only
+    cluster.toml's groups; group 4, created online, ran on the host before
+    and stayed down."""
+    from shardnode.supervisor import ProcessInfo
+
+    def info(name: str, state: str, started_at: float) -> ProcessInfo:
+        return ProcessInfo(name, state, 0, 0, "", "", started_at)
+
+    control = HostControl({
+        "worker-g4": info("worker-g4", "STOPPED", 1234.0),    # ran here, stopped with the host
+        "worker-g5": info("worker-g5", "STOPPED", 0.0),       # never ran here
+        "worker-g6": info("worker-g6", "EXITED", 1200.0),     # found no replica here
+    })
+    lines: list[str] = []
+    admin = MembershipAdmin(ClusterConfig.load(ROOT / "etc" / "cluster.toml"), control,  # type: ignore[arg-type]
+                            progress=lines.append)
+
+    def unknown() -> list[int]:
+        raise membership.ShapeRefused("the live groups are unknown: the metadata group did not answer")
+
+    admin.live_groups = unknown                      # type: ignore[method-assign]
+    admin.group = lambda group: GroupState(group)    # type: ignore[method-assign]  (no replica answers)
+    admin.restart("127.0.0.1:50051")
+    assert control.started == [("127.0.0.1:50051", [0, 1, 2, 3, 4])]
+    assert "and 4 (created online, ran there before)" in lines[0]

@@ -85,7 +85,7 @@ def test_a_host_with_a_namespace_starts_its_supervisord_with_ip_netns_exec(tmp_p
     for i, command in enumerate(commands, start=1):
         words = command.removeprefix("command=").split()
         assert Path(words[0]).name == "ip" and words[1:4] == ["netns", "exec", f"snunit-h{i}"]
-        assert "supervisord" in words[4] or words[5:7] == ["-m", "supervisor.supervisord"]
+        assert words[5:7] == ["-m", "shardnode.host_supervisord"]
         assert words[-1].endswith(f"hosts/h{i}.conf")
 
 
