@@ -2,11 +2,15 @@
 its admin credential (docs/security.md).
 
     shardnode [--config etc/cluster.toml] certs init [--force]
+    shardnode [--config etc/cluster.toml] certs rotate begin|issue|finish
 
 Creates what is missing under `[security] certs_dir` (every file 0600) and
 prints each file written; `--force` issues everything again under a new CA
 (the admin credential is kept). Servers pick the new files up at their next
-TLS handshake, clients with their next channel.
+TLS handshake, channels within a second (they are made again).
+
+`certs rotate` moves a running cluster to a new CA in three steps with
+overlapping trust (shardnode.cert_rotation), so that no link ever breaks.
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--force", action="store_true",
                       help="issue every certificate again under a new CA (rotation; the admin credential is kept)")
     init.set_defaults(func=_init)
+    rotate = commands.add_parser(
+        "rotate", help="move the running cluster to a new CA without a moment of broken trust",
+        description="Move the cluster to a new CA in three steps, each idempotent: `begin` makes the new CA and "
+                    "trusts both, `issue` issues every host and client certificate again under the new one, "
+                    "`finish` trusts the new CA only. Run the next step once every process has read the files "
+                    "(a few seconds; on several machines, after copying certs_dir to every host).")
+    rotate.add_argument("step", choices=("begin", "issue", "finish"))
+    rotate.set_defaults(func=_rotate)
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -47,4 +59,25 @@ def _init(args: argparse.Namespace) -> int:
         print(path)
     if not written:
         print(f"nothing to do: every file exists in {cluster.security.certs_dir} (--force issues new ones)")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    from .. import cert_rotation   # cryptography is loaded only for this command
+
+    cluster = ClusterConfig.load(getattr(args, "config", None) or DEFAULT_CONFIG)
+    step = {"begin": cert_rotation.begin, "issue": cert_rotation.issue, "finish": cert_rotation.finish}[args.step]
+    try:
+        done = step(cluster)
+    except cert_rotation.RotationRefused as exc:
+        print(f"shardnode: certs rotate {args.step}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"shardnode: cannot write {exc.filename or cluster.security.certs_dir}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+    for line in done:
+        print(line)
+    if not done:
+        print(f"nothing to do: `certs rotate {args.step}` was done already")
     return 0

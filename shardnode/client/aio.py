@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from ..channel_cache import RETIRE_GRACE, CredentialWatch
 from ..config import ClusterConfig
 from ..errors import (DeadlineExceeded, InvalidArgument, NoQuorum, RoutersUnreachable, ShardnodeError, TLSMismatch,
                       Unavailable)
@@ -68,6 +69,11 @@ class AsyncClient(ClientSettings):
         super().__init__(routers, timeout=timeout, cluster=cluster, wait_for_quorum=wait_for_quorum)
         self._pipes: list[RouterPipe | None] = [None] * len(self._routers)
         self._channels: list[grpc.aio.Channel | None] = [None] * len(self._routers)
+        self._pipe_generations = [0] * len(self._routers)
+        # With TLS, the client certificate's files: a change renews the pipes (shardnode.channel_cache).
+        security = self._cluster.security if self._cluster is not None else None
+        self._credentials = CredentialWatch(security, None) if security is not None and security.tls else None
+        self._retiring: set[asyncio.Task[None]] = set()
         self._closed = False
         self._sessions = SessionPool()
         self._shard_map: ShardMap | None = None     # built on first need (error messages)
@@ -137,6 +143,9 @@ class AsyncClient(ClientSettings):
         channels = [c for c in self._channels if c is not None]
         self._pipes = [None] * len(self._routers)
         self._channels = [None] * len(self._routers)
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         await asyncio.gather(*(p.close() for p in pipes), return_exceptions=True)
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
 
@@ -260,10 +269,15 @@ class AsyncClient(ClientSettings):
 
     def _pipe(self, index: int) -> RouterPipe:
         pipe = self._pipes[index]
-        if pipe is not None:
+        generation = self._credentials.generation() if self._credentials is not None else 0
+        if pipe is not None and self._pipe_generations[index] == generation:
             return pipe
         if self._closed:
             raise ShardnodeError("the client is closed")
+        if pipe is not None:
+            # The certificate files changed: a channel would reconnect with the
+            # old ones. The old pipe answers what it carries, then closes.
+            self._retire(pipe, self._channels[index])
         # TLS with the clients' certificate when the cluster says so.
         security = self._cluster.security if self._cluster is not None else None
         if security is not None:
@@ -271,8 +285,20 @@ class AsyncClient(ClientSettings):
         else:
             channel = grpc.aio.insecure_channel(self._routers[index], options=list(CHANNEL_OPTIONS))
         self._channels[index] = channel
+        self._pipe_generations[index] = generation
         pipe = self._pipes[index] = RouterPipe(self._routers[index], channel)
         return pipe
+
+    def _retire(self, pipe: RouterPipe, channel: grpc.aio.Channel | None) -> None:
+        async def retire() -> None:
+            await asyncio.sleep(RETIRE_GRACE)
+            await pipe.close()
+            if channel is not None:
+                await channel.close()
+
+        task = asyncio.ensure_future(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def _call(self, op: str, attempt: Attempt, budget: float, *, write: bool, key: bytes,
                     deadline: float | None = None, first: tuple[int, kv_pb2.BatchResult] | None = None) -> Any:

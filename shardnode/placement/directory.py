@@ -24,12 +24,12 @@ import time
 
 import grpc
 
+from ..channel_cache import AioChannelCache
 from ..config import METADATA_GROUP, ClusterConfig
 from ..errors import ShardnodeError, Unavailable
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
 from .shard_map import ShardMap, ShardMapConflict
-from ..security import aio_channel
 
 log = logging.getLogger("shardnode.placement")
 
@@ -91,7 +91,7 @@ class ShardDirectory:
         self._identity = host_name
         self._addresses = [r.address for r in cluster.meta_group_replicas()]
         self._leader: str | None = None
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = AioChannelCache(security, host_name)
         # One session for this directory's writes, one write at a time.
         self._client_id = secrets.randbits(63) | 1
         self._sequence = 0
@@ -166,16 +166,12 @@ class ShardDirectory:
         return new
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await self._channels.close()
 
     # --- One operation on the leader -------------------------------------------------------
 
     def _stub(self, address: str) -> wpb_grpc.WorkerStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = aio_channel(address, self.cluster.security, self._identity)
-        return wpb_grpc.WorkerStub(channel)
+        return wpb_grpc.WorkerStub(self._channels.get(address))
 
     async def _execute(self, operation: wpb.Operation, timeout: float | None) -> wpb.OperationResult:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)

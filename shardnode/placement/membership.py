@@ -42,12 +42,13 @@ from typing import Any
 import grpc
 import msgpack
 
+from ..channel_cache import SyncChannelCache
 from ..config import ClusterConfig, ConfigError, HostConfig
 from ..errors import ShardnodeError
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..replica.shape_policy import MIN_VOTERS
-from ..security import admin_metadata, load_admin_credential, sync_channel
+from ..security import admin_metadata, load_admin_credential
 from ..supervisor import ROUTER_PROGRAM, ProcessControl, worker_program
 from .directory import ShardDirectory
 from .group_status import freshest
@@ -176,7 +177,6 @@ class MembershipAdmin:
         self.guards = guards
         self.work = work if work is not None else WorkRecord()
         self.form_group = form_group
-        self._channels: dict[str, grpc.Channel] = {}
         security = cluster.security
         # Membership RPCs are admin RPCs: they carry the cluster's admin
         # credential. With TLS, workers answer only the cluster's hosts, so
@@ -185,11 +185,10 @@ class MembershipAdmin:
         self._metadata = admin_metadata(load_admin_credential(security)) if security.admin_file.exists() else ()
         self._identity = next((h.name for h in cluster.hosts if security.host_cert_file(h.name).exists()), None) \
             if security.tls else None
+        self._channels = SyncChannelCache(security, self._identity)
 
     def close(self) -> None:
-        for channel in self._channels.values():
-            channel.close()
-        self._channels.clear()
+        self._channels.close()
 
     def __enter__(self) -> MembershipAdmin:
         return self
@@ -736,10 +735,7 @@ class MembershipAdmin:
         return status if status.cluster == self.cluster.name else None
 
     def _channel(self, address: str) -> grpc.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = sync_channel(address, self.cluster.security, self._identity)
-        return channel
+        return self._channels.get(address)
 
     def _resolve(self, server: str) -> tuple[HostConfig, list[int] | None]:
         """(host, None) for a router address; (host, [group]) for a worker's."""

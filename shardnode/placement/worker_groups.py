@@ -12,12 +12,13 @@ import time
 import grpc
 import msgpack
 
+from ..channel_cache import AioChannelCache
 from ..config import ClusterConfig
 from .group_status import freshest
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..keyspace import RangeSet
-from ..security import admin_metadata, aio_channel, load_admin_credential
+from ..security import admin_metadata, load_admin_credential
 from ..storage.export_reads import DeltaPage
 from ..storage.shard_commands import ShardCommand
 from .moves import MoveError
@@ -35,21 +36,15 @@ class WorkerGroups:
         self._identity = host_name
         self._timeout = timeout
         self._metadata = admin_metadata(load_admin_credential(cluster.security))
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = AioChannelCache(cluster.security, host_name, options=[
+            ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)])
         self._leaders: dict[int, str] = {}
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await self._channels.close()
 
     def _stub(self, address: str) -> pb_grpc.WorkerStub:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = aio_channel(
-                address, self.cluster.security, self._identity,
-                options=[("grpc.max_receive_message_length", 256 << 20),
-                         ("grpc.max_send_message_length", 256 << 20)])
-        return pb_grpc.WorkerStub(channel)
+        return pb_grpc.WorkerStub(self._channels.get(address))
 
     async def leader_address(self, group: int) -> str:
         """The address of the group's leader as its replicas report it ("" if none)."""

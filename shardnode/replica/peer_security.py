@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 
+from ..channel_cache import CredentialWatch
 from ..config import ClusterConfig, SecurityConfig
 from ..security import aio_channel
 from ..storage.snapshot import chunk_mismatch
@@ -23,6 +24,7 @@ def transport_security(cluster: ClusterConfig, host_name: str, member_hosts: Map
     security = cluster.security
     return {
         "connect": partial(_connect, security, host_name),
+        "credentials_generation": CredentialWatch(security, host_name).generation,
         # A host's certificate's CN is the host's name.
         "peer_names": member_hosts if security.tls else None,
         "check_chunk": _check_chunk,

@@ -46,7 +46,7 @@ from ..errors import DeadlineExceeded, InvalidArgument, NoLeader, NoQuorum, Shar
 from ..futures import settle as _resolve
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
-from ..security import aio_channel
+from ..channel_cache import AioChannelCache
 
 if TYPE_CHECKING:
     from .monitor import GroupView
@@ -73,38 +73,29 @@ Status = wpb.ExecuteResponse
 
 class ChannelPool:
     """One gRPC channel per worker address, shared by every group forwarder;
-    TLS with the certificate of `host_name` when the cluster says so."""
+    TLS with the certificate of `host_name` when the cluster says so, renewed
+    when the certificate files change (shardnode.channel_cache)."""
 
     def __init__(self, security: SecurityConfig = SecurityConfig(), host_name: str | None = None) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._security = security
-        self._identity = host_name
+        self._cache = AioChannelCache(security, host_name, options=[
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.initial_reconnect_backoff_ms", 50),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+            # The forwarder retries by itself; gRPC's own retry
+            # support costs every call its bookkeeping (8 % of a
+            # unary call's CPU here).
+            ("grpc.enable_retries", 0),
+        ])
 
     def stub(self, address: str) -> wpb_grpc.WorkerStub:
         return wpb_grpc.WorkerStub(self.channel(address))
 
     def channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = aio_channel(
-                address, self._security, self._identity,
-                options=[
-                    ("grpc.max_receive_message_length", 64 << 20),
-                    ("grpc.max_send_message_length", 64 << 20),
-                    ("grpc.initial_reconnect_backoff_ms", 50),
-                    ("grpc.max_reconnect_backoff_ms", 1000),
-                    # The forwarder retries by itself; gRPC's own retry
-                    # support costs every call its bookkeeping (8 % of a
-                    # unary call's CPU here).
-                    ("grpc.enable_retries", 0),
-                ],
-            )
-            self._channels[address] = channel
-        return channel
+        return self._cache.get(address)
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        await self._cache.close()
 
 
 @dataclass(slots=True)

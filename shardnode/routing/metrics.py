@@ -21,11 +21,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..channel_cache import SyncChannelCache
 from ..config import ClusterConfig, group_label
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
 from ..metrics import LATENCY_BUCKETS, merge_families
-from ..security import sync_channel
 from ..supervisor import worker_program
 
 if TYPE_CHECKING:
@@ -179,14 +179,11 @@ class _HostCollector:
         self.host = cluster.host(host_name)
         # (group, node id) of this host's replicas in the groups' live membership.
         self.local_members = local_members
-        self._channels: dict[int, grpc.Channel] = {}
+        self._channels = SyncChannelCache(cluster.security, self.host.name)
         self._pool = ThreadPoolExecutor(max_workers=max(1, cluster.groups), thread_name_prefix="scrape")
 
     def _scrape(self, group: int) -> str | None:
-        channel = self._channels.get(group)
-        if channel is None:
-            channel = self._channels[group] = sync_channel(self.host.worker_address(group), self.cluster.security,
-                                                           self.host.name)
+        channel = self._channels.get(self.host.worker_address(group))
         try:
             return wpb_grpc.WorkerStub(channel).Metrics(wpb.MetricsRequest(), timeout=SCRAPE_TIMEOUT).text.decode()
         except grpc.RpcError:

@@ -229,6 +229,7 @@ class _PeerLink:
         "wakeup",
         "task",
         "channel",
+        "channel_generation",
         "last_ack",
         "streams_opened",
         "unreachable_reported",
@@ -245,6 +246,7 @@ class _PeerLink:
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
         self.channel: grpc.aio.Channel | None = None
+        self.channel_generation = 0     # of the credentials the channel was made with
         self.last_ack = 0.0
         self.streams_opened = 0
         # True from a failure until the next stream is established: one
@@ -255,6 +257,10 @@ class _PeerLink:
 
 def _ignore_unreachable(peer: int) -> None:
     pass
+
+
+def _no_credentials() -> int:
+    return 0
 
 
 def _insecure_channel(address: str, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
@@ -298,6 +304,7 @@ class RaftTransport:
         on_snapshot: Callable[[SnapshotHeader, AsyncIterator[bytes]], Awaitable[None]] | None = None,
         check_chunk: Callable[[SnapshotHeader, bytes], str | None] | None = None,
         connect: Callable[[str, Sequence[tuple[str, Any]]], grpc.aio.Channel] = _insecure_channel,
+        credentials_generation: Callable[[], int] = _no_credentials,
         peer_names: Mapping[int, str] | None = None,
         removed: Iterable[int] = (),
         cluster_id: int = 0,
@@ -334,6 +341,10 @@ class RaftTransport:
         self._check_chunk = check_chunk
         # Opens a channel to a peer (TLS when the cluster says so).
         self._connect = connect
+        # The generation of the certificate files `connect` reads (shardnode.channel_cache): a
+        # link whose stream broke reconnects on a new channel once they changed, since a channel
+        # would reconnect with the credentials it was made with.
+        self._credentials_generation = credentials_generation
         # With TLS: node id -> the certificate name (host) its frames must come with.
         self._peer_names = peer_names
         self._max_queue_messages = max_queue_messages
@@ -646,8 +657,13 @@ class RaftTransport:
         loop = asyncio.get_running_loop()
         backoff = timing.backoff_min
         while True:
+            generation = self._credentials_generation()
+            if link.channel is not None and link.channel_generation != generation:
+                await link.channel.close()
+                link.channel = None
             if link.channel is None:
                 link.channel = self._connect(link.address, CHANNEL_OPTIONS)
+                link.channel_generation = generation
             started = loop.time()
             try:
                 await self._stream(link)

@@ -7,21 +7,26 @@ of this module, in order; certificate rotation comes last.
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shardnode.certs import Authority, init_cluster, issue_certificate, new_authority
+from shardnode import cert_rotation
+from shardnode.certs import Authority, issue_certificate, new_authority
+from shardnode.channel_cache import CHECK_EVERY
 from shardnode.client import Client
+from shardnode.errors import ShardnodeError
 from shardnode.proto import kv_pb2, kv_pb2_grpc
 from shardnode.proto import worker_pb2 as wpb
 from shardnode.proto import worker_pb2_grpc as wpb_grpc
 from shardnode.raft.messages import Message, MessageType
 from shardnode.security import admin_metadata, channel_credentials, load_admin_credential
+from shardnode.supervisor import worker_program
 from shardnode.transport import MESSAGES_METHOD, Frame, encode_frame
 
 from .harness import LocalCluster
@@ -179,28 +184,89 @@ def test_admin_rpcs_need_the_admin_credential(cluster: LocalCluster) -> None:
     assert _value(samples, "shardnode_auth_refused_total", component="worker", reason="admin_token_wrong") >= 1
 
 
-def test_certificates_rotate_without_a_restart(cluster: LocalCluster) -> None:
-    """Everything reissued under a new CA while the cluster runs: new
-    connections use the new files, the old client certificate is refused."""
+def _until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.25)
+
+
+def _put_succeeds(client: Client, key: bytes) -> bool:
+    try:
+        client.put(key, b"v", timeout=3)
+    except ShardnodeError:
+        return False
+    return True
+
+
+def test_a_ca_rotation_keeps_the_cluster_up_and_every_reconnect_uses_the_new_ca(cluster: LocalCluster) -> None:
+    """`certs rotate begin|issue|finish` while a client writes, with no
+    process restarted: no write fails. Then processes restart, which forces
+    every kind of link to reconnect under the new CA only: Raft links to a
+    restarted worker (it catches up), a router's metrics scrape and
+    forwarding to it, a client made before the rotation whose router
+    restarted. Channels made before the rotation would present the old CA's
+    certificates, which nobody accepts any more."""
     security = cluster.config.security
-    old = (security.client_cert_file.read_bytes(), security.client_key_file.read_bytes(),
-           security.ca_file.read_bytes())
-    pids = {key: process.pid for key, process in cluster.processes.items()}
-    init_cluster(cluster.config, force=True)
-    address = cluster.router_addresses["h2"]
-    with grpc.secure_channel(address, _credentials(cluster, old[0], old[1], ca=old[2])) as channel:
-        assert _get(channel) == grpc.StatusCode.UNAVAILABLE
-    deadline = time.monotonic() + 30
-    with Client.from_config(cluster.config_path, timeout=5) as client:
-        while True:
-            try:
-                client.put(b"after-rotation", b"v")
-                break
-            except Exception:
-                # Router-to-worker links reconnect with the new certificates as they need to.
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        assert client.get(b"after-rotation") == b"v"
-    assert {key: process.pid for key, process in cluster.processes.items()} == pids
+    old_client = (security.client_cert_file.read_bytes(), security.client_key_file.read_bytes())
+    early = Client([cluster.router_addresses["h2"]], cluster=cluster.config, timeout=5)
+    failures: list[str] = []
+    written = [0]
+    stop = threading.Event()
+
+    def write() -> None:
+        with Client.from_config(cluster.config_path, timeout=5) as client:
+            while not stop.is_set():
+                try:
+                    client.put(f"rotating-{written[0]}".encode(), b"v")
+                    written[0] += 1
+                except ShardnodeError as exc:
+                    failures.append(str(exc))
+
+    try:
+        early.put(b"before-rotation", b"v")
+        writer = threading.Thread(target=write, name="writer")
+        writer.start()
+        try:
+            for step in (cert_rotation.begin, cert_rotation.issue, cert_rotation.finish):
+                assert step(cluster.config), step.__name__
+                # Channels look at the files every second, servers at each handshake.
+                time.sleep(2 * CHECK_EVERY + 0.5)
+            assert cert_rotation.finish(cluster.config) == []       # a rerun is harmless
+        finally:
+            stop.set()
+            writer.join()
+        assert written[0] > 0 and failures == [], failures[:3]
+
+        # The old CA's client certificate is refused by the server: the
+        # caller trusts the new CA, so only the server can be refusing.
+        address = cluster.router_addresses["h2"]
+        with grpc.secure_channel(address, _credentials(cluster, *old_client)) as channel:
+            assert _get(channel) == grpc.StatusCode.UNAVAILABLE
+        with grpc.secure_channel(address, _credentials(cluster, security.client_cert_file.read_bytes(),
+                                                        security.client_key_file.read_bytes())) as channel:
+            assert _get(channel) == grpc.StatusCode.OK
+
+        # Restarts force reconnects on every kind of link.
+        for key in (("h3", worker_program(0)), ("h2", "router")):
+            cluster.kill(key)
+        cluster.start_worker("h3", 0)
+        cluster.start_host_router("h2")
+        _until("the client made before the rotation writes through its restarted router",
+               lambda: _put_succeeds(early, b"after-rotation"))
+        with Client([cluster.router_addresses["h1"]], cluster=cluster.config, timeout=5) as client:
+            client.put(b"after-restart", b"v")
+            target = _status(cluster, "h1").commit_index
+        _until("the restarted worker catches up over Raft links reconnected under the new CA",
+               lambda: _status(cluster, "h3").applied_index >= target)
+        with Client([cluster.router_addresses["h3"]], cluster=cluster.config, timeout=5) as client:
+            client.put(b"through-h3", b"v")
+            # A stale read is served by h3's own (restarted) replica, once it applied the put.
+            _until("h3's router reads at its restarted worker",
+                   lambda: client.get(b"through-h3", allow_stale=True) == b"v")
+        _until("h3's router scrapes its restarted worker",
+               lambda: _value(_scrape(cluster, "h3"), "raft_node_health", group="0") == 1)
+    finally:
+        early.close()
     assert all(process.poll() is None for process in cluster.processes.values())
