@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from .config import ClusterConfig, SecurityConfig
+from .config import METADATA_GROUP, ClusterConfig, SecurityConfig
 from .errors import ShardnodeError
 
 if TYPE_CHECKING:
@@ -279,6 +279,26 @@ def add_port(server: grpc.aio.Server, address: str, security: SecurityConfig, ho
     if security.tls:
         return server.add_secure_port(address, server_credentials(security, host_name, stats))
     return server.add_insecure_port(address)
+
+
+def admin_destinations(cluster: ClusterConfig) -> frozenset[str]:
+    """The addresses an admin credential may be sent to: the routers and
+    worker ports (every data group's and the metadata group's) of the hosts
+    in cluster.toml. A leader hint or a member address comes from an answer
+    that, with TLS off, anyone could have forged."""
+    return frozenset(
+        address
+        for host in cluster.hosts
+        for address in (host.router_address, host.worker_address(METADATA_GROUP),
+                        *(host.worker_address(group) for group in range(cluster.max_groups)))
+    )
+
+
+def check_admin_destination(destinations: frozenset[str], address: str) -> None:
+    """Raise SecurityError unless `address` is one of `destinations`."""
+    if address not in destinations:
+        raise SecurityError(f"refused to send the admin credential to {address}: not an address of a host in "
+                            "cluster.toml (an answer pointed there)")
 
 
 # --- Checking callers --------------------------------------------------------------------

@@ -48,7 +48,8 @@ from ..errors import ShardnodeError
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..replica.shape_policy import MIN_VOTERS
-from ..security import admin_metadata, load_admin_credential
+from ..security import (SecurityError, admin_destinations, admin_metadata, check_admin_destination,
+                        load_admin_credential)
 from ..supervisor import ROUTER_PROGRAM, ProcessControl, worker_program
 from .directory import ShardDirectory
 from .group_status import freshest
@@ -186,6 +187,7 @@ class MembershipAdmin:
         self._identity = next((h.name for h in cluster.hosts if security.host_cert_file(h.name).exists()), None) \
             if security.tls else None
         self._channels = SyncChannelCache(security, self._identity)
+        self._destinations = admin_destinations(cluster)
 
     def close(self) -> None:
         self._channels.close()
@@ -608,7 +610,7 @@ class MembershipAdmin:
             return
         target = max(others, key=lambda m: m.match)
         self.progress(f"group {state.group}: handing leadership from node {leader.node_id} to {target.node_id}")
-        stub = pb_grpc.WorkerStub(self._channel(leader.address))
+        stub = self._admin_stub(leader.address)
         try:
             stub.TransferLeader(pb.TransferLeaderRequest(target_node_id=target.node_id), timeout=10,
                                 metadata=self._metadata)
@@ -632,7 +634,7 @@ class MembershipAdmin:
             return node_id
         self.progress(f"group {group}: handing leadership from node {leader.node_id} on {leader.host} "
                       f"to node {node_id} on {target.host}")
-        stub = pb_grpc.WorkerStub(self._channel(leader.address))
+        stub = self._admin_stub(leader.address)
         try:
             stub.TransferLeader(pb.TransferLeaderRequest(target_node_id=node_id), timeout=10, metadata=self._metadata)
         except grpc.RpcError as exc:
@@ -654,7 +656,7 @@ class MembershipAdmin:
             time.sleep(0.1)
 
     def _retire(self, group: int, member: MemberState) -> None:
-        stub = pb_grpc.WorkerStub(self._channel(member.address))
+        stub = self._admin_stub(member.address)
         try:
             answer = stub.Retire(pb.RetireRequest(node_id=member.node_id), timeout=10, metadata=self._metadata)
         except grpc.RpcError:
@@ -711,7 +713,10 @@ class MembershipAdmin:
         answer once OK or REFUSED, else (None, why) and the caller reads the
         group again."""
         for _ in range(3):
-            stub = pb_grpc.WorkerStub(self._channel(target))
+            try:
+                stub = self._admin_stub(target)
+            except SecurityError as exc:
+                return None, str(exc)       # a hint to an unknown address: the caller reads the group again
             try:
                 answer = stub.ChangeMembership(request, timeout=max(1.0, min(30.0, deadline - time.monotonic())),
                                                metadata=self._metadata)
@@ -726,6 +731,13 @@ class MembershipAdmin:
             time.sleep(0.2)
             return None, answer.message
         return None, "NOT_LEADER hints went round in circles"
+
+    def _admin_stub(self, address: str) -> pb_grpc.WorkerStub:
+        """A stub for calls that carry the admin credential: only to the
+        addresses of cluster.toml's hosts (member addresses and leader hints
+        come from answers that, with TLS off, anyone could forge)."""
+        check_admin_destination(self._destinations, address)
+        return pb_grpc.WorkerStub(self._channel(address))
 
     def _status(self, address: str) -> pb.StatusResponse | None:
         try:

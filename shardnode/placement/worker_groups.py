@@ -7,6 +7,7 @@ workers."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import grpc
@@ -18,7 +19,8 @@ from .group_status import freshest
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..keyspace import RangeSet
-from ..security import admin_metadata, load_admin_credential
+from ..security import (SecurityError, admin_destinations, admin_metadata, check_admin_destination,
+                        load_admin_credential)
 from ..storage.export_reads import DeltaPage
 from ..storage.shard_commands import ShardCommand
 from .moves import MoveError
@@ -29,6 +31,8 @@ STEP_TIMEOUT = 60.0
 RPC_TIMEOUT = 10.0
 RETRY_PAUSE = 0.1
 
+log = logging.getLogger(__name__)
+
 
 class WorkerGroups:
     def __init__(self, cluster: ClusterConfig, host_name: str | None = None, timeout: float = STEP_TIMEOUT) -> None:
@@ -36,6 +40,7 @@ class WorkerGroups:
         self._identity = host_name
         self._timeout = timeout
         self._metadata = admin_metadata(load_admin_credential(cluster.security))
+        self._destinations = admin_destinations(cluster)
         self._channels = AioChannelCache(cluster.security, host_name, options=[
             ("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)])
         self._leaders: dict[int, str] = {}
@@ -75,7 +80,15 @@ class WorkerGroups:
                 continue
             self._leaders[group] = address
             try:
+                check_admin_destination(self._destinations, address)
                 answer = await call(self._stub(address))
+            except SecurityError as exc:
+                # A forged or stale hint: ask the hosts of cluster.toml again.
+                log.warning("sharding.admin_destination_refused", extra={"group": group, "error": str(exc)})
+                last = str(exc)
+                self._leaders.pop(group, None)
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
             except grpc.aio.AioRpcError as exc:
                 last = f"{address}: {exc.code().name}"
                 self._leaders.pop(group, None)

@@ -107,3 +107,31 @@ def test_a_host_restarted_without_the_metadata_group_brings_back_its_groups_crea
     admin.restart("127.0.0.1:50051")
     assert control.started == [("127.0.0.1:50051", [0, 1, 2, 3, 4])]
     assert "and 4 (created online, ran there before)" in lines[0]
+
+
+class _HintingStub:
+    """A leader that answers NOT_LEADER and points elsewhere."""
+
+    def __init__(self, hint: str, calls: list[str], address: str) -> None:
+        self.hint, self.calls, self.address = hint, calls, address
+
+    def ChangeMembership(self, request, timeout, metadata):  # type: ignore[no-untyped-def]  # noqa: N802
+        self.calls.append(self.address)
+        return membership.pb.ChangeMembershipResponse(status=membership.Answer.NOT_LEADER,
+                                                     leader_address=self.hint)
+
+
+def test_the_admin_credential_never_follows_a_hint_to_an_address_outside_cluster_toml(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With TLS off an answer can be forged: a NOT_LEADER hint to a stranger's
+    address must not get the credential sent there."""
+    admin = ScriptedAdmin([_state(learner=False, reachable=True)], FakeControl())
+    calls: list[str] = []
+    monkeypatch.setattr(membership.pb_grpc, "WorkerStub",
+                        lambda channel: _HintingStub("10.66.6.6:50100", calls, channel))
+    monkeypatch.setattr(admin, "_channel", lambda address: address)
+    answer, why = admin._propose("127.0.0.1:50100", membership.pb.ChangeMembershipRequest(), deadline=1e9)
+    assert answer is None and "refused to send the admin credential to 10.66.6.6:50100" in why
+    assert calls == ["127.0.0.1:50100"]          # asked the configured leader, never the stranger
+    with pytest.raises(membership.SecurityError, match="not an address of a host in cluster.toml"):
+        admin._admin_stub("10.66.6.6:50100")
