@@ -245,12 +245,28 @@ def decode_frame(data: bytes, *, max_bytes: int = 64 << 20,
     count = _array_length(body)
     if count * _SMALLEST_MESSAGE > len(body):
         raise FrameError(f"{count} messages cannot fit in {len(body)} bytes")
+    # A message holds at most _ARRAYS_PER_MESSAGE arrays (itself, its entries,
+    # a snapshot's six): more arrays than the announced messages can hold is
+    # a bomb (empty arrays cost a byte each on the wire and a list each in
+    # memory), stopped at the first array past the budget.
+    arrays_left = 1 + count * _ARRAYS_PER_MESSAGE
+
+    def count_array(items: list[object]) -> list[object]:
+        nonlocal arrays_left
+        arrays_left -= 1
+        if arrays_left < 0:
+            raise FrameError(f"more arrays than {count} messages hold")
+        return items
+
     try:
         # No maps and no extension types exist in the format: refusing them
         # here also avoids unhashable-key and timestamp surprises. No string,
         # byte string or array can be longer than the body itself.
-        raw_messages = msgpack.unpackb(body, raw=False, use_list=True, max_map_len=0, max_ext_len=0,
-                                       max_str_len=len(body), max_bin_len=len(body), max_array_len=len(body))
+        raw_messages = msgpack.unpackb(body, raw=False, use_list=True, list_hook=count_array, max_map_len=0,
+                                       max_ext_len=0, max_str_len=len(body), max_bin_len=len(body),
+                                       max_array_len=len(body))
+    except FrameError:
+        raise
     except Exception as exc:  # msgpack raises ValueError subclasses; be total at the boundary
         raise FrameError(f"not msgpack: {exc}") from None
     if type(raw_messages) is not list:
@@ -263,6 +279,9 @@ def decode_frame(data: bytes, *, max_bytes: int = 64 << 20,
     return header
 
 
+# The most arrays a message holds: itself, its entries, and a snapshot
+# (itself, voters, learners, outgoing voters, removed, members, incarnations).
+_ARRAYS_PER_MESSAGE = 9
 # The least bytes a message takes: an array header and 12 one-byte fields.
 _SMALLEST_MESSAGE = 1 + _MESSAGE_FIELDS
 _INT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}

@@ -593,3 +593,24 @@ def test_a_body_that_cannot_hold_its_messages_is_refused_before_it_is_unpacked()
 def test_a_bad_header_is_refused_before_anything_is_allocated(header: bytes, message: str) -> None:
     with pytest.raises(FrameError, match=message):
         decode_frame(header)
+
+
+def test_an_admitted_frame_cannot_hold_more_arrays_than_its_messages() -> None:
+    """One APP message whose entries are 4 M empty arrays: a sender that got
+    past the header (without TLS, anyone naming a node id above the members')
+    made the old decoder build 4 M lists (over 250 MB); it stops at the first
+    array past what one message can hold."""
+    import tracemalloc
+
+    arrays = 4 << 20
+    entries = b"\xdd" + arrays.to_bytes(4, "big") + b"\x90" * arrays
+    message = b"\x9c" + bytes([int(MessageType.APP), 2, 1, 1, 0, 0]) + entries + b"\x00\xc0\xc2\x00\xc4\x00"
+    data = frame_prefix("c", 0, 1, 2) + b"\x91" + message
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameError, match="more arrays than 1 messages hold"):
+            decode_frame(data, max_bytes=16 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
