@@ -222,6 +222,8 @@ class LimitsConfig:
     max_snapshot_seconds: int = 600
     # Status calls a router serves at once (each fans out to every replica).
     max_concurrent_status: int = 4
+    # Requests the host's metrics endpoint serves at once (each a thread).
+    max_metrics_requests: int = 8
 
     @property
     def max_timeout_seconds(self) -> float:
@@ -564,6 +566,7 @@ def _limits(fields: "_Fields", raw: dict[str, Any], max_key_bytes: int, max_valu
         max_snapshot_bytes=integer("max_snapshot_bytes", 1 << 20, 1 << 50),
         max_snapshot_seconds=integer("max_snapshot_seconds", 1, 7 * 24 * 3600),
         max_concurrent_status=integer("max_concurrent_status", 1, 10_000),
+        max_metrics_requests=integer("max_metrics_requests", 1, 10_000),
     )
     fields.no_extra(raw, "limits", set(LimitsConfig.__dataclass_fields__))
     for smaller, larger in (("max_batch_operations", "max_stream_operations"),

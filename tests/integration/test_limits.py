@@ -231,3 +231,36 @@ def _metrics(cluster: LocalCluster) -> str:
     host = cluster.config.host("h1")
     with urllib.request.urlopen(f"http://{host.address}:{host.metrics_port}/metrics", timeout=10) as page:
         return page.read().decode()
+
+
+def test_the_metrics_endpoint_serves_a_bounded_number_of_requests(cluster: LocalCluster) -> None:
+    """Connections that send nothing held a thread each, for ever: now at most
+    max_metrics_requests (8) at once, the next one answered 503 at once, and
+    the endpoint serves again as soon as they go."""
+    import socket
+    import urllib.error
+
+    host = cluster.config.host("h1")
+    router = cluster.processes[ROUTER].pid
+    idle = [socket.create_connection((host.address, host.metrics_port), timeout=5) for _ in range(8)]
+    try:
+        time.sleep(0.3)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _metrics(cluster)
+        assert refused.value.code == 503
+        assert refused.value.read().decode() == ("limits.max_metrics_requests (8) exceeded: as many requests are "
+                                                 "being served")
+        flood = [socket.create_connection((host.address, host.metrics_port), timeout=5) for _ in range(200)]
+        for connection in flood:
+            connection.close()
+        assert _threads(router) < 60
+    finally:
+        for connection in idle:
+            connection.close()
+    time.sleep(0.3)
+    assert 'reason="max_metrics_requests"' in _metrics(cluster)
+
+
+def _threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
