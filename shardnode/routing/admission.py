@@ -73,8 +73,9 @@ class Admission:
                 await waiter
             finally:
                 self._waiters.discard(waiter)
-        stream.in_flight += operations
-        self._connections[stream.peer] = self.in_flight(stream.peer) + operations
+        if operations:
+            stream.in_flight += operations
+            self._connections[stream.peer] = self.in_flight(stream.peer) + operations
 
     def release(self, peer: str, operations: int, stream: StreamBudget | None = None) -> None:
         """`operations` of `peer` (of `stream`) are answered."""

@@ -265,6 +265,8 @@ class KVService(pb_grpc.KVServicer):
 
     async def Batch(self, request: pb.BatchRequest, context) -> pb.BatchResponse:
         count = len(request.operations)
+        if not count:
+            return pb.BatchResponse()
         peer = context.peer()
         try:
             # Before anything is started: a refused Batch changes nothing.
@@ -297,8 +299,6 @@ class KVService(pb_grpc.KVServicer):
             if left == 0:
                 done.set_result(None)
 
-        if not count:
-            return pb.BatchResponse()
         self._start(request, self._deadline(context), answered)
         try:
             await done
