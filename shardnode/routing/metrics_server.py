@@ -32,6 +32,10 @@ class _Handler(_SilentHandler):
 
 class _BoundedServer(ThreadingWSGIServer):
     limit = 8
+    # The listen backlog (socketserver's default is 5): connections past the
+    # limit are answered 503 at once, so they must reach accept() rather
+    # than wait for a SYN retry.
+    request_queue_size = 128
     slots: threading.BoundedSemaphore
 
     def process_request(self, request: Any, client_address: Any) -> None:

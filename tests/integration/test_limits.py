@@ -70,8 +70,10 @@ class Watch:
             f"{name} grew from {self.baseline[name] >> 20} MB to {self.peak[name] >> 20} MB")
 
     def assert_served(self) -> None:
+        # Every get answered within its 3 s deadline (before the limits, gets failed or took 3 s and more);
+        # the margin is for a loaded machine.
         assert self.served >= 3 and not self.failed, (self.served, self.failed)
-        assert self.slowest < 1.0, self.slowest
+        assert self.slowest < 2.5, self.slowest
 
 
 @contextmanager
