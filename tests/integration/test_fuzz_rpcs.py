@@ -3,9 +3,11 @@ processes: each call gets an answer or a deliberate status (never UNKNOWN or
 INTERNAL, the marks of an unhandled exception), no process dies, and the
 cluster still serves afterwards. The RPCs are read from the services'
 descriptors, so a new one is fuzzed without being listed here; streaming
-ones get a stream of random messages. Worker RPCs are fuzzed without and
-with the admin credential (with it, node ids are kept away from the
-members', so that the fuzz cannot remove the group from under the test).
+ones get a stream of random messages. Everything runs against a cluster
+without TLS and one with it (the client's certificate for the router, a
+host's for the workers). Worker RPCs are fuzzed without and with the admin
+credential (with it, node ids are kept away from the members', so that the
+fuzz cannot remove the group from under the test).
 FUZZ_EXAMPLES=N for a longer run."""
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from shardnode.client import Client
 from shardnode.proto import kv_pb2, kv_pb2_grpc
 from shardnode.proto import worker_pb2 as wpb
 from shardnode.proto import worker_pb2_grpc as wpb_grpc
-from shardnode.security import ADMIN_METHODS, admin_metadata, load_admin_credential
+from shardnode.security import ADMIN_METHODS, admin_metadata, load_admin_credential, sync_channel
 
 from ..fuzzing import examples
 from .harness import LocalCluster
@@ -107,9 +109,13 @@ def messages(descriptor: Descriptor, hints: dict[str, st.SearchStrategy] | None 
     return st.fixed_dictionaries({}, optional=optional).map(build)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
-    local = LocalCluster(tmp_path_factory.mktemp("fuzz") / "cluster", hosts=3, groups=1, replicas=3)
+@pytest.fixture(scope="module", params=[False, True], ids=["plaintext", "tls"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The same cluster without and with TLS: with it, the router is called
+    with the client certificate and the workers with a host's (h1's), as a
+    router calls them."""
+    local = LocalCluster(tmp_path_factory.mktemp("fuzz") / "cluster", hosts=3, groups=1, replicas=3,
+                         tls=request.param)
     with local.running():
         yield local
 
@@ -183,7 +189,7 @@ def test_worker_rpcs_with_random_fields(cluster: LocalCluster, method: str, cred
         far = st.integers(1000, (1 << 63) - 1)
         hints |= {"node_id": far, "target_node_id": far}
     admin = f"/{service.full_name}/{method}" in ADMIN_METHODS
-    with grpc.insecure_channel(cluster.config.host("h2").worker_address(0)) as channel:
+    with sync_channel(cluster.config.host("h2").worker_address(0), cluster.config.security, "h1") as channel:
         stub_method = getattr(wpb_grpc.WorkerStub(channel), method)
 
         @_FUZZ
