@@ -242,3 +242,23 @@ def test_a_full_stream_is_not_read_until_answers_go_out() -> None:
             await admission.take_stream(stream, 1001)
 
     asyncio.run(body())
+
+
+def test_execute_calls_to_a_worker_stay_within_max_request_bytes(tmp_path: Path) -> None:
+    from shardnode.routing.forwarder import MAX_BATCH, GroupForwarder, _Waiting
+
+    config = ClusterConfig.from_dict({
+        "cluster": {"name": "limits-test", "replicas": 1, "groups": 1, "data_dir": str(tmp_path / "data")},
+        "host": [{"name": "h1", "address": "127.0.0.1", "router_port": 50051, "worker_port_base": 50100,
+                  "metrics_port": 9090}],
+    })
+    forwarder = GroupForwarder(config, 0, ChannelPool())
+
+    def queue(count: int, value_bytes: int) -> list[_Waiting]:
+        return [_Waiting(wpb.Operation(kind=wpb.Operation.PUT, key=b"k", value=b"v" * value_bytes), None, 0.0)
+                for _ in range(count)]
+
+    # 1 MiB values: three fit in 4 MiB with room for the call's own fields; a 512-operation call was 512 MiB.
+    assert forwarder._batch_size(queue(10, 1 << 20)) == 3
+    assert forwarder._batch_size(queue(2000, 10)) == MAX_BATCH
+    assert forwarder._batch_size(queue(1, 8 << 20)) == 1      # one alone always leaves
