@@ -39,11 +39,13 @@ class Replica(wpb_grpc.WorkerServicer):
     def __init__(self, release: asyncio.Event) -> None:
         self.release = release
         self.operations = 0
+        self.value = b""        # what every get finds
 
     async def Execute(self, request: wpb.ExecuteRequest, context) -> wpb.ExecuteResponse:
         self.operations += len(request.operations)
         await self.release.wait()
-        return Status(status=Status.OK, results=[wpb.OperationResult() for _ in request.operations])
+        return Status(status=Status.OK, results=[wpb.OperationResult(existed=bool(self.value), value=self.value)
+                                                 for _ in request.operations])
 
     async def Status(self, request, context):  # type: ignore[no-untyped-def]
         await asyncio.sleep(0.5)
@@ -122,6 +124,28 @@ def test_a_batch_past_max_batch_operations_is_refused_whole(tmp_path: Path) -> N
         assert len(response.results) == 1000 and replica.operations == 1000
 
     asyncio.run(_with_router(tmp_path, {"max_batch_operations": 1000}, body))
+
+
+def test_a_batch_whose_answers_outgrow_max_request_bytes_is_refused_not_held(tmp_path: Path) -> None:
+    async def body(service: KVService, replica: Replica, release: asyncio.Event) -> None:
+        release.set()
+        replica.value = b"v" * (1 << 20)
+        assert len((await service.Batch(_gets(3), Context())).results) == 3
+        with pytest.raises(Aborted) as refused:
+            await service.Batch(_gets(5), Context())
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.details.startswith("limits.max_request_bytes (4194304) exceeded: the answers of a Batch "
+                                                "of 5 operations came to more than 4194304 bytes")
+        # A stream splits the same answers into messages that each fit.
+        context = Context()
+
+        async def requests():  # type: ignore[no-untyped-def]
+            yield _gets(5)
+
+        await service.BatchStream(requests(), context)
+        assert [len(m.results) for m in context.written] == [3, 2]
+
+    asyncio.run(_with_router(tmp_path, {}, body))
 
 
 def test_operations_in_flight_per_connection_are_bounded(tmp_path: Path) -> None:
