@@ -47,6 +47,7 @@ if str(PROJECT_ROOT) not in sys.path:
 from shardnode.cli.ready import NotReady, wait_ready  # noqa: E402
 from shardnode.client import Client  # noqa: E402
 from shardnode.config import ClusterConfig, ConfigError  # noqa: E402
+from shardnode.certs import CertsRefused  # noqa: E402
 from shardnode.errors import ShardnodeError  # noqa: E402
 from shardnode.placement.shard_map import ShardMap  # noqa: E402
 from shardnode.supervisor import listeners, local_cluster_config  # noqa: E402
@@ -136,7 +137,8 @@ def _run(args: argparse.Namespace, config_path: Path, out: Path, prog: str) -> i
         cluster = ClusterConfig.load(config_path)
         top = local_cluster_config(cluster, python=sys.executable, config_path=config_path,
                                    project_root=PROJECT_ROOT, out_dir=out)
-    except ConfigError as exc:
+    except (ConfigError, CertsRefused) as exc:
+        # CertsRefused: with TLS on, a certificate is missing and no CA key is here to issue it.
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

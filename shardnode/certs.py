@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .errors import ShardnodeError
 from .security import ensure_admin_credential, write_private
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLIENT_IDENTITY",
+    "CertsRefused",
     "VALID_DAYS",
     "Authority",
     "Issued",
@@ -165,35 +167,59 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
+class CertsRefused(ShardnodeError):
+    """`certs init` will not do what it was asked without `--force`: it
+    would replace a certificate that exists, or make a new CA beside
+    certificates of another one (one line: what and why)."""
+
+
 def init_cluster(cluster: "ClusterConfig", *, force: bool = False) -> list[Path]:
     """Create what is missing of the cluster's certificates (all of them again
     with `force`, under a new CA) and its admin credential; return the files
-    written. An existing CA is reused to issue missing certificates."""
+    written. An existing CA is reused to issue missing certificates.
+
+    Without `force` it never replaces a certificate that exists, and makes a
+    new CA only where no certificate exists at all: a host laid out as the
+    docs say (ca.crt, its own HOST.crt/.key, no ca.key) is left as it is when
+    nothing is missing, and CertsRefused says so when something is (a new CA
+    would have cut the host off from the cluster and left a CA key on it)."""
     security = cluster.security
     written: list[Path] = []
     ca_cert, ca_key = security.ca_file, security.ca_key_file
-    if force or not (ca_cert.exists() and ca_key.exists()):
+    client_name = security.allowed_clients[0] if security.allowed_clients else CLIENT_IDENTITY
+    pairs = [(security.host_cert_file(h.name), security.host_key_file(h.name), h.name, [h.address])
+             for h in cluster.hosts]
+    pairs.append((security.client_cert_file, security.client_key_file, client_name, []))
+    new_ca = force
+    if not force:
+        for cert_file, key_file, _, _ in pairs:
+            if cert_file.exists() and not key_file.exists():
+                raise CertsRefused(f"{cert_file} exists without its key {key_file}: refusing to replace the "
+                                   "certificate (restore the key, remove both, or use --force to reissue everything)")
+        missing = [pair for pair in pairs if not pair[0].exists()]
+        fresh = len(missing) == len(pairs) and not ca_cert.exists() and not ca_key.exists()
+        if missing and not fresh and not (ca_cert.exists() and ca_key.exists()):
+            names = ", ".join(pair[2] for pair in missing)
+            absent = ca_key if not ca_key.exists() else ca_cert
+            raise CertsRefused(f"cannot issue certificates for {names}: {security.certs_dir} holds certificates "
+                               f"but not {absent} (ca.key is kept off the hosts); run `shardnode certs init` "
+                               "where the CA is and copy the files, or --force to replace every certificate "
+                               "under a new CA")
+        pairs, new_ca = missing, fresh
+    if new_ca:
         authority = new_authority(cluster.name)
         for path, data in ((ca_key, authority.key_pem), (ca_cert, authority.cert_pem)):
             write_private(path, data)
             written.append(path)
-        force = True            # every certificate must come from the new CA
-    else:
+    elif pairs:
         authority = Authority.load(ca_cert.read_bytes(), ca_key.read_bytes())
 
-    def issue(cert_file: Path, key_file: Path, name: str, addresses: Iterable[str]) -> None:
-        if not force and cert_file.exists() and key_file.exists():
-            return
+    for cert_file, key_file, name, addresses in pairs:
         issued = issue_certificate(authority, name, addresses=addresses)
         # The key first: a reader that sees the new certificate finds its key.
         write_private(key_file, issued.key_pem)
         write_private(cert_file, issued.cert_pem)
         written.extend((key_file, cert_file))
-
-    for host in cluster.hosts:
-        issue(security.host_cert_file(host.name), security.host_key_file(host.name), host.name, [host.address])
-    client_name = security.allowed_clients[0] if security.allowed_clients else CLIENT_IDENTITY
-    issue(security.client_cert_file, security.client_key_file, client_name, [])
     if not security.admin_file.exists():
         ensure_admin_credential(security)
         written.append(security.admin_file)

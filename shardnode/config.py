@@ -42,6 +42,10 @@ def is_namespace_name(name: str) -> bool:
     return bool(_NAMESPACE.fullmatch(name))
 
 
+#: Host names that `certs init` gives to other certificates (certs_dir/ca.crt,
+#: certs_dir/client.crt and its identity): a host cannot have them.
+RESERVED_HOST_NAMES = frozenset({"ca", "client"})
+
 #: The configuration the command line uses when --config is not given.
 DEFAULT_CONFIG = "etc/cluster.toml"
 #: An environment variable that names it instead.
@@ -181,6 +185,52 @@ class SecurityConfig:
 
 
 @dataclass(slots=True, frozen=True)
+class LimitsConfig:
+    """`[limits]`: a bound on every input a router or a worker accepts, as
+    etcd's --max-request-bytes and --max-concurrent-streams (docs/security.md,
+    "Limits"). Each has a safe default; a refusal is RESOURCE_EXHAUSTED with a
+    message naming the key (`limits.max_batch_operations (10000) exceeded:
+    4000000 operations`), counted in `raft_refusals_total{reason}`, and
+    changes nothing."""
+
+    # gRPC's largest message, received or sent, on routers and workers
+    # (router-facing RPCs). Above max_value_bytes + max_key_bytes: one put fits.
+    max_request_bytes: int = 4 << 20
+    # Operations in one Batch call or one BatchStream message.
+    max_batch_operations: int = 10_000
+    # Operations received on one BatchStream and not answered yet: past it the
+    # router stops reading the stream until answers go out (back-pressure).
+    max_stream_operations: int = 10_000
+    # Operations not answered yet on one client connection (every stream and
+    # Batch of it): a Batch past it is refused, a stream waits.
+    max_connection_operations: int = 50_000
+    # RPCs served at once by one router or worker (gRPC maximum_concurrent_rpcs;
+    # a stream counts for as long as it is open); past it RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 1000
+    # Concurrent HTTP/2 streams on one connection (gRPC max_concurrent_streams):
+    # the client's further calls wait for a free stream.
+    max_streams_per_connection: int = 100
+    # Operations waiting in one group's forwarder at a router (queued, not yet sent).
+    max_forwarder_queue: int = 100_000
+    # The longest deadline a call or an operation gets (its timeout_ms, the
+    # call's own deadline): longer ones are cut to this.
+    max_timeout_ms: int = 60_000
+    # A peer frame (a batch of Raft messages) or a snapshot chunk.
+    max_frame_bytes: int = 8 << 20
+    # A snapshot received from a peer: every chunk together, and the time from its header to its end.
+    max_snapshot_bytes: int = 16 << 30
+    max_snapshot_seconds: int = 600
+    # Status calls a router serves at once (each fans out to every replica).
+    max_concurrent_status: int = 4
+    # Requests the host's metrics endpoint serves at once (each a thread).
+    max_metrics_requests: int = 8
+
+    @property
+    def max_timeout_seconds(self) -> float:
+        return self.max_timeout_ms / 1000.0
+
+
+@dataclass(slots=True, frozen=True)
 class Replica:
     """One member of one group."""
 
@@ -208,6 +258,7 @@ class ClusterConfig:
     source: Path | None = None
     storage: StorageConfig = StorageConfig()
     security: SecurityConfig = SecurityConfig()
+    limits: LimitsConfig = LimitsConfig()
     max_groups: int = 16           # data groups are numbered 0..max_groups-1 (groups created online included)
     meta_replicas: int = 3         # replicas of the metadata group
 
@@ -373,6 +424,11 @@ class ClusterConfig:
         names = [h.name for h in hosts]
         if len(set(names)) != len(names):
             raise ConfigError(f"{where}host: host names must be unique")
+        for i, host_name in enumerate(names):
+            if host_name.lower() in RESERVED_HOST_NAMES:
+                # certs_dir/NAME.crt would be the CA's or the client's file, and the CN the client's identity.
+                raise ConfigError(f"{where}host[{i}].name: {host_name!r} is reserved (the CA's and the clients' "
+                                  f"certificates are named {', '.join(sorted(RESERVED_HOST_NAMES))})")
         namespaces = [h.namespace for h in hosts if h.namespace is not None]
         if len(set(namespaces)) != len(namespaces):
             raise ConfigError(f"{where}host: two hosts share one namespace (each host has its own network)")
@@ -400,6 +456,12 @@ class ClusterConfig:
             base = source.resolve().parent
             data_dir = (base.parent if base.name == "etc" else base) / data_dir
         security = _security(fields, fields.table(raw, "security", required=False), data_dir, source)
+        for client in security.allowed_clients:
+            if client in names:
+                # A certificate with a host's name would pass as that host at every worker.
+                raise ConfigError(f"{where}security.allowed_clients: {client!r} is the name of a host; a client's "
+                                  "certificate name must differ from every host's")
+        limits = _limits(fields, fields.table(raw, "limits", required=False), max_key_bytes, max_value_bytes)
         return cls(
             name=name,
             replicas=replicas,
@@ -414,6 +476,7 @@ class ClusterConfig:
             source=source,
             storage=storage,
             security=security,
+            limits=limits,
             max_groups=max_groups,
             meta_replicas=meta_replicas,
         )
@@ -481,6 +544,47 @@ def _security(fields: "_Fields", raw: dict[str, Any], data_dir: Path, source: Pa
         admin_file=path("admin_file", certs_dir / "admin.credential"),
         allowed_clients=tuple(allowed),
     )
+
+
+#: Operations a client puts in one BatchStream message at most
+#: (shardnode/client/pipe.py): `limits.max_batch_operations` may not be lower.
+CLIENT_MESSAGE_OPERATIONS = 1000
+
+
+def _limits(fields: "_Fields", raw: dict[str, Any], max_key_bytes: int, max_value_bytes: int) -> LimitsConfig:
+    """`[limits]`: each key an integer in its range, defaults from LimitsConfig."""
+    default = LimitsConfig()
+    # One put of the largest key and value, with its protobuf framing, must fit in a request.
+    smallest_request = max_key_bytes + max_value_bytes + 1024
+
+    def integer(key: str, low: int, high: int, at_least: int = 0) -> int:
+        return fields.integer(raw, f"limits.{key}", default=max(getattr(default, key), at_least), low=low, high=high)
+
+    limits = LimitsConfig(
+        # A client's BatchStream message is up to 1 MiB (or one operation alone).
+        max_request_bytes=integer("max_request_bytes", max(smallest_request, 2 << 20), 1 << 30, smallest_request),
+        max_batch_operations=integer("max_batch_operations", CLIENT_MESSAGE_OPERATIONS, 10_000_000),
+        max_stream_operations=integer("max_stream_operations", 1, 10_000_000),
+        max_connection_operations=integer("max_connection_operations", 1, 100_000_000),
+        max_concurrent_rpcs=integer("max_concurrent_rpcs", 16, 1_000_000),
+        max_streams_per_connection=integer("max_streams_per_connection", 1, 1_000_000),
+        max_forwarder_queue=integer("max_forwarder_queue", 1, 100_000_000),
+        max_timeout_ms=integer("max_timeout_ms", 1000, 24 * 3600 * 1000),
+        # A frame carries at least one entry of the largest put.
+        max_frame_bytes=integer("max_frame_bytes", max(smallest_request, 64 << 10), 1 << 30, smallest_request),
+        max_snapshot_bytes=integer("max_snapshot_bytes", 1 << 20, 1 << 50),
+        max_snapshot_seconds=integer("max_snapshot_seconds", 1, 7 * 24 * 3600),
+        max_concurrent_status=integer("max_concurrent_status", 1, 10_000),
+        max_metrics_requests=integer("max_metrics_requests", 1, 10_000),
+    )
+    fields.no_extra(raw, "limits", set(LimitsConfig.__dataclass_fields__))
+    for smaller, larger in (("max_batch_operations", "max_stream_operations"),
+                            ("max_stream_operations", "max_connection_operations")):
+        if getattr(limits, smaller) > getattr(limits, larger):
+            # A message (a stream) that may never fit would wait for ever.
+            raise fields._fail(f"limits.{smaller}", f"must be at most limits.{larger} ({getattr(limits, larger)}), "
+                                                    f"got {getattr(limits, smaller)}")
+    return limits
 
 
 class _Fields:

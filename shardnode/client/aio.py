@@ -360,6 +360,9 @@ class AsyncClient(ClientSettings):
                 raise InvalidArgument(details or f"{op}: invalid argument")
             if code == grpc.StatusCode.FAILED_PRECONDITION:
                 raise StaleSession(f"{op}: refused by {router}: {details}")
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                # Past one of the router's [limits]: refused, nothing was done.
+                raise ShardnodeError(f"{op}: refused by {router}: {details}; nothing was done")
             last_error = f"{router}: {code.name}: {details}"
             error = CAUSES.get(result.cause)
             if error is not None:

@@ -25,6 +25,7 @@ import logging
 
 import grpc
 
+from ..config import CLIENT_MESSAGE_OPERATIONS
 from ..proto import kv_pb2, kv_pb2_grpc
 from .common import cause_of_metadata, status_of
 
@@ -37,6 +38,28 @@ _OK = grpc.StatusCode.OK.value[0]
 _STREAM_BROKEN = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED,
                             grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED})
 BatchOperation = kv_pb2.BatchOperation
+
+
+#: A message carries at most this many operations and (unless one operation
+#: alone is larger) this many bytes of keys and values: within every router's
+#: [limits] (max_batch_operations is at least CLIENT_MESSAGE_OPERATIONS,
+#: max_request_bytes at least 2 MiB).
+MESSAGE_OPERATIONS = CLIENT_MESSAGE_OPERATIONS
+MESSAGE_BYTES = 1 << 20
+
+
+def _take_message(outbox: list[BatchOperation]) -> list[BatchOperation]:
+    """Remove and return the first operations of `outbox` that fit in one message."""
+    size = 0
+    count = 0
+    for op in outbox[:MESSAGE_OPERATIONS]:
+        size += len(op.key) + len(op.value) + 32
+        if count and size > MESSAGE_BYTES:
+            break
+        count += 1
+    taken = outbox[:count]
+    del outbox[:count]
+    return taken
 
 
 class _Stream:
@@ -115,8 +138,8 @@ class RouterPipe:
                 stream.wake.clear()
                 if stream.broken:
                     return
-                if stream.outbox:
-                    ops, stream.outbox = stream.outbox, []
+                while stream.outbox:
+                    ops = _take_message(stream.outbox)
                     self.messages += 1
                     self.operations += len(ops)
                     await stream.call.write(kv_pb2.BatchRequest(operations=ops))

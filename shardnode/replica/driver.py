@@ -50,6 +50,7 @@ from ..failstop import FailStop, describe
 from ..placement.initial_placement import INITIAL_PLACEMENT_KEY, InitialPlacement
 from ..placement.shard_map import initial_ownership
 from ..futures import settle
+from ..limits import refuse
 from ..storage import ApplyResult, Command, ReplicaStore, StorageFault, StoreBusy, encode_command
 from ..storage import fencing
 from ..storage.shard_commands import ShardResult
@@ -140,6 +141,7 @@ class ReplicaDriver:
             deliver=self._on_messages,
             on_unreachable=self._on_unreachable,
             on_snapshot=self._on_snapshot_stream,
+            max_frame_bytes=cluster.limits.max_frame_bytes,
             # With TLS, frames from node N must come with N's host certificate:
             # the transport reads member_hosts, which follows the membership.
             **transport_security(cluster, replica.host.name, self.member_hosts),
@@ -801,11 +803,35 @@ class ReplicaDriver:
             # A deposed leader's stream must not replace a newer staging.
             raise ValueError(f"stale snapshot stream: term {header.message.term} < {self.node.raft.term}")
         metadata = snapshot.metadata
+        raft = self.node.raft
+        # Staged only when Raft asked for it: a leader sends a snapshot after
+        # this follower answered its appends in the same term, so the sender
+        # is the leader it follows, and the snapshot is past what it committed
+        # (the core would ignore it otherwise). Anything else would fill the
+        # disk for nothing; a real leader's stream refused here is sent again.
+        if header.message.term != raft.term or raft.lead != header.from_node:
+            raise ValueError(f"unasked snapshot: node {header.from_node} in term {header.message.term} is not "
+                             f"the leader this replica follows (node {raft.lead}, term {raft.term})")
+        if metadata.index <= raft.log.committed:
+            raise ValueError(f"unasked snapshot: index {metadata.index} is not past the commit index "
+                             f"{raft.log.committed}")
+        limits = self.cluster.limits
         began = time.perf_counter()
+        received = 0
         try:
             staging = await asyncio.to_thread(self.store.begin_snapshot, metadata)
-            async for chunk in chunks:
-                await asyncio.to_thread(staging.write, chunk)
+            try:
+                async with asyncio.timeout(limits.max_snapshot_seconds):
+                    async for chunk in chunks:
+                        received += len(chunk)
+                        if received > limits.max_snapshot_bytes:
+                            # Before it is written: a stream cannot fill the disk.
+                            raise refuse("max_snapshot_bytes", limits.max_snapshot_bytes,
+                                         f"a snapshot stream of more than {received} bytes")
+                        await asyncio.to_thread(staging.write, chunk)
+            except TimeoutError:
+                raise refuse("max_snapshot_seconds", limits.max_snapshot_seconds,
+                             f"a snapshot stream still unfinished after {time.perf_counter() - began:.0f} s") from None
             await asyncio.to_thread(staging.finish)
             self.stats.snapshot_receive_seconds += time.perf_counter() - began
             log.info("replica.snapshot_received", extra={**self._log_extra, "peer": header.from_node,

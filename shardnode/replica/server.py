@@ -27,7 +27,8 @@ from ..security import (Gatekeeper, SecurityCollector, SecurityError, SecuritySt
 from ..raft import NoticeReason
 from ..storage import StorageError
 from ..storage.retirement import retire
-from ..transport import SERVER_OPTIONS
+from ..limits import RefusalCollector
+from ..server_options import server_options
 from . import restart_backoff
 from .driver import ReplicaDriver
 from .identity import Start, lost_data_reason, observe_group, resolve
@@ -105,10 +106,13 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
     # Workers serve the hosts of the cluster only (routers and peers), never clients.
     gatekeeper = Gatekeeper(tls=security.tls, allowed=allowed_identities(cluster, clients=False), admin=admin,
                             stats=stats)
-    server = grpc.aio.server(interceptors=[gatekeeper], options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=[gatekeeper], options=[*server_options(cluster.limits, worker=True),
+                                                                  ("grpc.so_reuseport", 0)],
+                             maximum_concurrent_rpcs=cluster.limits.max_concurrent_rpcs)
     driver = ReplicaDriver(cluster, replica, store, fail_stop=fail_stop)
-    driver.metrics.registry.register(
-        SecurityCollector(stats, {"group": group_label(group), "node": str(replica.node_id), "component": "worker"}))
+    labels = {"group": group_label(group), "node": str(replica.node_id), "component": "worker"}
+    driver.metrics.registry.register(SecurityCollector(stats, labels))
+    driver.metrics.registry.register(RefusalCollector(labels))
     # A replica that applies its own removal stops like on SIGTERM, then retires.
     removal = asyncio.create_task(_set_when(driver.removed, stop), name="removal")
     # One a member does not recognise (a NOTICE) checks a removal with its

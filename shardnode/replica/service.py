@@ -11,6 +11,7 @@ import grpc
 import msgpack
 
 from ..errors import DeadlineExceeded, NotLeader, Unavailable
+from ..limits import refuse
 from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..raft import ConfChange, ConfState, InvalidConfChange, StateRole
@@ -40,7 +41,10 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     def _timeout(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
-        return DEFAULT_TIMEOUT if remaining is None else max(0.0, remaining - 0.005)
+        if remaining is None:
+            return DEFAULT_TIMEOUT
+        # limits.max_timeout_ms: no caller holds a request here longer.
+        return max(0.0, min(remaining, self.cluster.limits.max_timeout_seconds) - 0.005)
 
     def _validate(self, request: pb.ExecuteRequest) -> str:
         """An explanation of the first invalid operation, or "" if all are valid."""
@@ -89,6 +93,11 @@ class WorkerService(pb_grpc.WorkerServicer):
                 message=f"this worker serves cluster {self.cluster.name!r} group {driver.group}, "
                 f"not cluster {request.cluster!r} group {request.group}",
             )
+        count, limit = len(request.operations), self.cluster.limits.max_batch_operations
+        if count > limit:
+            # Before anything is validated or proposed: a refusal changes nothing.
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                str(refuse("max_batch_operations", limit, f"{count} operations")))
         problem = self._validate(request)
         if problem:
             return pb.ExecuteResponse(status=pb.ExecuteResponse.INVALID_ARGUMENT, message=problem)

@@ -41,12 +41,13 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from ..channel_cache import AioChannelCache
 from ..config import ClusterConfig, Replica, SecurityConfig
 from ..errors import DeadlineExceeded, InvalidArgument, NoLeader, NoQuorum, ShardnodeError, Unavailable
 from ..futures import settle as _resolve
+from ..limits import refuse
 from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
-from ..channel_cache import AioChannelCache
 
 if TYPE_CHECKING:
     from .monitor import GroupView
@@ -54,6 +55,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardnode.router")
 
 MAX_BATCH = 512
+#: Room left in an Execute request for its own fields and protobuf framing.
+REQUEST_OVERHEAD = 64 << 10
+#: What an operation adds to an Execute request besides its key and value.
+OPERATION_OVERHEAD = 64
 #: One Execute call per group at a time: operations that arrive while it is
 #: out wait for it and leave together in the next one (natural batching, as
 #: etcd's proposals queue behind its Raft round). Measured with 64 callers of
@@ -257,6 +262,14 @@ class GroupForwarder:
         soon as the group surely has no majority up (`no_quorum_now`)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        limit = self.cluster.limits.max_forwarder_queue
+        queued = len(self._queues[False]) + len(self._queues[True])
+        if queued >= limit:
+            # The group's leader is slow or gone and operations pile up: refuse
+            # more (nothing sent) rather than hold them all until their deadlines.
+            future.set_exception(refuse("max_forwarder_queue", limit,
+                                        f"{queued} operations wait for group {self.group}"))
+            return future
         waiting = _Waiting(operation, future, deadline, fail_fast=not wait_for_quorum)
         if waiting.fail_fast and self.no_quorum_now():
             self._fail_now(waiting)
@@ -276,9 +289,21 @@ class GroupForwarder:
         rest leaves as soon as a call returns)."""
         queue = self._queues[allow_stale]
         while queue and self._in_flight < MAX_IN_FLIGHT:
-            batch, queue[:] = queue[:MAX_BATCH], queue[MAX_BATCH:]
+            count = self._batch_size(queue)
+            batch, queue[:] = queue[:count], queue[count:]
             self._in_flight += 1
             asyncio.ensure_future(self._send(batch, allow_stale))
+
+    def _batch_size(self, queue: list[_Waiting]) -> int:
+        """How many of the first operations of `queue` go in one Execute call:
+        up to MAX_BATCH, within limits.max_request_bytes (at least one)."""
+        budget = self.cluster.limits.max_request_bytes - REQUEST_OVERHEAD
+        size = 0
+        for count, waiting in enumerate(queue[:MAX_BATCH]):
+            size += len(waiting.operation.key) + len(waiting.operation.value) + OPERATION_OVERHEAD
+            if size > budget and count:
+                return count
+        return min(len(queue), MAX_BATCH)
 
     # --- One call ------------------------------------------------------------------------
 

@@ -12,12 +12,14 @@ counters start again from zero, which Prometheus reads as a counter reset.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,6 +29,7 @@ from ..proto import worker_pb2 as wpb
 from ..proto import worker_pb2_grpc as wpb_grpc
 from ..metrics import LATENCY_BUCKETS, merge_families
 from ..supervisor import worker_program
+from .metrics_server import serve_metrics
 
 if TYPE_CHECKING:
     from .forwarder import GroupForwarder
@@ -105,8 +108,8 @@ class RouterMetrics:
 
     def serve(self) -> None:
         """Serve /metrics on the host's metrics port (a daemon thread)."""
-        self._server, self.thread = start_http_server(self.host.metrics_port, addr=self.host.address,
-                                                      registry=self.registry)
+        self._server, self.thread = serve_metrics(self.host.address, self.host.metrics_port, self.registry,
+                                                  self.cluster.limits.max_metrics_requests)
         log.info("router.metrics_serving", extra={"address": f"{self.host.address}:{self.host.metrics_port}"})
 
     def close(self) -> None:
@@ -181,6 +184,23 @@ class _HostCollector:
         self.local_members = local_members
         self._channels = SyncChannelCache(cluster.security, self.host.name)
         self._pool = ThreadPoolExecutor(max_workers=max(1, cluster.groups), thread_name_prefix="scrape")
+        # The last round of worker pages: (when it ended, members, texts). One round at a time.
+        self._last_round: tuple[float, list[tuple[int, int]], list[str | None]] | None = None
+        self._round = threading.Lock()
+
+    def _worker_pages(self) -> tuple[list[tuple[int, int]], list[str | None]]:
+        """Every local worker's page. Requests that arrive while a round of
+        worker queries runs share its pages (at most SCRAPE_TIMEOUT old): however
+        many come at once, each worker is asked one request at a time."""
+        asked = time.monotonic()
+        with self._round:
+            last = self._last_round
+            if last is not None and last[0] >= asked:
+                return last[1], last[2]
+            members = self.local_members()
+            texts = list(self._pool.map(self._scrape, [group for group, _ in members]))
+            self._last_round = (time.monotonic(), members, texts)
+            return members, texts
 
     def _scrape(self, group: int) -> str | None:
         channel = self._channels.get(self.host.worker_address(group))
@@ -190,8 +210,7 @@ class _HostCollector:
             return None
 
     def collect(self) -> Iterator[Metric]:
-        members = self.local_members()
-        texts = list(self._pool.map(self._scrape, [group for group, _ in members]))
+        members, texts = self._worker_pages()
         health = GaugeMetricFamily("raft_node_health", "1 if the worker answers, 0 if it is down.",
                                    labels=["group", "node"])
         for (group, node_id), text in zip(members, texts):

@@ -10,6 +10,8 @@ import signal
 import grpc
 
 from ..config import ClusterConfig
+from ..limits import RefusalCollector
+from ..server_options import server_options
 from ..failstop import FailStop, run_until_stop_or_fault
 from ..proto import kv_pb2_grpc
 from ..security import (Gatekeeper, SecurityCollector, SecurityError, SecurityStats, add_port,
@@ -39,14 +41,13 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
     channels = ChannelPool(security, host_name)
     server = grpc.aio.server(
         interceptors=[gatekeeper],
-        options=[
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20),
-            ("grpc.so_reuseport", 0),
-        ]
+        options=[*server_options(cluster.limits, worker=False), ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=cluster.limits.max_concurrent_rpcs,
     )
     metrics = RouterMetrics(cluster, host_name)
-    metrics.own.register(SecurityCollector(stats, {"group": "", "node": str(host.node_id), "component": "router"}))
+    labels = {"group": "", "node": str(host.node_id), "component": "router"}
+    metrics.own.register(SecurityCollector(stats, labels))
+    metrics.own.register(RefusalCollector(labels))
     service = KVService(cluster, host_name, channels, metrics)
     kv_pb2_grpc.add_KVServicer_to_server(service, server)
     health = HealthServicer()

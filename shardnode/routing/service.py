@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import grpc
 
 from ..config import METADATA_GROUP, ClusterConfig, group_label
+from ..limits import LimitExceeded, refuse
 from ..errors import (CAUSE_METADATA_KEY, GROUP_METADATA_KEY, DeadlineExceeded, InvalidArgument, NoLeader,
                       NoQuorum, ShardnodeError, Unavailable)
 from ..proto import kv_pb2 as pb
@@ -20,6 +21,7 @@ from ..proto import kv_pb2_grpc as pb_grpc
 from ..proto import worker_pb2 as wpb
 from ..placement.shard_map import ShardMap
 from ..supervisor import ProcessControl, worker_program
+from .admission import Admission, StreamBudget
 from .forwarder import ChannelPool, GroupForwarder
 from .map_follower import MapFollower
 from .metrics import RouterMetrics
@@ -75,6 +77,9 @@ class KVService(pb_grpc.KVServicer):
             g: GroupForwarder(cluster, g, channels, host_name) for g in self.shard_map.groups}
         self.sessions = RouterSessions()
         self.metrics = metrics
+        self.limits = cluster.limits
+        self.admission = Admission(cluster.limits)
+        self._status_calls = 0          # Status calls being served (each fans out to every replica)
         self._draining = asyncio.Event()
         self._reroutes: set[asyncio.Task[None]] = set()      # operations being routed again (keys that moved)
         self.monitor = GroupMonitor(cluster, channels, self.forwarders)
@@ -143,9 +148,11 @@ class KVService(pb_grpc.KVServicer):
 
     # --- Helpers ------------------------------------------------------------------------
 
-    @staticmethod
-    def _deadline(context: grpc.aio.ServicerContext) -> float:
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
+        if remaining is not None:
+            # limits.max_timeout_ms: a caller cannot hold operations (and their memory) longer.
+            remaining = min(remaining, self.limits.max_timeout_seconds)
         timeout = DEFAULT_TIMEOUT if remaining is None else max(0.0, remaining - min(DEADLINE_MARGIN, remaining / 10))
         return time.monotonic() + timeout
 
@@ -248,7 +255,7 @@ class KVService(pb_grpc.KVServicer):
         try:
             result = await self._execute(operation, self._deadline(context),
                                          wait_for_quorum=request.wait_for_quorum)
-        except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession) as exc:
+        except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession, LimitExceeded) as exc:
             await self._abort(context, exc)
         return pb.PutResponse(existed=result.existed, old_value=result.value)
 
@@ -257,7 +264,7 @@ class KVService(pb_grpc.KVServicer):
         try:
             result = await self._execute(operation, self._deadline(context), request.allow_stale,
                                          request.wait_for_quorum)
-        except (InvalidArgument, Unavailable, DeadlineExceeded) as exc:
+        except (InvalidArgument, Unavailable, DeadlineExceeded, LimitExceeded) as exc:
             await self._abort(context, exc)
         return pb.GetResponse(found=result.existed, value=result.value)
 
@@ -267,52 +274,90 @@ class KVService(pb_grpc.KVServicer):
         try:
             result = await self._execute(operation, self._deadline(context),
                                          wait_for_quorum=request.wait_for_quorum)
-        except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession) as exc:
+        except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession, LimitExceeded) as exc:
             await self._abort(context, exc)
         return pb.DeleteResponse(existed=result.existed, old_value=result.value)
 
     async def Batch(self, request: pb.BatchRequest, context) -> pb.BatchResponse:
-        results: list[pb.BatchResult | None] = [None] * len(request.operations)
+        count = len(request.operations)
+        if not count:
+            return pb.BatchResponse()
+        peer = context.peer()
+        try:
+            # Before anything is started: a refused Batch changes nothing.
+            self.admission.take_batch(peer, count)
+        except LimitExceeded as exc:
+            await self._abort(context, exc)
+        results: list[pb.BatchResult | None] = [None] * count
         done = asyncio.get_running_loop().create_future()
-        left = len(results)
+        left = count
+        answer_bytes = 0
+        limit = self.limits.max_request_bytes
 
         def answered(index: int, result: pb.BatchResult) -> None:
-            nonlocal left
-            results[index] = result
+            nonlocal left, answer_bytes
             left -= 1
-            if left == 0 and not done.done():
+            if left == 0:
+                self.admission.release(peer, count)
+            if done.done():
+                return      # the answers are dropped (over the limit), or the caller is gone
+            answer_bytes += len(result.value) + len(result.message) + 16
+            if answer_bytes > limit:
+                # The answers could not be sent anyway (gRPC's send limit): stop holding them.
+                results.clear()
+                done.set_exception(refuse("max_request_bytes", limit,
+                                          f"the answers of a Batch of {count} operations came to more than "
+                                          f"{limit} bytes (its operations were carried out; only the answers "
+                                          "were dropped)"))
+                return
+            results[index] = result
+            if left == 0:
                 done.set_result(None)
 
-        if left:
-            self._start(request, self._deadline(context), answered)
+        self._start(request, self._deadline(context), answered)
+        try:
             await done
+        except LimitExceeded as exc:
+            await self._abort(context, exc)
         return pb.BatchResponse(results=results)
 
     async def BatchStream(self, requests, context) -> None:
         """Many callers' operations on one stream: each request message is
         started at once (its operations queued on their groups' forwarders,
         each group's sent as one Execute call), and results go back as they
-        come, all those ready at the same moment in one response message."""
-        replies = _Replies(context)
+        come, all those ready at the same moment in one response message
+        (or a few, each within limits.max_request_bytes). At most
+        limits.max_stream_operations are in flight: past it, the stream is not
+        read until answers have gone out (admission.py)."""
+        budget = StreamBudget(context.peer())
+        replies = _Replies(context, self.admission, budget, self.limits.max_request_bytes)
         writer = asyncio.ensure_future(replies.write())
-        reader = asyncio.ensure_future(self._read_stream(requests, replies))
+        reader = asyncio.ensure_future(self._read_stream(requests, replies, budget))
         draining = asyncio.ensure_future(self._draining.wait())
         try:
             # Until the caller closes its side, or the router stops: then the
             # operations already received are answered and the stream ends (the
             # client sends what it had not yet sent through another router).
             await asyncio.wait((reader, draining), return_when=asyncio.FIRST_COMPLETED)
+            if reader.done() and not reader.cancelled() and isinstance(reader.exception(), LimitExceeded):
+                # A message larger than a Batch may be: nothing of it was started.
+                replies.finish()
+                await writer
+                await self._abort(context, reader.exception())
             reader.cancel()
             replies.finish()
             await writer
         finally:
             for task in (writer, reader, draining):
                 task.cancel()
+            self.admission.close_stream(budget)
 
-    async def _read_stream(self, requests, replies: "_Replies") -> None:  # type: ignore[no-untyped-def]
+    async def _read_stream(self, requests, replies: "_Replies", budget: StreamBudget) -> None:  # type: ignore[no-untyped-def]
         async for request in requests:
+            count = len(request.operations)
+            await self.admission.take_stream(budget, count)
+            replies.started += count
             self._start(request, None, replies.add, stream=True)
-            replies.started += len(request.operations)
 
     def drain(self) -> None:
         """The router is stopping: every stream answers what it has received,
@@ -387,10 +432,10 @@ class KVService(pb_grpc.KVServicer):
         new_group = self._enqueue(queued)
         self.forwarders[new_group].pump(queued.allow_stale)
 
-    @staticmethod
-    def _operation_deadline(timeout_ms: int, now: float, call_deadline: float | None) -> float:
+    def _operation_deadline(self, timeout_ms: int, now: float, call_deadline: float | None) -> float:
         if timeout_ms:
-            timeout = timeout_ms / 1000
+            # limits.max_timeout_ms: timeout_ms may say 2**32 ms; no operation waits longer than the limit.
+            timeout = min(timeout_ms, self.limits.max_timeout_ms) / 1000
             deadline = now + timeout - min(DEADLINE_MARGIN, timeout / 10)
             return deadline if call_deadline is None else min(deadline, call_deadline)
         return now + DEFAULT_TIMEOUT if call_deadline is None else call_deadline
@@ -498,6 +543,18 @@ class KVService(pb_grpc.KVServicer):
             pb.ProcessInfo(program=i.name, state=i.state, exit_status=i.exitstatus) for i in infos.values()])
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+        limit = self.limits.max_concurrent_status
+        if self._status_calls >= limit:
+            # Each call asks every replica of every group: a flood of them would be a flood on every worker.
+            await self._abort(context, refuse("max_concurrent_status", limit,
+                                              f"{self._status_calls} Status calls are being served"))
+        self._status_calls += 1
+        try:
+            return await self._status()
+        finally:
+            self._status_calls -= 1
+
+    async def _status(self) -> pb.StatusResponse:
         shard_map = self.shard_map
         groups, meta, processes = await asyncio.gather(
             asyncio.gather(*(self._group_status(g, shard_map) for g in shard_map.groups if g in self.forwarders)),
@@ -576,10 +633,16 @@ class _Queued:
 class _Replies:
     """The answers of one BatchStream, written back in as few messages as
     possible: every result ready when the writer gets to run leaves in one
-    BatchResponse."""
+    BatchResponse (or several, each within `max_bytes`). An operation stays
+    counted by the admission until its answer is written."""
 
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext, admission: Admission, budget: StreamBudget,
+                 max_bytes: int) -> None:
         self._context = context
+        self._admission = admission
+        self._budget = budget
+        # Room for gRPC's own framing within the send limit.
+        self._max_bytes = max(1, max_bytes - (64 << 10))
         self._results: list[pb.BatchResult] = []
         self._ready = asyncio.Event()
         self.started = 0            # operations received
@@ -600,10 +663,26 @@ class _Replies:
             await self._ready.wait()
             self._ready.clear()
             results, self._results = self._results, []
-            if results:
-                await self._context.write(pb.BatchResponse(results=results))
+            for chunk in self._chunks(results):
+                await self._context.write(pb.BatchResponse(results=chunk))
+                self._admission.release(self._budget.peer, len(chunk), self._budget)
             if self._finished and self._answered >= self.started and not self._results:
                 return
+
+    def _chunks(self, results: list[pb.BatchResult]) -> list[list[pb.BatchResult]]:
+        chunks: list[list[pb.BatchResult]] = []
+        chunk: list[pb.BatchResult] = []
+        size = 0
+        for result in results:
+            grows = len(result.value) + len(result.message) + 32
+            if chunk and size + grows > self._max_bytes:
+                chunks.append(chunk)
+                chunk, size = [], 0
+            chunk.append(result)
+            size += grows
+        if chunk:
+            chunks.append(chunk)
+        return chunks
 
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -620,6 +699,8 @@ def _cause(exc: Exception) -> tuple[tuple[str, str], ...]:
 
 
 def _code(exc: Exception) -> grpc.StatusCode:
+    if isinstance(exc, LimitExceeded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, InvalidArgument):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, DeadlineExceeded):

@@ -40,7 +40,7 @@ fully validated `Frame` or raises `FrameError`, nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from operator import le as _le
@@ -213,8 +213,16 @@ def encode_frame(frame: Frame) -> bytes:
 # --------------------------------------------------------------------- decode
 
 
-def decode_frame(data: bytes, *, max_bytes: int = 64 << 20) -> Frame:
+def decode_frame(data: bytes, *, max_bytes: int = 64 << 20,
+                 admit: Callable[[Frame], None] | None = None) -> Frame:
     """Decode and validate a frame; raise `FrameError` for anything malformed.
+
+    The header (version, cluster, group, nodes, ids) is read first, on its
+    own, and handed to `admit` (a `Frame` without messages), which raises
+    FrameError to refuse it: a frame from a stranger costs its header only,
+    never the decoding of its body. The body is then decoded with msgpack's
+    limits sized to it, after a cheap check that it can hold as many
+    messages as it announces.
 
     Checked: size, msgpack syntax, the exact shape and type of every field,
     integers in [0, 2**63), booleans and bytes where expected, known message
@@ -230,27 +238,107 @@ def decode_frame(data: bytes, *, max_bytes: int = 64 << 20) -> Frame:
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if size > max_bytes:
         raise FrameError(f"frame of {size} bytes exceeds the limit of {max_bytes}", "too_large")
+    header, body_offset = _decode_header(data)
+    if admit is not None:
+        admit(header)
+    body = memoryview(data)[body_offset:]
+    count = _array_length(body)
+    if count * _SMALLEST_MESSAGE > len(body):
+        raise FrameError(f"{count} messages cannot fit in {len(body)} bytes")
+    # A message holds at most _ARRAYS_PER_MESSAGE arrays (itself, its entries,
+    # a snapshot's six): more arrays than the announced messages can hold is
+    # a bomb (empty arrays cost a byte each on the wire and a list each in
+    # memory), stopped at the first array past the budget.
+    arrays_left = 1 + count * _ARRAYS_PER_MESSAGE
+
+    def count_array(items: list[object]) -> list[object]:
+        nonlocal arrays_left
+        arrays_left -= 1
+        if arrays_left < 0:
+            raise FrameError(f"more arrays than {count} messages hold")
+        return items
+
     try:
         # No maps and no extension types exist in the format: refusing them
-        # here also avoids unhashable-key and timestamp surprises.
-        decoded = msgpack.unpackb(data, raw=False, use_list=True, max_map_len=0, max_ext_len=0)
+        # here also avoids unhashable-key and timestamp surprises. No string,
+        # byte string or array can be longer than the body itself.
+        raw_messages = msgpack.unpackb(body, raw=False, use_list=True, list_hook=count_array, max_map_len=0,
+                                       max_ext_len=0, max_str_len=len(body), max_bin_len=len(body),
+                                       max_array_len=len(body))
+    except FrameError:
+        raise
     except Exception as exc:  # msgpack raises ValueError subclasses; be total at the boundary
         raise FrameError(f"not msgpack: {exc}") from None
+    if type(raw_messages) is not list:
+        raise FrameError("messages is not an array")
+    from_node, to_node, incarnation = header.from_node, header.to_node, header.incarnation
+    messages = tuple([_decode_message(fields, from_node, to_node, incarnation) for fields in raw_messages])
+    # The header becomes the frame: no one else holds it yet (`admit` only
+    # read it), and a second frozen dataclass costs a microsecond per frame.
+    object.__setattr__(header, "messages", messages)
+    return header
 
-    if type(decoded) is not list or not decoded:
+
+# The most arrays a message holds: itself, its entries, and a snapshot
+# (itself, voters, learners, outgoing voters, removed, members, incarnations).
+_ARRAYS_PER_MESSAGE = 9
+# The least bytes a message takes: an array header and 12 one-byte fields.
+_SMALLEST_MESSAGE = 1 + _MESSAGE_FIELDS
+_INT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_STR_WIDTHS = {0xD9: 1, 0xDA: 2}
+_ARRAY_WIDTHS = {0xDC: 2, 0xDD: 4}
+
+
+def _decode_header(data: bytes | bytearray | memoryview) -> tuple[Frame, int]:
+    """The frame's header (a Frame without messages) and where its messages
+    array starts. Read by hand, a field at a time: it holds a string and
+    integers only, and anything else is refused before it is allocated."""
+    view = memoryview(data)
+    if not len(view):
         raise FrameError(f"a frame is an array of {_FRAME_FIELDS} fields")
-    version = decoded[0]
-    if type(version) is not int or version not in (FRAME_VERSION, _FRAME_VERSION_1):
+    fields = view[0] - 0x90
+    if fields not in (_FRAME_FIELDS, _FRAME_FIELDS_V1):
+        raise FrameError(f"a frame is an array of {_FRAME_FIELDS} fields")
+    values: list[object] = []
+    offset = 1
+    try:
+        for _ in range(fields - 1):
+            first = view[offset]
+            if first <= 0x7F:
+                values.append(first)
+                offset += 1
+            elif first in _INT_WIDTHS:
+                width = _INT_WIDTHS[first]
+                values.append(int.from_bytes(view[offset + 1:offset + 1 + width], "big"))
+                offset += 1 + width
+            elif 0xA0 <= first <= 0xBF or first in _STR_WIDTHS:
+                if first <= 0xBF:
+                    length, offset = first & 0x1F, offset + 1
+                else:
+                    width = _STR_WIDTHS[first]
+                    length, offset = int.from_bytes(view[offset + 1:offset + 1 + width], "big"), offset + 1 + width
+                if offset + length > len(view):
+                    raise FrameError("a header string runs past the frame")
+                values.append(bytes(view[offset:offset + length]).decode())
+                offset += length
+            else:
+                # A negative number, a float, an array, ... where a string or an integer is due.
+                raise FrameError(f"a header field of msgpack type 0x{first:02x}, not a string or an integer")
+    except IndexError:
+        raise FrameError("the frame ends inside its header") from None
+    except UnicodeDecodeError:
+        raise FrameError("cluster name is not UTF-8") from None
+    version = values[0]
+    expected = _FRAME_FIELDS_V1 if version == _FRAME_VERSION_1 else _FRAME_FIELDS
+    if version not in (FRAME_VERSION, _FRAME_VERSION_1):
         raise FrameError(f"unsupported frame version {version!r} (this node speaks {FRAME_VERSION})")
+    if fields != expected:
+        raise FrameError(f"a version-{version} frame is an array of {expected} fields")
     if version == _FRAME_VERSION_1:
-        if len(decoded) != _FRAME_FIELDS_V1:
-            raise FrameError(f"a version-1 frame is an array of {_FRAME_FIELDS_V1} fields")
-        _, cluster, group, from_node, to_node, raw_messages = decoded
+        _, cluster, group, from_node, to_node = values
         cluster_id = group_incarnation = incarnation = 0
     else:
-        if len(decoded) != _FRAME_FIELDS:
-            raise FrameError(f"a frame is an array of {_FRAME_FIELDS} fields")
-        _, cluster, group, from_node, to_node, cluster_id, group_incarnation, incarnation, raw_messages = decoded
+        _, cluster, group, from_node, to_node, cluster_id, group_incarnation, incarnation = values
         if not _are_u63((cluster_id, group_incarnation, incarnation)):
             raise FrameError("cluster id, group incarnation and sender incarnation must be integers in [0, 2**63)")
     if type(cluster) is not str:
@@ -259,10 +347,20 @@ def decode_frame(data: bytes, *, max_bytes: int = 64 << 20) -> Frame:
         raise FrameError("group, from_node and to_node must be integers in [0, 2**63)")
     if from_node == 0 or to_node == 0:
         raise FrameError("node id 0 names no node", "bad_id")
-    if type(raw_messages) is not list:
+    return Frame(cluster, group, from_node, to_node, (), cluster_id, group_incarnation, incarnation), offset
+
+
+def _array_length(body: memoryview) -> int:
+    """The length an msgpack array header at the start of `body` announces."""
+    if not len(body):
+        raise FrameError("messages is missing")
+    first = body[0]
+    if 0x90 <= first <= 0x9F:
+        return first & 0x0F
+    width = _ARRAY_WIDTHS.get(first)
+    if width is None or len(body) < 1 + width:
         raise FrameError("messages is not an array")
-    messages = tuple([_decode_message(fields, from_node, to_node, incarnation) for fields in raw_messages])
-    return Frame(cluster, group, from_node, to_node, messages, cluster_id, group_incarnation, incarnation)
+    return int.from_bytes(body[1:1 + width], "big")
 
 
 def _are_u63(values: Sequence[object]) -> bool:

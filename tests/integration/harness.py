@@ -244,13 +244,15 @@ class LocalCluster:
     snapshot_threshold: int = 10_000
     name: str = "itest"
     tls: bool = False
+    extra_toml: str = ""            # more tables for cluster.toml, e.g. [limits]
     processes: dict[tuple[str, str], subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.config_path = write_cluster_toml(self.tmp, name=self.name, hosts=self.hosts, groups=self.groups,
                                               replicas=self.replicas, tick_ms=self.tick_ms,
-                                              snapshot_threshold=self.snapshot_threshold, tls=self.tls)
+                                              snapshot_threshold=self.snapshot_threshold, tls=self.tls,
+                                              extra_toml=self.extra_toml)
         self.config = ClusterConfig.load(self.config_path)
         # Certificates (with TLS) and the admin credential, as `shardnode certs init` makes them.
         init_cluster(self.config)

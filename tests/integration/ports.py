@@ -53,12 +53,14 @@ def write_cluster_toml(
     standby: tuple[str, ...] = (),
     max_groups: int | None = None,
     meta_replicas: int | None = None,
+    extra_toml: str = "",
 ) -> Path:
     """A cluster.toml for a test cluster: hosts h1… on 127.0.0.1…, every
     port free (worker ports: `max_groups` + 1 consecutive ones, the last the
     metadata group's; max_groups defaults to groups + 2), data under tmp;
     `tls` turns [security] tls on (certificates under tmp/data/certs); the
-    hosts named in `standby` hold no replica at first."""
+    hosts named in `standby` hold no replica at first; `extra_toml` (whole
+    tables, e.g. "[limits]\n...") goes before the hosts."""
     max_groups = groups + 2 if max_groups is None else max_groups
     blocks = []
     for i in range(1, hosts + 1):
@@ -74,6 +76,7 @@ def write_cluster_toml(
         + (f"meta_replicas = {meta_replicas}\n" if meta_replicas else "") +
         f'data_dir = "{tmp / "data"}"\nsnapshot_threshold = {snapshot_threshold}\n\n'
         f"[timing]\ntick_ms = {tick_ms}\nelection_ticks = 10\nheartbeat_ticks = 1\nscheduler_lease_ms = 3000\n\n"
-        + ("[security]\ntls = true\n\n" if tls else "") + "\n".join(blocks)
+        + ("[security]\ntls = true\n\n" if tls else "") + (extra_toml + "\n\n" if extra_toml else "")
+        + "\n".join(blocks)
     )
     return path

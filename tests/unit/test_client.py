@@ -141,7 +141,7 @@ class FakeRouter(kv_pb2_grpc.KVServicer):
     `default_fault` applies when the queue is empty; `key_faults[key]`, before
 both, to every request on that key. Actions:
     "unavailable", "deadline" (DEADLINE_EXCEEDED with time left), "invalid",
-    "stale" (FAILED_PRECONDITION), "internal", "drop" (apply, then answer
+    "stale" (FAILED_PRECONDITION), "internal", "limit" (RESOURCE_EXHAUSTED naming a limit), "drop" (apply, then answer
     UNAVAILABLE: the response is lost), "crash" (apply, then the server
     stops), "hang" (wait out the caller's deadline), "slow" (a few ms),
     "no_quorum" (UNAVAILABLE with the cause in trailing metadata, as the
@@ -216,6 +216,9 @@ both, to every request on that key. Actions:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "session sequence is stale")
         if fault == "internal":
             context.abort(grpc.StatusCode.INTERNAL, "boom")
+        if fault == "limit":
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          "limits.max_forwarder_queue (10) exceeded: 10 operations wait for group 0")
         if fault == "hang":
             end = time.monotonic() + (context.time_remaining() or 10.0)
             while context.is_active() and time.monotonic() < end:
@@ -538,6 +541,18 @@ def test_unexpected_server_error_is_a_shardnode_error_without_retry(
     assert not isinstance(info.value, (Unavailable, DeadlineExceeded, InvalidArgument))
     assert "outcome is unknown" in str(info.value)
     assert router.total_calls == 1
+
+
+def test_a_limit_refusal_is_one_error_saying_nothing_was_done(
+        router: FakeRouter, make_client: Callable[..., Client]) -> None:
+    kv = make_client([router.address])
+    router.faults.append("limit")
+    with pytest.raises(ShardnodeError) as info:
+        kv.put(b"k", b"v")
+    assert str(info.value) == (f"put: refused by {router.address}: limits.max_forwarder_queue (10) exceeded: "
+                               "10 operations wait for group 0; nothing was done")
+    assert router.total_calls == 1
+    assert kv.get(b"k") is None
 
 
 def test_status_returns_the_routers_answer(router: FakeRouter, make_client: Callable[..., Client]) -> None:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from shardnode.config import METADATA_GROUP, ClusterConfig, ConfigError
+from shardnode.config import METADATA_GROUP, ClusterConfig, ConfigError, LimitsConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -173,4 +173,81 @@ def test_the_metadata_worker_port_is_checked_like_the_others() -> None:
     ClusterConfig.from_dict(raw)
     raw["host"][0]["worker_port_base"] = 65533
     with pytest.raises(ConfigError, match="base \\+ max_groups exceeds 65535"):
+        ClusterConfig.from_dict(raw)
+
+
+# --- [limits] -------------------------------------------------------------------------------------
+
+
+def test_limits_have_safe_defaults() -> None:
+    limits = ClusterConfig.from_dict(_raw()).limits
+    assert limits == LimitsConfig()
+    assert limits.max_request_bytes == 4 << 20
+    assert limits.max_batch_operations == 10_000
+    assert limits.max_timeout_seconds == 60.0
+    assert limits.max_frame_bytes == 8 << 20
+
+
+def test_limits_can_be_set() -> None:
+    raw = _raw()
+    raw["limits"] = {"max_batch_operations": 2000, "max_timeout_ms": 5000, "max_snapshot_bytes": 1 << 30,
+                     "max_concurrent_rpcs": 64}
+    limits = ClusterConfig.from_dict(raw).limits
+    assert (limits.max_batch_operations, limits.max_timeout_ms, limits.max_snapshot_bytes,
+            limits.max_concurrent_rpcs) == (2000, 5000, 1 << 30, 64)
+
+
+def test_request_and_frame_limits_grow_with_the_largest_put() -> None:
+    raw = _raw()
+    raw["cluster"]["max_value_bytes"] = 16 << 20
+    limits = ClusterConfig.from_dict(raw).limits
+    assert limits.max_request_bytes > 16 << 20
+    assert limits.max_frame_bytes > 16 << 20
+
+
+@pytest.mark.parametrize(
+    "limits, field",
+    [
+        ({"max_batch_operations": 0}, "limits.max_batch_operations"),
+        ({"max_batch_operations": 999}, "limits.max_batch_operations"),   # below a client's message
+        ({"max_batch_operations": "many"}, "limits.max_batch_operations"),
+        ({"max_request_bytes": 1000}, "limits.max_request_bytes"),        # a 1 MiB value would not fit
+        ({"max_timeout_ms": -1}, "limits.max_timeout_ms"),
+        ({"max_concurrent_rpcs": True}, "limits.max_concurrent_rpcs"),
+        ({"max_snapshot_bytes": 1.5}, "limits.max_snapshot_bytes"),
+        ({"max_stream_operations": 5000}, "limits.max_batch_operations"),  # a whole message could never fit
+        ({"max_connection_operations": 5000}, "limits.max_stream_operations"),
+        ({"max_requests": 5}, "limits.max_requests"),
+    ],
+)
+def test_bad_limits_get_one_clear_error_naming_the_key(limits: dict, field: str) -> None:
+    raw = _raw()
+    raw["limits"] = limits
+    with pytest.raises(ConfigError, match=field) as error:
+        ClusterConfig.from_dict(raw)
+    assert "\n" not in str(error.value)
+
+
+def test_limits_must_be_a_table() -> None:
+    raw = _raw()
+    raw["limits"] = 5
+    with pytest.raises(ConfigError, match="limits: must be a table"):
+        ClusterConfig.from_dict(raw)
+
+
+# --- Names that collide with the CA's or the clients' certificates -----------------------------------
+
+
+@pytest.mark.parametrize("name", ["ca", "client", "CA"])
+def test_reserved_host_names_are_refused(name: str) -> None:
+    raw = _raw()
+    raw["host"][1]["name"] = name
+    with pytest.raises(ConfigError, match=rf"host\[1\].name: '{name}' is reserved"):
+        ClusterConfig.from_dict(raw)
+
+
+def test_an_allowed_client_named_like_a_host_is_refused() -> None:
+    raw = _raw()
+    raw["security"] = {"allowed_clients": ["client", "h2"]}
+    with pytest.raises(ConfigError, match="security.allowed_clients: 'h2' is the name of a host"):
         ClusterConfig.from_dict(raw)

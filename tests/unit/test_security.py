@@ -11,7 +11,7 @@ import grpc
 import pytest
 from cryptography import x509
 
-from shardnode.certs import init_cluster
+from shardnode.certs import CertsRefused, init_cluster
 from shardnode.config import ClusterConfig, ConfigError
 from shardnode.security import (
     ADMIN_METHODS,
@@ -212,3 +212,53 @@ def test_concurrent_creators_of_the_admin_credential_agree(tmp_path: Path) -> No
         credentials = list(pool.map(lambda _: ensure_admin_credential(security), range(16)))
     assert len(set(credentials)) == 1
     assert sorted(p.name for p in security.admin_file.parent.iterdir()) == ["admin.credential"]
+
+
+def test_certs_init_never_makes_a_ca_beside_a_hosts_certificates(tmp_path: Path) -> None:
+    """A host laid out as the docs say (ca.crt, its own certificate and key,
+    no ca.key): nothing missing is nothing to do; something missing is refused
+    in one line, and no file is replaced or added (issue 20: a new CA was made
+    and every certificate overwritten, cutting the host off)."""
+    cluster = _cluster(tmp_path)
+    init_cluster(cluster)
+    security = cluster.security
+    security.ca_key_file.unlink()
+    before = {p.name: p.read_bytes() for p in security.certs_dir.iterdir()}
+    assert init_cluster(cluster) == []
+    security.host_cert_file("h2").unlink()
+    security.host_key_file("h2").unlink()
+    del before["h2.crt"], before["h2.key"]
+    with pytest.raises(CertsRefused, match="cannot issue certificates for h2: .* but not .*ca.key") as refused:
+        init_cluster(cluster)
+    assert "\n" not in str(refused.value)
+    assert {p.name: p.read_bytes() for p in security.certs_dir.iterdir()} == before
+
+
+def test_certs_init_never_replaces_a_certificate_without_force(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path)
+    init_cluster(cluster)
+    security = cluster.security
+    security.host_key_file("h1").unlink()
+    certificate = security.host_cert_file("h1").read_bytes()
+    with pytest.raises(CertsRefused, match="h1.crt exists without its key"):
+        init_cluster(cluster)
+    assert security.host_cert_file("h1").read_bytes() == certificate
+    # --force replaces everything, as documented.
+    assert security.host_key_file("h1") in init_cluster(cluster, force=True)
+
+
+def test_certs_init_command_refuses_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from shardnode.cli.main import main
+
+    cluster = _cluster(tmp_path)
+    init_cluster(cluster)
+    cluster.security.ca_key_file.unlink()
+    cluster.security.client_cert_file.unlink()
+    config = tmp_path / "cluster.toml"
+    hosts = "".join(f'[[host]]\nname = "h{i}"\naddress = "127.0.0.{i}"\nrouter_port = 50051\n'
+                    f'worker_port_base = 50100\nmetrics_port = 9090\n' for i in (1, 2))
+    config.write_text(f'[cluster]\nname = "sec"\nreplicas = 2\ngroups = 1\ndata_dir = "{tmp_path / "data"}"\n'
+                      f'[security]\ntls = true\n{hosts}')
+    assert main(["--config", str(config), "certs", "init"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("shardnode: cannot issue certificates for client") and "\n" not in err

@@ -93,6 +93,9 @@ class _Context:
     def time_remaining(self) -> float:
         return self._deadline - time.monotonic()
 
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:40000"
+
     async def abort(self, code, details, trailing_metadata=()):  # type: ignore[no-untyped-def]
         raise AssertionError(f"the read failed: {code.name}: {details}")
 

@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
+from shardnode.limits import refuse as limit_refusal
 from shardnode.raft.messages import ConfState, Entry, Message, MessageType, Snapshot, SnapshotMetadata
 from shardnode.transport import (
     MESSAGES_METHOD,
@@ -672,6 +673,32 @@ def test_snapshot_with_a_bad_header_is_refused() -> None:
             assert got == []
             rejected = b.transport.stats.rejected_frames
             assert rejected == {"bad_snapshot_header": 1, "wrong_cluster": 1, "malformed": 1}
+
+    run(main())
+
+
+def test_a_snapshot_past_a_limit_is_refused_with_resource_exhausted() -> None:
+    """The receiver's limits (max_snapshot_bytes, max_snapshot_seconds) end
+    the stream with RESOURCE_EXHAUSTED naming the limit, not a bare ABORTED."""
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            async def bounded(header: SnapshotHeader, chunks: AsyncIterator[bytes]) -> None:
+                async for _ in chunks:
+                    raise limit_refusal("max_snapshot_bytes", 1000, "a snapshot stream of more than 1024 bytes")
+
+            ports = {1: free_port(), 2: free_port()}
+            b = await start_member(stack, 2, ports, on_snapshot=bounded)
+            header = encode_frame(Frame(CLUSTER, GROUP, 1, 2, (SNAP_MESSAGE,)))
+            async with grpc.aio.insecure_channel(b.address) as channel:
+                call = channel.stream_unary(SNAPSHOT_METHOD)()
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await call.write(header)
+                    await call.write(b"c" * 1024)
+                    await call.done_writing()
+                    await call
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error.value.details() == ("snapshot refused: limits.max_snapshot_bytes (1000) exceeded: "
+                                             "a snapshot stream of more than 1024 bytes")
 
     run(main())
 

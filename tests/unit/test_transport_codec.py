@@ -540,3 +540,77 @@ def test_codec_speed(capsys: pytest.CaptureFixture[str]) -> None:
     # 400 KB frame must not take longer than a tick.
     assert small[0] + small[1] < 200e-6
     assert big[0] + big[1] < 100e-3
+
+
+# --- The header first (issue 20: a decode bomb) -------------------------------------------------------
+
+
+def _bomb(empty_arrays: int) -> bytes:
+    """A frame whose messages are `empty_arrays` empty msgpack arrays (one
+    byte each on the wire, a Python list each once decoded)."""
+    return frame_prefix("c", 0, 1, 2) + b"\xdd" + empty_arrays.to_bytes(4, "big") + b"\x90" * empty_arrays
+
+
+def test_a_refused_header_costs_no_decoding_of_the_body() -> None:
+    import tracemalloc
+
+    data = _bomb(8 << 20)
+
+    def admit(header: Frame) -> None:
+        assert (header.cluster, header.group, header.from_node, header.to_node) == ("c", 0, 1, 2)
+        assert header.messages == ()
+        raise FrameError("not from here", "wrong_cluster")
+
+    tracemalloc.start()
+    try:
+        began = time.perf_counter()
+        with pytest.raises(FrameError) as refused:
+            decode_frame(data, max_bytes=16 << 20, admit=admit)
+        took = time.perf_counter() - began
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.reason == "wrong_cluster"
+    # The old decoder unpacked all 8 M arrays first: over 500 MB and seconds.
+    assert peak < 1 << 20, peak
+    assert took < 0.1, took
+
+
+def test_a_body_that_cannot_hold_its_messages_is_refused_before_it_is_unpacked() -> None:
+    # 2 M messages announced, 2 M bytes of body: a message takes at least 13 bytes.
+    with pytest.raises(FrameError, match="cannot fit"):
+        decode_frame(_bomb(2 << 20))
+
+
+@pytest.mark.parametrize("header, message", [
+    (b"\x99\x02\x91\x01", "msgpack type 0x91"),                # an array where the cluster name is due
+    (b"\x99\x02\xa1c\xff", "msgpack type 0xff"),               # a negative number as the group
+    (b"\x99\x02\xdb\xff\xff\xff\xff", "msgpack type 0xdb"),    # a 4 GiB string announced
+    (b"\x99\x02\xa5ab", "runs past the frame"),
+    (b"\x99\x02", "ends inside its header"),
+    (b"\x93\x02", "array of 9 fields"),
+])
+def test_a_bad_header_is_refused_before_anything_is_allocated(header: bytes, message: str) -> None:
+    with pytest.raises(FrameError, match=message):
+        decode_frame(header)
+
+
+def test_an_admitted_frame_cannot_hold_more_arrays_than_its_messages() -> None:
+    """One APP message whose entries are 4 M empty arrays: a sender that got
+    past the header (without TLS, anyone naming a node id above the members')
+    made the old decoder build 4 M lists (over 250 MB); it stops at the first
+    array past what one message can hold."""
+    import tracemalloc
+
+    arrays = 4 << 20
+    entries = b"\xdd" + arrays.to_bytes(4, "big") + b"\x90" * arrays
+    message = b"\x9c" + bytes([int(MessageType.APP), 2, 1, 1, 0, 0]) + entries + b"\x00\xc0\xc2\x00\xc4\x00"
+    data = frame_prefix("c", 0, 1, 2) + b"\x91" + message
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameError, match="more arrays than 1 messages hold"):
+            decode_frame(data, max_bytes=16 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak

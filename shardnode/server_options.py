@@ -1,0 +1,30 @@
+"""The gRPC server options that carry `[limits]` (docs/security.md, "Limits"):
+the same for a router and a worker, except what a worker must also accept
+from its peers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import LimitsConfig
+
+#: Room for gRPC's and protobuf's framing around the largest payload.
+_FRAMING = 64 << 10
+
+
+def server_options(limits: LimitsConfig, *, worker: bool) -> list[tuple[str, Any]]:
+    """Message sizes and streams per connection for a router (`worker` False)
+    or a worker. A router takes and sends client messages of at most
+    limits.max_request_bytes. A worker also takes peer frames and snapshot
+    chunks of up to limits.max_frame_bytes, on the same server; what it sends
+    a router (the answers of one Execute call) is bounded by the router's
+    batches, not here."""
+    receive = max(limits.max_request_bytes, limits.max_frame_bytes + _FRAMING) if worker else limits.max_request_bytes
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", receive),
+        # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: a connection's further calls wait for a free stream.
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+    ]
+    if not worker:
+        options.append(("grpc.max_send_message_length", limits.max_request_bytes))
+    return options
