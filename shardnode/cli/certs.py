@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from ..config import ClusterConfig
 
@@ -48,29 +49,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _init(args: argparse.Namespace) -> int:
     from ..certs import init_cluster   # cryptography is loaded only for this command
 
-    cluster = ClusterConfig.load(getattr(args, "config", None) or DEFAULT_CONFIG)
-    try:
-        written = init_cluster(cluster, force=args.force)
-    except OSError as exc:
-        print(f"shardnode: cannot write {exc.filename or cluster.security.certs_dir}: {exc.strerror}",
-              file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
-    if not written:
-        print(f"nothing to do: every file exists in {cluster.security.certs_dir} (--force issues new ones)")
-    return 0
+    return _write_files(args, lambda cluster: [str(p) for p in init_cluster(cluster, force=args.force)],
+                        "every file exists in {certs_dir} (--force issues new ones)", refused=())
 
 
 def _rotate(args: argparse.Namespace) -> int:
     from .. import cert_rotation   # cryptography is loaded only for this command
 
-    cluster = ClusterConfig.load(getattr(args, "config", None) or DEFAULT_CONFIG)
     step = {"begin": cert_rotation.begin, "issue": cert_rotation.issue, "finish": cert_rotation.finish}[args.step]
+    return _write_files(args, step, f"`certs rotate {args.step}` was done already",
+                        refused=(cert_rotation.RotationRefused,), prefix=f"certs rotate {args.step}: ")
+
+
+def _write_files(args: argparse.Namespace, step: Callable[[ClusterConfig], list[str]], nothing: str, *,
+                 refused: tuple[type[Exception], ...], prefix: str = "") -> int:
+    """Run a step that writes certificate files and print what it wrote: one
+    line per file, `nothing to do: …` when it wrote none, one error line
+    (exit 1 refused, 2 cannot write) otherwise."""
+    cluster = ClusterConfig.load(getattr(args, "config", None) or DEFAULT_CONFIG)
     try:
         done = step(cluster)
-    except cert_rotation.RotationRefused as exc:
-        print(f"shardnode: certs rotate {args.step}: {exc}", file=sys.stderr)
+    except refused as exc:
+        print(f"shardnode: {prefix}{exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"shardnode: cannot write {exc.filename or cluster.security.certs_dir}: {exc.strerror}",
@@ -79,5 +79,5 @@ def _rotate(args: argparse.Namespace) -> int:
     for line in done:
         print(line)
     if not done:
-        print(f"nothing to do: `certs rotate {args.step}` was done already")
+        print(f"nothing to do: {nothing.format(certs_dir=cluster.security.certs_dir)}")
     return 0
