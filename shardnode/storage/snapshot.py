@@ -58,6 +58,7 @@ from .engine import (
     encode_clock,
     new_batch,
 )
+from .kv_records import SHARD_REVISION
 from .position_index import index_key
 
 CHUNK_FORMAT_VERSION = 1
@@ -154,6 +155,9 @@ def _validate_record(record: object) -> Record:
                     ShardState.decode(value)
                 except StorageError as exc:
                     raise ValueError(str(exc)) from None
+            elif key == SHARD_REVISION:
+                if len(value) != 8:
+                    raise ValueError("the group's revision must be 8 bytes")
             elif not (key.startswith(DIRTY_PREFIX) and len(key) > 9 and value == b""):
                 raise ValueError(f"unknown shard record {key[:16]!r}")
     except ValueError as exc:

@@ -71,6 +71,11 @@ import msgpack
 from ..keyspace import RangeSet, stable_hash
 from .commands import Command, CommandError, CommandOp, command_from_fields
 from . import position_index
+from . import kv_records
+from .etcd_ops import RangeOp, RangeResponse, Txn, TxnError, TxnResult, TxnState, decode_txn, encode_result, \
+    run_range, run_txn
+from .kv_records import SHARD_REVISION, KeyRecord, decode_record, decode_revision, encode_record, \
+    encode_revision, next_revision, record_value
 from .export_reads import DeltaPage, delta_page, scan_page
 from .engine import (
     SHARD_STATE,
@@ -219,6 +224,11 @@ class ReplicaStore:
         # A store written before the position index existed gets it now (once).
         if position_index.ensure_built(engine):
             log.info("storage.position_index_built", extra={"path": engine.path})
+        # And one written before kv records (etcd's per-key metadata) has its values wrapped (once).
+        if kv_records.ensure_upgraded(engine):
+            log.info("storage.kv_records_upgraded", extra={"path": engine.path})
+        # The group's last assigned revision (guarded by _sm_lock; kv_records.py).
+        self._revision = 0
 
     @classmethod
     def open(
@@ -307,6 +317,12 @@ class ReplicaStore:
     def _load_shard_state(self) -> None:
         raw = self._engine.shard.view.get(SHARD_STATE)
         self._shard = ShardState.decode(raw) if raw is not None else None
+        self._revision = decode_revision(self._engine.shard.view.get(SHARD_REVISION))
+
+    @property
+    def revision(self) -> int:
+        """The last revision this group assigned (0: none yet)."""
+        return self._revision
 
     def configure_ownership(self, default_owned: RangeSet | None) -> None:
         """What the group owns while no shard command ever changed it: its
@@ -701,11 +717,68 @@ class ReplicaStore:
         try:
             self._check_open()
             try:
-                return self._engine.kv.view.get(key)
+                raw = self._engine.kv.view.get(key)
             except Exception as exc:  # rocksdict raises a bare Exception on I/O errors
                 raise StorageFault(f"RocksDB read failed at {self._engine.path}: {exc}") from exc
         finally:
             self._sm_lock.release()
+        return None if raw is None else record_value(raw)
+
+    def get_record(self, key: bytes) -> KeyRecord | None:
+        """The key's value with its etcd metadata, as get() (StoreBusy during an install)."""
+        if not self._sm_lock.acquire(blocking=False):
+            raise StoreBusy("a snapshot is being installed; retry")
+        try:
+            self._check_open()
+            try:
+                raw = self._engine.kv.view.get(key)
+            except Exception as exc:  # rocksdict raises a bare Exception on I/O errors
+                raise StorageFault(f"RocksDB read failed at {self._engine.path}: {exc}") from exc
+        finally:
+            self._sm_lock.release()
+        return None if raw is None else decode_record(raw)
+
+    def scan(self, op: RangeOp, epoch: int) -> tuple[RangeResponse, int] | None:
+        """etcd's Range over this group's keys as of the applied index: the
+        response and the group's revision; None if the group's ownership
+        changed after the shard map epoch `epoch` the caller routed with, or
+        part of it is frozen in a move (the caller routes again: otherwise a
+        key could be seen in two groups or in none). Reads one cut of the
+        state (an iterator) without holding up applies; memory is bounded by
+        the op's limit (the rest is only counted). StoreBusy during an install."""
+        # _scan_lock: close() waits for the iteration (as for a move's export reads).
+        with self._scan_lock:
+            if not self._sm_lock.acquire(blocking=False):
+                raise StoreBusy("a snapshot is being installed; retry")
+            try:
+                self._check_open()
+                shard = self.shard_state
+                if not _range_allowed(shard, epoch):
+                    return None
+                revision = self._revision
+                engine = self._engine
+                cursor = None
+                if op.range_end:
+                    cursor = engine.iterator(engine.kv, upper_bound=None if op.range_end == b"\0" else op.range_end)
+                    cursor.seek(op.key)
+                else:
+                    raw = engine.kv.view.get(op.key)
+            finally:
+                self._sm_lock.release()
+            if cursor is None:
+                matches = [] if raw is None or not shard.accepts(op.key) else [(op.key, decode_record(raw))]
+                return run_range(op, iter(matches)), revision
+
+            def records():  # type: ignore[no-untyped-def]
+                while cursor.valid():
+                    key = cursor.key()
+                    if shard.accepts(key):
+                        yield key, decode_record(cursor.value())
+                    cursor.next()
+
+            response = run_range(op, records())
+            del cursor
+            return response, revision
 
     def apply(self, entries: Sequence[Entry],
               conf_state: ConfState | None = None) -> list[ApplyResult | ShardResult | None]:
@@ -733,7 +806,7 @@ class ReplicaStore:
             state = self._apply_state
             applied = state.applied_index
             clock_ms = state.clock_ms
-            pending = _ApplyBatch(self._engine)
+            pending = _ApplyBatch(self._engine, self._revision)
             shard = self.shard_state
             shard_changed = False
             results: list[ApplyResult | ShardResult | None] = []
@@ -779,12 +852,15 @@ class ReplicaStore:
                 cursor = self._sweep_sessions(cursor, clock_ms, pending)
             new_state = ApplyState(applied, clock_ms, cursor)
             batch = pending.batch
+            if pending.revision != self._revision:
+                batch.put(SHARD_REVISION, encode_revision(pending.revision), self._engine.shard.handle)
             meta = self._engine.meta.handle
             batch.put(META_APPLY_STATE, encode_apply_state(new_state), meta)
             if conf_state is not None:
                 batch.put(META_CONF_STATE, encode_conf_state(conf_state), meta)
             self._engine.write(batch, sync=False)
             self._apply_state = new_state
+            self._revision = pending.revision
             if conf_state is not None:
                 self._conf_state = conf_state
             if shard_changed:
@@ -814,24 +890,30 @@ class ReplicaStore:
                     return ApplyResult(index, client_id, sequence, False, None, duplicate=True, stale=True)
         key = command.key
         position = stable_hash(key)
+        if command.op is CommandOp.TXN:
+            return self._apply_txn(index, command, clock_ms, pending, shard)
         if not shard.accepts_position(position):
             # Checked here, at apply, by every replica alike: a write routed
             # with an old map can never land in a group that no longer owns
             # its key. Not recorded in the session: it may be sent again, to
             # the owner.
             return ApplyResult(index, client_id, sequence, False, None, wrong_group=True)
-        old_value = pending.get(key)
-        existed = old_value is not None
+        old = pending.record(key)
+        old_value = None if old is None else old.value
+        existed = old is not None
         swapped = False
         if command.op is CommandOp.PUT:
-            pending.put(key, command.value, existed=existed, position=position)
+            pending.put_record(key, _put_record(old, command.value, pending.next_revision(clock_ms, old)),
+                               existed=existed, position=position)
         elif command.op is CommandOp.CAS:
             swapped = old_value == command.expected and all(
-                shard.accepts(guard_key) and pending.get(guard_key) == guard_value
+                shard.accepts(guard_key) and pending.value(guard_key) == guard_value
                 for guard_key, guard_value in command.guards)
             if swapped:
-                pending.put(key, command.value, existed=existed, position=position)
+                pending.put_record(key, _put_record(old, command.value, pending.next_revision(clock_ms, old)),
+                                   existed=existed, position=position)
         elif existed:
+            pending.next_revision(clock_ms, old)      # a delete is a change: it takes a revision (etcd's too)
             pending.put(key, None, existed=True, position=position)
         if shard.exports and (command.op is not CommandOp.CAS or swapped):
             for move_id in shard.dirty_moves(position):
@@ -841,6 +923,74 @@ class ReplicaStore:
                                                          swapped if command.op is CommandOp.CAS else None,
                                                          position))
         return ApplyResult(index, client_id, sequence, existed, old_value, swapped=swapped)
+
+    def _apply_txn(self, index: int, command: Command, clock_ms: int, pending: _ApplyBatch,
+                   shard: ShardState) -> ApplyResult:
+        """An etcd transaction (etcd_ops.py) on keys of this group. Refused
+        as wrong_group, nothing done and nothing recorded, if the group does
+        not serve one of its keys now (or, for an op over a range, its
+        ownership changed after the router's map); a malformed one is
+        answered with its error, the same on every replica. The answer is
+        the session's, so a retry gets it again."""
+        client_id, sequence = command.client_id, command.sequence
+        try:
+            txn = decode_txn(command.value or b"")
+        except TxnError as exc:
+            result = TxnResult(f"malformed transaction: {exc}", False, pending.revision)
+            return self._txn_answer(index, command, clock_ms, pending, result)
+        if not all(shard.accepts(key) for key in txn.keys()) or (txn.has_ranges()
+                                                                 and not _range_allowed(shard, txn.epoch)):
+            return ApplyResult(index, client_id, sequence, False, None, wrong_group=True)
+        shard_handle = self._engine.shard.handle
+
+        def put(key: bytes, record: KeyRecord | None) -> None:
+            position = stable_hash(key)
+            existed = pending.record(key) is not None
+            if record is None:
+                pending.put(key, None, existed=existed, position=position)
+            else:
+                pending.put_record(key, record, existed=existed, position=position)
+            for move_id in shard.dirty_moves(position):
+                pending.batch.put(dirty_key(move_id, key), b"", shard_handle)
+
+        state = TxnState(pending.record, lambda start, end: self._scan_pending(pending, shard, start, end), put)
+        result = run_txn(txn, state, pending.revision,
+                         lambda floor: pending.take_revision(next_revision(pending.revision, clock_ms, floor)))
+        return self._txn_answer(index, command, clock_ms, pending, result)
+
+    def _txn_answer(self, index: int, command: Command, clock_ms: int, pending: _ApplyBatch,
+                    result: TxnResult) -> ApplyResult:
+        answer = encode_result(result)
+        if command.client_id:
+            pending.put_session(command.client_id, SessionRecord(command.sequence, True, answer, clock_ms, None,
+                                                                 stable_hash(command.key)))
+        return ApplyResult(index, command.client_id, command.sequence, True, answer)
+
+    def _scan_pending(self, pending: _ApplyBatch, shard: ShardState, start: bytes,
+                      range_end: bytes):  # type: ignore[no-untyped-def]
+        """(key, record) of the keys in etcd's interval [start, range_end)
+        that the group serves, as of this point of the apply batch: the
+        database merged with the batch's own writes, in key order."""
+        everything = range_end == b"\0"
+        overlay = sorted((k, v) for k, v in pending.overlay_items()
+                         if k >= start and (everything or k < range_end))
+        cursor = self._engine.iterator(self._engine.kv, upper_bound=None if everything else range_end)
+        cursor.seek(start)
+        at = 0
+        while True:
+            stored_key = cursor.key() if cursor.valid() else None
+            if at < len(overlay) and (stored_key is None or overlay[at][0] <= stored_key):
+                key, raw = overlay[at]
+                at += 1
+                if stored_key == key:
+                    cursor.next()
+            elif stored_key is not None:
+                key, raw = stored_key, cursor.value()
+                cursor.next()
+            else:
+                return
+            if raw is not None and shard.accepts(key):
+                yield key, decode_record(raw)
 
     # --- Moving key space (shard commands) ------------------------------------------------
 
@@ -897,6 +1047,12 @@ class ReplicaStore:
             ranges = imported.ranges
             for key, value in command.puts:
                 if stable_hash(key) in ranges:
+                    if not kv_records.is_record(value):
+                        # From a source of the earlier format (a bare value): as its own upgrade would.
+                        value = encode_record(KeyRecord(value, kv_records.LEGACY_REVISION,
+                                                        kv_records.LEGACY_REVISION, 1))
+                    # The keys keep their revisions; the group's revision never falls behind them.
+                    pending.take_revision(max(pending.revision, decode_record(value).mod_revision))
                     pending.put(key, value)
             for key in command.deletes:
                 if stable_hash(key) in ranges:
@@ -1186,16 +1342,33 @@ def _overlap_sets(a: RangeSet, b: RangeSet) -> bool:
     return a.difference(b) != a
 
 
+def _range_allowed(shard: ShardState, epoch: int) -> bool:
+    """Whether an op over a range of keys, routed with the shard map of
+    `epoch`, may run here: the group's ownership did not change after that
+    map, and none of it is frozen in a move (a frozen range is served by
+    neither side until the map flips)."""
+    return shard.version <= epoch and not any(e.frozen for e in shard.exports.values())
+
+
+def _put_record(old: KeyRecord | None, value: bytes, revision: int) -> KeyRecord:
+    """A plain put (shardnode's own API): a new version, and no lease (as etcd's put without one)."""
+    if old is None:
+        return KeyRecord(value, revision, revision, 1)
+    return KeyRecord(value, old.create_revision, revision, old.version + 1)
+
+
 class _ApplyBatch:
     """The WriteBatch of one apply() call, with overlays so that a command
     reads the writes of earlier commands of the same batch (reads go to the
     overlay first, then to the database)."""
 
     __slots__ = ("batch", "_kv_get", "_kv_handle", "_index_handle", "_sessions_get", "_sessions_handle", "_kv",
-                 "_sessions")
+                 "_sessions", "revision")
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, revision: int) -> None:
         self.batch: WriteBatch = new_batch()
+        # The group's last assigned revision as of this point of the batch.
+        self.revision = revision
         kv, sessions = engine.kv, engine.sessions
         self._kv_get = kv.view.get
         self._kv_handle = kv.handle
@@ -1206,9 +1379,32 @@ class _ApplyBatch:
         self._sessions: dict[int, SessionRecord | None] = {}
 
     def get(self, key: bytes) -> bytes | None:
+        """The stored record (kv_records.py), raw."""
         if key in self._kv:
             return self._kv[key]
         return self._kv_get(key)
+
+    def record(self, key: bytes) -> KeyRecord | None:
+        raw = self.get(key)
+        return None if raw is None else decode_record(raw)
+
+    def value(self, key: bytes) -> bytes | None:
+        """The user's value."""
+        raw = self.get(key)
+        return None if raw is None else record_value(raw)
+
+    def next_revision(self, clock_ms: int, old: KeyRecord | None) -> int:
+        """Take the revision of a change of one key (kv_records.next_revision)."""
+        floor = 0 if old is None else old.mod_revision + 1
+        return self.take_revision(next_revision(self.revision, clock_ms, floor))
+
+    def take_revision(self, revision: int) -> int:
+        self.revision = revision
+        return revision
+
+    def put_record(self, key: bytes, record: KeyRecord, *, existed: bool | None = None,
+                   position: int | None = None) -> None:
+        self.put(key, encode_record(record), existed=existed, position=position)
 
     def overlay_items(self):  # type: ignore[no-untyped-def]
         """The kv writes of this batch so far (key, value or None)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from shardnode.storage.kv_records import record_value
 from shardnode.raft import Entry, HardState
 from shardnode.placement.shard_map import SPACE, KeyRange, RangeSet, stable_hash
 from shardnode.storage import Command, CommandOp, ReplicaStore, encode_command
@@ -110,7 +111,8 @@ def test_a_whole_move_with_writes_deletes_and_a_retry_across_it(groups) -> None:
     delta = source.store.export_delta(MOVE)
     puts, deletes, sessions = delta.puts, delta.deletes, delta.sessions
     assert delta.next_after is None
-    assert (moving[0], b"new") in puts and moving[1] in deletes
+    # Records travel as stored: the value with its etcd metadata (kv_records.py).
+    assert (moving[0], b"new") in [(k, record_value(v)) for k, v in puts] and moving[1] in deletes
     assert any(client == 9 for client, _ in sessions)
     assert target.put(moving[0], b"too early").wrong_group      # importing: not served yet
     assert target.shard(ShardOp.INGEST, puts=tuple(puts), deletes=tuple(deletes), sessions=tuple(sessions),
@@ -199,7 +201,7 @@ def test_ownership_and_the_dirty_set_survive_a_restart_and_travel_in_snapshots(g
     assert receiver.store.shard_state == state
     receiver.index = receiver.store.applied_index
     receiver.shard(ShardOp.EXPORT_FREEZE)
-    assert receiver.store.export_delta(MOVE).puts == [(key, b"dirty")]
+    assert [(k, record_value(v)) for k, v in receiver.store.export_delta(MOVE).puts] == [(key, b"dirty")]
     path = source.store.path
     source.store.close()
     reopened = ReplicaStore.open(path)
