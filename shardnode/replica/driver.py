@@ -51,6 +51,7 @@ from ..placement.initial_placement import INITIAL_PLACEMENT_KEY, InitialPlacemen
 from ..placement.shard_map import initial_ownership
 from ..futures import settle
 from ..storage import ApplyResult, Command, ReplicaStore, StorageFault, StoreBusy, encode_command
+from ..storage.etcd_ops import RangeOp, RangeResponse
 from ..storage import fencing
 from ..storage.shard_commands import ShardResult
 from ..transport import RaftTransport, SnapshotHeader
@@ -334,6 +335,18 @@ class ReplicaDriver:
                 settle(future, error)
             return
         self._pending_reads[context] = waiting
+
+    async def scan_local(self, op: RangeOp, epoch: int) -> tuple[RangeResponse, int] | None:
+        """ReplicaStore.scan in a thread (a long range must not hold up the
+        group's loop); None: routed with a map older than the group's ownership."""
+        self._check_serving()
+        try:
+            return await asyncio.to_thread(self.store.scan, op, epoch)
+        except StoreBusy as exc:
+            raise Unavailable(str(exc)) from None
+        except StorageFault as exc:
+            self._fault(exc, "read")
+            raise Unavailable(f"replica stopped after a fault: {self.fail_stop.reason}") from None
 
     def read_local(self, key: bytes) -> bytes | None:
         self._check_serving()

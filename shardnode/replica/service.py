@@ -17,6 +17,7 @@ from ..raft import ConfChange, ConfState, InvalidConfChange, StateRole
 from ..keyspace import KeySpaceError, RangeSet
 from ..storage import Command, CommandError, CommandOp, StorageError
 from ..storage.commands import MAX_GUARDS
+from ..storage.etcd_ops import TxnError, TxnResult, decode_range, encode_result
 from ..storage.shard_commands import SHARD_FORMAT, ShardOp, ShardResult, shard_command_from_fields
 from .driver import ReplicaDriver
 from .identity import observe_group
@@ -26,8 +27,12 @@ log = logging.getLogger("shardnode.replica.service")
 # Used when the caller set no deadline: a request must never hang.
 DEFAULT_TIMEOUT = 10.0
 Op = pb.Operation
-_OP_NAMES = {Op.GET: "get", Op.PUT: "put", Op.DELETE: "delete", Op.CAS: "cas"}
-_WRITE_OPS = {Op.PUT: CommandOp.PUT, Op.DELETE: CommandOp.DELETE, Op.CAS: CommandOp.CAS}
+_OP_NAMES = {Op.GET: "get", Op.PUT: "put", Op.DELETE: "delete", Op.CAS: "cas", Op.TXN: "txn", Op.RANGE: "range"}
+_WRITE_OPS = {Op.PUT: CommandOp.PUT, Op.DELETE: CommandOp.DELETE, Op.CAS: CommandOp.CAS, Op.TXN: CommandOp.TXN}
+_READ_OPS = (Op.GET, Op.RANGE)
+_VALUED_OPS = (Op.PUT, Op.CAS, Op.TXN, Op.RANGE)
+#: A transaction carries several values (the router checks each one's size).
+MAX_TXN_VALUES = 4
 ShardStatus = pb.ShardResponse
 #: Largest page of an export scan or delta.
 MAX_SCAN_BYTES = 4 << 20
@@ -50,10 +55,11 @@ class WorkerService(pb_grpc.WorkerServicer):
                 return f"operation {position}: key must be 1..{limits.max_key_bytes} bytes (got {len(op.key)})"
             if op.kind not in _OP_NAMES:
                 return f"operation {position}: unknown kind {op.kind}"
-            if op.kind in (Op.PUT, Op.CAS) and len(op.value) > limits.max_value_bytes:
-                return f"operation {position}: value must be at most {limits.max_value_bytes} bytes (got {len(op.value)})"
-            if op.kind not in (Op.PUT, Op.CAS) and op.value:
-                return f"operation {position}: only PUT and CAS carry a value"
+            largest = limits.max_value_bytes * (MAX_TXN_VALUES if op.kind == Op.TXN else 1)
+            if op.kind in _VALUED_OPS and len(op.value) > largest:
+                return f"operation {position}: value must be at most {largest} bytes (got {len(op.value)})"
+            if op.kind not in _VALUED_OPS and op.value:
+                return f"operation {position}: only PUT, CAS, TXN and RANGE carry a value"
             if op.kind != Op.CAS and (op.expected or op.expected_absent or op.guards):
                 return f"operation {position}: only CAS compares"
             if len(op.guards) > MAX_GUARDS:
@@ -94,12 +100,12 @@ class WorkerService(pb_grpc.WorkerServicer):
             return pb.ExecuteResponse(status=pb.ExecuteResponse.INVALID_ARGUMENT, message=problem)
         timeout = self._timeout(context)
         results: list[pb.OperationResult | None] = [None] * len(request.operations)
-        writes = [(i, op) for i, op in enumerate(request.operations) if op.kind != Op.GET]
-        reads = [(i, op) for i, op in enumerate(request.operations) if op.kind == Op.GET]
+        writes = [(i, op) for i, op in enumerate(request.operations) if op.kind not in _READ_OPS]
+        reads = [(i, op) for i, op in enumerate(request.operations) if op.kind in _READ_OPS]
         try:
             if request.allow_stale:
                 for i, op in reads:
-                    results[i] = self._read_one(op.key)
+                    results[i] = await self._read_one(op)
                 reads = []
             jobs = []
             if writes:
@@ -157,15 +163,30 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def _read(self, reads, results, timeout: float) -> None:
         await self.driver.read_barrier(timeout)
         for i, op in reads:
-            results[i] = self._read_one(op.key)
+            results[i] = await self._read_one(op)
 
-    def _read_one(self, key: bytes) -> pb.OperationResult:
+    async def _read_one(self, op: pb.Operation) -> pb.OperationResult:
         # Ownership as of the applied index, which the read barrier brought
         # past every change acknowledged before the read began.
+        if op.kind == Op.RANGE:
+            return await self._range(op)
+        key = op.key
         if not self.driver.store.owns(key):
             self.driver.metrics.wrong_group.inc()
             return _WRONG_GROUP
         return _read_result(self.driver.read_local(key))
+
+    async def _range(self, op: pb.Operation) -> pb.OperationResult:
+        try:
+            range_op = decode_range(op.value)
+        except TxnError as exc:
+            return pb.OperationResult(error=f"malformed range: {exc}")
+        scanned = await self.driver.scan_local(range_op, op.shard_epoch)
+        if scanned is None:
+            self.driver.metrics.wrong_group.inc()
+            return _WRONG_GROUP
+        response, revision = scanned
+        return pb.OperationResult(existed=True, value=encode_result(TxnResult("", True, revision, (response,))))
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         driver = self.driver

@@ -254,6 +254,23 @@ def decode_txn(data: bytes) -> Txn:
                tuple(_decode_op(op) for op in raw_failure))
 
 
+def encode_range(op: RangeOp) -> bytes:
+    """A read's Range as the worker's RANGE operation carries it."""
+    return msgpack.packb(_encode_op(op)[1:], use_bin_type=True)
+
+
+def decode_range(data: bytes) -> RangeOp:
+    try:
+        fields = msgpack.unpackb(data, use_list=False, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise TxnError(f"not a msgpack document: {exc}") from None
+    if type(fields) is not tuple:
+        raise TxnError("expected (key, range_end, limit, keys_only, count_only)")
+    op = _decode_op((int(OpKind.RANGE), *fields))
+    assert isinstance(op, RangeOp)
+    return op
+
+
 def _encode_response(response: Response) -> tuple:
     if isinstance(response, PutResponse):
         return (OpKind.PUT, response.prev_kv)
