@@ -244,13 +244,15 @@ class LocalCluster:
     snapshot_threshold: int = 10_000
     name: str = "itest"
     tls: bool = False
+    etcd: bool = False          # every router also serves etcd's API (docs/etcd.md)
     processes: dict[tuple[str, str], subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.config_path = write_cluster_toml(self.tmp, name=self.name, hosts=self.hosts, groups=self.groups,
                                               replicas=self.replicas, tick_ms=self.tick_ms,
-                                              snapshot_threshold=self.snapshot_threshold, tls=self.tls)
+                                              snapshot_threshold=self.snapshot_threshold, tls=self.tls,
+                                              etcd=self.etcd)
         self.config = ClusterConfig.load(self.config_path)
         # Certificates (with TLS) and the admin credential, as `shardnode certs init` makes them.
         init_cluster(self.config)

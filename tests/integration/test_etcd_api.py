@@ -1,0 +1,153 @@
+"""etcd's v3 API on the routers of one small cluster (3 hosts, 2 groups),
+through gRPC with etcd's own messages and through Debian's etcdctl when it
+is installed (docs/etcd.md). One cluster for the whole module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shardnode.proto import etcd_rpc_pb2 as rpc
+from shardnode.proto import etcd_rpc_pb2_grpc as rpc_grpc
+
+from .harness import LocalCluster
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.xdist_group("etcd_api")]
+
+ETCDCTL = shutil.which("etcdctl")
+needs_etcdctl = pytest.mark.skipif(ETCDCTL is None, reason="etcdctl not installed (Debian's etcd-client)")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    local = LocalCluster(tmp_path_factory.mktemp("etcd") / "cluster", hosts=3, groups=2, replicas=3, etcd=True)
+    try:
+        with local.running():
+            yield local
+    except Exception:
+        print(local.log_tail())
+        raise
+
+
+@pytest.fixture(scope="module")
+def kv(cluster: LocalCluster) -> Iterator[rpc_grpc.KVStub]:
+    address = cluster.config.hosts[0].etcd_address
+    with grpc.insecure_channel(address) as channel:
+        yield rpc_grpc.KVStub(channel)
+
+
+def etcdctl(cluster: LocalCluster, *args: str, stdin: str | None = None, host: int = 0,
+            endpoints: str | None = None, stderr: bool = False) -> str:
+    endpoint = endpoints or cluster.config.hosts[host].etcd_address
+    done = subprocess.run([ETCDCTL, "--endpoints", endpoint, "--command-timeout=10s", *args], input=stdin,
+                          capture_output=True, text=True, timeout=30, env={"ETCDCTL_API": "3", "PATH": "/usr/bin"})
+    assert done.returncode == 0, f"etcdctl {' '.join(args)}: {done.stderr}"
+    return done.stdout + (done.stderr if stderr else "")
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def test_put_get_revisions_and_prev_kv(kv: rpc_grpc.KVStub) -> None:
+    first = kv.Put(rpc.PutRequest(key=b"rev/k", value=b"v1"), timeout=10)
+    second = kv.Put(rpc.PutRequest(key=b"rev/k", value=b"v2", prev_kv=True), timeout=10)
+    assert second.prev_kv.value == b"v1" and second.header.revision > first.header.revision
+    got = kv.Range(rpc.RangeRequest(key=b"rev/k"), timeout=10)
+    (record,) = got.kvs
+    assert record.value == b"v2" and record.version == 2 and got.count == 1
+    assert record.create_revision == first.header.revision and record.mod_revision == second.header.revision
+    stale = kv.Range(rpc.RangeRequest(key=b"rev/k", serializable=True), timeout=10)
+    assert stale.kvs[0].value in (b"v1", b"v2")
+    assert kv.Range(rpc.RangeRequest(key=b"rev/absent"), timeout=10).count == 0
+
+
+def test_a_prefix_is_gathered_from_every_group_in_key_order(kv: rpc_grpc.KVStub) -> None:
+    keys = [b"scan/%02d" % i for i in range(30)]
+    for key in keys:
+        kv.Put(rpc.PutRequest(key=key, value=key.upper()), timeout=10)
+    everything = kv.Range(rpc.RangeRequest(key=b"scan/", range_end=prefix_end(b"scan/")), timeout=10)
+    assert [r.key for r in everything.kvs] == keys and everything.count == 30 and not everything.more
+    limited = kv.Range(rpc.RangeRequest(key=b"scan/", range_end=prefix_end(b"scan/"), limit=5), timeout=10)
+    assert [r.key for r in limited.kvs] == keys[:5] and limited.more and limited.count == 30
+    down = kv.Range(rpc.RangeRequest(key=b"scan/", range_end=prefix_end(b"scan/"), limit=3,
+                                     sort_order=rpc.RangeRequest.DESCEND), timeout=10)
+    assert [r.key for r in down.kvs] == keys[-3:][::-1]
+    counted = kv.Range(rpc.RangeRequest(key=b"scan/", range_end=prefix_end(b"scan/"), count_only=True), timeout=10)
+    assert counted.count == 30 and not counted.kvs
+    deleted = kv.DeleteRange(rpc.DeleteRangeRequest(key=b"scan/1", range_end=b"scan/2", prev_kv=True), timeout=10)
+    assert deleted.deleted == 10 and [r.key for r in deleted.prev_kvs] == keys[10:20]
+    after = kv.Range(rpc.RangeRequest(key=b"scan/", range_end=prefix_end(b"scan/"), keys_only=True), timeout=10)
+    assert [r.key for r in after.kvs] == keys[:10] + keys[20:] and all(r.value == b"" for r in after.kvs)
+
+
+def test_txn_compare_and_swap_in_one_group(kv: rpc_grpc.KVStub) -> None:
+    key = b"cas/lock"
+    claim = rpc.TxnRequest(
+        compare=[rpc.Compare(key=key, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=0)],
+        success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=b"me"))],
+        failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=key))])
+    won = kv.Txn(claim, timeout=10)
+    lost = kv.Txn(claim, timeout=10)
+    assert won.succeeded and not lost.succeeded
+    assert lost.responses[0].response_range.kvs[0].value == b"me"
+    assert won.responses[0].response_put.header.revision == won.header.revision
+
+
+def test_refusals_are_clear_and_change_nothing(kv: rpc_grpc.KVStub) -> None:
+    # Two keys that live in different groups (2 groups: some pair among a few keys does).
+    keys = [b"spread/%d" % i for i in range(16)]
+    txn = rpc.TxnRequest(success=[rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=b"x")) for k in keys])
+    with pytest.raises(grpc.RpcError) as refused:
+        kv.Txn(txn, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "one group" in refused.value.details() and "group 0" in refused.value.details()
+    assert kv.Range(rpc.RangeRequest(key=b"spread/", range_end=b"spread0"), timeout=10).count == 0
+    for request, code in ((rpc.PutRequest(key=b"", value=b"x"), grpc.StatusCode.INVALID_ARGUMENT),
+                          (rpc.PutRequest(key=b"l", value=b"x", lease=7), grpc.StatusCode.NOT_FOUND)):
+        with pytest.raises(grpc.RpcError) as refused:
+            kv.Put(request, timeout=10)
+        assert refused.value.code() == code
+    with pytest.raises(grpc.RpcError) as refused:
+        kv.Range(rpc.RangeRequest(key=b"rev/k", revision=1), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE and "compacted" in refused.value.details()
+    duplicate = rpc.TxnRequest(success=[rpc.RequestOp(request_put=rpc.PutRequest(key=b"d", value=b"1")),
+                                        rpc.RequestOp(request_put=rpc.PutRequest(key=b"d", value=b"2"))])
+    with pytest.raises(grpc.RpcError) as refused:
+        kv.Txn(duplicate, timeout=10)
+    assert "duplicate key" in refused.value.details()
+
+
+@needs_etcdctl
+def test_etcdctl_put_get_prefix_del_txn(cluster: LocalCluster) -> None:
+    assert etcdctl(cluster, "put", "ctl/a", "1").strip() == "OK"
+    etcdctl(cluster, "put", "ctl/b", "2", host=1)           # another router
+    assert etcdctl(cluster, "get", "ctl/a", "--print-value-only", host=2).strip() == "1"
+    assert etcdctl(cluster, "get", "ctl/", "--prefix").split() == ["ctl/a", "1", "ctl/b", "2"]
+    assert etcdctl(cluster, "get", "ctl/", "--prefix", "--limit", "1").split() == ["ctl/a", "1"]
+    assert etcdctl(cluster, "get", "ctl/b", "--from-key", "--keys-only").split()[0] == "ctl/b"
+    listed = json.loads(etcdctl(cluster, "get", "ctl/a", "-w", "json"))
+    assert listed["count"] == 1 and listed["kvs"][0]["version"] == 1
+    txn = 'value("ctl/a") = "1"\n\nput ctl/a swapped\n\nput ctl/a lost\n\n'
+    assert etcdctl(cluster, "txn", stdin=txn).split()[:2] == ["SUCCESS", "OK"]
+    assert etcdctl(cluster, "txn", stdin=txn).split()[0] == "FAILURE"
+    assert etcdctl(cluster, "get", "ctl/a", "--print-value-only").strip() == "lost"
+    assert etcdctl(cluster, "del", "ctl/", "--prefix").strip() == "2"
+    assert etcdctl(cluster, "get", "ctl/", "--prefix") == ""
+
+
+@needs_etcdctl
+def test_etcdctl_endpoint_status_health_and_member_list(cluster: LocalCluster) -> None:
+    endpoints = ",".join(h.etcd_address for h in cluster.config.hosts)
+    health = etcdctl(cluster, "endpoint", "health", endpoints=endpoints, stderr=True)   # etcdctl 3.4 says it on stderr
+    assert health.count("is healthy") == 3
+    status = json.loads(etcdctl(cluster, "endpoint", "status", "-w", "json"))
+    assert status[0]["Status"]["version"]
+    members = json.loads(etcdctl(cluster, "member", "list", "-w", "json"))
+    assert sorted(m["name"] for m in members["members"]) == ["h1", "h2", "h3"]
