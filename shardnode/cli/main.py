@@ -136,13 +136,45 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read the value from FILE, or from standard input if FILE is -")
     put.set_defaults(func=_cmd_put)
 
-    get = commands.add_parser("get", parents=[common], help="print a key's value",
+    get = commands.add_parser("get", parents=[common], help="print a key's value (or every key of a prefix)",
                               description="Print the value of KEY (linearizable). If KEY is absent, "
-                                          "print nothing and exit with status 1.")
+                                          "print nothing and exit with status 1. With --prefix, print every "
+                                          "key that starts with KEY and its value, one line each, in key order "
+                                          "(as etcdctl does; exit 1 if there is none).")
     get.add_argument("key", metavar="KEY")
     get.add_argument("--stale", action="store_true",
                      help="allow a possibly stale read from any replica (faster, not linearizable)")
+    get.add_argument("--prefix", action="store_true", help="every key that starts with KEY (docs/etcd.md)")
+    get.add_argument("--limit", type=_non_negative_int, default=0, metavar="N",
+                     help="with --prefix: at most N keys (0: all)")
+    get.add_argument("--keys-only", action="store_true", help="with --prefix: the keys alone")
     get.set_defaults(func=_cmd_get)
+
+    scan = commands.add_parser("scan", parents=[common], help="print the keys of a range and their values",
+                               description="Print every key of [START, END) and its value, one line each, in "
+                                           "key order (END omitted: to the last key; START omitted: from the "
+                                           "first). Gathered from every group: each group's part is "
+                                           "linearizable, the whole is not one snapshot (docs/etcd.md).")
+    scan.add_argument("start", metavar="START", nargs="?", default="")
+    scan.add_argument("end", metavar="END", nargs="?", default="")
+    scan.add_argument("--limit", type=_non_negative_int, default=0, metavar="N", help="at most N keys (0: all)")
+    scan.add_argument("--keys-only", action="store_true", help="the keys alone")
+    scan.add_argument("--stale", action="store_true", help="each group's local replica, without a read barrier")
+    scan.add_argument("--json", action="store_true",
+                      help="one JSON object: kvs (key, value as UTF-8 with backslash escapes, create_revision, "
+                           "mod_revision, version), count, more, revision")
+    scan.set_defaults(func=_cmd_scan)
+
+    cas = commands.add_parser("cas", parents=[common], help="compare-and-set: set a key if it holds a value",
+                              description="Set KEY to NEW if it holds --expect VALUE (or is absent, with "
+                                          "--expect-absent): atomic, applied once. Exit 0 if it was set; else "
+                                          "print the value KEY holds (nothing if absent) and exit 1.")
+    cas.add_argument("key", metavar="KEY")
+    cas.add_argument("new", metavar="NEW")
+    expectation = cas.add_mutually_exclusive_group(required=True)
+    expectation.add_argument("--expect", metavar="VALUE", help="the value KEY must hold")
+    expectation.add_argument("--expect-absent", action="store_true", help="KEY must be absent")
+    cas.set_defaults(func=_cmd_cas)
 
     delete = commands.add_parser("delete", parents=[common], help="remove a key; prints its previous value",
                                  description="Remove KEY. Prints the previous value, or nothing if KEY was absent.")
@@ -221,6 +253,14 @@ def _cmd_put(args: argparse.Namespace) -> int:
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
+    if args.prefix:
+        with _client(args) as client:
+            pairs = client.scan(prefix=os.fsencode(args.key), limit=args.limit, keys_only=args.keys_only,
+                                allow_stale=args.stale)
+        _write_pairs(pairs, args.keys_only)
+        return EXIT_OK if pairs else EXIT_NOT_FOUND
+    if args.limit or args.keys_only:
+        raise _UsageError("get: --limit and --keys-only go with --prefix")
     with _client(args) as client:
         value = client.get(os.fsencode(args.key), allow_stale=args.stale)
     if value is None:
@@ -235,6 +275,42 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     if old is not None:
         _write_value(old)
     return EXIT_OK
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client.scan_items(os.fsencode(args.start), os.fsencode(args.end), limit=args.limit,
+                                     keys_only=args.keys_only, allow_stale=args.stale)
+    if args.json:
+        print(json.dumps({
+            "kvs": [{"key": _text(i.key), "value": _text(i.value), "create_revision": i.create_revision,
+                     "mod_revision": i.mod_revision, "version": i.version} for i in response.items],
+            "count": response.count, "more": response.more, "revision": response.revision}))
+        return EXIT_OK
+    _write_pairs([(i.key, i.value) for i in response.items], args.keys_only)
+    return EXIT_OK
+
+
+def _cmd_cas(args: argparse.Namespace) -> int:
+    expected = None if args.expect_absent else os.fsencode(args.expect)
+    with _client(args) as client:
+        swapped, current = client.compare_and_set(os.fsencode(args.key), expected, os.fsencode(args.new))
+    if swapped:
+        return EXIT_OK
+    if current is not None:
+        _write_value(current)
+    return EXIT_NOT_FOUND
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="backslashreplace")
+
+
+def _write_pairs(pairs: list[tuple[bytes, bytes]], keys_only: bool) -> None:
+    for key, value in pairs:
+        _write_value(key)
+        if not keys_only:
+            _write_value(value)
 
 
 def _value_argument(args: argparse.Namespace) -> bytes:

@@ -143,6 +143,29 @@ class Client(ClientSettings):
                  for k in self._keys(keys)]
         return [r.value if r.existed else None for r in self._perform(calls)]
 
+    def scan(self, start: Key = b"", end: Key = b"", *, prefix: Key | None = None, limit: int = 0,
+             keys_only: bool = False, allow_stale: bool = False,
+             timeout: float | None = None) -> list[tuple[bytes, bytes]]:
+        """The (key, value) pairs of [start, end) in key order (end empty: to
+        the last key), or of the keys starting with `prefix`; at most `limit`
+        (0: all). Each group's part is linearizable, the whole is not one
+        snapshot (docs/etcd.md)."""
+        return self._run(self._engine.scan(start, end, prefix=prefix, limit=limit, keys_only=keys_only,
+                                           allow_stale=allow_stale, timeout=timeout), timeout)
+
+    def scan_items(self, start: Key = b"", end: Key = b"", *, prefix: Key | None = None, limit: int = 0,
+                   keys_only: bool = False, allow_stale: bool = False,
+                   timeout: float | None = None) -> kv_pb2.ScanResponse:
+        """scan() with each key's revisions and version, the count and `more`."""
+        return self._run(self._engine.scan_items(start, end, prefix=prefix, limit=limit, keys_only=keys_only,
+                                                 allow_stale=allow_stale, timeout=timeout), timeout)
+
+    def compare_and_set(self, key: Key, expected: Value | None, value: Value, *,
+                        timeout: float | None = None) -> tuple[bool, bytes | None]:
+        """Set `key` to `value` if it holds `expected` (None: if absent);
+        returns (swapped, the value held before). Atomic, applied once."""
+        return self._run(self._engine.compare_and_set(key, expected, value, timeout=timeout), timeout)
+
     def status(self, *, timeout: float | None = None) -> kv_pb2.StatusResponse:
         """The cluster's status as one router sees it: every group, its leader
         and quorum, and every replica's role, term, indexes and lag."""

@@ -1,66 +1,30 @@
 """etcdserverpb.KV on a router (docs/etcd.md): Range, Put, DeleteRange,
-Txn and Compact, carried out through the router's own routing (its shard
-map, its forwarders to each group's leader, its sessions for exactly-once
-retries).
-
-- A request on one key, and a transaction whose keys all live in one
-  group, is one operation of that group: atomic and linearizable. A
-  transaction whose keys span groups is refused, naming the groups.
-- A range (range_end set) is asked of every group of the shard map at once
-  and merged in key order; each group answers only if its ownership is not
-  newer than the map the router used, so every key is read in exactly one
-  group (the router reads the map again and starts over otherwise). Each
-  group's part is linearizable; the whole is not one snapshot.
-- A DeleteRange over a range is one transaction per group: atomic per
-  group, not across groups.
-"""
+Txn and Compact, checked and translated by requests.py and carried out by
+gateway.py through the router's routing."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
 
 from ..config import ClusterConfig
-from ..errors import DeadlineExceeded, InvalidArgument, ShardnodeError, Unavailable
-from ..placement.shard_map import ShardMap
+from ..errors import DeadlineExceeded, InvalidArgument, Unavailable
 from ..proto import etcd_rpc_pb2 as rpc
 from ..proto import etcd_rpc_pb2_grpc as rpc_grpc
-from ..proto import worker_pb2 as wpb
 from ..routing.service import KVService
-from ..storage.etcd_ops import (
-    DeleteOp,
-    DeleteResponse,
-    RangeResponse,
-    Txn,
-    TxnResult,
-    decode_result,
-    encode_range,
-    encode_txn,
-)
+from ..storage.etcd_ops import DeleteResponse, Txn
+from .gateway import Gateway
 from .header import Header
-from .requests import (
-    EtcdError,
-    Limits,
-    RangePlan,
-    delete_op,
-    merge_ranges,
-    plan_range,
-    put_op,
-    range_response,
-    response_op,
-    txn_of,
-)
+from .requests import EtcdError, Limits, delete_op, plan_range, put_op, range_response, response_op, txn_of
 
-WOp = wpb.Operation
 DEFAULT_TIMEOUT = 10.0
 
 
 class EtcdKV(rpc_grpc.KVServicer):
     def __init__(self, cluster: ClusterConfig, core: KVService, header: Header) -> None:
         self.cluster = cluster
-        self.core = core
+        self.gateway = core.gateway
         self.header = header
         self.limits = Limits(cluster.max_key_bytes, cluster.max_value_bytes)
 
@@ -69,7 +33,7 @@ class EtcdKV(rpc_grpc.KVServicer):
     async def Range(self, request: rpc.RangeRequest, context: grpc.aio.ServicerContext) -> rpc.RangeResponse:
         try:
             plan = plan_range(request, self.limits)
-            response, revision = await self._range(plan, _deadline(context))
+            response, revision = await self.gateway.range(plan, _deadline(context))
         except Exception as exc:  # every refusal and routing error, answered with its gRPC code
             await _abort(context, exc)
         return range_response(self.header.make(revision), response)
@@ -77,7 +41,7 @@ class EtcdKV(rpc_grpc.KVServicer):
     async def Put(self, request: rpc.PutRequest, context: grpc.aio.ServicerContext) -> rpc.PutResponse:
         try:
             op = put_op(request, self.limits)
-            result = await self._txn(lambda epoch: Txn(epoch, success=(op,)), [op.key], _deadline(context))
+            result = await self.gateway.txn(lambda epoch: Txn(epoch, success=(op,)), [op.key], _deadline(context))
         except Exception as exc:  # every refusal and routing error, answered with its gRPC code
             await _abort(context, exc)
         header = self.header.make(result.revision)
@@ -89,9 +53,9 @@ class EtcdKV(rpc_grpc.KVServicer):
             op = delete_op(request, self.limits)
             deadline = _deadline(context)
             if op.range_end:
-                deleted, revision = await self._delete_range(op, deadline)
+                deleted, revision = await self.gateway.delete_range(op, deadline)
             else:
-                result = await self._txn(lambda epoch: Txn(epoch, success=(op,)), [op.key], deadline)
+                result = await self.gateway.txn(lambda epoch: Txn(epoch, success=(op,)), [op.key], deadline)
                 deleted, revision = result.responses[0], result.revision
         except Exception as exc:  # every refusal and routing error, answered with its gRPC code
             await _abort(context, exc)
@@ -101,7 +65,7 @@ class EtcdKV(rpc_grpc.KVServicer):
     async def Txn(self, request: rpc.TxnRequest, context: grpc.aio.ServicerContext) -> rpc.TxnResponse:
         try:
             keys = txn_of(request, self.limits, 0).keys()       # checked once before anything is routed
-            result = await self._txn(lambda epoch: txn_of(request, self.limits, epoch), keys, _deadline(context))
+            result = await self.gateway.txn(lambda epoch: txn_of(request, self.limits, epoch), keys, _deadline(context))
         except Exception as exc:  # every refusal and routing error, answered with its gRPC code
             await _abort(context, exc)
         header = self.header.make(result.revision)
@@ -113,112 +77,6 @@ class EtcdKV(rpc_grpc.KVServicer):
         await context.abort(grpc.StatusCode.OUT_OF_RANGE,
                             "etcdserver: mvcc: required revision has been compacted (shardnode keeps no history: "
                             "every revision before a key's latest is compacted already, docs/etcd.md)")
-
-    # --- Carrying them out ------------------------------------------------------------
-
-    async def _txn(self, make, keys: list[bytes], deadline: float) -> TxnResult:  # type: ignore[no-untyped-def]
-        """Run the transaction `make(epoch)` in the one group of `keys`
-        (routed again while a key moves), with a router session."""
-        core = self.core
-        while True:
-            shard_map = core.shard_map
-            group = _one_group(shard_map, keys)
-            txn = make(shard_map.epoch)
-            operation = WOp(kind=WOp.TXN, key=keys[0] if keys else b"\0", value=encode_txn(txn),
-                            shard_epoch=shard_map.epoch)
-            result = await core._forward(core.forwarders[group], operation, deadline, False)
-            if not result.wrong_group:
-                return _answer(result)
-            await core._await_newer_map(shard_map, group, deadline)
-
-    async def _per_group(self, operation_for, deadline: float, allow_stale: bool = False):  # type: ignore[no-untyped-def]
-        """Send `operation_for(epoch)` to every group of the shard map at
-        once; their answers once every group answered for the same map
-        (read again, and everything sent again, when a group's ownership is
-        newer than the map)."""
-        core = self.core
-        while True:
-            shard_map = core.shard_map
-            groups = list(shard_map.groups)
-            calls = []
-            for group in groups:
-                operation = operation_for(shard_map.epoch)
-                if operation.kind == WOp.RANGE:
-                    calls.append(core.forwarders[group].submit(operation, deadline, allow_stale))
-                else:
-                    calls.append(core._forward(core.forwarders[group], operation, deadline, False))
-            results = await asyncio.gather(*calls)
-            stale = [g for g, r in zip(groups, results) if r.wrong_group]
-            if not stale:
-                return [_answer(r) for r in results]
-            if allow_stale:
-                # A replica read locally may lag behind the map: read at the leaders instead.
-                allow_stale = False
-                continue
-            await core._await_newer_map(shard_map, stale[0], deadline)
-
-    async def _range(self, plan: RangePlan, deadline: float) -> tuple[RangeResponse, int]:
-        op = plan.op
-        if not op.range_end:
-            # One key: its group alone (the others cannot hold it).
-            core = self.core
-            allow_stale = plan.serializable
-            while True:
-                shard_map = core.shard_map
-                group = shard_map.group_for(op.key)
-                operation = WOp(kind=WOp.RANGE, key=op.key, value=encode_range(op), shard_epoch=shard_map.epoch)
-                result = await core.forwarders[group].submit(operation, deadline, allow_stale)
-                if not result.wrong_group:
-                    answer = _answer(result)
-                    response = answer.responses[0]
-                    assert isinstance(response, RangeResponse)
-                    return merge_ranges(plan, [response]), answer.revision
-                if allow_stale:
-                    allow_stale = False     # this host's replica may lag behind the map: ask the leader
-                    continue
-                await core._await_newer_map(shard_map, group, deadline)
-        answers = await self._per_group(
-            lambda epoch: WOp(kind=WOp.RANGE, key=op.key, value=encode_range(op), shard_epoch=epoch),
-            deadline, plan.serializable)
-        parts = [a.responses[0] for a in answers]
-        return merge_ranges(plan, parts), max(a.revision for a in answers)  # type: ignore[arg-type]
-
-    async def _delete_range(self, op: DeleteOp, deadline: float) -> tuple[DeleteResponse, int]:
-        answers = await self._per_group(
-            lambda epoch: WOp(kind=WOp.TXN, key=op.key, value=encode_txn(Txn(epoch, success=(op,))),
-                              shard_epoch=epoch),
-            deadline)
-        parts = [a.responses[0] for a in answers]
-        deleted = sum(p.deleted for p in parts)                                     # type: ignore[union-attr]
-        prev_kvs = tuple(sorted((kv for p in parts for kv in p.prev_kvs), key=lambda kv: kv[0]))  # type: ignore[union-attr]
-        return DeleteResponse(deleted, prev_kvs), max(a.revision for a in answers)
-
-
-def _one_group(shard_map: ShardMap, keys: list[bytes]) -> int:
-    """The group of every key, or a refusal naming each key's group."""
-    if not keys:
-        return shard_map.groups[0]
-    groups: dict[int, list[bytes]] = {}
-    for key in keys:
-        groups.setdefault(shard_map.group_for(key), []).append(key)
-    if len(groups) == 1:
-        return next(iter(groups))
-    where = "; ".join(f"group {g}: {', '.join(repr(k) for k in ks[:4])}{' …' if len(ks) > 4 else ''}"
-                      for g, ks in sorted(groups.items()))
-    raise EtcdError(grpc.StatusCode.FAILED_PRECONDITION,
-                    f"shardnode: a transaction's keys must all live in one group, these span {len(groups)} "
-                    f"({where}); docs/etcd.md, Transactions")
-
-
-def _answer(result: wpb.OperationResult) -> TxnResult:
-    if result.error:
-        raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, result.error)
-    answer = decode_result(result.value)
-    if answer.error:
-        code = grpc.StatusCode.NOT_FOUND if "key not found" in answer.error else grpc.StatusCode.INVALID_ARGUMENT
-        raise EtcdError(code, answer.error)
-    return answer
-
 
 def _deadline(context: grpc.aio.ServicerContext) -> float:
     remaining = context.time_remaining()

@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
+from shardnode.client import Client
+from shardnode.errors import InvalidArgument
 from shardnode.proto import etcd_rpc_pb2 as rpc
 from shardnode.proto import etcd_rpc_pb2_grpc as rpc_grpc
 
@@ -151,3 +154,37 @@ def test_etcdctl_endpoint_status_health_and_member_list(cluster: LocalCluster) -
     assert status[0]["Status"]["version"]
     members = json.loads(etcdctl(cluster, "member", "list", "-w", "json"))
     assert sorted(m["name"] for m in members["members"]) == ["h1", "h2", "h3"]
+
+
+def test_native_client_scan_and_compare_and_set(cluster: LocalCluster) -> None:
+    with Client(list(cluster.router_addresses.values())) as client:
+        for i in range(12):
+            client.put(b"native/%02d" % i, b"%d" % i)
+        assert client.scan(prefix=b"native/", limit=3) == [(b"native/00", b"0"), (b"native/01", b"1"),
+                                                           (b"native/02", b"2")]
+        assert [k for k, _ in client.scan(b"native/05", b"native/08")] == [b"native/05", b"native/06", b"native/07"]
+        items = client.scan_items(prefix=b"native/")
+        assert items.count == 12 and items.items[0].version == 1 and items.revision >= items.items[-1].mod_revision
+        assert client.compare_and_set(b"native/cas", None, b"first") == (True, None)
+        assert client.compare_and_set(b"native/cas", None, b"second") == (False, b"first")
+        assert client.compare_and_set(b"native/cas", b"first", b"third") == (True, b"first")
+        assert client.get(b"native/cas") == b"third"
+        with pytest.raises(InvalidArgument):
+            client.scan(b"b", b"a")
+
+
+def test_cli_get_prefix_scan_and_cas(cluster: LocalCluster) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "shardnode.cli", "--config", str(cluster.config_path), *args],
+                              capture_output=True, text=True, timeout=60)
+
+    assert cli("put", "cli/a", "1").returncode == 0 and cli("put", "cli/b", "2").returncode == 0
+    assert cli("get", "cli/", "--prefix").stdout.split() == ["cli/a", "1", "cli/b", "2"]
+    assert cli("get", "cli/", "--prefix", "--keys-only", "--limit", "1").stdout.split() == ["cli/a"]
+    assert cli("get", "nothing/", "--prefix").returncode == 1
+    scanned = json.loads(cli("scan", "cli/", "cli0", "--json").stdout)
+    assert [kv["key"] for kv in scanned["kvs"]] == ["cli/a", "cli/b"] and scanned["count"] == 2
+    assert cli("cas", "cli/a", "one", "--expect", "1").returncode == 0
+    refused = cli("cas", "cli/a", "uno", "--expect", "1")
+    assert refused.returncode == 1 and refused.stdout.strip() == "one"
+    assert cli("cas", "cli/new", "x", "--expect-absent").returncode == 0
