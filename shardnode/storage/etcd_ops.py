@@ -9,6 +9,8 @@ A transaction travels through the log as the value of a TXN command
     op:      (PUT, key, value or nil, lease or nil, prev_kv)    nil: ignore_value / ignore_lease
              (DELETE, key, range_end, prev_kv)                  range_end b"": the key alone
              (RANGE, key, range_end, limit, keys_only, count_only)
+             (REVOKE, lease)       delete every key of this group attached to the lease, and refuse
+                                   the lease in this group's puts from then on (docs/etcd.md, "Leases")
 
 `epoch` is the shard map epoch the router routed with: an op over a range
 (range_end set) is refused unless the group's ownership has not changed
@@ -20,6 +22,7 @@ retried transaction returns it again::
 
     (error, succeeded, revision, responses)       error "": none; else nothing was done
     response: (PUT, prev kv or nil) | (DELETE, deleted, prev kvs) | (RANGE, kvs, count, more)
+              | (REVOKE, deleted)
     kv:       (key, create_revision, mod_revision, version, value, lease)
 
 Decoding is a trust boundary (the bytes came through the log): anything
@@ -69,6 +72,7 @@ class OpKind(enum.IntEnum):
     PUT = 0
     DELETE = 1
     RANGE = 2
+    REVOKE = 3
 
 
 @dataclass(slots=True, frozen=True)
@@ -103,7 +107,12 @@ class RangeOp:
     count_only: bool = False
 
 
-Op = PutOp | DeleteOp | RangeOp
+@dataclass(slots=True, frozen=True)
+class RevokeOp:
+    lease: int
+
+
+Op = PutOp | DeleteOp | RangeOp | RevokeOp
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,12 +126,14 @@ class Txn:
         """The single keys it names (compares and ops without a range)."""
         keys = [c.key for c in self.compares]
         for op in self.success + self.failure:
-            if not (isinstance(op, (DeleteOp, RangeOp)) and op.range_end):
+            if not isinstance(op, RevokeOp) and not (isinstance(op, (DeleteOp, RangeOp)) and op.range_end):
                 keys.append(op.key)
         return keys
 
     def has_ranges(self) -> bool:
-        return any(isinstance(op, (DeleteOp, RangeOp)) and op.range_end for op in self.success + self.failure)
+        """Whether an op looks at every key of the group (a range, a revoke)."""
+        return any(isinstance(op, RevokeOp) or (isinstance(op, (DeleteOp, RangeOp)) and op.range_end)
+                   for op in self.success + self.failure)
 
 
 # --- The answer -----------------------------------------------------------------------------
@@ -148,7 +159,12 @@ class RangeResponse:
     more: bool
 
 
-Response = PutResponse | DeleteResponse | RangeResponse
+@dataclass(slots=True, frozen=True)
+class RevokeResponse:
+    deleted: int
+
+
+Response = PutResponse | DeleteResponse | RangeResponse | RevokeResponse
 
 
 @dataclass(slots=True, frozen=True)
@@ -171,6 +187,8 @@ def _encode_op(op: Op) -> tuple:
         return (OpKind.PUT, op.key, op.value, op.lease, op.prev_kv)
     if isinstance(op, DeleteOp):
         return (OpKind.DELETE, op.key, op.range_end, op.prev_kv)
+    if isinstance(op, RevokeOp):
+        return (OpKind.REVOKE, op.lease)
     return (OpKind.RANGE, op.key, op.range_end, op.limit, op.keys_only, op.count_only)
 
 
@@ -218,6 +236,11 @@ def _decode_op(raw: object) -> Op:
             raise TxnError("limit: must not be negative")
         return RangeOp(_bytes("range key", key), _bytes("range_end", range_end, empty=True), limit,
                        _bool("keys_only", keys_only), _bool("count_only", count_only))
+    if kind == OpKind.REVOKE and len(raw) == 2:
+        lease = _int("lease", raw[1])
+        if lease <= 0:
+            raise TxnError("lease: must be positive")
+        return RevokeOp(lease)
     raise TxnError(f"op: unknown kind {kind} or wrong length {len(raw)}")
 
 
@@ -276,6 +299,8 @@ def _encode_response(response: Response) -> tuple:
         return (OpKind.PUT, response.prev_kv)
     if isinstance(response, DeleteResponse):
         return (OpKind.DELETE, response.deleted, list(response.prev_kvs))
+    if isinstance(response, RevokeResponse):
+        return (OpKind.REVOKE, response.deleted)
     return (OpKind.RANGE, list(response.kvs), response.count, response.more)
 
 
@@ -300,6 +325,8 @@ def decode_result(data: bytes) -> TxnResult:
                 responses.append(PutResponse(None if raw[1] is None else _kv(raw[1])))
             elif raw[0] == OpKind.DELETE:
                 responses.append(DeleteResponse(raw[1], tuple(_kv(kv) for kv in raw[2])))
+            elif raw[0] == OpKind.REVOKE:
+                responses.append(RevokeResponse(raw[1]))
             else:
                 responses.append(RangeResponse(tuple(_kv(kv) for kv in raw[1]), raw[2], raw[3]))
     except TxnError:
@@ -352,12 +379,18 @@ def compare_holds(compare: Compare, record: KeyRecord | None) -> bool:
 class TxnState:
     """What a transaction reads and writes, as the store gives it: `get(key)`,
     `scan(start, range_end)` (key, record) in key order among the keys the
-    group serves, `put(key, record or None)`."""
+    group serves, `put(key, record or None)`; for leases, `revoked(lease)`
+    (refused in this group), `attached(lease)` (key, record) of the keys the
+    group serves that carry it, and `revoke(lease)` (refuse it from now on)."""
 
     def __init__(self, get: Callable[[bytes], KeyRecord | None],
                  scan: Callable[[bytes, bytes], Iterator[tuple[bytes, KeyRecord]]],
-                 put: Callable[[bytes, KeyRecord | None], None]) -> None:
+                 put: Callable[[bytes, KeyRecord | None], None],
+                 revoked: Callable[[int], bool] = lambda lease: False,
+                 attached: Callable[[int], list[tuple[bytes, KeyRecord]]] = lambda lease: [],
+                 revoke: Callable[[int], None] = lambda lease: None) -> None:
         self.get, self.scan, self.put = get, scan, put
+        self.revoked, self.attached, self.revoke = revoked, attached, revoke
 
 
 def run_txn(txn: Txn, state: TxnState, last_revision: int,
@@ -380,8 +413,15 @@ def run_txn(txn: Txn, state: TxnState, last_revision: int,
             if record is None and (op.value is None or op.lease is None):
                 what = "ignore_value" if op.value is None else "ignore_lease"
                 return TxnResult(f"etcdserver: key not found ({what} on an absent key)", succeeded, last_revision)
+            if op.lease and state.revoked(op.lease):
+                return TxnResult(f"etcdserver: requested lease not found (lease {op.lease} was revoked)",
+                                 succeeded, last_revision)
             changes = True
             if record is not None:
+                floor = max(floor, record.mod_revision + 1)
+        elif isinstance(op, RevokeOp):
+            for _, record in state.attached(op.lease):
+                changes = True
                 floor = max(floor, record.mod_revision + 1)
         elif isinstance(op, DeleteOp):
             for _, record in _matches(state, op.key, op.range_end):
@@ -405,6 +445,12 @@ def run_txn(txn: Txn, state: TxnState, last_revision: int,
             for key, _ in gone:
                 state.put(key, None)
             responses.append(DeleteResponse(len(gone), tuple(kv_of(k, r) for k, r in gone) if op.prev_kv else ()))
+        elif isinstance(op, RevokeOp):
+            gone = state.attached(op.lease)
+            for key, _ in gone:
+                state.put(key, None)
+            state.revoke(op.lease)
+            responses.append(RevokeResponse(len(gone)))
         else:
             responses.append(run_range(op, _matches(state, op.key, op.range_end)))
     return TxnResult("", succeeded, revision, tuple(responses))

@@ -40,6 +40,26 @@ _UPGRADE_BATCH = 4096
 #: The shard family's record of the group's last assigned revision (8 bytes, big-endian).
 SHARD_REVISION = b"revision"
 
+#: The shard family's lease records (docs/etcd.md, "Leases"): the index of the keys attached to a
+#: lease (b"l" + lease + key -> b"": a hint, checked against the key's record when used; a key that
+#: moved away leaves its entry behind until the lease is revoked), and the leases revoked in this
+#: group (b"x" + lease -> the state machine clock then: a put with one is refused).
+LEASE_INDEX_PREFIX = b"l"
+REVOKED_PREFIX = b"x"
+
+
+def lease_index_key(lease: int, key: bytes) -> bytes:
+    return LEASE_INDEX_PREFIX + lease.to_bytes(8, "big") + key
+
+
+def lease_index_prefix(lease: int) -> bytes:
+    return LEASE_INDEX_PREFIX + lease.to_bytes(8, "big")
+
+
+def revoked_key(lease: int) -> bytes:
+    return REVOKED_PREFIX + lease.to_bytes(8, "big")
+
+
 #: What a bare value of a store written before records is given: etcd's
 #: "this key exists" (create_revision 0 would mean absent in a compare).
 LEGACY_REVISION = 1

@@ -58,7 +58,7 @@ from .engine import (
     encode_clock,
     new_batch,
 )
-from .kv_records import SHARD_REVISION
+from .kv_records import LEASE_INDEX_PREFIX, REVOKED_PREFIX, SHARD_REVISION
 from .position_index import index_key
 
 CHUNK_FORMAT_VERSION = 1
@@ -158,6 +158,10 @@ def _validate_record(record: object) -> Record:
             elif key == SHARD_REVISION:
                 if len(value) != 8:
                     raise ValueError("the group's revision must be 8 bytes")
+            elif key.startswith(LEASE_INDEX_PREFIX) and len(key) > 9 and value == b"":
+                pass
+            elif key.startswith(REVOKED_PREFIX) and len(key) == 9 and len(value) == 8:
+                pass
             elif not (key.startswith(DIRTY_PREFIX) and len(key) > 9 and value == b""):
                 raise ValueError(f"unknown shard record {key[:16]!r}")
     except ValueError as exc:

@@ -905,6 +905,7 @@ class ReplicaStore:
         if command.op is CommandOp.PUT:
             pending.put_record(key, _put_record(old, command.value, pending.next_revision(clock_ms, old)),
                                existed=existed, position=position)
+            pending.follow_lease(key, old, None)
         elif command.op is CommandOp.CAS:
             swapped = old_value == command.expected and all(
                 shard.accepts(guard_key) and pending.value(guard_key) == guard_value
@@ -912,9 +913,11 @@ class ReplicaStore:
             if swapped:
                 pending.put_record(key, _put_record(old, command.value, pending.next_revision(clock_ms, old)),
                                    existed=existed, position=position)
+                pending.follow_lease(key, old, None)
         elif existed:
             pending.next_revision(clock_ms, old)      # a delete is a change: it takes a revision (etcd's too)
             pending.put(key, None, existed=True, position=position)
+            pending.follow_lease(key, old, None)
         if shard.exports and (command.op is not CommandOp.CAS or swapped):
             for move_id in shard.dirty_moves(position):
                 pending.batch.put(dirty_key(move_id, key), b"", self._engine.shard.handle)
@@ -945,15 +948,26 @@ class ReplicaStore:
 
         def put(key: bytes, record: KeyRecord | None) -> None:
             position = stable_hash(key)
-            existed = pending.record(key) is not None
+            old = pending.record(key)
             if record is None:
-                pending.put(key, None, existed=existed, position=position)
+                pending.put(key, None, existed=old is not None, position=position)
             else:
-                pending.put_record(key, record, existed=existed, position=position)
+                pending.put_record(key, record, existed=old is not None, position=position)
+            pending.follow_lease(key, old, record)
             for move_id in shard.dirty_moves(position):
                 pending.batch.put(dirty_key(move_id, key), b"", shard_handle)
 
-        state = TxnState(pending.record, lambda start, end: self._scan_pending(pending, shard, start, end), put)
+        def attached(lease: int) -> list[tuple[bytes, KeyRecord]]:
+            found = []
+            for key in pending.lease_keys(lease):
+                record = pending.record(key)
+                if record is not None and record.lease == lease and shard.accepts(key):
+                    found.append((key, record))
+            return found
+
+        state = TxnState(pending.record, lambda start, end: self._scan_pending(pending, shard, start, end), put,
+                         revoked=pending.lease_revoked, attached=attached,
+                         revoke=lambda lease: pending.revoke_lease(lease, clock_ms))
         result = run_txn(txn, state, pending.revision,
                          lambda floor: pending.take_revision(next_revision(pending.revision, clock_ms, floor)))
         return self._txn_answer(index, command, clock_ms, pending, result)
@@ -1052,8 +1066,10 @@ class ReplicaStore:
                         value = encode_record(KeyRecord(value, kv_records.LEGACY_REVISION,
                                                         kv_records.LEGACY_REVISION, 1))
                     # The keys keep their revisions; the group's revision never falls behind them.
-                    pending.take_revision(max(pending.revision, decode_record(value).mod_revision))
+                    record = decode_record(value)
+                    pending.take_revision(max(pending.revision, record.mod_revision))
                     pending.put(key, value)
+                    pending.follow_lease(key, None, record)
             for key in command.deletes:
                 if stable_hash(key) in ranges:
                     pending.put(key, None)
@@ -1363,10 +1379,14 @@ class _ApplyBatch:
     overlay first, then to the database)."""
 
     __slots__ = ("batch", "_kv_get", "_kv_handle", "_index_handle", "_sessions_get", "_sessions_handle", "_kv",
-                 "_sessions", "revision")
+                 "_sessions", "revision", "_engine", "_lease_index", "_revoked")
 
     def __init__(self, engine: Engine, revision: int) -> None:
         self.batch: WriteBatch = new_batch()
+        self._engine = engine
+        # Lease records written by this batch: (lease, key) -> present; lease -> revoked.
+        self._lease_index: dict[tuple[int, bytes], bool] = {}
+        self._revoked: set[int] = set()
         # The group's last assigned revision as of this point of the batch.
         self.revision = revision
         kv, sessions = engine.kv, engine.sessions
@@ -1401,6 +1421,49 @@ class _ApplyBatch:
     def take_revision(self, revision: int) -> int:
         self.revision = revision
         return revision
+
+    def follow_lease(self, key: bytes, old: KeyRecord | None, new: KeyRecord | None) -> None:
+        """Keep the lease index (kv_records.py) in step with a change of `key`."""
+        old_lease = 0 if old is None else old.lease
+        new_lease = 0 if new is None else new.lease
+        if old_lease == new_lease:
+            return
+        shard = self._engine.shard.handle
+        if old_lease:
+            self._lease_index[(old_lease, key)] = False
+            self.batch.delete(kv_records.lease_index_key(old_lease, key), shard)
+        if new_lease:
+            self._lease_index[(new_lease, key)] = True
+            self.batch.put(kv_records.lease_index_key(new_lease, key), b"", shard)
+
+    def lease_keys(self, lease: int) -> list[bytes]:
+        """The keys the index lists for `lease` as of this point of the batch, in key order."""
+        prefix = kv_records.lease_index_prefix(lease)
+        cursor = self._engine.iterator(self._engine.shard)
+        cursor.seek(prefix)
+        keys = set()
+        while cursor.valid() and cursor.key().startswith(prefix):
+            keys.add(cursor.key()[len(prefix):])
+            cursor.next()
+        for (entry_lease, key), present in self._lease_index.items():
+            if entry_lease == lease:
+                if present:
+                    keys.add(key)
+                else:
+                    keys.discard(key)
+        return sorted(keys)
+
+    def lease_revoked(self, lease: int) -> bool:
+        return lease in self._revoked or self._engine.shard.view.get(kv_records.revoked_key(lease)) is not None
+
+    def revoke_lease(self, lease: int, clock_ms: int) -> None:
+        """Refuse `lease` in this group's puts from now on, and drop its index entries."""
+        self._revoked.add(lease)
+        shard = self._engine.shard.handle
+        self.batch.put(kv_records.revoked_key(lease), clock_ms.to_bytes(8, "big"), shard)
+        for key in self.lease_keys(lease):
+            self._lease_index[(lease, key)] = False
+            self.batch.delete(kv_records.lease_index_key(lease, key), shard)
 
     def put_record(self, key: bytes, record: KeyRecord, *, existed: bool | None = None,
                    position: int | None = None) -> None:

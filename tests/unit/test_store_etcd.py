@@ -21,6 +21,7 @@ from shardnode.storage.etcd_ops import (
     DeleteOp,
     PutOp,
     RangeOp,
+    RevokeOp,
     Txn,
     decode_result,
     decode_txn,
@@ -244,3 +245,45 @@ def test_a_range_op_routed_with_an_older_map_than_the_groups_ownership_is_refuse
     assert group.store.scan(RangeOp(b"a", b"z"), epoch=version - 1) is None
     result, _ = group.txn(Txn(version - 1, success=(DeleteOp(b"a", b"z"),)))
     assert result.wrong_group and group.store.get(b"k") == b"v"
+
+
+def test_revoking_a_lease_deletes_its_keys_once_and_refuses_it_after(group: Group, tmp_path: Path) -> None:
+    _, result = group.txn(Txn(1, success=(PutOp(b"a", b"1", 7), PutOp(b"b", b"2", 7), PutOp(b"c", b"3", 8))))
+    assert result.error == "" and group.store.get_record(b"a").lease == 7
+    group.put(b"b", b"native")                 # a put without a lease detaches the key (as etcd's)
+    _, revoked = group.txn(Txn(1, success=(RevokeOp(7),)))
+    assert revoked.responses[0].deleted == 1 and revoked.revision == group.store.revision
+    assert group.store.get(b"a") is None and group.store.get(b"b") == b"native" and group.store.get(b"c") == b"3"
+    _, again = group.txn(Txn(1, success=(RevokeOp(7),)))
+    assert again.responses[0].deleted == 0
+    _, late = group.txn(Txn(1, success=(PutOp(b"d", b"4", 7),)))
+    assert late.error.startswith("etcdserver: requested lease not found") and group.store.get(b"d") is None
+    # The refusal and the other lease's index travel in snapshots.
+    snapshot = group.store.snapshot()
+    receiver = ReplicaStore.open(tmp_path / "receiver", initial_voters=VOTERS)
+    try:
+        with group.store.open_snapshot_reader(snapshot.metadata.index, snapshot.metadata.term) as reader:
+            staging = receiver.begin_snapshot(snapshot.metadata)
+            for chunk in reader.chunks(max_bytes=64):
+                staging.write(chunk.data)
+            staging.finish()
+        receiver.persist(HardState(1, 0, snapshot.metadata.index), [], snapshot)
+        other = Group.__new__(Group)
+        other.path, other.store, other.index = tmp_path / "receiver", receiver, receiver.applied_index
+        _, late = other.txn(Txn(1, success=(PutOp(b"d", b"4", 7),)))
+        assert late.error.startswith("etcdserver: requested lease not found")
+        _, revoked = other.txn(Txn(1, success=(RevokeOp(8),)))
+        assert revoked.responses[0].deleted == 1 and receiver.get(b"c") is None
+    finally:
+        receiver.close()
+
+
+def test_a_key_put_and_revoked_in_one_batch_is_found_through_the_batch(group: Group) -> None:
+    entries = []
+    for offset, txn in enumerate((Txn(1, success=(PutOp(b"k", b"v", 5),)), Txn(1, success=(RevokeOp(5),)))):
+        entries.append(Entry(1, group.index + 1 + offset,
+                             encode_command(Command(CommandOp.TXN, b"k", encode_txn(txn), 0, 0, T0))))
+    group.store.persist(HardState(1, 1, entries[-1].index), entries)
+    results = group.store.apply(entries)
+    group.index = entries[-1].index
+    assert decode_result(results[1].old_value).responses[0].deleted == 1 and group.store.get(b"k") is None
