@@ -59,10 +59,10 @@ class Gateway:
                             shard_epoch=shard_map.epoch, client_id=session[0], sequence=session[1])
             result = await core._forward(core.forwarders[group], operation, deadline, False)
             if not result.wrong_group:
-                return _answer(result)
+                return answer_of(result)
             await core._await_newer_map(shard_map, group, deadline)
 
-    async def _per_group(self, operation_for, deadline: float, allow_stale: bool = False):  # type: ignore[no-untyped-def]
+    async def per_group(self, operation_for, deadline: float, allow_stale: bool = False):  # type: ignore[no-untyped-def]
         """Send `operation_for(epoch)` to every group of the shard map at
         once; their answers once every group answered for the same map
         (read again, and everything sent again, when a group's ownership is
@@ -81,7 +81,7 @@ class Gateway:
             results = await asyncio.gather(*calls)
             stale = [g for g, r in zip(groups, results) if r.wrong_group]
             if not stale:
-                return [_answer(r) for r in results]
+                return [answer_of(r) for r in results]
             if allow_stale:
                 # A replica read locally may lag behind the map: read at the leaders instead.
                 allow_stale = False
@@ -100,7 +100,7 @@ class Gateway:
                 operation = WOp(kind=WOp.RANGE, key=op.key, value=encode_range(op), shard_epoch=shard_map.epoch)
                 result = await core.forwarders[group].submit(operation, deadline, allow_stale)
                 if not result.wrong_group:
-                    answer = _answer(result)
+                    answer = answer_of(result)
                     response = answer.responses[0]
                     assert isinstance(response, RangeResponse)
                     return merge_ranges(plan, [response]), answer.revision
@@ -108,14 +108,14 @@ class Gateway:
                     allow_stale = False     # this host's replica may lag behind the map: ask the leader
                     continue
                 await core._await_newer_map(shard_map, group, deadline)
-        answers = await self._per_group(
+        answers = await self.per_group(
             lambda epoch: WOp(kind=WOp.RANGE, key=op.key, value=encode_range(op), shard_epoch=epoch),
             deadline, plan.serializable)
         parts = [a.responses[0] for a in answers]
         return merge_ranges(plan, parts), max(a.revision for a in answers)  # type: ignore[arg-type]
 
     async def delete_range(self, op: DeleteOp, deadline: float) -> tuple[DeleteResponse, int]:
-        answers = await self._per_group(
+        answers = await self.per_group(
             lambda epoch: WOp(kind=WOp.TXN, key=op.key, value=encode_txn(Txn(epoch, success=(op,))),
                               shard_epoch=epoch),
             deadline)
@@ -141,7 +141,7 @@ def _one_group(shard_map: ShardMap, keys: list[bytes]) -> int:
                     f"({where}); docs/etcd.md, Transactions")
 
 
-def _answer(result: wpb.OperationResult) -> TxnResult:
+def answer_of(result: wpb.OperationResult) -> TxnResult:
     if result.error:
         raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, result.error)
     answer = decode_result(result.value)

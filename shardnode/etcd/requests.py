@@ -153,14 +153,14 @@ def merge_ranges(plan: RangePlan, parts: Iterable[RangeResponse]) -> RangeRespon
 def put_op(request: rpc.PutRequest, limits: Limits) -> PutOp:
     check_key(request.key, limits)
     check_value(request.value, limits)
-    if request.lease:
-        raise EtcdError(grpc.StatusCode.NOT_FOUND,
-                        f"{LEASE_NOT_FOUND} (lease {request.lease}: shardnode's etcd API has no leases yet, "
-                        "docs/etcd.md)")
+    if request.lease < 0:
+        raise EtcdError(grpc.StatusCode.NOT_FOUND, LEASE_NOT_FOUND)
     if request.ignore_value and request.value:
         raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: value is provided")
+    if request.ignore_lease and request.lease:
+        raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: lease is provided")
     return PutOp(request.key, None if request.ignore_value else request.value,
-                 None if request.ignore_lease else 0, request.prev_kv)
+                 None if request.ignore_lease else request.lease, request.prev_kv)
 
 
 def delete_op(request: rpc.DeleteRangeRequest, limits: Limits) -> DeleteOp:

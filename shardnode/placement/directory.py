@@ -169,6 +169,12 @@ class ShardDirectory:
         channels, self._channels = list(self._channels.values()), {}
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
 
+    async def execute(self, operation: wpb.Operation, timeout: float | None = None) -> wpb.OperationResult:
+        """Any one operation on the metadata group's leader (the etcd API's
+        leases, docs/etcd.md), with this directory's retries; its session is
+        the caller's."""
+        return await self._execute(operation, timeout)
+
     # --- One operation on the leader -------------------------------------------------------
 
     def _stub(self, address: str) -> wpb_grpc.WorkerStub:

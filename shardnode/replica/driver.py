@@ -52,6 +52,7 @@ from ..placement.shard_map import initial_ownership
 from ..futures import settle
 from ..storage import ApplyResult, Command, ReplicaStore, StorageFault, StoreBusy, encode_command
 from ..storage.etcd_ops import RangeOp, RangeResponse
+from .lease_clock import LeaseClock
 from ..storage import fencing
 from ..storage.shard_commands import ShardResult
 from ..transport import RaftTransport, SnapshotHeader
@@ -146,6 +147,8 @@ class ReplicaDriver:
             **transport_security(cluster, replica.host.name, self.member_hosts),
         )
         self.metrics = WorkerMetrics(self.group, self.node_id)
+        # The etcd leases' deadlines while this replica leads (the metadata group's only).
+        self.lease_clock = LeaseClock()
         self.metrics.bind(self)
         self._wake = asyncio.Event()
         self._persist_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"persist-g{self.group}")

@@ -17,7 +17,8 @@ from ..raft import ConfChange, ConfState, InvalidConfChange, StateRole
 from ..keyspace import KeySpaceError, RangeSet
 from ..storage import Command, CommandError, CommandOp, StorageError
 from ..storage.commands import MAX_GUARDS
-from ..storage.etcd_ops import TxnError, TxnResult, decode_range, encode_result
+from ..etcd.lease_records import LEASE_PREFIX, LEASE_PREFIX_END, LeaseRecord, decode_lease, lease_of_key
+from ..storage.etcd_ops import RangeOp, TxnError, TxnResult, decode_range, encode_result
 from ..storage.shard_commands import SHARD_FORMAT, ShardOp, ShardResult, shard_command_from_fields
 from .driver import ReplicaDriver
 from .identity import observe_group
@@ -27,9 +28,12 @@ log = logging.getLogger("shardnode.replica.service")
 # Used when the caller set no deadline: a request must never hang.
 DEFAULT_TIMEOUT = 10.0
 Op = pb.Operation
-_OP_NAMES = {Op.GET: "get", Op.PUT: "put", Op.DELETE: "delete", Op.CAS: "cas", Op.TXN: "txn", Op.RANGE: "range"}
+_OP_NAMES = {Op.GET: "get", Op.PUT: "put", Op.DELETE: "delete", Op.CAS: "cas", Op.TXN: "txn", Op.RANGE: "range",
+             Op.LEASE_KEEPALIVE: "lease_keepalive", Op.LEASE_STATUS: "lease_status",
+             Op.LEASES_EXPIRED: "leases_expired"}
 _WRITE_OPS = {Op.PUT: CommandOp.PUT, Op.DELETE: CommandOp.DELETE, Op.CAS: CommandOp.CAS, Op.TXN: CommandOp.TXN}
 _READ_OPS = (Op.GET, Op.RANGE)
+_LEASE_OPS = (Op.LEASE_KEEPALIVE, Op.LEASE_STATUS, Op.LEASES_EXPIRED)
 _VALUED_OPS = (Op.PUT, Op.CAS, Op.TXN, Op.RANGE)
 #: A transaction carries several values (the router checks each one's size).
 MAX_TXN_VALUES = 4
@@ -100,9 +104,12 @@ class WorkerService(pb_grpc.WorkerServicer):
             return pb.ExecuteResponse(status=pb.ExecuteResponse.INVALID_ARGUMENT, message=problem)
         timeout = self._timeout(context)
         results: list[pb.OperationResult | None] = [None] * len(request.operations)
-        writes = [(i, op) for i, op in enumerate(request.operations) if op.kind not in _READ_OPS]
+        writes = [(i, op) for i, op in enumerate(request.operations) if op.kind not in _READ_OPS + _LEASE_OPS]
         reads = [(i, op) for i, op in enumerate(request.operations) if op.kind in _READ_OPS]
+        leases = [(i, op) for i, op in enumerate(request.operations) if op.kind in _LEASE_OPS]
         try:
+            if leases:
+                await self._leases(leases, results, timeout)
             if request.allow_stale:
                 for i, op in reads:
                     results[i] = await self._read_one(op)
@@ -175,6 +182,29 @@ class WorkerService(pb_grpc.WorkerServicer):
             self.driver.metrics.wrong_group.inc()
             return _WRONG_GROUP
         return _read_result(self.driver.read_local(key))
+
+    async def _leases(self, ops, results, timeout: float) -> None:
+        """The lease clock's answers: on the leader only, after a read barrier
+        (the records it reads are then those of every grant acknowledged)."""
+        driver = self.driver
+        await driver.read_barrier(timeout)          # NotLeader on any other replica
+        term = driver.node.raft.term
+        now = time.monotonic()
+        for i, op in ops:
+            if op.kind == Op.LEASES_EXPIRED:
+                records = await asyncio.to_thread(_lease_records, driver.store)
+                results[i] = pb.OperationResult(existed=True, value=msgpack.packb(
+                    driver.lease_clock.expired(term, records, now)))
+                continue
+            lease = lease_of_key(op.key)
+            raw = driver.read_local(op.key)
+            record = None if raw is None or lease is None else decode_lease(raw)
+            if op.kind == Op.LEASE_KEEPALIVE:
+                answer = driver.lease_clock.keep_alive(term, lease or 0, record, now)
+            else:
+                granted = 0 if record is None else record.ttl
+                answer = (driver.lease_clock.remaining(term, lease or 0, record, now), granted)
+            results[i] = pb.OperationResult(existed=record is not None, value=msgpack.packb(answer))
 
     async def _range(self, op: pb.Operation) -> pb.OperationResult:
         try:
@@ -384,6 +414,17 @@ class WorkerService(pb_grpc.WorkerServicer):
         role = driver.node.status().role.name.lower()
         return pb.ShardInfoResponse(state=driver.store.shard_state.encode(), applied_index=driver.store.applied_index,
                                     role=role)
+
+
+def _lease_records(store) -> dict[int, LeaseRecord]:  # type: ignore[no-untyped-def]
+    """Every lease record of the metadata group's state (undecodable ones are skipped)."""
+    scanned = store.scan(RangeOp(LEASE_PREFIX, LEASE_PREFIX_END), epoch=(1 << 63) - 1)
+    records = {}
+    for key, *_, value, _lease in scanned[0].kvs if scanned is not None else ():
+        lease, record = lease_of_key(key), decode_lease(value)
+        if lease is not None and record is not None:
+            records[lease] = record
+    return records
 
 
 def _ranges(raw: bytes) -> RangeSet:

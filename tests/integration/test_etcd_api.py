@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,3 +189,61 @@ def test_cli_get_prefix_scan_and_cas(cluster: LocalCluster) -> None:
     refused = cli("cas", "cli/a", "uno", "--expect", "1")
     assert refused.returncode == 1 and refused.stdout.strip() == "one"
     assert cli("cas", "cli/new", "x", "--expect-absent").returncode == 0
+
+
+@pytest.fixture(scope="module")
+def lease(cluster: LocalCluster) -> Iterator[rpc_grpc.LeaseStub]:
+    with grpc.insecure_channel(cluster.config.hosts[1].etcd_address) as channel:
+        yield rpc_grpc.LeaseStub(channel)
+
+
+def test_a_lease_keeps_its_keys_while_kept_alive_and_deletes_them_on_revoke(
+        kv: rpc_grpc.KVStub, lease: rpc_grpc.LeaseStub) -> None:
+    granted = lease.LeaseGrant(rpc.LeaseGrantRequest(TTL=30), timeout=10)
+    assert granted.ID > 0 and granted.TTL == 30
+    keys = [b"leased/%d" % i for i in range(6)]          # in both groups
+    for key in keys:
+        kv.Put(rpc.PutRequest(key=key, value=b"v", lease=granted.ID), timeout=10)
+    kv.Put(rpc.PutRequest(key=b"leased/other", value=b"v"), timeout=10)
+    assert kv.Range(rpc.RangeRequest(key=keys[0]), timeout=10).kvs[0].lease == granted.ID
+    (alive,) = lease.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=granted.ID)]), timeout=10)
+    assert alive.TTL == 30
+    ttl = lease.LeaseTimeToLive(rpc.LeaseTimeToLiveRequest(ID=granted.ID), timeout=10)
+    assert 28 <= ttl.TTL <= 30 and ttl.grantedTTL == 30
+    assert granted.ID in [s.ID for s in lease.LeaseLeases(rpc.LeaseLeasesRequest(), timeout=10).leases]
+    lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=granted.ID), timeout=10)
+    left = kv.Range(rpc.RangeRequest(key=b"leased/", range_end=b"leased0"), timeout=10)
+    assert [r.key for r in left.kvs] == [b"leased/other"]
+    with pytest.raises(grpc.RpcError) as refused:
+        kv.Put(rpc.PutRequest(key=b"leased/late", value=b"v", lease=granted.ID), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert lease.LeaseTimeToLive(rpc.LeaseTimeToLiveRequest(ID=granted.ID), timeout=10).TTL == -1
+    (gone,) = lease.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=granted.ID)]), timeout=10)
+    assert gone.TTL == 0
+
+
+def test_an_expired_lease_takes_its_keys_with_it(kv: rpc_grpc.KVStub, lease: rpc_grpc.LeaseStub) -> None:
+    short = lease.LeaseGrant(rpc.LeaseGrantRequest(TTL=2), timeout=10)
+    for i in range(4):
+        kv.Put(rpc.PutRequest(key=b"expiring/%d" % i, value=b"v", lease=short.ID), timeout=10)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if kv.Range(rpc.RangeRequest(key=b"expiring/", range_end=b"expiring0"), timeout=10).count == 0:
+            break
+        time.sleep(0.25)
+    else:
+        pytest.fail("the keys of an expired lease were not deleted within 15 s")
+    assert time.monotonic() - (deadline - 15) >= 1.5        # not before the TTL (2 s) ran out, give or take
+
+
+@needs_etcdctl
+def test_etcdctl_lease_grant_put_keep_alive_revoke(cluster: LocalCluster) -> None:
+    granted = etcdctl(cluster, "lease", "grant", "60")     # "lease 694d77aa9e38260f granted with TTL(60s)"
+    lease_id = granted.split()[1]
+    assert "TTL(60s)" in granted
+    assert etcdctl(cluster, "put", "--lease", lease_id, "ctl-lease/k", "v").strip() == "OK"
+    assert etcdctl(cluster, "lease", "keep-alive", "--once", lease_id).strip().endswith("TTL(60)")
+    assert "remaining" in etcdctl(cluster, "lease", "timetolive", lease_id)
+    assert lease_id in etcdctl(cluster, "lease", "list")
+    assert "revoked" in etcdctl(cluster, "lease", "revoke", lease_id)
+    assert etcdctl(cluster, "get", "ctl-lease/k") == ""

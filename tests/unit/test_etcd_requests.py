@@ -48,7 +48,7 @@ def test_a_past_revision_is_refused_as_compacted() -> None:
     (rpc.PutRequest(key=b"", value=b"v"), grpc.StatusCode.INVALID_ARGUMENT),
     (rpc.PutRequest(key=b"k" * 17, value=b"v"), grpc.StatusCode.INVALID_ARGUMENT),
     (rpc.PutRequest(key=b"k", value=b"v" * 9), grpc.StatusCode.INVALID_ARGUMENT),
-    (rpc.PutRequest(key=b"k", value=b"v", lease=5), grpc.StatusCode.NOT_FOUND),
+    (rpc.PutRequest(key=b"k", value=b"v", lease=-5), grpc.StatusCode.NOT_FOUND),
     (rpc.PutRequest(key=b"k", value=b"v", ignore_value=True), grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_bad_puts_are_refused(request_: rpc.PutRequest, code: grpc.StatusCode) -> None:
