@@ -12,9 +12,10 @@ from .header import Header
 from .kv import EtcdKV
 from .lease_service import EtcdLease
 from .leases import Leases
+from .watch import EtcdWatch
 
 #: The services' names, for the health service.
-SERVICES = ("etcdserverpb.KV", "etcdserverpb.Lease", "etcdserverpb.Cluster", "etcdserverpb.Maintenance")
+SERVICES = ("etcdserverpb.KV", "etcdserverpb.Watch", "etcdserverpb.Lease", "etcdserverpb.Cluster", "etcdserverpb.Maintenance")
 
 
 def add_etcd_services(server: grpc.aio.Server, cluster: ClusterConfig, host_name: str, core: KVService) -> Leases:
@@ -25,6 +26,7 @@ def add_etcd_services(server: grpc.aio.Server, cluster: ClusterConfig, host_name
     leases = Leases(cluster, host_name, core)
     rpc_grpc.add_KVServicer_to_server(EtcdKV(cluster, core, header, leases), server)
     rpc_grpc.add_LeaseServicer_to_server(EtcdLease(leases, header), server)
+    rpc_grpc.add_WatchServicer_to_server(EtcdWatch(core, header), server)
     rpc_grpc.add_ClusterServicer_to_server(EtcdCluster(cluster, header), server)
     rpc_grpc.add_MaintenanceServicer_to_server(EtcdMaintenance(header), server)
     return leases

@@ -53,6 +53,7 @@ from ..futures import settle
 from ..storage import ApplyResult, Command, ReplicaStore, StorageFault, StoreBusy, encode_command
 from ..storage.etcd_ops import RangeOp, RangeResponse
 from .lease_clock import LeaseClock
+from .watch_hub import WatchHub
 from ..storage import fencing
 from ..storage.shard_commands import ShardResult
 from ..transport import RaftTransport, SnapshotHeader
@@ -149,6 +150,9 @@ class ReplicaDriver:
         self.metrics = WorkerMetrics(self.group, self.node_id)
         # The etcd leases' deadlines while this replica leads (the metadata group's only).
         self.lease_clock = LeaseClock()
+        # Recent changes for the etcd API's watches.
+        self.watch_hub = WatchHub(store.revision)
+        store.on_changes = self.watch_hub.publish
         self.metrics.bind(self)
         self._wake = asyncio.Event()
         self._persist_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"persist-g{self.group}")
@@ -617,6 +621,7 @@ class ReplicaDriver:
                        Unavailable("replaced by a snapshot; outcome unknown"))
             log.info("replica.snapshot_installed", extra={**self._log_extra, "index": index})
             self._on_conf_state(self.store.conf_state)
+            self.watch_hub.reset(self.store.revision)
         # 2. Send (unless already sent above).
         if not ready.send_before_persist:
             self._send(ready.messages)

@@ -22,6 +22,7 @@ from ..storage.etcd_ops import RangeOp, TxnError, TxnResult, decode_range, encod
 from ..storage.shard_commands import SHARD_FORMAT, ShardOp, ShardResult, shard_command_from_fields
 from .driver import ReplicaDriver
 from .identity import observe_group
+from .watch_hub import Compacted, Lagging, encode_changes
 
 log = logging.getLogger("shardnode.replica.service")
 
@@ -38,6 +39,8 @@ _VALUED_OPS = (Op.PUT, Op.CAS, Op.TXN, Op.RANGE)
 #: A transaction carries several values (the router checks each one's size).
 MAX_TXN_VALUES = 4
 ShardStatus = pb.ShardResponse
+#: A watch stream says how far it got at least this often when nothing changes.
+WATCH_PROGRESS_SECONDS = 1.0
 #: Largest page of an export scan or delta.
 MAX_SCAN_BYTES = 4 << 20
 
@@ -408,6 +411,39 @@ class WorkerService(pb_grpc.WorkerServicer):
             sessions=[pb.SessionData(client_id=c, record=r) for c, r in page.sessions],
             next_after=page.next_after or b"",
         )
+
+    async def Watch(self, request: pb.WatchRequest, context):  # type: ignore[no-untyped-def]
+        """The group's changes in a range (replica/watch_hub.py), as batches."""
+        if request.cluster != self.cluster.name or request.group != self.driver.group:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this worker serves cluster {self.cluster.name!r} group {self.driver.group}")
+        if not 1 <= len(request.key) <= self.cluster.max_key_bytes or len(request.range_end) > self.cluster.max_key_bytes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "watch: key must be 1..max_key_bytes bytes")
+        hub = self.driver.watch_hub
+        revision = self.driver.store.revision
+        try:
+            watcher, backlog = hub.watch(request.key, request.range_end, request.start_revision)
+        except Compacted as exc:
+            yield pb.WatchBatch(compacted=exc.first)
+            return
+        try:
+            if backlog:
+                yield pb.WatchBatch(events=encode_changes(backlog), progress=max(revision, backlog[-1].revision))
+            else:
+                yield pb.WatchBatch(progress=revision)
+            while True:
+                try:
+                    events = await asyncio.wait_for(watcher.next(), WATCH_PROGRESS_SECONDS)
+                except TimeoutError:
+                    # Nothing waiting: everything applied here so far was sent.
+                    yield pb.WatchBatch(progress=self.driver.store.revision)
+                    continue
+                except Lagging:
+                    yield pb.WatchBatch(lagging=True)
+                    return
+                yield pb.WatchBatch(events=encode_changes(events), progress=events[-1].revision)
+        finally:
+            hub.cancel(watcher)
 
     async def ShardInfo(self, request: pb.ShardInfoRequest, context) -> pb.ShardInfoResponse:
         driver = self.driver

@@ -43,7 +43,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from rocksdict import WriteBatch
@@ -169,6 +169,17 @@ class ApplyResult:
     wrong_group: bool = False    # refused, nothing changed: the group does not serve the key now
 
 
+@dataclass(slots=True, frozen=True)
+class ChangeEvent:
+    """One change of a key by a client's write: `record` None for a delete;
+    `previous` what the key held before (None: absent)."""
+
+    revision: int
+    key: bytes
+    record: KeyRecord | None
+    previous: KeyRecord | None
+
+
 class StoreNotInitialized(StorageError):
     """There is no initialized store here (perhaps a first start that crashed
     before it finished), and nothing to initialize one with."""
@@ -229,6 +240,9 @@ class ReplicaStore:
             log.info("storage.kv_records_upgraded", extra={"path": engine.path})
         # The group's last assigned revision (guarded by _sm_lock; kv_records.py).
         self._revision = 0
+        # Told every change of a user's key once its apply batch is written, in log order
+        # (ChangeEvent; the etcd API's watches, replica/watch_hub.py). Not moves: they change no key.
+        self.on_changes: Callable[[list[ChangeEvent]], None] | None = None
 
     @classmethod
     def open(
@@ -861,6 +875,8 @@ class ReplicaStore:
             self._engine.write(batch, sync=False)
             self._apply_state = new_state
             self._revision = pending.revision
+            if pending.events and self.on_changes is not None:
+                self.on_changes(pending.events)
             if conf_state is not None:
                 self._conf_state = conf_state
             if shard_changed:
@@ -903,21 +919,24 @@ class ReplicaStore:
         existed = old is not None
         swapped = False
         if command.op is CommandOp.PUT:
-            pending.put_record(key, _put_record(old, command.value, pending.next_revision(clock_ms, old)),
-                               existed=existed, position=position)
+            record = _put_record(old, command.value, pending.next_revision(clock_ms, old))
+            pending.put_record(key, record, existed=existed, position=position)
             pending.follow_lease(key, old, None)
+            pending.changed(key, record, old)
         elif command.op is CommandOp.CAS:
             swapped = old_value == command.expected and all(
                 shard.accepts(guard_key) and pending.value(guard_key) == guard_value
                 for guard_key, guard_value in command.guards)
             if swapped:
-                pending.put_record(key, _put_record(old, command.value, pending.next_revision(clock_ms, old)),
-                                   existed=existed, position=position)
+                record = _put_record(old, command.value, pending.next_revision(clock_ms, old))
+                pending.put_record(key, record, existed=existed, position=position)
                 pending.follow_lease(key, old, None)
+                pending.changed(key, record, old)
         elif existed:
             pending.next_revision(clock_ms, old)      # a delete is a change: it takes a revision (etcd's too)
             pending.put(key, None, existed=True, position=position)
             pending.follow_lease(key, old, None)
+            pending.changed(key, None, old)
         if shard.exports and (command.op is not CommandOp.CAS or swapped):
             for move_id in shard.dirty_moves(position):
                 pending.batch.put(dirty_key(move_id, key), b"", self._engine.shard.handle)
@@ -954,6 +973,7 @@ class ReplicaStore:
             else:
                 pending.put_record(key, record, existed=old is not None, position=position)
             pending.follow_lease(key, old, record)
+            pending.changed(key, record, old)
             for move_id in shard.dirty_moves(position):
                 pending.batch.put(dirty_key(move_id, key), b"", shard_handle)
 
@@ -1379,10 +1399,11 @@ class _ApplyBatch:
     overlay first, then to the database)."""
 
     __slots__ = ("batch", "_kv_get", "_kv_handle", "_index_handle", "_sessions_get", "_sessions_handle", "_kv",
-                 "_sessions", "revision", "_engine", "_lease_index", "_revoked")
+                 "_sessions", "revision", "_engine", "_lease_index", "_revoked", "events")
 
     def __init__(self, engine: Engine, revision: int) -> None:
         self.batch: WriteBatch = new_batch()
+        self.events: list[ChangeEvent] = []
         self._engine = engine
         # Lease records written by this batch: (lease, key) -> present; lease -> revoked.
         self._lease_index: dict[tuple[int, bytes], bool] = {}
@@ -1421,6 +1442,10 @@ class _ApplyBatch:
     def take_revision(self, revision: int) -> int:
         self.revision = revision
         return revision
+
+    def changed(self, key: bytes, new: KeyRecord | None, old: KeyRecord | None) -> None:
+        """A user's change of `key` (new None: deleted), at the current revision."""
+        self.events.append(ChangeEvent(self.revision, key, new, old))
 
     def follow_lease(self, key: bytes, old: KeyRecord | None, new: KeyRecord | None) -> None:
         """Keep the lease index (kv_records.py) in step with a change of `key`."""

@@ -4,10 +4,11 @@ is installed (docs/etcd.md). One cluster for the whole module."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import queue
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shardnode.cli.main import main as cli_main
 from shardnode.client import Client
 from shardnode.errors import InvalidArgument
 from shardnode.proto import etcd_rpc_pb2 as rpc
@@ -174,21 +176,21 @@ def test_native_client_scan_and_compare_and_set(cluster: LocalCluster) -> None:
             client.scan(b"b", b"a")
 
 
-def test_cli_get_prefix_scan_and_cas(cluster: LocalCluster) -> None:
-    def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "shardnode.cli", "--config", str(cluster.config_path), *args],
-                              capture_output=True, text=True, timeout=60)
+def test_cli_get_prefix_scan_and_cas(cluster: LocalCluster, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    def cli(*args: str) -> tuple[int, str]:
+        """The command in this process (a subprocess costs a second of imports each)."""
+        status = cli_main(["--config", str(cluster.config_path), *args])
+        return status, capsysbinary.readouterr().out.decode()
 
-    assert cli("put", "cli/a", "1").returncode == 0 and cli("put", "cli/b", "2").returncode == 0
-    assert cli("get", "cli/", "--prefix").stdout.split() == ["cli/a", "1", "cli/b", "2"]
-    assert cli("get", "cli/", "--prefix", "--keys-only", "--limit", "1").stdout.split() == ["cli/a"]
-    assert cli("get", "nothing/", "--prefix").returncode == 1
-    scanned = json.loads(cli("scan", "cli/", "cli0", "--json").stdout)
+    assert cli("put", "cli/a", "1")[0] == 0 and cli("put", "cli/b", "2")[0] == 0
+    assert cli("get", "cli/", "--prefix")[1].split() == ["cli/a", "1", "cli/b", "2"]
+    assert cli("get", "cli/", "--prefix", "--keys-only", "--limit", "1")[1].split() == ["cli/a"]
+    assert cli("get", "nothing/", "--prefix")[0] == 1
+    scanned = json.loads(cli("scan", "cli/", "cli0", "--json")[1])
     assert [kv["key"] for kv in scanned["kvs"]] == ["cli/a", "cli/b"] and scanned["count"] == 2
-    assert cli("cas", "cli/a", "one", "--expect", "1").returncode == 0
-    refused = cli("cas", "cli/a", "uno", "--expect", "1")
-    assert refused.returncode == 1 and refused.stdout.strip() == "one"
-    assert cli("cas", "cli/new", "x", "--expect-absent").returncode == 0
+    assert cli("cas", "cli/a", "one", "--expect", "1")[0] == 0
+    assert cli("cas", "cli/a", "uno", "--expect", "1") == (1, "one\n")
+    assert cli("cas", "cli/new", "x", "--expect-absent")[0] == 0
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +249,63 @@ def test_etcdctl_lease_grant_put_keep_alive_revoke(cluster: LocalCluster) -> Non
     assert lease_id in etcdctl(cluster, "lease", "list")
     assert "revoked" in etcdctl(cluster, "lease", "revoke", lease_id)
     assert etcdctl(cluster, "get", "ctl-lease/k") == ""
+
+
+def test_watch_a_prefix_from_now_and_from_a_revision_with_prev_kv(cluster: LocalCluster, kv: rpc_grpc.KVStub) -> None:
+    with grpc.insecure_channel(cluster.config.hosts[2].etcd_address) as channel:
+        watch = rpc_grpc.WatchStub(channel)
+        requests: queue.Queue = queue.Queue()
+        responses = watch.Watch(iter(requests.get, None), timeout=60)
+        requests.put(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=b"watched/", range_end=b"watched0", prev_kv=True)))
+        created = next(responses)
+        assert created.created and created.watch_id > 0
+        first = kv.Put(rpc.PutRequest(key=b"watched/a", value=b"1"), timeout=10).header.revision
+        keys = [b"watched/%d" % i for i in range(8)]          # in both groups
+        for key in keys:
+            kv.Put(rpc.PutRequest(key=key, value=b"x"), timeout=10)
+        kv.Put(rpc.PutRequest(key=b"unwatched", value=b"x"), timeout=10)
+        kv.Put(rpc.PutRequest(key=b"watched/a", value=b"2"), timeout=10)
+        kv.DeleteRange(rpc.DeleteRangeRequest(key=b"watched/a"), timeout=10)
+        seen = []
+        while len(seen) < 11:
+            seen.extend(next(responses).events)
+        by_key: dict[bytes, list] = {}
+        for event in seen:
+            by_key.setdefault(event.kv.key, []).append(event)
+        assert sorted(by_key) == sorted([b"watched/a", *keys])
+        a = by_key[b"watched/a"]
+        assert [e.type for e in a] == [0, 0, 1] and a[1].prev_kv.value == b"1" and a[1].kv.value == b"2"
+        assert [e.kv.mod_revision for e in a] == sorted(e.kv.mod_revision for e in a)
+        # A second watch from the first put's revision sees its history again, then cancel.
+        requests.put(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+            key=b"watched/a", start_revision=first)))
+        response = next(responses)
+        while not response.created:
+            response = next(responses)
+        replayed = []
+        while len(replayed) < 3:
+            response = next(responses)
+            assert response.watch_id == 2 or not response.events
+            replayed.extend(e.kv.value for e in response.events if response.watch_id == 2)
+        assert replayed == [b"1", b"2", b""]
+        requests.put(rpc.WatchRequest(cancel_request=rpc.WatchCancelRequest(watch_id=2)))
+        assert any(r.canceled and r.watch_id == 2 for r in itertools.islice(responses, 3))
+        requests.put(None)
+        responses.cancel()
+
+
+@needs_etcdctl
+def test_etcdctl_watch_prefix(cluster: LocalCluster) -> None:
+    endpoint = cluster.config.hosts[0].etcd_address
+    watcher = subprocess.Popen([ETCDCTL, "--endpoints", endpoint, "watch", "ctl-watch/", "--prefix"],
+                               stdout=subprocess.PIPE, text=True, env={"ETCDCTL_API": "3", "PATH": "/usr/bin"})
+    try:
+        time.sleep(1.0)                                  # its watch created
+        etcdctl(cluster, "put", "ctl-watch/x", "1")
+        etcdctl(cluster, "del", "ctl-watch/x")
+        lines = [watcher.stdout.readline().strip() for _ in range(5)]
+        assert lines == ["PUT", "ctl-watch/x", "1", "DELETE", "ctl-watch/x"]
+    finally:
+        watcher.kill()
+        watcher.wait(timeout=10)
