@@ -401,3 +401,22 @@ def test_formats_old_and_new_records_decode() -> None:
     assert state.imports == {9: Import(LOW)} and state.fence == 4
     begun = ShardState(owned=HIGH, imports={9: Import(LOW, delta_begun=True)})
     assert ShardState.decode(begun.encode()) == begun
+
+
+def test_a_moved_key_keeps_its_etcd_metadata_and_its_revisions_keep_growing(groups) -> None:  # type: ignore[no-untyped-def]
+    source, target = groups("s", LOW.union(HIGH)), groups("t", RangeSet())
+    (key,) = keys_in(HIGH, 1)
+    source.apply(encode_command(Command(CommandOp.PUT, key, b"a", 0, 0, 9_000_000)))   # a clock far ahead
+    source.put(key, b"b")
+    before = source.store.get_record(key)
+    assert target.shard(ShardOp.IMPORT_BEGIN, peer=0, ranges=HIGH).ok
+    assert source.shard(ShardOp.EXPORT_BEGIN, peer=1, ranges=HIGH).ok
+    records, _ = source.store.export_scan(HIGH, None, 1 << 20)
+    assert target.shard(ShardOp.INGEST, puts=tuple(records)).ok
+    assert source.shard(ShardOp.EXPORT_FREEZE).ok
+    assert target.shard(ShardOp.INGEST, delta=True).ok and target.shard(ShardOp.IMPORT_ACTIVATE, epoch=2).ok
+    assert target.store.get_record(key) == before and target.store.revision >= before.mod_revision
+    target.put(key, b"c")                        # the target's clock (1 s) is far behind the source's
+    after = target.store.get_record(key)
+    assert after.version == before.version + 1 and after.create_revision == before.create_revision
+    assert after.mod_revision > before.mod_revision
