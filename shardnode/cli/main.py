@@ -44,6 +44,7 @@ from ..client import Client
 from ..config import DEFAULT_CONFIG, ConfigError, default_config_path
 from ..errors import ShardnodeError
 from ..proto import kv_pb2
+from . import leases_watch
 from .ready import NotReady, every_group, wait_ready
 
 PROG = "shardnode"
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the value (a command-line argument is limited to 128 KiB: use --value-file beyond)")
     put.add_argument("--value-file", metavar="FILE",
                      help="read the value from FILE, or from standard input if FILE is -")
+    put.add_argument("--lease", type=leases_watch.lease_id, default=0, metavar="ID",
+                     help="attach the key to this lease (hexadecimal, as `lease grant` prints it)")
     put.set_defaults(func=_cmd_put)
 
     get = commands.add_parser("get", parents=[common], help="print a key's value (or every key of a prefix)",
@@ -218,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the summary as JSON")
     bench.set_defaults(func=_cmd_bench)
 
+    leases_watch.register(commands, parents=[common])
     _register_admin(commands, common)
     return parser
 
@@ -246,7 +250,7 @@ def _client(args: argparse.Namespace) -> Client:
 def _cmd_put(args: argparse.Namespace) -> int:
     value = _value_argument(args)
     with _client(args) as client:
-        old = client.put(os.fsencode(args.key), value)
+        old = client.put(os.fsencode(args.key), value, lease=args.lease)
     if old is not None:
         _write_value(old)
     return EXIT_OK

@@ -36,6 +36,7 @@ from ..security import aio_channel
 from .common import (BACKOFF_MAX, BACKOFF_MIN, CAUSES, CHANNEL_OPTIONS, CODES, DEADLINE_SLACK, DEFAULT_TIMEOUT, REFUSED,
                      TRY_ELSEWHERE, Cause, ClientSettings, Key, StaleSession, Value, all_refuse, jitter, scan_request,
                      status_of)
+from .leases_watch import LeaseWatchMixin
 from .pipe import RouterPipe
 from .sessions import SessionPool
 
@@ -53,7 +54,7 @@ _NO_ANSWER = kv_pb2.BatchResult(code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
 Attempt = Callable[[int, float], Awaitable[tuple[kv_pb2.BatchResult, Any]]]
 
 
-class AsyncClient(ClientSettings):
+class AsyncClient(LeaseWatchMixin, ClientSettings):
     """A client of a shardnode cluster for asyncio programs.
 
     The same arguments and errors as `Client`. It may be used from one event
@@ -78,9 +79,12 @@ class AsyncClient(ClientSettings):
 
     # --- Key-value operations ----------------------------------------------------------
 
-    async def put(self, key: Key, value: Value, *, timeout: float | None = None) -> bytes | None:
+    async def put(self, key: Key, value: Value, *, timeout: float | None = None, lease: int = 0) -> bytes | None:
         """Set `key` to `value`; returns the previous value, or None if the key
-        was absent. Applied exactly once, however often it is retried."""
+        was absent. Applied exactly once, however often it is retried.
+        `lease`: attach the key to that lease (lease_grant; see leases_watch.py)."""
+        if lease:
+            return await self._put_leased(self._key(key), self._value(value), lease, timeout)
         result = await self._write("put", BatchOperation.PUT, self._key(key), self._value(value),
                                    self._budget(timeout))
         return result.value if result.existed else None

@@ -67,8 +67,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardnode.etcd")
 
 WOp = wpb.Operation
-#: Seconds between two expiry rounds of a router (with jitter).
+#: Seconds between two expiry rounds of a router (with jitter), and while no lease exists.
 EXPIRY_INTERVAL = 0.5
+IDLE_EXPIRY_INTERVAL = 2.0
 #: The metadata group's ownership never changes: any epoch is recent enough for its ranges.
 _ANY_EPOCH = (1 << 63) - 1
 LEASE_EXISTS = "etcdserver: lease already exists"
@@ -182,25 +183,29 @@ class Leases:
         await self.directory.close()
 
     async def _expire_forever(self) -> None:
+        interval = EXPIRY_INTERVAL
         while True:
-            await asyncio.sleep(EXPIRY_INTERVAL * (0.5 + self._random.random()))
+            await asyncio.sleep(interval * (0.5 + self._random.random()))
             try:
-                await self.expire_once()
+                _, existing = await self.expire_once()
+                interval = EXPIRY_INTERVAL if existing else IDLE_EXPIRY_INTERVAL
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the metadata group unreachable, a group without quorum: next round
                 log.debug("etcd.lease_expiry_failed", extra={"error": str(exc)})
 
-    async def expire_once(self) -> list[int]:
-        """Revoke every lease the metadata group's leader says ran out; the ids."""
+    async def expire_once(self) -> tuple[list[int], int]:
+        """Revoke every lease the metadata group's leader says ran out; their
+        ids, and how many leases there were."""
         result = await self.directory.execute(WOp(kind=WOp.LEASES_EXPIRED, key=LEASE_PREFIX), 2.0)
-        expired = [int(lease) for lease in msgpack.unpackb(result.value)]
+        raw_expired, existing = msgpack.unpackb(result.value)
+        expired = [int(lease) for lease in raw_expired]
         for lease in expired:
             try:
                 await self.revoke(lease, time.monotonic() + 10.0, reason="expired")
             except EtcdError:
                 pass            # revoked meanwhile (by another router, or asked)
-        return expired
+        return expired, int(existing)
 
 
 def _left(deadline: float) -> float:

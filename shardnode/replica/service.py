@@ -197,7 +197,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             if op.kind == Op.LEASES_EXPIRED:
                 records = await asyncio.to_thread(_lease_records, driver.store)
                 results[i] = pb.OperationResult(existed=True, value=msgpack.packb(
-                    driver.lease_clock.expired(term, records, now)))
+                    (driver.lease_clock.expired(term, records, now), len(records))))
                 continue
             lease = lease_of_key(op.key)
             raw = driver.read_local(op.key)

@@ -53,10 +53,9 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = host.router_address
-    leases = None
-    if host.etcd_address is not None:
-        # etcd's v3 API (docs/etcd.md), served by the same server on a port of its own.
-        leases = add_etcd_services(server, cluster, host_name, service)
+    # etcd's v3 API (docs/etcd.md): on the router's port (shardnode's client uses its leases and
+    # watches there) and, with etcd_port, on a port of its own for etcd's clients.
+    leases = add_etcd_services(server, cluster, host_name, service)
     try:
         add_port(server, address, security, host_name, stats)
         if host.etcd_address is not None:
@@ -81,8 +80,7 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
         return 1
     await server.start()
     service.start()
-    if leases is not None:
-        leases.start()
+    leases.start()
     # Essential: the gRPC server and the metrics endpoint. If either ends
     # without being asked to, the router says why and exits (fail-stop).
     fail_stop = FailStop(log)
@@ -100,8 +98,7 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
         service.drain()         # clients' streams: answer what came, then end
         await server.stop(grace=2.0)
     finally:
-        if leases is not None:
-            await leases.close()
+        await leases.close()
         await service.close()
         metrics.close()
         await channels.close()

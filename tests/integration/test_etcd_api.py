@@ -9,6 +9,8 @@ import json
 import queue
 import shutil
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +19,7 @@ import grpc
 import pytest
 
 from shardnode.cli.main import main as cli_main
-from shardnode.client import Client
+from shardnode.client import Client, LeaseNotFound
 from shardnode.errors import InvalidArgument
 from shardnode.proto import etcd_rpc_pb2 as rpc
 from shardnode.proto import etcd_rpc_pb2_grpc as rpc_grpc
@@ -309,3 +311,54 @@ def test_etcdctl_watch_prefix(cluster: LocalCluster) -> None:
     finally:
         watcher.kill()
         watcher.wait(timeout=10)
+
+
+def test_native_client_leases_and_watch(cluster: LocalCluster) -> None:
+    with Client(list(cluster.router_addresses.values())) as client:
+        lease_id, ttl = client.lease_grant(30)
+        assert ttl == 30 and lease_id in client.leases()
+        assert client.put(b"native-lease/a", b"1", lease=lease_id) is None
+        assert client.put(b"native-lease/a", b"2", lease=lease_id) == b"1"
+        assert client.lease_keep_alive(lease_id) == 30
+        left, granted = client.lease_time_to_live(lease_id)
+        assert granted == 30 and 28 <= left <= 30
+        events: list = []
+        watching = threading.Thread(target=lambda: events.extend(
+            itertools.islice(client.watch(b"native-lease/", prefix=True, prev_value=True), 2)))
+        watching.start()
+        time.sleep(1.0)                                     # the watch is created
+        client.lease_revoke(lease_id)                       # deletes native-lease/a
+        client.put(b"native-lease/b", b"3")
+        watching.join(timeout=20)
+        assert [(e.kind, e.key) for e in events] == [("delete", b"native-lease/a"), ("put", b"native-lease/b")]
+        assert events[0].previous == b"2" and events[1].value == b"3"
+        assert client.get(b"native-lease/a") is None
+        with pytest.raises(LeaseNotFound):
+            client.lease_keep_alive(lease_id)
+        with pytest.raises(LeaseNotFound):
+            client.put(b"native-lease/c", b"x", lease=lease_id)
+
+
+def test_cli_lease_and_watch(cluster: LocalCluster, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    def cli(*args: str) -> tuple[int, str]:
+        status = cli_main(["--config", str(cluster.config_path), *args])
+        return status, capsysbinary.readouterr().out.decode()
+
+    status, granted = cli("lease", "grant", "40")
+    assert status == 0 and granted.endswith("granted with TTL(40s)\n")
+    lease_hex = granted.split()[1]
+    watcher = subprocess.Popen([sys.executable, "-m", "shardnode.cli", "--config", str(cluster.config_path),
+                                "watch", "cli-lease/", "--prefix", "--count", "2"], stdout=subprocess.PIPE)
+    try:
+        time.sleep(1.5)                                     # started, and its watch created
+        assert cli("put", "cli-lease/k", "v", "--lease", lease_hex)[0] == 0
+        assert "remaining" in cli("lease", "ttl", lease_hex)[1]
+        assert cli("lease", "keep-alive", "--once", lease_hex)[1].strip().endswith("TTL(40)")
+        assert lease_hex in cli("lease", "list")[1].split()
+        assert cli("lease", "revoke", lease_hex) == (0, f"lease {lease_hex} revoked\n")
+        out, _ = watcher.communicate(timeout=20)
+        assert out.split() == [b"PUT", b"cli-lease/k", b"v", b"DELETE", b"cli-lease/k"]
+    finally:
+        watcher.kill()
+        watcher.wait(timeout=10)
+    assert cli("lease", "revoke", lease_hex)[0] == 1
