@@ -7,6 +7,11 @@ through its event loop.
 - Leases: grant, keep-alive, revoke, time to live, list; `put(..., lease=ID)`
   attaches a key (the put goes through etcd's Put: a retry through another
   router after an unknown outcome may apply it twice, with the same value).
+- etcd's messages are imported on first use, not with the client: they are
+  registered under etcd's own names (etcdserverpb.*), which another copy of
+  them in the same process (aetcd, etcd3, bench/etcd_kv.proto) registers
+  too, and protobuf refuses a name twice. A program using only put/get/scan
+  can import both.
 - Watch: an async iterator of `WatchEvent`s of one key, or of every key with
   a prefix, from now or from a revision. When its router goes away it starts
   again at the next router from the revision after the last event it gave
@@ -24,12 +29,16 @@ from typing import Any
 import grpc
 
 from ..errors import ShardnodeError
-from ..proto import etcd_rpc_pb2 as rpc
-from ..proto import etcd_rpc_pb2_grpc as rpc_grpc
 from ..proto import kv_pb2
 from .common import Key, prefix_end, status_of
 
 _OK = kv_pb2.BatchResult(code=0)
+
+
+def _etcd():  # type: ignore[no-untyped-def]
+    """(messages, stubs) of etcd's API, imported on first use (see the module docstring)."""
+    from ..proto import etcd_rpc_pb2, etcd_rpc_pb2_grpc
+    return etcd_rpc_pb2, etcd_rpc_pb2_grpc
 _NOT_FOUND = object()
 
 
@@ -68,12 +77,14 @@ class LeaseWatchMixin:
     async def lease_grant(self, ttl: int, *, lease_id: int = 0, timeout: float | None = None) -> tuple[int, int]:
         """A new lease of `ttl` seconds (at least 2): (its id, the TTL granted).
         `lease_id` 0: an id chosen by the cluster."""
-        response = await self._etcd("lease grant", rpc_grpc.LeaseStub, "LeaseGrant",
+        rpc, rpc_grpc = _etcd()
+        response = await self._etcd_call("lease grant", rpc_grpc.LeaseStub, "LeaseGrant",
                                     rpc.LeaseGrantRequest(TTL=int(ttl), ID=int(lease_id)), timeout)
         return response.ID, response.TTL
 
     async def lease_keep_alive(self, lease_id: int, *, timeout: float | None = None) -> int:
         """Renew the lease for a full TTL; its TTL (LeaseNotFound if it is gone)."""
+        rpc, rpc_grpc = _etcd()
         budget = self._budget(timeout)
 
         async def attempt(index: int, remaining: float) -> tuple[kv_pb2.BatchResult, Any]:
@@ -95,12 +106,14 @@ class LeaseWatchMixin:
 
     async def lease_revoke(self, lease_id: int, *, timeout: float | None = None) -> None:
         """Revoke the lease: every key attached to it is deleted."""
-        await self._etcd("lease revoke", rpc_grpc.LeaseStub, "LeaseRevoke", rpc.LeaseRevokeRequest(ID=int(lease_id)),
+        rpc, rpc_grpc = _etcd()
+        await self._etcd_call("lease revoke", rpc_grpc.LeaseStub, "LeaseRevoke", rpc.LeaseRevokeRequest(ID=int(lease_id)),
                          timeout, not_found=f"lease {lease_id:x} not found")
 
     async def lease_time_to_live(self, lease_id: int, *, timeout: float | None = None) -> tuple[int, int]:
         """(seconds left, TTL granted); LeaseNotFound if it is gone."""
-        response = await self._etcd("lease time-to-live", rpc_grpc.LeaseStub, "LeaseTimeToLive",
+        rpc, rpc_grpc = _etcd()
+        response = await self._etcd_call("lease time-to-live", rpc_grpc.LeaseStub, "LeaseTimeToLive",
                                     rpc.LeaseTimeToLiveRequest(ID=int(lease_id)), timeout)
         if response.TTL < 0:
             raise LeaseNotFound(f"lease {lease_id:x} not found (revoked or expired)")
@@ -108,17 +121,19 @@ class LeaseWatchMixin:
 
     async def leases(self, *, timeout: float | None = None) -> list[int]:
         """The ids of every lease."""
-        response = await self._etcd("lease list", rpc_grpc.LeaseStub, "LeaseLeases", rpc.LeaseLeasesRequest(),
+        rpc, rpc_grpc = _etcd()
+        response = await self._etcd_call("lease list", rpc_grpc.LeaseStub, "LeaseLeases", rpc.LeaseLeasesRequest(),
                                     timeout)
         return [status.ID for status in response.leases]
 
     async def _put_leased(self, key: bytes, value: bytes, lease: int, timeout: float | None) -> bytes | None:
-        response = await self._etcd("put", rpc_grpc.KVStub, "Put",
+        rpc, rpc_grpc = _etcd()
+        response = await self._etcd_call("put", rpc_grpc.KVStub, "Put",
                                     rpc.PutRequest(key=key, value=value, lease=int(lease), prev_kv=True), timeout,
                                     not_found=f"lease {lease:x} not found", write=True)
         return response.prev_kv.value if response.HasField("prev_kv") else None
 
-    async def _etcd(self, op: str, stub_class: Any, method: str, request: Any, timeout: float | None, *,
+    async def _etcd_call(self, op: str, stub_class: Any, method: str, request: Any, timeout: float | None, *,
                     not_found: str | None = None, write: bool = False) -> Any:
         """One etcd call with the client's fail-over and deadline (NOT_FOUND: LeaseNotFound)."""
 
@@ -146,6 +161,7 @@ class LeaseWatchMixin:
         from now on, or from `start_revision`; an endless async iterator
         (break out of it to stop). WatchCompacted if the revision is older
         than the history the cluster keeps."""
+        rpc, rpc_grpc = _etcd()
         key = self._key(key)
         range_end = (prefix_end(key) or b"\0") if prefix else b""
         next_revision = start_revision
@@ -183,7 +199,7 @@ class LeaseWatchMixin:
                 raise ShardnodeError(f"watch: no router answered ({', '.join(self._routers)})")
 
 
-async def _drain(requests: asyncio.Queue[rpc.WatchRequest | None]) -> AsyncIterator[rpc.WatchRequest]:
+async def _drain(requests: asyncio.Queue[Any]) -> AsyncIterator[Any]:
     while True:
         request = await requests.get()
         if request is None:

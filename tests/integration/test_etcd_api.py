@@ -298,12 +298,13 @@ def test_watch_a_prefix_from_now_and_from_a_revision_with_prev_kv(cluster: Local
 
 
 @needs_etcdctl
-def test_etcdctl_watch_prefix(cluster: LocalCluster) -> None:
+def test_etcdctl_watch_prefix(cluster: LocalCluster, kv: rpc_grpc.KVStub) -> None:
     endpoint = cluster.config.hosts[0].etcd_address
-    watcher = subprocess.Popen([ETCDCTL, "--endpoints", endpoint, "watch", "ctl-watch/", "--prefix"],
-                               stdout=subprocess.PIPE, text=True, env={"ETCDCTL_API": "3", "PATH": "/usr/bin"})
+    since = kv.Put(rpc.PutRequest(key=b"ctl-watch-marker", value=b"x"), timeout=10).header.revision
+    watcher = subprocess.Popen([ETCDCTL, "--endpoints", endpoint, "watch", "ctl-watch/", "--prefix", "--rev",
+                                str(since)], stdout=subprocess.PIPE, text=True,
+                               env={"ETCDCTL_API": "3", "PATH": "/usr/bin"})
     try:
-        time.sleep(1.0)                                  # its watch created
         etcdctl(cluster, "put", "ctl-watch/x", "1")
         etcdctl(cluster, "del", "ctl-watch/x")
         lines = [watcher.stdout.readline().strip() for _ in range(5)]
@@ -313,7 +314,7 @@ def test_etcdctl_watch_prefix(cluster: LocalCluster) -> None:
         watcher.wait(timeout=10)
 
 
-def test_native_client_leases_and_watch(cluster: LocalCluster) -> None:
+def test_native_client_leases_and_watch(cluster: LocalCluster, kv: rpc_grpc.KVStub) -> None:
     with Client(list(cluster.router_addresses.values())) as client:
         lease_id, ttl = client.lease_grant(30)
         assert ttl == 30 and lease_id in client.leases()
@@ -323,10 +324,10 @@ def test_native_client_leases_and_watch(cluster: LocalCluster) -> None:
         left, granted = client.lease_time_to_live(lease_id)
         assert granted == 30 and 28 <= left <= 30
         events: list = []
-        watching = threading.Thread(target=lambda: events.extend(
-            itertools.islice(client.watch(b"native-lease/", prefix=True, prev_value=True), 2)))
+        since = kv.Put(rpc.PutRequest(key=b"native-lease-marker", value=b"x"), timeout=10).header.revision
+        watching = threading.Thread(target=lambda: events.extend(itertools.islice(
+            client.watch(b"native-lease/", prefix=True, prev_value=True, start_revision=since), 2)))
         watching.start()
-        time.sleep(1.0)                                     # the watch is created
         client.lease_revoke(lease_id)                       # deletes native-lease/a
         client.put(b"native-lease/b", b"3")
         watching.join(timeout=20)
@@ -339,7 +340,8 @@ def test_native_client_leases_and_watch(cluster: LocalCluster) -> None:
             client.put(b"native-lease/c", b"x", lease=lease_id)
 
 
-def test_cli_lease_and_watch(cluster: LocalCluster, capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+def test_cli_lease_and_watch(cluster: LocalCluster, kv: rpc_grpc.KVStub,
+                             capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     def cli(*args: str) -> tuple[int, str]:
         status = cli_main(["--config", str(cluster.config_path), *args])
         return status, capsysbinary.readouterr().out.decode()
@@ -347,10 +349,12 @@ def test_cli_lease_and_watch(cluster: LocalCluster, capsysbinary: pytest.Capture
     status, granted = cli("lease", "grant", "40")
     assert status == 0 and granted.endswith("granted with TTL(40s)\n")
     lease_hex = granted.split()[1]
+    # From a revision before the changes: the watch sees them however long it takes to start.
+    since = kv.Put(rpc.PutRequest(key=b"cli-lease-marker", value=b"x"), timeout=10).header.revision
     watcher = subprocess.Popen([sys.executable, "-m", "shardnode.cli", "--config", str(cluster.config_path),
-                                "watch", "cli-lease/", "--prefix", "--count", "2"], stdout=subprocess.PIPE)
+                                "watch", "cli-lease/", "--prefix", "--count", "2", "--rev", str(since)],
+                               stdout=subprocess.PIPE)
     try:
-        time.sleep(1.5)                                     # started, and its watch created
         assert cli("put", "cli-lease/k", "v", "--lease", lease_hex)[0] == 0
         assert "remaining" in cli("lease", "ttl", lease_hex)[1]
         assert cli("lease", "keep-alive", "--once", lease_hex)[1].strip().endswith("TTL(40)")
