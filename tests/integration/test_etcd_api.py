@@ -4,6 +4,7 @@ is installed (docs/etcd.md). One cluster for the whole module."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import queue
@@ -366,3 +367,11 @@ def test_cli_lease_and_watch(cluster: LocalCluster, kv: rpc_grpc.KVStub,
         watcher.kill()
         watcher.wait(timeout=10)
     assert cli("lease", "revoke", lease_hex)[0] == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aetcd") is None, reason="aetcd not installed (pip install '.[test]')")
+def test_the_aetcd_client(cluster: LocalCluster) -> None:
+    host = cluster.config.hosts[0]
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "etcd_clients" / "aetcd_check.py"),
+                           host.address, str(host.etcd_port)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
