@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from ..routing.service import KVService
 
 WOp = wpb.Operation
+#: Operations that read (no session, any replica when stale reads are allowed).
+_READS = (WOp.RANGE, WOp.LEASE_KEYS)
 
 
 class Gateway:
@@ -62,11 +64,13 @@ class Gateway:
                 return answer_of(result)
             await core._await_newer_map(shard_map, group, deadline)
 
-    async def per_group(self, operation_for, deadline: float, allow_stale: bool = False):  # type: ignore[no-untyped-def]
+    async def per_group(self, operation_for, deadline: float, allow_stale: bool = False,  # type: ignore[no-untyped-def]
+                        decode=None):
         """Send `operation_for(epoch)` to every group of the shard map at
-        once; their answers once every group answered for the same map
-        (read again, and everything sent again, when a group's ownership is
-        newer than the map)."""
+        once; their answers (`decode(result)`, a transaction's answer by
+        default) once every group answered for the same map (read again, and
+        everything sent again, when a group's ownership is newer than the map)."""
+        decode = decode or answer_of
         core = self.core
         while True:
             shard_map = core.shard_map
@@ -74,14 +78,14 @@ class Gateway:
             calls = []
             for group in groups:
                 operation = operation_for(shard_map.epoch)
-                if operation.kind == WOp.RANGE:
+                if operation.kind in _READS:
                     calls.append(core.forwarders[group].submit(operation, deadline, allow_stale))
                 else:
                     calls.append(core._forward(core.forwarders[group], operation, deadline, False))
             results = await asyncio.gather(*calls)
             stale = [g for g, r in zip(groups, results) if r.wrong_group]
             if not stale:
-                return [answer_of(r) for r in results]
+                return [decode(r) for r in results]
             if allow_stale:
                 # A replica read locally may lag behind the map: read at the leaders instead.
                 allow_stale = False

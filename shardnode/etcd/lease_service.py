@@ -45,10 +45,11 @@ class EtcdLease(rpc_grpc.LeaseServicer):
     async def LeaseTimeToLive(self, request: rpc.LeaseTimeToLiveRequest, context) -> rpc.LeaseTimeToLiveResponse:
         try:
             remaining, granted = await self.leases.time_to_live(request.ID, _timeout(context))
+            keys = await self.leases.keys(request.ID, _timeout(context)) if request.keys and remaining >= 0 else []
         except Exception as exc:  # every refusal and routing error, answered with its gRPC code
             await abort(context, exc)
         return rpc.LeaseTimeToLiveResponse(header=self.header.make(0), ID=request.ID, TTL=remaining,
-                                           grantedTTL=granted)
+                                           grantedTTL=granted, keys=keys)
 
     async def LeaseLeases(self, request: rpc.LeaseLeasesRequest, context) -> rpc.LeaseLeasesResponse:
         try:

@@ -163,6 +163,18 @@ class Leases:
         remaining, granted = msgpack.unpackb(result.value)
         return (remaining, granted) if remaining >= 0 else (-1, 0)
 
+    async def keys(self, lease: int, timeout: float) -> list[bytes]:
+        """The keys attached to the lease, gathered from every group, in key order."""
+        def decode(result: wpb.OperationResult) -> list[bytes]:
+            if result.error:
+                raise EtcdError(grpc.StatusCode.INVALID_ARGUMENT, result.error)
+            return list(msgpack.unpackb(result.value))
+
+        parts = await self.core.gateway.per_group(
+            lambda epoch: WOp(kind=WOp.LEASE_KEYS, key=lease_key(lease), value=lease.to_bytes(8, "big"),
+                              shard_epoch=epoch), time.monotonic() + timeout, decode=decode)
+        return sorted(key for part in parts for key in part)
+
     async def leases(self, timeout: float) -> list[int]:
         op = RangeOp(LEASE_PREFIX, LEASE_PREFIX_END, keys_only=True)
         result = await self.directory.execute(WOp(kind=WOp.RANGE, key=LEASE_PREFIX, value=encode_range(op),

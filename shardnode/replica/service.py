@@ -15,7 +15,7 @@ from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..raft import ConfChange, ConfState, InvalidConfChange, StateRole
 from ..keyspace import KeySpaceError, RangeSet
-from ..storage import Command, CommandError, CommandOp, StorageError
+from ..storage import Command, CommandError, CommandOp, StorageError, StoreBusy
 from ..storage.commands import MAX_GUARDS
 from ..etcd.lease_records import LEASE_PREFIX, LEASE_PREFIX_END, LeaseRecord, decode_lease, lease_of_key
 from ..storage.etcd_ops import RangeOp, TxnError, TxnResult, decode_range, encode_result
@@ -30,12 +30,13 @@ log = logging.getLogger("shardnode.replica.service")
 DEFAULT_TIMEOUT = 10.0
 Op = pb.Operation
 _OP_NAMES = {Op.GET: "get", Op.PUT: "put", Op.DELETE: "delete", Op.CAS: "cas", Op.TXN: "txn", Op.RANGE: "range",
+             Op.LEASE_KEYS: "lease_keys",
              Op.LEASE_KEEPALIVE: "lease_keepalive", Op.LEASE_STATUS: "lease_status",
              Op.LEASES_EXPIRED: "leases_expired"}
 _WRITE_OPS = {Op.PUT: CommandOp.PUT, Op.DELETE: CommandOp.DELETE, Op.CAS: CommandOp.CAS, Op.TXN: CommandOp.TXN}
-_READ_OPS = (Op.GET, Op.RANGE)
+_READ_OPS = (Op.GET, Op.RANGE, Op.LEASE_KEYS)
 _LEASE_OPS = (Op.LEASE_KEEPALIVE, Op.LEASE_STATUS, Op.LEASES_EXPIRED)
-_VALUED_OPS = (Op.PUT, Op.CAS, Op.TXN, Op.RANGE)
+_VALUED_OPS = (Op.PUT, Op.CAS, Op.TXN, Op.RANGE, Op.LEASE_KEYS)
 #: A transaction carries several values (the router checks each one's size).
 MAX_TXN_VALUES = 4
 ShardStatus = pb.ShardResponse
@@ -180,6 +181,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         # past every change acknowledged before the read began.
         if op.kind == Op.RANGE:
             return await self._range(op)
+        if op.kind == Op.LEASE_KEYS:
+            return await self._lease_keys(op)
         key = op.key
         if not self.driver.store.owns(key):
             self.driver.metrics.wrong_group.inc()
@@ -208,6 +211,19 @@ class WorkerService(pb_grpc.WorkerServicer):
                 granted = 0 if record is None else record.ttl
                 answer = (driver.lease_clock.remaining(term, lease or 0, record, now), granted)
             results[i] = pb.OperationResult(existed=record is not None, value=msgpack.packb(answer))
+
+    async def _lease_keys(self, op: pb.Operation) -> pb.OperationResult:
+        if len(op.value) != 8:
+            return pb.OperationResult(error="malformed lease keys request: the lease id is 8 bytes")
+        driver = self.driver
+        try:
+            keys = await asyncio.to_thread(driver.store.lease_keys, int.from_bytes(op.value, "big"), op.shard_epoch)
+        except StoreBusy as exc:
+            raise Unavailable(str(exc)) from None
+        if keys is None:
+            driver.metrics.wrong_group.inc()
+            return _WRONG_GROUP
+        return pb.OperationResult(existed=True, value=msgpack.packb(keys, use_bin_type=True))
 
     async def _range(self, op: pb.Operation) -> pb.OperationResult:
         try:

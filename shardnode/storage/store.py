@@ -752,6 +752,36 @@ class ReplicaStore:
             self._sm_lock.release()
         return None if raw is None else decode_record(raw)
 
+    def lease_keys(self, lease: int, epoch: int) -> list[bytes] | None:
+        """The keys this group serves that are attached to `lease`, in key
+        order; None as scan() (ownership newer than `epoch`, or frozen)."""
+        with self._scan_lock:
+            if not self._sm_lock.acquire(blocking=False):
+                raise StoreBusy("a snapshot is being installed; retry")
+            try:
+                self._check_open()
+                shard = self.shard_state
+                if not _range_allowed(shard, epoch):
+                    return None
+                engine = self._engine
+                prefix = kv_records.lease_index_prefix(lease)
+                cursor = engine.iterator(engine.shard)
+                cursor.seek(prefix)
+                candidates = []
+                while cursor.valid() and cursor.key().startswith(prefix):
+                    candidates.append(cursor.key()[len(prefix):])
+                    cursor.next()
+                del cursor
+                keys = []
+                for key in candidates:
+                    raw = engine.kv.view.get(key)
+                    # The index is a hint (a key that moved away leaves its entry): the record decides.
+                    if raw is not None and shard.accepts(key) and decode_record(raw).lease == lease:
+                        keys.append(key)
+                return keys
+            finally:
+                self._sm_lock.release()
+
     def scan(self, op: RangeOp, epoch: int) -> tuple[RangeResponse, int] | None:
         """etcd's Range over this group's keys as of the applied index: the
         response and the group's revision; None if the group's ownership

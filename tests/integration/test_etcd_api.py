@@ -213,8 +213,8 @@ def test_a_lease_keeps_its_keys_while_kept_alive_and_deletes_them_on_revoke(
     assert kv.Range(rpc.RangeRequest(key=keys[0]), timeout=10).kvs[0].lease == granted.ID
     (alive,) = lease.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=granted.ID)]), timeout=10)
     assert alive.TTL == 30
-    ttl = lease.LeaseTimeToLive(rpc.LeaseTimeToLiveRequest(ID=granted.ID), timeout=10)
-    assert 28 <= ttl.TTL <= 30 and ttl.grantedTTL == 30
+    ttl = lease.LeaseTimeToLive(rpc.LeaseTimeToLiveRequest(ID=granted.ID, keys=True), timeout=10)
+    assert 28 <= ttl.TTL <= 30 and ttl.grantedTTL == 30 and list(ttl.keys) == keys     # from both groups
     assert granted.ID in [s.ID for s in lease.LeaseLeases(rpc.LeaseLeasesRequest(), timeout=10).leases]
     lease.LeaseRevoke(rpc.LeaseRevokeRequest(ID=granted.ID), timeout=10)
     left = kv.Range(rpc.RangeRequest(key=b"leased/", range_end=b"leased0"), timeout=10)
@@ -248,7 +248,7 @@ def test_etcdctl_lease_grant_put_keep_alive_revoke(cluster: LocalCluster) -> Non
     assert "TTL(60s)" in granted
     assert etcdctl(cluster, "put", "--lease", lease_id, "ctl-lease/k", "v").strip() == "OK"
     assert etcdctl(cluster, "lease", "keep-alive", "--once", lease_id).strip().endswith("TTL(60)")
-    assert "remaining" in etcdctl(cluster, "lease", "timetolive", lease_id)
+    assert "attached keys([ctl-lease/k])" in etcdctl(cluster, "lease", "timetolive", "--keys", lease_id)
     assert lease_id in etcdctl(cluster, "lease", "list")
     assert "revoked" in etcdctl(cluster, "lease", "revoke", lease_id)
     assert etcdctl(cluster, "get", "ctl-lease/k") == ""
