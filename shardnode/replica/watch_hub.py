@@ -52,14 +52,17 @@ class Lagging(Exception):
 
 
 class Watcher:
-    def __init__(self, key: bytes, range_end: bytes) -> None:
+    def __init__(self, key: bytes, range_end: bytes, start_revision: int) -> None:
         self.key = key
         self.range_end = range_end
+        # Also for the changes applied after it was created: a replica behind
+        # the one a watch left may still apply changes the watch already had.
+        self.start_revision = start_revision
         self.queue: asyncio.Queue[list[ChangeEvent] | None] = asyncio.Queue(QUEUE_BATCHES)
         self.lagging = False
 
     def matches(self, events: Iterable[ChangeEvent]) -> list[ChangeEvent]:
-        return [e for e in events if in_range(e.key, self.key, self.range_end)]
+        return [e for e in events if e.revision >= self.start_revision and in_range(e.key, self.key, self.range_end)]
 
     async def next(self) -> list[ChangeEvent]:
         """The next batch of matching changes (may wait); Lagging once ended."""
@@ -95,12 +98,12 @@ class WatchHub:
         """A new watcher and the remembered changes it must see first (those
         with a revision >= start_revision; 0: none, from now on).
         Compacted if this replica no longer has all of them."""
-        watcher = Watcher(key, range_end)
+        watcher = Watcher(key, range_end, start_revision)
         backlog: list[ChangeEvent] = []
         if start_revision > 0:
             if start_revision < self._first:
                 raise Compacted(self._first)
-            backlog = watcher.matches(e for e in self._history if e.revision >= start_revision)
+            backlog = watcher.matches(self._history)
         self._watchers.add(watcher)
         return watcher, backlog
 

@@ -20,6 +20,8 @@ import grpc
 import pytest
 
 from shardnode.cli.main import main as cli_main
+from shardnode.config import METADATA_GROUP
+from shardnode.supervisor import worker_program
 from shardnode.client import Client, LeaseNotFound
 from shardnode.errors import InvalidArgument
 from shardnode.proto import etcd_rpc_pb2 as rpc
@@ -375,3 +377,50 @@ def test_the_aetcd_client(cluster: LocalCluster) -> None:
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "etcd_clients" / "aetcd_check.py"),
                            host.address, str(host.etcd_port)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _leader_host(status, group: int | None) -> str:  # type: ignore[no-untyped-def]
+    """The host of a group's leader (None: the metadata group), from a router's status."""
+    view = status.metadata_group if group is None else next(g for g in status.groups if g.group == group)
+    return next(r.host for r in view.replicas if r.node_id == view.leader_id)
+
+
+def test_leaders_killed_lose_no_watch_event_and_end_no_kept_lease(cluster: LocalCluster, kv: rpc_grpc.KVStub,
+                                                                  lease: rpc_grpc.LeaseStub) -> None:
+    """Last in the module: it kills workers (and starts them again)."""
+    with grpc.insecure_channel(cluster.config.hosts[0].etcd_address) as channel:
+        requests: queue.Queue = queue.Queue()
+        responses = rpc_grpc.WatchStub(channel).Watch(iter(requests.get, None), timeout=120)
+        requests.put(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(key=b"fault/", range_end=b"fault0")))
+        assert next(responses).created
+        kept = lease.LeaseGrant(rpc.LeaseGrantRequest(TTL=4), timeout=10).ID
+        kv.Put(rpc.PutRequest(key=b"fault/leased", value=b"v", lease=kept), timeout=10)
+        written = [b"fault/%03d" % i for i in range(40)]
+        for key in written[:20]:
+            kv.Put(rpc.PutRequest(key=key, value=b"x"), timeout=10)
+        with Client(list(cluster.router_addresses.values())) as client:
+            status = client.status()
+        victims = {(_leader_host(status, None), worker_program(METADATA_GROUP)),
+                   (_leader_host(status, 0), worker_program(0))}
+        for victim in victims:
+            cluster.kill(victim)
+        try:
+            began = time.monotonic()
+            for key in written[20:]:
+                kv.Put(rpc.PutRequest(key=key, value=b"x"), timeout=20)
+            # Kept alive across the metadata group's new leader, for longer than its TTL: never expired.
+            while time.monotonic() - began < 6:
+                (alive,) = lease.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=kept)]), timeout=20)
+                assert alive.TTL == 4
+                time.sleep(1)
+            assert kv.Range(rpc.RangeRequest(key=b"fault/leased"), timeout=10).count == 1
+            seen: list[bytes] = []
+            while len(seen) < len(written) + 1:
+                seen.extend(event.kv.key for event in next(responses).events)
+            assert sorted(seen) == sorted([b"fault/leased", *written])      # each once: none lost, none twice
+        finally:
+            requests.put(None)
+            responses.cancel()
+            for host, program in victims:
+                group = METADATA_GROUP if program == worker_program(METADATA_GROUP) else 0
+                cluster.start_worker(host, group)
