@@ -64,6 +64,16 @@ class Gateway:
                 return answer_of(result)
             await core._await_newer_map(shard_map, group, deadline)
 
+    async def tick(self, group: int, deadline: float) -> None:
+        """An empty transaction in `group`: it changes nothing, but moves the
+        group's clock, and so its closed revision (ReplicaStore.closed_revision),
+        to now. A watch asks for it to release changes of other groups held
+        back for an idle group."""
+        core = self.core
+        operation = WOp(kind=WOp.TXN, key=b"\0", value=encode_txn(Txn(core.shard_map.epoch)),
+                        shard_epoch=core.shard_map.epoch)
+        await core._forward(core.forwarders[group], operation, deadline, False)
+
     async def per_group(self, operation_for, deadline: float, allow_stale: bool = False,  # type: ignore[no-untyped-def]
                         decode=None):
         """Send `operation_for(epoch)` to every group of the shard map at

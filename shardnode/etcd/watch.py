@@ -11,18 +11,25 @@ group, so no change is lost or repeated within a group. A group that joins
 the map is followed from the lowest revision every group has reported
 (its whole history: it is new); a group that leaves it is dropped.
 
-What it keeps: within a group, changes come in revision order, once each;
-so do the changes of any one key. Across groups, batches are passed on as
-they arrive: not in one global revision order. A watch whose start revision
-a replica no longer has ends with etcd's compacted answer (compact_revision:
-the first revision that replica has).
+Order: changes are passed on in revision order across every group, each
+once. Each group's stream says how far it has sent everything (its closed
+revision, ReplicaStore.closed_revision); a change is held back until every
+group is closed at or past its revision, so that nothing with a lower
+revision can still come. An idle group's closed revision moves only with
+its clock: while changes are held back for it, the watch asks it for an
+empty transaction (Gateway.tick) every TICK_SECONDS. A client that resumes
+from its last revision + 1 therefore misses nothing. A watch whose start
+revision a replica no longer has ends with etcd's compacted answer
+(compact_revision: the first revision that replica has).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -51,6 +58,11 @@ RETRY_PAUSE = 0.2
 OUT_QUEUE = 256
 #: etcd's watch id of answers that belong to no one watch (progress requested on the stream).
 NO_WATCH_ID = -1
+#: While changes are held back for an idle group, it is asked to close its revisions this often.
+TICK_SECONDS = 0.2
+#: Changes a watch holds back at most (a group that reports no progress: no leader, no quorum);
+#: past it the watch ends, and its client resumes from its last revision once the group is back.
+MAX_HELD = 100_000
 
 
 class EtcdWatch(rpc_grpc.WatchServicer):
@@ -150,6 +162,10 @@ class _Watch:
         self.created = asyncio.Event()
         self._ready: dict[int, asyncio.Event] = {}
         self._others: list[asyncio.Task[None]] = []
+        # Changes received but not passed on yet: (revision, arrival, event), the lowest first.
+        self._held: list[tuple[int, int, mvccpb.Event]] = []
+        self._arrivals = itertools.count()
+        self._released = asyncio.Lock()
 
     def progress(self) -> int:
         """A revision up to which every followed group has passed everything on."""
@@ -163,6 +179,7 @@ class _Watch:
             self._follow(group, self.create.start_revision)
         await asyncio.wait([asyncio.create_task(e.wait()) for e in self._ready.values()], timeout=10.0)
         self._others.append(asyncio.create_task(self._follow_map(), name=f"etcd-watch-{self.id}-map"))
+        self._others.append(asyncio.create_task(self._close_idle_groups(), name=f"etcd-watch-{self.id}-ticks"))
         if self.create.progress_notify:
             self._others.append(asyncio.create_task(self._notify_progress(), name=f"etcd-watch-{self.id}-progress"))
         return max(self.progress_of.values(), default=0)
@@ -188,6 +205,21 @@ class _Watch:
             for group in set(self.tasks) - groups:
                 self.tasks.pop(group).cancel()
                 self.progress_of.pop(group, None)
+
+    async def _close_idle_groups(self) -> None:
+        """Ask the groups that hold changes back for an empty transaction."""
+        gateway = self.stream.core.gateway
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            if not self._held:
+                continue
+            oldest = self._held[0][0]
+            behind = [g for g in self.tasks if self.progress_of.get(g, 0) < oldest]
+            results = await asyncio.gather(*(gateway.tick(g, time.monotonic() + 2.0) for g in behind),
+                                           return_exceptions=True)
+            for group, result in zip(behind, results):
+                if isinstance(result, Exception):
+                    log.debug("etcd.watch_tick_failed", extra={"group": group, "error": str(result)})
 
     async def _notify_progress(self) -> None:
         await self.created.wait()
@@ -228,17 +260,23 @@ class _Watch:
                         self.next_revision[group] = batch.progress + 1
                     self._ready[group].set()
                     if batch.events:
-                        await self._pass_on(group, batch.events)
+                        self._hold(group, batch.events)
+                        if len(self._held) > MAX_HELD:
+                            stuck = [g for g in self.tasks if self.progress_of.get(g, 0) < self._held[0][0]]
+                            await self.stream.end(self, 0, f"shardnode: more than {MAX_HELD} changes held back "
+                                                           f"waiting for group(s) {stuck}; watch again from the "
+                                                           f"last revision received")
+                            return
                     if batch.progress:
                         self.progress_of[group] = max(self.progress_of.get(group, 0), batch.progress)
+                    await self._release()
                     attempt = 0
             except grpc.aio.AioRpcError as exc:
                 log.debug("etcd.watch_stream_ended", extra={"group": group, "address": address,
                                                             "error": exc.code().name})
             await asyncio.sleep(RETRY_PAUSE)
 
-    async def _pass_on(self, group: int, raw: bytes) -> None:
-        events = []
+    def _hold(self, group: int, raw: bytes) -> None:
         last = 0
         for revision, key, kv, previous in msgpack.unpackb(raw, use_list=False, raw=False):
             last = revision
@@ -252,11 +290,22 @@ class _Watch:
                 event = mvccpb.Event(type=mvccpb.Event.PUT, kv=key_value(kv))
             if self.create.prev_kv and previous is not None:
                 event.prev_kv.CopyFrom(key_value(previous))
-            events.append(event)
+            heapq.heappush(self._held, (revision, next(self._arrivals), event))
         if last:
             self.next_revision[group] = last + 1
-        if events:
-            await self.created.wait()           # the created answer goes first
-            await self.stream.out.put(rpc.WatchResponse(header=self.stream.header.make(last), watch_id=self.id,
-                                                        events=events))
+
+    async def _release(self) -> None:
+        """Pass on, in revision order, the held changes no group can still
+        undercut: those at or below every followed group's closed revision."""
+        async with self._released:
+            if not self._held or len(self.progress_of) < len(self.tasks):
+                return
+            closed = self.progress()
+            events = []
+            while self._held and self._held[0][0] <= closed:
+                events.append(heapq.heappop(self._held)[2])
+            if events:
+                await self.created.wait()           # the created answer goes first
+                await self.stream.out.put(rpc.WatchResponse(
+                    header=self.stream.header.make(events[-1].kv.mod_revision), watch_id=self.id, events=events))
 

@@ -41,7 +41,7 @@ _VALUED_OPS = (Op.PUT, Op.CAS, Op.TXN, Op.RANGE, Op.LEASE_KEYS)
 MAX_TXN_VALUES = 4
 ShardStatus = pb.ShardResponse
 #: A watch stream says how far it got at least this often when nothing changes.
-WATCH_PROGRESS_SECONDS = 1.0
+WATCH_PROGRESS_SECONDS = 0.2
 #: Largest page of an export scan or delta.
 MAX_SCAN_BYTES = 4 << 20
 
@@ -436,7 +436,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         if not 1 <= len(request.key) <= self.cluster.max_key_bytes or len(request.range_end) > self.cluster.max_key_bytes:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "watch: key must be 1..max_key_bytes bytes")
         hub = self.driver.watch_hub
-        revision = self.driver.store.revision
+        store = self.driver.store
+        revision = store.closed_revision()
         try:
             watcher, backlog = hub.watch(request.key, request.range_end, request.start_revision)
         except Compacted as exc:
@@ -452,11 +453,12 @@ class WorkerService(pb_grpc.WorkerServicer):
                     events = await asyncio.wait_for(watcher.next(), WATCH_PROGRESS_SECONDS)
                 except TimeoutError:
                     # Nothing waiting: everything applied here so far was sent.
-                    yield pb.WatchBatch(progress=self.driver.store.revision)
+                    yield pb.WatchBatch(progress=store.closed_revision())
                     continue
                 except Lagging:
                     yield pb.WatchBatch(lagging=True)
                     return
+                # A revision's changes are all in one applied batch: these close it.
                 yield pb.WatchBatch(events=encode_changes(events), progress=events[-1].revision)
         finally:
             hub.cancel(watcher)

@@ -717,6 +717,17 @@ class ReplicaStore:
     def applied_index(self) -> int:
         return self._apply_state.applied_index
 
+    def closed_revision(self) -> int:
+        """A revision that every change applied here from now on will be
+        above: the group's last revision, or just below what the state
+        machine's clock already guarantees (kv_records.next_revision: a
+        revision is at least clock_ms << 12, and the clock never goes back).
+        Every change at or below it has been applied here. An idle group's
+        clock moves on with any command, an empty transaction too: a watch
+        asks for one to see the group's changes closed up to now."""
+        with self._sm_lock:
+            return max(self._revision, (self._apply_state.clock_ms << 12) - 1)
+
     @property
     def conf_state(self) -> ConfState:
         return self._conf_state

@@ -275,6 +275,8 @@ def test_watch_a_prefix_from_now_and_from_a_revision_with_prev_kv(cluster: Local
         seen = []
         while len(seen) < 11:
             seen.extend(next(responses).events)
+        revisions = [e.kv.mod_revision for e in seen]
+        assert revisions == sorted(revisions)          # one revision order across both groups
         by_key: dict[bytes, list] = {}
         for event in seen:
             by_key.setdefault(event.kv.key, []).append(event)
@@ -379,6 +381,35 @@ def test_the_aetcd_client(cluster: LocalCluster) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_a_watch_resumed_from_its_last_revision_misses_nothing_of_any_group(
+        cluster: LocalCluster, kv: rpc_grpc.KVStub) -> None:
+    """Changes of both groups in one revision order: a client that stops and
+    resumes from its last revision + 1 gets exactly the rest."""
+    since = kv.Put(rpc.PutRequest(key=b"resume-marker", value=b"x"), timeout=10).header.revision
+    keys = [b"resume/%02d" % i for i in range(20)]                 # in both groups
+    for key in keys:
+        kv.Put(rpc.PutRequest(key=key, value=b"x"), timeout=10)
+
+    def watch_from(revision: int, count: int) -> list:
+        with grpc.insecure_channel(cluster.config.hosts[1].etcd_address) as channel:
+            requests: queue.Queue = queue.Queue()
+            responses = rpc_grpc.WatchStub(channel).Watch(iter(requests.get, None), timeout=30)
+            requests.put(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                key=b"resume/", range_end=b"resume0", start_revision=revision)))
+            events: list = []
+            for response in responses:
+                events.extend(response.events)
+                if len(events) >= count:
+                    break
+            requests.put(None)
+            responses.cancel()
+            return events[:count]
+
+    first = watch_from(since, 7)
+    rest = watch_from(first[-1].kv.mod_revision + 1, len(keys) - 7)
+    assert [e.kv.key for e in first + rest] == keys                # written one after the other
+
+
 def _leader_host(status, group: int | None) -> str:  # type: ignore[no-untyped-def]
     """The host of a group's leader (None: the metadata group), from a router's status."""
     view = status.metadata_group if group is None else next(g for g in status.groups if g.group == group)
@@ -415,9 +446,13 @@ def test_leaders_killed_lose_no_watch_event_and_end_no_kept_lease(cluster: Local
                 time.sleep(1)
             assert kv.Range(rpc.RangeRequest(key=b"fault/leased"), timeout=10).count == 1
             seen: list[bytes] = []
+            revisions: list[int] = []
             while len(seen) < len(written) + 1:
-                seen.extend(event.kv.key for event in next(responses).events)
+                for event in next(responses).events:
+                    seen.append(event.kv.key)
+                    revisions.append(event.kv.mod_revision)
             assert sorted(seen) == sorted([b"fault/leased", *written])      # each once: none lost, none twice
+            assert revisions == sorted(revisions)                            # in revision order throughout
         finally:
             requests.put(None)
             responses.cancel()
