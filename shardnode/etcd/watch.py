@@ -173,8 +173,9 @@ class _Watch:
 
     async def start(self) -> int:
         """Follow every group; returns once each one's stream is open (a
-        change applied after this is seen), with the largest revision they
-        reported then."""
+        change applied after this is seen), with the revision every group
+        was closed at then: a client that watches again from the one after
+        it misses nothing this watch would have given."""
         for group in self.stream.core.shard_map.groups:
             self._follow(group, self.create.start_revision)
         await asyncio.wait([asyncio.create_task(e.wait()) for e in self._ready.values()], timeout=10.0)
@@ -182,7 +183,7 @@ class _Watch:
         self._others.append(asyncio.create_task(self._close_idle_groups(), name=f"etcd-watch-{self.id}-ticks"))
         if self.create.progress_notify:
             self._others.append(asyncio.create_task(self._notify_progress(), name=f"etcd-watch-{self.id}-progress"))
-        return max(self.progress_of.values(), default=0)
+        return self.progress()
 
     def _follow(self, group: int, start_revision: int) -> None:
         self.next_revision[group] = start_revision
