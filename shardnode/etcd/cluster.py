@@ -9,6 +9,10 @@ are not etcd members; membership changes go through `shardnode member` and
 
 from __future__ import annotations
 
+import asyncio
+import os
+from pathlib import Path
+
 import grpc
 
 from ..config import ClusterConfig
@@ -40,12 +44,27 @@ class EtcdCluster(rpc_grpc.ClusterServicer):
 
 
 class EtcdMaintenance(rpc_grpc.MaintenanceServicer):
-    """Status answers for this router: its member id and the API version.
-    The Raft fields (leader, raftIndex, raftTerm) are 0 and dbSize is not
-    reported: each group has its own leader, log and database."""
+    """Status answers for this router: its member id, the API version, and
+    dbSize: the bytes of every replica's database on its host. The Raft
+    fields (leader, raftIndex, raftTerm) are 0: each group has its own
+    leader and log (`shardnode status` shows them)."""
 
-    def __init__(self, header: Header) -> None:
+    def __init__(self, cluster: ClusterConfig, host_name: str, header: Header) -> None:
         self.header = header
+        self._host_dir = cluster.data_dir / host_name
 
     async def Status(self, request: rpc.StatusRequest, context: grpc.aio.ServicerContext) -> rpc.StatusResponse:
-        return rpc.StatusResponse(header=self.header.make(0), version=API_VERSION)
+        size = await asyncio.to_thread(_bytes_under, self._host_dir)
+        return rpc.StatusResponse(header=self.header.make(0), version=API_VERSION, dbSize=size, dbSizeInUse=size)
+
+
+def _bytes_under(directory: Path) -> int:
+    """The size of the files under `directory` (0 if it is not there)."""
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                pass            # removed meanwhile (compaction, a snapshot's staging)
+    return total

@@ -28,5 +28,5 @@ def add_etcd_services(server: grpc.aio.Server, cluster: ClusterConfig, host_name
     rpc_grpc.add_LeaseServicer_to_server(EtcdLease(leases, header), server)
     rpc_grpc.add_WatchServicer_to_server(EtcdWatch(core, header), server)
     rpc_grpc.add_ClusterServicer_to_server(EtcdCluster(cluster, header), server)
-    rpc_grpc.add_MaintenanceServicer_to_server(EtcdMaintenance(header), server)
+    rpc_grpc.add_MaintenanceServicer_to_server(EtcdMaintenance(cluster, host_name, header), server)
     return leases

@@ -159,7 +159,7 @@ def test_etcdctl_endpoint_status_health_and_member_list(cluster: LocalCluster) -
     health = etcdctl(cluster, "endpoint", "health", endpoints=endpoints, stderr=True)   # etcdctl 3.4 says it on stderr
     assert health.count("is healthy") == 3
     status = json.loads(etcdctl(cluster, "endpoint", "status", "-w", "json"))
-    assert status[0]["Status"]["version"]
+    assert status[0]["Status"]["version"] and status[0]["Status"]["dbSize"] > 0      # its host's databases
     members = json.loads(etcdctl(cluster, "member", "list", "-w", "json"))
     assert sorted(m["name"] for m in members["members"]) == ["h1", "h2", "h3"]
 
