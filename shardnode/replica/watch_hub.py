@@ -25,10 +25,18 @@ import msgpack
 from ..storage.etcd_ops import in_range, kv_of
 from ..storage.store import ChangeEvent
 
-#: Changes a replica remembers for watches that start in the past.
+#: Changes a replica remembers for watches that start in the past: at most this many, and at
+#: most about this many bytes of keys and values (values reach 1 MiB).
 DEFAULT_CAPACITY = 10_000
+DEFAULT_CAPACITY_BYTES = 32 << 20
 #: Batches of changes a watcher may have waiting before it is ended as lagging.
 QUEUE_BATCHES = 1024
+
+
+def _size(event: ChangeEvent) -> int:
+    """About the memory a remembered change holds."""
+    return (len(event.key) + (len(event.record.value) if event.record is not None else 0)
+            + (len(event.previous.value) if event.previous is not None else 0) + 100)
 
 
 def encode_changes(events: list[ChangeEvent]) -> bytes:
@@ -73,18 +81,24 @@ class Watcher:
 
 
 class WatchHub:
-    def __init__(self, revision: int, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, revision: int, capacity: int = DEFAULT_CAPACITY,
+                 capacity_bytes: int = DEFAULT_CAPACITY_BYTES) -> None:
         # Every change after `_first - 1` is in `_history`: nothing before this replica started.
         self._first = revision + 1
         self._history: deque[ChangeEvent] = deque()
         self._capacity = capacity
+        self._capacity_bytes = capacity_bytes
+        self._bytes = 0
         self._watchers: set[Watcher] = set()
 
     def publish(self, events: list[ChangeEvent]) -> None:
         """The changes of one applied batch (ReplicaStore.on_changes)."""
         self._history.extend(events)
-        while len(self._history) > self._capacity:
-            self._first = self._history.popleft().revision + 1
+        self._bytes += sum(_size(e) for e in events)
+        while self._history and (len(self._history) > self._capacity or self._bytes > self._capacity_bytes):
+            dropped = self._history.popleft()
+            self._bytes -= _size(dropped)
+            self._first = dropped.revision + 1
         for watcher in list(self._watchers):
             matching = watcher.matches(events)
             if not matching:
@@ -112,6 +126,7 @@ class WatchHub:
         not known here. Watchers are ended (they start again elsewhere, or
         here from a revision this replica has)."""
         self._history.clear()
+        self._bytes = 0
         self._first = revision + 1
         for watcher in list(self._watchers):
             self._end(watcher)

@@ -79,3 +79,12 @@ def test_a_replica_behind_the_watch_sends_nothing_before_its_start() -> None:
         assert [e.revision for e in await watcher.next()] == [13]
 
     asyncio.run(run())
+
+
+def test_the_history_is_bounded_in_bytes_too() -> None:
+    hub = WatchHub(revision=0, capacity=1000, capacity_bytes=5000)
+    for revision in range(1, 11):
+        hub.publish([change(revision, b"k", b"v" * 1000)])
+    assert hub.first_revision() > 5                       # only the last few 1 kB changes are kept
+    _, backlog = hub.watch(b"k", b"", start_revision=hub.first_revision())
+    assert [e.revision for e in backlog] == list(range(hub.first_revision(), 11))
