@@ -63,6 +63,7 @@ TICK_SECONDS = 0.2
 #: Changes a watch holds back at most (a group that reports no progress: no leader, no quorum);
 #: past it the watch ends, and its client resumes from its last revision once the group is back.
 MAX_HELD = 100_000
+MAX_HELD_BYTES = 64 << 20
 
 
 class EtcdWatch(rpc_grpc.WatchServicer):
@@ -164,6 +165,7 @@ class _Watch:
         self._others: list[asyncio.Task[None]] = []
         # Changes received but not passed on yet: (revision, arrival, event), the lowest first.
         self._held: list[tuple[int, int, mvccpb.Event]] = []
+        self._held_bytes = 0
         self._arrivals = itertools.count()
         self._released = asyncio.Lock()
 
@@ -262,9 +264,9 @@ class _Watch:
                     self._ready[group].set()
                     if batch.events:
                         self._hold(group, batch.events)
-                        if len(self._held) > MAX_HELD:
+                        if len(self._held) > MAX_HELD or self._held_bytes > MAX_HELD_BYTES:
                             stuck = [g for g in self.tasks if self.progress_of.get(g, 0) < self._held[0][0]]
-                            await self.stream.end(self, 0, f"shardnode: more than {MAX_HELD} changes held back "
+                            await self.stream.end(self, 0, f"shardnode: too many changes held back "
                                                            f"waiting for group(s) {stuck}; watch again from the "
                                                            f"last revision received")
                             return
@@ -292,6 +294,7 @@ class _Watch:
             if self.create.prev_kv and previous is not None:
                 event.prev_kv.CopyFrom(key_value(previous))
             heapq.heappush(self._held, (revision, next(self._arrivals), event))
+            self._held_bytes += event.ByteSize()
         if last:
             self.next_revision[group] = last + 1
 
@@ -305,6 +308,7 @@ class _Watch:
             events = []
             while self._held and self._held[0][0] <= closed:
                 events.append(heapq.heappop(self._held)[2])
+                self._held_bytes -= events[-1].ByteSize()
             if events:
                 await self.created.wait()           # the created answer goes first
                 await self.stream.out.put(rpc.WatchResponse(
