@@ -22,6 +22,7 @@ through its event loop.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -160,13 +161,15 @@ class LeaseWatchMixin:
         """The changes of `key` (or of every key starting with it, `prefix`)
         from now on, or from `start_revision`; an endless async iterator
         (break out of it to stop). WatchCompacted if the revision is older
-        than the history the cluster keeps."""
+        than the history the cluster keeps; ShardnodeError when no router
+        answered for the client's timeout."""
         rpc, rpc_grpc = _etcd()
         key = self._key(key)
         range_end = (prefix_end(key) or b"\0") if prefix else b""
         next_revision = start_revision
         index = self._preferred
         failures = 0
+        answered = time.monotonic()        # the last answer of any router
         while True:
             self._pipe(index)
             stub = rpc_grpc.WatchStub(self._channels[index])
@@ -177,6 +180,15 @@ class LeaseWatchMixin:
             try:
                 async for response in call:
                     failures = 0
+                    answered = time.monotonic()
+                    revision = response.header.revision
+                    if response.created:
+                        if not next_revision and revision:
+                            # Watching from now: every later change is above the created revision.
+                            next_revision = revision + 1
+                    elif not response.events and not response.canceled and revision:
+                        # A progress answer: every change up to it was passed on.
+                        next_revision = max(next_revision, revision + 1)
                     if response.canceled:
                         if response.compact_revision:
                             raise WatchCompacted(f"watch: revision {next_revision} is compacted; the oldest "
@@ -195,8 +207,9 @@ class LeaseWatchMixin:
             # That router is gone: the next one, from the revision after the last event.
             index = (index + 1) % len(self._routers)
             await asyncio.sleep(min(0.05 * (2 ** min(failures, 4)), 1.0))
-            if failures > 4 * len(self._routers):
-                raise ShardnodeError(f"watch: no router answered ({', '.join(self._routers)})")
+            if time.monotonic() - answered > self._timeout:
+                raise ShardnodeError(f"watch: no router answered for {self._timeout:g} s "
+                                     f"({', '.join(self._routers)})")
 
 
 async def _drain(requests: asyncio.Queue[Any]) -> AsyncIterator[Any]:

@@ -228,8 +228,7 @@ class _Watch:
         await self.created.wait()
         while True:
             await asyncio.sleep(PROGRESS_NOTIFY_SECONDS)
-            await self.stream.out.put(rpc.WatchResponse(header=self.stream.header.make(self.progress()),
-                                                        watch_id=self.id))
+            await self._release(notify=True)
 
     async def _group(self, group: int) -> None:
         """Read the group's changes from one replica after another, forever."""
@@ -298,13 +297,23 @@ class _Watch:
         if last:
             self.next_revision[group] = last + 1
 
-    async def _release(self) -> None:
+    async def _release(self, notify: bool = False) -> None:
         """Pass on, in revision order, the held changes no group can still
-        undercut: those at or below every followed group's closed revision."""
+        undercut: those at or below every followed group's closed revision;
+        then, with `notify`, that revision (a progress answer: everything up
+        to it was passed on)."""
         async with self._released:
-            if not self._held or len(self.progress_of) < len(self.tasks):
+            if len(self.progress_of) < len(self.tasks):
                 return
             closed = self.progress()
+            await self._pass_on_closed(closed)
+            if notify:
+                await self.stream.out.put(rpc.WatchResponse(header=self.stream.header.make(closed),
+                                                            watch_id=self.id))
+
+    async def _pass_on_closed(self, closed: int) -> None:
+        """Caller holds _released."""
+        if self._held:
             events = []
             while self._held and self._held[0][0] <= closed:
                 events.append(heapq.heappop(self._held)[2])

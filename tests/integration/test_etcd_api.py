@@ -410,6 +410,31 @@ def test_a_watch_resumed_from_its_last_revision_misses_nothing_of_any_group(
     assert [e.kv.key for e in first + rest] == keys                # written one after the other
 
 
+def test_a_watch_of_shardnodes_client_resumes_across_its_router_restarting(
+        cluster: LocalCluster, kv: rpc_grpc.KVStub) -> None:
+    """Its only router killed and started again: the watch goes on from the
+    revision after its last event, none lost or repeated."""
+    host = cluster.config.hosts[2]
+    keys = [b"restart/%02d" % i for i in range(20)]
+    events: list = []
+    since = kv.Put(rpc.PutRequest(key=b"restart-marker", value=b"x"), timeout=10).header.revision
+    with Client([host.router_address], timeout=20) as client:
+        watching = threading.Thread(target=lambda: events.extend(
+            itertools.islice(client.watch(b"restart/", prefix=True, start_revision=since), len(keys))))
+        watching.start()
+        for key in keys[:10]:
+            kv.Put(rpc.PutRequest(key=key, value=b"x"), timeout=10)
+        time.sleep(0.5)
+        cluster.kill((host.name, "router"))
+        try:
+            for key in keys[10:]:
+                kv.Put(rpc.PutRequest(key=key, value=b"x"), timeout=10)
+        finally:
+            cluster.start_host_router(host.name)
+        watching.join(timeout=30)
+    assert [e.key for e in events] == keys
+
+
 def _leader_host(status, group: int | None) -> str:  # type: ignore[no-untyped-def]
     """The host of a group's leader (None: the metadata group), from a router's status."""
     view = status.metadata_group if group is None else next(g for g in status.groups if g.group == group)
