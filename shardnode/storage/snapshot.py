@@ -58,7 +58,7 @@ from .engine import (
     encode_clock,
     new_batch,
 )
-from .kv_records import LEASE_INDEX_PREFIX, REVOKED_PREFIX, SHARD_REVISION
+from .kv_records import LEASE_INDEX_PREFIX, REVOKED_PREFIX, SHARD_REVISION, is_record
 from .position_index import index_key
 
 CHUNK_FORMAT_VERSION = 1
@@ -140,6 +140,8 @@ def _validate_record(record: object) -> Record:
         if tag == TAG_KV:
             if not key:
                 raise ValueError("empty key")
+            if not is_record(value):
+                raise ValueError("kv value is not a record (a value with its etcd metadata, kv_records.py)")
         elif tag == TAG_SESSIONS:
             if len(key) != 8:
                 raise ValueError("session key must be an 8-byte client id")

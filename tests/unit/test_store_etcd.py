@@ -287,3 +287,15 @@ def test_a_key_put_and_revoked_in_one_batch_is_found_through_the_batch(group: Gr
     results = group.store.apply(entries)
     group.index = entries[-1].index
     assert decode_result(results[1].old_value).responses[0].deleted == 1 and group.store.get(b"k") is None
+
+
+def test_a_snapshot_chunk_with_a_bare_value_is_refused() -> None:
+    from shardnode.raft import SnapshotMetadata
+    from shardnode.storage.engine import SnapshotDataError, TAG_KV
+    from shardnode.storage.snapshot import decode_chunk, encode_chunk
+
+    metadata = SnapshotMetadata(5, 1)
+    good = encode_chunk(metadata, [(TAG_KV, b"k", encode_record(KeyRecord(b"v", 1, 1, 1)))], last=True)
+    assert decode_chunk(good).records[0][1] == b"k"
+    with pytest.raises(SnapshotDataError):
+        decode_chunk(encode_chunk(metadata, [(TAG_KV, b"k", b"bare")], last=True))
