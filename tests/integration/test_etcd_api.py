@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import os
 import queue
 import shutil
 import subprocess
@@ -380,6 +381,15 @@ def test_the_aetcd_client(cluster: LocalCluster) -> None:
                            host.address, str(host.etcd_port)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
+
+
+@pytest.mark.skipif(importlib.util.find_spec("etcd3") is None, reason="etcd3 not installed (pip install '.[test]')")
+def test_the_etcd3_client(cluster: LocalCluster) -> None:
+    host = cluster.config.hosts[1]
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "etcd_clients" / "etcd3_check.py"),
+                           host.address, str(host.etcd_port)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"})
+    assert done.returncode == 0, done.stdout + done.stderr
 
 def test_a_watch_resumed_from_its_last_revision_misses_nothing_of_any_group(
         cluster: LocalCluster, kv: rpc_grpc.KVStub) -> None:
