@@ -72,8 +72,8 @@ from ..keyspace import RangeSet, stable_hash
 from .commands import Command, CommandError, CommandOp, command_from_fields
 from . import position_index
 from . import kv_records
-from .etcd_ops import RangeOp, RangeResponse, Txn, TxnError, TxnResult, TxnState, decode_txn, encode_result, \
-    run_range, run_txn
+from . import etcd_apply
+from .etcd_ops import RangeOp, RangeResponse, run_range
 from .kv_records import SHARD_REVISION, KeyRecord, decode_record, decode_revision, encode_record, \
     encode_revision, next_revision, record_value
 from .export_reads import DeltaPage, delta_page, scan_page
@@ -772,7 +772,7 @@ class ReplicaStore:
             try:
                 self._check_open()
                 shard = self.shard_state
-                if not _range_allowed(shard, epoch):
+                if not etcd_apply.range_allowed(shard, epoch):
                     return None
                 engine = self._engine
                 prefix = kv_records.lease_index_prefix(lease)
@@ -808,7 +808,7 @@ class ReplicaStore:
             try:
                 self._check_open()
                 shard = self.shard_state
-                if not _range_allowed(shard, epoch):
+                if not etcd_apply.range_allowed(shard, epoch):
                     return None
                 revision = self._revision
                 engine = self._engine
@@ -989,83 +989,16 @@ class ReplicaStore:
 
     def _apply_txn(self, index: int, command: Command, clock_ms: int, pending: _ApplyBatch,
                    shard: ShardState) -> ApplyResult:
-        """An etcd transaction (etcd_ops.py) on keys of this group. Refused
-        as wrong_group, nothing done and nothing recorded, if the group does
-        not serve one of its keys now (or, for an op over a range, its
-        ownership changed after the router's map); a malformed one is
-        answered with its error, the same on every replica. The answer is
-        the session's, so a retry gets it again."""
-        client_id, sequence = command.client_id, command.sequence
-        try:
-            txn = decode_txn(command.value or b"")
-        except TxnError as exc:
-            result = TxnResult(f"malformed transaction: {exc}", False, pending.revision)
-            return self._txn_answer(index, command, clock_ms, pending, result)
-        if not all(shard.accepts(key) for key in txn.keys()) or (txn.has_ranges()
-                                                                 and not _range_allowed(shard, txn.epoch)):
-            return ApplyResult(index, client_id, sequence, False, None, wrong_group=True)
-        shard_handle = self._engine.shard.handle
-
-        def put(key: bytes, record: KeyRecord | None) -> None:
-            position = stable_hash(key)
-            old = pending.record(key)
-            if record is None:
-                pending.put(key, None, existed=old is not None, position=position)
-            else:
-                pending.put_record(key, record, existed=old is not None, position=position)
-            pending.follow_lease(key, old, record)
-            pending.changed(key, record, old)
-            for move_id in shard.dirty_moves(position):
-                pending.batch.put(dirty_key(move_id, key), b"", shard_handle)
-
-        def attached(lease: int) -> list[tuple[bytes, KeyRecord]]:
-            found = []
-            for key in pending.lease_keys(lease):
-                record = pending.record(key)
-                if record is not None and record.lease == lease and shard.accepts(key):
-                    found.append((key, record))
-            return found
-
-        state = TxnState(pending.record, lambda start, end: self._scan_pending(pending, shard, start, end), put,
-                         revoked=pending.lease_revoked, attached=attached,
-                         revoke=lambda lease: pending.revoke_lease(lease, clock_ms))
-        result = run_txn(txn, state, pending.revision,
-                         lambda floor: pending.take_revision(next_revision(pending.revision, clock_ms, floor)))
-        return self._txn_answer(index, command, clock_ms, pending, result)
-
-    def _txn_answer(self, index: int, command: Command, clock_ms: int, pending: _ApplyBatch,
-                    result: TxnResult) -> ApplyResult:
-        answer = encode_result(result)
+        """An etcd transaction (etcd_apply.py). Refused as wrong_group, nothing
+        done and nothing recorded, if the group does not serve it now; else
+        its answer is the session's, so that a retry gets it again."""
+        answer = etcd_apply.apply_txn(self._engine, command.value or b"", clock_ms, pending, shard)
+        if answer is None:
+            return ApplyResult(index, command.client_id, command.sequence, False, None, wrong_group=True)
         if command.client_id:
             pending.put_session(command.client_id, SessionRecord(command.sequence, True, answer, clock_ms, None,
                                                                  stable_hash(command.key)))
         return ApplyResult(index, command.client_id, command.sequence, True, answer)
-
-    def _scan_pending(self, pending: _ApplyBatch, shard: ShardState, start: bytes,
-                      range_end: bytes):  # type: ignore[no-untyped-def]
-        """(key, record) of the keys in etcd's interval [start, range_end)
-        that the group serves, as of this point of the apply batch: the
-        database merged with the batch's own writes, in key order."""
-        everything = range_end == b"\0"
-        overlay = sorted((k, v) for k, v in pending.overlay_items()
-                         if k >= start and (everything or k < range_end))
-        cursor = self._engine.iterator(self._engine.kv, upper_bound=None if everything else range_end)
-        cursor.seek(start)
-        at = 0
-        while True:
-            stored_key = cursor.key() if cursor.valid() else None
-            if at < len(overlay) and (stored_key is None or overlay[at][0] <= stored_key):
-                key, raw = overlay[at]
-                at += 1
-                if stored_key == key:
-                    cursor.next()
-            elif stored_key is not None:
-                key, raw = stored_key, cursor.value()
-                cursor.next()
-            else:
-                return
-            if raw is not None and shard.accepts(key):
-                yield key, decode_record(raw)
 
     # --- Moving key space (shard commands) ------------------------------------------------
 
@@ -1417,14 +1350,6 @@ def _conf_change_fence(data: bytes) -> int:
 
 def _overlap_sets(a: RangeSet, b: RangeSet) -> bool:
     return a.difference(b) != a
-
-
-def _range_allowed(shard: ShardState, epoch: int) -> bool:
-    """Whether an op over a range of keys, routed with the shard map of
-    `epoch`, may run here: the group's ownership did not change after that
-    map, and none of it is frozen in a move (a frozen range is served by
-    neither side until the map flips)."""
-    return shard.version <= epoch and not any(e.frozen for e in shard.exports.values())
 
 
 def _put_record(old: KeyRecord | None, value: bytes, revision: int) -> KeyRecord:
