@@ -1,7 +1,7 @@
 """shardnode against etcd on the same machine: the same closed-loop load, one
 gRPC call per operation, rounds interleaved.
 
-    .venv/bin/python bench/versus_etcd.py [--seconds 10] [--callers 1,16,64] [--ops put,get]
+    .venv/bin/python bench/versus_etcd.py [--seconds 10] [--callers 1,16,64] [--ops put,get,range,txn]
                                           [--modes rpc,client,async] [--warmup 1]
                                           [--profile DIR [--profile-op put|get] [--profile-via rpc|async]
                                            [--native] [--gil]] [--json]
@@ -23,6 +23,12 @@ operation and number of callers, one etcd round and one shardnode round
   stubs generated at run time from bench/etcd_kv.proto; shardnode: the
   router's `KV/Put` (no session: the router uses its own) and `KV/Get`
   (linearizable, the default);
+- `range` (not by default): the RANGE_KEYS keys from a random key on, etcd's
+  `KV/Range` with a range_end against shardnode's `KV/Scan` (gathered from
+  every group, docs/etcd.md); `txn`: a compare-and-swap of a random key
+  (its value must be the one it has; the same value written again), etcd's
+  `KV/Txn` against shardnode's `KV/CompareAndSet` (one transaction of the
+  key's group);
 - shardnode is also driven through its own clients (`--modes`): `client`,
   one shared `shardnode.client.Client` called by N threads, and `async`,
   one `AsyncClient` called by N tasks; their calls are coalesced on one
@@ -306,6 +312,9 @@ class Target:
     get: Callable[[int, bytes], Awaitable[object]]
     pids: Callable[[], dict[str, int]]
     channels: list[grpc.aio.Channel]
+    # [start, end) in key order, and a compare-and-swap of (key, value): the range and txn rounds.
+    range: Callable[[int, bytes, bytes], Awaitable[object]] | None = None
+    txn: Callable[[int, bytes, bytes], Awaitable[object]] | None = None
 
     async def close(self) -> None:
         for channel in self.channels:
@@ -325,7 +334,23 @@ def etcd_target(cluster: EtcdCluster, messages, stub_class) -> Target:  # type: 
             raise LookupError(key)
         return response
 
-    return Target("etcd", put, get, cluster.pids, channels)
+    async def range_(caller: int, start: bytes, end: bytes) -> object:
+        response = await stubs[caller % len(stubs)].Range(messages.RangeRequest(key=start, range_end=end),
+                                                          timeout=RPC_TIMEOUT)
+        if not response.kvs:
+            raise LookupError(start)
+        return response
+
+    async def txn(caller: int, key: bytes, value: bytes) -> object:
+        compare = messages.Compare(key=key, target=messages.Compare.VALUE, result=messages.Compare.EQUAL, value=value)
+        swap = messages.RequestOp(request_put=messages.PutRequest(key=key, value=value))
+        response = await stubs[caller % len(stubs)].Txn(messages.TxnRequest(compare=[compare], success=[swap]),
+                                                        timeout=RPC_TIMEOUT)
+        if not response.succeeded:
+            raise LookupError(key)
+        return response
+
+    return Target("etcd", put, get, cluster.pids, channels, range_, txn)
 
 
 def shardnode_target(cluster: LocalCluster) -> Target:
@@ -342,10 +367,23 @@ def shardnode_target(cluster: LocalCluster) -> Target:
             raise LookupError(key)
         return response
 
+    async def range_(caller: int, start: bytes, end: bytes) -> object:
+        response = await stubs[caller % len(stubs)].Scan(kv_pb2.ScanRequest(start=start, end=end), timeout=RPC_TIMEOUT)
+        if not response.items:
+            raise LookupError(start)
+        return response
+
+    async def txn(caller: int, key: bytes, value: bytes) -> object:
+        response = await stubs[caller % len(stubs)].CompareAndSet(
+            kv_pb2.CompareAndSetRequest(key=key, value=value, expected=value), timeout=RPC_TIMEOUT)
+        if not response.swapped:
+            raise LookupError(key)
+        return response
+
     def pids() -> dict[str, int]:
         return {f"{host}/{program}": p.pid for (host, program), p in cluster.processes.items()}
 
-    return Target("shardnode", put, get, pids, channels)
+    return Target("shardnode", put, get, pids, channels, range_, txn)
 
 
 def shardnode_async_client_target(cluster: LocalCluster) -> tuple[Target, AsyncClient]:
@@ -362,10 +400,22 @@ def shardnode_async_client_target(cluster: LocalCluster) -> tuple[Target, AsyncC
             raise LookupError(key)
         return found
 
+    async def range_(caller: int, start: bytes, end: bytes) -> object:
+        found = await kv.scan(start, end)
+        if not found:
+            raise LookupError(start)
+        return found
+
+    async def txn(caller: int, key: bytes, value: bytes) -> object:
+        swapped, _ = await kv.compare_and_set(key, value, value)
+        if not swapped:
+            raise LookupError(key)
+        return swapped
+
     def pids() -> dict[str, int]:
         return {f"{host}/{program}": p.pid for (host, program), p in cluster.processes.items()}
 
-    return Target("shardnode", put, get, pids, []), kv
+    return Target("shardnode", put, get, pids, [], range_, txn), kv
 
 
 async def shardnode_roles(cluster: LocalCluster) -> dict[str, str]:
@@ -399,6 +449,15 @@ def bench_key(index: int) -> bytes:
     return b"bench-%05d" % index
 
 
+#: Keys a range round reads: [its random key, the key RANGE_KEYS further).
+RANGE_KEYS = 10
+
+
+def range_end(key: bytes) -> bytes:
+    """The end (excluded) of the range a round reads from `key` on."""
+    return bench_key(min(int(key[len(b"bench-"):]) + RANGE_KEYS, KEYS))
+
+
 async def preload(target: Target, value: bytes, callers: int = 64) -> None:
     """Every bench key, so that gets find a value."""
     async def caller(i: int) -> None:
@@ -428,8 +487,12 @@ async def run_round(target: Target, op: str, callers: int, warmup: float, second
             try:
                 if op == "put":
                     await target.put(i, key, value)
-                else:
+                elif op == "get":
                     await target.get(i, key)
+                elif op == "range":
+                    await target.range(i, key, range_end(key))    # type: ignore[misc]
+                else:
+                    await target.txn(i, key, value)                # type: ignore[misc]
             except (grpc.aio.AioRpcError, LookupError, ShardnodeError) as exc:
                 done = time.perf_counter()
                 if window[0] <= done <= window[1]:
@@ -497,7 +560,13 @@ def run_thread_round(client: Client, op: str, callers: int, warmup: float, secon
             try:
                 if op == "put":
                     client.put(key, value)
-                elif client.get(key) is None:
+                elif op == "get":
+                    if client.get(key) is None:
+                        raise LookupError(key)
+                elif op == "range":
+                    if not client.scan(key, range_end(key)):
+                        raise LookupError(key)
+                elif not client.compare_and_set(key, value, value)[0]:
                     raise LookupError(key)
             except (LookupError, ShardnodeError) as exc:
                 done = time.perf_counter()
@@ -804,7 +873,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per round")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds at the start of each round")
     parser.add_argument("--callers", type=parse_callers, default=parse_callers("1,16,64"))
-    parser.add_argument("--ops", type=lambda text: parse_list(text, ("put", "get")), default=["put", "get"])
+    parser.add_argument("--ops", type=lambda text: parse_list(text, ("put", "get", "range", "txn")),
+                        default=["put", "get"], help="put, get; range and txn (docs/etcd.md) when asked")
     parser.add_argument("--tick-ms", type=int, default=100, help="shardnode's Raft tick (etcd: 100 ms heartbeat)")
     parser.add_argument("--modes", type=lambda text: parse_list(text, tuple(MODES)), default=list(MODES),
                         help="how shardnode is driven: rpc (one router call per op, as the etcd load), "

@@ -6,6 +6,8 @@
 # nftables (nft) and iproute2 (ip, tc) let the namespace-mode tests put each host in its
 # own network namespace and cut or slow the links between them
 # (tests/integration/test_partitions.py, docs/testing.md "Hosts in network namespaces").
+# etcd-client (etcdctl) lets tests/integration/test_etcd_api.py drive the routers' etcd API
+# with etcd's own command line (docs/etcd.md).
 #
 # Without them those tests skip, so this script never fails: it installs what it can and
 # says in one line per package what will be skipped. It is quick when everything is present
@@ -15,12 +17,14 @@ missing=""
 command -v fusermount3 >/dev/null 2>&1 || missing="$missing fuse3"
 command -v nft >/dev/null 2>&1 || missing="$missing nftables"
 { command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1; } || missing="$missing iproute2"
+command -v etcdctl >/dev/null 2>&1 || missing="$missing etcd-client"
 [ -n "$missing" ] || exit 0
 
 skipped() {
     # $1: package, $2: why it is not installed
     case "$1" in
         fuse3) what="the power-loss (lazyfs) tests" ;;
+        etcd-client) what="the etcdctl checks of the etcd API tests" ;;
         *) what="the namespace-mode (network fault) tests" ;;
     esac
     echo "install-test-deps: $1 not installed ($2); $what will be skipped"
@@ -48,6 +52,7 @@ for package in $missing; do
         fuse3) command -v fusermount3 >/dev/null 2>&1 ;;
         nftables) command -v nft >/dev/null 2>&1 ;;
         iproute2) command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 ;;
+        etcd-client) command -v etcdctl >/dev/null 2>&1 ;;
     esac || skipped "$package" "apt-get install $package failed"
 done
 exit 0

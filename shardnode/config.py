@@ -103,6 +103,8 @@ class HostConfig:
     # machine (the namespace mode, docs/testing.md): `local_cluster_config` starts the host's
     # supervisord with `ip netns exec NAMESPACE`. None: the machine's own network.
     namespace: str | None = None
+    # The router's etcd v3 API (docs/etcd.md); 0: not served (a [[host]] without etcd_port).
+    etcd_port: int = 0
 
     def worker_port(self, group: int) -> int:
         if group == METADATA_GROUP:
@@ -115,6 +117,11 @@ class HostConfig:
     @property
     def router_address(self) -> str:
         return f"{self.address}:{self.router_port}"
+
+    @property
+    def etcd_address(self) -> str | None:
+        """host:port of the router's etcd v3 API, None when it serves none."""
+        return f"{self.address}:{self.etcd_port}" if self.etcd_port else None
 
 
 @dataclass(slots=True, frozen=True)
@@ -415,11 +422,12 @@ class ClusterConfig:
                     standby=fields.boolean(host_raw, f"{label}.standby", default=False),
                     max_groups=max_groups,
                     namespace=_namespace(fields, host_raw, label),
+                    etcd_port=fields.port(host_raw, f"{label}.etcd_port") if "etcd_port" in host_raw else 0,
                 )
             )
             fields.no_extra(host_raw, label, {
                 "name", "address", "router_port", "worker_port_base", "metrics_port", "supervisor_port", "standby",
-                "namespace",
+                "namespace", "etcd_port",
             })
         names = [h.name for h in hosts]
         if len(set(names)) != len(names):
@@ -443,10 +451,11 @@ class ClusterConfig:
                 raise ConfigError(f"{where}host {host.name!r}.worker_port_base: base + max_groups exceeds 65535")
             worker_ports = set(range(host.worker_port_base, host.worker_port_base + max_groups + 1))
             for other_name, port in (("router_port", host.router_port), ("metrics_port", host.metrics_port),
-                                     ("supervisor_port", host.supervisor_port)):
+                                     ("supervisor_port", host.supervisor_port), ("etcd_port", host.etcd_port)):
                 if port in worker_ports:
                     raise ConfigError(f"{where}host {host.name!r}.{other_name}: {port} collides with its worker ports")
         endpoints = [(h.address, p) for h in hosts for p in (h.router_port, h.metrics_port, h.supervisor_port)]
+        endpoints += [(h.address, h.etcd_port) for h in hosts if h.etcd_port]
         endpoints += [(h.address, h.worker_port_base + g) for h in hosts for g in range(max_groups + 1)]
         if len(set(endpoints)) != len(endpoints):
             raise ConfigError(f"{where}host: two services share one address:port")

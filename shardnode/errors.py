@@ -98,3 +98,7 @@ class TLSMismatch(ShardnodeError):
     def __init__(self, message: str, routers: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.routers = routers
+
+
+class LeaseNotFound(ShardnodeError):
+    """No such lease (never granted, revoked, or expired)."""

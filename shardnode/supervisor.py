@@ -745,7 +745,7 @@ class Listener:
 
 def listeners(cluster: ClusterConfig) -> list[Listener]:
     """The processes that listen on the addresses `cluster` would listen on
-    (router, metrics, supervisord and worker ports of every host): empty when
+    (router, metrics, supervisord, etcd API and worker ports of every host): empty when
     it can start. A TCP connection that is accepted means someone listens;
     who it is comes from /proc (Linux), when this user may see it."""
     found = []
@@ -753,6 +753,8 @@ def listeners(cluster: ClusterConfig) -> list[Listener]:
     for host in cluster.hosts:
         ports = [(host.router_port, f"{host.name}'s router port"), (host.metrics_port, f"{host.name}'s metrics port"),
                  (host.supervisor_port, f"{host.name}'s supervisord port")]
+        if host.etcd_port:
+            ports.append((host.etcd_port, f"{host.name}'s etcd API port"))
         ports += [(host.worker_port(g), f"{host.name}'s {worker_program(g)} port") for g in worker_groups(cluster)]
         for port, role in ports:
             if not _accepts(host.address, port):

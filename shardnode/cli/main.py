@@ -49,6 +49,7 @@ from ..errors import ShardnodeError
 if TYPE_CHECKING:
     from ..client import Client
     from ..proto import kv_pb2
+from . import leases_watch  # light: parses lease ids; imports the client when a command runs
 
 PROG = "shardnode"
 DEFAULT_TIMEOUT = 10.0
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("--prev-kv", action="store_true",
                      help="after OK, print the previous value (raw, as `get` prints values)")
     _wait_option(put)
+    put.add_argument("--lease", type=leases_watch.lease_id, default=0, metavar="ID",
+                     help="attach the key to this lease (hexadecimal, as `lease grant` prints it)")
     put.set_defaults(func=_cmd_put)
 
     get = commands.add_parser("get", parents=[common], help="print a key's value (raw bytes)",
@@ -153,8 +156,40 @@ def build_parser() -> argparse.ArgumentParser:
                      help="allow a possibly stale read from any replica (faster, not linearizable)")
     get.add_argument("--output", "-o", metavar="FILE",
                      help="write the value to FILE instead of standard output (nothing is written if KEY is absent)")
+    get.add_argument("--prefix", action="store_true",
+                     help="every key that starts with KEY, with its value, one line each, in key order (as "
+                          "etcdctl does; exit 1 if there is none; docs/etcd.md)")
+    get.add_argument("--limit", type=_non_negative_int, default=0, metavar="N",
+                     help="with --prefix: at most N keys (0: all)")
+    get.add_argument("--keys-only", action="store_true", help="with --prefix: the keys alone")
     _wait_option(get)
     get.set_defaults(func=_cmd_get)
+
+    scan = commands.add_parser("scan", parents=[common], help="print the keys of a range and their values",
+                               description="Print every key of [START, END) and its value, one line each, in "
+                                           "key order (END omitted: to the last key; START omitted: from the "
+                                           "first). Gathered from every group: each group's part is "
+                                           "linearizable, the whole is not one snapshot (docs/etcd.md).")
+    scan.add_argument("start", metavar="START", nargs="?", default="")
+    scan.add_argument("end", metavar="END", nargs="?", default="")
+    scan.add_argument("--limit", type=_non_negative_int, default=0, metavar="N", help="at most N keys (0: all)")
+    scan.add_argument("--keys-only", action="store_true", help="the keys alone")
+    scan.add_argument("--stale", action="store_true", help="each group's local replica, without a read barrier")
+    scan.add_argument("--json", action="store_true",
+                      help="one JSON object: kvs (key, value as UTF-8 with backslash escapes, create_revision, "
+                           "mod_revision, version), count, more, revision")
+    scan.set_defaults(func=_cmd_scan)
+
+    cas = commands.add_parser("cas", parents=[common], help="compare-and-set: set a key if it holds a value",
+                              description="Set KEY to NEW if it holds --expect VALUE (or is absent, with "
+                                          "--expect-absent): atomic, applied once. Exit 0 if it was set; else "
+                                          "print the value KEY holds (nothing if absent) and exit 1.")
+    cas.add_argument("key", metavar="KEY")
+    cas.add_argument("new", metavar="NEW")
+    expectation = cas.add_mutually_exclusive_group(required=True)
+    expectation.add_argument("--expect", metavar="VALUE", help="the value KEY must hold")
+    expectation.add_argument("--expect-absent", action="store_true", help="KEY must be absent")
+    cas.set_defaults(func=_cmd_cas)
 
     delete = commands.add_parser("delete", parents=[common], help="remove a key; prints 1 (removed) or 0 (absent)",
                                  description="Remove KEY. Prints the number of keys removed, 1 or 0 (as etcdctl "
@@ -208,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the summary as JSON")
     bench.set_defaults(func=_cmd_bench)
 
+    leases_watch.register(commands, parents=[common])
     _register_admin(commands, common)
     return parser
 
@@ -245,7 +281,7 @@ def _client(args: argparse.Namespace) -> Client:
 def _cmd_put(args: argparse.Namespace) -> int:
     value = _value_argument(args)
     with _client(args) as client:
-        old = client.put(os.fsencode(args.key), value)
+        old = client.put(os.fsencode(args.key), value, lease=args.lease)
     _print_line("OK")
     if args.prev_kv and old is not None:
         _write_value(old)
@@ -253,6 +289,14 @@ def _cmd_put(args: argparse.Namespace) -> int:
 
 
 def _cmd_get(args: argparse.Namespace) -> int:
+    if args.prefix:
+        with _client(args) as client:
+            pairs = client.scan(prefix=os.fsencode(args.key), limit=args.limit, keys_only=args.keys_only,
+                                allow_stale=args.stale)
+        _write_pairs(pairs, args.keys_only)
+        return EXIT_OK if pairs else EXIT_NOT_FOUND
+    if args.limit or args.keys_only:
+        raise _UsageError("get: --limit and --keys-only go with --prefix")
     with _client(args) as client:
         value = client.get(os.fsencode(args.key), allow_stale=args.stale)
     if value is None:
@@ -275,6 +319,42 @@ def _cmd_delete(args: argparse.Namespace) -> int:
     if args.prev_kv and old is not None:
         _write_value(old)
     return EXIT_OK
+
+
+def _cmd_scan(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client.scan_items(os.fsencode(args.start), os.fsencode(args.end), limit=args.limit,
+                                     keys_only=args.keys_only, allow_stale=args.stale)
+    if args.json:
+        print(json.dumps({
+            "kvs": [{"key": _text(i.key), "value": _text(i.value), "create_revision": i.create_revision,
+                     "mod_revision": i.mod_revision, "version": i.version} for i in response.items],
+            "count": response.count, "more": response.more, "revision": response.revision}))
+        return EXIT_OK
+    _write_pairs([(i.key, i.value) for i in response.items], args.keys_only)
+    return EXIT_OK
+
+
+def _cmd_cas(args: argparse.Namespace) -> int:
+    expected = None if args.expect_absent else os.fsencode(args.expect)
+    with _client(args) as client:
+        swapped, current = client.compare_and_set(os.fsencode(args.key), expected, os.fsencode(args.new))
+    if swapped:
+        return EXIT_OK
+    if current is not None:
+        _write_value(current)
+    return EXIT_NOT_FOUND
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="backslashreplace")
+
+
+def _write_pairs(pairs: list[tuple[bytes, bytes]], keys_only: bool) -> None:
+    for key, value in pairs:
+        _write_value(key)
+        if not keys_only:
+            _write_value(value)
 
 
 def _value_argument(args: argparse.Namespace) -> bytes:

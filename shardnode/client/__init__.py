@@ -15,6 +15,7 @@ from ..errors import (DeadlineExceeded, InvalidArgument, NoLeader, NoQuorum, Not
                       ShardnodeError, TLSMismatch, Unavailable)
 from .aio import AsyncClient
 from .client import DEFAULT_TIMEOUT, Client, StaleSession
+from .leases_watch import LeaseNotFound, WatchCompacted, WatchEvent
 
 __all__ = [
     "AsyncClient",
@@ -22,6 +23,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "DeadlineExceeded",
     "InvalidArgument",
+    "LeaseNotFound",
     "NoLeader",
     "NoQuorum",
     "NotLeader",
@@ -30,4 +32,6 @@ __all__ = [
     "StaleSession",
     "TLSMismatch",
     "Unavailable",
+    "WatchCompacted",
+    "WatchEvent",
 ]

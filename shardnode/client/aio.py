@@ -36,8 +36,9 @@ from ..proto import kv_pb2, kv_pb2_grpc
 from ..placement.shard_map import ShardMap
 from ..security import aio_channel
 from .common import (CONNECTION_FAILED, BACKOFF_MAX, BACKOFF_MIN, CAUSES, CHANNEL_OPTIONS, CODES, DEADLINE_SLACK,
-                     DEFAULT_TIMEOUT, REFUSED, speaks_tls,
-                     TRY_ELSEWHERE, Cause, ClientSettings, Key, StaleSession, Value, all_refuse, jitter, status_of)
+                     DEFAULT_TIMEOUT, REFUSED, TRY_ELSEWHERE, Cause, ClientSettings, Key, StaleSession, Value,
+                     all_refuse, jitter, scan_request, speaks_tls, status_of)
+from .leases_watch import LeaseWatchMixin
 from .pipe import RouterPipe
 from .sessions import SessionPool
 
@@ -55,7 +56,7 @@ _NO_ANSWER = kv_pb2.BatchResult(code=grpc.StatusCode.DEADLINE_EXCEEDED.value[0],
 Attempt = Callable[[int, float], Awaitable[tuple[kv_pb2.BatchResult, Any]]]
 
 
-class AsyncClient(ClientSettings):
+class AsyncClient(LeaseWatchMixin, ClientSettings):
     """A client of a shardnode cluster for asyncio programs.
 
     The same arguments and errors as `Client`. It may be used from one event
@@ -86,9 +87,12 @@ class AsyncClient(ClientSettings):
 
     # --- Key-value operations ----------------------------------------------------------
 
-    async def put(self, key: Key, value: Value, *, timeout: float | None = None) -> bytes | None:
+    async def put(self, key: Key, value: Value, *, timeout: float | None = None, lease: int = 0) -> bytes | None:
         """Set `key` to `value`; returns the previous value, or None if the key
-        was absent. Applied exactly once, however often it is retried."""
+        was absent. Applied exactly once, however often it is retried.
+        `lease`: attach the key to that lease (lease_grant; see leases_watch.py)."""
+        if lease:
+            return await self._put_leased(self._key(key), self._value(value), lease, timeout)
         result = await self._write("put", BatchOperation.PUT, self._key(key), self._value(value),
                                    self._budget(timeout))
         return result.value if result.existed else None
@@ -128,6 +132,72 @@ class AsyncClient(ClientSettings):
                                                                    wait_for_quorum=self._wait_for_quorum),
                                               budget, write=False) for k in checked])
         return [r.value if r.existed else None for r in results]
+
+    async def scan(self, start: Key = b"", end: Key = b"", *, prefix: Key | None = None, limit: int = 0,
+                   keys_only: bool = False, allow_stale: bool = False,
+                   timeout: float | None = None) -> list[tuple[bytes, bytes]]:
+        """The (key, value) pairs of [start, end) in key order (end empty: to
+        the last key), or of the keys starting with `prefix`; at most `limit`
+        (0: all). Gathered from every group: each group's part is
+        linearizable, the whole is not one snapshot (docs/etcd.md)."""
+        response = await self.scan_items(start, end, prefix=prefix, limit=limit, keys_only=keys_only,
+                                         allow_stale=allow_stale, timeout=timeout)
+        return [(item.key, item.value) for item in response.items]
+
+    async def scan_items(self, start: Key = b"", end: Key = b"", *, prefix: Key | None = None, limit: int = 0,
+                         keys_only: bool = False, allow_stale: bool = False,
+                         timeout: float | None = None) -> kv_pb2.ScanResponse:
+        """scan() with each key's revisions and version, the count of every
+        match and whether more matched than `limit`."""
+        request = scan_request(self._key_or_empty(start), self._key_or_empty(end),
+                               None if prefix is None else self._key(prefix), limit, keys_only, allow_stale)
+
+        async def attempt(index: int, remaining: float) -> tuple[kv_pb2.BatchResult, Any]:
+            return await self._unary(index, "Scan", request, remaining)
+
+        return await self._call("scan", attempt, self._budget(timeout), write=False, key=b"")
+
+    async def compare_and_set(self, key: Key, expected: Value | None, value: Value, *,
+                              timeout: float | None = None) -> tuple[bool, bytes | None]:
+        """Set `key` to `value` if it holds `expected` (None: if it is
+        absent); returns (swapped, the value it held before: the one that did
+        not match when not swapped, None if absent). Atomic and applied
+        exactly once, however often it is retried."""
+        key = self._key(key)
+        value = self._value(value)
+        expected_bytes = None if expected is None else self._value(expected)
+        slot = self._sessions.acquire()
+        stale = False
+        request = kv_pb2.CompareAndSetRequest(
+            key=key, value=value, expected=expected_bytes or b"", expected_absent=expected is None,
+            session=kv_pb2.Session(client_id=slot.client_id, sequence=slot.sequence))
+
+        async def attempt(index: int, remaining: float) -> tuple[kv_pb2.BatchResult, Any]:
+            return await self._unary(index, "CompareAndSet", request, remaining)
+
+        try:
+            response = await self._call("compare-and-set", attempt, self._budget(timeout), write=True, key=key)
+        except StaleSession:
+            stale = True
+            raise
+        finally:
+            if stale:
+                self._sessions.discard(slot)
+            else:
+                self._sessions.release(slot)
+        return response.swapped, response.current if response.existed else None
+
+    def _key_or_empty(self, key: object) -> bytes:
+        return b"" if key in (b"", "") else self._key(key)
+
+    async def _unary(self, index: int, method: str, request: Any, remaining: float) -> tuple[kv_pb2.BatchResult, Any]:
+        self._pipe(index)       # opens the channel
+        stub = kv_pb2_grpc.KVStub(self._channels[index])
+        try:
+            return _SUCCESS, await getattr(stub, method)(request, timeout=remaining)
+        except grpc.aio.AioRpcError as exc:
+            code, details = status_of(exc)
+            return kv_pb2.BatchResult(code=code.value[0], message=details), None
 
     async def status(self, *, timeout: float | None = None) -> kv_pb2.StatusResponse:
         """The cluster's status as one router sees it (see Client.status)."""

@@ -52,9 +52,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import queue
 import threading
 import time
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from typing import Any
 
 from ..config import ClusterConfig
@@ -62,6 +63,7 @@ from ..errors import DeadlineExceeded, ShardnodeError
 from ..proto import kv_pb2
 from .aio import AsyncClient, BlockingCall
 from .common import DEFAULT_TIMEOUT, ClientSettings, Key, StaleSession, Value
+from .leases_watch import WatchEvent
 from .sessions import SessionPool
 
 __all__ = ["Client", "DEFAULT_TIMEOUT", "StaleSession"]
@@ -72,6 +74,8 @@ BatchOperation = kv_pb2.BatchOperation
 #: thread before giving up on it (the engine answers by the deadline; this
 #: only matters if that thread is stuck).
 _GRACE = 5.0
+#: Watch events waiting for the caller's thread before the stream waits for it.
+WATCH_QUEUE = 1024
 _CLOSE_TIMEOUT = 5.0
 
 
@@ -105,9 +109,12 @@ class Client(ClientSettings):
 
     # --- Key-value operations ----------------------------------------------------------
 
-    def put(self, key: Key, value: Value, *, timeout: float | None = None) -> bytes | None:
+    def put(self, key: Key, value: Value, *, timeout: float | None = None, lease: int = 0) -> bytes | None:
         """Set `key` to `value`; returns the previous value, or None if the key
-        was absent. Applied exactly once, however often it is retried."""
+        was absent. Applied exactly once, however often it is retried.
+        `lease`: attach the key to that lease (lease_grant)."""
+        if lease:
+            return self._run(self._engine.put(key, value, timeout=timeout, lease=lease), timeout)
         op = BatchOperation(kind=BatchOperation.PUT, key=self._key(key), value=self._value(value),
                             wait_for_quorum=self._wait_for_quorum)
         result = self._perform([BlockingCall("put", op, self._budget(timeout), True)])[0]
@@ -149,6 +156,81 @@ class Client(ClientSettings):
                                                              wait_for_quorum=self._wait_for_quorum), budget, False)
                  for k in self._keys(keys)]
         return [r.value if r.existed else None for r in self._perform(calls)]
+
+    def scan(self, start: Key = b"", end: Key = b"", *, prefix: Key | None = None, limit: int = 0,
+             keys_only: bool = False, allow_stale: bool = False,
+             timeout: float | None = None) -> list[tuple[bytes, bytes]]:
+        """The (key, value) pairs of [start, end) in key order (end empty: to
+        the last key), or of the keys starting with `prefix`; at most `limit`
+        (0: all). Each group's part is linearizable, the whole is not one
+        snapshot (docs/etcd.md)."""
+        return self._run(self._engine.scan(start, end, prefix=prefix, limit=limit, keys_only=keys_only,
+                                           allow_stale=allow_stale, timeout=timeout), timeout)
+
+    def scan_items(self, start: Key = b"", end: Key = b"", *, prefix: Key | None = None, limit: int = 0,
+                   keys_only: bool = False, allow_stale: bool = False,
+                   timeout: float | None = None) -> kv_pb2.ScanResponse:
+        """scan() with each key's revisions and version, the count and `more`."""
+        return self._run(self._engine.scan_items(start, end, prefix=prefix, limit=limit, keys_only=keys_only,
+                                                 allow_stale=allow_stale, timeout=timeout), timeout)
+
+    def compare_and_set(self, key: Key, expected: Value | None, value: Value, *,
+                        timeout: float | None = None) -> tuple[bool, bytes | None]:
+        """Set `key` to `value` if it holds `expected` (None: if absent);
+        returns (swapped, the value held before). Atomic, applied once."""
+        return self._run(self._engine.compare_and_set(key, expected, value, timeout=timeout), timeout)
+
+    # --- Leases and watches (docs/etcd.md; leases_watch.py) ------------------------------
+
+    def lease_grant(self, ttl: int, *, lease_id: int = 0, timeout: float | None = None) -> tuple[int, int]:
+        """A new lease of `ttl` seconds: (its id, the TTL granted)."""
+        return self._run(self._engine.lease_grant(ttl, lease_id=lease_id, timeout=timeout), timeout)
+
+    def lease_keep_alive(self, lease_id: int, *, timeout: float | None = None) -> int:
+        """Renew the lease for a full TTL; its TTL (LeaseNotFound if gone)."""
+        return self._run(self._engine.lease_keep_alive(lease_id, timeout=timeout), timeout)
+
+    def lease_revoke(self, lease_id: int, *, timeout: float | None = None) -> None:
+        """Revoke the lease: its keys are deleted."""
+        return self._run(self._engine.lease_revoke(lease_id, timeout=timeout), timeout)
+
+    def lease_time_to_live(self, lease_id: int, *, timeout: float | None = None) -> tuple[int, int]:
+        """(seconds left, TTL granted); LeaseNotFound if gone."""
+        return self._run(self._engine.lease_time_to_live(lease_id, timeout=timeout), timeout)
+
+    def leases(self, *, timeout: float | None = None) -> list[int]:
+        return self._run(self._engine.leases(timeout=timeout), timeout)
+
+    def watch(self, key: Key, *, prefix: bool = False, start_revision: int = 0,
+              prev_value: bool = False) -> Iterator[WatchEvent]:
+        """The changes of `key` (or of its prefix) as they happen: an endless
+        iterator (break out of it, or close() it, to stop)."""
+        # A task on the client's loop reads the stream into a queue this thread waits on: a
+        # watch waits for as long as nothing changes, which no call deadline allows.
+        events: queue.Queue[WatchEvent | BaseException] = queue.Queue(WATCH_QUEUE)
+
+        async def pump() -> None:
+            try:
+                async for event in self._engine.watch(key, prefix=prefix, start_revision=start_revision,
+                                                      prev_value=prev_value):
+                    await asyncio.to_thread(events.put, event)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # handed to the caller's thread
+                events.put(exc)
+
+        if self._closed:
+            raise ShardnodeError("the client is closed")
+        loop = self._loop if self._loop is not None else self._start()
+        task = asyncio.run_coroutine_threadsafe(pump(), loop)
+        try:
+            while True:
+                item = events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            task.cancel()
 
     def status(self, *, timeout: float | None = None) -> kv_pb2.StatusResponse:
         """The cluster's status as one router sees it: every group, its leader

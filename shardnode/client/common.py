@@ -21,6 +21,7 @@ import grpc
 from ..config import ClusterConfig
 from ..errors import (CAUSE_METADATA_KEY, GROUP_METADATA_KEY, DeadlineExceeded, InvalidArgument, NoLeader,
                       NoQuorum, ShardnodeError)
+from ..proto import kv_pb2
 from ..security import channel_credentials
 
 __all__ = ["DEFAULT_TIMEOUT", "ClientSettings", "StaleSession"]
@@ -272,3 +273,28 @@ def speaks_tls(router: str, timeout: float) -> bool | None:
         return False
     except OSError:
         return None
+
+
+def scan_request(start: bytes, end: bytes, prefix: bytes | None, limit: object, keys_only: bool,
+                 allow_stale: bool) -> kv_pb2.ScanRequest:
+    """The request of a scan; InvalidArgument for a bad combination."""
+    if type(limit) is not int or not 0 <= limit < 1 << 32:
+        raise InvalidArgument(f"limit: expected a count >= 0, got {limit!r}")
+    if prefix is not None:
+        if start or end:
+            raise InvalidArgument("scan: give a prefix or start/end, not both")
+        start, end = prefix, prefix_end(prefix)
+    if end and end <= (start or b"\0"):
+        raise InvalidArgument("scan: end must come after start")
+    return kv_pb2.ScanRequest(start=start, end=end, limit=limit, keys_only=bool(keys_only),
+                              allow_stale=bool(allow_stale))
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The first key after every key that starts with `prefix` (etcd's rule):
+    the prefix with its last byte that is not 0xff increased, b"" (to the last
+    key) if every byte is 0xff."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return b""
+    return stripped[:-1] + bytes([stripped[-1] + 1])

@@ -168,6 +168,12 @@ class ShardDirectory:
     async def close(self) -> None:
         await self._channels.close()
 
+    async def execute(self, operation: wpb.Operation, timeout: float | None = None) -> wpb.OperationResult:
+        """Any one operation on the metadata group's leader (the etcd API's
+        leases, docs/etcd.md), with this directory's retries; its session is
+        the caller's."""
+        return await self._execute(operation, timeout)
+
     # --- One operation on the leader -------------------------------------------------------
 
     def _stub(self, address: str) -> wpb_grpc.WorkerStub:

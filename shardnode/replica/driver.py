@@ -52,6 +52,9 @@ from ..placement.shard_map import initial_ownership
 from ..futures import settle
 from ..limits import refuse
 from ..storage import ApplyResult, Command, ReplicaStore, StorageFault, StoreBusy, encode_command
+from ..storage.etcd_ops import RangeOp, RangeResponse
+from .lease_clock import LeaseClock
+from .watch_hub import WatchHub
 from ..storage import fencing
 from ..storage.shard_commands import ShardResult
 from ..transport import RaftTransport, SnapshotHeader
@@ -147,6 +150,11 @@ class ReplicaDriver:
             **transport_security(cluster, replica.host.name, self.member_hosts),
         )
         self.metrics = WorkerMetrics(self.group, self.node_id)
+        # The etcd leases' deadlines while this replica leads (the metadata group's only).
+        self.lease_clock = LeaseClock()
+        # Recent changes for the etcd API's watches.
+        self.watch_hub = WatchHub(store.revision)
+        store.on_changes = self.watch_hub.publish
         self.metrics.bind(self)
         self._wake = asyncio.Event()
         self._persist_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"persist-g{self.group}")
@@ -336,6 +344,18 @@ class ReplicaDriver:
                 settle(future, error)
             return
         self._pending_reads[context] = waiting
+
+    async def scan_local(self, op: RangeOp, epoch: int) -> tuple[RangeResponse, int] | None:
+        """ReplicaStore.scan in a thread (a long range must not hold up the
+        group's loop); None: routed with a map older than the group's ownership."""
+        self._check_serving()
+        try:
+            return await asyncio.to_thread(self.store.scan, op, epoch)
+        except StoreBusy as exc:
+            raise Unavailable(str(exc)) from None
+        except StorageFault as exc:
+            self._fault(exc, "read")
+            raise Unavailable(f"replica stopped after a fault: {self.fail_stop.reason}") from None
 
     def read_local(self, key: bytes) -> bytes | None:
         self._check_serving()
@@ -603,6 +623,7 @@ class ReplicaDriver:
                        Unavailable("replaced by a snapshot; outcome unknown"))
             log.info("replica.snapshot_installed", extra={**self._log_extra, "index": index})
             self._on_conf_state(self.store.conf_state)
+            self.watch_hub.reset(self.store.revision)
         # 2. Send (unless already sent above).
         if not ready.send_before_persist:
             self._send(ready.messages)

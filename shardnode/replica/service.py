@@ -16,20 +16,33 @@ from ..proto import worker_pb2 as pb
 from ..proto import worker_pb2_grpc as pb_grpc
 from ..raft import ConfChange, ConfState, InvalidConfChange, StateRole
 from ..keyspace import KeySpaceError, RangeSet
-from ..storage import Command, CommandError, CommandOp, StorageError
+from ..storage import Command, CommandError, CommandOp, StorageError, StoreBusy
 from ..storage.commands import MAX_GUARDS
+from ..etcd.lease_records import LEASE_PREFIX, LEASE_PREFIX_END, LeaseRecord, decode_lease, lease_of_key
+from ..storage.etcd_ops import RangeOp, TxnError, TxnResult, decode_range, encode_result
 from ..storage.shard_commands import SHARD_FORMAT, ShardOp, ShardResult, shard_command_from_fields
 from .driver import ReplicaDriver
 from .identity import observe_group
+from .watch_hub import Compacted, Lagging, encode_changes
 
 log = logging.getLogger("shardnode.replica.service")
 
 # Used when the caller set no deadline: a request must never hang.
 DEFAULT_TIMEOUT = 10.0
 Op = pb.Operation
-_OP_NAMES = {Op.GET: "get", Op.PUT: "put", Op.DELETE: "delete", Op.CAS: "cas"}
-_WRITE_OPS = {Op.PUT: CommandOp.PUT, Op.DELETE: CommandOp.DELETE, Op.CAS: CommandOp.CAS}
+_OP_NAMES = {Op.GET: "get", Op.PUT: "put", Op.DELETE: "delete", Op.CAS: "cas", Op.TXN: "txn", Op.RANGE: "range",
+             Op.LEASE_KEYS: "lease_keys",
+             Op.LEASE_KEEPALIVE: "lease_keepalive", Op.LEASE_STATUS: "lease_status",
+             Op.LEASES_EXPIRED: "leases_expired"}
+_WRITE_OPS = {Op.PUT: CommandOp.PUT, Op.DELETE: CommandOp.DELETE, Op.CAS: CommandOp.CAS, Op.TXN: CommandOp.TXN}
+_READ_OPS = (Op.GET, Op.RANGE, Op.LEASE_KEYS)
+_LEASE_OPS = (Op.LEASE_KEEPALIVE, Op.LEASE_STATUS, Op.LEASES_EXPIRED)
+_VALUED_OPS = (Op.PUT, Op.CAS, Op.TXN, Op.RANGE, Op.LEASE_KEYS)
+#: A transaction carries several values (the router checks each one's size).
+MAX_TXN_VALUES = 4
 ShardStatus = pb.ShardResponse
+#: A watch stream says how far it got at least this often when nothing changes.
+WATCH_PROGRESS_SECONDS = 0.2
 #: Largest page of an export scan or delta.
 MAX_SCAN_BYTES = 4 << 20
 
@@ -54,10 +67,11 @@ class WorkerService(pb_grpc.WorkerServicer):
                 return f"operation {position}: key must be 1..{limits.max_key_bytes} bytes (got {len(op.key)})"
             if op.kind not in _OP_NAMES:
                 return f"operation {position}: unknown kind {op.kind}"
-            if op.kind in (Op.PUT, Op.CAS) and len(op.value) > limits.max_value_bytes:
-                return f"operation {position}: value must be at most {limits.max_value_bytes} bytes (got {len(op.value)})"
-            if op.kind not in (Op.PUT, Op.CAS) and op.value:
-                return f"operation {position}: only PUT and CAS carry a value"
+            largest = limits.max_value_bytes * (MAX_TXN_VALUES if op.kind == Op.TXN else 1)
+            if op.kind in _VALUED_OPS and len(op.value) > largest:
+                return f"operation {position}: value must be at most {largest} bytes (got {len(op.value)})"
+            if op.kind not in _VALUED_OPS and op.value:
+                return f"operation {position}: only PUT, CAS, TXN and RANGE carry a value"
             if op.kind != Op.CAS and (op.expected or op.expected_absent or op.guards):
                 return f"operation {position}: only CAS compares"
             if len(op.guards) > MAX_GUARDS:
@@ -103,12 +117,15 @@ class WorkerService(pb_grpc.WorkerServicer):
             return pb.ExecuteResponse(status=pb.ExecuteResponse.INVALID_ARGUMENT, message=problem)
         timeout = self._timeout(context)
         results: list[pb.OperationResult | None] = [None] * len(request.operations)
-        writes = [(i, op) for i, op in enumerate(request.operations) if op.kind != Op.GET]
-        reads = [(i, op) for i, op in enumerate(request.operations) if op.kind == Op.GET]
+        writes = [(i, op) for i, op in enumerate(request.operations) if op.kind not in _READ_OPS + _LEASE_OPS]
+        reads = [(i, op) for i, op in enumerate(request.operations) if op.kind in _READ_OPS]
+        leases = [(i, op) for i, op in enumerate(request.operations) if op.kind in _LEASE_OPS]
         try:
+            if leases:
+                await self._leases(leases, results, timeout)
             if request.allow_stale:
                 for i, op in reads:
-                    results[i] = self._read_one(op.key)
+                    results[i] = await self._read_one(op)
                 reads = []
             jobs = []
             if writes:
@@ -166,15 +183,68 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def _read(self, reads, results, timeout: float) -> None:
         await self.driver.read_barrier(timeout)
         for i, op in reads:
-            results[i] = self._read_one(op.key)
+            results[i] = await self._read_one(op)
 
-    def _read_one(self, key: bytes) -> pb.OperationResult:
+    async def _read_one(self, op: pb.Operation) -> pb.OperationResult:
         # Ownership as of the applied index, which the read barrier brought
         # past every change acknowledged before the read began.
+        if op.kind == Op.RANGE:
+            return await self._range(op)
+        if op.kind == Op.LEASE_KEYS:
+            return await self._lease_keys(op)
+        key = op.key
         if not self.driver.store.owns(key):
             self.driver.metrics.wrong_group.inc()
             return _WRONG_GROUP
         return _read_result(self.driver.read_local(key))
+
+    async def _leases(self, ops, results, timeout: float) -> None:
+        """The lease clock's answers: on the leader only, after a read barrier
+        (the records it reads are then those of every grant acknowledged)."""
+        driver = self.driver
+        await driver.read_barrier(timeout)          # NotLeader on any other replica
+        term = driver.node.raft.term
+        now = time.monotonic()
+        for i, op in ops:
+            if op.kind == Op.LEASES_EXPIRED:
+                records = await asyncio.to_thread(_lease_records, driver.store)
+                results[i] = pb.OperationResult(existed=True, value=msgpack.packb(
+                    (driver.lease_clock.expired(term, records, now), len(records))))
+                continue
+            lease = lease_of_key(op.key)
+            raw = driver.read_local(op.key)
+            record = None if raw is None or lease is None else decode_lease(raw)
+            if op.kind == Op.LEASE_KEEPALIVE:
+                answer = driver.lease_clock.keep_alive(term, lease or 0, record, now)
+            else:
+                granted = 0 if record is None else record.ttl
+                answer = (driver.lease_clock.remaining(term, lease or 0, record, now), granted)
+            results[i] = pb.OperationResult(existed=record is not None, value=msgpack.packb(answer))
+
+    async def _lease_keys(self, op: pb.Operation) -> pb.OperationResult:
+        if len(op.value) != 8:
+            return pb.OperationResult(error="malformed lease keys request: the lease id is 8 bytes")
+        driver = self.driver
+        try:
+            keys = await asyncio.to_thread(driver.store.lease_keys, int.from_bytes(op.value, "big"), op.shard_epoch)
+        except StoreBusy as exc:
+            raise Unavailable(str(exc)) from None
+        if keys is None:
+            driver.metrics.wrong_group.inc()
+            return _WRONG_GROUP
+        return pb.OperationResult(existed=True, value=msgpack.packb(keys, use_bin_type=True))
+
+    async def _range(self, op: pb.Operation) -> pb.OperationResult:
+        try:
+            range_op = decode_range(op.value)
+        except TxnError as exc:
+            return pb.OperationResult(error=f"malformed range: {exc}")
+        scanned = await self.driver.scan_local(range_op, op.shard_epoch)
+        if scanned is None:
+            self.driver.metrics.wrong_group.inc()
+            return _WRONG_GROUP
+        response, revision = scanned
+        return pb.OperationResult(existed=True, value=encode_result(TxnResult("", True, revision, (response,))))
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         driver = self.driver
@@ -367,11 +437,57 @@ class WorkerService(pb_grpc.WorkerServicer):
             next_after=page.next_after or b"",
         )
 
+    async def Watch(self, request: pb.WatchRequest, context):  # type: ignore[no-untyped-def]
+        """The group's changes in a range (replica/watch_hub.py), as batches."""
+        if request.cluster != self.cluster.name or request.group != self.driver.group:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this worker serves cluster {self.cluster.name!r} group {self.driver.group}")
+        if not 1 <= len(request.key) <= self.cluster.max_key_bytes or len(request.range_end) > self.cluster.max_key_bytes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "watch: key must be 1..max_key_bytes bytes")
+        hub = self.driver.watch_hub
+        store = self.driver.store
+        revision = store.closed_revision()
+        try:
+            watcher, backlog = hub.watch(request.key, request.range_end, request.start_revision)
+        except Compacted as exc:
+            yield pb.WatchBatch(compacted=exc.first)
+            return
+        try:
+            if backlog:
+                yield pb.WatchBatch(events=encode_changes(backlog), progress=max(revision, backlog[-1].revision))
+            else:
+                yield pb.WatchBatch(progress=revision)
+            while True:
+                try:
+                    events = await asyncio.wait_for(watcher.next(), WATCH_PROGRESS_SECONDS)
+                except TimeoutError:
+                    # Nothing waiting: everything applied here so far was sent.
+                    yield pb.WatchBatch(progress=store.closed_revision())
+                    continue
+                except Lagging:
+                    yield pb.WatchBatch(lagging=True)
+                    return
+                # A revision's changes are all in one applied batch: these close it.
+                yield pb.WatchBatch(events=encode_changes(events), progress=events[-1].revision)
+        finally:
+            hub.cancel(watcher)
+
     async def ShardInfo(self, request: pb.ShardInfoRequest, context) -> pb.ShardInfoResponse:
         driver = self.driver
         role = driver.node.status().role.name.lower()
         return pb.ShardInfoResponse(state=driver.store.shard_state.encode(), applied_index=driver.store.applied_index,
                                     role=role)
+
+
+def _lease_records(store) -> dict[int, LeaseRecord]:  # type: ignore[no-untyped-def]
+    """Every lease record of the metadata group's state (undecodable ones are skipped)."""
+    scanned = store.scan(RangeOp(LEASE_PREFIX, LEASE_PREFIX_END), epoch=(1 << 63) - 1)
+    records = {}
+    for key, *_, value, _lease in scanned[0].kvs if scanned is not None else ():
+        lease, record = lease_of_key(key), decode_lease(value)
+        if lease is not None and record is not None:
+            records[lease] = record
+    return records
 
 
 def _ranges(raw: bytes) -> RangeSet:

@@ -19,6 +19,7 @@ from ..security import (Gatekeeper, SecurityCollector, SecurityError, SecuritySt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
 
+from ..etcd.server import add_etcd_services
 from .forwarder import ChannelPool
 from .metrics import RouterMetrics
 from .service import KVService
@@ -53,8 +54,15 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = host.router_address
+    # etcd's v3 API (docs/etcd.md): on the router's port (shardnode's client uses its leases and
+    # watches there) and, with etcd_port, on a port of its own for etcd's clients.
+    leases = add_etcd_services(server, cluster, host_name, service)
     try:
         add_port(server, address, security, host_name, stats)
+        if host.etcd_address is not None:
+            address = host.etcd_address
+            add_port(server, address, security, host_name, stats)
+            address = host.router_address
     except SecurityError as exc:
         log.error("router.security_failed", extra={"address": address, "error": str(exc)})
         return 1
@@ -73,6 +81,7 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
         return 1
     await server.start()
     service.start()
+    leases.start()
     # Essential: the gRPC server and the metrics endpoint. If either ends
     # without being asked to, the router says why and exits (fail-stop).
     fail_stop = FailStop(log)
@@ -81,7 +90,8 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
                     "the metrics endpoint")
     await health.set("", health_pb2.HealthCheckResponse.SERVING)
     await health.set("shardnode.kv.KV", health_pb2.HealthCheckResponse.SERVING)
-    log.info("router.serving", extra={"address": address, "groups": cluster.groups})
+    log.info("router.serving", extra={"address": address, "groups": cluster.groups,
+                                      "etcd_address": host.etcd_address or ""})
     await run_until_stop_or_fault(stop, fail_stop, health, ("", "shardnode.kv.KV"))
     try:
         log.info("router.stopping")
@@ -89,6 +99,7 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
         service.drain()         # clients' streams: answer what came, then end
         await server.stop(grace=2.0)
     finally:
+        await leases.close()
         await service.close()
         metrics.close()
         await channels.close()

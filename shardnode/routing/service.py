@@ -8,7 +8,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -21,6 +21,9 @@ from ..proto import kv_pb2_grpc as pb_grpc
 from ..proto import worker_pb2 as wpb
 from ..placement.shard_map import ShardMap
 from ..supervisor import ProcessControl, worker_program
+from ..etcd.gateway import Gateway
+from ..etcd.requests import EtcdError, RangePlan
+from ..storage.etcd_ops import Compare, CompareResult, CompareTarget, PutOp, RangeOp, Txn
 from .admission import Admission, StreamBudget
 from .forwarder import ChannelPool, GroupForwarder
 from .map_follower import MapFollower
@@ -76,6 +79,7 @@ class KVService(pb_grpc.KVServicer):
         self.forwarders: dict[int, GroupForwarder] = {
             g: GroupForwarder(cluster, g, channels, host_name) for g in self.shard_map.groups}
         self.sessions = RouterSessions()
+        self.gateway = Gateway(self)        # scans and transactions (the etcd API's too)
         self.metrics = metrics
         self.limits = cluster.limits
         self.admission = Admission(cluster.limits)
@@ -490,6 +494,53 @@ class KVService(pb_grpc.KVServicer):
     def _observe(self, group: int | None, kind: int | None, code: str, began: float) -> None:
         if self.metrics is not None:
             self.metrics.observe(group, _OP_NAMES.get(kind, "unknown"), code, time.perf_counter() - began)
+
+    # --- Scan and compare-and-set (the etcd operations under shardnode's names) --------------
+
+    async def Scan(self, request: pb.ScanRequest, context) -> pb.ScanResponse:
+        plan = RangePlan(RangeOp(request.start or b"\0", request.end or b"\0", request.limit, request.keys_only),
+                         request.limit, 0, False, (0, 0, 0, 0), request.allow_stale, False)
+        try:
+            if request.end and request.end <= (request.start or b"\0"):
+                raise InvalidArgument("scan: end must come after start")
+            if len(request.start) > self.cluster.max_key_bytes or len(request.end) > self.cluster.max_key_bytes:
+                raise InvalidArgument(f"scan: start and end must be at most {self.cluster.max_key_bytes} bytes")
+            response, revision = await self.gateway.range(plan, self._deadline(context))
+        except EtcdError as exc:
+            await context.abort(exc.code, exc.message)
+        except (InvalidArgument, Unavailable, DeadlineExceeded) as exc:
+            await self._abort(context, exc)
+        return pb.ScanResponse(
+            items=[pb.ScanItem(key=k, value=v, create_revision=c, mod_revision=m, version=n)
+                   for k, c, m, n, v, _ in response.kvs],
+            more=response.more, count=response.count, revision=revision)
+
+    async def CompareAndSet(self, request: pb.CompareAndSetRequest, context) -> pb.CompareAndSetResponse:
+        key = request.key
+        try:
+            self._check_key(key)
+            self._check_value(request.value)
+            if request.expected_absent and request.expected:
+                raise InvalidArgument("compare-and-set: expected a value or absence, not both")
+            if request.session.client_id and not request.session.sequence:
+                raise InvalidArgument("a session needs a sequence number starting at 1")
+            compare = (Compare(key, CompareTarget.CREATE, CompareResult.EQUAL, 0) if request.expected_absent
+                       else Compare(key, CompareTarget.VALUE, CompareResult.EQUAL, request.expected))
+            txn = Txn(0, (compare,), success=(PutOp(key, request.value, 0, prev_kv=True),), failure=(RangeOp(key),))
+            result = await self.gateway.txn(lambda epoch: replace(txn, epoch=epoch), [key], self._deadline(context),
+                                            (request.session.client_id, request.session.sequence))
+        except EtcdError as exc:
+            await context.abort(exc.code, exc.message)
+        except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession) as exc:
+            await self._abort(context, exc)
+        answer = result.responses[0]
+        if result.succeeded:
+            before = answer.prev_kv                     # type: ignore[union-attr]
+            return pb.CompareAndSetResponse(swapped=True, existed=before is not None,
+                                            current=before[4] if before else b"", revision=result.revision)
+        found = answer.kvs[0] if answer.kvs else None   # type: ignore[union-attr]
+        return pb.CompareAndSetResponse(swapped=False, existed=found is not None, current=found[4] if found else b"",
+                                        revision=found[2] if found else 0)
 
     # --- Cluster information -----------------------------------------------------------------
 

@@ -44,6 +44,7 @@ class CommandOp(enum.IntEnum):
     PUT = 1
     DELETE = 2
     CAS = 3       # compare-and-set: value replaces the key's value if it equals `expected`
+    TXN = 4       # an etcd transaction (etcd_ops.py) in `value`; `key` is one of its keys (for the session)
 
 
 def _check_u64(name: str, value: object) -> int:

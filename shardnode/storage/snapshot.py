@@ -58,6 +58,7 @@ from .engine import (
     encode_clock,
     new_batch,
 )
+from .kv_records import LEASE_INDEX_PREFIX, REVOKED_PREFIX, SHARD_REVISION, is_record
 from .position_index import index_key
 
 CHUNK_FORMAT_VERSION = 1
@@ -139,6 +140,8 @@ def _validate_record(record: object) -> Record:
         if tag == TAG_KV:
             if not key:
                 raise ValueError("empty key")
+            if not is_record(value):
+                raise ValueError("kv value is not a record (a value with its etcd metadata, kv_records.py)")
         elif tag == TAG_SESSIONS:
             if len(key) != 8:
                 raise ValueError("session key must be an 8-byte client id")
@@ -154,6 +157,13 @@ def _validate_record(record: object) -> Record:
                     ShardState.decode(value)
                 except StorageError as exc:
                     raise ValueError(str(exc)) from None
+            elif key == SHARD_REVISION:
+                if len(value) != 8:
+                    raise ValueError("the group's revision must be 8 bytes")
+            elif key.startswith(LEASE_INDEX_PREFIX) and len(key) > 9 and value == b"":
+                pass
+            elif key.startswith(REVOKED_PREFIX) and len(key) == 9 and len(value) == 8:
+                pass
             elif not (key.startswith(DIRTY_PREFIX) and len(key) > 9 and value == b""):
                 raise ValueError(f"unknown shard record {key[:16]!r}")
     except ValueError as exc:

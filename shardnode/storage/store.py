@@ -43,7 +43,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from rocksdict import WriteBatch
@@ -71,6 +71,11 @@ import msgpack
 from ..keyspace import RangeSet, stable_hash
 from .commands import Command, CommandError, CommandOp, command_from_fields
 from . import position_index
+from . import kv_records
+from . import etcd_apply
+from .etcd_ops import RangeOp, RangeResponse, run_range
+from .kv_records import SHARD_REVISION, KeyRecord, decode_record, decode_revision, encode_record, \
+    encode_revision, next_revision, record_value
 from .export_reads import DeltaPage, delta_page, scan_page
 from .engine import (
     SHARD_STATE,
@@ -164,6 +169,17 @@ class ApplyResult:
     wrong_group: bool = False    # refused, nothing changed: the group does not serve the key now
 
 
+@dataclass(slots=True, frozen=True)
+class ChangeEvent:
+    """One change of a key by a client's write: `record` None for a delete;
+    `previous` what the key held before (None: absent)."""
+
+    revision: int
+    key: bytes
+    record: KeyRecord | None
+    previous: KeyRecord | None
+
+
 class StoreNotInitialized(StorageError):
     """There is no initialized store here (perhaps a first start that crashed
     before it finished), and nothing to initialize one with."""
@@ -219,6 +235,14 @@ class ReplicaStore:
         # A store written before the position index existed gets it now (once).
         if position_index.ensure_built(engine):
             log.info("storage.position_index_built", extra={"path": engine.path})
+        # And one written before kv records (etcd's per-key metadata) has its values wrapped (once).
+        if kv_records.ensure_upgraded(engine):
+            log.info("storage.kv_records_upgraded", extra={"path": engine.path})
+        # The group's last assigned revision (guarded by _sm_lock; kv_records.py).
+        self._revision = 0
+        # Told every change of a user's key once its apply batch is written, in log order
+        # (ChangeEvent; the etcd API's watches, replica/watch_hub.py). Not moves: they change no key.
+        self.on_changes: Callable[[list[ChangeEvent]], None] | None = None
 
     @classmethod
     def open(
@@ -307,6 +331,12 @@ class ReplicaStore:
     def _load_shard_state(self) -> None:
         raw = self._engine.shard.view.get(SHARD_STATE)
         self._shard = ShardState.decode(raw) if raw is not None else None
+        self._revision = decode_revision(self._engine.shard.view.get(SHARD_REVISION))
+
+    @property
+    def revision(self) -> int:
+        """The last revision this group assigned (0: none yet)."""
+        return self._revision
 
     def configure_ownership(self, default_owned: RangeSet | None) -> None:
         """What the group owns while no shard command ever changed it: its
@@ -687,6 +717,17 @@ class ReplicaStore:
     def applied_index(self) -> int:
         return self._apply_state.applied_index
 
+    def closed_revision(self) -> int:
+        """A revision that every change applied here from now on will be
+        above: the group's last revision, or just below what the state
+        machine's clock already guarantees (kv_records.next_revision: a
+        revision is at least clock_ms << 12, and the clock never goes back).
+        Every change at or below it has been applied here. An idle group's
+        clock moves on with any command, an empty transaction too: a watch
+        asks for one to see the group's changes closed up to now."""
+        with self._sm_lock:
+            return max(self._revision, (self._apply_state.clock_ms << 12) - 1)
+
     @property
     def conf_state(self) -> ConfState:
         return self._conf_state
@@ -701,11 +742,98 @@ class ReplicaStore:
         try:
             self._check_open()
             try:
-                return self._engine.kv.view.get(key)
+                raw = self._engine.kv.view.get(key)
             except Exception as exc:  # rocksdict raises a bare Exception on I/O errors
                 raise StorageFault(f"RocksDB read failed at {self._engine.path}: {exc}") from exc
         finally:
             self._sm_lock.release()
+        return None if raw is None else record_value(raw)
+
+    def get_record(self, key: bytes) -> KeyRecord | None:
+        """The key's value with its etcd metadata, as get() (StoreBusy during an install)."""
+        if not self._sm_lock.acquire(blocking=False):
+            raise StoreBusy("a snapshot is being installed; retry")
+        try:
+            self._check_open()
+            try:
+                raw = self._engine.kv.view.get(key)
+            except Exception as exc:  # rocksdict raises a bare Exception on I/O errors
+                raise StorageFault(f"RocksDB read failed at {self._engine.path}: {exc}") from exc
+        finally:
+            self._sm_lock.release()
+        return None if raw is None else decode_record(raw)
+
+    def lease_keys(self, lease: int, epoch: int) -> list[bytes] | None:
+        """The keys this group serves that are attached to `lease`, in key
+        order; None as scan() (ownership newer than `epoch`, or frozen)."""
+        with self._scan_lock:
+            if not self._sm_lock.acquire(blocking=False):
+                raise StoreBusy("a snapshot is being installed; retry")
+            try:
+                self._check_open()
+                shard = self.shard_state
+                if not etcd_apply.range_allowed(shard, epoch):
+                    return None
+                engine = self._engine
+                prefix = kv_records.lease_index_prefix(lease)
+                cursor = engine.iterator(engine.shard)
+                cursor.seek(prefix)
+                candidates = []
+                while cursor.valid() and cursor.key().startswith(prefix):
+                    candidates.append(cursor.key()[len(prefix):])
+                    cursor.next()
+                del cursor
+                keys = []
+                for key in candidates:
+                    raw = engine.kv.view.get(key)
+                    # The index is a hint (a key that moved away leaves its entry): the record decides.
+                    if raw is not None and shard.accepts(key) and decode_record(raw).lease == lease:
+                        keys.append(key)
+                return keys
+            finally:
+                self._sm_lock.release()
+
+    def scan(self, op: RangeOp, epoch: int) -> tuple[RangeResponse, int] | None:
+        """etcd's Range over this group's keys as of the applied index: the
+        response and the group's revision; None if the group's ownership
+        changed after the shard map epoch `epoch` the caller routed with, or
+        part of it is frozen in a move (the caller routes again: otherwise a
+        key could be seen in two groups or in none). Reads one cut of the
+        state (an iterator) without holding up applies; memory is bounded by
+        the op's limit (the rest is only counted). StoreBusy during an install."""
+        # _scan_lock: close() waits for the iteration (as for a move's export reads).
+        with self._scan_lock:
+            if not self._sm_lock.acquire(blocking=False):
+                raise StoreBusy("a snapshot is being installed; retry")
+            try:
+                self._check_open()
+                shard = self.shard_state
+                if not etcd_apply.range_allowed(shard, epoch):
+                    return None
+                revision = self._revision
+                engine = self._engine
+                cursor = None
+                if op.range_end:
+                    cursor = engine.iterator(engine.kv, upper_bound=None if op.range_end == b"\0" else op.range_end)
+                    cursor.seek(op.key)
+                else:
+                    raw = engine.kv.view.get(op.key)
+            finally:
+                self._sm_lock.release()
+            if cursor is None:
+                matches = [] if raw is None or not shard.accepts(op.key) else [(op.key, decode_record(raw))]
+                return run_range(op, iter(matches)), revision
+
+            def records():  # type: ignore[no-untyped-def]
+                while cursor.valid():
+                    key = cursor.key()
+                    if shard.accepts(key):
+                        yield key, decode_record(cursor.value())
+                    cursor.next()
+
+            response = run_range(op, records())
+            del cursor
+            return response, revision
 
     def apply(self, entries: Sequence[Entry],
               conf_state: ConfState | None = None) -> list[ApplyResult | ShardResult | None]:
@@ -733,7 +861,7 @@ class ReplicaStore:
             state = self._apply_state
             applied = state.applied_index
             clock_ms = state.clock_ms
-            pending = _ApplyBatch(self._engine)
+            pending = _ApplyBatch(self._engine, self._revision)
             shard = self.shard_state
             shard_changed = False
             results: list[ApplyResult | ShardResult | None] = []
@@ -779,12 +907,17 @@ class ReplicaStore:
                 cursor = self._sweep_sessions(cursor, clock_ms, pending)
             new_state = ApplyState(applied, clock_ms, cursor)
             batch = pending.batch
+            if pending.revision != self._revision:
+                batch.put(SHARD_REVISION, encode_revision(pending.revision), self._engine.shard.handle)
             meta = self._engine.meta.handle
             batch.put(META_APPLY_STATE, encode_apply_state(new_state), meta)
             if conf_state is not None:
                 batch.put(META_CONF_STATE, encode_conf_state(conf_state), meta)
             self._engine.write(batch, sync=False)
             self._apply_state = new_state
+            self._revision = pending.revision
+            if pending.events and self.on_changes is not None:
+                self.on_changes(pending.events)
             if conf_state is not None:
                 self._conf_state = conf_state
             if shard_changed:
@@ -814,25 +947,37 @@ class ReplicaStore:
                     return ApplyResult(index, client_id, sequence, False, None, duplicate=True, stale=True)
         key = command.key
         position = stable_hash(key)
+        if command.op is CommandOp.TXN:
+            return self._apply_txn(index, command, clock_ms, pending, shard)
         if not shard.accepts_position(position):
             # Checked here, at apply, by every replica alike: a write routed
             # with an old map can never land in a group that no longer owns
             # its key. Not recorded in the session: it may be sent again, to
             # the owner.
             return ApplyResult(index, client_id, sequence, False, None, wrong_group=True)
-        old_value = pending.get(key)
-        existed = old_value is not None
+        old = pending.record(key)
+        old_value = None if old is None else old.value
+        existed = old is not None
         swapped = False
         if command.op is CommandOp.PUT:
-            pending.put(key, command.value, existed=existed, position=position)
+            record = _put_record(old, command.value, pending.next_revision(clock_ms, old))
+            pending.put_record(key, record, existed=existed, position=position)
+            pending.follow_lease(key, old, None)
+            pending.changed(key, record, old)
         elif command.op is CommandOp.CAS:
             swapped = old_value == command.expected and all(
-                shard.accepts(guard_key) and pending.get(guard_key) == guard_value
+                shard.accepts(guard_key) and pending.value(guard_key) == guard_value
                 for guard_key, guard_value in command.guards)
             if swapped:
-                pending.put(key, command.value, existed=existed, position=position)
+                record = _put_record(old, command.value, pending.next_revision(clock_ms, old))
+                pending.put_record(key, record, existed=existed, position=position)
+                pending.follow_lease(key, old, None)
+                pending.changed(key, record, old)
         elif existed:
+            pending.next_revision(clock_ms, old)      # a delete is a change: it takes a revision (etcd's too)
             pending.put(key, None, existed=True, position=position)
+            pending.follow_lease(key, old, None)
+            pending.changed(key, None, old)
         if shard.exports and (command.op is not CommandOp.CAS or swapped):
             for move_id in shard.dirty_moves(position):
                 pending.batch.put(dirty_key(move_id, key), b"", self._engine.shard.handle)
@@ -841,6 +986,19 @@ class ReplicaStore:
                                                          swapped if command.op is CommandOp.CAS else None,
                                                          position))
         return ApplyResult(index, client_id, sequence, existed, old_value, swapped=swapped)
+
+    def _apply_txn(self, index: int, command: Command, clock_ms: int, pending: _ApplyBatch,
+                   shard: ShardState) -> ApplyResult:
+        """An etcd transaction (etcd_apply.py). Refused as wrong_group, nothing
+        done and nothing recorded, if the group does not serve it now; else
+        its answer is the session's, so that a retry gets it again."""
+        answer = etcd_apply.apply_txn(self._engine, command.value or b"", clock_ms, pending, shard)
+        if answer is None:
+            return ApplyResult(index, command.client_id, command.sequence, False, None, wrong_group=True)
+        if command.client_id:
+            pending.put_session(command.client_id, SessionRecord(command.sequence, True, answer, clock_ms, None,
+                                                                 stable_hash(command.key)))
+        return ApplyResult(index, command.client_id, command.sequence, True, answer)
 
     # --- Moving key space (shard commands) ------------------------------------------------
 
@@ -897,7 +1055,15 @@ class ReplicaStore:
             ranges = imported.ranges
             for key, value in command.puts:
                 if stable_hash(key) in ranges:
+                    if not kv_records.is_record(value):
+                        # From a source of the earlier format (a bare value): as its own upgrade would.
+                        value = encode_record(KeyRecord(value, kv_records.LEGACY_REVISION,
+                                                        kv_records.LEGACY_REVISION, 1))
+                    # The keys keep their revisions; the group's revision never falls behind them.
+                    record = decode_record(value)
+                    pending.take_revision(max(pending.revision, record.mod_revision))
                     pending.put(key, value)
+                    pending.follow_lease(key, None, record)
             for key in command.deletes:
                 if stable_hash(key) in ranges:
                     pending.put(key, None)
@@ -1186,16 +1352,30 @@ def _overlap_sets(a: RangeSet, b: RangeSet) -> bool:
     return a.difference(b) != a
 
 
+def _put_record(old: KeyRecord | None, value: bytes, revision: int) -> KeyRecord:
+    """A plain put (shardnode's own API): a new version, and no lease (as etcd's put without one)."""
+    if old is None:
+        return KeyRecord(value, revision, revision, 1)
+    return KeyRecord(value, old.create_revision, revision, old.version + 1)
+
+
 class _ApplyBatch:
     """The WriteBatch of one apply() call, with overlays so that a command
     reads the writes of earlier commands of the same batch (reads go to the
     overlay first, then to the database)."""
 
     __slots__ = ("batch", "_kv_get", "_kv_handle", "_index_handle", "_sessions_get", "_sessions_handle", "_kv",
-                 "_sessions")
+                 "_sessions", "revision", "_engine", "_lease_index", "_revoked", "events")
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, revision: int) -> None:
         self.batch: WriteBatch = new_batch()
+        self.events: list[ChangeEvent] = []
+        self._engine = engine
+        # Lease records written by this batch: (lease, key) -> present; lease -> revoked.
+        self._lease_index: dict[tuple[int, bytes], bool] = {}
+        self._revoked: set[int] = set()
+        # The group's last assigned revision as of this point of the batch.
+        self.revision = revision
         kv, sessions = engine.kv, engine.sessions
         self._kv_get = kv.view.get
         self._kv_handle = kv.handle
@@ -1206,9 +1386,79 @@ class _ApplyBatch:
         self._sessions: dict[int, SessionRecord | None] = {}
 
     def get(self, key: bytes) -> bytes | None:
+        """The stored record (kv_records.py), raw."""
         if key in self._kv:
             return self._kv[key]
         return self._kv_get(key)
+
+    def record(self, key: bytes) -> KeyRecord | None:
+        raw = self.get(key)
+        return None if raw is None else decode_record(raw)
+
+    def value(self, key: bytes) -> bytes | None:
+        """The user's value."""
+        raw = self.get(key)
+        return None if raw is None else record_value(raw)
+
+    def next_revision(self, clock_ms: int, old: KeyRecord | None) -> int:
+        """Take the revision of a change of one key (kv_records.next_revision)."""
+        floor = 0 if old is None else old.mod_revision + 1
+        return self.take_revision(next_revision(self.revision, clock_ms, floor))
+
+    def take_revision(self, revision: int) -> int:
+        self.revision = revision
+        return revision
+
+    def changed(self, key: bytes, new: KeyRecord | None, old: KeyRecord | None) -> None:
+        """A user's change of `key` (new None: deleted), at the current revision."""
+        self.events.append(ChangeEvent(self.revision, key, new, old))
+
+    def follow_lease(self, key: bytes, old: KeyRecord | None, new: KeyRecord | None) -> None:
+        """Keep the lease index (kv_records.py) in step with a change of `key`."""
+        old_lease = 0 if old is None else old.lease
+        new_lease = 0 if new is None else new.lease
+        if old_lease == new_lease:
+            return
+        shard = self._engine.shard.handle
+        if old_lease:
+            self._lease_index[(old_lease, key)] = False
+            self.batch.delete(kv_records.lease_index_key(old_lease, key), shard)
+        if new_lease:
+            self._lease_index[(new_lease, key)] = True
+            self.batch.put(kv_records.lease_index_key(new_lease, key), b"", shard)
+
+    def lease_keys(self, lease: int) -> list[bytes]:
+        """The keys the index lists for `lease` as of this point of the batch, in key order."""
+        prefix = kv_records.lease_index_prefix(lease)
+        cursor = self._engine.iterator(self._engine.shard)
+        cursor.seek(prefix)
+        keys = set()
+        while cursor.valid() and cursor.key().startswith(prefix):
+            keys.add(cursor.key()[len(prefix):])
+            cursor.next()
+        for (entry_lease, key), present in self._lease_index.items():
+            if entry_lease == lease:
+                if present:
+                    keys.add(key)
+                else:
+                    keys.discard(key)
+        return sorted(keys)
+
+    def lease_revoked(self, lease: int) -> bool:
+        return lease in self._revoked or self._engine.shard.view.get(kv_records.revoked_key(lease)) is not None
+
+    def revoke_lease(self, lease: int, clock_ms: int) -> None:
+        """Refuse `lease` in this group's puts from now on, and drop its index entries."""
+        self._revoked.add(lease)
+        shard = self._engine.shard.handle
+        self.batch.put(kv_records.revoked_key(lease), clock_ms.to_bytes(8, "big"), shard)
+        for key in self.lease_keys(lease):
+            self._lease_index[(lease, key)] = False
+            self.batch.delete(kv_records.lease_index_key(lease, key), shard)
+
+    def put_record(self, key: bytes, record: KeyRecord, *, existed: bool | None = None,
+                   position: int | None = None) -> None:
+        self.put(key, encode_record(record), existed=existed, position=position)
 
     def overlay_items(self):  # type: ignore[no-untyped-def]
         """The kv writes of this batch so far (key, value or None)."""

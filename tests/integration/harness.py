@@ -245,6 +245,7 @@ class LocalCluster:
     name: str = "itest"
     tls: bool = False
     extra_toml: str = ""            # more tables for cluster.toml, e.g. [limits]
+    etcd: bool = False              # every router also serves etcd's API (docs/etcd.md)
     processes: dict[tuple[str, str], subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -252,7 +253,7 @@ class LocalCluster:
         self.config_path = write_cluster_toml(self.tmp, name=self.name, hosts=self.hosts, groups=self.groups,
                                               replicas=self.replicas, tick_ms=self.tick_ms,
                                               snapshot_threshold=self.snapshot_threshold, tls=self.tls,
-                                              extra_toml=self.extra_toml)
+                                              extra_toml=self.extra_toml, etcd=self.etcd)
         self.config = ClusterConfig.load(self.config_path)
         # Certificates (with TLS) and the admin credential, as `shardnode certs init` makes them.
         init_cluster(self.config)

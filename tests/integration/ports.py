@@ -54,13 +54,15 @@ def write_cluster_toml(
     max_groups: int | None = None,
     meta_replicas: int | None = None,
     extra_toml: str = "",
+    etcd: bool = False,
 ) -> Path:
     """A cluster.toml for a test cluster: hosts h1… on 127.0.0.1…, every
     port free (worker ports: `max_groups` + 1 consecutive ones, the last the
     metadata group's; max_groups defaults to groups + 2), data under tmp;
     `tls` turns [security] tls on (certificates under tmp/data/certs); the
     hosts named in `standby` hold no replica at first; `extra_toml` (whole
-    tables, e.g. "[limits]\n...") goes before the hosts."""
+    tables, e.g. "[limits]\n...") goes before the hosts; `etcd` gives every
+    router an etcd_port (docs/etcd.md)."""
     max_groups = groups + 2 if max_groups is None else max_groups
     blocks = []
     for i in range(1, hosts + 1):
@@ -69,6 +71,7 @@ def write_cluster_toml(
             f'[[host]]\nname = "h{i}"\naddress = "{address}"\nrouter_port = {free_port(address)}\n'
             f"worker_port_base = {free_port_range(address, max_groups + 1)}\nmetrics_port = {free_port(address)}\n"
             f"supervisor_port = {free_port(address)}\n" + ("standby = true\n" if f"h{i}" in standby else "")
+            + (f"etcd_port = {free_port(address)}\n" if etcd else "")
         )
     path = tmp / "cluster.toml"
     path.write_text(

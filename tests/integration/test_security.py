@@ -21,6 +21,8 @@ from shardnode.certs import Authority, issue_certificate, new_authority
 from shardnode.channel_cache import CHECK_EVERY
 from shardnode.client import Client
 from shardnode.errors import ShardnodeError
+from shardnode.proto import etcd_rpc_pb2 as etcd_rpc
+from shardnode.proto import etcd_rpc_pb2_grpc as etcd_rpc_grpc
 from shardnode.proto import kv_pb2, kv_pb2_grpc
 from shardnode.proto import worker_pb2 as wpb
 from shardnode.proto import worker_pb2_grpc as wpb_grpc
@@ -36,7 +38,8 @@ pytestmark = [pytest.mark.timeout(240), pytest.mark.xdist_group("security")]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    local = LocalCluster(tmp_path_factory.mktemp("secure") / "cluster", hosts=3, groups=1, replicas=3, tls=True)
+    local = LocalCluster(tmp_path_factory.mktemp("secure") / "cluster", hosts=3, groups=1, replicas=3, tls=True,
+                         etcd=True)
     with local.running():
         yield local
 
@@ -114,6 +117,22 @@ def test_only_the_clusters_certificates_get_in_and_refusals_are_counted(cluster:
                    - _value(before, "shardnode_tls_connections_total", **router))
     # Three handshakes were refused (TLS-less, certificate-less, foreign CA): they never became connections.
     assert handshakes - connections >= 3, (handshakes, connections)
+
+
+def test_the_etcd_port_has_the_same_tls_switch(cluster: LocalCluster) -> None:
+    security = cluster.config.security
+    address = cluster.config.host("h1").etcd_address
+    client = _credentials(cluster, security.client_cert_file.read_bytes(), security.client_key_file.read_bytes())
+    with grpc.secure_channel(address, client) as channel:
+        kv = etcd_rpc_grpc.KVStub(channel)
+        kv.Put(etcd_rpc.PutRequest(key=b"tls/k", value=b"v"), timeout=10)
+        assert kv.Range(etcd_rpc.RangeRequest(key=b"tls/k"), timeout=10).kvs[0].value == b"v"
+    with grpc.secure_channel(address, _credentials(cluster)) as channel:       # no client certificate
+        with pytest.raises(grpc.RpcError):
+            etcd_rpc_grpc.KVStub(channel).Range(etcd_rpc.RangeRequest(key=b"tls/k"), timeout=3)
+    with grpc.insecure_channel(address) as channel:                             # no TLS at all
+        with pytest.raises(grpc.RpcError):
+            etcd_rpc_grpc.KVStub(channel).Range(etcd_rpc.RangeRequest(key=b"tls/k"), timeout=3)
 
 
 def test_workers_take_no_clients_and_no_strangers(cluster: LocalCluster) -> None:

@@ -92,15 +92,18 @@ from shardnode.placement.moves import MoveError, MoveRecord, Mover, MoveSupersed
 from shardnode.storage import ApplyResult, Command, CommandOp, ReplicaStore, StorageError, encode_command
 from shardnode.storage import position_index
 from shardnode.storage.export_reads import DeltaPage
+from shardnode.storage.kv_records import HEADER_BYTES
 from shardnode.storage.shard_commands import ShardCommand, ShardOp, ShardResult
 
 SHARD_MAP_KEY = b"shard_map"
 TRACE_LINES = 60
 #: Records per scan call: small, so that copies take several calls and
-#: client writes land between them.
-SCAN_BYTES = 24
+#: client writes land between them. (Each stored record carries etcd's
+#: metadata header, kv_records.HEADER_BYTES: counted so that pages hold as
+#: many of the simulation's short values as before it existed.)
+SCAN_BYTES = 24 + 2 * HEADER_BYTES
 #: Bytes per delta page: small too, so that deltas take several pages.
-DELTA_BYTES = 64
+DELTA_BYTES = 64 + 4 * HEADER_BYTES
 #: The scheduler's lease in the metadata group: every write of a mover is guarded by it.
 LEASE_KEY = b"scheduler_lease"
 #: How fast a rival or zombie goes against the mover: the chance, at each

@@ -55,3 +55,9 @@ def test_table_has_a_row_per_way_of_driving_shardnode_with_its_ratio_to_etcd():
     rows = table.splitlines()[2:]
     assert "router API, 1 RPC per op" in rows[0] and "| 0.25 | 4.0 |" in rows[0]
     assert "AsyncClient, 64 tasks" in rows[1] and "| 1.50 | 1.5 |" in rows[1]
+
+
+def test_a_range_round_reads_the_next_keys_and_stops_at_the_last() -> None:
+    assert versus_etcd.range_end(versus_etcd.bench_key(5)) == versus_etcd.bench_key(5 + versus_etcd.RANGE_KEYS)
+    last = versus_etcd.bench_key(versus_etcd.KEYS - 1)
+    assert last < versus_etcd.range_end(last) == versus_etcd.bench_key(versus_etcd.KEYS)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from shardnode.storage.kv_records import record_value
 from shardnode.raft import Entry, HardState
 from shardnode.placement.shard_map import SPACE, KeyRange, RangeSet, stable_hash
 from shardnode.storage import Command, CommandOp, ReplicaStore, encode_command
@@ -110,7 +111,8 @@ def test_a_whole_move_with_writes_deletes_and_a_retry_across_it(groups) -> None:
     delta = source.store.export_delta(MOVE)
     puts, deletes, sessions = delta.puts, delta.deletes, delta.sessions
     assert delta.next_after is None
-    assert (moving[0], b"new") in puts and moving[1] in deletes
+    # Records travel as stored: the value with its etcd metadata (kv_records.py).
+    assert (moving[0], b"new") in [(k, record_value(v)) for k, v in puts] and moving[1] in deletes
     assert any(client == 9 for client, _ in sessions)
     assert target.put(moving[0], b"too early").wrong_group      # importing: not served yet
     assert target.shard(ShardOp.INGEST, puts=tuple(puts), deletes=tuple(deletes), sessions=tuple(sessions),
@@ -199,7 +201,7 @@ def test_ownership_and_the_dirty_set_survive_a_restart_and_travel_in_snapshots(g
     assert receiver.store.shard_state == state
     receiver.index = receiver.store.applied_index
     receiver.shard(ShardOp.EXPORT_FREEZE)
-    assert receiver.store.export_delta(MOVE).puts == [(key, b"dirty")]
+    assert [(k, record_value(v)) for k, v in receiver.store.export_delta(MOVE).puts] == [(key, b"dirty")]
     path = source.store.path
     source.store.close()
     reopened = ReplicaStore.open(path)
@@ -399,3 +401,22 @@ def test_formats_old_and_new_records_decode() -> None:
     assert state.imports == {9: Import(LOW)} and state.fence == 4
     begun = ShardState(owned=HIGH, imports={9: Import(LOW, delta_begun=True)})
     assert ShardState.decode(begun.encode()) == begun
+
+
+def test_a_moved_key_keeps_its_etcd_metadata_and_its_revisions_keep_growing(groups) -> None:  # type: ignore[no-untyped-def]
+    source, target = groups("s", LOW.union(HIGH)), groups("t", RangeSet())
+    (key,) = keys_in(HIGH, 1)
+    source.apply(encode_command(Command(CommandOp.PUT, key, b"a", 0, 0, 9_000_000)))   # a clock far ahead
+    source.put(key, b"b")
+    before = source.store.get_record(key)
+    assert target.shard(ShardOp.IMPORT_BEGIN, peer=0, ranges=HIGH).ok
+    assert source.shard(ShardOp.EXPORT_BEGIN, peer=1, ranges=HIGH).ok
+    records, _ = source.store.export_scan(HIGH, None, 1 << 20)
+    assert target.shard(ShardOp.INGEST, puts=tuple(records)).ok
+    assert source.shard(ShardOp.EXPORT_FREEZE).ok
+    assert target.shard(ShardOp.INGEST, delta=True).ok and target.shard(ShardOp.IMPORT_ACTIVATE, epoch=2).ok
+    assert target.store.get_record(key) == before and target.store.revision >= before.mod_revision
+    target.put(key, b"c")                        # the target's clock (1 s) is far behind the source's
+    after = target.store.get_record(key)
+    assert after.version == before.version + 1 and after.create_revision == before.create_revision
+    assert after.mod_revision > before.mod_revision
