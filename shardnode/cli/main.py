@@ -351,10 +351,22 @@ def _text(data: bytes) -> str:
 
 
 def _write_pairs(pairs: list[tuple[bytes, bytes]], keys_only: bool) -> None:
+    """Each key, then its value, one line each, as etcdctl prints a range
+    (a listing is lines, on a terminal or not; `get KEY` writes one raw value)."""
     for key, value in pairs:
-        _write_value(key)
+        _write_line(key)
         if not keys_only:
-            _write_value(value)
+            _write_line(value)
+
+
+def _write_line(data: bytes) -> None:
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:                  # a text-only stdout (tests capturing it)
+        sys.stdout.write(data.decode("utf-8", errors="backslashreplace") + "\n")
+        return
+    sys.stdout.flush()
+    buffer.write(data + b"\n")
+    buffer.flush()
 
 
 def _value_argument(args: argparse.Namespace) -> bytes:

@@ -227,7 +227,7 @@ class KVService(pb_grpc.KVServicer):
             pause = min(pause * 2, REDIRECT_PAUSE_MAX)
 
     async def _forward(self, forwarder: GroupForwarder, operation: wpb.Operation, deadline: float,
-                       allow_stale: bool, wait_for_quorum: bool) -> wpb.OperationResult:
+                       allow_stale: bool, wait_for_quorum: bool = True) -> wpb.OperationResult:
         if operation.kind == WOp.GET:
             return await forwarder.submit(operation, deadline, allow_stale, wait_for_quorum)
         session = None

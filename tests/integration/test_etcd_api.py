@@ -195,7 +195,7 @@ def test_cli_get_prefix_scan_and_cas(cluster: LocalCluster, capsysbinary: pytest
     scanned = json.loads(cli("scan", "cli/", "cli0", "--json")[1])
     assert [kv["key"] for kv in scanned["kvs"]] == ["cli/a", "cli/b"] and scanned["count"] == 2
     assert cli("cas", "cli/a", "one", "--expect", "1")[0] == 0
-    assert cli("cas", "cli/a", "uno", "--expect", "1") == (1, "one\n")
+    assert cli("cas", "cli/a", "uno", "--expect", "1") == (1, "one")     # raw, as `get` writes a value
     assert cli("cas", "cli/new", "x", "--expect-absent")[0] == 0
 
 
@@ -460,25 +460,39 @@ def test_leaders_killed_lose_no_watch_event_and_end_no_kept_lease(cluster: Local
         requests.put(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(key=b"fault/", range_end=b"fault0")))
         assert next(responses).created
         kept = lease.LeaseGrant(rpc.LeaseGrantRequest(TTL=4), timeout=10).ID
+        # Kept alive from the start, every half second (a loaded machine may take longer than the
+        # TTL for the writes below): the lease must outlive the metadata group's leader.
+        keeping = threading.Event()
+        renewals: list[int] = []
+
+        def keep_alive() -> None:
+            while not keeping.wait(0.5):
+                (alive,) = lease.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=kept)]), timeout=20)
+                renewals.append(alive.TTL)
+
+        keeper = threading.Thread(target=keep_alive, name="keep-alive")
+        keeper.start()
         kv.Put(rpc.PutRequest(key=b"fault/leased", value=b"v", lease=kept), timeout=10)
         written = [b"fault/%03d" % i for i in range(40)]
-        for key in written[:20]:
-            kv.Put(rpc.PutRequest(key=key, value=b"x"), timeout=10)
-        with Client(list(cluster.router_addresses.values())) as client:
-            status = client.status()
-        victims = {(_leader_host(status, None), worker_program(METADATA_GROUP)),
-                   (_leader_host(status, 0), worker_program(0))}
-        for victim in victims:
-            cluster.kill(victim)
+        victims: set[tuple[str, str]] = set()
         try:
+            for key in written[:20]:
+                kv.Put(rpc.PutRequest(key=key, value=b"x"), timeout=10)
+            with Client(list(cluster.router_addresses.values())) as client:
+                status = client.status()
+            victims = {(_leader_host(status, None), worker_program(METADATA_GROUP)),
+                       (_leader_host(status, 0), worker_program(0))}
+            for victim in victims:
+                cluster.kill(victim)
             began = time.monotonic()
             for key in written[20:]:
                 kv.Put(rpc.PutRequest(key=key, value=b"x"), timeout=20)
             # Kept alive across the metadata group's new leader, for longer than its TTL: never expired.
             while time.monotonic() - began < 6:
-                (alive,) = lease.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=kept)]), timeout=20)
-                assert alive.TTL == 4
-                time.sleep(1)
+                time.sleep(0.5)
+            keeping.set()
+            keeper.join()
+            assert renewals and set(renewals) == {4}
             assert kv.Range(rpc.RangeRequest(key=b"fault/leased"), timeout=10).count == 1
             seen: list[bytes] = []
             revisions: list[int] = []
@@ -489,6 +503,8 @@ def test_leaders_killed_lose_no_watch_event_and_end_no_kept_lease(cluster: Local
             assert sorted(seen) == sorted([b"fault/leased", *written])      # each once: none lost, none twice
             assert revisions == sorted(revisions)                            # in revision order throughout
         finally:
+            keeping.set()
+            keeper.join()
             requests.put(None)
             responses.cancel()
             for host, program in victims:
