@@ -28,7 +28,7 @@ from shardnode.cli import admin as cli_admin
 from shardnode.config import METADATA_GROUP, ClusterConfig
 from shardnode.proto import host_control_pb2, host_control_pb2_grpc
 from shardnode.security import (AdminCredential, SecurityError, ensure_admin_credential, host_token,
-                                load_admin_credential)
+                                load_admin_credential, sync_channel)
 from .ports import write_cluster_toml
 from .supervised import SupervisedCluster, start_supervised
 from shardnode.supervisor import (
@@ -325,6 +325,36 @@ def test_stop_and_start_under_supervisord(supervised: SupervisedCluster) -> None
     # Every worker got its clean stop.
     for host in env.cluster.hosts:
         assert _log_count(env, host.name, "worker.stopped") >= 1, host.name
+
+
+def test_process_control_over_mutual_tls(tmp_path: Path) -> None:
+    """With TLS on, a host's process control answers only a TLS peer with a certificate of the cluster's CA,
+    and still only to the host's token; ProcessControl stops and starts through it."""
+    config_path = write_cluster_toml(tmp_path, name="sup-tls", hosts=1, replicas=1, tls=True)
+    with start_supervised(tmp_path, config_path, include_router=False) as env:
+        h1 = env.cluster.host("h1")
+        address = f"{h1.address}:{h1.supervisor_port}"
+        worker = h1.worker_address(0)
+        before = env.control.processes("h1")["worker-g0"]
+        env.control.stop(worker, clean=False)
+        assert env.control.status("h1")["worker-g0"] == "STOPPED" and not env.alive(before.pid)
+        env.control.start(worker)
+        assert env.control.status("h1")["worker-g0"] == "RUNNING"
+        env.record_pids()
+        request = host_control_pb2.ProcessesRequest()
+        token = (("authorization", f"Bearer {host_token(load_admin_credential(env.cluster.security), 'h1')}"),)
+        # A plain connection gets no answer from a TLS server.
+        with grpc.insecure_channel(address) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                host_control_pb2_grpc.HostControlStub(channel).Processes(request, metadata=token, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The clients' certificate (an admin machine's) passes TLS, and still needs the token.
+        with sync_channel(address, env.cluster.security, None) as channel:
+            stub = host_control_pb2_grpc.HostControlStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Processes(request, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert {p.name for p in stub.Processes(request, metadata=token, timeout=5).processes} >= {"worker-g0"}
 
 
 def _xmlrpc_answer(address: str, port: int, admin: AdminCredential) -> bytes | None:
