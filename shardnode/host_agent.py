@@ -34,33 +34,23 @@ gets one method, ``getHostControlAddress``.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import logging
 import os
+import socket
+import threading
+import xmlrpc.client
+from pathlib import Path
+from typing import Any
 
-# supervisord forks a child for every program it starts, while this
-# service's gRPC threads run. gRPC's fork support (at-fork handlers that
-# try to take gRPC's state into the child) then made children die of
-# SIGSEGV or SIGABRT between fork and exec. Without it a child is a plain
-# copy that execs at once and never uses gRPC: set before gRPC is first
-# imported in this process (supervisord's own modules never import it).
-# The routers and workers, which inherit it, do not fork.
-os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+import grpc
 
-import asyncio  # noqa: E402
-import atexit  # noqa: E402
-import logging  # noqa: E402
-import socket  # noqa: E402
-import threading  # noqa: E402
-import xmlrpc.client  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import grpc  # noqa: E402
-
-from .config import ClusterConfig  # noqa: E402
-from .proto import host_control_pb2 as pb  # noqa: E402
-from .proto import host_control_pb2_grpc as pb_grpc  # noqa: E402
-from .security import (ADMIN_USER, AdminCredential, Gatekeeper, SecurityStats, add_port,  # noqa: E402
-                       allowed_identities)
+from .config import ClusterConfig
+from .host_supervisord import FORK_SUPPORT
+from .proto import host_control_pb2 as pb
+from .proto import host_control_pb2_grpc as pb_grpc
+from .security import ADMIN_USER, AdminCredential, Gatekeeper, SecurityStats, add_port, allowed_identities
 
 __all__ = ["HOST_CONTROL_METHODS", "HostControlInterface", "make_rpcinterface"]
 
@@ -96,6 +86,9 @@ def make_rpcinterface(supervisord: Any, *, config: str, host: str, token: str) -
     A ValueError makes supervisord exit with its message."""
     global _service
     options = supervisord.options
+    if os.environ.get(FORK_SUPPORT) != "false":
+        raise ValueError("shardnode's host control runs in `python -m shardnode.host_supervisord` only (gRPC's "
+                         f"fork support must be off in supervisord: {FORK_SUPPORT}=false)")
     if not options.nodaemon:
         # daemonize() forks after the servers are open: the service's thread would stay behind.
         raise ValueError("shardnode's host control needs supervisord in the foreground (nodaemon=true or -n)")
