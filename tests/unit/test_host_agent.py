@@ -153,7 +153,8 @@ class _FakeSupervisord(socketserver.ThreadingMixIn, socketserver.UnixStreamServe
 
 
 @pytest.fixture
-def relayed(tmp_path: Path, no_service: None) -> Iterator[tuple[_FakeSupervisord, host_control_pb2_grpc.HostControlStub]]:
+def relayed(tmp_path: Path,
+            no_service: None) -> Iterator[tuple[_FakeSupervisord, host_control_pb2_grpc.HostControlStub]]:
     fake = _FakeSupervisord(tmp_path / "s.sock")
     threading.Thread(target=fake.serve_forever, daemon=True).start()
     config = str(write_cluster_toml(tmp_path, hosts=1))
