@@ -4,8 +4,9 @@
     python scripts/gen_supervisor_conf.py --config etc/cluster.toml --out etc
 
 writes etc/hosts/HOST.conf for every host of the configuration (each host's own
-supervisord, on host.address:supervisor_port) and etc/supervisord.conf, which
-runs all of them on this machine: `supervisord -c etc/supervisord.conf`.
+supervisord, with its process control on host.address:supervisor_port) and
+etc/supervisord.conf, which runs all of them on this machine:
+`supervisord -c etc/supervisord.conf`.
 `make run` does both. The files hold absolute paths (this checkout, this
 Python), so they are generated, not committed.
 """

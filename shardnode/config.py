@@ -168,8 +168,8 @@ class SecurityConfig:
     cluster's own hosts, plus `allowed_clients` on the routers. Clients
     (Client, kv739, the CLI) present `client_cert_file`. The admin credential
     (`admin_file`, created by `shardnode certs init` or the first supervisord
-    configuration) guards supervisord's XML-RPC and the admin RPCs, with TLS
-    on or off.
+    configuration) guards the admin RPCs and, through a token derived from it
+    per host, each host's process control, with TLS on or off.
     """
 
     tls: bool = False

@@ -13,6 +13,14 @@ drops the groups that are down. Nothing else of supervisord changes; this
 is supervisord's own `main` (supervisor 4, pinned in setup.cfg), run in
 this process, so a host still runs one supervisord process.
 
+It also serves the host's process control (shardnode.host_agent, a gRPC
+service on a thread of this process), so gRPC's fork support is turned
+off here before gRPC is first imported: supervisord forks a child for
+every program it starts, and gRPC's at-fork handlers, run while its
+threads serve, made children die of SIGSEGV or SIGABRT between fork and
+exec. Without them a child is a plain copy that execs at once and never
+uses gRPC. The routers and workers inherit the setting; they do not fork.
+
 `make run`'s top-level supervisord runs one per host
 (supervisor.local_cluster_config); `shardnode supervisor-conf` writes
 configurations for it as for plain supervisord.
@@ -20,9 +28,13 @@ configurations for it as for plain supervisord.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from supervisor import supervisord
+
+#: gRPC's switch for its fork support (read when gRPC is first imported).
+FORK_SUPPORT = "GRPC_ENABLE_FORK_SUPPORT"
 
 
 def _stop_every_group_at_once(self: supervisord.Supervisor) -> None:
@@ -42,6 +54,7 @@ def install() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    os.environ[FORK_SUPPORT] = "false"
     install()
     supervisord.main(argv if argv is not None else sys.argv[1:])
 

@@ -26,6 +26,8 @@ opened and never used.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import inspect
 import logging
@@ -59,6 +61,7 @@ __all__ = [
     "aio_channel",
     "channel_credentials",
     "ensure_admin_credential",
+    "host_token",
     "load_admin_credential",
     "server_credentials",
     "sync_channel",
@@ -92,8 +95,9 @@ class SecurityError(ShardnodeError):
 
 @dataclass(slots=True, frozen=True)
 class AdminCredential:
-    """supervisord's XML-RPC user and password; the password is also the
-    bearer token of the admin RPCs."""
+    """The cluster's admin secret: `password` is the bearer token of the
+    admin RPCs, and each host's process-control token is derived from it
+    (`host_token`)."""
 
     username: str
     password: str
@@ -166,6 +170,18 @@ def admin_credential_if_any(security: SecurityConfig) -> AdminCredential | None:
 def admin_metadata(credential: AdminCredential) -> tuple[tuple[str, str], ...]:
     """The call metadata of an admin RPC."""
     return ((_AUTHORIZATION, f"Bearer {credential.password}"),)
+
+
+def host_token(credential: AdminCredential, host_name: str) -> str:
+    """The bearer token of host `host_name`'s process control (its
+    HostControl service, shardnode.host_agent): HMAC-SHA256 of the host's
+    name under the admin password. A host's supervisord configuration holds
+    its own token only, and a token seen on the wire opens that host alone:
+    neither another host's token nor the admin password can be computed
+    from it. Whoever holds the admin credential derives every host's."""
+    digest = hmac.new(credential.password.encode(), b"shardnode host control\0" + host_name.encode(),
+                      hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def _is_token(text: str) -> bool:

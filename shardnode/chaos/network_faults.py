@@ -12,7 +12,7 @@ Cuts are nftables rules in the *receiving* host's namespace: one table of
 ours, `inet shardnode_chaos`, whose input chain drops packets by source
 address. A cut from a to b is a rule in b, so one-way cuts are possible, and
 only the cluster's hosts' addresses are ever matched: traffic from the root
-namespace (the test, clients, the CLI, supervisord's XML-RPC) is never cut,
+namespace (the test, clients, the CLI, the hosts' process control) is never cut,
 unless asked with `isolate_from_clients`. Every change rewrites the host's
 whole table in one `nft -f -` transaction, so a host is never seen half
 changed.
@@ -218,7 +218,7 @@ class NetworkFaults:
 
     def isolate_from_clients(self, host: str) -> None:
         """Drop every packet the host receives from outside the cluster:
-        clients, the CLI, and its supervisord's XML-RPC callers in the root
+        clients, the CLI, and the callers of its process control in the root
         namespace. `heal` ends it."""
         self._host(host)
         self._isolated_from_clients.add(host)

@@ -109,7 +109,8 @@ def register(subparsers: argparse._SubParsersAction, parents: Sequence[argparse.
     conf = subparsers.add_parser(
         "supervisor-conf", parents=parents, help="write the supervisord configuration of one host",
         description="Write the supervisord configuration of one real host: its router and one "
-                    "worker per group replica it holds, XML-RPC on the host's address:supervisor_port.",
+                    "worker per group replica it holds; its process control (HostControl) on the host's "
+                    "address:supervisor_port, supervisord's XML-RPC on a Unix socket only.",
     )
     conf.add_argument("--host", required=True, metavar="NAME", help="the host's name in the configuration")
     conf.add_argument("--output", "-o", metavar="FILE", help="write to FILE (default: standard output)")

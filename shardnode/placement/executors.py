@@ -8,7 +8,7 @@ state). Every change carries the lease's fencing token; every metadata write
 is guarded by the lease.
 
 Membership changes run in a thread (MembershipAdmin is synchronous: gRPC
-calls and supervisord's XML-RPC); its progress lines and work records are
+calls, the hosts' process control included); its progress lines and work records are
 written through the event loop, which stays free meanwhile.
 """
 

@@ -5,7 +5,8 @@ the rule that every replica this host holds runs here.
 A worker that fails stop (docs/worker.md, "Failure model") exits 70 and is
 restarted by supervisord; one whose disk keeps failing crash-loops with a
 growing back-off (state BACKOFF). Operators see that here: the router asks
-its supervisord every `interval` seconds (XML-RPC on the host's address)
+its supervisord every `interval` seconds (through the host's process
+control, HostControl, on the host's address)
 and counts a restart whenever a program was spawned again after it ended
 without being asked to (its start time changed since a look that saw it
 running or backing off); a first start, or a start after a stop or an exit

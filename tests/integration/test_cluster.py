@@ -1,6 +1,6 @@
 """The whole system under supervisord: routers, workers, the client library
 and the kv739 functions, with hosts killed and restarted through
-kv739_die/kv739_start (supervisord's XML-RPC on each host)."""
+kv739_die/kv739_start (each host's process control, in its supervisord)."""
 
 from __future__ import annotations
 

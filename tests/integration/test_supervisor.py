@@ -9,21 +9,26 @@ starts is killed by PID in a finalizer, pass or fail.
 from __future__ import annotations
 
 import argparse
+import base64
 import configparser
 import shlex
 import signal
 import socket
+import subprocess
 import sys
 import time
 import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from shardnode.cli import admin as cli_admin
 from shardnode.config import METADATA_GROUP, ClusterConfig
-from shardnode.security import AdminCredential, SecurityError, ensure_admin_credential
+from shardnode.proto import host_control_pb2, host_control_pb2_grpc
+from shardnode.security import (AdminCredential, SecurityError, ensure_admin_credential, host_token,
+                                load_admin_credential, sync_channel)
 from .ports import write_cluster_toml
 from .supervised import SupervisedCluster, start_supervised
 from shardnode.supervisor import (
@@ -34,6 +39,7 @@ from shardnode.supervisor import (
     UnknownServer,
     host_config,
     local_cluster_config,
+    supervisor_socket,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,19 +64,32 @@ def _write_small_cluster(tmp: Path, hosts: int = 3) -> Path:
 def test_default_cluster_host_configs() -> None:
     cluster = ClusterConfig.load(DEFAULT_CONFIG)
     python = Path(sys.executable).absolute()
-    supervisor_endpoints = set()
+    admin = AdminCredential("admin", "the-admin-password-of-this-test")
+    supervisor_endpoints, tokens = set(), set()
     for host in cluster.hosts:
-        text = host_config(cluster, host.name, python=python, config_path=DEFAULT_CONFIG, project_root=ROOT)
+        text = host_config(cluster, host.name, python=python, config_path=DEFAULT_CONFIG, project_root=ROOT,
+                           admin=admin)
         conf = _parse(text)
         programs = sorted(s.removeprefix("program:") for s in conf.sections() if s.startswith("program:"))
         # The metadata group, and every data group up to max_groups (16).
         assert programs == sorted(["router", "worker-meta", *(f"worker-g{g}" for g in range(16))])
-        assert conf["inet_http_server"]["port"] == f"{host.address}:9001"
-        assert conf["supervisorctl"]["serverurl"] == f"http://{host.address}:9001"
+        # supervisord's XML-RPC only on a Unix socket in the host's data directory; the host's
+        # process control (HostControl, gRPC) on its address, to this host's token alone.
+        assert "inet_http_server" not in conf
+        socket_file = cluster.data_dir / host.name / "supervisor.sock"
+        assert conf["unix_http_server"]["file"] == str(socket_file)
+        assert conf["unix_http_server"]["chmod"] == "0600"
+        assert conf["supervisorctl"]["serverurl"] == f"unix://{socket_file}"
         assert conf["supervisord"]["nodaemon"] == "true"
-        supervisor_endpoints.add(conf["inet_http_server"]["port"])
         assert conf["rpcinterface:supervisor"]["supervisor.rpcinterface_factory"] == \
             "supervisor.rpcinterface:make_main_rpcinterface"
+        agent = conf["rpcinterface:shardnode"]
+        assert agent["supervisor.rpcinterface_factory"] == "shardnode.host_agent:make_rpcinterface"
+        assert (agent["config"], agent["host"]) == (str(DEFAULT_CONFIG), host.name)
+        assert agent["token"] == host_token(admin, host.name) == conf["supervisorctl"]["password"]
+        assert admin.password not in text
+        tokens.add(agent["token"])
+        supervisor_endpoints.add((host.address, host.supervisor_port))
 
         router = shlex.split(conf["program:router"]["command"])
         assert router == [str(python), "-m", "router", "--config", str(DEFAULT_CONFIG), "--host", host.name]
@@ -101,7 +120,7 @@ def test_default_cluster_host_configs() -> None:
         for key in ("logfile", "pidfile", "childlogdir"):
             path = Path(conf["supervisord"][key])
             assert path.is_absolute() and path.is_relative_to(cluster.data_dir / host.name), key
-    assert len(supervisor_endpoints) == len(cluster.hosts)
+    assert len(supervisor_endpoints) == len(tokens) == len(cluster.hosts)
 
 
 def test_local_cluster_config_files(tmp_path: Path) -> None:
@@ -255,21 +274,44 @@ def test_stop_and_start_under_supervisord(supervised: SupervisedCluster) -> None
     assert "no_replica" in (env.tmp / "data" / "h1" / "logs" / "worker-g2.log").read_text()
     assert ensure_workers(env.cluster, "h1", [0]) == ()     # running already
 
-    # XML-RPC answers only to the cluster's admin credential, and only on the host's own address.
-    url = f"{h2.address}:{h2.supervisor_port}/RPC2"
-    for prefix in ("", "admin:wrong-password-of-the-right-length@"):
-        with pytest.raises(xmlrpc.client.ProtocolError) as refused:
-            xmlrpc.client.ServerProxy(f"http://{prefix}{url}").supervisor.getAllProcessInfo()
-        assert refused.value.errcode == 401
+    # Issue 20: supervisord's XML-RPC (HTTP, basic auth) is no longer on the network. What listens on the host's
+    # address:supervisor_port is its HostControl service (gRPC), which gives XML-RPC no answer.
+    admin = load_admin_credential(env.cluster.security)
+    assert _xmlrpc_answer(h2.address, h2.supervisor_port, admin) is None
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", h2.supervisor_port), timeout=2).close()
-    for path in (env.tmp / "etc" / "hosts" / "h2.conf", env.cluster.security.admin_file):
+    # It answers only to h2's own token: no token, h1's (seen on the wire, say), the admin password are refused,
+    # and change nothing.
+    running = control.processes("h2")["worker-g0"]
+    assert running.state == "RUNNING"
+    stop = host_control_pb2.ControlRequest(action=host_control_pb2.ControlRequest.STOP, name="worker-g0")
+    with grpc.insecure_channel(f"{h2.address}:{h2.supervisor_port}") as channel:
+        stub = host_control_pb2_grpc.HostControlStub(channel)
+        for token in (None, host_token(admin, "h1"), admin.password):
+            metadata = () if token is None else (("authorization", f"Bearer {token}"),)
+            for call, request in ((stub.Control, stop), (stub.Processes, host_control_pb2.ProcessesRequest())):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(request, metadata=metadata, timeout=5)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, token
+        reply = stub.Processes(host_control_pb2.ProcessesRequest(names=["worker-g0"]), timeout=5,
+                               metadata=(("authorization", f"Bearer {host_token(admin, 'h2')}"),))
+        assert reply.processes[0].pid == running.pid
+    time.sleep(0.5)
+    after = control.processes("h2")["worker-g0"]
+    assert (after.state, after.pid, after.started_at) == ("RUNNING", running.pid, running.started_at)
+    # The host's own supervisorctl still works, over the Unix socket (0600, like the file that holds h2's token).
+    socket_file = supervisor_socket(env.cluster, "h2", ROOT)
+    host_conf = env.tmp / "etc" / "hosts" / "h2.conf"
+    for path in (host_conf, env.cluster.security.admin_file, socket_file):
         assert path.stat().st_mode & 0o777 == 0o600, path
+    ctl = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c", str(host_conf), "status",
+                          "worker-g0"], capture_output=True, text=True, timeout=30)
+    assert "RUNNING" in ctl.stdout and f"pid {running.pid}" in ctl.stdout, ctl
     wrong = ProcessControl(env.cluster)
     wrong._admin = AdminCredential("admin", "a-wrong-password-of-enough-length")
     with pytest.raises(SupervisorError, match="refused the admin credential") as error:
         wrong.status("h2")
-    assert "a-wrong-password" not in str(error.value)
+    assert "a-wrong-password" not in str(error.value) and "\n" not in str(error.value)
 
     # SIGTERM to the top supervisord stops every process of the cluster.
     env.record_pids()
@@ -283,6 +325,54 @@ def test_stop_and_start_under_supervisord(supervised: SupervisedCluster) -> None
     # Every worker got its clean stop.
     for host in env.cluster.hosts:
         assert _log_count(env, host.name, "worker.stopped") >= 1, host.name
+
+
+def test_process_control_over_mutual_tls(tmp_path: Path) -> None:
+    """With TLS on, a host's process control answers only a TLS peer with a certificate of the cluster's CA,
+    and still only to the host's token; ProcessControl stops and starts through it."""
+    config_path = write_cluster_toml(tmp_path, name="sup-tls", hosts=1, replicas=1, tls=True)
+    with start_supervised(tmp_path, config_path, include_router=False) as env:
+        h1 = env.cluster.host("h1")
+        address = f"{h1.address}:{h1.supervisor_port}"
+        worker = h1.worker_address(0)
+        before = env.control.processes("h1")["worker-g0"]
+        env.control.stop(worker, clean=False)
+        assert env.control.status("h1")["worker-g0"] == "STOPPED" and not env.alive(before.pid)
+        env.control.start(worker)
+        assert env.control.status("h1")["worker-g0"] == "RUNNING"
+        env.record_pids()
+        request = host_control_pb2.ProcessesRequest()
+        token = (("authorization", f"Bearer {host_token(load_admin_credential(env.cluster.security), 'h1')}"),)
+        # A plain connection gets no answer from a TLS server.
+        with grpc.insecure_channel(address) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                host_control_pb2_grpc.HostControlStub(channel).Processes(request, metadata=token, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The clients' certificate (an admin machine's) passes TLS, and still needs the token.
+        with sync_channel(address, env.cluster.security, None) as channel:
+            stub = host_control_pb2_grpc.HostControlStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Processes(request, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert {p.name for p in stub.Processes(request, metadata=token, timeout=5).processes} >= {"worker-g0"}
+
+
+def _xmlrpc_answer(address: str, port: int, admin: AdminCredential) -> bytes | None:
+    """What an XML-RPC call (HTTP/1.1 POST /RPC2, with the admin password as supervisord's basic
+    authentication) to address:port gets back as an HTTP answer, None if no HTTP answer."""
+    body = xmlrpc.client.dumps((), "supervisor.getAllProcessInfo").encode()
+    auth = base64.b64encode(f"{admin.username}:{admin.password}".encode())
+    request = (b"POST /RPC2 HTTP/1.1\r\nHost: %s\r\nAuthorization: Basic %s\r\nContent-Type: text/xml\r\n"
+               b"Content-Length: %d\r\n\r\n" % (address.encode(), auth, len(body)) + body)
+    answer = b""
+    with socket.create_connection((address, port), timeout=3) as conn:
+        conn.sendall(request)
+        try:
+            while chunk := conn.recv(65536):
+                answer += chunk
+        except (socket.timeout, ConnectionResetError):
+            pass
+    return answer if answer.startswith(b"HTTP/") else None
 
 
 # --- The command line -----------------------------------------------------------------
@@ -321,8 +411,8 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_cli_supervisor_conf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli(["--config", str(DEFAULT_CONFIG), "supervisor-conf", "--host", "host1"]) == 0
     conf = _parse(capsys.readouterr().out)
-    assert conf["inet_http_server"]["port"] == "127.0.0.1:9001"
+    assert conf["rpcinterface:shardnode"]["host"] == "host1"
     assert "program:router" in conf and "program:worker-g3" in conf
     output = tmp_path / "host2.conf"
     assert _cli(["--config", str(DEFAULT_CONFIG), "supervisor-conf", "--host", "host2", "--output", str(output)]) == 0
-    assert _parse(output.read_text())["inet_http_server"]["port"] == "127.0.0.2:9001"
+    assert _parse(output.read_text())["rpcinterface:shardnode"]["host"] == "host2"

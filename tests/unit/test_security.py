@@ -15,11 +15,13 @@ from shardnode.certs import CertsRefused, init_cluster
 from shardnode.config import ClusterConfig, ConfigError
 from shardnode.security import (
     ADMIN_METHODS,
+    AdminCredential,
     Gatekeeper,
     SecurityError,
     SecurityStats,
     admin_metadata,
     ensure_admin_credential,
+    host_token,
     load_admin_credential,
     write_private,
 )
@@ -136,15 +138,28 @@ def test_the_admin_credential_is_made_once_and_read_strictly(tmp_path: Path) -> 
         assert "\n" not in str(error.value) and str(security.admin_file) in str(error.value)
 
 
-def test_supervisord_configs_carry_the_credential(tmp_path: Path) -> None:
+def test_supervisord_configs_carry_their_hosts_token_only(tmp_path: Path) -> None:
+    """Issue 20: every host's file held the cluster-wide admin password, also on its XML-RPC port."""
     cluster = _cluster(tmp_path, tls=False)
-    text = host_config(cluster, "h1", config_path=tmp_path / "cluster.toml", project_root=tmp_path)
-    admin = load_admin_credential(cluster.security)
-    server = text.split("[inet_http_server]")[1].split("[rpcinterface")[0]
-    assert "port=127.0.0.1:9001" in server
-    assert f"username={admin.username}" in server and f"password={admin.password}" in server
-    client = text.split("[supervisorctl]")[1]
-    assert f"password={admin.password}" in client
+    admin = ensure_admin_credential(cluster.security)
+    tokens = {}
+    for host in ("h1", "h2"):
+        text = host_config(cluster, host, config_path=tmp_path / "cluster.toml", project_root=tmp_path)
+        assert admin.password not in text and "[inet_http_server]" not in text
+        tokens[host] = host_token(admin, host)
+        agent = text.split("[rpcinterface:shardnode]")[1].split("[supervisorctl]")[0]
+        assert f"host={host}" in agent and f"token={tokens[host]}" in agent
+        client = text.split("[supervisorctl]")[1]
+        assert f"serverurl=unix://{tmp_path / 'data' / host / 'supervisor.sock'}" in client
+    assert tokens["h1"] != tokens["h2"]
+
+
+def test_host_tokens_are_distinct_and_follow_the_admin_password() -> None:
+    admin = AdminCredential("admin", "x" * 32)
+    token = host_token(admin, "h1")
+    assert token == host_token(AdminCredential("admin", "x" * 32), "h1")      # derived, not stored
+    assert len(token) >= 40 and token.replace("-", "").replace("_", "").isalnum() and admin.password not in token
+    assert token not in {host_token(admin, "h2"), host_token(AdminCredential("admin", "y" * 32), "h1")}
 
 
 # --- The gatekeeper, with TLS off: admin RPCs need the token, data RPCs do not -----------
