@@ -168,7 +168,8 @@ class WorkerGroup:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             running = [h for h in self.hosts if h not in exclude and h in self.processes]
-            statuses = {h: await self.status(h, timeout=0.5) for h in running}
+            # Asked at once, a second each: under load a TLS handshake alone can take longer than half a second.
+            statuses = dict(zip(running, await asyncio.gather(*(self.status(h, timeout=1.0) for h in running))))
             leaders = [h for h, s in statuses.items() if s is not None and s.role == "leader"]
             if leaders and all(s is not None for s in statuses.values()):
                 return leaders[0]

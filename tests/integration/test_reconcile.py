@@ -32,7 +32,8 @@ def test_a_group_created_online_comes_back_on_hosts_restarted_without_the_metada
     config = write_cluster_toml(tmp_path, name="reconcile-itest", hosts=3, groups=1, max_groups=3)
     with start_supervised(tmp_path, config) as env:
         began = time.monotonic()
-        added = _shardnode(config, "group", "add")
+        # A generous --timeout: right after the start the metadata group may still be electing (under load).
+        added = _shardnode(config, "--timeout", "60", "group", "add")
         assert added.returncode == 0, added.stdout + added.stderr
         with Client.from_config(config, timeout=20.0) as client:
             for i in range(50):

@@ -76,13 +76,25 @@ class FakeCluster:
     def __init__(self) -> None:
         self.store: dict[bytes, bytes] = {}
         self.sessions: dict[int, tuple[int, wpb.OperationResult]] = {}
-        self.ports = [_free_port() for _ in range(3)]
+        # Every port distinct, the data workers' (below each metadata port) included: the
+        # kernel may hand out neighbours, and the configuration refuses a shared port.
+        taken: set[int] = set()
+
+        def port(below: int = 0) -> int:
+            while True:
+                candidate = _free_port()
+                wanted = set(range(candidate - below, candidate + 1))
+                if candidate - below > 1024 and not wanted & taken:
+                    taken.update(wanted)
+                    return candidate
+
+        self.ports = [port(below=MAX_GROUPS) for _ in range(3)]
         self.config = ClusterConfig.from_dict({
             "cluster": {"name": "meta-test", "replicas": 3, "groups": 2, "max_groups": MAX_GROUPS,
                         "virtual_nodes": 8},
-            "host": [{"name": f"h{i + 1}", "address": "127.0.0.1", "router_port": _free_port(),
-                      "worker_port_base": port - MAX_GROUPS, "metrics_port": _free_port(),
-                      "supervisor_port": _free_port()} for i, port in enumerate(self.ports)],
+            "host": [{"name": f"h{i + 1}", "address": "127.0.0.1", "router_port": port(),
+                      "worker_port_base": meta_port - MAX_GROUPS, "metrics_port": port(),
+                      "supervisor_port": port()} for i, meta_port in enumerate(self.ports)],
         })
         self.addresses = [r.address for r in self.config.meta_group_replicas()]
         assert self.addresses == [f"127.0.0.1:{p}" for p in self.ports]
