@@ -4,9 +4,10 @@ nothing is left running on shutdown)."""
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 
 
-class OwnedTask:
+class OwnedTask(ABC):
     """Subclasses define `_run`; the owner calls `start` inside the event loop
     and `close` on shutdown, which cancels the task and waits for it."""
 
@@ -27,5 +28,6 @@ class OwnedTask:
             except asyncio.CancelledError:
                 pass
 
+    @abstractmethod
     async def _run(self) -> None:
-        raise NotImplementedError
+        """The task's body, until cancelled."""

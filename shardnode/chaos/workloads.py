@@ -27,6 +27,7 @@ import os
 import random
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def _run_token() -> str:
     return os.urandom(4).hex()
 
 
-class _Workload:
+class _Workload(ABC):
     """The client threads, pacing and life cycle both workloads share."""
 
     _first_client: int = 1
@@ -180,8 +181,9 @@ class _Workload:
                 self._crashes.append(exc)
             raise
 
+    @abstractmethod
     def _one_operation(self, client: Client, client_id: int, sequence: int, rng: random.Random) -> None:
-        raise NotImplementedError
+        """One operation of the workload, recorded in its history."""
 
     def _require_stopped(self, what: str) -> None:
         if self._threads and not self._stopping.is_set():
