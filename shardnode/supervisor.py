@@ -106,8 +106,11 @@ def host_log_dir(cluster: ClusterConfig, host_name: str, project_root: Path | No
 
 
 def supervisor_socket(cluster: ClusterConfig, host_name: str, project_root: Path | None = None) -> Path:
-    """The Unix socket of a host's supervisord XML-RPC: ``data_dir/HOST/supervisor.sock``."""
-    path = _data_dir(cluster, project_root).absolute() / host_name / "supervisor.sock"
+    """The Unix socket of a host's supervisord XML-RPC: ``data_dir/HOST.supervisor.sock``,
+    beside the host's directory rather than in it: that directory may be a
+    filesystem that cannot hold sockets (a FUSE mount such as the power-loss
+    tests' lazyfs answers EPERM)."""
+    path = _data_dir(cluster, project_root).absolute() / f"{host_name}.supervisor.sock"
     if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
         raise SupervisorError(f"{path}: too long for a Unix socket ({_MAX_SOCKET_PATH} bytes at most): "
                               "choose a shorter data_dir in cluster.toml")

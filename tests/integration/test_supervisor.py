@@ -76,7 +76,7 @@ def test_default_cluster_host_configs() -> None:
         # supervisord's XML-RPC only on a Unix socket in the host's data directory; the host's
         # process control (HostControl, gRPC) on its address, to this host's token alone.
         assert "inet_http_server" not in conf
-        socket_file = cluster.data_dir / host.name / "supervisor.sock"
+        socket_file = cluster.data_dir / f"{host.name}.supervisor.sock"
         assert conf["unix_http_server"]["file"] == str(socket_file)
         assert conf["unix_http_server"]["chmod"] == "0600"
         assert conf["supervisorctl"]["serverurl"] == f"unix://{socket_file}"

@@ -150,7 +150,7 @@ def test_supervisord_configs_carry_their_hosts_token_only(tmp_path: Path) -> Non
         agent = text.split("[rpcinterface:shardnode]")[1].split("[supervisorctl]")[0]
         assert f"host={host}" in agent and f"token={tokens[host]}" in agent
         client = text.split("[supervisorctl]")[1]
-        assert f"serverurl=unix://{tmp_path / 'data' / host / 'supervisor.sock'}" in client
+        assert f"serverurl=unix://{tmp_path / 'data' / f'{host}.supervisor.sock'}" in client
     assert tokens["h1"] != tokens["h2"]
 
 
