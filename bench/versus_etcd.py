@@ -20,7 +20,7 @@ operation and number of callers, one etcd round and one shardnode round
   balances over its endpoints the same way; a shardnode client over the
   routers);
 - etcd: `etcdserverpb.KV/Put` and `KV/Range` (linearizable, the default),
-  stubs generated at run time from bench/etcd_kv.proto; shardnode: the
+  stubs from the routers' own copy of etcd's protos; shardnode: the
   router's `KV/Put` (no session: the router uses its own) and `KV/Get`
   (linearizable, the default);
 - `range` (not by default): the RANGE_KEYS keys from a random key on, etcd's
@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import math
 import os
@@ -286,18 +285,12 @@ class EtcdCluster:
         )
 
 
-def etcd_stubs(tmp: Path):  # type: ignore[no-untyped-def]
-    """(messages, KVStub) generated from bench/etcd_kv.proto into tmp."""
-    from grpc_tools import protoc
+def etcd_stubs():  # type: ignore[no-untyped-def]
+    """(messages, KVStub) of etcd's API: the copy of etcd's protos the routers
+    serve (proto/etcd_rpc.proto), so that one process holds one copy."""
+    from shardnode.proto import etcd_rpc_pb2, etcd_rpc_pb2_grpc
 
-    out = tmp / "etcd_stubs"
-    out.mkdir()
-    status = protoc.main(["protoc", f"--proto_path={ROOT / 'bench'}", f"--python_out={out}",
-                          f"--grpc_python_out={out}", str(ROOT / "bench" / "etcd_kv.proto")])
-    if status != 0:
-        raise RuntimeError(f"protoc failed on bench/etcd_kv.proto ({status})")
-    sys.path.insert(0, str(out))
-    return importlib.import_module("etcd_kv_pb2"), importlib.import_module("etcd_kv_pb2_grpc").KVStub
+    return etcd_rpc_pb2, etcd_rpc_pb2_grpc.KVStub
 
 
 # --- The two systems, as the load generator sees them --------------------------------------
@@ -802,7 +795,7 @@ def report_round(result: dict, mode: str) -> None:
 
 async def bench(args: argparse.Namespace, tmp: Path, etcd: EtcdCluster, shard: LocalCluster,
                 started: list[subprocess.Popen]) -> dict:
-    messages, stub_class = etcd_stubs(tmp)
+    messages, stub_class = etcd_stubs()
     etcd_t = etcd_target(etcd, messages, stub_class)
     shard_t = shardnode_target(shard)
     value = bytes(random.Random(11).getrandbits(8) for _ in range(VALUE_BYTES))

@@ -9,7 +9,7 @@ through its event loop.
   router after an unknown outcome may apply it twice, with the same value).
 - etcd's messages are imported on first use, not with the client: they are
   registered under etcd's own names (etcdserverpb.*), which another copy of
-  them in the same process (aetcd, etcd3, bench/etcd_kv.proto) registers
+  them in the same process (aetcd, etcd3) registers
   too, and protobuf refuses a name twice. A program using only put/get/scan
   can import both.
 - Watch: an async iterator of `WatchEvent`s of one key, or of every key with

@@ -176,7 +176,7 @@ class GroupForwarder:
         self.membership_changed = view.replicas != self.members
         if self.membership_changed:
             self._follow(view.replicas)
-        if view.placeholder:
+        if view.unprobed:
             return      # not a probe: no replica was found unreachable, no majority missing
         unreachable = {self.by_address[a] for a in view.unreachable if a in self.by_address}
         for node_id in unreachable:

@@ -55,7 +55,7 @@ class GroupView:
     answers: tuple[wpb.StatusResponse | None, ...]
     at: float                      # time.monotonic() of the probe
     learners: frozenset[int] = frozenset()
-    placeholder: bool = False      # not a probe: the placement of a group not probed yet
+    unprobed: bool = False         # not a probe: where the map places a group no probe has reached yet
 
     @property
     def voters(self) -> tuple[Replica, ...]:

@@ -129,7 +129,7 @@ class KVService(pb_grpc.KVServicer):
             if placed:
                 # Not probed here (its workers may still be starting): the monitor does within a second.
                 forwarder.observe(GroupView(group, placed, (None,) * len(placed), time.monotonic(),
-                                            placeholder=True))
+                                            unprobed=True))
             self.forwarders[group] = forwarder
         self.shard_map = new
         for group in [g for g in self.forwarders if g not in new.groups]:

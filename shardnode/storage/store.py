@@ -737,31 +737,25 @@ class ReplicaStore:
         of waiting while a snapshot install holds the state machine (seconds,
         on the persist thread): the caller, often an event loop that must
         keep ticking, retries later or elsewhere."""
-        if not self._sm_lock.acquire(blocking=False):
-            raise StoreBusy("a snapshot is being installed; retry")
-        try:
-            self._check_open()
-            try:
-                raw = self._engine.kv.view.get(key)
-            except Exception as exc:  # rocksdict raises a bare Exception on I/O errors
-                raise StorageFault(f"RocksDB read failed at {self._engine.path}: {exc}") from exc
-        finally:
-            self._sm_lock.release()
+        raw = self._read_raw(key)
         return None if raw is None else record_value(raw)
 
     def get_record(self, key: bytes) -> KeyRecord | None:
         """The key's value with its etcd metadata, as get() (StoreBusy during an install)."""
+        raw = self._read_raw(key)
+        return None if raw is None else decode_record(raw)
+
+    def _read_raw(self, key: bytes) -> bytes | None:
         if not self._sm_lock.acquire(blocking=False):
             raise StoreBusy("a snapshot is being installed; retry")
         try:
             self._check_open()
             try:
-                raw = self._engine.kv.view.get(key)
+                return self._engine.kv.view.get(key)
             except Exception as exc:  # rocksdict raises a bare Exception on I/O errors
                 raise StorageFault(f"RocksDB read failed at {self._engine.path}: {exc}") from exc
         finally:
             self._sm_lock.release()
-        return None if raw is None else decode_record(raw)
 
     def lease_keys(self, lease: int, epoch: int) -> list[bytes] | None:
         """The keys this group serves that are attached to `lease`, in key

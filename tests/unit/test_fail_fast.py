@@ -18,11 +18,11 @@ from shardnode.routing.monitor import GroupView
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def view(forwarder: GroupForwarder, up: int, *, placeholder: bool = False, leader: bool = True) -> GroupView:
+def view(forwarder: GroupForwarder, up: int, *, unprobed: bool = False, leader: bool = True) -> GroupView:
     """A probe in which the first `up` replicas answer (the first leads)."""
     answers = tuple((wpb.StatusResponse(role="leader" if i == 0 and leader else "follower", term=2) if i < up
                      else None) for i in range(len(forwarder.members)))
-    return GroupView(forwarder.group, forwarder.members, answers, time.monotonic(), placeholder=placeholder)
+    return GroupView(forwarder.group, forwarder.members, answers, time.monotonic(), unprobed=unprobed)
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_operations_already_waiting_are_answered_when_the_majority_is_seen_gone(
     asyncio.run(scenario())
 
 
-def test_no_failing_fast_before_the_group_was_seen_with_a_quorum_or_on_a_placeholder(
+def test_no_failing_fast_before_the_group_was_seen_with_a_quorum_or_on_an_unprobed_view(
         forwarder: GroupForwarder) -> None:
     # A router that starts with the cluster: its connections to the workers
     # come up after a back-off, and its first probes find nobody.
@@ -94,9 +94,9 @@ def test_a_call_that_succeeded_since_outweighs_the_probes(forwarder: GroupForwar
     forwarder._last_ok = time.monotonic()       # the leader answered OK after that probe (a slow probe, not an outage)
     forwarder.observe(view(forwarder, 1))
     assert not forwarder.no_quorum_now()
-    # A placeholder (a group just added, not probed yet) never counts.
+    # An unprobed view (a group just added, no probe yet) never counts.
     fresh = GroupForwarder(forwarder.cluster, 1, ChannelPool(), "host1")
     fresh._served = True
-    fresh.observe(view(fresh, 0, placeholder=True))
-    fresh.observe(view(fresh, 0, placeholder=True))
+    fresh.observe(view(fresh, 0, unprobed=True))
+    fresh.observe(view(fresh, 0, unprobed=True))
     assert not fresh.no_quorum_now()
