@@ -138,7 +138,9 @@ def _killed_and_run_again(env: SupervisedCluster, args: tuple[str, ...], kill_po
     if _unfinished_intents(env.cluster):
         code, out, err = _finish(_shardnode(env, *args))
         assert code == 0, out + err
-        assert "already recorded" in out, out
+        # It attached to the recorded change; or a router's scheduler finished that change
+        # between the look at `group pending` and this run, which then found nothing to move.
+        assert "already recorded" in out or " 0 move(s)" in out, out
     return kills
 
 
