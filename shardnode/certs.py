@@ -224,3 +224,27 @@ def init_cluster(cluster: "ClusterConfig", *, force: bool = False) -> list[Path]
         ensure_admin_credential(security)
         written.append(security.admin_file)
     return written
+
+
+def user_cert_files(cluster: "ClusterConfig", user: str, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """Where `shardnode user add` writes a user's certificate and key."""
+    where = out_dir if out_dir is not None else cluster.security.certs_dir / "users"
+    return where / f"{user}.crt", where / f"{user}.key"
+
+
+def issue_user_certificate(cluster: "ClusterConfig", user: str, out_dir: Path | None = None, *,
+                           force: bool = False) -> tuple[Path, Path]:
+    """A client certificate whose CN is `user`, signed by the cluster's CA
+    (ca.key must be here). An existing one is kept unless `force`."""
+    security = cluster.security
+    cert_file, key_file = user_cert_files(cluster, user, out_dir)
+    if cert_file.exists() and not force:
+        return cert_file, key_file
+    if not security.ca_key_file.exists():
+        raise CertsRefused(f"cannot issue {user}'s certificate: {security.ca_key_file} is not here (run this where "
+                           "the CA is, or add the user with --no-cert and issue the certificate there)")
+    authority = Authority.load(security.ca_file.read_bytes(), security.ca_key_file.read_bytes())
+    issued = issue_certificate(authority, user)
+    write_private(key_file, issued.key_pem)
+    write_private(cert_file, issued.cert_pem)
+    return cert_file, key_file

@@ -102,3 +102,9 @@ class TLSMismatch(ShardnodeError):
 
 class LeaseNotFound(ShardnodeError):
     """No such lease (never granted, revoked, or expired)."""
+
+
+class PermissionDenied(ShardnodeError):
+    """The caller's certificate names a user whose roles do not allow this
+    read or write (docs/security.md, "Users and roles"), or one the cluster
+    does not accept at all. Nothing was done; retrying will not help."""

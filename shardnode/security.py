@@ -36,7 +36,7 @@ import secrets
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -400,9 +400,10 @@ def peer_common_name(context: grpc.aio.ServicerContext) -> str | None:
 class Gatekeeper(grpc.aio.ServerInterceptor):
     """Refuses callers before any handler runs: with TLS, anyone whose
     certificate CN is not in `allowed`; always, an admin RPC without the
-    admin token. With TLS off, data RPCs pass untouched (no per-call cost)."""
+    admin token. With TLS off, data RPCs pass untouched (no per-call cost).
+    `allowed` may change as it is used (a router's users, routing/access.py)."""
 
-    def __init__(self, *, tls: bool, allowed: frozenset[str], admin: AdminCredential | None,
+    def __init__(self, *, tls: bool, allowed: Container[str], admin: AdminCredential | None,
                  stats: SecurityStats, admin_methods: frozenset[str] = ADMIN_METHODS) -> None:
         self._tls = tls
         self._allowed = allowed

@@ -266,6 +266,8 @@ def _register_admin(commands: Any, common: argparse.ArgumentParser) -> None:
     groups.register(commands, parents=[common])
     from . import chaos
     chaos.register(commands, parents=[common])
+    from . import access
+    access.register(commands, parents=[common])
 
 
 # --- Commands ----------------------------------------------------------------------------------

@@ -11,8 +11,8 @@
 The error classes are re-exported so that callers need one import.
 """
 
-from ..errors import (DeadlineExceeded, InvalidArgument, NoLeader, NoQuorum, NotLeader, RoutersUnreachable,
-                      ShardnodeError, TLSMismatch, Unavailable)
+from ..errors import (DeadlineExceeded, InvalidArgument, NoLeader, NoQuorum, NotLeader, PermissionDenied,
+                      RoutersUnreachable, ShardnodeError, TLSMismatch, Unavailable)
 from .aio import AsyncClient
 from .client import DEFAULT_TIMEOUT, Client, StaleSession
 from .leases_watch import LeaseNotFound, WatchCompacted, WatchEvent
@@ -27,6 +27,7 @@ __all__ = [
     "NoLeader",
     "NoQuorum",
     "NotLeader",
+    "PermissionDenied",
     "RoutersUnreachable",
     "ShardnodeError",
     "StaleSession",

@@ -30,8 +30,8 @@ import grpc
 
 from ..channel_cache import RETIRE_GRACE, CredentialWatch
 from ..config import ClusterConfig
-from ..errors import (DeadlineExceeded, InvalidArgument, NoQuorum, RoutersUnreachable, ShardnodeError, TLSMismatch,
-                      Unavailable)
+from ..errors import (DeadlineExceeded, InvalidArgument, NoQuorum, PermissionDenied, RoutersUnreachable,
+                      ShardnodeError, TLSMismatch, Unavailable)
 from ..proto import kv_pb2, kv_pb2_grpc
 from ..placement.shard_map import ShardMap
 from ..security import aio_channel
@@ -433,6 +433,9 @@ class AsyncClient(LeaseWatchMixin, ClientSettings):
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 # Past one of the router's [limits]: refused, nothing was done.
                 raise ShardnodeError(f"{op}: refused by {router}: {details}; nothing was done")
+            if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                # The user's roles (or the certificate): every router answers the same.
+                raise PermissionDenied(f"{op}: refused by {router}: {details}")
             last_error = f"{router}: {code.name}: {details}"
             error = CAUSES.get(result.cause)
             if error is not None:

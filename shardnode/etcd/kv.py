@@ -9,9 +9,11 @@ import time
 import grpc
 
 from ..config import ClusterConfig
-from ..errors import DeadlineExceeded, InvalidArgument, Unavailable
+from ..errors import DeadlineExceeded, InvalidArgument, PermissionDenied, Unavailable
 from ..proto import etcd_rpc_pb2 as rpc
 from ..proto import etcd_rpc_pb2_grpc as rpc_grpc
+from ..access.rules import Grants
+from ..routing.access import READ, WRITE, check
 from ..routing.service import KVService
 from ..storage.etcd_ops import DeleteResponse, PutOp, Txn
 from .leases import Leases
@@ -26,6 +28,7 @@ class EtcdKV(rpc_grpc.KVServicer):
         self.cluster = cluster
         self.leases = leases
         self.gateway = core.gateway
+        self.access = core.access
         self.header = header
         self.limits = Limits(cluster.max_key_bytes, cluster.max_value_bytes)
 
@@ -34,6 +37,7 @@ class EtcdKV(rpc_grpc.KVServicer):
     async def Range(self, request: rpc.RangeRequest, context: grpc.aio.ServicerContext) -> rpc.RangeResponse:
         try:
             plan = plan_range(request, self.limits)
+            check(self.access.grants(context), READ, request.key, request.range_end)
             response, revision = await self.gateway.range(plan, deadline_of(context))
         except Exception as exc:  # every refusal and routing error, answered with its gRPC code
             await abort(context, exc)
@@ -42,6 +46,10 @@ class EtcdKV(rpc_grpc.KVServicer):
     async def Put(self, request: rpc.PutRequest, context: grpc.aio.ServicerContext) -> rpc.PutResponse:
         try:
             op = put_op(request, self.limits)
+            grants = self.access.grants(context)
+            check(grants, WRITE, request.key)
+            if request.prev_kv:
+                check(grants, READ, request.key)
             if op.lease:
                 await self.leases.check(op.lease, DEFAULT_TIMEOUT)
             result = await self.gateway.txn(lambda epoch: Txn(epoch, success=(op,)), [op.key], deadline_of(context))
@@ -54,6 +62,10 @@ class EtcdKV(rpc_grpc.KVServicer):
                           context: grpc.aio.ServicerContext) -> rpc.DeleteRangeResponse:
         try:
             op = delete_op(request, self.limits)
+            grants = self.access.grants(context)
+            check(grants, WRITE, request.key, request.range_end)
+            if request.prev_kv:
+                check(grants, READ, request.key, request.range_end)
             deadline = deadline_of(context)
             if op.range_end:
                 deleted, revision = await self.gateway.delete_range(op, deadline)
@@ -68,6 +80,7 @@ class EtcdKV(rpc_grpc.KVServicer):
     async def Txn(self, request: rpc.TxnRequest, context: grpc.aio.ServicerContext) -> rpc.TxnResponse:
         try:
             checked = txn_of(request, self.limits, 0)      # checked once before anything is routed
+            check_txn(self.access.grants(context), request)
             keys = checked.keys()
             for lease in sorted({op.lease for op in checked.success + checked.failure
                                  if isinstance(op, PutOp) and op.lease}):
@@ -91,7 +104,36 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float:
     return time.monotonic() + timeout
 
 
+def check_txn(grants: Grants | None, request: rpc.TxnRequest) -> None:
+    """Every compare is a read; every operation of both branches needs its
+    permission, whichever branch runs (as etcd checks a transaction)."""
+    if grants is None:
+        return
+    for compare in request.compare:
+        check(grants, READ, compare.key, compare.range_end)
+    for op in (*request.success, *request.failure):
+        kind = op.WhichOneof("request")
+        if kind == "request_range":
+            check(grants, READ, op.request_range.key, op.request_range.range_end)
+        elif kind == "request_put":
+            check(grants, WRITE, op.request_put.key)
+            if op.request_put.prev_kv:
+                check(grants, READ, op.request_put.key)
+        elif kind == "request_delete_range":
+            check(grants, WRITE, op.request_delete_range.key, op.request_delete_range.range_end)
+            if op.request_delete_range.prev_kv:
+                check(grants, READ, op.request_delete_range.key, op.request_delete_range.range_end)
+        elif kind == "request_txn":
+            check_txn(grants, op.request_txn)
+
+
+#: etcd's own message: its clients recognise the error by it.
+PERMISSION_DENIED = "etcdserver: permission denied"
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, PermissionDenied):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, PERMISSION_DENIED)
     if isinstance(exc, EtcdError):
         await context.abort(exc.code, exc.message)
     if isinstance(exc, InvalidArgument):

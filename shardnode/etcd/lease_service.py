@@ -9,15 +9,17 @@ import grpc
 
 from ..proto import etcd_rpc_pb2 as rpc
 from ..proto import etcd_rpc_pb2_grpc as rpc_grpc
+from ..routing.access import READ, WRITE, RouterAccess, check
 from .header import Header
 from .kv import abort, deadline_of
 from .leases import Leases
 
 
 class EtcdLease(rpc_grpc.LeaseServicer):
-    def __init__(self, leases: Leases, header: Header) -> None:
+    def __init__(self, leases: Leases, header: Header, access: RouterAccess) -> None:
         self.leases = leases
         self.header = header
+        self.access = access
 
     async def LeaseGrant(self, request: rpc.LeaseGrantRequest, context) -> rpc.LeaseGrantResponse:
         try:
@@ -28,6 +30,11 @@ class EtcdLease(rpc_grpc.LeaseServicer):
 
     async def LeaseRevoke(self, request: rpc.LeaseRevokeRequest, context) -> rpc.LeaseRevokeResponse:
         try:
+            grants = self.access.grants(context)
+            if grants is not None:
+                # Revoking deletes the lease's keys: a user needs the right to delete each (as in etcd).
+                for key in await self.leases.keys(request.ID, _timeout(context)):
+                    check(grants, WRITE, key)
             revision = await self.leases.revoke(request.ID, deadline_of(context))
         except Exception as exc:  # every refusal and routing error, answered with its gRPC code
             await abort(context, exc)
@@ -46,6 +53,9 @@ class EtcdLease(rpc_grpc.LeaseServicer):
         try:
             remaining, granted = await self.leases.time_to_live(request.ID, _timeout(context))
             keys = await self.leases.keys(request.ID, _timeout(context)) if request.keys and remaining >= 0 else []
+            grants = self.access.grants(context)
+            for key in keys if grants is not None else ():
+                check(grants, READ, key)
         except Exception as exc:  # every refusal and routing error, answered with its gRPC code
             await abort(context, exc)
         return rpc.LeaseTimeToLiveResponse(header=self.header.make(0), ID=request.ID, TTL=remaining,

@@ -25,7 +25,7 @@ def add_etcd_services(server: grpc.aio.Server, cluster: ClusterConfig, host_name
     header = Header(cluster, cluster.host(host_name).node_id)
     leases = Leases(cluster, host_name, core)
     rpc_grpc.add_KVServicer_to_server(EtcdKV(cluster, core, header, leases), server)
-    rpc_grpc.add_LeaseServicer_to_server(EtcdLease(leases, header), server)
+    rpc_grpc.add_LeaseServicer_to_server(EtcdLease(leases, header, core.access), server)
     rpc_grpc.add_WatchServicer_to_server(EtcdWatch(core, header), server)
     rpc_grpc.add_ClusterServicer_to_server(EtcdCluster(cluster, header), server)
     rpc_grpc.add_MaintenanceServicer_to_server(EtcdMaintenance(cluster, host_name, header), server)

@@ -40,10 +40,13 @@ from ..proto import etcd_mvcc_pb2 as mvccpb
 from ..proto import etcd_rpc_pb2 as rpc
 from ..proto import etcd_rpc_pb2_grpc as rpc_grpc
 from ..proto import worker_pb2 as wpb
+from ..routing.access import READ
 from .header import Header
+from .kv import PERMISSION_DENIED
 from .requests import KEY_NOT_PROVIDED, key_value
 
 if TYPE_CHECKING:
+    from ..access.rules import Grants
     from ..routing.service import KVService
 
 log = logging.getLogger("shardnode.etcd")
@@ -72,7 +75,7 @@ class EtcdWatch(rpc_grpc.WatchServicer):
         self.header = header
 
     async def Watch(self, requests: AsyncIterator[rpc.WatchRequest], context) -> AsyncIterator[rpc.WatchResponse]:
-        stream = _Stream(self.core, self.header)
+        stream = _Stream(self.core, self.header, self.core.access.user(context))
         reader = asyncio.create_task(stream.read(requests), name="etcd-watch-requests")
         try:
             while True:
@@ -89,9 +92,10 @@ class EtcdWatch(rpc_grpc.WatchServicer):
 class _Stream:
     """One client's stream: its watches and what goes back to it."""
 
-    def __init__(self, core: KVService, header: Header) -> None:
+    def __init__(self, core: KVService, header: Header, user: str | None = None) -> None:
         self.core = core
         self.header = header
+        self.user = user          # the stream's caller, when restricted (routing/access.py)
         self.out: asyncio.Queue[rpc.WatchResponse | None] = asyncio.Queue(OUT_QUEUE)
         self.watches: dict[int, _Watch] = {}
         self._ids = itertools.count(1)
@@ -125,6 +129,9 @@ class _Stream:
             problem = "etcdserver: watch id already exists"
         elif create.start_revision < 0:
             problem = "etcdserver: start revision must not be negative"
+        elif not _may_read(self.core.access.grants_of(self.user), create):
+            # Checked when the watch is made, as etcd does; a watch made stays.
+            problem = PERMISSION_DENIED
         if problem:
             await self.out.put(rpc.WatchResponse(header=self.header.make(0), watch_id=watch_id, created=True,
                                                  canceled=True, cancel_reason=problem))
@@ -147,6 +154,10 @@ class _Stream:
     async def close(self) -> None:
         watches, self.watches = list(self.watches.values()), {}
         await asyncio.gather(*(w.stop() for w in watches), return_exceptions=True)
+
+
+def _may_read(grants: "Grants | None", create: rpc.WatchCreateRequest) -> bool:
+    return grants is None or grants.allows(READ, create.key, create.range_end)
 
 
 class _Watch:

@@ -104,6 +104,11 @@ class ShardDirectory:
         result = await self._execute(Op(kind=Op.GET, key=key), timeout)
         return result.value if result.existed else None
 
+    async def read_many(self, keys: tuple[bytes, ...], timeout: float | None = None) -> tuple[bytes | None, ...]:
+        """The keys' values (None if absent), read together: one linearizable round."""
+        results = await self._execute_all([Op(kind=Op.GET, key=key) for key in keys], timeout)
+        return tuple(r.value if r.existed else None for r in results)
+
     async def compare_and_set(self, key: bytes, expected: bytes | None, new: bytes,
                               timeout: float | None = None,
                               guards: tuple[tuple[bytes, bytes | None], ...] = ()) -> tuple[bool, bytes | None]:
@@ -180,8 +185,11 @@ class ShardDirectory:
         return wpb_grpc.WorkerStub(self._channels.get(address))
 
     async def _execute(self, operation: wpb.Operation, timeout: float | None) -> wpb.OperationResult:
+        return (await self._execute_all([operation], timeout))[0]
+
+    async def _execute_all(self, operations: list[wpb.Operation], timeout: float | None) -> list[wpb.OperationResult]:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        request = wpb.ExecuteRequest(cluster=self.cluster.name, group=METADATA_GROUP, operations=[operation])
+        request = wpb.ExecuteRequest(cluster=self.cluster.name, group=METADATA_GROUP, operations=operations)
         target = self._leader or self._addresses[0]
         tried = 0
         hints = 0
@@ -200,7 +208,7 @@ class ShardDirectory:
             if response is not None:
                 if response.status == Status.OK:
                     self._leader = target
-                    return response.results[0]
+                    return list(response.results)
                 if response.status == Status.INVALID_ARGUMENT or response.status == Status.WRONG_GROUP:
                     raise ShardnodeError(f"the metadata group's worker at {target} refused the request: "
                                          f"{response.message}")

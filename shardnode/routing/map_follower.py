@@ -10,6 +10,9 @@ the router (`adopt`) and saves it. A router that was down while the map
 changed learns it within one poll of coming back; one cut off from the
 metadata group keeps routing with the map it has.
 
+The same read brings the access rules (b"auth", routing/access.py): users
+and roles reach the routers on the map's cadence, at no extra round.
+
 `refresh()` polls at once and returns the map then known: the forwarders
 call it when a worker answers that a key is not its group's any more.
 """
@@ -26,6 +29,7 @@ from ..background import OwnedTask
 from ..config import ClusterConfig
 from ..errors import ShardnodeError
 from ..placement.shard_map import ShardMap, ShardMapError
+from ..access.rules import AUTH_KEY
 from ..placement.directory import SHARD_MAP_KEY, ShardDirectory, initial_map
 
 log = logging.getLogger("shardnode.router")
@@ -48,8 +52,11 @@ class MapFollower(OwnedTask):
     task_name = "router shard map follower"
 
     def __init__(self, cluster: ClusterConfig, host_name: str,
-                 adopt: Callable[[ShardMap], Awaitable[None]], interval: float = POLL_INTERVAL) -> None:
+                 adopt: Callable[[ShardMap], Awaitable[None]], interval: float = POLL_INTERVAL,
+                 adopt_access: Callable[[bytes | None], None] | None = None) -> None:
         self.cluster = cluster
+        self._adopt_access = adopt_access
+        self._access_raw: bytes | None = None
         self.host_name = host_name
         self.interval = interval
         self._adopt = adopt
@@ -125,10 +132,13 @@ class MapFollower(OwnedTask):
 
     async def _poll(self) -> ShardMap:
         try:
-            raw = await self._directory.read(SHARD_MAP_KEY)
+            raw, access = await self._directory.read_many((SHARD_MAP_KEY, AUTH_KEY))
         except ShardnodeError as exc:
             self._unreachable(exc)
             return self.shard_map
+        if self._adopt_access is not None and (access != self._access_raw or not self.loaded):
+            self._access_raw = access
+            self._adopt_access(access)
         if self._unreachable_since is not None:
             log.info("router.metadata_reachable", extra={"after_s": round(time.monotonic()
                                                                             - self._unreachable_since, 1)})

@@ -15,11 +15,12 @@ from ..server_options import server_options
 from ..failstop import FailStop, run_until_stop_or_fault
 from ..proto import kv_pb2_grpc
 from ..security import (Gatekeeper, SecurityCollector, SecurityError, SecurityStats, add_port,
-                        admin_credential_if_any, allowed_identities)
+                        admin_credential_if_any)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
 
 from ..etcd.server import add_etcd_services
+from .access import RouterAccess
 from .forwarder import ChannelPool
 from .metrics import RouterMetrics
 from .service import KVService
@@ -37,8 +38,9 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
     except SecurityError as exc:
         log.error("router.security_failed", extra={"error": str(exc)})
         return 1
-    gatekeeper = Gatekeeper(tls=security.tls, allowed=allowed_identities(cluster, clients=True), admin=admin,
-                            stats=stats)
+    # Certificates the router lets in: its hosts, allowed_clients and the users of the access rules.
+    access = RouterAccess(cluster)
+    gatekeeper = Gatekeeper(tls=security.tls, allowed=access, admin=admin, stats=stats)
     channels = ChannelPool(security, host_name)
     server = grpc.aio.server(
         interceptors=[gatekeeper],
@@ -49,7 +51,7 @@ async def serve(cluster: ClusterConfig, host_name: str) -> int:
     labels = {"group": "", "node": str(host.node_id), "component": "router"}
     metrics.own.register(SecurityCollector(stats, labels))
     metrics.own.register(RefusalCollector(labels))
-    service = KVService(cluster, host_name, channels, metrics)
+    service = KVService(cluster, host_name, channels, metrics, access)
     kv_pb2_grpc.add_KVServicer_to_server(service, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

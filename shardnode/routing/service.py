@@ -15,7 +15,7 @@ import grpc
 from ..config import METADATA_GROUP, ClusterConfig, group_label
 from ..limits import LimitExceeded, refuse
 from ..errors import (CAUSE_METADATA_KEY, GROUP_METADATA_KEY, DeadlineExceeded, InvalidArgument, NoLeader,
-                      NoQuorum, ShardnodeError, Unavailable)
+                      NoQuorum, PermissionDenied, ShardnodeError, Unavailable)
 from ..proto import kv_pb2 as pb
 from ..proto import kv_pb2_grpc as pb_grpc
 from ..proto import worker_pb2 as wpb
@@ -24,6 +24,8 @@ from ..supervisor import ProcessControl, worker_program
 from ..etcd.gateway import Gateway
 from ..etcd.requests import EtcdError, RangePlan
 from ..storage.etcd_ops import Compare, CompareResult, CompareTarget, PutOp, RangeOp, Txn
+from ..access.rules import Grants
+from .access import READ, WRITE, RouterAccess, check
 from .admission import Admission, StreamBudget
 from .forwarder import ChannelPool, GroupForwarder
 from .map_follower import MapFollower
@@ -67,13 +69,15 @@ class RouterSessions:
 
 class KVService(pb_grpc.KVServicer):
     def __init__(self, cluster: ClusterConfig, host_name: str, channels: ChannelPool,
-                 metrics: RouterMetrics | None = None) -> None:
+                 metrics: RouterMetrics | None = None, access: RouterAccess | None = None) -> None:
         self.cluster = cluster
         self.host_name = host_name
         self.channels = channels
+        # Users and roles: what each caller may read and write (routing/access.py).
+        self.access = RouterAccess(cluster) if access is None else access
         # The live shard map (docs/router.md, "Following the shard map"): until
         # the metadata group answers, the last one saved here, else cluster.toml's.
-        self.map_follower = MapFollower(cluster, host_name, self._adopt_map)
+        self.map_follower = MapFollower(cluster, host_name, self._adopt_map, adopt_access=self.access.adopt)
         self.shard_map: ShardMap = self.map_follower.shard_map
         # Keyed by group number: groups come and go with the map.
         self.forwarders: dict[int, GroupForwarder] = {
@@ -257,18 +261,20 @@ class KVService(pb_grpc.KVServicer):
         operation = WOp(kind=WOp.PUT, key=request.key, value=request.value,
                         client_id=request.session.client_id, sequence=request.session.sequence)
         try:
+            check(self.access.grants(context), WRITE, request.key)
             result = await self._execute(operation, self._deadline(context),
                                          wait_for_quorum=request.wait_for_quorum)
-        except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession, LimitExceeded) as exc:
+        except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession, LimitExceeded, PermissionDenied) as exc:
             await self._abort(context, exc)
         return pb.PutResponse(existed=result.existed, old_value=result.value)
 
     async def Get(self, request: pb.GetRequest, context) -> pb.GetResponse:
         operation = WOp(kind=WOp.GET, key=request.key)
         try:
+            check(self.access.grants(context), READ, request.key)
             result = await self._execute(operation, self._deadline(context), request.allow_stale,
                                          request.wait_for_quorum)
-        except (InvalidArgument, Unavailable, DeadlineExceeded, LimitExceeded) as exc:
+        except (InvalidArgument, Unavailable, DeadlineExceeded, LimitExceeded, PermissionDenied) as exc:
             await self._abort(context, exc)
         return pb.GetResponse(found=result.existed, value=result.value)
 
@@ -276,9 +282,10 @@ class KVService(pb_grpc.KVServicer):
         operation = WOp(kind=WOp.DELETE, key=request.key,
                         client_id=request.session.client_id, sequence=request.session.sequence)
         try:
+            check(self.access.grants(context), WRITE, request.key)
             result = await self._execute(operation, self._deadline(context),
                                          wait_for_quorum=request.wait_for_quorum)
-        except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession, LimitExceeded) as exc:
+        except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession, LimitExceeded, PermissionDenied) as exc:
             await self._abort(context, exc)
         return pb.DeleteResponse(existed=result.existed, old_value=result.value)
 
@@ -318,7 +325,7 @@ class KVService(pb_grpc.KVServicer):
             if left == 0:
                 done.set_result(None)
 
-        self._start(request, self._deadline(context), answered)
+        self._start(request, self._deadline(context), answered, grants=self.access.grants(context))
         try:
             await done
         except LimitExceeded as exc:
@@ -336,7 +343,7 @@ class KVService(pb_grpc.KVServicer):
         budget = StreamBudget(context.peer())
         replies = _Replies(context, self.admission, budget, self.limits.max_request_bytes)
         writer = asyncio.ensure_future(replies.write())
-        reader = asyncio.ensure_future(self._read_stream(requests, replies, budget))
+        reader = asyncio.ensure_future(self._read_stream(requests, replies, budget, self.access.user(context)))
         draining = asyncio.ensure_future(self._draining.wait())
         try:
             # Until the caller closes its side, or the router stops: then the
@@ -356,12 +363,14 @@ class KVService(pb_grpc.KVServicer):
                 task.cancel()
             self.admission.close_stream(budget)
 
-    async def _read_stream(self, requests, replies: "_Replies", budget: StreamBudget) -> None:  # type: ignore[no-untyped-def]
+    async def _read_stream(self, requests, replies: "_Replies", budget: StreamBudget,  # type: ignore[no-untyped-def]
+                           user: str | None) -> None:
         async for request in requests:
             count = len(request.operations)
             await self.admission.take_stream(budget, count)
             replies.started += count
-            self._start(request, None, replies.add, stream=True)
+            # The user's grants as they are now: the rules may have changed since the stream opened.
+            self._start(request, None, replies.add, stream=True, grants=self.access.grants_of(user))
 
     def drain(self) -> None:
         """The router is stopping: every stream answers what it has received,
@@ -369,10 +378,13 @@ class KVService(pb_grpc.KVServicer):
         self._draining.set()
 
     def _start(self, request: pb.BatchRequest, call_deadline: float | None,
-               answer: Callable[[int, pb.BatchResult], None], *, stream: bool = False) -> None:
+               answer: Callable[[int, pb.BatchResult], None], *, stream: bool = False,
+               grants: Grants | None = None) -> None:
         """Validate, route and queue every operation of `request`, then send
         each touched group's queue; `answer(slot, result)` is called once per
-        operation (slot: its id on a stream, its position in a Batch)."""
+        operation (slot: its id on a stream, its position in a Batch).
+        `grants`: what the caller may do (None: everything); an operation
+        they do not allow is answered PERMISSION_DENIED, and only it."""
         now = time.monotonic()
         pumps: set[tuple[int, bool]] = set()
         for index, op in enumerate(request.operations):
@@ -387,6 +399,8 @@ class KVService(pb_grpc.KVServicer):
                 self._check_key(op.key)
                 if kind == WOp.PUT:
                     self._check_value(op.value)
+                if grants is not None:
+                    check(grants, READ if kind == WOp.GET else WRITE, op.key)
                 session = None
                 allow_stale = False
                 if kind == WOp.GET:
@@ -403,6 +417,10 @@ class KVService(pb_grpc.KVServicer):
             except InvalidArgument as exc:
                 self._observe(None, kind, "INVALID_ARGUMENT", began)
                 answer(slot, pb.BatchResult(id=op.id, code=_INVALID, message=str(exc)))
+                continue
+            except PermissionDenied as exc:
+                self._observe(None, kind, "PERMISSION_DENIED", began)
+                answer(slot, pb.BatchResult(id=op.id, code=_DENIED, message=str(exc)))
                 continue
             deadline = self._operation_deadline(op.timeout_ms, now, call_deadline)
             group = self._enqueue(_Queued(answer, slot, op.id, kind, began, session, operation, deadline,
@@ -505,10 +523,11 @@ class KVService(pb_grpc.KVServicer):
                 raise InvalidArgument("scan: end must come after start")
             if len(request.start) > self.cluster.max_key_bytes or len(request.end) > self.cluster.max_key_bytes:
                 raise InvalidArgument(f"scan: start and end must be at most {self.cluster.max_key_bytes} bytes")
+            check(self.access.grants(context), READ, request.start or b"\0", request.end or b"\0")
             response, revision = await self.gateway.range(plan, self._deadline(context))
         except EtcdError as exc:
             await context.abort(exc.code, exc.message)
-        except (InvalidArgument, Unavailable, DeadlineExceeded) as exc:
+        except (InvalidArgument, Unavailable, DeadlineExceeded, PermissionDenied) as exc:
             await self._abort(context, exc)
         return pb.ScanResponse(
             items=[pb.ScanItem(key=k, value=v, create_revision=c, mod_revision=m, version=n)
@@ -524,6 +543,9 @@ class KVService(pb_grpc.KVServicer):
                 raise InvalidArgument("compare-and-set: expected a value or absence, not both")
             if request.session.client_id and not request.session.sequence:
                 raise InvalidArgument("a session needs a sequence number starting at 1")
+            grants = self.access.grants(context)
+            check(grants, READ, key)        # the answer tells the current value
+            check(grants, WRITE, key)
             compare = (Compare(key, CompareTarget.CREATE, CompareResult.EQUAL, 0) if request.expected_absent
                        else Compare(key, CompareTarget.VALUE, CompareResult.EQUAL, request.expected))
             txn = Txn(0, (compare,), success=(PutOp(key, request.value, 0, prev_kv=True),), failure=(RangeOp(key),))
@@ -531,7 +553,7 @@ class KVService(pb_grpc.KVServicer):
                                             (request.session.client_id, request.session.sequence))
         except EtcdError as exc:
             await context.abort(exc.code, exc.message)
-        except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession) as exc:
+        except (InvalidArgument, Unavailable, DeadlineExceeded, _StaleSession, PermissionDenied) as exc:
             await self._abort(context, exc)
         answer = result.responses[0]
         if result.succeeded:
@@ -737,6 +759,7 @@ class _Replies:
 
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+_DENIED = grpc.StatusCode.PERMISSION_DENIED.value[0]
 _CAUSE_NAMES: dict[type, str] = {NoQuorum: "no_quorum", NoLeader: "no_leader", DeadlineExceeded: "deadline"}
 
 
@@ -758,4 +781,6 @@ def _code(exc: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(exc, _StaleSession):
         return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
     return grpc.StatusCode.UNAVAILABLE

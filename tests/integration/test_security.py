@@ -7,6 +7,9 @@ of this module, in order; certificate rotation comes last.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import threading
 import time
 import urllib.request
@@ -17,10 +20,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardnode import cert_rotation
-from shardnode.certs import Authority, issue_certificate, new_authority
+from shardnode.certs import Authority, issue_certificate, new_authority, user_cert_files
 from shardnode.channel_cache import CHECK_EVERY
 from shardnode.client import Client
-from shardnode.errors import ShardnodeError
+from shardnode.cli.main import main as cli_main
+from shardnode.errors import PermissionDenied, ShardnodeError
 from shardnode.proto import etcd_rpc_pb2 as etcd_rpc
 from shardnode.proto import etcd_rpc_pb2_grpc as etcd_rpc_grpc
 from shardnode.proto import kv_pb2, kv_pb2_grpc
@@ -201,6 +205,96 @@ def test_admin_rpcs_need_the_admin_credential(cluster: LocalCluster) -> None:
     samples = _scrape(cluster)
     assert _value(samples, "shardnode_auth_refused_total", component="worker", reason="admin_token_missing") >= 1
     assert _value(samples, "shardnode_auth_refused_total", component="worker", reason="admin_token_wrong") >= 1
+
+
+def _shardnode(cluster: LocalCluster, *argv: str) -> tuple[int, str]:
+    """One CLI command in this process (the CLI's own entry; faster than a new interpreter)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        status = cli_main([*argv, "--config", str(cluster.config_path), "--timeout", "10"])
+    return status, out.getvalue()
+
+
+def _user_client(cluster: LocalCluster, user: str) -> Client:
+    security = cluster.config.security
+    cert, key = user_cert_files(cluster.config, user)
+    config = dataclasses.replace(cluster.config, security=dataclasses.replace(
+        security, client_cert_file=cert, client_key_file=key))
+    return Client([cluster.router_addresses["h1"]], timeout=5, cluster=config)
+
+
+def _denied(call: Callable[[], object]) -> bool:
+    try:
+        call()
+    except PermissionDenied:
+        return True
+    return False
+
+
+def test_users_get_exactly_what_their_roles_allow(cluster: LocalCluster) -> None:
+    """A user's certificate (issued by `user add`) may read and write what its
+    roles allow, on the native API and etcd's alike, and nothing else; a
+    revoked role or a deleted user stops working within a poll of the routers."""
+    for argv in (("role", "add", "app"), ("role", "grant-permission", "app", "readwrite", "app/", "--prefix"),
+                 ("role", "add", "config-reader"), ("role", "grant-permission", "config-reader", "read", "cfg/",
+                                                     "--prefix"),
+                 ("user", "add", "alice"), ("user", "grant-role", "alice", "app"),
+                 ("user", "grant-role", "alice", "config-reader")):
+        status, out = _shardnode(cluster, *argv)
+        assert status == 0, (argv, out)
+    # Run again (a rerun after a kill): the state wanted is there, nothing is refused.
+    status, out = _shardnode(cluster, "user", "grant-role", "alice", "app")
+    assert status == 0 and "already" in out, out
+    status, out = _shardnode(cluster, "user", "add", "h2")
+    assert status == 2 and "taken" in out, out
+    with Client.from_config(cluster.config_path, timeout=5) as root:
+        root.put(b"cfg/x", b"1")
+        root.put(b"secret", b"s")
+    with _user_client(cluster, "alice") as alice:
+        # Her last role (the routers adopt the rules within a poll).
+        _until("the router knows alice's roles", lambda: not _denied(lambda: alice.get(b"cfg/x")), timeout=10)
+        alice.put(b"app/a", b"1")
+        assert alice.get(b"cfg/x") == b"1"
+        assert [k for k, _ in alice.scan(prefix=b"app/")] == [b"app/a"]
+        for refused in (lambda: alice.put(b"cfg/x", b"2"), lambda: alice.get(b"secret"),
+                        lambda: alice.delete(b"secret"), lambda: alice.scan()):
+            assert _denied(refused)
+        # A batch: only the operation it may not do is refused.
+        assert _denied(lambda: alice.put_many([(b"app/b", b"1"), (b"secret", b"x")]))
+        assert alice.get(b"app/b") == b"1"
+    with Client.from_config(cluster.config_path, timeout=5) as root:
+        assert root.get(b"secret") == b"s" and root.get(b"cfg/x") == b"1"
+
+    # etcd's API, with alice's certificate.
+    cert, key = user_cert_files(cluster.config, "alice")
+    with grpc.secure_channel(cluster.config.host("h1").etcd_address,
+                             _credentials(cluster, cert.read_bytes(), key.read_bytes())) as channel:
+        kv = etcd_rpc_grpc.KVStub(channel)
+        kv.Put(etcd_rpc.PutRequest(key=b"app/etcd", value=b"v"), timeout=10)
+        assert kv.Range(etcd_rpc.RangeRequest(key=b"app/", range_end=b"app0"), timeout=10).count >= 1
+        for call in (lambda: kv.Range(etcd_rpc.RangeRequest(key=b"secret"), timeout=10),
+                     lambda: kv.Range(etcd_rpc.RangeRequest(key=b"\0", range_end=b"\0"), timeout=10),
+                     lambda: kv.Txn(etcd_rpc.TxnRequest(success=[etcd_rpc.RequestOp(
+                         request_put=etcd_rpc.PutRequest(key=b"secret", value=b"x"))]), timeout=10)):
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert error.value.details() == "etcdserver: permission denied"
+        # A watch she may not read is created and canceled at once, as etcd answers it.
+        create = etcd_rpc.WatchRequest(create_request=etcd_rpc.WatchCreateRequest(key=b"secret"))
+        first = next(iter(etcd_rpc_grpc.WatchStub(channel).Watch(iter([create]), timeout=10)))
+        assert first.canceled and first.cancel_reason == "etcdserver: permission denied", first
+
+    # Revoked, then deleted: refused within a poll (0.5 s), never served from an old rule.
+    assert _shardnode(cluster, "user", "revoke-role", "alice", "app")[0] == 0
+    with _user_client(cluster, "alice") as alice:
+        _until("the role is revoked", lambda: _denied(lambda: alice.put(b"app/a", b"2")), timeout=10)
+        assert alice.get(b"cfg/x") == b"1"
+    assert _shardnode(cluster, "user", "delete", "alice")[0] == 0
+    with _user_client(cluster, "alice") as alice:
+        _until("the user is gone", lambda: _denied(lambda: alice.get(b"cfg/x")), timeout=10)
+    status, out = _shardnode(cluster, "user", "list")
+    assert status == 0 and "alice" not in out
 
 
 def _until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:

@@ -12,6 +12,7 @@ from shardnode.errors import Unavailable
 from shardnode.placement.shard_map import ShardMap
 from shardnode.routing.map_follower import MapFollower
 from shardnode.placement import initial_map
+from shardnode.access.rules import AUTH_KEY
 from shardnode.placement.directory import SHARD_MAP_KEY
 
 
@@ -39,6 +40,11 @@ class FakeDirectory:
         if self.down:
             raise Unavailable("metadata group down")
         return value
+
+    async def read_many(self, keys: tuple[bytes, ...]) -> tuple[bytes | None, ...]:
+        # The map and the access rules come in one read (the rules are absent here).
+        assert keys == (SHARD_MAP_KEY, AUTH_KEY)
+        return await self.read(SHARD_MAP_KEY), None
 
     async def close(self) -> None:
         pass
