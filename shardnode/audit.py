@@ -208,11 +208,12 @@ def describe_answer(response: Any) -> str:
     return " ".join(parts)
 
 
-def describe_fields(message: Any, skip: Iterable[str] = ()) -> str:
+def describe_fields(message: Any, skip: Iterable[str] = (), always: Iterable[str] = ("group",)) -> str:
     """`name=value` for a message's scalar fields: enums by name (their
-    default too: ADD_LEARNER, START), other fields only when set; never
-    bytes, nested messages, or a field whose name says it holds a secret."""
-    skipped = set(skip)
+    default too: ADD_LEARNER, START), the fields of `always` (group 0 is a
+    group), others only when set; never bytes, nested messages, or a field
+    whose name says it holds a secret."""
+    skipped, shown = set(skip), set(always)
     parts = []
     for field in message.DESCRIPTOR.fields:
         name = field.name
@@ -221,10 +222,10 @@ def describe_fields(message: Any, skip: Iterable[str] = ()) -> str:
                 or any(word in name.lower() for word in _SECRET_WORDS)):
             continue
         value = getattr(message, name)
-        if field.label == FieldDescriptor.LABEL_REPEATED:
+        if field.is_repeated:
             if value:
                 parts.append(f"{name}={','.join(_scalar(field, v) for v in value)}")
-        elif field.type == FieldDescriptor.TYPE_ENUM or value:
+        elif field.type == FieldDescriptor.TYPE_ENUM or value or name in shown:
             parts.append(f"{name}={_scalar(field, value)}")
     return " ".join(parts)
 
