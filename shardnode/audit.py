@@ -93,7 +93,7 @@ class AuditLog:
         self.path = path
         self._identity = {"host": host, "component": component,
                           "group": None if group is None else group_label(group)}
-        self._handler = _AuditFileHandler(path, max_bytes, backups, self._write_failed)
+        self._handler = _AuditFileHandler(path, max_bytes, backups, self.report_failure)
         # A logger of its own, outside logging's tree: audit lines never reach
         # the process's normal log, and its records never reach these files.
         self._logger = logging.Logger(f"shardnode.audit.{path.name}", logging.INFO)
@@ -110,7 +110,11 @@ class AuditLog:
 
     def record(self, *, method: str, identity: str | None, peer: str, summary: str, outcome: str,
                answer: str | None = None, calls: int | None = None) -> None:
-        """Append one line (never raises: a failed write is reported and dropped)."""
+        """Append one line (never raises: a failed write is reported and dropped).
+
+        Written and flushed from the server's event loop, not fsynced: admin
+        actions are a few a minute, and one short write costs less than
+        handing it to a thread."""
         entry: dict[str, Any] = {"time": _utc_now(), **self._identity, "method": method, "identity": identity,
                                  "peer": peer, "summary": _cut(summary), "outcome": outcome}
         if answer:
@@ -122,7 +126,8 @@ class AuditLog:
     def close(self) -> None:
         self._handler.close()
 
-    def _write_failed(self, error: BaseException | None) -> None:
+    def report_failure(self, error: BaseException | None) -> None:
+        """A line was lost: say so, at most once a minute."""
         self._failures += 1
         now = time.monotonic()
         if now - self._last_warning >= _WARN_INTERVAL:
@@ -251,8 +256,7 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
         self.audit_log = audit_log
         self._rules = dict(rules)
         self._clock = clock
-        # (method, bulk kind) -> [time of its last line, successful calls since]
-        self._bulk: dict[tuple[str, str], list[float | int]] = {}
+        self._bulk: dict[tuple[str, str], _BulkWindow] = {}      # by (method, bulk kind)
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         handler = await continuation(handler_call_details)
@@ -284,6 +288,13 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
 
     def _write(self, method: str, context: grpc.aio.ServicerContext, entry: Audited, outcome: str,
                response: Any) -> None:
+        try:
+            self._write_line(method, context, entry, outcome, response)
+        except Exception as exc:        # the audit must never change how the call it records ends
+            self.audit_log.report_failure(exc)
+
+    def _write_line(self, method: str, context: grpc.aio.ServicerContext, entry: Audited, outcome: str,
+                    response: Any) -> None:
         calls = None
         if entry.bulk is not None:
             if outcome == "OK":
@@ -306,12 +317,21 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):
         written: the move's own steps (Shard commands other than INGEST) are."""
         now = self._clock()
         window = self._bulk.get((method, kind))
-        if window is not None and now - window[0] < BULK_INTERVAL:
-            window[1] += 1
+        if window is not None and now - window.last_line < BULK_INTERVAL:
+            window.unwritten += 1
             return None
-        calls = 1 if window is None else int(window[1]) + 1
-        self._bulk[(method, kind)] = [now, 0]
+        calls = 1 if window is None else window.unwritten + 1
+        self._bulk[(method, kind)] = _BulkWindow(last_line=now)
         return calls
+
+
+@dataclass(slots=True)
+class _BulkWindow:
+    """One kind of bulk call: when its last line was written, and how many
+    successful calls came since without a line of their own."""
+
+    last_line: float
+    unwritten: int = 0
 
 
 def _summarize(rule: AuditRule, request: Any) -> Audited | None:

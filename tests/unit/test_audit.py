@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import msgpack
 import pytest
 
 from shardnode.audit import BULK_INTERVAL, AuditInterceptor, AuditLog, audit_file
