@@ -37,8 +37,10 @@ from ..storage.shard_commands import ShardOp
 
 __all__ = ["AUDITED_METADATA_KEYS", "worker_rules"]
 
+#: The metadata group's key of users and roles.
+AUTH_KEY = b"auth"
 #: The metadata group's keys whose writes are audited.
-AUDITED_METADATA_KEYS = frozenset({SHARD_MAP_KEY, b"auth"})
+AUDITED_METADATA_KEYS = frozenset({SHARD_MAP_KEY, AUTH_KEY})
 _METADATA_WRITES = frozenset({wpb.Operation.PUT, wpb.Operation.DELETE, wpb.Operation.CAS})
 _WORKER = "/shardnode.worker.Worker/"
 
