@@ -340,6 +340,11 @@ class ClusterConfig:
         (they stay down until started: routing/processes.py)."""
         return self.data_dir / host_name / "held_down"
 
+    def audit_dir(self, host_name: str) -> Path:
+        """Where a host's processes write their audit logs of admin actions,
+        one file per process (shardnode/audit.py)."""
+        return self.data_dir / host_name / "audit"
+
     # --- Loading ---------------------------------------------------------------
 
     @classmethod

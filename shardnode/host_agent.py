@@ -46,6 +46,7 @@ from typing import Any
 
 import grpc
 
+from .audit import AuditInterceptor, AuditLog, AuditRule, summarize_fields
 from .config import ClusterConfig
 from .host_supervisord import FORK_SUPPORT
 from .proto import host_control_pb2 as pb
@@ -61,6 +62,9 @@ HOST_CONTROL_METHODS = frozenset({
     "/shardnode.host_control.HostControl/Processes",
     "/shardnode.host_control.HostControl/Control",
 })
+#: What the audit log records (shardnode/audit.py): Control starts, stops and
+#: signals programs; Processes only reads, and routers poll it.
+AUDITED_METHODS = {"/shardnode.host_control.HostControl/Control": AuditRule(summarize_fields)}
 _BIND_TIMEOUT = 30.0
 _STOP_GRACE = 1.0
 
@@ -213,7 +217,10 @@ class _HostControlService:
         gatekeeper = Gatekeeper(tls=security.tls, allowed=allowed_identities(self.cluster, clients=True),
                                 admin=AdminCredential(ADMIN_USER, self._token), stats=SecurityStats(),
                                 admin_methods=HOST_CONTROL_METHODS)
-        server = grpc.aio.server(interceptors=[gatekeeper], maximum_concurrent_rpcs=64)
+        # The audit comes first, around the gatekeeper: it records the calls the gatekeeper refuses too.
+        audit = AuditInterceptor(AuditLog.for_process(self.cluster, self.host.name, "host_control"),
+                                 AUDITED_METHODS)
+        server = grpc.aio.server(interceptors=[audit, gatekeeper], maximum_concurrent_rpcs=64)
         pb_grpc.add_HostControlServicer_to_server(_Servicer(self._supervisord), server)
         try:
             port = add_port(server, self.address, security, self.host.name)

@@ -11,6 +11,7 @@
     bench              YCSB-style benchmark (shardnode bench --help)
     die/start/leave/member/...  process control and cluster shape (shardnode/cli/admin.py)
     chaos              workloads, a seeded nemesis and checkers (shardnode/cli/chaos.py)
+    audit              the admin actions this machine's servers recorded (shardnode/cli/audit.py)
 
 Exit status: 0 success, 1 `get` found no value or `status` found a group
 without quorum, 2 error (one line on stderr, "shardnode: ...", never a
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     leases_watch.register(commands, parents=[common])
+    from . import audit       # light: reads files; nothing of gRPC or the servers
+    audit.register(commands, parents=[common])
     _register_admin(commands, common)
     return parser
 

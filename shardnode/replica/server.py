@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
 
+from ..audit import AuditInterceptor, AuditLog
 from ..config import ClusterConfig, Replica, group_label
 from ..failstop import EXIT_FAIL_STOP, FailStop, describe, run_until_stop_or_fault
 from ..proto import worker_pb2_grpc
@@ -30,6 +31,7 @@ from ..storage.retirement import retire
 from ..limits import RefusalCollector
 from ..server_options import server_options
 from . import restart_backoff
+from .audit_rules import worker_rules
 from .driver import ReplicaDriver
 from .identity import Start, lost_data_reason, observe_group, resolve
 from .service import WorkerService
@@ -106,8 +108,11 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
     # Workers serve the hosts of the cluster only (routers and peers), never clients.
     gatekeeper = Gatekeeper(tls=security.tls, allowed=allowed_identities(cluster, clients=False), admin=admin,
                             stats=stats)
-    server = grpc.aio.server(interceptors=[gatekeeper], options=[*server_options(cluster.limits, worker=True),
-                                                                  ("grpc.so_reuseport", 0)],
+    # The audit comes first, around the gatekeeper: it records the calls the gatekeeper refuses too.
+    audit_log = AuditLog.for_process(cluster, host_name, "worker", group)
+    audit = AuditInterceptor(audit_log, worker_rules(group))
+    server = grpc.aio.server(interceptors=[audit, gatekeeper],
+                             options=[*server_options(cluster.limits, worker=True), ("grpc.so_reuseport", 0)],
                              maximum_concurrent_rpcs=cluster.limits.max_concurrent_rpcs)
     driver = ReplicaDriver(cluster, replica, store, fail_stop=fail_stop)
     labels = {"group": group_label(group), "node": str(replica.node_id), "component": "worker"}
@@ -156,6 +161,7 @@ async def serve(cluster: ClusterConfig, host_name: str, group: int) -> int:
         disowned.cancel()
         await driver.stop()
         store.close()
+        audit_log.close()
     if refusal:
         # This store is not the life the group bound to its id: whatever it
         # holds was never counted. It goes; a tombstone says how to recover.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import base64
 import configparser
+import json
 import shlex
 import signal
 import socket
@@ -25,6 +26,7 @@ import grpc
 import pytest
 
 from shardnode.cli import admin as cli_admin
+from shardnode.cli.main import main as cli_main
 from shardnode.config import METADATA_GROUP, ClusterConfig
 from shardnode.proto import host_control_pb2, host_control_pb2_grpc
 from shardnode.security import (AdminCredential, SecurityError, ensure_admin_credential, host_token,
@@ -327,9 +329,10 @@ def test_stop_and_start_under_supervisord(supervised: SupervisedCluster) -> None
         assert _log_count(env, host.name, "worker.stopped") >= 1, host.name
 
 
-def test_process_control_over_mutual_tls(tmp_path: Path) -> None:
+def test_process_control_over_mutual_tls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """With TLS on, a host's process control answers only a TLS peer with a certificate of the cluster's CA,
-    and still only to the host's token; ProcessControl stops and starts through it."""
+    and still only to the host's token; ProcessControl stops and starts through it. Its Control calls are in
+    the host's audit log, the one it refused without the token too (`shardnode audit`)."""
     config_path = write_cluster_toml(tmp_path, name="sup-tls", hosts=1, replicas=1, tls=True)
     with start_supervised(tmp_path, config_path, include_router=False) as env:
         h1 = env.cluster.host("h1")
@@ -355,6 +358,23 @@ def test_process_control_over_mutual_tls(tmp_path: Path) -> None:
                 stub.Processes(request, timeout=5)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
             assert {p.name for p in stub.Processes(request, metadata=token, timeout=5).processes} >= {"worker-g0"}
+            stop = host_control_pb2.ControlRequest(action=host_control_pb2.ControlRequest.STOP, name="worker-g0")
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Control(stop, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert cli_main(["--config", str(config_path), "audit", "--json"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        controls = [(line["summary"], line["outcome"]) for line in lines
+                    if line["method"] == "Control" and "name=worker-g0" in line["summary"]]
+        assert controls[-2:] == [("action=START name=worker-g0", "OK"), ("action=STOP name=worker-g0",
+                                                                         "UNAUTHENTICATED")], lines
+        assert any(line["summary"].startswith(("action=SIGNAL", "action=STOP")) and line["outcome"] == "OK"
+                   for line in lines), lines
+        # This machine holds h1's certificate: its tools present it (the clients' one for the refused call).
+        assert {line["identity"] for line in lines} == {"h1", "client"}
+        assert {line["component"] for line in lines} == {"host_control"}
+        assert all(line["peer"].startswith("ipv4:127.") for line in lines), lines
+        assert "Processes" not in {line["method"] for line in lines}
 
 
 def _xmlrpc_answer(address: str, port: int, admin: AdminCredential) -> bytes | None:
