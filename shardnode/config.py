@@ -217,6 +217,12 @@ class LimitsConfig:
     # Concurrent HTTP/2 streams on one connection (gRPC max_concurrent_streams):
     # the client's further calls wait for a free stream.
     max_streams_per_connection: int = 100
+    # Connections one router or worker holds at once (gRPC's
+    # max_allowed_incoming_connections): past it a new one is closed at once.
+    max_connections: int = 4096
+    # A connection must finish its TLS and HTTP/2 handshake within this, or is
+    # closed (gRPC's server_handshake_timeout_ms; its own default is 120 s).
+    handshake_timeout_ms: int = 10_000
     # Operations waiting in one group's forwarder at a router (queued, not yet sent).
     max_forwarder_queue: int = 100_000
     # The longest deadline a call or an operation gets (its timeout_ms, the
@@ -582,6 +588,8 @@ def _limits(fields: "_Fields", raw: dict[str, Any], max_key_bytes: int, max_valu
         max_connection_operations=integer("max_connection_operations", 1, 100_000_000),
         max_concurrent_rpcs=integer("max_concurrent_rpcs", 16, 1_000_000),
         max_streams_per_connection=integer("max_streams_per_connection", 1, 1_000_000),
+        max_connections=integer("max_connections", 16, 1_000_000),
+        handshake_timeout_ms=integer("handshake_timeout_ms", 100, 600_000),
         max_forwarder_queue=integer("max_forwarder_queue", 1, 100_000_000),
         max_timeout_ms=integer("max_timeout_ms", 1000, 24 * 3600 * 1000),
         # A frame carries at least one entry of the largest put.

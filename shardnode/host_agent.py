@@ -51,6 +51,7 @@ from .config import ClusterConfig
 from .host_supervisord import FORK_SUPPORT
 from .proto import host_control_pb2 as pb
 from .proto import host_control_pb2_grpc as pb_grpc
+from .server_options import server_options
 from .security import ADMIN_USER, AdminCredential, Gatekeeper, SecurityStats, add_port, allowed_identities
 
 __all__ = ["HOST_CONTROL_METHODS", "HostControlInterface", "make_rpcinterface"]
@@ -220,7 +221,8 @@ class _HostControlService:
         # The audit comes first, around the gatekeeper: it records the calls the gatekeeper refuses too.
         audit = AuditInterceptor(AuditLog.for_process(self.cluster, self.host.name, "host_control"),
                                  AUDITED_METHODS)
-        server = grpc.aio.server(interceptors=[audit, gatekeeper], maximum_concurrent_rpcs=64)
+        server = grpc.aio.server(interceptors=[audit, gatekeeper], maximum_concurrent_rpcs=64,
+                                 options=server_options(self.cluster.limits, worker=False))
         pb_grpc.add_HostControlServicer_to_server(_Servicer(self._supervisord), server)
         try:
             port = add_port(server, self.address, security, self.host.name)

@@ -24,6 +24,10 @@ def server_options(limits: LimitsConfig, *, worker: bool) -> list[tuple[str, Any
         ("grpc.max_receive_message_length", receive),
         # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: a connection's further calls wait for a free stream.
         ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+        # Connections, whoever opens them: a peer opening many (or never finishing
+        # their handshake) holds sockets and memory until these close them.
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.server_handshake_timeout_ms", limits.handshake_timeout_ms),
     ]
     if not worker:
         options.append(("grpc.max_send_message_length", limits.max_request_bytes))

@@ -3,13 +3,14 @@ force: the process stays up, its memory (VmRSS) stays bounded, and another
 client keeps being served while it lasts.
 
 One small cluster for the module (1 host, 1 group of 1), with
-max_concurrent_rpcs lowered so that the flood of streams is cheap to make.
+max_concurrent_rpcs and max_connections lowered so that the floods are cheap to make.
 FLOOD_MESSAGES=N makes the stream flood longer (N messages of 10,000
 operations; 20 by default)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -31,13 +32,15 @@ from .harness import LocalCluster
 pytestmark = [pytest.mark.timeout(300), pytest.mark.xdist_group("limits")]
 
 MAX_CONCURRENT_RPCS = 32
+MAX_CONNECTIONS = 64
 FLOOD_MESSAGES = int(os.environ.get("FLOOD_MESSAGES", "20"))
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     local = LocalCluster(tmp_path_factory.mktemp("limits") / "cluster", hosts=1, groups=1, replicas=1,
-                         extra_toml=f"[limits]\nmax_concurrent_rpcs = {MAX_CONCURRENT_RPCS}")
+                         extra_toml=f"[limits]\nmax_concurrent_rpcs = {MAX_CONCURRENT_RPCS}\n"
+                                    f"max_connections = {MAX_CONNECTIONS}\nhandshake_timeout_ms = 1000")
     with local.running(ready_timeout=60):
         with local.client_channel("h1") as channel:
             kv_pb2_grpc.KVStub(channel).Put(kv_pb2.PutRequest(key=b"other", value=b"v"), timeout=10)
@@ -190,6 +193,41 @@ def test_rpcs_past_max_concurrent_rpcs_are_refused_and_the_router_recovers(clust
                 assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
         assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 8
         assert stub.Get(kv_pb2.GetRequest(key=b"other"), timeout=5).value == b"v"
+
+
+def _closed_by_the_server(sock: socket.socket, within: float) -> bool:
+    """Does the server close this connection within `within` seconds (it may send its settings first)?"""
+    sock.settimeout(within)
+    ends = time.monotonic() + within
+    try:
+        while time.monotonic() < ends:
+            if not sock.recv(4096):
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+def test_connections_past_max_connections_or_idle_in_their_handshake_are_closed(cluster: LocalCluster) -> None:
+    """A peer that opens connections and never speaks (a slowloris) holds none
+    for longer than handshake_timeout_ms, and none past max_connections."""
+    host = cluster.config.host("h1")
+    address = (host.address, int(cluster.router_addresses["h1"].rsplit(":", 1)[1]))
+    began = time.monotonic()
+    sockets = [socket.create_connection(address, timeout=5) for _ in range(MAX_CONNECTIONS + 16)]
+    try:
+        # Past the limit: closed at once (the limit counts every connection, these and the others).
+        assert sum(_closed_by_the_server(s, 0.3) for s in sockets[-16:]) == 16
+        # The rest: closed once the handshake timeout (1 s here) has passed, long before gRPC's own 120 s.
+        assert all(_closed_by_the_server(s, 5.0) for s in sockets[:MAX_CONNECTIONS])
+        assert time.monotonic() - began < 8
+    finally:
+        for sock in sockets:
+            sock.close()
+    with cluster.client_channel("h1") as channel:
+        assert kv_pb2_grpc.KVStub(channel).Get(kv_pb2.GetRequest(key=b"other"), timeout=5).value == b"v"
 
 
 def test_a_worker_refuses_an_execute_past_max_batch_operations(cluster: LocalCluster) -> None:
