@@ -129,6 +129,9 @@ class TimingConfig:
     tick_ms: int = 100
     election_ticks: int = 10       # election timeout is random in [election_ticks, 2 * election_ticks)
     heartbeat_ticks: int = 1
+    # An idle group quiesces after this many ticks with nothing to do (0: never;
+    # docs/raft.md, "Quiescence"): no heartbeats, no election timers until woken.
+    quiesce_ticks: int = 20
     # How long the scheduler's lease holds without renewal (docs/membership.md,
     # "One scheduler"): the longest a killed command's work waits to be taken over.
     scheduler_lease_ms: int = 8000
@@ -393,10 +396,12 @@ class ClusterConfig:
             tick_ms=fields.integer(timing_raw, "timing.tick_ms", default=100, low=1, high=60_000),
             election_ticks=fields.integer(timing_raw, "timing.election_ticks", default=10, low=2, high=10_000),
             heartbeat_ticks=fields.integer(timing_raw, "timing.heartbeat_ticks", default=1, low=1, high=10_000),
+            quiesce_ticks=fields.integer(timing_raw, "timing.quiesce_ticks", default=20, low=0, high=1_000_000),
             scheduler_lease_ms=fields.integer(timing_raw, "timing.scheduler_lease_ms", default=8000, low=500,
                                               high=600_000),
         )
-        fields.no_extra(timing_raw, "timing", {"tick_ms", "election_ticks", "heartbeat_ticks", "scheduler_lease_ms"})
+        fields.no_extra(timing_raw, "timing", {"tick_ms", "election_ticks", "heartbeat_ticks", "quiesce_ticks",
+                                               "scheduler_lease_ms"})
         storage_raw = fields.table(raw, "storage", required=False)
         storage = StorageConfig(
             wal_ttl_seconds=fields.integer(storage_raw, "storage.wal_ttl_seconds", default=3600, low=0, high=1 << 40),

@@ -24,6 +24,10 @@ class Config:
     max_uncommitted_entries_size: int = 64 << 20
     # Appends in flight to one follower (pipelining window).
     max_inflight_msgs: int = 256
+    # A leader with nothing to replicate, no read, no change in flight and
+    # every active follower caught up for this many ticks quiesces the group
+    # (0: never): no heartbeats, no election timers, until a message wakes it.
+    quiesce_ticks: int = 0
     check_quorum: bool = True
     pre_vote: bool = True
     # This node's incarnation: the life of its store, random, made when the
@@ -38,6 +42,8 @@ class Config:
             raise ConfigError("heartbeat_tick: must be positive")
         if self.election_tick <= self.heartbeat_tick:
             raise ConfigError("election_tick: must be greater than heartbeat_tick")
+        if self.quiesce_ticks < 0:
+            raise ConfigError("quiesce_ticks: must be 0 (never) or positive")
         if self.max_inflight_msgs <= 0:
             raise ConfigError("max_inflight_msgs: must be positive")
         if self.max_size_per_msg <= 0:

@@ -44,6 +44,12 @@ class MessageType(enum.IntEnum):
     # bound to the recipient's id (REINCARNATED). Term 0: it is no part of
     # any election or replication round.
     NOTICE = 23
+    # Leader -> follower: the group has nothing to do; stop ticking until any
+    # other message (or a proposal, a read, the leader's link failing) wakes
+    # you. `index`/`log_term`: the leader's last entry, `commit` its commit
+    # index. A follower that does not hold that entry answers with a
+    # HEARTBEAT_RESP with reject set, which wakes the leader (docs/raft.md, Quiescence).
+    QUIESCE = 24
 
 
 LOCAL_MESSAGES = frozenset(

@@ -20,6 +20,13 @@ Safety-relevant choices, each checked by the simulation in tests/sim:
   proposed; a configuration takes effect when its entry is applied; a leader
   that applies its own removal steps down; a removed id can neither campaign
   nor be heard (its messages are dropped, and answered with a NOTICE).
+- Quiescence: a leader with nothing to do for `quiesce_ticks` tells its
+  followers (QUIESCE, carrying its last entry) and stops ticking; a follower
+  that holds that entry stops ticking too, one that does not asks the leader
+  for it (which wakes the leader). Any other message, a proposal, a read, a
+  campaign, or (on a follower) the driver reporting its leader unreachable
+  wakes a quiesced node. Quiescence only withholds ticks: no rule about
+  terms, votes, commits or reads changes.
 - Incarnations: a member's id is bound to the incarnation of its store (the
   first binding the group commits). A message from a bound member carrying
   another incarnation comes from a process that lost that member's disk, and
@@ -124,6 +131,12 @@ class Raft:
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         self.randomized_election_timeout = self.election_timeout
+        self.quiesce_ticks = config.quiesce_ticks
+        # Quiesced: the group has nothing to do; ticks do nothing until a message wakes this node.
+        self.quiesced = False
+        self._idle_ticks = 0        # leader: ticks in a row with nothing to do
+        # Leader: followers not heard from during the whole last check-quorum window (down, or cut off).
+        self._silent: frozenset[int] = frozenset()
         # Member id -> the incarnation its last message carried, for members
         # the group has not bound yet (a leader proposes the bindings).
         self.heard_incarnations: dict[int, int] = {}
@@ -305,6 +318,9 @@ class Raft:
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         self.randomized_election_timeout = self.election_timeout + self.rng.randrange(self.election_timeout)
+        self.quiesced = False
+        self._idle_ticks = 0
+        self._silent = frozenset()
         self.lead_transferee = NONE
         self.tracker.reset_votes()
         next_index = self.log.last_index() + 1
@@ -429,6 +445,8 @@ class Raft:
     # --- Ticks ---------------------------------------------------------------------------
 
     def tick(self) -> None:
+        if self.quiesced:
+            return
         self._tick()
 
     def _tick_election(self) -> None:
@@ -449,9 +467,112 @@ class Raft:
                 self.lead_transferee = NONE
         if self.role is not StateRole.LEADER:
             return
+        if self.quiesce_ticks:
+            self._idle_ticks = self._idle_ticks + 1 if self._nothing_to_do() else 0
+            if self._idle_ticks >= self.quiesce_ticks and self._followers_caught_up():
+                self._quiesce()     # instead of this tick's heartbeat
+                return
         if self.heartbeat_elapsed >= self.heartbeat_timeout:
             self.heartbeat_elapsed = 0
             self.step(Message(MT.BEAT, from_=self.id))
+
+    # --- Quiescence ----------------------------------------------------------------------------
+
+    def _nothing_to_do(self) -> bool:
+        """A leader with nothing to do: every entry committed and applied, no
+        change, transfer or read in flight, nothing the driver would propose
+        (bindings, promotions)."""
+        if self.role is not StateRole.LEADER or self.lead_transferee != NONE:
+            return False
+        raft_log = self.log
+        last = raft_log.last_index()
+        if raft_log.committed != last or raft_log.applied < last or self.pending_conf_index > raft_log.applied:
+            return False
+        if self.pending_read_index_messages or self.read_only.queue:
+            return False
+        return not (self.incarnations_to_bind() or self.caught_up_learners())
+
+    def _followers_caught_up(self) -> bool:
+        """Every follower holds the whole log, except those silent for a whole
+        check-quorum window and since (down: when they come back, what they
+        send wakes the group); and a majority of voters is not silent."""
+        last = self.log.last_index()
+        up = 0
+        for node_id, progress in self.tracker.progress.items():
+            down = node_id in self._silent and not progress.recent_active
+            if node_id != self.id and not down and (
+                    progress.match != last or progress.state is not ProgressState.REPLICATE):
+                return False
+            if not down and not progress.is_learner:
+                up += 1
+        return up >= len(self.tracker.voters.ids()) // 2 + 1
+
+    def _quiesce(self) -> None:
+        self.quiesced = True
+        self._idle_ticks = 0
+        last, last_term = self.log.last_index(), self.log.last_term()
+        log.debug("raft.quiesced", extra={"node": self.id, "term": self.term, "index": last})
+        for node_id in self.tracker.progress:
+            if node_id != self.id:
+                self._send(Message(MT.QUIESCE, to=node_id, from_=self.id, term=self.term, index=last,
+                                   log_term=last_term, commit=self.log.committed))
+
+    def _wakes(self, m: Message) -> bool:
+        """Whether `m` wakes this quiesced node: anything that brings news.
+        Not the QUIESCE itself, nor what was sent before it and arrives after
+        it (the network reorders and duplicates): on a leader, acknowledgements
+        of what a follower already acknowledged (a follower that wants the
+        leader awake says so: a HEARTBEAT_RESP with reject); on a follower,
+        its leader's heartbeats and appends that carry nothing it lacks. A
+        follower wakes for a link failure only if it is its leader's."""
+        mtype = m.type
+        if mtype is MT.QUIESCE:
+            return False
+        if self.role is StateRole.LEADER:
+            if mtype is MT.HEARTBEAT_RESP:
+                return m.reject
+            if mtype is MT.APP_RESP and m.term == self.term and not m.reject:
+                progress = self.tracker.progress.get(m.from_)
+                return progress is None or m.index > progress.match
+            return True
+        if mtype is MT.UNREACHABLE:
+            return m.from_ == self.lead
+        if m.from_ == self.lead and m.term == self.term and m.commit <= self.log.committed:
+            if mtype is MT.HEARTBEAT:
+                return bool(m.context)
+            if mtype is MT.APP:
+                last = m.entries[-1] if m.entries else None
+                held = self.log.match_term(last.index, last.term) if last else self.log.match_term(m.index, m.log_term)
+                return not held
+        return True
+
+    def _wake(self, m: Message) -> None:
+        """Something happened in a quiesced group: tick again. A leader tells
+        its followers at once (a heartbeat); a follower woken by anything but
+        its leader tells the leader, so that the leader's heartbeats keep
+        the group's other followers from campaigning."""
+        self.quiesced = False
+        self._idle_ticks = 0
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        # Who was silent before we quiesced says nothing now: quiescing again
+        # waits for every follower, or for a whole window of silence.
+        self._silent = frozenset()
+        if self.role is StateRole.LEADER:
+            self._bcast_heartbeat()
+        elif self.lead not in (NONE, m.from_) and m.type is not MT.UNREACHABLE:
+            self._send(Message(MT.HEARTBEAT_RESP, to=self.lead, from_=self.id, term=self.term, reject=True))
+
+    def _handle_quiesce(self, m: Message) -> None:
+        """The leader says the group has nothing to do. Quiesce if we hold its
+        last entry (then its commit index is ours too); otherwise ask it for
+        what we lack."""
+        if self.log.match_term(m.index, m.log_term) and m.commit <= m.index:
+            self.log.commit_to(m.commit)
+            self.quiesced = True
+            self._idle_ticks = 0
+        else:
+            self._send(Message(MT.HEARTBEAT_RESP, to=m.from_, from_=self.id, term=self.term, reject=True))
 
     # --- Step ------------------------------------------------------------------------------
 
@@ -463,6 +584,8 @@ class Raft:
         if m.type is MT.NOTICE:
             self._handle_notice(m)
             return
+        if self.quiesced and self._wakes(m):
+            self._wake(m)
         if m.term == 0:
             pass  # local message, or a forwarded READ_INDEX
         elif m.term > self.term:
@@ -479,12 +602,12 @@ class Raft:
                 pass  # never change term for a pre-vote
             elif m.type is MT.PRE_VOTE_RESP and not m.reject:
                 pass  # the term in a granted pre-vote is the one we will campaign in
-            elif m.type is MT.APP or m.type is MT.HEARTBEAT or m.type is MT.SNAP:
+            elif m.type is MT.APP or m.type is MT.HEARTBEAT or m.type is MT.SNAP or m.type is MT.QUIESCE:
                 self.become_follower(m.term, m.from_)
             else:
                 self.become_follower(m.term, NONE)
         elif m.term < self.term:
-            if (self.check_quorum or self.pre_vote) and (m.type is MT.HEARTBEAT or m.type is MT.APP):
+            if (self.check_quorum or self.pre_vote) and m.type in (MT.HEARTBEAT, MT.APP, MT.QUIESCE):
                 # A stale leader (cut off, then back) learns our term from this
                 # and steps down; without it, it could keep our pre-votes failing.
                 self._send(Message(MT.APP_RESP, to=m.from_, from_=self.id, term=self.term))
@@ -616,14 +739,18 @@ class Raft:
                 # The leader cannot reach a majority: it steps down; the group stops serving.
                 log.warning("raft.lost_quorum", extra={"node": self.id, "term": self.term})
                 self.become_follower(self.term, NONE)
+            self._silent = frozenset(node_id for node_id, progress in self.tracker.progress.items()
+                                     if node_id != self.id and not progress.recent_active)
             for node_id, progress in self.tracker.progress.items():
                 if node_id != self.id:
                     progress.recent_active = False
             return
         if mtype is MT.PROPOSE:
+            self._idle_ticks = 0
             self._propose(m.entries)
             return
         if mtype is MT.READ_INDEX:
+            self._idle_ticks = 0
             self._leader_read_index(m)
             return
 
@@ -849,6 +976,9 @@ class Raft:
         elif mtype is MT.HEARTBEAT:
             self.become_follower(m.term, m.from_)
             self._handle_heartbeat(m)
+        elif mtype is MT.QUIESCE:
+            self.become_follower(m.term, m.from_)
+            self._handle_quiesce(m)
         elif mtype is MT.SNAP:
             self.become_follower(m.term, m.from_)
             self._handle_snapshot(m)
@@ -878,6 +1008,10 @@ class Raft:
             self.election_elapsed = 0
             self.lead = m.from_
             self._handle_heartbeat(m)
+        elif mtype is MT.QUIESCE:
+            self.election_elapsed = 0
+            self.lead = m.from_
+            self._handle_quiesce(m)
         elif mtype is MT.SNAP:
             self.election_elapsed = 0
             self.lead = m.from_

@@ -112,6 +112,7 @@ class Status:
     conf_state: ConfState = ConfState()    # the applied configuration
     removed: bool = False                  # this node applied its own removal
     notice: Notice | None = None           # a member does not recognise this node (RawNode.notice)
+    quiesced: bool = False                 # the group had nothing to do: this node does not tick
 
 
 class RawNode:
@@ -203,6 +204,13 @@ class RawNode:
         promoted now (the driver proposes ConfChange.promote for them).
         Empty on any other node."""
         return self.raft.caught_up_learners()
+
+    @property
+    def quiesced(self) -> bool:
+        """Whether the group had nothing to do and this node stopped ticking
+        (Raft.tick does nothing): its driver may stop calling tick until a
+        message, a proposal or a read arrives (any of them wakes it)."""
+        return self.raft.quiesced
 
     @property
     def removed(self) -> bool:
@@ -327,4 +335,5 @@ class RawNode:
             conf_state=raft.tracker.conf_state(),
             removed=raft.is_removed(),
             notice=raft.notice,
+            quiesced=raft.quiesced,
         )

@@ -126,6 +126,7 @@ class ReplicaDriver:
             id=self.node_id,
             election_tick=timing.election_ticks,
             heartbeat_tick=timing.heartbeat_ticks,
+            quiesce_ticks=timing.quiesce_ticks,
             applied=store.applied_index,
             max_size_per_msg=1 << 20,
             max_inflight_msgs=256,
@@ -157,6 +158,9 @@ class ReplicaDriver:
         store.on_changes = self.watch_hub.publish
         self.metrics.bind(self)
         self._wake = asyncio.Event()
+        # Set while the core ticks; clear while the group is quiesced (the tick loop waits on it).
+        self._ticking = asyncio.Event()
+        self._ticking.set()
         self._persist_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"persist-g{self.group}")
         self._tasks: list[asyncio.Task] = []
         self._snapshot_tasks: set[asyncio.Task] = set()
@@ -415,6 +419,13 @@ class ReplicaDriver:
         if not fencing.admits(group_fence, fence):
             raise InvalidConfChange(f"superseded: a newer scheduler (fencing token {group_fence}) took over from "
                                     f"this one (token {fence})")
+        if self.node.quiesced:
+            # Quiesced, the members have been silent: one heartbeat round (and a
+            # moment for the slower ones' answers) says who is live before the policy looks.
+            await self.read_barrier(timeout)
+            await asyncio.sleep(2 * self.cluster.timing.tick_seconds)
+            if not self.is_leader:
+                raise self._not_leader()
         problem = shape_policy.check(self.node.conf_state(), change, self.node_id, self.recently_heard(), expected)
         if problem is not None:
             raise InvalidConfChange(problem)
@@ -543,6 +554,12 @@ class ReplicaDriver:
         next_tick = time.monotonic() + interval
         try:
             while True:
+                if self.node.quiesced:
+                    # Nothing to tick for (docs/raft.md, "Quiescence"): sleep until
+                    # a message, a request or the leader's link failing wakes the core.
+                    self._ticking.clear()
+                    await self._ticking.wait()
+                    next_tick = time.monotonic() + interval
                 await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
                 next_tick += interval
                 if next_tick < time.monotonic():
@@ -568,6 +585,8 @@ class ReplicaDriver:
                     if not self.node.has_ready():
                         break
                     await self._handle_ready(self.node.ready())
+                if not self.node.quiesced and not self._ticking.is_set():
+                    self._ticking.set()     # woken: tick again
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

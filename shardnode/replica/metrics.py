@@ -110,6 +110,8 @@ class _ReplicaCollector:
         stats = driver.stats
         yield self._gauge("raft_term", "Current Raft term.", status.term)
         yield self._gauge("raft_state", "Role: 0 follower, 1 candidate, 2 leader.", STATE_VALUE[status.role])
+        yield self._gauge("raft_quiesced", "1 while the group is quiesced (idle: no heartbeats, no election timer).",
+                          1 if status.quiesced else 0)
         yield self._gauge("raft_committed_index", "Highest log index known committed.", status.commit)
         yield self._gauge("raft_applied_index", "Highest log index applied to the state machine.", store.applied_index)
         yield self._gauge("raft_log_size", "Entries in the uncompacted log.",

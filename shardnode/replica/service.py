@@ -282,6 +282,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             cluster_id=identity.cluster_id,
             group_incarnation=identity.group_incarnation,
             incarnation=identity.incarnation,
+            quiesced=status.quiesced,
         )
 
     async def TransferLeader(self, request: pb.TransferLeaderRequest, context) -> pb.TransferLeaderResponse:

@@ -353,3 +353,48 @@ def test_a_group_without_quorum_answers_unavailable_within_the_deadline(make_gro
             await group.close_channels()
 
     run(scenario())
+
+
+def test_an_idle_group_quiesces_wakes_for_a_write_and_a_dead_leader_is_replaced(make_group) -> None:
+    """docs/raft.md, "Quiescence": real workers stop ticking once idle, a write
+    wakes them, and a quiesced group whose leader is SIGKILLed elects another
+    within a few election timeouts (the followers learn it from the broken link)."""
+    group = make_group(3)
+    group.start_all()
+
+    async def quiesced() -> dict[str, bool]:
+        return {h: bool((s := await group.status(h)) and s.quiesced) for h in group.hosts}
+
+    async def until_quiesced(timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not all((await quiesced()).values()):
+            assert time.monotonic() < deadline, await quiesced()
+            await asyncio.sleep(0.1)
+
+    async def scenario() -> None:
+        try:
+            leader = await group.wait_leader()
+            assert (await group.execute([put(b"q", b"1", 1, 1)])).status == OK
+            await until_quiesced()
+            status = await group.status(leader)
+            term, applied = status.term, status.applied_index
+            await asyncio.sleep(1.0)            # 20 ticks: nothing happens while quiesced
+            after = await group.status(leader)
+            assert (after.term, after.applied_index, after.quiesced) == (term, applied, True)
+            # A write wakes the group, and is served at once.
+            began = time.monotonic()
+            assert (await group.execute([put(b"q", b"2", 1, 2)])).status == OK
+            assert time.monotonic() - began < 1.0
+            await until_quiesced()
+            leader = await group.wait_leader()
+            killed_at = time.monotonic()
+            group.kill(leader, signal.SIGKILL)
+            new_leader = await group.wait_leader(timeout=10.0, exclude={leader})
+            failover = time.monotonic() - killed_at
+            assert failover < 5.0, f"a quiesced group took {failover:.1f} s to replace its leader"
+            assert (await _read_all(group, [b"q"])) == {b"q": b"2"}
+            print(f"\n[quiescence] failover of a quiesced group: {failover:.2f} s (new leader {new_leader})")
+        finally:
+            await group.close_channels()
+
+    run(scenario())

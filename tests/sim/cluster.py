@@ -22,6 +22,16 @@ applied membership as the worker's does; a node told it is another
 incarnation of a bound id leaves for good (as the worker does), and the
 operator removes it when it changes the membership.
 
+Some scenarios let the group quiesce when idle (docs/raft.md,
+"Quiescence"): the leader stops heartbeats and every node its timers. The
+worker's transport notices a broken link to a peer (its pings unanswered)
+and reports it to the core; here a quiesced follower is told, a few ticks
+after its leader crashed or its link to the leader was cut
+(`_watch_leader_link`). In the "quiesce" profile a crashed leader may stay
+down through the end of the run: the others must notice and elect another.
+Quiesced followers must hold what their quiesced leader committed, and
+once everything is calm the whole group must quiesce.
+
 Most scenarios also change the group's membership during the fault phase,
 as an operator and the worker would: add a learner (a new node, with a new
 id, started from the configuration that adds it), promote a learner once
@@ -64,6 +74,8 @@ from .node import LOST, NodeParams, PendingWrite, SimNode, encode_command, trans
 
 TICK_INTERVAL = 10          # time units between two ticks of a node
 LIVENESS_TICKS = 300        # after healing, a leader and a commit must come within this
+QUIET_TICKS = 150           # then, with quiescence on, the whole group must quiesce within this
+LINK_DETECT_TICKS = 5       # a quiesced follower learns its leader's link is broken this much later
 TRACE_LINES = 400           # how much of the trace a failure report shows
 OPERATOR_TICKS = 4          # how often the operator promotes caught-up learners and follows its plans
 # Events one run may handle: ten times the busiest seed of every profile. A
@@ -91,6 +103,9 @@ class Scenario:
     fault_after_change: float = 0.0  # chance a proposed change is followed by a leader fault
     wipe_weight: int = 0            # weight of "wipe" among the faults (0: no disk is ever lost)
     profile: str = "default"
+    # Clients stop after this fraction of the fault phase; faults go on (an idle group: nothing but
+    # the group itself, and its transport, can notice a leader that is gone).
+    clients_until: float = 1.0
 
     @classmethod
     def from_seed(cls, seed: int, profile: str = "default") -> "Scenario":
@@ -100,7 +115,8 @@ class Scenario:
         simulated, with the leaders' bindings of incarnations),
         "membership" (many changes, each often followed by a leader fault),
         "wipe" (many lost disks among crashes and partitions, no change),
-        "crashes" (crash storms among partitions, no change, no lost disk)."""
+        "crashes" (crash storms among partitions, no change, no lost disk),
+        "quiesce" (idle groups quiesce; leaders crash, some for good)."""
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})")
         rng = random.Random(seed)
@@ -141,6 +157,11 @@ class Scenario:
             wipe_weight=rng.choice([0, 0, 1, 2]),
             profile=profile,
         )
+        # Drawn after everything else, so that scenarios without quiescence
+        # are exactly what they were before it existed.
+        quiesce_ticks = rng.choice([0, 0, 0, 3, 8])
+        if quiesce_ticks:
+            scenario = replace(scenario, params=replace(scenario.params, quiesce_ticks=quiesce_ticks))
         if profile == "static":
             scenario = replace(scenario, membership_events=0, wipe_weight=0)
         elif profile == "wipe":
@@ -157,6 +178,15 @@ class Scenario:
             weights[_FAULTS.index("partition")] = max(weights[_FAULTS.index("partition")], 1)
             scenario = replace(scenario, membership_events=0, wipe_weight=0, fault_events=rng.randint(15, 40),
                                fault_weights=tuple(weights))
+        elif profile == "quiesce":
+            # Quiescence under crashes of leaders (some for good: the others must notice through the
+            # link and elect another), isolated leaders and partitions; no change, no lost disk.
+            weights = list(scenario.fault_weights)
+            weights[_FAULTS.index("crash_leader")] = 4
+            weights[_FAULTS.index("isolate_leader")] = max(weights[_FAULTS.index("isolate_leader")], 2)
+            scenario = replace(scenario, membership_events=0, wipe_weight=0, fault_events=rng.randint(4, 12),
+                               fault_weights=tuple(weights), clients_until=rng.choice([0.3, 0.6, 1.0]),
+                               params=replace(scenario.params, quiesce_ticks=rng.choice([2, 3, 8])))
         elif profile == "membership":
             scenario = replace(
                 scenario,
@@ -261,6 +291,13 @@ class Simulation:
         self.trace: deque[str] | list[str] = [] if trace else deque(maxlen=0)
         self._read_ids = itertools.count(1)
         self._values = itertools.count(1)
+        self.quiescence = scenario.params.quiesce_ticks > 0
+        # Quiesced followers whose link to their leader is broken, and since when.
+        self._link_down_since: dict[int, int] = {}
+        # A leader crashed for good ("quiesce" profile): restarted only once the
+        # others have elected a leader and applied the liveness probe.
+        self.held_down: set[int] = set()
+        self._quiet_since: int | None = None
 
     # --- Scheduling ------------------------------------------------------------------------
 
@@ -346,6 +383,8 @@ class Simulation:
             if node.alive:
                 node.rawnode.tick()
                 self._after_input(node)
+                if self.quiescence:
+                    self._watch_leader_link(node)
             self._at(self.now + TICK_INTERVAL, "tick", payload)
         elif kind == "persisted":
             node_id, ready = payload
@@ -399,6 +438,8 @@ class Simulation:
 
     def _after_input(self, node: SimNode) -> None:
         self.checker.after_step(node)
+        if self.quiescence:
+            self._check_quiesced(node)
         notice = node.rawnode.notice
         if notice is not None and notice.reason is NoticeReason.REINCARNATED and node.alive:
             # What the worker does: its store is not the one the group bound
@@ -564,6 +605,8 @@ class Simulation:
     def _client_request(self, client: int) -> None:
         if not self.clients_active or self.client_busy[client] is not None:
             return
+        if self.now > self.scenario.clients_until * self.scenario.fault_ticks * TICK_INTERVAL:
+            return
         rng = self.rng
         roll = rng.random()
         kind = OpKind.GET if roll < 0.4 else OpKind.PUT if roll < 0.85 else OpKind.DELETE
@@ -679,6 +722,11 @@ class Simulation:
             node = self._leader() if choice == "crash_leader" else self.nodes[rng.choice(ids)]
             if node is not None and node.alive:
                 self._crash(node)
+                if (choice == "crash_leader" and self.scenario.profile == "quiesce" and not self.held_down
+                        and rng.random() < 0.5):
+                    self.held_down.add(node.id)
+                    self._log(f"n{node.id} stays down until the others have a leader again")
+                    return
                 # Half the time the process is back at once (a supervisor
                 # restarting it), so messages sent before the crash still arrive.
                 if rng.random() < 0.5:
@@ -946,12 +994,15 @@ class Simulation:
         self.clients_active = False
         self.membership_active = False
         for node in self.nodes.values():
-            if not node.alive:
+            if not node.alive and node.id not in self.held_down:
                 self._restart(node)
         self._at(self.now + TICK_INTERVAL, "liveness", None)
 
     def _check_liveness(self, probe: tuple[int, int, int] | None) -> bool:
-        """Once a leader exists, propose an entry; done when every node applied it."""
+        """Once a leader exists, propose an entry; done when every node applied it
+        (and, with quiescence on, once the whole group then quiesces)."""
+        if self._quiet_since is not None:
+            return self._check_quiet()
         if probe is None:
             leader = self._leader()
             if leader is not None:
@@ -967,17 +1018,105 @@ class Simulation:
             # Every member of the final configuration (voters and learners)
             # must apply it; removed nodes, nodes that never joined and ids
             # whose disk was lost (a life the group does not count) need not.
-            members = [self.nodes[i] for i in self.checker.membership.members() - self.lost if i in self.nodes]
+            members = [self.nodes[i] for i in self.checker.membership.members() - self.lost - self.held_down
+                       if i in self.nodes]
             if all(n.applied_index >= index for n in members):
                 if self.checker.committed[index - 1].term == term:
-                    self._log("LIVENESS ok: probe applied on every node")
-                    return True
-                probe = None  # the probe was lost to an election: try again
+                    if self.held_down:
+                        # The others elected a leader without it: now it comes back, and must catch up.
+                        self._log(f"LIVENESS ok without n{sorted(self.held_down)}: restart them, probe again")
+                        for node_id in sorted(self.held_down):
+                            self.held_down.discard(node_id)
+                            self._restart(self.nodes[node_id])
+                        probe = None
+                    elif self.quiescence:
+                        return self._check_quiet()
+                    else:
+                        self._log("LIVENESS ok: probe applied on every node")
+                        return True
+                else:
+                    probe = None  # the probe was lost to an election: try again
             else:
                 raft = self.nodes[leader_id].rawnode.raft
                 if raft.role is not StateRole.LEADER or raft.term != term:
                     probe = None  # proposed to a leader that was already deposed
         self._at(self.now + TICK_INTERVAL, "liveness", probe)
+        return False
+
+
+    # --- Quiescence -------------------------------------------------------------------------------
+
+    def _watch_leader_link(self, node: SimNode) -> None:
+        """What the worker's transport does for a quiesced follower: a link to
+        its leader that stays broken (the leader down, or cut off either
+        way) is reported to the core a few ticks later (pings unanswered)."""
+        raft = node.rawnode.raft
+        lead = raft.lead
+        if not raft.quiesced or raft.role is not StateRole.FOLLOWER or lead == 0:
+            self._link_down_since.pop(node.id, None)
+            return
+        leader = self.nodes.get(lead)
+        cut = self.network.cut
+        if leader is not None and leader.alive and (node.id, lead) not in cut and (lead, node.id) not in cut:
+            self._link_down_since.pop(node.id, None)
+            return
+        since = self._link_down_since.setdefault(node.id, self.now)
+        if self.now - since >= LINK_DETECT_TICKS * TICK_INTERVAL:
+            del self._link_down_since[node.id]
+            self._log(f"n{node.id} link to its leader n{lead} broken: reported unreachable")
+            node.rawnode.report_unreachable(lead)
+            self._after_input(node)
+
+    def _check_quiesced(self, node: SimNode) -> None:
+        """A quiesced follower holds what its quiesced leader (same term) committed:
+        a group at rest has every caught-up member at rest with the whole log."""
+        raft = node.rawnode.raft
+        if not node.alive or not raft.quiesced:
+            return
+        if raft.role is StateRole.LEADER:
+            leader, followers = node, [n for n in self.nodes.values() if n is not node]
+        else:
+            leader = self.nodes.get(raft.lead)
+            if leader is None:
+                return
+            followers = [node]
+        if not leader.alive:
+            return
+        lraft = leader.rawnode.raft
+        if not lraft.quiesced or lraft.role is not StateRole.LEADER:
+            return
+        committed = lraft.log.committed
+        for follower in followers:
+            if not follower.alive:
+                continue
+            fraft = follower.rawnode.raft
+            if not fraft.quiesced or fraft.lead != leader.id or fraft.term != lraft.term:
+                continue
+            if not fraft.log.match_term(committed, lraft.log.term_or_zero(committed)):
+                raise SafetyViolation(
+                    f"quiescence: n{follower.id} is quiesced without entry {committed} that its quiesced leader "
+                    f"n{leader.id} committed (its last index {fraft.log.last_index()})")
+
+    def _check_quiet(self) -> bool:
+        """Calm, with quiescence on: the whole group must quiesce within QUIET_TICKS."""
+        if self._quiet_since is None:
+            self._quiet_since = self.now
+            self._log("LIVENESS ok: probe applied on every node; now the group must quiesce")
+        leader = self._leader()
+        if leader is not None and leader.rawnode.caught_up_learners():
+            # What the worker's driver does at any time (the operator is off now): a group
+            # does not quiesce while it has a learner to promote.
+            self._propose_change(leader, ConfChange.promote(leader.rawnode.caught_up_learners()[0]),
+                                 "promote a caught-up learner (calm)")
+        members = [self.nodes[i] for i in self.checker.membership.members() - self.lost if i in self.nodes]
+        if all(n.alive and n.rawnode.quiesced for n in members):
+            self._log("QUIET ok: every member quiesced")
+            return True
+        if self.now - self._quiet_since > QUIET_TICKS * TICK_INTERVAL:
+            awake = sorted(n.id for n in members if not n.rawnode.quiesced)
+            raise SafetyViolation(f"quiescence: the group did not quiesce within {QUIET_TICKS} calm ticks "
+                                  f"(awake: {', '.join(f'n{i}' for i in awake)})")
+        self._at(self.now + TICK_INTERVAL, "liveness", None)
         return False
 
 
@@ -1016,6 +1155,10 @@ def _fmt_message(m: Message) -> str:
         text += " REJECT" if m.reject else " granted"
     elif t in (MessageType.HEARTBEAT,):
         text += f" commit={m.commit}"
+    elif t is MessageType.QUIESCE:
+        text += f" last={m.index}/{m.log_term} commit={m.commit}"
+    elif t is MessageType.HEARTBEAT_RESP and m.reject:
+        text += " WAKE"
     elif t in (MessageType.READ_INDEX_RESP,):
         text += f" index={m.index}"
     elif t is MessageType.NOTICE:
@@ -1023,7 +1166,7 @@ def _fmt_message(m: Message) -> str:
     return text
 
 
-PROFILES = ("default", "static", "membership", "wipe", "crashes")
+PROFILES = ("default", "static", "membership", "wipe", "crashes", "quiesce")
 
 
 def run_seed(seed: int, trace: bool = False, profile: str = "default") -> SimResult:

@@ -66,6 +66,7 @@ class NodeParams:
     max_persist_delay: int = 0           # simulated fsync latency, in time units
     pre_vote: bool = True
     check_quorum: bool = True
+    quiesce_ticks: int = 0               # 0: the group never quiesces
 
 
 class SimDisk(MemoryStorage):
@@ -181,6 +182,7 @@ class SimNode:
             max_inflight_msgs=self.params.max_inflight_msgs,
             pre_vote=self.params.pre_vote,
             check_quorum=self.params.check_quorum,
+            quiesce_ticks=self.params.quiesce_ticks,
             incarnation=self.incarnation,
         )
         # Each incarnation gets its own deterministic stream of randomness.

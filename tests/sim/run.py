@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 
+from shardnode.raft import MessageType
 from shardnode.raft.raft import Raft
 
 from .cluster import PROFILES, Scenario, run_seed
@@ -20,6 +21,9 @@ from .cluster import PROFILES, Scenario, run_seed
 VARIANTS = {
     # The core does not check incarnations: a wiped disk's new life is counted under the old id.
     "no-incarnation-check": lambda: setattr(Raft, "_other_incarnation_bound", lambda self, m: 0),
+    # A quiesced follower is not woken by its leader's broken link (profile quiesce).
+    "quiesced-leader-gone": lambda: setattr(
+        Raft, "_wakes", lambda self, m, _wakes=Raft._wakes: m.type is not MessageType.UNREACHABLE and _wakes(self, m)),
 }
 
 

@@ -32,6 +32,7 @@ class ScriptedCluster:
         self.queue: list[Message] = []
         self.cut: set[tuple[int, int]] = set()
         self.transcript: list[str] = []
+        self.reads_done: list[tuple[int, bytes]] = []    # (node, context) of every read state handed out
         self._handles = 0
         for node in self.nodes.values():
             node.start()
@@ -100,6 +101,7 @@ class ScriptedCluster:
             for entry in ready.committed_entries:
                 self.checker.on_apply(node, entry, node.applied_index + 1)
                 node.apply(entry)
+            self.reads_done += [(node.id, state.request_context) for state in ready.read_states]
             node.rawnode.advance(ready)
             node.maybe_compact()
             if self.bind:

@@ -15,9 +15,11 @@ checker catching it.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from shardnode.raft import NONE, ConfChange, ConfChangeType, HardState, StateRole
+from shardnode.raft import NONE, ConfChange, ConfChangeType, HardState, MessageType, StateRole
 from shardnode.raft.log import RaftLog
 from shardnode.raft.raft import Raft
 
@@ -204,3 +206,50 @@ def test_the_crashes_profile_is_safe_with_the_core_as_it_is() -> None:
         result = run_seed(seed, profile="crashes")
         if not result.ok:
             pytest.fail(run_seed(seed, trace=True, profile="crashes").report(), pytrace=False)
+
+
+# --- Quiescence (docs/raft.md, "Quiescence"): the "quiesce" profile --------------------------------
+
+
+def test_a_quiesced_follower_that_never_wakes_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Raft._wakes
+
+    def followers_sleep_on(self: Raft, m) -> bool:
+        # Broken: a quiesced follower wakes for nothing but its leader's link failing.
+        if self.role is StateRole.LEADER:
+            return original(self, m)
+        return m.type is MessageType.UNREACHABLE and original(self, m)
+
+    monkeypatch.setattr(Raft, "_wakes", followers_sleep_on)
+    seed, violation = _first_violation(profile="quiesce", kinds=("liveness", "quiescence"))
+    assert "liveness" in violation or "quiescence" in violation, violation
+
+
+def test_a_quiesced_leader_that_is_gone_unnoticed_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Raft._wakes
+    # Broken: a quiesced follower is not woken by its leader's broken link.
+    monkeypatch.setattr(Raft, "_wakes", lambda self, m: m.type is not MessageType.UNREACHABLE and original(self, m))
+    seed, violation = _first_violation(profile="quiesce", kinds=("liveness",))
+    assert "liveness" in violation, violation
+
+
+def test_quiescing_while_a_follower_lags_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    def quiesce_whatever_the_log(self: Raft, m) -> None:
+        # Broken: a follower quiesces whether or not it holds the leader's last entry...
+        if self.log.match_term(m.index, m.log_term):
+            self.log.commit_to(m.commit)
+        self.quiesced = True
+
+    # ... and a leader quiesces whether or not its followers caught up.
+    monkeypatch.setattr(Raft, "_followers_caught_up", lambda self: True)
+    monkeypatch.setattr(Raft, "_handle_quiesce", quiesce_whatever_the_log)
+    seed, violation = _first_violation(profile="quiesce", kinds=("quiescence",))
+    assert "quiescence" in violation, violation
+
+
+def test_the_quiesce_profile_is_safe_live_and_quiet_with_the_core_as_it_is() -> None:
+    # SIM_QUIESCE_SEEDS=N for a longer run.
+    for seed in range(int(os.environ.get("SIM_QUIESCE_SEEDS", "150"))):
+        result = run_seed(seed, profile="quiesce")
+        if not result.ok:
+            pytest.fail(run_seed(seed, trace=True, profile="quiesce").report(), pytrace=False)
