@@ -167,7 +167,8 @@ def test_sigkill_of_the_leader_under_load_loses_no_acknowledged_write(make_group
             stop.set()
             await asyncio.gather(*tasks)
             assert before_kill > 0 and len(acked) > before_kill, "writes continued after the failover"
-            assert failover < 5.0, f"new leader {new_leader} took {failover:.1f}s"
+            # (An election takes 0.5 to 1 s at 50 ms ticks; the bound leaves room for a loaded CI machine.)
+            assert failover < 8.0, f"new leader {new_leader} took {failover:.1f}s"
             operations = recorder.operations()
             result = check_history(operations, timeout=120)
             assert result.ok, result.explanation
@@ -391,7 +392,7 @@ def test_an_idle_group_quiesces_wakes_for_a_write_and_a_dead_leader_is_replaced(
             group.kill(leader, signal.SIGKILL)
             new_leader = await group.wait_leader(timeout=10.0, exclude={leader})
             failover = time.monotonic() - killed_at
-            assert failover < 5.0, f"a quiesced group took {failover:.1f} s to replace its leader"
+            assert failover < 8.0, f"a quiesced group took {failover:.1f} s to replace its leader"
             assert (await _read_all(group, [b"q"])) == {b"q": b"2"}
             print(f"\n[quiescence] failover of a quiesced group: {failover:.2f} s (new leader {new_leader})")
         finally:
