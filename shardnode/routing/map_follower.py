@@ -4,7 +4,7 @@ At start the router routes with the last map it saved (data_dir/HOST/shard_map),
 else cluster.toml's initial map: workers refuse keys they do not own, so a
 stale map costs a retry, never a wrong answer. `MapFollower` then follows
 b"shard_map" in the metadata group: it watches the key on one of the group's
-replicas (routing/map_watch.py) and reads it from the group's leader (a
+replicas (placement/metadata_watch.py) and reads it from the group's leader (a
 linearizable read) when the watch says it changed; when the stored bytes
 change and carry a higher epoch, it hands the new map to the router
 (`adopt`) and saves it.
@@ -40,7 +40,7 @@ from ..errors import ShardnodeError
 from ..placement.shard_map import ShardMap, ShardMapError
 from ..access.rules import AUTH_KEY
 from ..placement.directory import SHARD_MAP_KEY, ShardDirectory, initial_map
-from .map_watch import MetadataWatch, WatchBroken
+from ..placement.metadata_watch import MetadataWatch, WatchBroken
 
 log = logging.getLogger("shardnode.router")
 

@@ -13,7 +13,7 @@ from shardnode.config import ClusterConfig
 from shardnode.errors import Unavailable
 from shardnode.placement.shard_map import ShardMap
 from shardnode.routing.map_follower import MapFollower
-from shardnode.routing.map_watch import WatchBroken
+from shardnode.placement.metadata_watch import WatchBroken
 from shardnode.placement import initial_map
 from shardnode.access.rules import AUTH_KEY
 from shardnode.placement.directory import SHARD_MAP_KEY

@@ -1,4 +1,4 @@
-"""routing/map_watch.py against an in-process worker that serves only
+"""placement/metadata_watch.py against an in-process worker that serves only
 `Watch`: the streams are in place when `start` returns, a change is
 reported, and a stream that ends, falls behind or goes silent is broken."""
 
@@ -14,7 +14,7 @@ from shardnode.channel_cache import AioChannelCache
 from shardnode.config import METADATA_GROUP, ClusterConfig
 from shardnode.proto import worker_pb2 as wpb
 from shardnode.proto import worker_pb2_grpc as wpb_grpc
-from shardnode.routing.map_watch import MetadataWatch, WatchBroken
+from shardnode.placement.metadata_watch import MetadataWatch, WatchBroken
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = (b"shard_map", b"auth")

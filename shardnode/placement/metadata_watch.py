@@ -1,18 +1,19 @@
-"""Word from one metadata replica that the keys a router follows changed.
+"""Word from one metadata replica that some of its keys changed.
 
-The metadata group's writes (compare-and-set of b"shard_map", b"auth") are
-changes like any other group's (storage/store.py: ChangeEvent), so every
-replica of it serves the worker's `Watch` RPC for them (replica/watch_hub.py).
-`MetadataWatch` holds one such stream per key on one replica: `start`
-returns once every stream is in place — from then on, every change that
-replica applies to those keys comes as a later `wait()` that returns True.
-It carries no values: the map follower reads the keys again, from the
-group's leader (a linearizable read), when told that they changed.
+The metadata group's writes (compare-and-set of b"shard_map", b"auth", the
+scheduler's records) are changes like any other group's (storage/store.py:
+ChangeEvent), so every replica of it serves the worker's `Watch` RPC for
+them (replica/watch_hub.py). `MetadataWatch` holds one such stream per key
+on one replica: `start` returns once every stream is in place — from then
+on, every change that replica applies to those keys comes as a later
+`wait()` that returns True. It carries no values: the watcher (the router's
+map follower, its scheduler watch) reads the keys again, from the group's
+leader (a linearizable read), when told that they changed.
 
 A stream that ends, fails, reports that its watcher fell behind (a snapshot
 replaced the replica's state) or stays silent longer than `silence` (the
 replica asked to say how far it got every `progress`) is broken: `wait`
-raises `WatchBroken`, and the follower reads and subscribes again.
+raises `WatchBroken`, and the watcher reads and subscribes again.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class WatchBroken(Exception):
 
 
 class MetadataWatch:
-    """One stream per key on the metadata replica at `address`. Owned by the
-    map follower: `start`, then `wait` as long as it returns, `close` always."""
+    """One stream per key on the metadata replica at `address`. Owned by its
+    watcher: `start`, then `wait` as long as it returns, `close` always."""
 
     def __init__(self, cluster: ClusterConfig, channels: AioChannelCache, address: str, keys: tuple[bytes, ...],
                  progress: float = PROGRESS_SECONDS, silence: float = SILENCE_SECONDS) -> None:
@@ -68,7 +69,7 @@ class MetadataWatch:
         for first in firsts:
             if first is grpc.aio.EOF or first.compacted or first.lagging:
                 raise WatchBroken(f"{self.address}: the watch ended at once")
-        self._readers = [asyncio.create_task(self._read(call), name="router metadata watch")
+        self._readers = [asyncio.create_task(self._read(call), name="metadata watch")
                          for call in self._calls]
 
     async def _read(self, call: grpc.aio.UnaryStreamCall) -> None:
