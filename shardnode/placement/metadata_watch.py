@@ -4,7 +4,7 @@ The metadata group's writes (compare-and-set of b"shard_map", b"auth", the
 scheduler's records) are changes like any other group's (storage/store.py:
 ChangeEvent), so every replica of it serves the worker's `Watch` RPC for
 them (replica/watch_hub.py). `MetadataWatch` holds one such stream per key
-on one replica: `start` returns once every stream is in place — from then
+(or interval of keys: the etcd API's lease records) on one replica: `start` returns once every stream is in place — from then
 on, every change that replica applies to those keys comes as a later
 `wait()` that returns True. It carries no values: the watcher (the router's
 map follower, its scheduler watch) reads the keys again, from the group's
@@ -35,6 +35,9 @@ SILENCE_SECONDS = 3 * PROGRESS_SECONDS
 #: Streams not in place within this are a failed subscription.
 START_TIMEOUT = 0.5
 
+#: What one stream watches: a key, or etcd's interval [key, range_end).
+Watched = bytes | tuple[bytes, bytes]
+
 
 class WatchBroken(Exception):
     """A stream ended or failed: changes from now on may not be reported."""
@@ -44,12 +47,13 @@ class MetadataWatch:
     """One stream per key on the metadata replica at `address`. Owned by its
     watcher: `start`, then `wait` as long as it returns, `close` always."""
 
-    def __init__(self, cluster: ClusterConfig, channels: AioChannelCache, address: str, keys: tuple[bytes, ...],
+    def __init__(self, cluster: ClusterConfig, channels: AioChannelCache, address: str, keys: tuple[Watched, ...],
                  progress: float = PROGRESS_SECONDS, silence: float = SILENCE_SECONDS) -> None:
         self.address = address
         self._stub = wpb_grpc.WorkerStub(channels.get(address))
-        self._requests = [wpb.WatchRequest(cluster=cluster.name, group=METADATA_GROUP, key=key,
-                                           progress_ms=int(progress * 1000)) for key in keys]
+        intervals = [(key, b"") if isinstance(key, bytes) else key for key in keys]
+        self._requests = [wpb.WatchRequest(cluster=cluster.name, group=METADATA_GROUP, key=key, range_end=range_end,
+                                           progress_ms=int(progress * 1000)) for key, range_end in intervals]
         self._silence = silence
         self._calls: list[grpc.aio.UnaryStreamCall] = []
         self._readers: list[asyncio.Task[None]] = []
@@ -92,16 +96,26 @@ class MetadataWatch:
     async def wait(self, timeout: float) -> bool:
         """True once a key changed (every report waiting is taken), False
         after `timeout` without one; WatchBroken when a stream ended."""
-        try:
-            news = await asyncio.wait_for(self._news.get(), timeout)
-        except TimeoutError:
-            return False
-        while True:
+        if self._news.empty():
+            try:
+                news = await asyncio.wait_for(self._news.get(), timeout)
+            except TimeoutError:
+                return False
             if isinstance(news, WatchBroken):
                 raise news
-            if self._news.empty():
-                return True
+        self.changed()
+        return True
+
+    def changed(self) -> bool:
+        """Whether a key changed since the last look, without waiting
+        (every report waiting is taken); WatchBroken when a stream ended."""
+        changed = False
+        while not self._news.empty():
             news = self._news.get_nowait()
+            if isinstance(news, WatchBroken):
+                raise news
+            changed = True
+        return changed
 
     async def close(self) -> None:
         for call in self._calls:

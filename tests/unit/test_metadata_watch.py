@@ -78,6 +78,10 @@ def test_a_change_of_either_key_is_reported_and_nothing_else() -> None:
         # Reports that arrived together are taken together (one read for both).
         assert await watch.wait(1.0)
         assert not await watch.wait(0.05)
+        assert not watch.changed()
+        worker.streams[b"auth"].put_nowait(wpb.WatchBatch(events=b"\x90", progress=10))
+        await asyncio.sleep(0.1)
+        assert watch.changed() and not watch.changed()       # taken without waiting
 
     _run(scenario)
 
@@ -116,3 +120,20 @@ def test_a_replica_that_does_not_answer_or_is_down_refuses_the_subscription() ->
         await channels.close()
 
     asyncio.run(down())
+
+
+def test_an_interval_of_keys_is_one_stream_with_its_range_end() -> None:
+    async def scenario(cluster: ClusterConfig, worker: WatchOnlyWorker, watch: MetadataWatch) -> None:
+        channels = AioChannelCache(cluster.security, None)
+        address = watch.address
+        ranged = MetadataWatch(cluster, channels, address, ((b"etcd/lease/", b"etcd/lease0"),))
+        try:
+            await ranged.start()
+            assert [(r.key, r.range_end) for r in worker.requests] == [(b"etcd/lease/", b"etcd/lease0")]
+            worker.streams[b"etcd/lease/"].put_nowait(wpb.WatchBatch(events=b"\x90", progress=3))
+            assert await ranged.wait(1.0)
+        finally:
+            await ranged.close()
+            await channels.close()
+
+    _run(scenario)
