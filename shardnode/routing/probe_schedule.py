@@ -1,8 +1,9 @@
 """When the group monitor probes a group next (routing/monitor.py).
 
-A probe asks every replica of the group for its Status: with 5 routers,
-5 groups and 5 replicas, probing every second is 125 RPCs a second, the
-larger part of what an idle cluster's routers and workers did. What the
+A probe asks every host's replica of the group for its Status: with 5
+routers, 4 data groups and 5 hosts, probing every second is 100 RPCs a
+second, half of what an idle cluster's routers did, and a fifth of what its
+data groups' workers did (docs/performance.md, "Idle cost"). What the
 probes are for needs them every second only while something happens:
 
 - calls in flight to a replica the probe finds unreachable are abandoned
