@@ -4,11 +4,12 @@ The metadata group's writes (compare-and-set of b"shard_map", b"auth", the
 scheduler's records) are changes like any other group's (storage/store.py:
 ChangeEvent), so every replica of it serves the worker's `Watch` RPC for
 them (replica/watch_hub.py). `MetadataWatch` holds one such stream per key
-(or interval of keys: the etcd API's lease records) on one replica: `start` returns once every stream is in place — from then
-on, every change that replica applies to those keys comes as a later
-`wait()` that returns True. It carries no values: the watcher (the router's
-map follower, its scheduler watch) reads the keys again, from the group's
-leader (a linearizable read), when told that they changed.
+(or interval of keys: the etcd API's lease records) on one replica: `start`
+returns once every stream is in place — from then on, every change that
+replica applies to those keys comes as a later `wait()` that returns True.
+It carries no values: the watcher (the router's map follower, its scheduler
+watch, its etcd lease expiry) reads the keys again, from the group's leader
+(a linearizable read), when told that they changed.
 
 A stream that ends, fails, reports that its watcher fell behind (a snapshot
 replaced the replica's state) or stays silent longer than `silence` (the

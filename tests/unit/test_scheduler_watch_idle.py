@@ -70,7 +70,8 @@ def _run(scenario) -> None:  # type: ignore[no-untyped-def]
     asyncio.run(run())
 
 
-def test_nothing_recorded_is_watched_not_polled_and_a_change_is_looked_at_at_once(setting) -> None:  # type: ignore[no-untyped-def]
+def test_nothing_recorded_is_watched_not_polled_and_a_change_is_looked_at_at_once(  # type: ignore[no-untyped-def]
+        setting) -> None:
     directory, watches = setting
 
     async def scenario() -> None:
