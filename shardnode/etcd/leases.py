@@ -236,6 +236,9 @@ class Leases:
         """Wait for the next round: `interval` (with jitter), or while no
         lease exists and the watch holds, until a lease record changes. The
         watch, or None once it broke."""
+        if watch is not None and self.directory.leader_address not in (None, watch.address):
+            await watch.close()         # watch the leader (a follower cut off from it sees no grant)
+            watch = None
         try:
             if idle and watch is not None:
                 await watch.wait(WATCHED_IDLE_EXPIRY_INTERVAL)

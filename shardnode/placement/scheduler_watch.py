@@ -96,6 +96,9 @@ class SchedulerWatch(OwnedTask):
         watch: MetadataWatch | None = None
         try:
             while True:
+                if watch is not None and directory.leader_address not in (None, watch.address):
+                    await watch.close()     # watch the leader (a follower cut off from it sees no change)
+                    watch = None
                 watch = await self._next_look(watch)
                 if not self.supervised():
                     continue        # it could not start or stop a process: leave the work to a router that can

@@ -165,6 +165,10 @@ class MapFollower(OwnedTask):
         and every poll interval while reads fail; until the watch breaks."""
         last_read = time.monotonic()
         while True:
+            if self._directory.leader_address not in (None, watch.address):
+                # The leader is known (or moved) and not watched: watch it, whose applied
+                # state is the newest (a follower cut off from it would see no change).
+                return
             wait = self.interval if self._last_read_failed else self.safety_interval - (time.monotonic() - last_read)
             if await watch.wait(max(0.0, wait)) or self._last_read_failed \
                     or time.monotonic() - last_read >= self.safety_interval:

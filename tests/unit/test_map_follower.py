@@ -256,6 +256,23 @@ def test_the_watch_subscribes_to_the_leader_known_and_reads_at_the_safety_interv
     asyncio.run(run())
 
 
+def test_the_watch_moves_to_the_leader_once_a_read_finds_another_one(tmp_path: Path) -> None:
+    cluster = _cluster(tmp_path)
+    follower, fake, watches = _watched(cluster, [], interval=0.02)
+    first = cluster.meta_group_replicas()[0].address
+
+    async def run() -> None:
+        follower.start()
+        await _until(lambda: follower.watching == first)      # no leader known yet: the first replica
+        fake.leader_address = "127.0.0.2:50116"                # a read found the leader elsewhere
+        watches.report()
+        await _until(lambda: follower.watching == "127.0.0.2:50116")
+        assert len(watches.live) == 1 and watches.opened == [first, "127.0.0.2:50116"]
+        await follower.close()
+
+    asyncio.run(run())
+
+
 def test_a_failed_read_while_watching_is_retried_at_the_poll_interval(tmp_path: Path) -> None:
     cluster = _cluster(tmp_path)
     adopted: list[ShardMap] = []

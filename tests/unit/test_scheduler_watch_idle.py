@@ -111,3 +111,16 @@ def test_a_broken_watch_means_polling_and_subscribing_again(setting) -> None:  #
         assert directory.reads == reads
 
     _run(scenario)
+
+
+def test_the_watch_moves_to_the_leader_once_a_read_finds_another_one(setting) -> None:  # type: ignore[no-untyped-def]
+    directory, watches = setting
+
+    async def scenario() -> None:
+        await until(lambda: len(watches.live) == 1 and directory.reads == 1)
+        directory.leader_address = "127.0.0.4:50116"
+        watches.report()
+        await until(lambda: len(watches.opened) == 2 and len(watches.live) == 1)
+        assert watches.opened[1][0] == "127.0.0.4:50116"
+
+    _run(scenario)
