@@ -20,7 +20,7 @@
   the router then watches the lease records on a metadata replica
   (placement/metadata_watch.py; subscribed before the round that found none,
   so no grant is missed) and runs the next round when one changes, or after
-  IDLE_EXPIRY_INTERVAL at the latest. Without a watch, a round every
+  WATCHED_IDLE_EXPIRY_INTERVAL at the latest. Without a watch, a round every
   IDLE_EXPIRY_INTERVAL as before.
 """
 
