@@ -63,12 +63,12 @@ def _descendants(root: int) -> set[int]:
             continue
         parent = int(stat[stat.rindex(")") + 2:].split()[1])
         children.setdefault(parent, []).append(int(entry.name))
-    found, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
+    found, to_visit = set(), [root]
+    while to_visit:
+        pid = to_visit.pop()
         if pid not in found:
             found.add(pid)
-            todo.extend(children.get(pid, ()))
+            to_visit.extend(children.get(pid, ()))
     return found
 
 

@@ -51,7 +51,7 @@ class MetadataWatch:
     def __init__(self, cluster: ClusterConfig, channels: AioChannelCache, address: str, keys: tuple[Watched, ...],
                  progress: float = PROGRESS_SECONDS, silence: float = SILENCE_SECONDS) -> None:
         self.address = address
-        self._stub = wpb_grpc.WorkerStub(channels.get(address))
+        self._worker = wpb_grpc.WorkerStub(channels.get(address))
         intervals = [(key, b"") if isinstance(key, bytes) else key for key in keys]
         self._requests = [wpb.WatchRequest(cluster=cluster.name, group=METADATA_GROUP, key=key, range_end=range_end,
                                            progress_ms=int(progress * 1000)) for key, range_end in intervals]
@@ -64,7 +64,7 @@ class MetadataWatch:
     async def start(self, timeout: float = START_TIMEOUT) -> None:
         """Open the streams and wait for each one's first message (the
         replica answers it once its watcher is registered)."""
-        self._calls = [self._stub.Watch(request) for request in self._requests]
+        self._calls = [self._worker.Watch(request) for request in self._requests]
         try:
             firsts = await asyncio.wait_for(asyncio.gather(*(call.read() for call in self._calls)), timeout)
         except TimeoutError:
