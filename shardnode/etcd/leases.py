@@ -15,6 +15,13 @@
   the metadata group's leader which leases ran out and revokes them.
   Several routers may revoke one lease at once: the steps are idempotent,
   and each key is deleted once (a second REVOKE finds nothing).
+- While no lease exists (most clusters, most of the time) a round has
+  nothing to do, and each costs the metadata group's leader a read barrier:
+  the router then watches the lease records on a metadata replica
+  (placement/metadata_watch.py; subscribed before the round that found none,
+  so no grant is missed) and runs the next round when one changes, or after
+  WATCHED_IDLE_EXPIRY_INTERVAL at the latest. Without a watch, a round every
+  IDLE_EXPIRY_INTERVAL as before.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ from typing import TYPE_CHECKING
 import grpc
 import msgpack
 
+from ..channel_cache import AioChannelCache
 from ..config import ClusterConfig
 from ..placement.directory import ShardDirectory
+from ..placement.metadata_watch import MetadataWatch, WatchBroken
 from ..proto import worker_pb2 as wpb
 from ..storage.etcd_ops import (
     Compare,
@@ -67,9 +76,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardnode.etcd")
 
 WOp = wpb.Operation
-#: Seconds between two expiry rounds of a router (with jitter), and while no lease exists.
+#: Seconds between two expiry rounds of a router (with jitter), and while no lease exists
+#: without a watch on the lease records; with one, at least this often.
 EXPIRY_INTERVAL = 0.5
 IDLE_EXPIRY_INTERVAL = 2.0
+WATCHED_IDLE_EXPIRY_INTERVAL = 20.0
 #: The metadata group's ownership never changes: any epoch is recent enough for its ranges.
 _ANY_EPOCH = (1 << 63) - 1
 LEASE_EXISTS = "etcdserver: lease already exists"
@@ -82,6 +93,9 @@ class Leases:
         self.directory = ShardDirectory(cluster, host_name)
         self._expiry: asyncio.Task[None] | None = None
         self._random = random.Random()
+        self._watch_channels = AioChannelCache(cluster.security, host_name)
+        self._watch_addresses = [r.address for r in cluster.meta_group_replicas()]
+        self._watch_attempts = 0
 
     # --- The metadata group ---------------------------------------------------------------
 
@@ -193,18 +207,66 @@ class Leases:
             await asyncio.gather(self._expiry, return_exceptions=True)
             self._expiry = None
         await self.directory.close()
+        await self._watch_channels.close()
 
     async def _expire_forever(self) -> None:
         interval = EXPIRY_INTERVAL
-        while True:
-            await asyncio.sleep(interval * (0.5 + self._random.random()))
-            try:
-                _, existing = await self.expire_once()
-                interval = EXPIRY_INTERVAL if existing else IDLE_EXPIRY_INTERVAL
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the metadata group unreachable, a group without quorum: next round
-                log.debug("etcd.lease_expiry_failed", extra={"error": str(exc)})
+        existing = 1                    # until a round says otherwise
+        watch: MetadataWatch | None = None
+        try:
+            while True:
+                watch = await self._until_next_round(watch, interval, idle=not existing)
+                if watch is None:
+                    # Before the round: a grant after it is then reported.
+                    watch = await self._subscribe()
+                try:
+                    existing = 1
+                    _, existing = await self.expire_once()
+                    interval = EXPIRY_INTERVAL if existing else IDLE_EXPIRY_INTERVAL
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # the metadata group unreachable, a group without quorum: next round
+                    log.debug("etcd.lease_expiry_failed", extra={"error": str(exc)})
+        finally:
+            if watch is not None:
+                await watch.close()
+
+    async def _until_next_round(self, watch: MetadataWatch | None, interval: float,
+                                idle: bool) -> MetadataWatch | None:
+        """Wait for the next round: `interval` (with jitter), or while no
+        lease exists and the watch holds, until a lease record changes. The
+        watch, or None once it broke."""
+        if watch is not None and self.directory.leader_address not in (None, watch.address):
+            await watch.close()         # watch the leader (a follower cut off from it sees no grant)
+            watch = None
+        try:
+            if idle and watch is not None:
+                await watch.wait(WATCHED_IDLE_EXPIRY_INTERVAL)
+            else:
+                await asyncio.sleep(interval * (0.5 + self._random.random()))
+                if watch is not None:
+                    watch.changed()     # reports taken: the next round sees their changes
+            return watch
+        except WatchBroken as exc:
+            log.debug("etcd.lease_watch_broken", extra={"replica": watch.address, "error": str(exc)})
+            await watch.close()
+            return None
+
+    async def _subscribe(self) -> MetadataWatch | None:
+        address = (self.directory.leader_address
+                   or self._watch_addresses[self._watch_attempts % len(self._watch_addresses)])
+        watch = MetadataWatch(self.cluster, self._watch_channels, address, ((LEASE_PREFIX, LEASE_PREFIX_END),))
+        try:
+            await watch.start()
+        except WatchBroken as exc:
+            self._watch_attempts += 1
+            await watch.close()
+            log.debug("etcd.lease_watch_refused", extra={"replica": address, "error": str(exc)})
+            return None
+        except BaseException:
+            await watch.close()
+            raise
+        return watch
 
     async def expire_once(self) -> tuple[list[int], int]:
         """Revoke every lease the metadata group's leader says ran out; their

@@ -97,6 +97,11 @@ class ShardDirectory:
         self._sequence = 0
         self._write_lock = asyncio.Lock()
 
+    @property
+    def leader_address(self) -> str | None:
+        """The metadata group's leader as the last call found it (None: not known)."""
+        return self._leader
+
     # --- Keys -------------------------------------------------------------------------
 
     async def read(self, key: bytes, timeout: float | None = None) -> bytes | None:

@@ -41,8 +41,10 @@ _VALUED_OPS = (Op.PUT, Op.CAS, Op.TXN, Op.RANGE, Op.LEASE_KEYS)
 #: A transaction carries several values (the router checks each one's size).
 MAX_TXN_VALUES = 4
 ShardStatus = pb.ShardResponse
-#: A watch stream says how far it got at least this often when nothing changes.
+#: A watch stream says how far it got at least this often when nothing changes,
+#: unless the watcher asks for less often (WatchRequest.progress_ms), up to the longest.
 WATCH_PROGRESS_SECONDS = 0.2
+LONGEST_WATCH_PROGRESS_SECONDS = 60.0
 #: Largest page of an export scan or delta.
 MAX_SCAN_BYTES = 4 << 20
 
@@ -447,6 +449,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "watch: key must be 1..max_key_bytes bytes")
         hub = self.driver.watch_hub
         store = self.driver.store
+        progress_every = min(LONGEST_WATCH_PROGRESS_SECONDS,
+                             max(WATCH_PROGRESS_SECONDS, request.progress_ms / 1000.0))
         revision = store.closed_revision()
         try:
             watcher, backlog = hub.watch(request.key, request.range_end, request.start_revision)
@@ -460,7 +464,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 yield pb.WatchBatch(progress=revision)
             while True:
                 try:
-                    events = await asyncio.wait_for(watcher.next(), WATCH_PROGRESS_SECONDS)
+                    events = await asyncio.wait_for(watcher.next(), progress_every)
                 except TimeoutError:
                     # Nothing waiting: everything applied here so far was sent.
                     yield pb.WatchBatch(progress=store.closed_revision())

@@ -160,6 +160,11 @@ class GroupForwarder:
         if self.leader is not None and self.leader not in self.replicas:
             self.leader = None
 
+    @property
+    def busy(self) -> bool:
+        """Operations are waiting or in flight (the group monitor probes a busy group every second)."""
+        return self._in_flight > 0 or any(self._queues.values())
+
     def observe(self, view: "GroupView") -> None:
         """The group monitor's latest probe: the membership it found (the
         group's own, which changes as members join and leave), and the

@@ -2,18 +2,26 @@
 
 At start the router routes with the last map it saved (data_dir/HOST/shard_map),
 else cluster.toml's initial map: workers refuse keys they do not own, so a
-stale map costs a retry, never a wrong answer. `MapFollower` then reads
-b"shard_map" from the metadata group's leader every POLL_INTERVAL (a
-linearizable read, answered by the leader after its ReadIndex round), and
-when the stored bytes change and carry a higher epoch, hands the new map to
-the router (`adopt`) and saves it. A router that was down while the map
-changed learns it within one poll of coming back; one cut off from the
-metadata group keeps routing with the map it has.
+stale map costs a retry, never a wrong answer. `MapFollower` then follows
+b"shard_map" in the metadata group: it watches the key on one of the group's
+replicas (placement/metadata_watch.py) and reads it from the group's leader (a
+linearizable read) when the watch says it changed; when the stored bytes
+change and carry a higher epoch, it hands the new map to the router
+(`adopt`) and saves it.
 
-The same read brings the access rules (b"auth", routing/access.py): users
-and roles reach the routers on the map's cadence, at no extra round.
+No change is missed: the key is read again after every subscription (a
+change made before it is in that read, one made after it comes through the
+watch), and once more every SAFETY_POLL_INTERVAL while the watch holds (a
+watched replica cut off from its group would see no change). While no watch
+can be had (the metadata group down, its replicas restarting), the key is
+read every POLL_INTERVAL, and a watch tried again at each read. A router
+that was down while the map changed learns it with its first read; one cut
+off from the metadata group keeps routing with the map it has.
 
-`refresh()` polls at once and returns the map then known: the forwarders
+The same read brings the access rules (b"auth", routing/access.py), watched
+the same way: users and roles reach the routers as the map does.
+
+`refresh()` reads at once and returns the map then known: the forwarders
 call it when a worker answers that a key is not its group's any more.
 """
 
@@ -26,20 +34,25 @@ import time
 from collections.abc import Awaitable, Callable
 
 from ..background import OwnedTask
+from ..channel_cache import AioChannelCache
 from ..config import ClusterConfig
 from ..errors import ShardnodeError
 from ..placement.shard_map import ShardMap, ShardMapError
 from ..access.rules import AUTH_KEY
 from ..placement.directory import SHARD_MAP_KEY, ShardDirectory, initial_map
+from ..placement.metadata_watch import MetadataWatch, WatchBroken
 
 log = logging.getLogger("shardnode.router")
 
-#: A stale router must learn a new map within a second. Each poll is a
-#: linearizable read (a ReadIndex round in the metadata group): polled every
-#: 250 ms by the three routers of an idle 3-host cluster, the metadata group's
-#: workers used more CPU than the data group's (0.105 against 0.066 cores);
-#: every 500 ms, 0.078.
+#: Without a watch, a stale router must still learn a new map within a
+#: second. Each poll is a linearizable read (a ReadIndex round in the
+#: metadata group): polled every 250 ms by the three routers of an idle
+#: 3-host cluster, the metadata group's workers used more CPU than the data
+#: group's (0.105 against 0.066 cores); every 500 ms, 0.078. With the watch,
+#: a read is made only when the keys change (docs/performance.md, "Idle cost").
 POLL_INTERVAL = 0.5
+#: While the watch holds, the keys are read this often anyway.
+SAFETY_POLL_INTERVAL = 20.0
 #: One poll gives up after this (the next one tries again).
 POLL_TIMEOUT = 1.0
 #: Not reaching the metadata group this long after start is reported.
@@ -53,8 +66,10 @@ class MapFollower(OwnedTask):
 
     def __init__(self, cluster: ClusterConfig, host_name: str,
                  adopt: Callable[[ShardMap], Awaitable[None]], interval: float = POLL_INTERVAL,
-                 adopt_access: Callable[[bytes | None], None] | None = None) -> None:
+                 adopt_access: Callable[[bytes | None], None] | None = None,
+                 safety_interval: float = SAFETY_POLL_INTERVAL) -> None:
         self.cluster = cluster
+        self.safety_interval = safety_interval
         self._adopt_access = adopt_access
         self._access_raw: bytes | None = None
         self.host_name = host_name
@@ -70,6 +85,11 @@ class MapFollower(OwnedTask):
         self._refreshes: set[asyncio.Task[None]] = set()
         self._unreachable_since: float | None = None
         self._started = time.monotonic()
+        self._last_read_failed = False
+        self._watch_channels = AioChannelCache(cluster.security, host_name)
+        self._watch_addresses = [r.address for r in cluster.meta_group_replicas()]
+        self._watch_attempts = 0
+        self.watching: str | None = None      # the replica watched now, if any
 
     # --- The map at start ---------------------------------------------------------------
 
@@ -100,11 +120,66 @@ class MapFollower(OwnedTask):
         self._started = time.monotonic()
         while True:
             began = time.monotonic()
+            watch = await self._subscribe()
             try:
-                await self.refresh()
+                # After subscribing: what changed before it is in this read.
+                await self._read_logged()
+                if watch is not None:
+                    await self._follow(watch)
+            except WatchBroken as exc:
+                log.info("router.map_watch_broken", extra={"replica": watch.address if watch else None,
+                                                            "error": str(exc)})
             except Exception:       # a bug here must not stop following the map for good
                 log.exception("router.map_follow_failed")
+            finally:
+                self.watching = None
+                if watch is not None:
+                    await watch.close()
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - began)))
+
+    def _open_watch(self, address: str) -> MetadataWatch:
+        return MetadataWatch(self.cluster, self._watch_channels, address, (SHARD_MAP_KEY, AUTH_KEY))
+
+    async def _subscribe(self) -> MetadataWatch | None:
+        """A watch in place on the metadata group's leader as last seen, else
+        on its replicas in turn; None if this one did not answer."""
+        address = self._directory.leader_address
+        if address is None:
+            address = self._watch_addresses[self._watch_attempts % len(self._watch_addresses)]
+        watch = self._open_watch(address)
+        try:
+            await watch.start()
+        except WatchBroken as exc:
+            self._watch_attempts += 1
+            await watch.close()
+            log.debug("router.map_watch_refused", extra={"replica": address, "error": str(exc)})
+            return None
+        except BaseException:
+            await watch.close()
+            raise
+        self.watching = address
+        return watch
+
+    async def _follow(self, watch: MetadataWatch) -> None:
+        """Read whenever the watch reports a change, every safety interval,
+        and every poll interval while reads fail; until the watch breaks."""
+        last_read = time.monotonic()
+        while True:
+            if self._directory.leader_address not in (None, watch.address):
+                # The leader is known (or moved) and not watched: watch it, whose applied
+                # state is the newest (a follower cut off from it would see no change).
+                return
+            wait = self.interval if self._last_read_failed else self.safety_interval - (time.monotonic() - last_read)
+            if await watch.wait(max(0.0, wait)) or self._last_read_failed \
+                    or time.monotonic() - last_read >= self.safety_interval:
+                last_read = time.monotonic()
+                await self._read_logged()
+
+    async def _read_logged(self) -> None:
+        try:
+            await self.refresh()
+        except Exception:       # a bug here must not stop following the map for good
+            log.exception("router.map_follow_failed")
 
     async def refresh(self) -> ShardMap:
         """Read the map from the metadata group now and adopt it if it is
@@ -134,8 +209,10 @@ class MapFollower(OwnedTask):
         try:
             raw, access = await self._directory.read_many((SHARD_MAP_KEY, AUTH_KEY))
         except ShardnodeError as exc:
+            self._last_read_failed = True
             self._unreachable(exc)
             return self.shard_map
+        self._last_read_failed = False
         if self._adopt_access is not None and (access != self._access_raw or not self.loaded):
             self._access_raw = access
             self._adopt_access(access)
@@ -178,3 +255,4 @@ class MapFollower(OwnedTask):
             task.cancel()
         await asyncio.gather(*self._refreshes, return_exceptions=True)
         await self._directory.close()
+        await self._watch_channels.close()

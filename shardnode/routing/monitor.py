@@ -6,7 +6,9 @@ parallel, short timeout): a host's replica of group G always listens on its
 `worker_port_base + G`, so this finds every member, including members added
 after the router started. The group's live membership is the one its leader
 (else its most advanced replica) reports; `GroupView` is what it learns. `GroupMonitor` probes every
-group once per `interval` for the router's lifetime, so that:
+group for the router's lifetime (how often: routing/probe_schedule.py — every
+second while anything happens, less often while the group is idle and
+healthy), so that:
 
 - the forwarders know a group's leader before the first request, and can
   say why a request failed (no quorum in group N, no leader yet in group N)
@@ -33,12 +35,14 @@ from ..background import OwnedTask
 from ..config import ClusterConfig, Replica
 from ..placement.group_status import freshest
 from ..proto import worker_pb2 as wpb
+from .probe_schedule import IDLE_PROBE_INTERVAL, ProbeSchedule
 
 if TYPE_CHECKING:
     from .forwarder import ChannelPool, GroupForwarder
 
 log = logging.getLogger("shardnode.router")
 
+#: How often a group is probed while anything happens in it (the monitor's tick).
 PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 0.5
 #: A group without quorum this long after the router started is reported.
@@ -145,16 +149,19 @@ class GroupMonitor(OwnedTask):
     shard map adds are probed from the next round, those it drops no more."""
 
     def __init__(self, cluster: ClusterConfig, channels: "ChannelPool",
-                 forwarders: Mapping[int, "GroupForwarder"], interval: float = PROBE_INTERVAL) -> None:
+                 forwarders: Mapping[int, "GroupForwarder"], interval: float = PROBE_INTERVAL,
+                 idle_interval: float = IDLE_PROBE_INTERVAL) -> None:
         self.cluster = cluster
         self.channels = channels
         self.forwarders = forwarders
         self.interval = interval
+        self.idle_interval = idle_interval
         self._started = time.monotonic()
         # Per group: None until it first had a quorum, then whether it has one now.
         self._had_quorum: dict[int, bool | None] = {}
         self._lost_at: dict[int, float] = {}
         self._late_reported: set[int] = set()
+        self._schedules: dict[int, ProbeSchedule] = {}
 
     task_name = "router group monitor"
 
@@ -163,12 +170,18 @@ class GroupMonitor(OwnedTask):
             self._started = time.monotonic()
         super().start()
 
+    def _due(self, forwarder: "GroupForwarder", now: float) -> bool:
+        schedule = self._schedules.get(forwarder.group)
+        return schedule is None or schedule.due(now, forwarder.stats.calls, forwarder.busy)
+
     async def _run(self) -> None:
         while True:
             began = time.monotonic()
             try:
+                # Every tick looks at every group; only those due are probed.
+                due = [f for f in list(self.forwarders.values()) if self._due(f, began)]
                 views = await asyncio.gather(*(probe_group(self.cluster, self.channels, f.group, known=f.members)
-                                               for f in list(self.forwarders.values())))
+                                               for f in due))
                 for view in views:
                     self.observe(view)
             except Exception:       # a bug here must not stop the monitoring for good
@@ -180,9 +193,12 @@ class GroupMonitor(OwnedTask):
         forwarder = self.forwarders.get(view.group)
         if forwarder is None:           # dropped from the shard map meanwhile
             return
+        changed = forwarder.view is None or not same_picture(forwarder.view, view)
         forwarder.observe(view)
         group = view.group
         now = view.at
+        schedule = self._schedules.setdefault(group, ProbeSchedule(self.interval, self.idle_interval))
+        schedule.probed(now, steady=not changed and healthy(view), calls=forwarder.stats.calls)
         had = self._had_quorum.get(group)
         fields = {"group": group, "leader": view.leader_id, "reachable": len(view.reachable),
                   "replicas": len(view.replicas)}
@@ -210,6 +226,22 @@ class GroupMonitor(OwnedTask):
             log.warning("router.no_quorum_yet", extra={**fields, "since_start_s": round(now - self._started, 1),
                                                        "unreachable": ",".join(view.unreachable) or "none",
                                                        "reason": _reason(view)})
+
+
+def healthy(view: GroupView) -> bool:
+    """Led, and every member answered the probe."""
+    return not view.unprobed and view.leader is not None and all(a is not None for a in view.answers)
+
+
+def same_picture(before: GroupView, after: GroupView) -> bool:
+    """Whether two probes found the same group: members, who answered, who leads in which term."""
+    leader_before, leader_after = before.leader, after.leader
+    return (before.replicas == after.replicas and before.learners == after.learners
+            and before.unprobed == after.unprobed
+            and [a is None for a in before.answers] == [a is None for a in after.answers]
+            and (leader_before is None) == (leader_after is None)
+            and (leader_before is None or (leader_before.node_id, leader_before.term)
+                 == (leader_after.node_id, leader_after.term)))
 
 
 def _reason(view: GroupView) -> str:
