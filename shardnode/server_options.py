@@ -29,6 +29,13 @@ def server_options(limits: LimitsConfig, *, worker: bool) -> list[tuple[str, Any
         ("grpc.max_allowed_incoming_connections", limits.max_connections),
         ("grpc.server_handshake_timeout_ms", limits.handshake_timeout_ms),
     ]
-    if not worker:
+    if worker:
+        # The peers' channels send keepalive pings every 2 s on their long-lived
+        # streams (transport/peer.py); gRPC's default policy would answer them
+        # with GOAWAY ("too_many_pings") and break every link.
+        options += [("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+                    ("grpc.http2.max_ping_strikes", 0),
+                    ("grpc.keepalive_permit_without_calls", 1)]
+    else:
         options.append(("grpc.max_send_message_length", limits.max_request_bytes))
     return options
