@@ -39,7 +39,7 @@ import msgpack
 from ..channel_cache import AioChannelCache
 from ..config import ClusterConfig
 from ..placement.directory import ShardDirectory
-from ..placement.metadata_watch import MetadataWatch, WatchBroken
+from ..placement.metadata_watch import MetadataWatch, WatchBroken, started
 from ..proto import worker_pb2 as wpb
 from ..storage.etcd_ops import (
     Compare,
@@ -255,17 +255,10 @@ class Leases:
     async def _subscribe(self) -> MetadataWatch | None:
         address = (self.directory.leader_address
                    or self._watch_addresses[self._watch_attempts % len(self._watch_addresses)])
-        watch = MetadataWatch(self.cluster, self._watch_channels, address, ((LEASE_PREFIX, LEASE_PREFIX_END),))
-        try:
-            await watch.start()
-        except WatchBroken as exc:
+        watch = await started(MetadataWatch(self.cluster, self._watch_channels, address,
+                                            ((LEASE_PREFIX, LEASE_PREFIX_END),)), "etcd.lease_watch_refused")
+        if watch is None:
             self._watch_attempts += 1
-            await watch.close()
-            log.debug("etcd.lease_watch_refused", extra={"replica": address, "error": str(exc)})
-            return None
-        except BaseException:
-            await watch.close()
-            raise
         return watch
 
     async def expire_once(self) -> tuple[list[int], int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import grpc
 
@@ -39,9 +40,27 @@ START_TIMEOUT = 0.5
 #: What one stream watches: a key, or etcd's interval [key, range_end).
 Watched = bytes | tuple[bytes, bytes]
 
+log = logging.getLogger("shardnode.placement")
+
 
 class WatchBroken(Exception):
     """A stream ended or failed: changes from now on may not be reported."""
+
+
+async def started(watch: "MetadataWatch", refused_event: str) -> "MetadataWatch | None":
+    """`watch` once its streams are in place; None (closed, and one debug line
+    `refused_event`) if its replica did not take it. Whatever else happens
+    closes it too."""
+    try:
+        await watch.start()
+    except WatchBroken as exc:
+        await watch.close()
+        log.debug(refused_event, extra={"replica": watch.address, "error": str(exc)})
+        return None
+    except BaseException:
+        await watch.close()
+        raise
+    return watch
 
 
 class MetadataWatch:

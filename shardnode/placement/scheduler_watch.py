@@ -42,7 +42,7 @@ from .directory import ShardDirectory
 from .executors import ClusterHands, make_scheduler
 from .intents import INTENTS_KEY, IntentBook, unfinished
 from .lease import SchedulerLease
-from .metadata_watch import MetadataWatch, WatchBroken
+from .metadata_watch import MetadataWatch, WatchBroken, started
 from .moves import MOVES_KEY
 from .scheduler import BACKGROUND_POLL_SECONDS, STALL_FACTOR, holder_name
 
@@ -138,17 +138,10 @@ class SchedulerWatch(OwnedTask):
     async def _subscribe(self, channels: AioChannelCache, directory: ShardDirectory) -> MetadataWatch | None:
         addresses = [r.address for r in self.cluster.meta_group_replicas()]
         address = directory.leader_address or addresses[self._watch_attempts % len(addresses)]
-        watch = MetadataWatch(self.cluster, channels, address, (INTENTS_KEY, MOVES_KEY))
-        try:
-            await watch.start()
-        except WatchBroken as exc:
+        watch = await started(MetadataWatch(self.cluster, channels, address, (INTENTS_KEY, MOVES_KEY)),
+                              "router.scheduler_watch_refused")
+        if watch is None:
             self._watch_attempts += 1
-            await watch.close()
-            log.debug("router.scheduler_watch_refused", extra={"replica": address, "error": str(exc)})
-            return None
-        except BaseException:
-            await watch.close()
-            raise
         return watch
 
     async def _stalled(self, directory: ShardDirectory, lease: SchedulerLease) -> bool:

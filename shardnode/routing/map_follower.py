@@ -40,7 +40,7 @@ from ..errors import ShardnodeError
 from ..placement.shard_map import ShardMap, ShardMapError
 from ..access.rules import AUTH_KEY
 from ..placement.directory import SHARD_MAP_KEY, ShardDirectory, initial_map
-from ..placement.metadata_watch import MetadataWatch, WatchBroken
+from ..placement.metadata_watch import MetadataWatch, WatchBroken, started
 
 log = logging.getLogger("shardnode.router")
 
@@ -146,17 +146,10 @@ class MapFollower(OwnedTask):
         address = self._directory.leader_address
         if address is None:
             address = self._watch_addresses[self._watch_attempts % len(self._watch_addresses)]
-        watch = self._open_watch(address)
-        try:
-            await watch.start()
-        except WatchBroken as exc:
+        watch = await started(self._open_watch(address), "router.map_watch_refused")
+        if watch is None:
             self._watch_attempts += 1
-            await watch.close()
-            log.debug("router.map_watch_refused", extra={"replica": address, "error": str(exc)})
             return None
-        except BaseException:
-            await watch.close()
-            raise
         self.watching = address
         return watch
 
