@@ -24,7 +24,9 @@ to back:
 - HEARTBEAT and HEARTBEAT_RESP: an earlier one to the same peer in the same
   term is dropped for a later one, unless the later one carries no read
   context and the earlier one does (a heartbeat acknowledged for a read
-  context releases every read queued before it: read_only.py).
+  context releases every read queued before it: read_only.py), or, for a
+  response, the earlier one asks a quiesced leader to wake (reject) and the
+  later does not.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def coalesce(messages: list[Message], max_size: int) -> list[Message]:
             position = beats.get(key)
             if position is not None:
                 earlier = out[position]
-                if earlier is not None and earlier.term == message.term and (message.context or not earlier.context):
+                if (earlier is not None and earlier.term == message.term
+                        and (message.context or not earlier.context) and (message.reject or not earlier.reject)):
                     out[position] = None
                     folded = True
             beats[key] = len(out)

@@ -43,6 +43,11 @@ def test_only_the_furthest_acknowledgement_and_the_last_heartbeat_remain() -> No
     assert coalesce([beat(b"a"), beat(b"")], 1 << 20) == [beat(b"a"), beat(b"")]  # the read context stays
     responses = [beat(b"a", MT.HEARTBEAT_RESP), beat(b"b", MT.HEARTBEAT_RESP)]
     assert coalesce(responses, 1 << 20) == responses[1:]
+    # A response that wakes a quiesced leader (reject) is not folded into a plain one after it.
+    wake = Message(MT.HEARTBEAT_RESP, to=1, from_=2, term=2, reject=True)
+    plain = Message(MT.HEARTBEAT_RESP, to=1, from_=2, term=2)
+    assert coalesce([wake, plain], 1 << 20) == [wake, plain]
+    assert coalesce([plain, wake], 1 << 20) == [wake]
 
 
 def _cluster() -> tuple[dict[int, RawNode], dict[int, MemoryStorage]]:
