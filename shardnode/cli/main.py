@@ -502,6 +502,7 @@ def group_dict(group: kv_pb2.GroupStatus) -> dict[str, Any]:
                 "applied_index": r.applied_index,
                 "last_index": r.last_index,
                 "lag": r.lag,
+                "quiesced": r.quiesced,
                 "health": replica_health(r),
                 "process_state": r.process_state,
                 "restarts": r.restarts,
@@ -520,6 +521,9 @@ def status_table(status: kv_pb2.StatusResponse) -> Any:
 
     with_quorum = sum(1 for g in status.groups if g.has_quorum)
     caption = f"{len(status.groups)} groups, {with_quorum} with quorum"
+    idle = sum(1 for g in status.groups if g.replicas and all(r.quiesced for r in g.replicas if r.reachable))
+    if idle:
+        caption += f", {idle} idle (quiesced)"
     if status.HasField("metadata_group"):
         caption += "; metadata group: " + ("quorum" if status.metadata_group.has_quorum else "NO QUORUM (no change "
                                                                                               "of shape possible)")

@@ -665,6 +665,7 @@ class KVService(pb_grpc.KVServicer):
                 status.commit_index = answer.commit_index
                 status.applied_index = answer.applied_index
                 status.last_index = answer.last_index
+                status.quiesced = answer.quiesced
                 if leader is not None:
                     acked = match.get(replica.node_id, answer.last_index)
                     status.lag = max(0, leader.last_index - acked)
