@@ -71,6 +71,23 @@ def test_status_table(config: str, capsys: pytest.CaptureFixture[str]) -> None:
         assert word in out, word
 
 
+def test_status_says_which_replicas_and_groups_are_quiesced() -> None:
+    from rich.console import Console
+
+    from shardnode.cli.main import status_dict, status_table
+    from tests.unit.test_client import default_status
+
+    status = default_status()
+    for replica in status.groups[0].replicas:
+        replica.quiesced = True
+    console = Console(record=True, width=160)
+    console.print(status_table(status))
+    assert "2 groups, 1 with quorum, 1 idle (quiesced)" in console.export_text()
+    replicas = status_dict(status)["groups"][0]["replicas"]
+    assert all(r["quiesced"] is True for r in replicas)
+    assert status_dict(default_status())["groups"][0]["replicas"][0]["quiesced"] is False
+
+
 def test_status_table_styles_leader_and_groups_without_quorum() -> None:
     from rich.console import Console
 
