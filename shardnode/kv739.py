@@ -23,7 +23,7 @@ Conventions (the table is in docs/client.md), decided where the original was sil
 - Keys and values may be `str` (UTF-8) or `bytes`. A found value, or an old
   value, is returned as `str` when the key was passed as `str` (decoded as
   UTF-8 with errors="surrogateescape", so nothing is lost) and as `bytes`
-  when the key was `bytes`. The placeholder of "absent"/"failure" is always
+  when the key was `bytes`. The value returned for "absent"/"failure" is always
   `""`, exactly as the table in docs/client.md shows.
 - Reads are linearizable; each call has a deadline of `DEFAULT_TIMEOUT`
   seconds (a put's outcome is unknown when it fails that way).
