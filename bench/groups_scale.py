@@ -18,7 +18,9 @@ directory, 100 ms ticks, quiescence on as configured by default):
   `--workload a` (50 % read, 50 % update, zipfian) with `--callers` tasks
   sharing one AsyncClient for `--duration` seconds: ops/s, read and update
   p50/p99, and the CPU per operation of each kind of process (the bench's
-  own process, the load generator, included).
+  own process, the load generator, included). `--profile DIR` also records
+  5 s of the busiest worker of the round with `py-spy record --gil`, 3 s
+  into it, and prints its busiest functions.
 
 At the end, the marginal idle cost of a group: (cores at the largest N −
 cores at the smallest) / (difference in N). Every process it starts is
@@ -43,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.idle import _processes, measure  # noqa: E402
-from bench.versus_etcd import cpu_seconds  # noqa: E402
+from bench.versus_etcd import cpu_seconds, py_spy_binary, summarize_collapsed  # noqa: E402
 from tests.integration.ports import write_cluster_toml  # noqa: E402
 from tests.integration.supervised import start_supervised  # noqa: E402
 
@@ -108,7 +110,28 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _load_round(top_pid: int, config: Path, callers: int, duration: float, keys: int) -> dict:
+def _profile_busiest_worker(processes: dict[int, str], out_dir: Path) -> dict:
+    """5 s of py-spy (--gil) on the worker that used the most CPU over the last second."""
+    binary = py_spy_binary()
+    if binary is None:
+        raise SystemExit("--profile needs py-spy (.venv/bin/pip install -e '.[bench]')")
+    workers = [pid for pid, kind in processes.items() if kind.startswith("group ")]
+    before = {pid: cpu_seconds(pid) for pid in workers}
+    time.sleep(1.0)
+    used = {pid: cpu_seconds(pid) - before[pid] for pid in workers}
+    pid = max((p for p in used if not math.isnan(used[p])), key=used.__getitem__)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"groups-worker-{pid}.txt"
+    subprocess.run([binary, "record", "--pid", str(pid), "--duration", "5", "--rate", "100", "--gil",
+                    "--nonblocking", "--threads", "--format", "raw", "--output", str(path)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {"pid": pid, "kind": processes[pid], "cores_before": round(used[pid], 3), "file": str(path),
+            **summarize_collapsed(lines)}
+
+
+def _load_round(top_pid: int, config: Path, callers: int, duration: float, keys: int,
+                profile_dir: Path | None = None) -> dict:
     loaded = _cli(config, "bench", "--json", "--no-progress", "--workload", "load", "--keys", str(keys),
                   timeout=900)
     if loaded.returncode != 0:
@@ -116,8 +139,21 @@ def _load_round(top_pid: int, config: Path, callers: int, duration: float, keys:
     processes = _processes(top_pid)
     before = {pid: cpu_seconds(pid) for pid in processes}
     generator_before = _children_cpu()
-    run = _cli(config, "bench", "--json", "--no-progress", "--workload", "a", "--engine", "async",
-               "--clients", str(callers), "--keys", str(keys), "--duration", str(duration), timeout=900)
+    command = [sys.executable, "-m", "shardnode.cli", "--config", str(config), "bench", "--json", "--no-progress",
+               "--workload", "a", "--engine", "async", "--clients", str(callers), "--keys", str(keys),
+               "--duration", str(duration)]
+    spied = None
+    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as bench:
+        try:
+            if profile_dir is not None:
+                time.sleep(2.0)
+                spied = _profile_busiest_worker(processes, profile_dir)
+            stdout, stderr = bench.communicate(timeout=900)
+        finally:
+            if bench.poll() is None:   # interrupted or timed out: stop the bench by its PID
+                bench.kill()
+                bench.wait()
+    run = subprocess.CompletedProcess(command, bench.returncode, stdout, stderr)
     generator = _children_cpu() - generator_before
     after = {pid: cpu_seconds(pid) for pid in processes}
     if run.returncode != 0:
@@ -139,6 +175,7 @@ def _load_round(top_pid: int, config: Path, callers: int, duration: float, keys:
         "cpu_ms_per_op": {kind: round(seconds * 1000 / ops, 3) for kind, seconds in sorted(cpu.items())},
         "server_cpu_ms_per_op": round(sum(v for k, v in cpu.items() if k != LOAD_GENERATOR) * 1000 / ops, 3),
         "cores_used": round(sum(cpu.values()) / max(summary["duration_s"], 1e-9), 2),
+        **({"profile": spied} if spied else {}),
     }
 
 
@@ -170,7 +207,8 @@ def run_one(groups: int, *, idle: bool, load: bool, args: argparse.Namespace) ->
                 }
                 result["rss"] = _worker_rss(env.top.pid)
             if load:
-                result["load"] = _load_round(env.top.pid, config, args.callers, args.duration, args.keys)
+                result["load"] = _load_round(env.top.pid, config, args.callers, args.duration, args.keys,
+                                             args.profile)
     return result
 
 
@@ -204,6 +242,12 @@ def format_report(results: list[dict], marginal: dict | None) -> str:
                 f"  {load['update_ms']['p50']:>8}/{load['update_ms']['p99']:<8}  {load['errors']:>6}  "
                 f"{load['server_cpu_ms_per_op']:>16.3f}  "
                 + ", ".join(f"{k} {v:.3f}" for k, v in load["cpu_ms_per_op"].items()))
+        for r in loads:
+            spy = r["load"].get("profile")
+            if spy:
+                lines.append(f"profile, {r['groups']} groups: {spy['kind']} pid {spy['pid']} "
+                             f"({spy['cores_before']} cores), {spy['samples']} GIL samples, own time:")
+                lines += [f"    {pct:5.1f}%  {name}" for name, _, pct in spy["own"]]
     return "\n".join(lines)
 
 
@@ -223,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--start-timeout", type=float, default=300.0,
                         help="seconds allowed for RUNNING and for all groups led (each)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="py-spy the busiest worker of each load round for 5 s (raw stacks in DIR)")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the tables")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
