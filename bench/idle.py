@@ -12,8 +12,8 @@ every process it started, at the start and at the end of `--seconds`, and
 prints the cores each kind of process used: routers, the workers of each
 data group, the metadata group's workers, the hosts' supervisords, the top
 supervisord, and the total. `--profile DIR` then records 10 s of the
-busiest process (py-spy, raw collapsed stacks in DIR) and prints its
-busiest functions.
+busiest process and 10 s of the busiest data-group worker (py-spy, raw
+collapsed stacks in DIR) and prints their busiest functions.
 Every process it started is stopped on exit, also on a failure or Ctrl-C
 (by PID: tests/integration/supervised.py). Not part of `make test`.
 """
@@ -113,6 +113,7 @@ def measure(top_pid: int, seconds: float) -> dict:
     counts: dict[str, int] = {}
     exited = 0
     busiest = (0, "", -1.0)
+    busiest_data_worker = (0, "", -1.0)
     for pid, kind in processes.items():
         if math.isnan(before[pid]) or math.isnan(after[pid]):
             exited += 1
@@ -122,10 +123,14 @@ def measure(top_pid: int, seconds: float) -> dict:
         counts[kind] = counts.get(kind, 0) + 1
         if used > busiest[2]:
             busiest = (pid, kind, used)
+        if kind.startswith("group ") and used > busiest_data_worker[2]:
+            busiest_data_worker = (pid, kind, used)
     return {"seconds": round(elapsed, 1), "processes": sum(counts.values()), "exited": exited,
             "cores": {kind: round(value, 4) for kind, value in sorted(cores.items())},
             "counts": dict(sorted(counts.items())), "total_cores": round(sum(cores.values()), 4),
-            "busiest": {"pid": busiest[0], "kind": busiest[1], "cores": round(busiest[2], 4)}}
+            "busiest": {"pid": busiest[0], "kind": busiest[1], "cores": round(busiest[2], 4)},
+            "busiest_data_worker": {"pid": busiest_data_worker[0], "kind": busiest_data_worker[1],
+                                    "cores": round(busiest_data_worker[2], 4)}}
 
 
 def profile(pid: int, out_dir: Path, seconds: int = 10) -> dict:
@@ -148,12 +153,14 @@ def format_table(result: dict) -> str:
     for kind, value in result["cores"].items():
         lines.append(f"  {kind:<20} {result['counts'][kind]:>3} processes  {value:.3f} cores")
     lines.append(f"  {'total':<20} {result['processes']:>3} processes  {result['total_cores']:.3f} cores")
-    busiest = result["busiest"]
-    lines.append(f"  busiest process: {busiest['kind']} (pid {busiest['pid']}) {busiest['cores']:.3f} cores")
-    if "profile" in result:
-        spy = result["profile"]
-        lines.append(f"  its profile ({spy['samples']} samples, {spy['file']}), own time:")
-        lines += [f"    {pct:5.1f}%  {name}" for name, _, pct in spy["own"]]
+    for which in ("busiest", "busiest_data_worker"):
+        busiest = result[which]
+        lines.append(f"  {which.replace('_', ' ')}: {busiest['kind']} (pid {busiest['pid']}) "
+                     f"{busiest['cores']:.4f} cores")
+        spy = result.get("profiles", {}).get(which)
+        if spy:
+            lines.append(f"  its profile ({spy['samples']} samples, {spy['file']}), own time:")
+            lines += [f"    {pct:5.1f}%  {name}" for name, _, pct in spy["own"]]
     return "\n".join(lines)
 
 
@@ -180,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             env.record_pids()
             result = measure(env.top.pid, args.seconds)
             if args.profile is not None:
-                result["profile"] = profile(result["busiest"]["pid"], args.profile)
+                result["profiles"] = {which: profile(result[which]["pid"], args.profile)
+                                      for which in ("busiest", "busiest_data_worker") if result[which]["pid"]}
             result["config"] = os.path.relpath(args.config, ROOT)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
