@@ -18,7 +18,9 @@ directory, 100 ms ticks, quiescence on as configured by default):
   `--workload a` (50 % read, 50 % update, zipfian) with `--callers` tasks
   sharing one AsyncClient for `--duration` seconds: ops/s, read and update
   p50/p99, and the CPU per operation of each kind of process (the bench's
-  own process, the load generator, included). `--profile DIR` also records
+  own process, the load generator, included), and from the hosts' metrics
+  pages the data groups' entries per proposal batch and per synced write
+  (raft_proposal_batch_size, raft_fsync_latency_seconds). `--profile DIR` also records
   5 s of the busiest worker of the round with `py-spy record --gil`, 3 s
   into it, and prints its busiest functions.
 
@@ -45,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.idle import _processes, measure  # noqa: E402
-from bench.versus_etcd import cpu_seconds, py_spy_binary, summarize_collapsed  # noqa: E402
+from bench.versus_etcd import cpu_seconds, py_spy_binary, scrape_counters, summarize_collapsed  # noqa: E402
+from shardnode.config import METADATA_GROUP, ClusterConfig  # noqa: E402
 from tests.integration.ports import write_cluster_toml  # noqa: E402
 from tests.integration.supervised import start_supervised  # noqa: E402
 
@@ -130,6 +133,20 @@ def _profile_busiest_worker(processes: dict[int, str], out_dir: Path) -> dict:
             **summarize_collapsed(lines)}
 
 
+_COMMIT_SERIES = ("raft_proposal_batch_size_sum", "raft_proposal_batch_size_count", "raft_fsync_latency_seconds_count")
+
+
+def _commit_counters(config: Path) -> dict[str, float]:
+    """The data groups' proposal and fsync counters, summed over every worker of every host."""
+    totals = dict.fromkeys(_COMMIT_SERIES, 0.0)
+    for host in ClusterConfig.load(config).hosts:
+        for key, value in scrape_counters(f"http://{host.address}:{host.metrics_port}/metrics", _COMMIT_SERIES).items():
+            if f'group="{METADATA_GROUP}"' in key or 'group="meta"' in key:
+                continue
+            totals[key.split("{", 1)[0]] += value
+    return totals
+
+
 def _load_round(top_pid: int, config: Path, callers: int, duration: float, keys: int,
                 profile_dir: Path | None = None) -> dict:
     loaded = _cli(config, "bench", "--json", "--no-progress", "--workload", "load", "--keys", str(keys),
@@ -137,6 +154,7 @@ def _load_round(top_pid: int, config: Path, callers: int, duration: float, keys:
     if loaded.returncode != 0:
         raise RuntimeError(f"bench --workload load failed: {loaded.stderr.strip()[-500:]}")
     processes = _processes(top_pid)
+    commits_before = _commit_counters(config)
     before = {pid: cpu_seconds(pid) for pid in processes}
     generator_before = _children_cpu()
     command = [sys.executable, "-m", "shardnode.cli", "--config", str(config), "bench", "--json", "--no-progress",
@@ -156,6 +174,7 @@ def _load_round(top_pid: int, config: Path, callers: int, duration: float, keys:
     run = subprocess.CompletedProcess(command, bench.returncode, stdout, stderr)
     generator = _children_cpu() - generator_before
     after = {pid: cpu_seconds(pid) for pid in processes}
+    commits = {name: value - commits_before[name] for name, value in _commit_counters(config).items()}
     if run.returncode != 0:
         raise RuntimeError(f"bench --workload a failed: {run.stderr.strip()[-500:]}")
     summary = json.loads(run.stdout)
@@ -175,6 +194,10 @@ def _load_round(top_pid: int, config: Path, callers: int, duration: float, keys:
         "cpu_ms_per_op": {kind: round(seconds * 1000 / ops, 3) for kind, seconds in sorted(cpu.items())},
         "server_cpu_ms_per_op": round(sum(v for k, v in cpu.items() if k != LOAD_GENERATOR) * 1000 / ops, 3),
         "cores_used": round(sum(cpu.values()) / max(summary["duration_s"], 1e-9), 2),
+        "entries_per_proposal_batch": round(commits["raft_proposal_batch_size_sum"]
+                                            / commits["raft_proposal_batch_size_count"], 1)
+        if commits["raft_proposal_batch_size_count"] else None,
+        "synced_writes_per_op": round(commits["raft_fsync_latency_seconds_count"] / ops, 2),
         **({"profile": spied} if spied else {}),
     }
 
@@ -233,13 +256,14 @@ def format_report(results: list[dict], marginal: dict | None) -> str:
     loads = [r for r in results if "load" in r]
     if loads:
         lines.append("")
-        lines.append("groups  ops/s   read p50/p99 ms   update p50/p99 ms  errors  server CPU ms/op  "
-                     "CPU ms/op by kind")
+        lines.append("groups  ops/s   read p50/p99 ms   update p50/p99 ms  errors  entries/batch  fsyncs/op  "
+                     "server CPU ms/op  CPU ms/op by kind")
         for r in loads:
             load = r["load"]
             lines.append(
                 f"{r['groups']:>6}  {load['ops_per_s']:>6.0f}  {load['read_ms']['p50']:>7}/{load['read_ms']['p99']:<8}"
                 f"  {load['update_ms']['p50']:>8}/{load['update_ms']['p99']:<8}  {load['errors']:>6}  "
+                f"{load['entries_per_proposal_batch']!s:>13}  {load['synced_writes_per_op']:>9}  "
                 f"{load['server_cpu_ms_per_op']:>16.3f}  "
                 + ", ".join(f"{k} {v:.3f}" for k, v in load["cpu_ms_per_op"].items()))
         for r in loads:
