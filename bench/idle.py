@@ -11,7 +11,9 @@ cluster settle (`--settle`), then reads utime + stime (/proc/PID/stat) of
 every process it started, at the start and at the end of `--seconds`, and
 prints the cores each kind of process used: routers, the workers of each
 data group, the metadata group's workers, the hosts' supervisords, the top
-supervisord, and the total.
+supervisord, and the total. `--profile DIR` then records 10 s of the
+busiest process and 10 s of the busiest data-group worker (py-spy, raw
+collapsed stacks in DIR) and prints their busiest functions.
 Every process it started is stopped on exit, also on a failure or Ctrl-C
 (by PID: tests/integration/supervised.py). Not part of `make test`.
 """
@@ -31,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.versus_etcd import cpu_seconds  # noqa: E402
+from bench.versus_etcd import cpu_seconds, py_spy_binary, summarize_collapsed  # noqa: E402
 from shardnode.config import ClusterConfig  # noqa: E402
 from tests.integration.ports import write_cluster_toml  # noqa: E402
 from tests.integration.supervised import start_supervised  # noqa: E402
@@ -110,15 +112,39 @@ def measure(top_pid: int, seconds: float) -> dict:
     cores: dict[str, float] = {}
     counts: dict[str, int] = {}
     exited = 0
+    busiest = (0, "", -1.0)
+    busiest_data_worker = (0, "", -1.0)
     for pid, kind in processes.items():
         if math.isnan(before[pid]) or math.isnan(after[pid]):
             exited += 1
             continue
-        cores[kind] = cores.get(kind, 0.0) + (after[pid] - before[pid]) / elapsed
+        used = (after[pid] - before[pid]) / elapsed
+        cores[kind] = cores.get(kind, 0.0) + used
         counts[kind] = counts.get(kind, 0) + 1
+        if used > busiest[2]:
+            busiest = (pid, kind, used)
+        if kind.startswith("group ") and used > busiest_data_worker[2]:
+            busiest_data_worker = (pid, kind, used)
     return {"seconds": round(elapsed, 1), "processes": sum(counts.values()), "exited": exited,
             "cores": {kind: round(value, 4) for kind, value in sorted(cores.items())},
-            "counts": dict(sorted(counts.items())), "total_cores": round(sum(cores.values()), 4)}
+            "counts": dict(sorted(counts.items())), "total_cores": round(sum(cores.values()), 4),
+            "busiest": {"pid": busiest[0], "kind": busiest[1], "cores": round(busiest[2], 4)},
+            "busiest_data_worker": {"pid": busiest_data_worker[0], "kind": busiest_data_worker[1],
+                                    "cores": round(busiest_data_worker[2], 4)}}
+
+
+def profile(pid: int, out_dir: Path, seconds: int = 10) -> dict:
+    """`seconds` of py-spy on `pid` (all threads, idle ones left out): the busiest functions."""
+    binary = py_spy_binary()
+    if binary is None:
+        raise SystemExit("--profile needs py-spy (.venv/bin/pip install -e '.[bench]')")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"idle-{pid}.txt"
+    subprocess.run([binary, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "100",
+                    "--nonblocking", "--threads", "--format", "raw", "--output", str(path)],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=seconds + 60)
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {"file": str(path), **summarize_collapsed(lines)}
 
 
 def format_table(result: dict) -> str:
@@ -127,6 +153,14 @@ def format_table(result: dict) -> str:
     for kind, value in result["cores"].items():
         lines.append(f"  {kind:<20} {result['counts'][kind]:>3} processes  {value:.3f} cores")
     lines.append(f"  {'total':<20} {result['processes']:>3} processes  {result['total_cores']:.3f} cores")
+    for which in ("busiest", "busiest_data_worker"):
+        busiest = result[which]
+        lines.append(f"  {which.replace('_', ' ')}: {busiest['kind']} (pid {busiest['pid']}) "
+                     f"{busiest['cores']:.4f} cores")
+        spy = result.get("profiles", {}).get(which)
+        if spy:
+            lines.append(f"  its profile ({spy['samples']} samples, {spy['file']}), own time:")
+            lines += [f"    {pct:5.1f}%  {name}" for name, _, pct in spy["own"]]
     return "\n".join(lines)
 
 
@@ -137,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=10.0,
                         help="wait this long after the cluster is ready before measuring (default 10)")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="then 10 s of py-spy on the busiest process")
     args = parser.parse_args(argv)
     source = ClusterConfig.load(Path(args.config))
     with tempfile.TemporaryDirectory(prefix="shardnode-idle-") as tmp_name:
@@ -151,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(args.settle)
             env.record_pids()
             result = measure(env.top.pid, args.seconds)
+            if args.profile is not None:
+                result["profiles"] = {which: profile(result[which]["pid"], args.profile)
+                                      for which in ("busiest", "busiest_data_worker") if result[which]["pid"]}
             result["config"] = os.path.relpath(args.config, ROOT)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0

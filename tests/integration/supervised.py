@@ -98,9 +98,11 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 @contextlib.contextmanager
-def start_supervised(tmp: Path, config_path: Path, include_router: bool = True) -> Iterator[SupervisedCluster]:
+def start_supervised(tmp: Path, config_path: Path, include_router: bool = True,
+                     running_timeout: float = 30.0) -> Iterator[SupervisedCluster]:
     """Start the cluster of `config_path` under supervisord and wait until
-    every router and worker of every host is RUNNING."""
+    every router and worker of every host is RUNNING (`running_timeout`
+    seconds per host: a benchmark of many groups on a loaded machine needs more)."""
     cluster = ClusterConfig.load(config_path)
     top_conf = local_cluster_config(cluster, python=sys.executable, config_path=config_path, project_root=ROOT,
                                     out_dir=tmp / "etc", include_router=include_router)
@@ -116,7 +118,7 @@ def start_supervised(tmp: Path, config_path: Path, include_router: bool = True) 
                 expected[worker_program(METADATA_GROUP)] = "RUNNING"
             if include_router:
                 expected["router"] = "RUNNING"
-            env.wait_states(host.name, expected)
+            env.wait_states(host.name, expected, timeout=running_timeout)
         env.record_pids()
         yield env
     finally:
