@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,6 +88,20 @@ class SupervisedCluster:
                 _signal_group(pid, signal.SIGKILL)
 
 
+def _wait_listening(addresses: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for address in addresses:
+        host, port = address.rsplit(":", 1)
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=1.0).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"nothing listens on {address} {timeout:g} s after its start") from None
+                time.sleep(0.1)
+
+
 def _signal_group(pid: int, sig: int) -> None:
     # supervisord puts each program in its own process group (pgid == pid).
     for kill in (os.killpg, os.kill):
@@ -119,6 +134,11 @@ def start_supervised(tmp: Path, config_path: Path, include_router: bool = True,
             if include_router:
                 expected["router"] = "RUNNING"
             env.wait_states(host.name, expected, timeout=running_timeout)
+        if include_router:
+            # RUNNING is supervisord's word that the process started, not that it listens: a
+            # router on a loaded machine binds its port seconds later, and a client that finds
+            # every router refusing fails at once (RoutersUnreachable).
+            _wait_listening([h.router_address for h in cluster.hosts], running_timeout)
         env.record_pids()
         yield env
     finally:
