@@ -85,7 +85,18 @@ def test_every_metric_is_present_with_its_labels_and_one_leader_per_group(cluste
         for i in range(20):
             client.put(f"m{i}", "v")
             client.get(f"m{i}")
-    pages = {h.name: scrape(cluster, h.name) for h in cluster.cluster.hosts}
+    # Each router's view of its workers' health comes from its last probe (a second old at most
+    # while anything fails to answer): on a loaded machine a probe of a starting worker may have
+    # timed out just before. Scrape until every replica reads healthy, then check everything.
+    deadline = time.monotonic() + 15
+    while True:
+        pages = {h.name: scrape(cluster, h.name) for h in cluster.cluster.hosts}
+        healthy_everywhere = all(
+            [_value(page.get("raft_node_health", []), group=str(g)) for page in pages.values()].count(1)
+            == cluster.cluster.replicas for g in range(cluster.cluster.groups))
+        if healthy_everywhere or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     for name, labels in REQUIRED.items():
         samples = [s for page in pages.values() for s in page.get(name, [])]
         assert samples, f"{name} is missing"
